@@ -1,0 +1,152 @@
+"""The ``regrow`` command line: ``regrow train`` and ``regrow demo``.
+
+``regrow train`` spawns ``--nproc`` local processes (gloo on CPU, NCCL on GPUs) or, when started by torchrun
+(``RANK``/``WORLD_SIZE`` in the environment), runs as the rank torchrun made it. Every argument problem is
+reported at once, before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+import torch
+
+from regrow.comm.world import World, WorldConfig, destroy_world, init_world
+from regrow.launch.spawn import WorkerFailed, run_local
+from regrow.trainer.data import DataConfig
+from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
+from regrow.trainer.models import GPTConfig
+from regrow.trainer.zero import ZeroConfig
+
+
+class ConfigErrors(ValueError):
+    """All problems found in the command-line arguments, one per line."""
+
+
+def build_config(args: argparse.Namespace) -> TrainerConfig:
+    """Turns parsed arguments into a validated :class:`TrainerConfig`; raises :class:`ConfigErrors` listing every
+    problem rather than only the first."""
+    problems: list[str] = []
+
+    def attempt(make):
+        try:
+            return make()
+        except (ValueError, TypeError) as error:
+            problems.append(str(error))
+            return None
+
+    model = attempt(lambda: GPTConfig.preset(args.preset, **({"seq_len": args.seq_len} if args.seq_len else {})))
+    seq_len = args.seq_len or (model.seq_len if model else 128)
+    data = attempt(lambda: DataConfig(seq_len=seq_len, micro_batch=args.micro_batch, global_batch=args.global_batch,
+                                      seed=args.data_seed))
+    optim = attempt(lambda: ZeroConfig(stage=args.stage, state_bits=args.state_bits, lr=args.lr,
+                                       max_grad_norm=args.max_grad_norm, param_dtype=args.param_dtype))
+    if data and args.global_batch % (args.micro_batch * args.nproc):
+        problems.append(
+            f"--global-batch={args.global_batch} is not divisible by --micro-batch x --nproc = "
+            f"{args.micro_batch} x {args.nproc}; choose a multiple of {args.micro_batch * args.nproc}"
+        )
+    if args.nproc < 1:
+        problems.append(f"--nproc={args.nproc} must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device=cuda but no CUDA device is available; use --device cpu")
+    config = None
+    if model and data and optim:
+        config = attempt(lambda: TrainerConfig(
+            model=model, data=data, optim=optim, steps=args.steps, warmup_steps=args.warmup_steps,
+            seed=args.seed, log_every=args.log_every, eval_every=args.eval_every, metrics_path=args.metrics,
+        ))
+    if problems:
+        raise ConfigErrors("invalid arguments:\n  - " + "\n  - ".join(problems))
+    assert config is not None
+    return config
+
+
+def train_rank(world: World, config: TrainerConfig) -> list[StepResult]:
+    """One rank's whole run (the entry point of every spawned or torchrun-started process)."""
+    return Trainer(config, world).run()
+
+
+def _backend(device: str) -> str:
+    return "gloo" if device == "cpu" else "nccl" if device == "cuda" else "auto"
+
+
+def run_training(config: TrainerConfig, nproc: int, device: str, timeout_s: float) -> list[StepResult]:
+    """Runs ``config`` on ``nproc`` local processes, or in this process when torchrun started it."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        world = init_world(config=WorldConfig(backend=_backend(device), timeout_s=config.optim.timeout_s))
+        try:
+            return train_rank(world, config)
+        finally:
+            destroy_world()
+    return run_local(train_rank, nproc, config, backend=_backend(device), timeout_s=timeout_s)[0]
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, steps: int, nproc: int) -> None:
+    parser.add_argument("--nproc", type=int, default=nproc, help="local processes (ranks) to spawn")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where ranks compute")
+    parser.add_argument("--preset", default="small", help="model size: tiny, small, 350m, 1.3b")
+    parser.add_argument("--seq-len", type=int, default=0, help="sequence length (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--global-batch", type=int, default=32, help="sequences per step over all ranks")
+    parser.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per forward/backward")
+    parser.add_argument("--stage", type=int, default=2, help="ZeRO stage: 1 or 2")
+    parser.add_argument("--state-bits", type=int, default=8, help="optimizer state bits: 8 or 32")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    parser.add_argument("--param-dtype", default=None, help="bfloat16, float16 or float32 (default: model's)")
+    parser.add_argument("--seed", type=int, default=0, help="model initialisation seed")
+    parser.add_argument("--data-seed", type=int, default=0, help="data order seed")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--metrics", default=None, help="JSONL metrics file (rank 0)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the whole run is aborted")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="regrow", description="Fault-tolerant distributed training for PyTorch.")
+    commands = top.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train the GPT on the embedded corpus")
+    add_training_arguments(train, steps=200, nproc=2)
+    demo = commands.add_parser("demo", help="the README's main job: 2 CPU ranks, ZeRO-2, 8-bit Adam, loss table")
+    add_training_arguments(demo, steps=300, nproc=2)
+    return top
+
+
+def demo_table(history: Sequence[StepResult]) -> str:
+    """A small markdown table of the loss curve."""
+    rows = ["| step | train loss | val loss | tokens/s |", "|---:|---:|---:|---:|"]
+    for r in history:
+        if r.val_loss is not None:
+            rows.append(f"| {r.step} | {r.loss:.4f} | {r.val_loss:.4f} | {r.tokens_per_s:,.0f} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "demo" and not args.eval_every:
+        args.eval_every = max(1, args.steps // 10)
+    try:
+        config = build_config(args)
+    except ConfigErrors as error:
+        print(f"regrow {args.command}: {error}", file=sys.stderr)
+        return 2
+    if args.command == "demo":
+        print(f"regrow demo: training GPT '{args.preset}' on pydoc_data.topics with {args.nproc} CPU processes, "
+              f"ZeRO-{config.optim.stage}, {config.optim.state_bits}-bit Adam state, {config.steps} steps", flush=True)
+    try:
+        history = run_training(config, args.nproc, args.device, args.timeout)
+    except WorkerFailed as error:
+        print(f"regrow {args.command}: {error}", file=sys.stderr)
+        return 1
+    if args.command == "demo" or args.eval_every:
+        print("\n" + demo_table(history))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Runs a function on N local processes that form one torch.distributed world.
+
+The parent owns the rendezvous: it starts a ``TCPStore`` on port 0 (so no port is ever hard-coded or raced for)
+and passes its port to the children, which join as clients. Every child is started with the ``spawn`` method, so
+``entry`` must be importable by module path. The parent waits with a deadline; when one child fails or the deadline
+passes, it kills all of them and raises with the failing child's traceback. No process outlives the call.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from regrow.comm.world import World, WorldConfig, destroy_world, init_world
+
+
+class WorkerFailed(RuntimeError):
+    """A spawned rank raised or died; the message holds its traceback or exit code."""
+
+
+@dataclass(frozen=True)
+class _Job:
+    entry: Callable[..., Any]
+    args: tuple
+    world_size: int
+    port: int
+    backend: str
+    timeout_s: float
+    threads: int
+    env: dict[str, str]
+
+
+def _child(rank: int, job: _Job, results: mp.Queue) -> None:
+    os.environ.update(job.env)
+    torch.set_num_threads(job.threads)
+    try:
+        timeout = datetime.timedelta(seconds=job.timeout_s)
+        store = dist.TCPStore("127.0.0.1", job.port, job.world_size, is_master=False, timeout=timeout)
+        world = init_world(rank=rank, world_size=job.world_size, local_rank=rank, store=store,
+                           config=WorldConfig(backend=job.backend, timeout_s=job.timeout_s))
+        try:
+            value = job.entry(world, *job.args)
+        finally:
+            destroy_world()
+        results.put((rank, True, value))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+        raise SystemExit(1)
+
+
+def run_local(
+    entry: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "auto",
+    timeout_s: float = 600.0,
+    threads_per_rank: int | None = None,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Calls ``entry(world, *args)`` on ``world_size`` new processes; returns their results in rank order.
+
+    ``entry`` must be a module-level function and its result picklable. Raises :class:`WorkerFailed` if any rank
+    fails or the whole run exceeds ``timeout_s`` seconds.
+    """
+    if world_size < 1:
+        raise ValueError(f"run_local: world_size={world_size} must be >= 1")
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    job = _Job(entry, args, world_size, store.port, backend, timeout_s, threads, env or {})
+    procs = [ctx.Process(target=_child, args=(rank, job, results), daemon=True) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        return _collect(procs, results, world_size, time.monotonic() + timeout_s)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+        del store
+
+
+def _collect(procs: list, results: mp.Queue, world_size: int, deadline: float) -> list[Any]:
+    values: dict[int, Any] = {}
+    while len(values) < world_size:
+        try:
+            rank, ok, value = results.get(timeout=0.5)
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in values]
+            if dead:
+                raise WorkerFailed(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a result")
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(world_size)) - set(values))
+                raise WorkerFailed(f"ranks {missing} did not finish before the deadline") from None
+            continue
+        if not ok:
+            raise WorkerFailed(f"rank {rank} failed:\n{value}")
+        values[rank] = value
+    return [values[r] for r in range(world_size)]

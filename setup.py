@@ -1,0 +1,38 @@
+"""Installs the import package ``regrow`` from this repository's root.
+
+The repository root *is* the package (``package_dir={"regrow": "."}``), so the code folders become
+``regrow.trainer``, ``regrow.comm``, ... and nothing top-level clashes with other distributions.
+"""
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+SUBPACKAGES = ["trainer", "checkpoint", "comm", "recovery", "launch"]
+
+
+class BuildPyWithoutSetup(build_py):
+    """Keeps this ``setup.py`` out of the installed ``regrow`` package (the root folder is the package)."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if not (package == "regrow" and m[1] == "setup")]
+
+
+setup(
+    name="regrow",
+    version="0.1.0",
+    description="Fault-tolerant distributed training for PyTorch: sharded 8-bit ZeRO, in-memory snapshots, recovery",
+    python_requires=">=3.11",
+    package_dir={"regrow": "."},
+    packages=["regrow"] + [f"regrow.{name}" for name in SUBPACKAGES],
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "zfec",
+        "ray",
+        "deepspeed",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout"]},
+    entry_points={"console_scripts": ["regrow = regrow.launch.cli:main"]},
+    cmdclass={"build_py": BuildPyWithoutSetup},
+)

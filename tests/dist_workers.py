@@ -1,0 +1,96 @@
+"""Functions that run inside spawned ranks (importable as ``regrow.tests.dist_workers`` by child processes)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from regrow.comm.world import World
+from regrow.trainer.loop import Trainer, TrainerConfig
+from regrow.trainer.models import GPT, GPTConfig
+from regrow.trainer.zero import ZeroConfig, ZeroOptimizer
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.preset("tiny")).to(dtype)
+
+
+def fixed_batches(steps: int, global_batch: int, seq_len: int = 32, seed: int = 1) -> list[torch.Tensor]:
+    """Token batches ``[global_batch, seq_len + 1]`` per step, identical in every process."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (global_batch, seq_len + 1), generator=gen) for _ in range(steps)]
+
+
+def train_zero(world: World | None, config: ZeroConfig, steps: int, global_batch: int, micro_batch: int,
+               same_data_on_every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """Trains the tiny GPT with :class:`ZeroOptimizer` on fixed batches; returns the final parameters and, keyed
+    ``state:<group>/<what>``, the full (gathered) optimizer state."""
+    rank, size = (world.rank, world.world_size) if world else (0, 1)
+    model = tiny_model()
+    opt = ZeroOptimizer(model, config)
+    local = global_batch if same_data_on_every_rank else global_batch // size
+    for batch in fixed_batches(steps, global_batch):
+        mine = batch if same_data_on_every_rank else batch[rank * local : (rank + 1) * local]
+        accum = local // micro_batch
+        for chunk in mine.split(micro_batch):
+            loss = model(chunk[:, :-1], chunk[:, 1:]) / accum
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+    result = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for key in opt.shard_tensors():
+        result[f"state:{key}"] = opt.gather_full(key)
+    result["layout"] = opt.layout.to_dict()
+    return result
+
+
+def train_zero_configs(world: World | None, runs: list[dict]) -> list[dict]:
+    """Several :func:`train_zero` runs in one spawn (spawning costs seconds)."""
+    return [train_zero(world, **run) for run in runs]
+
+
+def reference_adamw(config: ZeroConfig, steps: int, global_batch: int, micro_batch: int) -> dict[str, torch.Tensor]:
+    """The same training with ``torch.optim.AdamW`` on one process (the ground truth for 32-bit state)."""
+    model = tiny_model()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=config.betas, eps=config.eps, fused=True,
+    )
+    accum = global_batch // micro_batch
+    for batch in fixed_batches(steps, global_batch):
+        for chunk in batch.split(micro_batch):
+            (model(chunk[:, :-1], chunk[:, 1:]) / accum).backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def trainer_losses(world: World | None, config: TrainerConfig) -> list[float]:
+    return [r.loss for r in Trainer(config, world).run()]
+
+
+def trainer_resume(world: World | None, config: TrainerConfig, split_at: int) -> dict:
+    """Runs ``config.steps`` straight, and again as ``split_at`` steps + restore into a fresh Trainer + the rest;
+    returns both loss lists and both final parameter sets."""
+    straight = Trainer(config, world)
+    straight_losses = [r.loss for r in straight.run()]
+    first = Trainer(config, world)
+    losses = []
+    while first.step < split_at:
+        losses.append(first.train_step().loss)
+    state = first.shard_state()
+    saved = copy.deepcopy(state)
+    del first
+    second = Trainer(config, world)
+    second.restore(saved)
+    while second.step < config.steps:
+        losses.append(second.train_step().loss)
+    params = lambda t: {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    return {"straight": straight_losses, "resumed": losses,
+            "straight_params": params(straight), "resumed_params": params(second)}

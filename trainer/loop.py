@@ -1,0 +1,269 @@
+"""The training loop: ``Trainer`` runs forward, backward and the sharded optimizer step with gradient accumulation.
+
+Extend it by overriding small methods (``build_model``, ``train_step``, ``evaluate``), not with callbacks; keep
+training state in sinks (``state.StateSink``) that the launcher or the user passes in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from regrow.comm import collectives
+from regrow.comm.world import World
+from regrow.trainer.data import DataConfig, DataCursor, Sampler
+from regrow.trainer.models import GPT, GPTConfig
+from regrow.trainer.state import RngState, ShardState, StateSink
+from regrow.trainer.zero import ZeroConfig, ZeroOptimizer
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of a step was NaN or Inf; raised before that step's optimizer update, so the state is still good."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(
+            f"loss is {loss} at step {step}; stopped before the optimizer step, so the parameters are those after "
+            f"step {step - 1}. Lower the learning rate or check the data, then resume from the last good state."
+        )
+        self.step = step
+        self.loss = loss
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """Everything that defines a training run. Validated on construction; errors name the field."""
+
+    model: GPTConfig = field(default_factory=lambda: GPTConfig.preset("small"))
+    """Shape of the GPT."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus split and batch sizes (``global_batch`` sequences per step over all ranks)."""
+    optim: ZeroConfig = field(default_factory=ZeroConfig)
+    """The sharded optimizer (stage, state bits, lr, betas, clipping, ...)."""
+    steps: int = 200
+    """Optimizer steps to run (the run stops after this step)."""
+    warmup_steps: int = 20
+    """Linear learning-rate warm-up from 0; then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    seed: int = 0
+    """Seeds model initialisation; the data order has its own seed in ``data.seed``."""
+    log_every: int = 10
+    """Print a log line every this many steps on rank 0 (0 disables)."""
+    eval_every: int = 0
+    """Compute the validation loss every this many steps (0 disables; the last step is always evaluated if > 0)."""
+    eval_batches: int = 4
+    """Validation batches (of ``data.micro_batch`` sequences) per evaluation."""
+    metrics_path: str | None = None
+    """JSONL file that rank 0 appends one record per step to; None disables."""
+    progress: bool = True
+    """Show a progress bar on rank 0 when stderr is a terminal."""
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("steps", 1), ("warmup_steps", 0), ("log_every", 0), ("eval_every", 0),
+                              ("eval_batches", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"TrainerConfig.{name}={value!r} must be an integer >= {minimum}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainerConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.data.seq_len > self.model.seq_len:
+            raise ValueError(
+                f"TrainerConfig.data.seq_len={self.data.seq_len} exceeds model.seq_len={self.model.seq_len}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    val_loss: float | None = None
+
+
+def learning_rate(config: TrainerConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (1-based): linear warm-up, then cosine decay."""
+    peak = config.optim.lr
+    if step <= config.warmup_steps:
+        return peak * step / max(1, config.warmup_steps)
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return peak * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def log_line(rank: int, step: int, text: str) -> None:
+    """Prints a structured log line ``[rank r, step s] text``."""
+    print(f"[rank {rank}, step {step}] {text}", flush=True)
+
+
+class Trainer:
+    """Trains a GPT with the sharded optimizer on this rank of ``world`` (or alone when ``world`` is None).
+
+    Contract: every rank constructs it with the same config and calls :meth:`run` (or :meth:`train_step`) the same
+    number of times. Sinks see ``before_optimizer_step()`` and ``after_step(state)`` around every optimizer step.
+    """
+
+    def __init__(self, config: TrainerConfig, world: World | None = None, sinks: Sequence[StateSink] = ()) -> None:
+        self.config = config
+        self.rank = world.rank if world else 0
+        self.world_size = world.world_size if world else 1
+        self.device = world.device if world else torch.device("cpu")
+        self.sinks = list(sinks)
+        self.sampler = Sampler(config.data, dp_rank=self.rank, dp_size=self.world_size)
+        self.model = self.build_model()
+        self.optimizer = ZeroOptimizer(self.model, config.optim)
+        self.step = 0
+        self.tokens_seen = 0
+        self.history: list[StepResult] = []
+        self._metrics = Path(config.metrics_path) if config.metrics_path and self.rank == 0 else None
+        if self._metrics:
+            self._metrics.parent.mkdir(parents=True, exist_ok=True)
+
+    def build_model(self) -> GPT:
+        """Builds the model from ``config.seed`` (identical on every rank) on this rank's device."""
+        torch.manual_seed(self.config.seed)
+        return GPT(self.config.model).to(self.device)
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> StepResult:
+        """Runs one optimizer step: ``grad_accum`` forward/backward passes, the NaN check, the update, the sinks."""
+        started = time.perf_counter()
+        step = self.step + 1
+        accum = self.sampler.grad_accum
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for _ in range(accum):
+            x, y = self.sampler.next_micro_batch()
+            loss = self.model(x.to(self.device), y.to(self.device)) / accum
+            loss.backward()
+            loss_sum += loss.detach().float()
+        loss_value = self._mean_over_ranks(loss_sum)
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(step, loss_value)
+        lr = learning_rate(self.config, step)
+        self.optimizer.set_lr(lr)
+        for sink in self.sinks:
+            sink.before_optimizer_step()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.step = step
+        tokens = self.config.data.global_batch * self.config.data.seq_len
+        self.tokens_seen += tokens
+        if self.sinks:
+            state = self.shard_state()
+            for sink in self.sinks:
+                sink.after_step(state)
+        elapsed = time.perf_counter() - started
+        return StepResult(step, loss_value, lr, self.optimizer.last_grad_norm, tokens / elapsed)
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.world_size > 1:
+            collectives.all_reduce(value, group=None, timeout_s=self.config.optim.timeout_s)
+            value = value / self.world_size
+        return value.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over ``eval_batches`` fixed batches (the same on every rank; no communication)."""
+        self.model.eval()
+        batches = self.sampler.validation_batches(self.config.eval_batches, self.config.data.micro_batch)
+        losses = [self.model(x.to(self.device), y.to(self.device)).float().item() for x, y in batches]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    # ---------------------------------------------------------------- the run
+    def run(self) -> list[StepResult]:
+        """Trains until ``config.steps``; returns every step's result (also kept in ``history``)."""
+        config = self.config
+        progress = _ProgressBar(config.steps, self.step) if config.progress and self.rank == 0 else None
+        try:
+            while self.step < config.steps:
+                result = self.train_step()
+                if config.eval_every and (result.step % config.eval_every == 0 or result.step == config.steps):
+                    result.val_loss = self.evaluate()
+                self.history.append(result)
+                self._report(result, progress)
+        finally:
+            if progress:
+                progress.close()
+            for sink in self.sinks:
+                sink.close()
+        return self.history
+
+    def _report(self, result: StepResult, progress: "_ProgressBar | None") -> None:
+        if self.rank != 0:
+            return
+        if self._metrics:
+            with self._metrics.open("a") as f:
+                f.write(json.dumps(asdict(result)) + "\n")
+        if progress:
+            progress.update(result)
+        every = self.config.log_every
+        if every and (result.step % every == 0 or result.step == self.config.steps):
+            val = f" val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+            log_line(
+                self.rank,
+                result.step,
+                f"loss {result.loss:.4f}{val} lr {result.lr:.2e} grad_norm {result.grad_norm:.3f} "
+                f"tokens/s {result.tokens_per_s:,.0f}",
+            )
+
+    # ---------------------------------------------------------------- state
+    def shard_state(self) -> ShardState:
+        """This rank's :class:`ShardState` at the current step boundary (tensors are live buffers)."""
+        return ShardState(
+            step=self.step,
+            tensors=self.optimizer.shard_tensors(),
+            layout=self.optimizer.layout.to_dict(),
+            rank=self.rank,
+            rng=RngState.capture(),
+            data_cursor=self.sampler.state().to_dict(),
+            tokens_seen=self.tokens_seen,
+        )
+
+    def restore(self, state: ShardState) -> None:
+        """Resumes from ``state`` (same layout); collective: every rank restores its own shard together."""
+        if state.layout != self.optimizer.layout.to_dict():
+            raise ValueError("Trainer.restore: the state was saved at another layout; reshard it first")
+        self.optimizer.load_shard_tensors(state.tensors, state.step)
+        self.sampler.load_state(DataCursor.from_dict(state.data_cursor))
+        state.rng.restore()
+        self.step = state.step
+        self.tokens_seen = state.tokens_seen
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal (logs stay clean in files)."""
+
+    def __init__(self, total: int, start: int) -> None:
+        self.total, self.enabled = total, sys.stderr.isatty() and os.environ.get("CI") is None
+        self.started = time.perf_counter()
+        self.first = start
+
+    def update(self, result: StepResult) -> None:
+        if not self.enabled:
+            return
+        done = result.step / self.total
+        bar = "#" * int(30 * done)
+        rate = (result.step - self.first) / max(1e-9, time.perf_counter() - self.started)
+        eta = (self.total - result.step) / max(rate, 1e-9)
+        sys.stderr.write(f"\r[{bar:<30}] {result.step}/{self.total} loss {result.loss:.3f} eta {eta:.0f}s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
