@@ -15,6 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the flat-tensor collectives; older releases (e.g. 2.11 on the GPU machines) have only the old names.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 _PEER_LOST_MARKERS = (
     "connection closed by peer",
     "connection reset",
@@ -98,7 +102,7 @@ def reduce_scatter(
     size = dist.get_world_size(group)
     if input.numel() != output.numel() * size:
         raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected {output.numel()} x {size}")
-    start = lambda: dist.reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    start = lambda: _reduce_scatter_single(output, input, op=dist.ReduceOp.SUM, group=group, async_op=True)
     return _run("reduce_scatter", start, input.device.type == "cpu", timeout_s, async_op)
 
 
@@ -114,7 +118,7 @@ def all_gather(
     size = dist.get_world_size(group)
     if output.numel() != input.numel() * size:
         raise ValueError(f"all_gather: output has {output.numel()} elements, expected {input.numel()} x {size}")
-    start = lambda: dist.all_gather_into_tensor(output, input, group=group, async_op=True)
+    start = lambda: _all_gather_single(output, input, group=group, async_op=True)
     return _run("all_gather", start, input.device.type == "cpu", timeout_s, async_op)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -51,7 +52,9 @@ def _child(rank: int, job: _Job, results: mp.Queue) -> None:
             value = job.entry(world, *job.args)
         finally:
             destroy_world()
-        results.put((rank, True, value))
+        # Plain pickle copies tensors by value; the default (torch's shared-memory reduction) would need this
+        # process alive until the parent has read the result.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
         raise SystemExit(1)
@@ -106,5 +109,5 @@ def _collect(procs: list, results: mp.Queue, world_size: int, deadline: float) -
             continue
         if not ok:
             raise WorkerFailed(f"rank {rank} failed:\n{value}")
-        values[rank] = value
+        values[rank] = pickle.loads(value)
     return [values[r] for r in range(world_size)]

@@ -92,10 +92,10 @@ def test_cli_reports_every_argument_problem_at_once(capsys) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_cli_train_runs_two_processes(capsys) -> None:
+def test_cli_train_runs_two_processes(capfd) -> None:
     code = cli.main(["train", "--nproc", "2", "--preset", "tiny", "--steps", "3", "--global-batch", "8",
                      "--micro-batch", "4", "--log-every", "1", "--eval-every", "3", "--timeout", "240"])
     assert code == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "[rank 0, step 3] loss" in out
     assert "| 3 |" in out

@@ -292,9 +292,10 @@ class ZeroOptimizer:
 
         A non-finite norm is recorded but not used for scaling: the update then handles NaN/Inf elements itself.
         """
-        squares = torch.zeros(1, dtype=torch.float32, device=self.device)
+        # Summed in fp64 so that the norm (and the clipping factor) barely depends on how the gradient is sharded.
+        squares = torch.zeros(1, dtype=torch.float64, device=self.device)
         for shard in self._shards:
-            squares += shard.grad.square().sum()
+            squares += torch.linalg.vector_norm(shard.grad, dtype=torch.float64).square()
         if self.world_size > 1:
             collectives.all_reduce(squares, group=self.group, timeout_s=self.config.timeout_s)
         self.last_grad_norm = math.sqrt(squares.item())
