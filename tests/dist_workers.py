@@ -94,3 +94,43 @@ def trainer_resume(world: World | None, config: TrainerConfig, split_at: int) ->
     params = lambda t: {n: p.detach().clone() for n, p in t.model.named_parameters()}
     return {"straight": straight_losses, "resumed": losses,
             "straight_params": params(straight), "resumed_params": params(second)}
+
+
+def collectives_roundtrip(world: World) -> dict:
+    """Reduce-scatter then all-gather a known buffer; returns what this rank saw."""
+    from regrow.comm import collectives
+
+    size = world.world_size
+    full = torch.arange(4 * size, dtype=torch.float32) * (world.rank + 1)
+    piece = torch.empty(4)
+    collectives.reduce_scatter(piece, full, group=None, timeout_s=30)
+    gathered = torch.empty(4 * size)
+    collectives.all_gather(gathered, piece, group=None, timeout_s=30)
+    return {"piece": piece, "gathered": gathered}
+
+
+def collective_with_absent_peer(world: World) -> str:
+    """Rank 1 never joins the all-reduce: rank 0 must get a CollectiveTimeout, not hang."""
+    import time
+
+    from regrow.comm import collectives
+
+    if world.rank == 1:
+        time.sleep(8)
+        return "absent"
+    try:
+        collectives.all_reduce(torch.ones(1), group=None, timeout_s=2)
+    except collectives.CollectiveTimeout as error:
+        return f"timeout: {error.op}"
+    return "no error"
+
+
+def fail_on_rank_one(world: World) -> None:
+    if world.rank == 1:
+        raise RuntimeError("injected failure on rank 1")
+
+
+def sleep_forever(world: World) -> None:
+    import time
+
+    time.sleep(3600)

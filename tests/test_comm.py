@@ -1,0 +1,68 @@
+"""comm/ and launch/spawn on real gloo groups: topology, collectives, timeouts, failed and hung ranks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from regrow.comm.collectives import CollectiveTimeout, PeerLost, classify
+from regrow.comm.topology import Topology
+from regrow.launch.spawn import WorkerFailed, run_local
+from regrow.tests import dist_workers as w
+
+
+def test_topology_grid_and_nodes() -> None:
+    topo = Topology(world_size=8, pp_size=2, ranks_per_node=4)
+    assert (topo.dp_size, topo.num_nodes) == (4, 2)
+    c = topo.coord(5)
+    assert (c.dp, c.pp, c.node, c.local_rank) == (2, 1, 1, 1)
+    assert topo.rank_of(dp=2, pp=1) == 5
+    assert topo.dp_group_ranks(1) == [1, 3, 5, 7]
+    assert topo.pp_group_ranks(3) == [6, 7]
+    assert topo.node_ranks(1) == [4, 5, 6, 7]
+    assert all(topo.rank_of(dp=topo.coord(r).dp, pp=topo.coord(r).pp) == r for r in range(8))
+
+
+def test_topology_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match="Topology.pp_size=3 must divide world_size=8"):
+        Topology(world_size=8, pp_size=3)
+    with pytest.raises(ValueError, match="Topology.ranks_per_node=3"):
+        Topology(world_size=8, ranks_per_node=3)
+    with pytest.raises(ValueError, match="rank=8 is outside"):
+        Topology(world_size=8).coord(8)
+
+
+def test_error_classification() -> None:
+    assert isinstance(classify("all_reduce", RuntimeError("Timed out waiting 2000ms")), CollectiveTimeout)
+    assert isinstance(classify("all_reduce", RuntimeError("Connection closed by peer [127.0.0.1]")), PeerLost)
+
+
+@pytest.mark.timeout(120)
+def test_reduce_scatter_and_all_gather() -> None:
+    results = run_local(w.collectives_roundtrip, 3, backend="gloo", timeout_s=60)
+    full = torch.arange(12, dtype=torch.float32) * (1 + 2 + 3)
+    for rank, seen in enumerate(results):
+        assert torch.equal(seen["piece"], full[4 * rank : 4 * rank + 4])
+        assert torch.equal(seen["gathered"], full)
+
+
+@pytest.mark.timeout(120)
+def test_absent_peer_gives_collective_timeout() -> None:
+    results = run_local(w.collective_with_absent_peer, 2, backend="gloo", timeout_s=60)
+    assert results == ["timeout: all_reduce", "absent"]
+
+
+@pytest.mark.timeout(120)
+def test_failed_rank_is_reported_with_its_traceback() -> None:
+    with pytest.raises(WorkerFailed, match="rank 1 failed:(.|\n)*injected failure on rank 1"):
+        run_local(w.fail_on_rank_one, 2, backend="gloo", timeout_s=60)
+
+
+@pytest.mark.timeout(120)
+def test_hung_ranks_are_killed_at_the_deadline() -> None:
+    started = time.monotonic()
+    with pytest.raises(WorkerFailed, match="did not finish before the deadline"):
+        run_local(w.sleep_forever, 2, backend="gloo", timeout_s=8)
+    assert time.monotonic() - started < 30
