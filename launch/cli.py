@@ -128,6 +128,8 @@ def demo_table(history: Sequence[StepResult]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        args.nproc = int(os.environ["WORLD_SIZE"])  # started by torchrun: it decided the number of ranks
     if args.command == "demo" and not args.eval_every:
         args.eval_every = max(1, args.steps // 10)
     try:

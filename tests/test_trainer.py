@@ -99,3 +99,18 @@ def test_cli_train_runs_two_processes(capfd) -> None:
     out = capfd.readouterr().out
     assert "[rank 0, step 3] loss" in out
     assert "| 3 |" in out
+
+
+@pytest.mark.timeout(180)
+def test_regrow_train_runs_under_torchrun() -> None:
+    """torchrun starts the ranks; `python -m regrow train` joins its env:// rendezvous instead of spawning."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "regrow", "train", "--preset", "tiny",
+               "--steps", "2", "--global-batch", "8", "--micro-batch", "4", "--log-every", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[rank 0, step 2] loss" in done.stdout
