@@ -126,12 +126,15 @@ def test_every_threshold_and_lookup_key_is_exact(signed: bool) -> None:
     tables = quant.state_tables(signed, CPU)
     thr = tables.thresholds[:-1]
     smallest, largest = quant._key_ranges()
+    bits_smallest, bits_largest = quant._bits_key_ranges()
     probes = [
         thr,
         torch.nextafter(thr, torch.full_like(thr, -2.0)),
         torch.nextafter(thr, torch.full_like(thr, 2.0)),
         smallest,
         largest,
+        bits_smallest,
+        bits_largest,
         tables.code,
         torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 2.0**-24, -(2.0**-24), 1e-38, -1e-38]),
         torch.randn(20000, generator=_gen(2)).clamp(-1, 1),
@@ -192,6 +195,14 @@ def test_quantize_rejects_bad_input() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- 8-bit AdamW
+
+
+def test_cpu_square_root_is_correctly_rounded() -> None:
+    """The CPU path must round like the kernel's sqrt.rn.f32 (torch's own fp32 CPU sqrt does not, on this build)."""
+    g = _gen(13)
+    x = torch.rand(1 << 16, generator=g) * torch.pow(10.0, torch.randint(-40, 30, (1 << 16,), generator=g).float())
+    expected = x.double().sqrt().float()  # rounding the fp64 root to fp32 is the correctly rounded fp32 root
+    assert torch.equal(quant._sqrt_rn(x.clone()), expected)
 
 
 def _least_squares(n_features: int = 1024, n_samples: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,8 +266,9 @@ def _run_8bit(problem: dict[str, torch.Tensor], steps: int, **kwargs: object) ->
 
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 def test_8bit_result_does_not_depend_on_chunk_size(grad_dtype: torch.dtype) -> None:
-    problem = _random_problem(40 * BLOCK_SIZE, seed=6, grad_dtype=grad_dtype)
-    runs = [_run_8bit(problem, 3, chunk_size=size) for size in (BLOCK_SIZE, 3 * BLOCK_SIZE, None, 40 * BLOCK_SIZE)]
+    problem = _random_problem(200 * BLOCK_SIZE, seed=6, grad_dtype=grad_dtype)
+    sizes = (BLOCK_SIZE, 3 * BLOCK_SIZE, None, 200 * BLOCK_SIZE)  # None: the default, 127 blocks, so a ragged tail
+    runs = [_run_8bit(problem, 3, chunk_size=size) for size in sizes]
     for run in runs[1:]:
         for name, tensor in run.items():
             assert torch.equal(tensor, runs[0][name]), name

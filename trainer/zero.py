@@ -222,6 +222,11 @@ class ZeroOptimizer:
         else:
             self._reduce_stage1()
         coefficient = self._clip_coefficient()
+        if coefficient != 1.0:
+            # The gradient shard is this optimizer's scratch space: scaling it in place lets both update kernels
+            # read it as is (no converted copy, one pass).
+            for shard in self._shards:
+                shard.grad.mul_(coefficient)
         self.step_count += 1
         beta1, beta2 = self.config.betas
         for shard in self._shards:
@@ -237,7 +242,6 @@ class ZeroOptimizer:
                 eps=self.config.eps,
                 weight_decay=decay,
                 step=self.step_count,
-                grad_scale=coefficient,
                 param_out=None if shard.lowp is shard.master else shard.lowp,
             )
         self._gather_parameters()
