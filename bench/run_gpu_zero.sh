@@ -9,7 +9,7 @@
 #   bench/run_gpu_zero.sh --device cpu    # smoke test without a GPU: tiny preset, 2 processes over gloo
 # Environment: OUT (results folder, default ./bench-out), NGPU, PYTHON (default python3), IMPL_TIMEOUT (seconds per
 # implementation, default 150), OPT_TIMEOUT (optimizer benchmark, default 150), PRESET, MICRO_BATCH, WARMUP, STEPS,
-# FSDP_REDUCE_DTYPE (bfloat16, the default, like DeepSpeed's and regrow's gradient reduction; or float32).
+# IMPLS (the runs, in order), SKIP_OPTIMIZER=1, FSDP_REDUCE_DTYPE (bfloat16, the default, like DeepSpeed's and regrow's gradient reduction; or float32).
 # Writes $OUT/zero.jsonl (one JSON line per run, failures included), $OUT/zero.md (the table, also printed),
 # $OUT/logs/*.log (each run's full output) and $OUT/optimizer.txt.
 set -uo pipefail
@@ -85,7 +85,7 @@ fi
 jsonl=$OUT/zero.jsonl
 : > "$jsonl"
 run=0
-for impl in deepspeed fsdp2 regrow32 regrow8 deepspeed; do
+for impl in ${IMPLS:-deepspeed fsdp2 regrow32 regrow8 deepspeed}; do
   run=$((run + 1))
   log=$OUT/logs/$run-$impl.log
   echo "== run $run: $impl on $nproc process(es)"
@@ -171,7 +171,7 @@ if fsdp:
     print(f"FSDP2 reduce dtype: {settings.get('reduce_dtype')}; sharded params {settings.get('sharded_param_dtype')}.")
 PY
 
-if [[ -f bench/bench_optimizer.py ]]; then
+if [[ -f bench/bench_optimizer.py && ${SKIP_OPTIMIZER:-0} != 1 ]]; then
   echo "== optimizer benchmark (bench/bench_optimizer.py --device $device) -> $OUT/optimizer.txt"
   timeout -k 15 "${OPT_TIMEOUT:-150}" "$PY" bench/bench_optimizer.py --device "$device" > "$OUT/optimizer.txt" 2>&1
   rc=$?

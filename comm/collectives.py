@@ -65,6 +65,10 @@ class Pending:
     timeout_s: float
     on_cpu: bool
 
+    def done(self) -> bool:
+        """True once the collective has finished (never blocks); :meth:`wait` must still be called."""
+        return self.work.is_completed()
+
     def wait(self) -> None:
         try:
             if self.on_cpu:

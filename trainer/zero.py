@@ -102,8 +102,6 @@ class _GroupShard:
         n = layout.shard_numel
         self.flat_params = torch.zeros(layout.numel, dtype=param_dtype, device=device)
         self.master = torch.zeros(n, dtype=torch.float32, device=device)
-        # The shard in the working dtype, written by the update and all-gathered; the master itself when fp32.
-        self.lowp = self.master if param_dtype == torch.float32 else torch.zeros(n, dtype=param_dtype, device=device)
         self.grad = torch.zeros(n, dtype=torch.float32, device=device)
         self.state: dict[str, torch.Tensor] = {}
         if layout.kind.bits == 8:
@@ -120,6 +118,25 @@ class _GroupShard:
 
     def param_view(self, slot: ParamSlot) -> torch.Tensor:
         return self.flat_params[slot.offset : slot.offset + slot.numel].view(slot.shape)
+
+    def owned_params(self, flat_start: int, length: int) -> torch.Tensor:
+        """This rank's slice of one bucket of the working parameters: the update writes it, the all-gather sends it
+        in place (no separate low-precision shard buffer: it would cost 2 bytes per parameter / world size)."""
+        return self.flat_params[flat_start : flat_start + length]
+
+    def state_slices(self, local_start: int, length: int) -> list[torch.Tensor]:
+        """The optimizer state of shard elements ``[local_start, local_start + length)``; block scales are sliced
+        per 256-element block (pieces are block-aligned)."""
+        out = []
+        for key, tensor in self.state.items():
+            per = quant.BLOCK_SIZE if key.endswith("_scales") else 1
+            out.append(tensor[local_start // per : (local_start + length) // per])
+        return out
+
+    def write_owned_params(self) -> None:
+        """Casts the master shard into this rank's slices of the working parameters."""
+        for flat_start, local_start, length in self.pieces:
+            self.owned_params(flat_start, length).copy_(self.master[local_start : local_start + length])
 
     def shard_of(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a full flat tensor of the group, as a new contiguous tensor."""
@@ -188,8 +205,6 @@ class ZeroOptimizer:
                 full32[slot.offset : slot.offset + slot.numel] = self._params[slot.name].detach().reshape(-1)
             shard.master.copy_(shard.shard_of(full32))
             shard.flat_params.copy_(full32)
-            if shard.lowp is not shard.master:
-                shard.lowp.copy_(shard.master)
             for slot in shard.layout.params:
                 self._params[slot.name].data = shard.param_view(slot)
 
@@ -232,18 +247,20 @@ class ZeroOptimizer:
         for shard in self._shards:
             decay = self.config.weight_decay if shard.layout.kind.decay else 0.0
             update = quant.adamw8bit_step if shard.layout.kind.bits == 8 else quant.adamw32bit_step
-            update(
-                shard.master,
-                shard.grad,
-                *shard.state.values(),
-                lr=self.lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=self.config.eps,
-                weight_decay=decay,
-                step=self.step_count,
-                param_out=None if shard.lowp is shard.master else shard.lowp,
-            )
+            # One call per bucket piece, so the new working parameters land directly in the flat buffer.
+            for flat_start, local_start, length in shard.pieces:
+                update(
+                    shard.master[local_start : local_start + length],
+                    shard.grad[local_start : local_start + length],
+                    *shard.state_slices(local_start, length),
+                    lr=self.lr,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=self.config.eps,
+                    weight_decay=decay,
+                    step=self.step_count,
+                    param_out=shard.owned_params(flat_start, length),
+                )
         self._gather_parameters()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -309,19 +326,18 @@ class ZeroOptimizer:
         return min(1.0, limit / (self.last_grad_norm + 1e-6))
 
     def _gather_parameters(self) -> None:
+        if self.world_size == 1:
+            return
         for shard in self._shards:
-            if self.world_size == 1:
-                shard.flat_params.copy_(shard.lowp)
-                continue
             pendings = [
                 collectives.all_gather(
                     shard.flat_params[bucket.start : bucket.start + bucket.size],
-                    shard.lowp[local_start : local_start + length],
+                    shard.owned_params(flat_start, length),
                     group=self.group,
                     timeout_s=self.config.timeout_s,
                     async_op=True,
                 )
-                for bucket, (_, local_start, length) in zip(shard.layout.buckets, shard.pieces)
+                for bucket, (flat_start, _, length) in zip(shard.layout.buckets, shard.pieces)
             ]
             for pending in pendings:
                 pending.wait()
@@ -360,8 +376,7 @@ class ZeroOptimizer:
                 )
             target.copy_(source)
         for shard in self._shards:
-            if shard.lowp is not shard.master:
-                shard.lowp.copy_(shard.master)
+            shard.write_owned_params()
         self.step_count = step_count
         self.zero_grad()
         self._gather_parameters()
@@ -397,6 +412,9 @@ class _Reduction:
         self, pending: collectives.Pending | None, out: torch.Tensor, target: torch.Tensor, world_size: int
     ) -> None:
         self.pending, self.out, self.target, self.world_size = pending, out, target, world_size
+
+    def done(self) -> bool:
+        return self.pending is None or self.pending.done()
 
     def accumulate(self) -> None:
         if self.pending is not None:
@@ -471,7 +489,11 @@ class _BucketReducer:
             del self.staging[key]
             self.inflight.append(self.optimizer._launch_reduce(key[0], key[1], staging))
             self.next_index += 1
-            while len(self.inflight) > self.optimizer.config.max_inflight_buckets:
+            # Fold in finished reductions right away (frees their staging buffers), and never keep more than
+            # max_inflight_buckets in flight.
+            while self.inflight and (
+                len(self.inflight) > self.optimizer.config.max_inflight_buckets or self.inflight[0].done()
+            ):
                 self.inflight.pop(0).accumulate()
 
     def _end_of_backward(self) -> None:
