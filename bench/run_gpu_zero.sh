@@ -178,5 +178,5 @@ if [[ -f bench/bench_optimizer.py && ${SKIP_OPTIMIZER:-0} != 1 ]]; then
   echo "   rc=$rc"
   tail -n 40 "$OUT/optimizer.txt" | sed 's/^/   /'
 else
-  echo "== bench/bench_optimizer.py not found: optimizer benchmark skipped" | tee "$OUT/optimizer.txt"
+  echo "== optimizer benchmark skipped (SKIP_OPTIMIZER=1 or bench/bench_optimizer.py missing)" | tee "$OUT/optimizer.txt"
 fi
