@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the GPT on the embedded corpus")
     add_training_arguments(train, steps=200, nproc=2)
     demo = commands.add_parser("demo", help="the README's main job: 2 CPU ranks, ZeRO-2, 8-bit Adam, loss table")
-    add_training_arguments(demo, steps=200, nproc=2)
+    add_training_arguments(demo, steps=500, nproc=2)
     return top
 
 
