@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# torch 2.13 renamed the flat-tensor collectives; older releases (e.g. 2.11 on the GPU machines) have only the old names.
+# torch 2.13 renamed the flat-tensor collectives; older releases (e.g. 2.11 on GPU hosts) have only the old names.
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from regrow.comm.world import World, WorldConfig, destroy_world, init_world
+from regrow.comm.world import WorldConfig, destroy_world, init_world
 
 
 class WorkerFailed(RuntimeError):

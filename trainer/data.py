@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from regrow.trainer.checks import require_ints
+
 _EPOCH_SEED_STRIDE = 1000003  # a prime, so (seed, epoch) pairs map to distinct generator seeds for epoch < stride
 
 
@@ -59,10 +61,7 @@ class DataConfig:
     """Fraction of the corpus, taken from its end, held out for validation; in (0, 1)."""
 
     def __post_init__(self) -> None:
-        for name, minimum in (("seq_len", 1), ("micro_batch", 1), ("global_batch", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"DataConfig.{name}={value!r} must be an integer >= {minimum}")
+        require_ints(self, {"seq_len": 1, "micro_batch": 1, "global_batch": 1, "seed": 0})
         frac = self.val_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
             raise ValueError(f"DataConfig.val_fraction={frac!r} must be a float in (0, 1), e.g. 0.05")

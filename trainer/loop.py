@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from regrow.comm import collectives
 from regrow.comm.world import World
+from regrow.trainer.checks import require_ints
 from regrow.trainer.data import DataConfig, DataCursor, Sampler
 from regrow.trainer.models import GPT, GPTConfig
 from regrow.trainer.state import RngState, ShardState, StateSink
@@ -68,11 +68,9 @@ class TrainerConfig:
     """Show a progress bar on rank 0 when stderr is a terminal."""
 
     def __post_init__(self) -> None:
-        for name, minimum in (("steps", 1), ("warmup_steps", 0), ("log_every", 0), ("eval_every", 0),
-                              ("eval_batches", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"TrainerConfig.{name}={value!r} must be an integer >= {minimum}")
+        require_ints(
+            self, {"steps": 1, "warmup_steps": 0, "log_every": 0, "eval_every": 0, "eval_batches": 1, "seed": 0}
+        )
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainerConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if self.data.seq_len > self.model.seq_len:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regrow.trainer.checks import require_ints
+
 _PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=2, d_model=64, n_head=2, seq_len=64, vocab_size=256),
     "small": dict(n_layer=4, d_model=128, n_head=4, seq_len=128, vocab_size=256),
@@ -46,10 +48,7 @@ class GPTConfig:
     """Dropout probability in [0, 1). Default 0 so that training is bit-for-bit deterministic."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name}={value!r} must be an integer >= 1")
+        require_ints(self, dict.fromkeys(("vocab_size", "seq_len", "n_layer", "n_head", "d_model"), 1))
         if self.d_model % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.d_model={self.d_model} must be divisible by n_head={self.n_head}; "

@@ -18,7 +18,6 @@ are linked flush-to-zero. The sign rule reads the sign bit, an integer test.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor

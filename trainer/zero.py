@@ -29,7 +29,9 @@ from regrow.trainer import quant
 from regrow.trainer.layout import FlatLayout, GroupLayout, ParamSlot, StateKind, build_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_FP32_STATE_MODULES = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+_FP32_STATE_MODULES = (
+    nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase
+)
 
 
 @dataclass(kw_only=True)
