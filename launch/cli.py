@@ -1,4 +1,4 @@
-"""The ``regrow`` command line: ``regrow train`` and ``regrow demo``.
+"""The ``regrow`` command line: ``regrow train``, ``regrow demo`` and ``regrow ckpt ...`` (in ``ckpt_cli.py``).
 
 ``regrow train`` spawns ``--nproc`` local processes (gloo on CPU, NCCL on GPUs) or, when started by torchrun
 (``RANK``/``WORLD_SIZE`` in the environment), runs as the rank torchrun made it. Every argument problem is
@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from regrow.comm.world import World, WorldConfig, destroy_world, init_world
+from regrow.launch import ckpt_cli
 from regrow.launch.spawn import WorkerFailed, run_local
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
@@ -53,6 +54,7 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
         problems.append(f"--nproc={args.nproc} must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device=cuda but no CUDA device is available; use --device cpu")
+    problems += ckpt_cli.train_argument_problems(args)
     config = None
     if model and data and optim:
         config = attempt(lambda: TrainerConfig(
@@ -65,24 +67,30 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     return config
 
 
-def train_rank(world: World, config: TrainerConfig) -> list[StepResult]:
-    """One rank's whole run (the entry point of every spawned or torchrun-started process)."""
-    return Trainer(config, world).run()
+def train_rank(world: World, config: TrainerConfig,
+               checkpointing: ckpt_cli.Checkpointing | None = None) -> list[StepResult]:
+    """One rank's whole run (the entry point of every spawned or torchrun-started process): resume and attach the
+    checkpoint writer if asked, then train."""
+    trainer = Trainer(config, world)
+    if checkpointing:
+        ckpt_cli.prepare(trainer, checkpointing)
+    return trainer.run()
 
 
 def _backend(device: str) -> str:
     return "gloo" if device == "cpu" else "nccl" if device == "cuda" else "auto"
 
 
-def run_training(config: TrainerConfig, nproc: int, device: str, timeout_s: float) -> list[StepResult]:
+def run_training(config: TrainerConfig, nproc: int, device: str, timeout_s: float,
+                 checkpointing: ckpt_cli.Checkpointing | None = None) -> list[StepResult]:
     """Runs ``config`` on ``nproc`` local processes, or in this process when torchrun started it."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         world = init_world(config=WorldConfig(backend=_backend(device), timeout_s=config.optim.timeout_s))
         try:
-            return train_rank(world, config)
+            return train_rank(world, config, checkpointing)
         finally:
             destroy_world()
-    return run_local(train_rank, nproc, config, backend=_backend(device), timeout_s=timeout_s)[0]
+    return run_local(train_rank, nproc, config, checkpointing, backend=_backend(device), timeout_s=timeout_s)[0]
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, steps: int, nproc: int) -> None:
@@ -112,8 +120,10 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train the GPT on the embedded corpus")
     add_training_arguments(train, steps=200, nproc=2)
+    ckpt_cli.add_train_arguments(train)
     demo = commands.add_parser("demo", help="the README's main job: 2 CPU ranks, ZeRO-2, 8-bit Adam, loss table")
     add_training_arguments(demo, steps=500, nproc=2)
+    ckpt_cli.add_parser(commands)
     return top
 
 
@@ -128,6 +138,8 @@ def demo_table(history: Sequence[StepResult]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "ckpt":
+        return ckpt_cli.main(args)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         args.nproc = int(os.environ["WORLD_SIZE"])  # started by torchrun: it decided the number of ranks
     if args.command == "demo" and not args.eval_every:
@@ -141,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"regrow demo: training GPT '{args.preset}' on pydoc_data.topics with {args.nproc} CPU processes, "
               f"ZeRO-{config.optim.stage}, {config.optim.state_bits}-bit Adam state, {config.steps} steps", flush=True)
     try:
-        history = run_training(config, args.nproc, args.device, args.timeout)
+        history = run_training(config, args.nproc, args.device, args.timeout, ckpt_cli.Checkpointing.from_args(args))
     except WorkerFailed as error:
         print(f"regrow {args.command}: {error}", file=sys.stderr)
         return 1

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Checkpoint cost during training on the GPU host: regrow's lazy async writer, DeepSpeed save_checkpoint and FSDP2 +
+# DCP async_save on NGPU GPUs (default 4), then regrow loading its checkpoint on LOAD_NGPU GPUs (default NGPU/2:
+# resharding 4 -> 2). Each run is its own torchrun (bench/bench_checkpoint.py); a failure is recorded and the next
+# run still goes.
+#
+# Usage (from anywhere; it works in the repository root):
+#   bench/run_gpu_checkpoint.sh                # GPU host, 350m preset
+#   bench/run_gpu_checkpoint.sh --device cpu   # smoke test without a GPU: tiny preset, 2 processes over gloo
+# Environment: OUT (results folder, default ./bench-out), CKPT_DIR (checkpoint root on the disk to measure, default
+# /tmp/bench-ckpt; emptied first), NGPU, LOAD_NGPU, PYTHON (default python3), RUN_TIMEOUT (seconds per run, default
+# 420), PRESET, MICRO_BATCH, SAVES, IMPLS (the training runs, in order), EXTRA (more bench_checkpoint.py arguments).
+# Writes $OUT/checkpoint.jsonl (one JSON line per run, failures included), $OUT/checkpoint.md (the table, also
+# printed) and $OUT/logs/ckpt-*.log (each run's full output).
+set -uo pipefail
+
+device=cuda
+for arg in "$@"; do
+  case $arg in
+    --device=cpu|cpu) device=cpu ;;
+    --device) ;;
+    --device=cuda|cuda) device=cuda ;;
+    *) echo "run_gpu_checkpoint.sh: unknown argument $arg (use --device cpu for the CPU smoke test)" >&2; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off on the lent machines
+PY=${PYTHON:-python3}
+OUT=${OUT:-./bench-out}
+mkdir -p "$OUT/logs"
+OUT=$(cd "$OUT" && pwd)
+CKPT_DIR=${CKPT_DIR:-/tmp/bench-ckpt}
+rm -rf "$CKPT_DIR" && mkdir -p "$CKPT_DIR"
+
+if [[ $device == cuda ]]; then
+  # The GPU host has torch and triton but not deepspeed: install the carried wheels aside.
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "WARNING: no .whl/*.whl carried: deepspeed will be missing" >&2
+  fi
+  nproc=${NGPU:-4}
+  visible=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if ((visible < nproc)); then
+    echo "WARNING: NGPU=$nproc but $visible GPU(s) visible: using $visible" >&2
+    nproc=$visible
+  fi
+  preset=${PRESET:-350m}
+else
+  export DS_ACCELERATOR=cpu
+  nproc=${NGPU:-2}
+  preset=${PRESET:-tiny}
+fi
+if ((nproc < 1)); then
+  echo "run_gpu_checkpoint.sh: no GPU visible, nothing to run (use --device cpu for the smoke test)" >&2
+  exit 1
+fi
+load_nproc=${LOAD_NGPU:-$(( nproc / 2 > 0 ? nproc / 2 : 1 ))}
+# regrow is this folder; make it importable under its package name without installing it.
+PKG_DIR=${PKG_DIR:-/tmp/pkg}
+mkdir -p "$PKG_DIR" && ln -sfn "$PWD" "$PKG_DIR/regrow"
+export PYTHONPATH=$PKG_DIR${PYTHONPATH:+:$PYTHONPATH}
+
+echo "== $(date -u +%FT%TZ) device=$device nproc=$nproc load_nproc=$load_nproc preset=$preset ckpt_dir=$CKPT_DIR"
+df -h "$CKPT_DIR" | sed 's/^/   /'
+
+jsonl=$OUT/checkpoint.jsonl
+: > "$jsonl"
+run=0
+launch() {  # launch IMPL NPROC
+  local impl=$1 n=$2
+  run=$((run + 1))
+  local log=$OUT/logs/ckpt-$run-$impl.log
+  echo "== run $run: $impl on $n process(es)"
+  local start=$(date +%s)
+  timeout -k 15 "${RUN_TIMEOUT:-420}" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$n" \
+    bench/bench_checkpoint.py --impl "$impl" --device "$device" --preset "$preset" \
+    --micro-batch "${MICRO_BATCH:-8}" --saves "${SAVES:-2}" --ckpt-dir "$CKPT_DIR" --json "$jsonl" ${EXTRA:-} \
+    > "$log" 2>&1
+  local rc=$?
+  echo "   rc=$rc in $(($(date +%s) - start)) s, log $log"
+  if grep -q '^RESULT ' "$log"; then
+    grep '^RESULT ' "$log" | cut -c1-400 | sed 's/^/   /'
+  else
+    tail -n 25 "$log" | sed 's/^/   | /'
+    "$PY" -c 'import json, sys; print(json.dumps({"impl": sys.argv[1], "status": "failed", "rc": int(sys.argv[2]),
+"world_size": int(sys.argv[3]), "log": sys.argv[4]}))' "$impl" "$rc" "$n" "$log" >> "$jsonl"
+  fi
+}
+for impl in ${IMPLS:-regrow deepspeed fsdp2}; do
+  launch "$impl" "$nproc"
+done
+launch regrow-load "$load_nproc"
+
+echo "== results ($jsonl)"
+"$PY" - "$jsonl" <<'PY' | tee "$OUT/checkpoint.md"
+import json, sys
+
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+print("| impl | GPUs | baseline ms/step | save | stall s | blocking/step ms (save, next) | persist s | GB | "
+      "steps during persist | ms/step during | load same world s |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    if r.get("status") != "ok":
+        print(f"| {r['impl']} | {r.get('world_size')} | failed (rc {r.get('rc')}), see {r.get('log')} | | | | | | | | |")
+    elif r["impl"] == "regrow-load":
+        continue
+    else:
+        for i, s in enumerate(r["saves"]):
+            kind = "cold" if i == 0 else "warm"
+            print(f"| {r['impl']} | {r['world_size']} | {r['baseline_ms']} | {i} ({kind}) | {s['stall_s']} | "
+                  f"{s['save_step_ms']}, {s['next_step_ms']} | {s['persist_s']} | {s['bytes'] / 1e9:.3f} | "
+                  f"{s['during_steps']} | {s['during_ms']} | {r['load_same_world_s']} |")
+for r in rows:
+    if r["impl"] == "regrow-load" and r.get("status") == "ok":
+        print(f"\nregrow load with resharding {r['saved_world_size']} -> {r['loaded_world_size']} GPUs: "
+              f"{r['load_s']} s for {r['bytes'] / 1e9:.3f} GB ({r['load_gbps']} GB/s); disk read of the same files: "
+              f"O_DIRECT {r['read_direct_gbps']} GB/s, buffered (page cache warm) {r['read_buffered_gbps']} GB/s. "
+              "Page caches cannot be dropped without root: the load may be served partly from memory.")
+PY

@@ -1,0 +1,194 @@
+"""Device-to-host copies of the shard that overlap the next forward and backward.
+
+:class:`HostCopier` owns reusable host buffers (pinned when the sources are on a GPU) arranged in ``slots``: one slot
+holds one complete copy of a set of tensors. ``start(tensors)`` takes a free slot and starts copying into it:
+
+- on CUDA, on a side stream that first waits for everything already queued on the compute stream (so the copy sees
+  the tensors as they are after the optimizer step), with ``non_blocking`` copies into pinned memory and an event
+  recorded at the end;
+- on CPU, on a thread (``Tensor.copy_`` releases the GIL, so it runs alongside forward and backward).
+
+The returned :class:`HostCopy` has two waits with different costs. ``wait_before_mutation()`` is for the training
+thread, right before the next optimizer step (the only thing that mutates the shard): on CUDA it only makes the
+compute stream wait for the copy's event, so the CPU never blocks; on CPU it joins the copy thread.
+``wait_host()`` is for whoever reads the buffers (the persist thread): it blocks until the bytes are in host memory.
+``release()`` returns the slot once the reader is done.
+
+The checkpoint writer uses one slot (a save while the previous one persists is skipped or waited for); the in-memory
+snapshot will use two alternating slots so one complete copy always exists, and can pass ``allocate`` to place the
+buffers in shared memory it owns.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from regrow.trainer.checks import require_ints
+
+Allocate = Callable[[str, torch.Size, torch.dtype, bool], torch.Tensor]
+"""``allocate(name, shape, dtype, pin)`` -> an empty host tensor for the copy of tensor ``name``."""
+
+
+def default_allocate(name: str, shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
+
+
+class HostCopy:
+    """One copy in flight into one slot's buffers. See the module docstring for the two waits."""
+
+    def __init__(self, copier: "HostCopier", slot: int, buffers: dict[str, torch.Tensor]) -> None:
+        self.copier = copier
+        self.slot = slot
+        self.buffers = buffers
+        """The host tensors, keyed like the sources; valid to read after :meth:`wait_host`."""
+        self._sources: list[torch.Tensor] = []  # kept alive until the copy is done (see start_cuda)
+        self._event: "torch.cuda.Event | None" = None
+        self._device: torch.device | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._released = False
+
+    # ------------------------------------------------------------------ started by HostCopier.start
+    def start_cpu(self, sources: Mapping[str, torch.Tensor]) -> None:
+        def copy_all() -> None:
+            try:
+                for name, source in sources.items():
+                    self.buffers[name].copy_(source)
+            except BaseException as error:  # reported by the waits, on the threads that act on it
+                self._error = error
+
+        self._thread = threading.Thread(target=copy_all, name=f"regrow-hostcopy-slot{self.slot}", daemon=True)
+        self._thread.start()
+
+    def start_cuda(self, sources: Mapping[str, torch.Tensor], stream: "torch.cuda.Stream") -> None:  # CUDA only
+        self._device = device = next(iter(sources.values())).device
+        compute = torch.cuda.current_stream(device)
+        # The copy must see the tensors after everything already queued (the optimizer step, the all-gather).
+        stream.wait_stream(compute)
+        with torch.cuda.stream(stream):
+            for name, source in sources.items():
+                self.buffers[name].copy_(source, non_blocking=True)
+                # The caching allocator must not hand this memory to someone else while the side stream still reads
+                # it, should the owner free the tensor meanwhile.
+                source.record_stream(stream)
+            self._event = torch.cuda.Event()
+            self._event.record(stream)
+        self._sources = list(sources.values())
+
+    # ------------------------------------------------------------------ waits
+    def wait_before_mutation(self) -> None:
+        """Call on the training thread before the sources are next modified (before the next optimizer step).
+        CUDA: orders the compute stream after the copy, without blocking the CPU. CPU: joins the copy thread."""
+        if self._event is not None:  # CUDA only
+            torch.cuda.current_stream(self._device).wait_event(self._event)
+            # The compute stream now runs after the copy, so whatever frees the sources later is ordered after it.
+            self._sources = []
+        elif self._thread is not None:
+            self._thread.join()
+        self._raise_if_failed()
+
+    def wait_host(self, timeout_s: float | None = None) -> None:
+        """Blocks until every byte is in the host buffers (call before reading :attr:`buffers`)."""
+        if self._event is not None:  # CUDA only: cudaEventSynchronize, which releases the GIL
+            self._event.synchronize()
+        elif self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise TimeoutError(f"host copy of slot {self.slot} did not finish within {timeout_s} s")
+        self._raise_if_failed()
+
+    def done(self) -> bool:
+        """True once the copy has finished (never blocks)."""
+        if self._event is not None:  # CUDA only
+            return self._event.query()
+        return self._thread is None or not self._thread.is_alive()
+
+    def release(self) -> None:
+        """Gives the slot back for the next :meth:`HostCopier.start`; call once, after the last read of the buffers."""
+        if not self._released:
+            self._released = True
+            self._sources = []
+            self.copier._release(self.slot)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"device-to-host copy failed: {self._error!r}") from self._error
+
+
+@dataclass(kw_only=True)
+class HostCopierConfig:
+    """Settings of :class:`HostCopier`."""
+
+    slots: int = 1
+    """Complete copies that can exist at once (1 for the checkpoint writer, 2 for double-buffered snapshots)."""
+    pin_memory: bool | None = None
+    """Pin the host buffers: None pins exactly when the sources are on a CUDA device (pinned memory is what makes
+    copies asynchronous and fast there, and is pointless for CPU sources)."""
+
+    def __post_init__(self) -> None:
+        require_ints(self, {"slots": 1})
+
+
+class HostCopier:
+    """Copies sets of device tensors into reused host buffers; see the module docstring.
+
+    Contract: call :meth:`start` on the thread that owns the tensors, right after they reach the state to copy; call
+    ``wait_before_mutation()`` on that thread before changing them; release each copy when done reading it.
+    Buffers are allocated at the first use of a slot and reused while names, shapes and dtypes stay the same.
+    """
+
+    Config = HostCopierConfig
+
+    def __init__(self, config: HostCopierConfig | None = None, *, allocate: Allocate = default_allocate) -> None:
+        self.config = config or HostCopierConfig()
+        self.allocate = allocate
+        self._buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(self.config.slots)]
+        self._busy = [False] * self.config.slots
+        self._lock = threading.Lock()
+        self._stream: "torch.cuda.Stream | None" = None  # CUDA only: created on first use
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return self._busy.count(False)
+
+    def start(self, tensors: Mapping[str, torch.Tensor]) -> HostCopy | None:
+        """Starts copying ``tensors`` into a free slot; returns None when every slot is still in use."""
+        if not tensors:
+            raise ValueError("HostCopier.start: no tensors to copy")
+        with self._lock:
+            if all(self._busy):
+                return None
+            slot = self._busy.index(False)
+            self._busy[slot] = True
+        devices = {t.device for t in tensors.values()}
+        if len(devices) != 1:
+            raise ValueError(f"HostCopier.start: tensors are on several devices {sorted(map(str, devices))}")
+        device = devices.pop()
+        on_cuda = device.type == "cuda"
+        pin = on_cuda if self.config.pin_memory is None else self.config.pin_memory
+        copy = HostCopy(self, slot, self._slot_buffers(slot, tensors, pin))
+        if on_cuda:  # CUDA only
+            if self._stream is None or self._stream.device != device:
+                self._stream = torch.cuda.Stream(device)
+            copy.start_cuda(tensors, self._stream)
+        else:
+            copy.start_cpu(tensors)
+        return copy
+
+    def _slot_buffers(self, slot: int, tensors: Mapping[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
+        buffers = self._buffers[slot]
+        for name, source in tensors.items():
+            have = buffers.get(name)
+            if have is None or have.shape != source.shape or have.dtype != source.dtype:
+                buffers[name] = self.allocate(name, source.shape, source.dtype, pin)
+        for name in set(buffers) - set(tensors):
+            del buffers[name]
+        return dict(buffers)
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            self._busy[slot] = False

@@ -1,0 +1,181 @@
+"""The checkpoint side of the command line: ``regrow ckpt inspect|verify DIR`` and the checkpoint flags of
+``regrow train`` (``--save-every``, ``--ckpt-dir``, ``--keep-last``, ``--resume``).
+
+Sub-commands of ``regrow ckpt`` are entries of :data:`COMMANDS` (name -> help, argument set-up, run function);
+``regrow ckpt convert`` (DeepSpeed import/export) is added by registering one more entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from regrow.checkpoint import storage, verify
+from regrow.checkpoint.format import CheckpointError, UnsupportedFormatVersion
+from regrow.checkpoint.reshard import restore_trainer, sources
+from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+from regrow.trainer.loop import Trainer
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``regrow ckpt`` sub-command."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------------------------------------------- regrow ckpt ...
+
+
+def inspect_checkpoint(args: argparse.Namespace) -> int:
+    """Prints what a checkpoint holds (of ``latest`` when given a root); exit 1 when it cannot be read."""
+    path = Path(args.dir)
+    try:
+        target = verify.candidates(path)[0] if verify.is_root(path) else path
+        manifest = verify.read_manifest(target)
+    except CheckpointError as error:
+        print(f"regrow ckpt inspect: {error}", file=sys.stderr)
+        return 1
+    optim = manifest.config.get("optim", {})
+    bits = {p.state_bits for p in manifest.params}
+    print(f"checkpoint {target} (format version {manifest.format_version}, created {manifest.created or '?'})")
+    print(f"step {manifest.step}, tokens seen {manifest.tokens_seen:,}, data cursor {manifest.data_cursor}")
+    print(f"saved by {manifest.world_size} ranks, ZeRO stage {optim.get('stage', '?')}, state bits "
+          f"{'/'.join(map(str, sorted(bits)))} per parameter, code map {manifest.code_map_version}")
+    print(f"{len(manifest.params)} parameters, {len(manifest.tensors)} tensor files, {manifest.nbytes():,} bytes")
+    print("| parameter | shape | state bits | bytes |")
+    print("|---|---|---:|---:|")
+    for param in manifest.params:
+        nbytes = sum(t.nbytes for t in manifest.tensors if t.param == param.name)
+        print(f"| {param.name} | {list(param.shape)} | {param.state_bits} | {nbytes:,} |")
+    return 0
+
+
+def verify_checkpoint(args: argparse.Namespace) -> int:
+    """Verifies one checkpoint, or every checkpoint of a root; exit 1 naming each bad file."""
+    path = Path(args.dir)
+    if verify.is_root(path):
+        targets = [p for _, p in storage.committed(path)]
+        latest = storage.read_latest(path)
+        if latest and (path / latest) not in targets:
+            targets.append(path / latest)
+    else:
+        targets = [path]
+    if not targets:
+        print(f"regrow ckpt verify: no checkpoint under {path}", file=sys.stderr)
+        return 1
+    bad = 0
+    for target in targets:
+        try:
+            report = verify.verify(target, checksums=not args.quick)
+        except UnsupportedFormatVersion as error:
+            print(f"BAD {target}: {error}")
+            bad += 1
+            continue
+        if report.ok:
+            assert report.manifest is not None
+            print(f"OK  {target} (step {report.manifest.step}, {len(report.manifest.tensors)} tensor files, "
+                  f"{report.manifest.nbytes():,} bytes)")
+        else:
+            bad += 1
+            print(f"BAD {target}:\n  - " + "\n  - ".join(report.problems))
+    return 1 if bad else 0
+
+
+def _dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="a checkpoint (step_* directory) or a checkpoint root")
+
+
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    _dir_argument(parser)
+    parser.add_argument("--quick", action="store_true", help="check files and sizes only, not checksums")
+
+
+COMMANDS: dict[str, Command] = {
+    "inspect": Command("show step, layout, parameters and sizes", _dir_argument, inspect_checkpoint),
+    "verify": Command("check every file and checksum; exit 1 naming bad files", _verify_arguments, verify_checkpoint),
+}
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Adds ``regrow ckpt <command>`` with one sub-parser per entry of :data:`COMMANDS`."""
+    ckpt = commands.add_parser("ckpt", help="inspect, verify (and convert) checkpoints")
+    sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
+
+
+def main(args: argparse.Namespace) -> int:
+    return COMMANDS[args.ckpt_command].run(args)
+
+
+# ---------------------------------------------------------------------------------------------------- regrow train
+
+
+@dataclass(kw_only=True)
+class Checkpointing:
+    """The checkpoint settings of one ``regrow train`` run."""
+
+    ckpt_dir: str | None = None
+    """Checkpoint root (``--ckpt-dir``)."""
+    save_every: int = 0
+    """Save every this many steps (``--save-every``; 0: never)."""
+    keep_last: int = 2
+    """Checkpoints kept (``--keep-last``, >= 2)."""
+    resume: str | None = None
+    """``latest``, a root or a ``step_*`` directory to resume from (``--resume``)."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Checkpointing | None":
+        plan = cls(ckpt_dir=getattr(args, "ckpt_dir", None), save_every=getattr(args, "save_every", 0),
+                   keep_last=getattr(args, "keep_last", 2), resume=getattr(args, "resume", None))
+        return plan if plan.save_every or plan.resume else None
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
+    parser.add_argument("--ckpt-dir", default=None, help="checkpoint root, visible to every rank")
+    parser.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (>= 2)")
+    parser.add_argument("--resume", default=None, metavar="DIR|latest",
+                        help="resume from a checkpoint directory, a root, or 'latest' of --ckpt-dir")
+
+
+def train_argument_problems(args: argparse.Namespace) -> list[str]:
+    """Every problem with the checkpoint flags (reported together with the other argument problems)."""
+    problems = []
+    save_every, ckpt_dir = getattr(args, "save_every", 0), getattr(args, "ckpt_dir", None)
+    keep_last, resume = getattr(args, "keep_last", 2), getattr(args, "resume", None)
+    if save_every < 0:
+        problems.append(f"--save-every={save_every} must be >= 0 (0 disables saving)")
+    if save_every and not ckpt_dir:
+        problems.append(f"--save-every={save_every} needs --ckpt-dir DIR (where to write the checkpoints)")
+    if keep_last < 2:
+        problems.append(f"--keep-last={keep_last} must be >= 2 (one good checkpoint must survive the next save)")
+    if resume:
+        try:
+            sources(resume, ckpt_dir)
+        except CheckpointError as error:
+            problems.append(f"--resume={resume}: {error}")
+    return problems
+
+
+def prepare(trainer: Trainer, plan: Checkpointing) -> CheckpointWriter | None:
+    """Resumes ``trainer`` if asked, then attaches a writer if saving is on. Collective (every rank calls it)."""
+    if plan.resume:
+        restore_trainer(trainer, plan.resume, root=plan.ckpt_dir)
+    if not plan.save_every:
+        return None
+    assert plan.ckpt_dir is not None
+    writer = CheckpointWriter(
+        WriterConfig(root=plan.ckpt_dir, save_every=plan.save_every, keep_last=plan.keep_last,
+                     final_step=trainer.config.steps),
+        rank=trainer.rank, world_size=trainer.world_size, run_config=trainer.config.to_dict(),
+        timeout_s=trainer.config.optim.timeout_s,
+    )
+    trainer.sinks.append(writer)
+    return writer
