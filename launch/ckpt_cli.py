@@ -1,8 +1,8 @@
-"""The checkpoint side of the command line: ``regrow ckpt inspect|verify DIR`` and the checkpoint flags of
+"""The checkpoint side of the command line: ``regrow ckpt inspect|verify|convert`` and the checkpoint flags of
 ``regrow train`` (``--save-every``, ``--ckpt-dir``, ``--keep-last``, ``--resume``).
 
 Sub-commands of ``regrow ckpt`` are entries of :data:`COMMANDS` (name -> help, argument set-up, run function);
-``regrow ckpt convert`` (DeepSpeed import/export) is added by registering one more entry there.
+``convert`` bridges to DeepSpeed through ``checkpoint/deepspeed.py``'s ``FullState`` and ``checkpoint/whole.py``.
 """
 
 from __future__ import annotations
@@ -87,6 +87,53 @@ def verify_checkpoint(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def convert_checkpoint(args: argparse.Namespace) -> int:
+    """``regrow ckpt convert SRC DST --from F --to T``: DeepSpeed (ZeRO-1/2 or universal) <-> regrow universal."""
+    from regrow.checkpoint import deepspeed, whole
+
+    if args.source_format == args.target_format:
+        print(f"regrow ckpt convert: --from and --to are both {args.source_format}; nothing to convert "
+              "(a regrow checkpoint reshards itself when it loads)", file=sys.stderr)
+        return 2
+    try:
+        if args.source_format == "deepspeed":
+            full = deepspeed.import_deepspeed(args.src, tag=args.tag)
+            print(f"read {full.source} checkpoint {args.src}: step {full.step}, {len(full.params)} parameters")
+            out = whole.write_whole(args.dst, whole.WholeState(step=full.step, params=full.params))
+        else:
+            source = Path(args.src)
+            target = verify.candidates(source)[0] if verify.is_root(source) else source
+            state = whole.read_whole(target)
+            print(f"read regrow checkpoint {target}: step {state.step}, {len(state.params)} parameters")
+            full = deepspeed.FullState(step=state.step, params=state.params, hyper=_adam_groups(state),
+                                       source="regrow-universal")
+            out = deepspeed.export_deepspeed_universal(full, args.dst, tag=args.tag)
+    except (CheckpointError, deepspeed.DeepSpeedCheckpointError, OSError, ValueError) as error:
+        print(f"regrow ckpt convert: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.target_format} checkpoint {out}")
+    return 0
+
+
+def _adam_groups(state: "whole.WholeState") -> dict:  # noqa: F821 (imported lazily above)
+    """DeepSpeed's two usual AdamW groups (decay on matrices, none on vectors), with the run's hyper-parameters."""
+    optim = state.config.get("optim", {})
+    decay = [name for name, kinds in state.params.items() if kinds["master"].ndim >= 2]
+    flat = [name for name, kinds in state.params.items() if kinds["master"].ndim < 2]
+    common = {"lr": optim.get("lr", 3e-4), "betas": list(optim.get("betas", (0.9, 0.95))), "eps": optim.get("eps", 1e-8)}
+    groups = [{"params": decay, **common, "weight_decay": optim.get("weight_decay", 0.1)},
+              {"params": flat, **common, "weight_decay": 0.0}]
+    return {"param_groups": [g for g in groups if g["params"]]}
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="source: a DeepSpeed save directory, or a regrow checkpoint or root")
+    parser.add_argument("dst", help="destination root (regrow) or directory (DeepSpeed universal)")
+    parser.add_argument("--from", dest="source_format", choices=("deepspeed", "universal"), required=True)
+    parser.add_argument("--to", dest="target_format", choices=("universal", "deepspeed"), required=True)
+    parser.add_argument("--tag", default=None, help="DeepSpeed tag to read or write (default: latest / step)")
+
+
 def _dir_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="a checkpoint (step_* directory) or a checkpoint root")
 
@@ -99,12 +146,13 @@ def _verify_arguments(parser: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Command] = {
     "inspect": Command("show step, layout, parameters and sizes", _dir_argument, inspect_checkpoint),
     "verify": Command("check every file and checksum; exit 1 naming bad files", _verify_arguments, verify_checkpoint),
+    "convert": Command("DeepSpeed (ZeRO-1/2, universal) <-> regrow universal", _convert_arguments, convert_checkpoint),
 }
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Adds ``regrow ckpt <command>`` with one sub-parser per entry of :data:`COMMANDS`."""
-    ckpt = commands.add_parser("ckpt", help="inspect, verify (and convert) checkpoints")
+    ckpt = commands.add_parser("ckpt", help="inspect, verify and convert checkpoints")
     sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
     for name, command in COMMANDS.items():
         command.add_arguments(sub.add_parser(name, help=command.help))
