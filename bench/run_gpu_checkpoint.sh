@@ -78,7 +78,7 @@ launch() {  # launch IMPL NPROC
   local start=$(date +%s)
   timeout -k 15 "${RUN_TIMEOUT:-420}" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$n" \
     bench/bench_checkpoint.py --impl "$impl" --device "$device" --preset "$preset" \
-    --micro-batch "${MICRO_BATCH:-8}" --saves "${SAVES:-2}" --ckpt-dir "$CKPT_DIR" --json "$jsonl" ${EXTRA:-} \
+    --micro-batch "${MICRO_BATCH:-8}" --saves "${SAVES:-3}" --ckpt-dir "$CKPT_DIR" --json "$jsonl" ${EXTRA:-} \
     > "$log" 2>&1
   local rc=$?
   echo "   rc=$rc in $(($(date +%s) - start)) s, log $log"
@@ -100,20 +100,21 @@ echo "== results ($jsonl)"
 import json, sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-print("| impl | GPUs | baseline ms/step | save | stall s | blocking/step ms (save, next) | persist s | GB | "
-      "steps during persist | ms/step during | load same world s |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| impl | GPUs | step ms (alone) | save | window of 5 steps ms | with the save ms | stall s | stall / step | "
+      "persist s | GB | steps during persist | step ms during | during / baseline | load same world s |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if r.get("status") != "ok":
-        print(f"| {r['impl']} | {r.get('world_size')} | failed (rc {r.get('rc')}), see {r.get('log')} | | | | | | | | |")
+        print(f"| {r['impl']} | {r.get('world_size')} | failed (rc {r.get('rc')}), see {r.get('log')} |" + " |" * 11)
     elif r["impl"] == "regrow-load":
         continue
     else:
         for i, s in enumerate(r["saves"]):
             kind = "cold" if i == 0 else "warm"
-            print(f"| {r['impl']} | {r['world_size']} | {r['baseline_ms']} | {i} ({kind}) | {s['stall_s']} | "
-                  f"{s['save_step_ms']}, {s['next_step_ms']} | {s['persist_s']} | {s['bytes'] / 1e9:.3f} | "
-                  f"{s['during_steps']} | {s['during_ms']} | {r['load_same_world_s']} |")
+            print(f"| {r['impl']} | {r['world_size']} | {r['baseline_ms']} | {i} ({kind}) | {s['window_ms']} | "
+                  f"{s['window_with_save_ms']} | {s['stall_s']} | {s['stall_vs_step']} | {s['persist_s']} | "
+                  f"{s['bytes'] / 1e9:.3f} | {s['during_steps']} | {s['during_ms']} | {s['during_vs_baseline']} | "
+                  f"{r['load_same_world_s']} |")
 for r in rows:
     if r["impl"] == "regrow-load" and r.get("status") == "ok":
         print(f"\nregrow load with resharding {r['saved_world_size']} -> {r['loaded_world_size']} GPUs: "
