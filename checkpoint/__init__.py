@@ -1,7 +1,15 @@
-"""Checkpoints and snapshots of the shard state (``regrow.trainer.state.ShardState``).
+"""Checkpoints of the shard state (``regrow.trainer.state.ShardState``).
 
-Planned modules (see docs/architecture.md): ``format.py`` (universal manifest with per-tensor checksums, atomic
-commit), ``writer.py`` (lazy asynchronous multi-level writer), ``reshard.py`` (load at any world size, ZeRO stage or
-pipeline layout), ``deepspeed.py`` (DeepSpeed import/export), ``memory.py`` (the per-node snapshot process that owns
-shared memory), ``erasure.py`` (zfec parity across the nodes of a group). Nothing here is implemented yet.
+- ``format.py``: the universal format (manifest, tensor kinds, chunk checksums); see docs/checkpoint-format.md.
+- ``pieces.py``: which byte ranges of which parameter file a rank's shard covers.
+- ``storage.py``: atomic directory commit, the ``latest`` pointer, retention, clean-up of interrupted saves.
+- ``verify.py``: structure and checksum verification; which checkpoint to load when the newest is damaged.
+- ``hostcopy.py``: device-to-host copies into reused (pinned) host buffers that overlap the next forward/backward.
+- ``writer.py``: the lazy asynchronous checkpoint writer, a ``StateSink`` for the Trainer.
+- ``reshard.py``: loading at any world size, ZeRO stage and state bits, each rank reading only its ranges.
+- ``whole.py``: whole-model fp32 export/import (for converters and inspection).
+- ``deepspeed.py``: DeepSpeed ZeRO-1/2 and universal checkpoints in, DeepSpeed universal out.
+
+Planned: ``memory.py`` (the per-node snapshot process that owns shared memory), ``erasure.py`` (zfec parity across
+the nodes of a group).
 """
