@@ -139,7 +139,11 @@ def demo_table(history: Sequence[StepResult]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "ckpt":
-        return ckpt_cli.main(args)
+        try:
+            return ckpt_cli.main(args)
+        except BrokenPipeError:  # e.g. `regrow ckpt inspect DIR | head`: the reader left; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         args.nproc = int(os.environ["WORLD_SIZE"])  # started by torchrun: it decided the number of ranks
     if args.command == "demo" and not args.eval_every:
