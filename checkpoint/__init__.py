@@ -9,7 +9,8 @@
 - ``reshard.py``: loading at any world size, ZeRO stage and state bits, each rank reading only its ranges.
 - ``whole.py``: whole-model fp32 export/import (for converters and inspection).
 - ``deepspeed.py``: DeepSpeed ZeRO-1/2 and universal checkpoints in, DeepSpeed universal out.
+- ``erasure.py``: rotating-parity erasure coding of node snapshots across a group (zfec, XOR for one parity).
 
-Planned: ``memory.py`` (the per-node snapshot process that owns shared memory), ``erasure.py`` (zfec parity across
-the nodes of a group).
+Planned: ``memory.py`` (the per-node snapshot process that owns shared memory) and the wiring of erasure coding
+between snapshot processes.
 """
