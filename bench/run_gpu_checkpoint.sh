@@ -25,44 +25,10 @@ for arg in "$@"; do
 done
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-export PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off on the lent machines
-PY=${PYTHON:-python3}
-OUT=${OUT:-./bench-out}
-mkdir -p "$OUT/logs"
-OUT=$(cd "$OUT" && pwd)
+source bench/gpu_host_env.sh
 CKPT_DIR=${CKPT_DIR:-/tmp/bench-ckpt}
 rm -rf "$CKPT_DIR" && mkdir -p "$CKPT_DIR"
-
-if [[ $device == cuda ]]; then
-  # The GPU host has torch and triton but not deepspeed: install the carried wheels aside.
-  if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    echo "WARNING: no .whl/*.whl carried: deepspeed will be missing" >&2
-  fi
-  nproc=${NGPU:-4}
-  visible=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-  if ((visible < nproc)); then
-    echo "WARNING: NGPU=$nproc but $visible GPU(s) visible: using $visible" >&2
-    nproc=$visible
-  fi
-  preset=${PRESET:-350m}
-else
-  export DS_ACCELERATOR=cpu
-  nproc=${NGPU:-2}
-  preset=${PRESET:-tiny}
-fi
-if ((nproc < 1)); then
-  echo "run_gpu_checkpoint.sh: no GPU visible, nothing to run (use --device cpu for the smoke test)" >&2
-  exit 1
-fi
 load_nproc=${LOAD_NGPU:-$(( nproc / 2 > 0 ? nproc / 2 : 1 ))}
-# regrow is this folder; make it importable under its package name without installing it.
-PKG_DIR=${PKG_DIR:-/tmp/pkg}
-mkdir -p "$PKG_DIR" && ln -sfn "$PWD" "$PKG_DIR/regrow"
-export PYTHONPATH=$PKG_DIR${PYTHONPATH:+:$PYTHONPATH}
 
 echo "== $(date -u +%FT%TZ) device=$device nproc=$nproc load_nproc=$load_nproc preset=$preset ckpt_dir=$CKPT_DIR"
 df -h "$CKPT_DIR" | sed 's/^/   /'
