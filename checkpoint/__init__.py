@@ -10,7 +10,9 @@
 - ``whole.py``: whole-model fp32 export/import (for converters and inspection).
 - ``deepspeed.py``: DeepSpeed ZeRO-1/2 and universal checkpoints in, DeepSpeed universal out.
 - ``erasure.py``: rotating-parity erasure coding of node snapshots across a group (zfec, XOR for one parity).
+- ``memory.py``: the per-node snapshot process that owns the shared-memory segments (docs/snapshot-protocol.md);
+  ``snapshot_segment.py`` (segment layout, seal order, checksums), ``snapshot_protocol.py`` (framed JSON over TCP
+  with the job's token), ``snapshot_sink.py`` (the per-step ``SnapshotSink`` and ``restore_from_node``).
 
-Planned: ``memory.py`` (the per-node snapshot process that owns shared memory) and the wiring of erasure coding
-between snapshot processes.
+Planned: erasure coding between snapshot processes (parity exchange, node-loss rebuild) and the launcher wiring.
 """

@@ -1,0 +1,351 @@
+"""The per-node snapshot process: it owns the shared memory that holds every local rank's latest shard snapshots.
+
+One process per node, started by the launcher (:func:`start_snapshot_process`, or ``python -m
+regrow.checkpoint.memory --address 127.0.0.1:0``), outlives the ranks: a rank that crashes and restarts finds its
+snapshots where it left them. For each rank that ATTACHes it creates two segments under ``shm_dir`` (mode 0600,
+alternating: one always holds a complete snapshot while the other is being written), sized from the tensor table
+the rank announces; ranks map the files themselves (``snapshot_segment.open_segment``) and write into them, so no
+snapshot byte ever crosses the socket. The protocol is in ``snapshot_protocol.py`` and docs/snapshot-protocol.md.
+
+Space is checked before anything is created (``os.statvfs``) and reserved with ``posix_fallocate``, so a
+``/dev/shm`` that is too small fails at start-up (``expected_bytes``) or at ATTACH, never in the middle of a run.
+If this process is killed, the segments it created are orphaned and the next snapshot process of the same job
+removes them: the snapshots are lost with it, and ranks restore from the universal checkpoint instead.
+
+This module does not import torch (start-up stays fast); the rank side is ``snapshot_sink.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import secrets
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from regrow.checkpoint import snapshot_segment as seg
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, parse_address, recv_frame, send_frame
+
+SLOTS = 2
+
+
+def log(text: str, *, rank: int | None = None, step: int | None = None) -> None:
+    """``[rank r, step s] snapshot process: ...`` for a rank's events, ``[snapshot process] ...`` otherwise."""
+    prefix = f"[rank {rank}, step {step if step is not None else '-'}]" if rank is not None else "[snapshot process]"
+    print(f"{prefix} snapshot process: {text}" if rank is not None else f"{prefix} {text}", flush=True)
+
+
+class ShmSpaceError(RuntimeError):
+    """The shared-memory filesystem cannot hold the requested snapshots."""
+
+
+@dataclass(kw_only=True)
+class SnapshotProcessConfig:
+    """Settings of the snapshot process. Validated on construction; errors name the field."""
+
+    address: str = "127.0.0.1:0"
+    """host:port to listen on (port 0: any free port; the chosen address is printed as ``READY host:port``)."""
+    job: str = ""
+    """Names this job's segments (``regrow-snap-<job>-r<rank>-s<slot>``); empty: a random id. A restarted process
+    of the same job removes the segments a crashed one left behind."""
+    shm_dir: str = "/dev/shm"
+    """Directory of the segments: a tmpfs (RAM), so the snapshots survive the ranks but not the node."""
+    expected_bytes: int = 0
+    """Segment bytes the job will need on this node (2 x each local rank's snapshot); checked against the free
+    space at start-up so a too-small /dev/shm fails now, not at the first snapshot. 0: checked at ATTACH only."""
+    handshake_timeout_s: float = 10.0
+    """Seconds a new connection has to present the token (a silent client cannot hold a thread longer)."""
+
+    def __post_init__(self) -> None:
+        parse_address(self.address)
+        if not isinstance(self.expected_bytes, int) or self.expected_bytes < 0:
+            raise ValueError(f"SnapshotProcessConfig.expected_bytes={self.expected_bytes!r} must be an int >= 0")
+        if not self.handshake_timeout_s > 0:
+            raise ValueError(f"SnapshotProcessConfig.handshake_timeout_s={self.handshake_timeout_s!r} must be > 0")
+        if not Path(self.shm_dir).is_dir():
+            raise ValueError(f"SnapshotProcessConfig.shm_dir={self.shm_dir!r} is not a directory")
+        if self.job and not self.job.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"SnapshotProcessConfig.job={self.job!r} may hold only letters, digits, '-' and '_'")
+
+
+def check_space(shm_dir: str, needed: int) -> None:
+    """Raises :class:`ShmSpaceError` unless ``shm_dir`` has ``needed`` bytes free."""
+    stat = os.statvfs(shm_dir)
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        raise ShmSpaceError(
+            f"{shm_dir} has {free / 2**30:.2f} GiB free but the snapshots need {needed / 2**30:.2f} GiB "
+            f"(2 buffers per local rank): enlarge it (e.g. `mount -o remount,size=<N>G {shm_dir}`, or docker "
+            f"--shm-size), snapshot fewer ranks per node, or turn in-memory snapshots off")
+
+
+@dataclass
+class _RankSegments:
+    paths: list[str]
+    table: list[dict]
+    meta_capacity: int
+    size: int
+    committed: dict[int, int] = field(default_factory=dict)  # slot -> step of the last COMMIT
+
+
+class SnapshotServer:
+    """Owns the segments and answers the protocol; one thread per authenticated connection, so a slow or silent
+    client never blocks another. Use :meth:`serve_forever` (returns after SHUTDOWN or :meth:`shutdown`)."""
+
+    def __init__(self, config: SnapshotProcessConfig, token: str) -> None:
+        if not token:
+            raise ValueError(f"the snapshot token is empty: set {TOKEN_ENV} (secrets.token_hex(32))")
+        self.config = config
+        self.job = config.job or secrets.token_hex(4)
+        self._token = token.encode()
+        self._ranks: dict[int, _RankSegments] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if config.expected_bytes:
+            check_space(config.shm_dir, config.expected_bytes)
+        self._remove_leftovers()
+        host, port = parse_address(config.address)
+        self._listener = socket.create_server((host, port))
+        self.address = f"{host}:{self._listener.getsockname()[1]}"
+
+    # ---------------------------------------------------------------- lifecycle
+    def serve_forever(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                if not selector.select(timeout=0.2):
+                    continue
+                try:
+                    conn, peer = self._listener.accept()
+                except OSError:
+                    continue
+                threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
+                                 name=f"regrow-snapshot-conn-{peer[1]}").start()
+        self._listener.close()
+        self._remove_all()
+
+    def shutdown(self) -> None:
+        """Stops serving; :meth:`serve_forever` then removes every segment and returns."""
+        self._stop.set()
+
+    def _segment_path(self, rank: int, slot: int) -> str:
+        return str(Path(self.config.shm_dir) / f"regrow-snap-{self.job}-r{rank}-s{slot}")
+
+    def _remove_leftovers(self) -> None:
+        leftovers = sorted(Path(self.config.shm_dir).glob(f"regrow-snap-{self.job}-r*-s*"))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        if leftovers:
+            log(f"removed {len(leftovers)} segments left by a previous snapshot process of job {self.job}: the "
+                f"snapshots it held are lost (restore from the universal checkpoint)")
+
+    def _remove_all(self) -> None:
+        with self._lock:
+            for segments in self._ranks.values():
+                for path in segments.paths:
+                    Path(path).unlink(missing_ok=True)
+            count = sum(len(s.paths) for s in self._ranks.values())
+            self._ranks.clear()
+        log(f"shut down; removed {count} segments")
+
+    # ---------------------------------------------------------------- one connection
+    def _serve(self, conn: socket.socket, peer: tuple) -> None:
+        with conn:
+            conn.settimeout(self.config.handshake_timeout_s)
+            try:
+                hello = recv_frame(conn)
+            except (OSError, ProtocolError) as error:
+                log(f"refused connection from {peer[0]}:{peer[1]}: no valid hello ({error})")
+                return
+            if hello.get("op") != "hello" or not hmac.compare_digest(str(hello.get("token", "")).encode(),
+                                                                     self._token):
+                log(f"refused connection from {peer[0]}:{peer[1]}: wrong token")
+                self._reply(conn, {"ok": False, "error": "wrong token: connection refused"})
+                return
+            self._reply(conn, {"ok": True, "job": self.job})
+            conn.settimeout(None)  # an attached rank may stay silent for a long time between requests
+            while not self._stop.is_set():
+                try:
+                    request = recv_frame(conn)
+                except (OSError, ProtocolError):
+                    return
+                self._reply(conn, self._handle(request))
+
+    @staticmethod
+    def _reply(conn: socket.socket, message: dict) -> None:
+        try:
+            send_frame(conn, message)
+        except OSError:
+            pass  # the client went away; its thread ends at the next read
+
+    def _handle(self, request: dict) -> dict:
+        op = request.get("op")
+        try:
+            if op == "attach":
+                return self._attach(int(request["rank"]), request["tensors"], int(request["meta_capacity"]))
+            if op == "latest":
+                return self._latest(int(request["rank"]))
+            if op == "commit":
+                return self._commit(int(request["rank"]), int(request["slot"]), int(request["step"]))
+            if op == "shutdown":
+                self.shutdown()
+                return {"ok": True}
+            return {"ok": False, "error": f"unknown op {op!r} (attach, latest, commit, shutdown)"}
+        except (KeyError, TypeError, ValueError, OSError, ShmSpaceError) as error:
+            return {"ok": False, "error": f"{type(error).__name__}: {error}"}
+
+    # ---------------------------------------------------------------- the operations
+    def _attach(self, rank: int, table: list[dict], meta_capacity: int) -> dict:
+        _, payload = seg.plan_tensors(table)
+        size = seg.segment_bytes(meta_capacity, payload)
+        with self._lock:
+            have = self._ranks.get(rank)
+            if have is not None:
+                if have.table != table or have.meta_capacity != meta_capacity:
+                    raise ValueError(f"rank {rank} re-attached with another tensor table; its snapshots were "
+                                     f"taken at another layout (restore from the universal checkpoint)")
+                log("re-attached to its existing segments", rank=rank)
+                return {"ok": True, "paths": have.paths, "reused": True, "segment_bytes": have.size}
+            check_space(self.config.shm_dir, SLOTS * size)
+            paths = [self._create(rank, slot, size, meta_capacity) for slot in range(SLOTS)]
+            self._ranks[rank] = _RankSegments(paths=paths, table=table, meta_capacity=meta_capacity, size=size)
+        log(f"attached: {SLOTS} segments of {size / 2**20:.1f} MiB", rank=rank)
+        return {"ok": True, "paths": paths, "reused": False, "segment_bytes": size}
+
+    def _create(self, rank: int, slot: int, size: int, meta_capacity: int) -> str:
+        path = self._segment_path(rank, slot)
+        # 0600: the snapshots are the job's training state; only the job's user may map them.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # independent of the umask
+            try:
+                # Reserves the pages now: a full tmpfs fails here with ENOSPC instead of SIGBUS in a rank later.
+                os.posix_fallocate(fd, 0, size)
+            except OSError as error:
+                os.unlink(path)
+                raise ShmSpaceError(f"cannot reserve {size} bytes in {self.config.shm_dir}: {error}") from error
+        finally:
+            os.close(fd)
+        buffer = seg.open_segment(path, writable=True)
+        try:
+            seg.format_empty(buffer, rank=rank, slot=slot, meta_capacity=meta_capacity)
+        finally:
+            buffer.close()
+        return path
+
+    def _latest(self, rank: int) -> dict:
+        with self._lock:
+            have = self._ranks.get(rank)
+        if have is None:
+            return {"ok": True, "latest": None, "slots": [], "note": f"rank {rank} never attached"}
+        slots = [seg.inspect(path, rank=rank) for path in have.paths]
+        good = [s for s in slots if s["status"] == "ok"]
+        latest = max(good, key=lambda s: s["step"]) if good else None
+        return {"ok": True, "latest": latest, "slots": slots}
+
+    def _commit(self, rank: int, slot: int, step: int) -> dict:
+        with self._lock:
+            have = self._ranks.get(rank)
+        if have is None or not 0 <= slot < SLOTS:
+            return {"ok": False, "error": f"rank {rank} has no slot {slot} (ATTACH first)"}
+        buffer = seg.open_segment(have.paths[slot], writable=False)
+        try:
+            header = seg.read_header(buffer)
+        finally:
+            buffer.close()
+        if header.complete != seg.COMPLETE or header.step != step:
+            return {"ok": False, "error": f"slot {slot} holds no sealed snapshot of step {step}"}
+        have.committed[slot] = step
+        return {"ok": True}
+
+
+# -------------------------------------------------------------------- starting it
+@dataclass
+class SnapshotProcess:
+    """A snapshot process started by :func:`start_snapshot_process`."""
+
+    address: str
+    job: str
+    process: subprocess.Popen
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        """Asks it to shut down (SIGTERM: it removes its segments), kills it after ``timeout_s``; returns its exit
+        code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout_s)
+        return self.process.returncode
+
+
+def start_snapshot_process(config: SnapshotProcessConfig, *, token: str, timeout_s: float = 30.0) -> SnapshotProcess:
+    """Starts ``python -m regrow.checkpoint.memory`` with ``config`` and the job's ``token`` (passed in the
+    environment, never on the command line where ``ps`` shows it); returns once it listens. Raises RuntimeError
+    with its output if it fails to start (e.g. /dev/shm too small for ``expected_bytes``)."""
+    job = config.job or secrets.token_hex(4)
+    command = [sys.executable, "-m", "regrow.checkpoint.memory", "--address", config.address, "--job", job,
+               "--shm-dir", config.shm_dir, "--expected-bytes", str(config.expected_bytes)]
+    env = dict(os.environ, **{TOKEN_ENV: token})
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout_s
+    lines: list[str] = []
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        print(line, end="", flush=True)  # its start-up log (e.g. leftovers removed) belongs in the launcher's
+        if line.startswith("READY "):
+            _forward_output(process)
+            return SnapshotProcess(address=line.split()[1], job=job, process=process)
+    process.kill()
+    process.wait(10)
+    raise RuntimeError(f"the snapshot process did not start (exit code {process.returncode}):\n{''.join(lines)}")
+
+
+def _forward_output(process: subprocess.Popen) -> None:
+    """Copies the process's later log lines to this process's stdout (a thread), so its pipe never fills."""
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            print(line, end="", flush=True)
+
+    threading.Thread(target=pump, daemon=True, name="regrow-snapshot-log").start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m regrow.checkpoint.memory",
+                                     description=f"The node's snapshot process; the token comes from {TOKEN_ENV}.")
+    parser.add_argument("--address", default="127.0.0.1:0")
+    parser.add_argument("--job", default="")
+    parser.add_argument("--shm-dir", default="/dev/shm")
+    parser.add_argument("--expected-bytes", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        config = SnapshotProcessConfig(address=args.address, job=args.job, shm_dir=args.shm_dir,
+                                       expected_bytes=args.expected_bytes)
+        server = SnapshotServer(config, os.environ.get(TOKEN_ENV, ""))
+    except (ValueError, ShmSpaceError, OSError) as error:
+        print(f"[snapshot process] cannot start: {error}", file=sys.stderr, flush=True)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    print(f"READY {server.address} job {server.job} pid {os.getpid()}", flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The wire protocol between ranks and the node's snapshot process (specified in docs/snapshot-protocol.md).
+
+Every frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON (an object with an ``"op"``
+in requests, ``"ok"`` in replies). No pickle: a frame can only ever decode to plain data. The first request on a
+connection must be ``{"op": "hello", "token": ...}`` with the job's secret token; anything else closes it.
+
+This module does not import torch (the snapshot process uses it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+
+TOKEN_ENV = "REGROW_SNAPSHOT_TOKEN"
+"""The environment variable the launcher sets to the job's secret token (``secrets.token_hex(32)``)."""
+MAX_FRAME = 16 << 20
+"""Largest frame accepted (a tensor table of a very large shard is well under this)."""
+_LENGTH = struct.Struct(">I")
+
+
+class ProtocolError(RuntimeError):
+    """The peer sent something that is not a valid frame, or answered ``{"ok": false}``."""
+
+
+class SnapshotProcessLost(ConnectionError):
+    """The snapshot process cannot be reached (refused, reset or timed out). Its shared memory is gone with it if
+    it crashed: restart it with ``start_snapshot_process`` and restore from the universal checkpoint."""
+
+
+def send_frame(sock: socket.socket, message: dict) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(data)} bytes exceeds MAX_FRAME={MAX_FRAME}")
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise ConnectionResetError("peer closed the connection")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_frame(sock: socket.socket) -> dict:
+    """Reads one frame; raises :class:`ProtocolError` for an oversized or non-JSON-object frame."""
+    (size,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
+    if size > MAX_FRAME:
+        raise ProtocolError(f"frame of {size} bytes exceeds MAX_FRAME={MAX_FRAME}")
+    try:
+        message = json.loads(_recv_exact(sock, size))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError(f"frame is not JSON: {error}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("frame is not a JSON object")
+    return message
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``; the error names the expected form."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"snapshot process address {address!r} is not of the form host:port")
+    return host, int(port)
+
+
+def token_from_env() -> str:
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        raise RuntimeError(f"{TOKEN_ENV} is not set: the launcher sets it to the job's snapshot token (the one the "
+                           f"snapshot process was started with)")
+    return token
+
+
+class SnapshotClient:
+    """One authenticated connection to the snapshot process; requests are serialised by a lock, so the training
+    thread and a sink's finisher thread may share it.
+
+    Every failure to reach the process (refused, reset, timeout) raises :class:`SnapshotProcessLost`; a request
+    the process refuses raises :class:`ProtocolError` with its reason.
+    """
+
+    def __init__(self, address: str, *, token: str | None = None, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        host, port = parse_address(address)
+        try:
+            self._sock = socket.create_connection((host, port), timeout=timeout_s)
+        except OSError as error:
+            raise SnapshotProcessLost(f"cannot reach the snapshot process at {address}: {error}. Is it running? "
+                                      f"(start it with regrow.checkpoint.memory.start_snapshot_process)") from error
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request({"op": "hello", "token": token if token is not None else token_from_env()})
+
+    def request(self, message: dict) -> dict:
+        """Sends ``message`` and returns the reply (``{"ok": true, ...}``)."""
+        with self._lock:
+            try:
+                send_frame(self._sock, message)
+                reply = recv_frame(self._sock)
+            except (OSError, ConnectionError) as error:
+                raise SnapshotProcessLost(
+                    f"lost the snapshot process at {self.address} during {message.get('op')!r}: {error}. If it "
+                    f"crashed, the snapshots it held are gone: restart it (start_snapshot_process) and restore "
+                    f"from the universal checkpoint (checkpoint.reshard.restore_trainer)") from error
+        if not reply.get("ok"):
+            raise ProtocolError(f"snapshot process refused {message.get('op')!r}: {reply.get('error')}")
+        return reply
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass

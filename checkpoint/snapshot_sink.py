@@ -1,0 +1,347 @@
+"""The rank side of in-memory snapshots: a ``StateSink`` that snapshots every step into the node's shared memory,
+and the restore of a restarted rank from it.
+
+:class:`SnapshotSink` attaches to the node's snapshot process (``memory.py``), maps its rank's two segments and
+alternates between them. ``after_step(state)`` of step N clears the ``complete`` flag of the segment that does NOT
+hold the newest snapshot, writes the metadata (step, RNG states, data cursor, tokens seen, layout, tensor table) and
+starts the copy of the shard tensors into it with ``hostcopy.HostCopier`` (its ``allocate`` returns tensors that
+view the mapped segment: a thread on CPU, a side stream on GPU), so the copy overlaps step N+1's forward and
+backward. ``before_optimizer_step()`` waits for it (on GPU only the compute stream waits) and hands the segment to
+a finisher thread that waits for the bytes, checksums them, sets the ``complete`` flag last and sends COMMIT, which
+overlaps the optimizer step. The newest complete snapshot is never overwritten, so one always exists.
+
+:func:`restore_from_node` is the restore of a rank process that crashed (the node and its snapshot process live).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ctypes
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from regrow.checkpoint import snapshot_segment as seg
+from regrow.checkpoint.format import decode_rng, encode_rng
+from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig, HostCopy
+from regrow.checkpoint.snapshot_protocol import SnapshotClient, SnapshotProcessLost
+from regrow.comm import collectives
+from regrow.trainer.checks import require_ints
+from regrow.trainer.layout import FlatLayout
+from regrow.trainer.loop import Trainer, log_line
+from regrow.trainer.state import ShardState
+
+FALLBACK = "checkpoint.reshard.restore_trainer (the universal checkpoint)"
+
+
+@dataclass(kw_only=True)
+class SnapshotSinkConfig:
+    """Settings of :class:`SnapshotSink`. Validated on construction; errors name the field."""
+
+    address: str
+    """host:port of this node's snapshot process (the launcher passes it)."""
+    token: str | None = None
+    """The job's snapshot token; None reads ``REGROW_SNAPSHOT_TOKEN`` (set by the launcher)."""
+    every: int = 1
+    """Snapshot after every this many optimizer steps."""
+    timeout_s: float = 60.0
+    """Seconds any request to the snapshot process, or the wait for a finisher, may take."""
+    meta_headroom: int = 64 << 10
+    """Bytes of metadata room beyond twice the first snapshot's metadata (RNG states and the cursor grow little)."""
+    log: bool = True
+    """Print ``[rank r, step s] snapshot ...`` lines on attach and restore."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.address, str) or ":" not in self.address:
+            raise ValueError(f"SnapshotSinkConfig.address={self.address!r} must be host:port")
+        require_ints(self, {"every": 1, "meta_headroom": 0})
+        if not self.timeout_s > 0:
+            raise ValueError(f"SnapshotSinkConfig.timeout_s={self.timeout_s!r} must be > 0")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_table(tensors: dict[str, torch.Tensor]) -> list[dict]:
+    """The ATTACH tensor table of a shard: name, dtype, shape, in the shard's order."""
+    return [{"name": name, "dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()]
+
+
+def state_meta(state: ShardState, entries: list[seg.TensorEntry]) -> dict:
+    """Everything but the tensor bytes, as the JSON stored in a segment (enough to rebuild the ShardState)."""
+    rng_meta, rng_blob = encode_rng(state.rng)
+    return {"format": seg.FORMAT_VERSION, "rank": state.rank, "step": state.step,
+            "tensors": [e.to_dict() for e in entries], "layout": state.layout,
+            "rng": {"meta": rng_meta, "blob": base64.b64encode(rng_blob).decode()},
+            "data_cursor": dict(state.data_cursor), "tokens_seen": state.tokens_seen, "extra": state.extra}
+
+
+def state_from_snapshot(snapshot: seg.Snapshot) -> ShardState:
+    """Rebuilds the ShardState held by a verified snapshot (tensors are copied out of the segment)."""
+    meta = snapshot.meta
+    tensors = {}
+    for item in meta["tensors"]:
+        entry = seg.TensorEntry.from_dict(item)
+        dtype = getattr(torch, entry.dtype)
+        tensor = torch.empty(entry.shape, dtype=dtype)
+        # Copied byte for byte (the mapping is read-only, and torch has no read-only tensors).
+        memoryview(tensor.view(torch.uint8).reshape(-1).numpy())[:] = \
+            snapshot.payload[entry.offset : entry.offset + entry.nbytes]
+        tensors[entry.name] = tensor
+    rng = decode_rng(meta["rng"]["meta"], base64.b64decode(meta["rng"]["blob"]))
+    # Through FlatLayout so the dict compares equal to the trainer's (JSON turned its tuples into lists).
+    layout = FlatLayout.from_dict(meta["layout"]).to_dict()
+    return ShardState(step=meta["step"], tensors=tensors, layout=layout, rank=meta["rank"], rng=rng,
+                      data_cursor=meta["data_cursor"], tokens_seen=meta["tokens_seen"], extra=meta.get("extra", {}))
+
+
+class _Segment:
+    """One mapped segment and the tensors that view its payload (what HostCopier's ``allocate`` hands out)."""
+
+    def __init__(self, path: str, entries: list[seg.TensorEntry]) -> None:
+        self.path = path
+        self.buffer = seg.open_segment(path, writable=True)
+        header = seg.read_header(self.buffer)
+        self.slot = header.slot
+        self.start = seg.payload_offset(header.meta_capacity)
+        self.entries = {e.name: e for e in entries}
+        self.payload_bytes = max((e.offset + e.nbytes for e in entries), default=0)
+        self._pinned = False
+
+    def allocate(self, name: str, shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        """HostCopier's ``allocate``: a tensor viewing this tensor's bytes in the segment."""
+        entry = self.entries.get(name)
+        if entry is None or tuple(shape) != entry.shape or _dtype_name(dtype) != entry.dtype:
+            raise ValueError(f"snapshot segment {self.path} has no room for {name} {tuple(shape)} {dtype}: the "
+                             f"shard changed since ATTACH")
+        if pin:
+            self._pin()
+        numel = entry.nbytes // seg.ITEMSIZE[entry.dtype]
+        if not numel:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self.buffer, dtype=dtype, count=numel, offset=self.start + entry.offset).view(shape)
+
+    def _pin(self) -> None:  # CUDA only: registered pinned memory makes the side-stream copies fast and async
+        if not self._pinned:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+            code = torch.cuda.cudart().cudaHostRegister(address, len(self.buffer), 0)
+            if int(code) != 0:
+                raise RuntimeError(f"cudaHostRegister of snapshot segment {self.path} failed with error {code}")
+            self._pinned = True
+
+
+@dataclass
+class _Pending:
+    segment: _Segment
+    step: int
+    copy: HostCopy
+    finisher: threading.Thread | None = None
+    error: BaseException | None = field(default=None)
+
+
+class SnapshotSink:
+    """Snapshots this rank's shard into the node's shared memory every ``every`` steps; satisfies ``StateSink``.
+
+    Contract: construct on each rank (it connects and authenticates; it attaches at the first snapshot, or call
+    :meth:`attach` to fail early) and pass it to the ``Trainer``. The newest sealed snapshot is never overwritten.
+    A lost snapshot process raises :class:`SnapshotProcessLost` from the next sink call.
+    """
+
+    Config = SnapshotSinkConfig
+
+    def __init__(self, config: SnapshotSinkConfig, *, rank: int) -> None:
+        self.config = config
+        self.rank = rank
+        self.client = SnapshotClient(config.address, token=config.token, timeout_s=config.timeout_s)
+        self.segments: list[_Segment] = []
+        self._copiers: list[HostCopier] = []
+        self._newest: int | None = None  # slot of the newest sealed snapshot
+        self._pending: _Pending | None = None
+        self.sealed_steps: list[int] = []
+        """Steps whose snapshot this sink sealed and committed, in order."""
+
+    def attach(self, state: ShardState) -> None:
+        """ATTACHes with ``state``'s tensor table (segments are created, or found again after a restart) and maps
+        the two segments. Raises with the snapshot process's reason (e.g. /dev/shm too small)."""
+        table = tensor_table(state.tensors)
+        entries, _ = seg.plan_tensors(table)
+        meta_size = len(json.dumps(state_meta(state, entries)))
+        reply = self.client.request({"op": "attach", "rank": self.rank, "tensors": table,
+                                     "meta_capacity": 2 * meta_size + self.config.meta_headroom})
+        self.segments = [_Segment(path, entries) for path in reply["paths"]]
+        # One single-slot copier per segment: which segment a copy goes to is this sink's choice (alternation).
+        self._copiers = [HostCopier(HostCopierConfig(slots=1), allocate=s.allocate) for s in self.segments]
+        slots = self.client.request({"op": "latest", "rank": self.rank})["slots"]
+        # After a restore, a slot may hold a step at or past ``state.step`` from the run that crashed: it is
+        # overwritten first, and the snapshot the rank restored from is kept until a newer one is sealed.
+        older = [s for s in slots if s["status"] == "ok" and s["step"] < state.step]
+        latest = max(older, key=lambda s: s["step"]) if older else None
+        self._newest = latest["slot"] if latest else None
+        if self.config.log:
+            found = f"; keeping its snapshot of step {latest['step']}" if latest else ""
+            log_line(self.rank, state.step, f"snapshot: attached to {self.config.address} "
+                                            f"({'existing' if reply['reused'] else 'new'} segments of "
+                                            f"{reply['segment_bytes'] / 2**20:.1f} MiB){found}")
+
+    # ---------------------------------------------------------------- the StateSink protocol
+    def after_step(self, state: ShardState) -> None:
+        """Starts the snapshot of step ``state.step`` (every ``every`` steps); returns without waiting for it."""
+        if state.step % self.config.every:
+            return
+        self._finish()
+        if not self.segments:
+            self.attach(state)
+        target = 1 - self._newest if self._newest is not None else 0
+        segment = self.segments[target]
+        entries = [segment.entries[name] for name in state.tensors]
+        seg.begin(segment.buffer, state_meta(state, entries))
+        copy = self._copiers[target].start(state.tensors)
+        assert copy is not None, "the target segment's copier is free: its previous copy was finished"
+        self._pending = _Pending(segment=segment, step=state.step, copy=copy)
+
+    def before_optimizer_step(self) -> None:
+        """Waits for the copy started by the last ``after_step`` (CUDA: only the compute stream waits), then seals
+        the snapshot on a finisher thread (checksum, complete flag last, COMMIT) while the optimizer runs."""
+        pending = self._pending
+        if pending is None or pending.finisher is not None:
+            return
+        pending.copy.wait_before_mutation()
+        pending.finisher = threading.Thread(target=self._seal, args=(pending,), daemon=True,
+                                            name=f"regrow-snapshot-seal-step{pending.step}")
+        pending.finisher.start()
+
+    def close(self) -> None:
+        """Seals the snapshot in flight and disconnects (the segments stay with the snapshot process)."""
+        try:
+            self.before_optimizer_step()
+            self._finish()
+        finally:
+            self.client.close()
+
+    # ---------------------------------------------------------------- sealing
+    def _seal(self, pending: _Pending) -> None:
+        try:
+            pending.copy.wait_host(self.config.timeout_s)
+            seg.seal(pending.segment.buffer, step=pending.step, payload_bytes=pending.segment.payload_bytes)
+            self.client.request({"op": "commit", "rank": self.rank, "slot": pending.segment.slot,
+                                 "step": pending.step})
+        except BaseException as error:  # acted on by the training thread in _finish
+            pending.error = error
+        finally:
+            pending.copy.release()
+
+    def _finish(self) -> None:
+        """Waits for the previous snapshot to be sealed; raises what sealing it raised."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.finisher is None:  # after_step twice without an optimizer step in between
+            pending.copy.wait_before_mutation()
+            self._seal(pending)
+        else:
+            pending.finisher.join(self.config.timeout_s)
+            if pending.finisher.is_alive():
+                raise TimeoutError(f"snapshot of step {pending.step} not sealed after {self.config.timeout_s} s")
+        if pending.error is not None:
+            raise pending.error
+        self._newest = pending.segment.slot
+        self.sealed_steps.append(pending.step)
+
+
+# -------------------------------------------------------------------- restore of a crashed rank
+class SnapshotRestoreError(RuntimeError):
+    """No usable in-memory snapshot for this restore; the message names the fallback."""
+
+
+@dataclass
+class SnapshotRestore:
+    """What :func:`restore_from_node` restored: the step, the slot, and why newer slots were passed over."""
+
+    step: int
+    slot: int
+    path: str
+    skipped: list[str]
+    seconds: float
+
+
+def _local_candidates(client: SnapshotClient, rank: int) -> tuple[list[dict], list[str]]:
+    """Slots that verify on this rank (re-checked here, not trusted from the process), newest first; and why the
+    others do not."""
+    reply = client.request({"op": "latest", "rank": rank})
+    good, skipped = [], []
+    for slot in sorted(reply["slots"], key=lambda s: -1 if s["step"] is None else s["step"], reverse=True):
+        if slot["status"] != "ok":
+            skipped.append(f"slot {slot['slot']} (step {slot['step']}): {slot['status']}")
+            continue
+        good.append(slot)
+    return good, skipped
+
+
+def _agree_step(trainer: Trainer, steps: list[int]) -> int:
+    """The newest step every rank holds a good snapshot of (-1: none). Collective when the world has > 1 rank."""
+    newest = max(steps, default=-1)
+    if trainer.world_size == 1:
+        return newest
+    flag = torch.tensor([newest], dtype=torch.int64)
+    collectives.all_reduce(flag, group=None, timeout_s=trainer.config.optim.timeout_s,
+                           op=torch.distributed.ReduceOp.MIN)
+    agreed = int(flag.item())
+    missing = torch.tensor([0 if agreed in steps or agreed < 0 else 1], dtype=torch.int64)
+    collectives.all_reduce(missing, group=None, timeout_s=trainer.config.optim.timeout_s,
+                           op=torch.distributed.ReduceOp.MAX)
+    return agreed if not int(missing.item()) else -1
+
+
+def restore_from_node(trainer: Trainer, address: str, *, token: str | None = None,
+                      timeout_s: float = 60.0, log: bool = True) -> SnapshotRestore:
+    """Restores ``trainer`` from this node's snapshot process after its rank process crashed.
+
+    Collective when the world has several ranks: every rank calls it, and all restore the same step (the newest one
+    every rank holds a verified snapshot of: a rank killed mid-seal may lack the very newest). Each candidate is
+    verified by checksum in this process; a corrupt newest slot is passed over for the other, and a log line says
+    which slot was used and why. Raises :class:`SnapshotRestoreError` naming the fallback when no common good
+    snapshot exists, and ``SnapshotProcessLost`` when the process cannot be reached.
+    """
+    started = time.perf_counter()
+    client = SnapshotClient(address, token=token, timeout_s=timeout_s)
+    try:
+        good, skipped = _local_candidates(client, trainer.rank)
+        states: dict[int, tuple[dict, ShardState]] = {}
+        for slot in good:
+            buffer = seg.open_segment(slot["path"], writable=False)
+            try:
+                snapshot = seg.verify(buffer, rank=trainer.rank)
+                try:
+                    states[snapshot.step] = (slot, state_from_snapshot(snapshot))
+                finally:
+                    snapshot.payload.release()
+            except seg.SegmentError as error:  # changed since the snapshot process looked
+                skipped.append(f"slot {slot['slot']} (step {slot['step']}): {error}")
+            finally:
+                buffer.close()
+    finally:
+        client.close()
+    step = _agree_step(trainer, list(states))
+    if step < 0:
+        reasons = "; ".join(skipped) or "no snapshot was ever sealed"
+        raise SnapshotRestoreError(f"rank {trainer.rank}: no in-memory snapshot every rank holds ({reasons}); "
+                                   f"restore from {FALLBACK} instead")
+    slot, state = states[step]
+    skipped += [f"slot {s['slot']} (step {s['step']}): newer than what every rank holds (step {step})"
+                for s, _ in states.values() if s["step"] > step]
+    trainer.restore(state)
+    result = SnapshotRestore(step=step, slot=slot["slot"], path=slot["path"], skipped=skipped,
+                             seconds=time.perf_counter() - started)
+    if log:
+        passed = f"; passed over {'; '.join(skipped)}" if skipped else ""
+        log_line(trainer.rank, step, f"snapshot: restored step {step} from slot {slot['slot']} ({slot['path']}) "
+                                     f"in {result.seconds:.2f} s{passed}")
+    return result
+
+
+__all__ = ["SnapshotSink", "SnapshotSinkConfig", "SnapshotProcessLost", "SnapshotRestore", "SnapshotRestoreError",
+           "restore_from_node", "state_from_snapshot", "state_meta", "tensor_table"]
