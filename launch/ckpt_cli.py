@@ -19,6 +19,9 @@ from regrow.checkpoint.reshard import restore_trainer, sources
 from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
 from regrow.trainer.loop import Trainer
 
+SNAPSHOT = "snapshot"
+"""``--resume snapshot``: restore from the node's snapshot process (``launch/snapshot_cli.py``), not a directory."""
+
 
 @dataclass(frozen=True)
 class Command:
@@ -176,12 +179,14 @@ class Checkpointing:
     keep_last: int = 2
     """Checkpoints kept (``--keep-last``, >= 2)."""
     resume: str | None = None
-    """``latest``, a root or a ``step_*`` directory to resume from (``--resume``)."""
+    """``latest``, a root or a ``step_*`` directory to resume from (``--resume``; ``--resume snapshot`` is
+    ``snapshot_cli``'s, which falls back to ``latest`` of ``ckpt_dir`` itself)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Checkpointing | None":
+        resume = getattr(args, "resume", None)
         plan = cls(ckpt_dir=getattr(args, "ckpt_dir", None), save_every=getattr(args, "save_every", 0),
-                   keep_last=getattr(args, "keep_last", 2), resume=getattr(args, "resume", None))
+                   keep_last=getattr(args, "keep_last", 2), resume=None if resume == SNAPSHOT else resume)
         return plan if plan.save_every or plan.resume else None
 
 
@@ -189,8 +194,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
     parser.add_argument("--ckpt-dir", default=None, help="checkpoint root, visible to every rank")
     parser.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (>= 2)")
-    parser.add_argument("--resume", default=None, metavar="DIR|latest",
-                        help="resume from a checkpoint directory, a root, or 'latest' of --ckpt-dir")
+    parser.add_argument("--resume", default=None, metavar="DIR|latest|snapshot",
+                        help="resume from a checkpoint directory, a root, 'latest' of --ckpt-dir, or 'snapshot': the "
+                             "node's in-memory snapshots, falling back to 'latest' of --ckpt-dir")
 
 
 def train_argument_problems(args: argparse.Namespace) -> list[str]:
@@ -204,7 +210,7 @@ def train_argument_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--save-every={save_every} needs --ckpt-dir DIR (where to write the checkpoints)")
     if keep_last < 2:
         problems.append(f"--keep-last={keep_last} must be >= 2 (one good checkpoint must survive the next save)")
-    if resume:
+    if resume and resume != SNAPSHOT:  # the snapshot flags are checked by snapshot_cli
         try:
             sources(resume, ckpt_dir)
         except CheckpointError as error:

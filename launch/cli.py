@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from regrow.comm.world import World, WorldConfig, destroy_world, init_world
-from regrow.launch import ckpt_cli
+from regrow.launch import ckpt_cli, snapshot_cli
 from regrow.launch.spawn import WorkerFailed, run_local
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
@@ -55,6 +55,7 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device=cuda but no CUDA device is available; use --device cpu")
     problems += ckpt_cli.train_argument_problems(args)
+    problems += snapshot_cli.train_argument_problems(args, under_torchrun=_under_torchrun())
     config = None
     if model and data and optim:
         config = attempt(lambda: TrainerConfig(
@@ -67,11 +68,17 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     return config
 
 
-def train_rank(world: World, config: TrainerConfig,
-               checkpointing: ckpt_cli.Checkpointing | None = None) -> list[StepResult]:
-    """One rank's whole run (the entry point of every spawned or torchrun-started process): resume and attach the
-    checkpoint writer if asked, then train."""
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def train_rank(world: World, config: TrainerConfig, checkpointing: ckpt_cli.Checkpointing | None = None,
+               snapshotting: snapshot_cli.Snapshotting | None = None) -> list[StepResult]:
+    """One rank's whole run (the entry point of every spawned or torchrun-started process): resume (from the node's
+    snapshot, else the checkpoint), attach the snapshot sink and the checkpoint writer if asked, then train."""
     trainer = Trainer(config, world)
+    if snapshotting:
+        snapshot_cli.prepare(trainer, snapshotting)
     if checkpointing:
         ckpt_cli.prepare(trainer, checkpointing)
     return trainer.run()
@@ -82,15 +89,22 @@ def _backend(device: str) -> str:
 
 
 def run_training(config: TrainerConfig, nproc: int, device: str, timeout_s: float,
-                 checkpointing: ckpt_cli.Checkpointing | None = None) -> list[StepResult]:
-    """Runs ``config`` on ``nproc`` local processes, or in this process when torchrun started it."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+                 checkpointing: ckpt_cli.Checkpointing | None = None,
+                 snapshotting: snapshot_cli.Snapshotting | None = None) -> list[StepResult]:
+    """Runs ``config`` on ``nproc`` local processes, or in this process when torchrun started it.
+
+    Local launcher with snapshots: this process starts the node's snapshot process before the ranks and stops it
+    after them, whatever happens (``snapshot_cli.node_snapshots``); under torchrun the process is the one named by
+    ``--snapshot-address`` (see ``launch/snapshot_cli.py`` for why)."""
+    if _under_torchrun():
         world = init_world(config=WorldConfig(backend=_backend(device), timeout_s=config.optim.timeout_s))
         try:
-            return train_rank(world, config, checkpointing)
+            return train_rank(world, config, checkpointing, snapshotting)
         finally:
             destroy_world()
-    return run_local(train_rank, nproc, config, checkpointing, backend=_backend(device), timeout_s=timeout_s)[0]
+    with snapshot_cli.node_snapshots(snapshotting, config, nproc) as env:
+        return run_local(train_rank, nproc, config, checkpointing, snapshotting, backend=_backend(device),
+                         timeout_s=timeout_s, env=env)[0]
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, steps: int, nproc: int) -> None:
@@ -121,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the GPT on the embedded corpus")
     add_training_arguments(train, steps=200, nproc=2)
     ckpt_cli.add_train_arguments(train)
+    snapshot_cli.add_train_arguments(train)
     demo = commands.add_parser("demo", help="the README's main job: 2 CPU ranks, ZeRO-2, 8-bit Adam, loss table")
     add_training_arguments(demo, steps=500, nproc=2)
     ckpt_cli.add_parser(commands)
@@ -144,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # e.g. `regrow ckpt inspect DIR | head`: the reader left; not an error of ours
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+    if _under_torchrun():
         args.nproc = int(os.environ["WORLD_SIZE"])  # started by torchrun: it decided the number of ranks
     if args.command == "demo" and not args.eval_every:
         args.eval_every = max(1, args.steps // 10)
@@ -157,8 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"regrow demo: training GPT '{args.preset}' on pydoc_data.topics with {args.nproc} CPU processes, "
               f"ZeRO-{config.optim.stage}, {config.optim.state_bits}-bit Adam state, {config.steps} steps", flush=True)
     try:
-        history = run_training(config, args.nproc, args.device, args.timeout, ckpt_cli.Checkpointing.from_args(args))
-    except WorkerFailed as error:
+        history = run_training(config, args.nproc, args.device, args.timeout, ckpt_cli.Checkpointing.from_args(args),
+                               snapshot_cli.Snapshotting.from_args(args))
+    except (WorkerFailed, snapshot_cli.SnapshotStartError) as error:
         print(f"regrow {args.command}: {error}", file=sys.stderr)
         return 1
     if args.command == "demo" or args.eval_every:

@@ -1,0 +1,199 @@
+"""What an in-memory snapshot every step costs a training job, and how fast a rank's state comes back from it.
+
+One torchrun per measurement set (``bench/run_gpu_snapshot.sh`` runs it)::
+
+    REGROW_SNAPSHOT_TOKEN=$(python3 -c 'import secrets; print(secrets.token_hex(32))') \\
+        torchrun --standalone --nproc_per_node=4 bench/bench_snapshot.py --preset 350m --json out.jsonl
+
+The process with ``LOCAL_RANK`` 0 starts the node's snapshot process (``start_snapshot_process``, sized with
+``launch.snapshot_cli.snapshot_bytes``; the token comes from the environment, never argv) and shares its address
+over the process group. regrow's ``Trainer`` trains the GPT (``--preset``) with ZeRO-2, 8-bit Adam state and bf16
+working parameters, micro-batch ``--micro-batch`` per GPU, as in ``bench_checkpoint.py``.
+
+Protocol: ``--warmup`` untimed steps; ``--windows`` windows of ``--window`` consecutive steps without snapshots,
+the device synchronised only at the ends of a window (maximum over ranks); then a ``SnapshotSink`` with
+``every=1`` is attached, ``--warmup`` untimed steps (the first snapshot maps and registers the segments), and
+``--windows`` windows with a snapshot every step. ``overhead`` = median window with snapshots / median without - 1.
+Then, with the last snapshot sealed:
+
+- ``d2h_gbps``: one synchronous copy of the whole shard into the snapshot segment (pinned by cudaHostRegister
+  when the sink registered it: ``registered``): the copy's floor, to set against the step time;
+- ``verify_gbps``: the CRC32 verification of the newest segment on this rank (the seal computes the same CRCs, on
+  the sink's finisher thread, overlapping the optimizer step);
+- ``restore_s``: ``restore_from_node`` into the running trainer, barrier to barrier (LATEST, re-verify both slots,
+  agree on the step, copy into the optimizer, all-gather the parameters);
+- ``rebuild_s``: building a fresh ``Trainer`` (model, optimizer buffers), barrier to barrier: what a restarted
+  rank does before it can restore (process start, CUDA and NCCL initialisation come on top).
+
+Rank 0 prints ``RESULT {json}`` and appends it to ``--json``. ``--device cpu --preset tiny`` runs the same code
+over gloo as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# bench/ is this script's folder, which torchrun puts on sys.path.
+from bench_checkpoint import barrier_timed, max_over_ranks, regrow_trainer, sync, timed
+from bench_zero import init_distributed
+from regrow.checkpoint import snapshot_segment as seg
+from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
+from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig, restore_from_node
+from regrow.launch.snapshot_cli import snapshot_bytes
+from regrow.trainer.loop import Trainer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="350m", help="GPTConfig preset: 350m on GPUs, tiny for the CPU smoke test")
+    parser.add_argument("--micro-batch", type=int, default=8, help="sequences per GPU per step")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each phase")
+    parser.add_argument("--window", type=int, default=5, help="consecutive steps per timed window")
+    parser.add_argument("--windows", type=int, default=6, help="timed windows per phase")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--shm-dir", default="/dev/shm", help="tmpfs of the snapshot segments")
+    parser.add_argument("--json", default=None, help="file to append the result line to (rank 0)")
+    args = parser.parse_args(argv)
+    problems = [f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1"
+                for name in ("micro_batch", "warmup", "window", "windows") if getattr(args, name) < 1]
+    if not os.environ.get(TOKEN_ENV):
+        problems.append(f"{TOKEN_ENV} is not set: export a token (python3 -c 'import secrets; "
+                        "print(secrets.token_hex(32))') before torchrun")
+    if problems:
+        parser.error("\n  - ".join(["invalid arguments:", *problems]))
+    return args
+
+
+def windows(args: argparse.Namespace, trainer: Trainer) -> list[float]:
+    """``--windows`` timed windows of ``--window`` steps (seconds, slowest rank)."""
+    def window() -> None:
+        for _ in range(args.window):
+            trainer.train_step()
+    return [timed(trainer.device, window) for _ in range(args.windows)]
+
+
+def start_node_process(args: argparse.Namespace, trainer: Trainer, local_ranks: int):
+    """LOCAL_RANK 0 starts the node's snapshot process; every rank learns its address. Returns (process or None,
+    address)."""
+    process = None
+    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
+        expected = local_ranks * snapshot_bytes(trainer.config, trainer.world_size)
+        process = start_snapshot_process(SnapshotProcessConfig(shm_dir=args.shm_dir, expected_bytes=expected),
+                                         token=os.environ[TOKEN_ENV])
+    holder = [process.address if process else None]
+    dist.broadcast_object_list(holder, src=0)  # single node: rank 0 is LOCAL_RANK 0
+    return process, holder[0]
+
+
+def d2h_gbps(sink: SnapshotSink, trainer: Trainer) -> tuple[float, bool]:
+    """GB/s of one synchronous copy of the shard into the sink's segment views (what the side stream does), and
+    whether the segment is cudaHostRegistered."""
+    segment = sink.segments[0]
+    sources = trainer.optimizer.shard_tensors()
+    on_cuda = trainer.device.type == "cuda"
+    targets = {name: segment.allocate(name, t.shape, t.dtype, on_cuda) for name, t in sources.items()}
+    nbytes = sum(t.numel() * t.element_size() for t in sources.values())
+    sync(trainer.device)
+    start = time.perf_counter()
+    for name, source in sources.items():
+        targets[name].copy_(source, non_blocking=on_cuda)
+    sync(trainer.device)
+    return nbytes / (time.perf_counter() - start) / 1e9, bool(getattr(segment, "_pinned", False))
+
+
+def verify_gbps(sink: SnapshotSink) -> tuple[float, int]:
+    """GB/s of verifying (CRC32 of payload and metadata) this rank's newest sealed segment, and its payload bytes."""
+    best = None
+    for segment in sink.segments:
+        header = seg.read_header(segment.buffer)
+        if header.complete == seg.COMPLETE and (best is None or header.step > best[1]):
+            best = (segment, header.step)
+    assert best is not None, "no sealed snapshot to verify"
+    start = time.perf_counter()
+    snapshot = seg.verify(best[0].buffer, rank=sink.rank)
+    seconds = time.perf_counter() - start
+    snapshot.payload.release()
+    return best[0].payload_bytes / seconds / 1e9, best[0].payload_bytes
+
+
+def run(args: argparse.Namespace) -> dict:
+    rank, world_size, device = init_distributed(args.device)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    trainer = regrow_trainer(args, rank, world_size, device)
+    process, address = start_node_process(args, trainer, local_ranks)
+    try:
+        for _ in range(args.warmup):
+            trainer.train_step()
+        off = windows(args, trainer)
+        sink = SnapshotSink(SnapshotSinkConfig(address=address, every=1, log=rank == 0), rank=rank)
+        attach_s = barrier_timed(device, lambda: sink.attach(trainer.shard_state()))
+        trainer.sinks.append(sink)
+        for _ in range(args.warmup):
+            trainer.train_step()
+        on = windows(args, trainer)
+        sink.close()  # seals the last snapshot
+        trainer.sinks.remove(sink)
+        copy_gbps, registered = d2h_gbps(sink, trainer)
+        crc_gbps, payload = verify_gbps(sink)
+        steps_before = trainer.step
+        restored = {}
+        restore_s = barrier_timed(device, lambda: restored.setdefault(
+            "r", restore_from_node(trainer, address, log=rank == 0)))
+        rebuild_s = barrier_timed(device, lambda: regrow_trainer(args, rank, world_size, device))
+        trainer.train_step()  # the restored state trains
+        step_off, step_on = statistics.median(off) / args.window, statistics.median(on) / args.window
+        figures = {
+            "step_ms_off": round(step_off * 1e3, 2), "step_ms_on": round(step_on * 1e3, 2),
+            "overhead": round(step_on / step_off - 1, 4),
+            "windows_ms_off": [round(w * 1e3, 1) for w in off], "windows_ms_on": [round(w * 1e3, 1) for w in on],
+            "attach_s": round(attach_s, 3), "shard_bytes_per_rank": int(max_over_ranks(payload)),
+            "registered": registered, "d2h_gbps_min": round(-max_over_ranks(-copy_gbps), 2),
+            "verify_gbps_min": round(-max_over_ranks(-crc_gbps), 2),
+            "verify_s_per_gb": round(1 / max(-max_over_ranks(-crc_gbps), 1e-9), 3),
+            "restore_s": round(restore_s, 3), "restored_step": restored["r"].step, "trained_step": steps_before,
+            "rebuild_s": round(rebuild_s, 3), "sealed_snapshots": len(sink.sealed_steps),
+        }
+    finally:
+        dist.barrier()
+        if process is not None:
+            process.stop()
+    job_left = list(Path(args.shm_dir).glob(f"regrow-snap-{process.job}-*")) if process else []
+    figures["segments_left"] = int(max_over_ranks(len(job_left)))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return {"bench": "snapshot", "status": "ok", "world_size": world_size, "device": device_name,
+            "host": socket.gethostname(), "torch": torch.__version__, "preset": args.preset,
+            "micro_batch": args.micro_batch, "window": args.window, **figures,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    if dist.get_rank() == 0:
+        line = json.dumps(result)
+        print(f"RESULT {line}", flush=True)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "a", encoding="utf-8") as out:
+                out.write(line + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
