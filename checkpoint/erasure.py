@@ -273,16 +273,61 @@ class GroupCode:
         data_crcs = np.zeros((self.n, self.k, geo.chunks), dtype=np.uint32)
 
         def one(s: int, c: int) -> None:
-            self._encode_chunk(self._stripes[s], c, views, geo, parity[s], parity_crcs[s], data_crcs[s])
+            blocks = tuple(self._data_chunk(views[slot.node], slot, geo, c) for slot in self._stripes[s].data)
+            self._encode_chunk(blocks, c, geo, parity[s], parity_crcs[s], data_crcs[s])
 
         self._pool_map(one, ((s, c) for s in range(self.n) for c in range(geo.chunks)))
         return self._collect(geo, parity, parity_crcs, data_crcs)
 
-    def _encode_chunk(self, stripe: Stripe, chunk: int, views: Sequence[np.ndarray], geo: Geometry,
+    def data_piece(self, buffer: Buffer, piece: int, geo: Geometry) -> np.ndarray:
+        """Data piece ``piece`` (0 <= piece < k) of a node's ``buffer``, zero-padded to ``geo.piece_bytes``: a
+        view when it lies inside the buffer, a copy otherwise. What a node ships to the parity holders of stripe
+        :meth:`stripe_of` (node, piece)."""
+        if not 0 <= piece < self.k:
+            raise ErasureError(f"piece {piece} is outside 0..{self.k - 1}")
+        view = as_bytes_view(buffer, name="buffer")
+        begin = piece * geo.piece_bytes
+        if begin + geo.piece_bytes <= view.size:
+            return view[begin: begin + geo.piece_bytes]
+        padded = np.zeros(geo.piece_bytes, dtype=np.uint8)
+        if begin < view.size:
+            padded[: view.size - begin] = view[begin:]
+        return padded
+
+    def encode_stripe(self, stripe: int, data: Sequence[Buffer], geo: Geometry) -> list[ParityPiece]:
+        """The p parity pieces of one stripe from its k data pieces (``data[t]`` = block t, i.e. piece
+        ``placement()[stripe].data[t]``, each ``geo.piece_bytes`` long, as :meth:`data_piece` cuts them).
+
+        For a parity holder that received the stripe's data pieces from their nodes: the pieces equal those
+        :meth:`encode` gives for the same buffers (``holder`` = the stripe's ``parity_nodes[q]``)."""
+        if not 0 <= stripe < self.n or len(data) != self.k:
+            raise ErasureError(f"encode_stripe needs a stripe in 0..{self.n - 1} and k={self.k} data pieces, got "
+                               f"stripe {stripe} and {len(data)} pieces")
+        views = [as_bytes_view(block, name=f"data[{t}]") for t, block in enumerate(data)]
+        for t, view in enumerate(views):
+            if view.size != geo.piece_bytes:
+                raise ErasureError(f"data[{t}] of stripe {stripe} has {view.size} bytes, expected piece_bytes="
+                                   f"{geo.piece_bytes}")
+        parity = [np.empty(geo.piece_bytes, dtype=np.uint8) for _ in range(self.p)]
+        parity_crcs = np.zeros((self.p, geo.chunks), dtype=np.uint32)
+        data_crcs = np.zeros((self.k, geo.chunks), dtype=np.uint32)
+
+        def one(_: int, c: int) -> None:
+            start, stop = geo.chunk_span(c)
+            self._encode_chunk(tuple(view[start:stop] for view in views), c, geo, parity, parity_crcs, data_crcs)
+
+        self._pool_map(one, ((stripe, c) for c in range(geo.chunks)))
+        stripe_data_crcs = tuple(tuple(int(x) for x in row) for row in data_crcs)
+        return [ParityPiece(stripe=stripe, parity_index=q, holder=holder, data=parity[q], sizes=geo.sizes,
+                            chunk_bytes=geo.chunk_bytes, parity_crcs=tuple(int(x) for x in parity_crcs[q]),
+                            data_crcs=stripe_data_crcs)
+                for q, holder in enumerate(self._stripes[stripe].parity_nodes)]
+
+    def _encode_chunk(self, blocks: Sequence[np.ndarray], chunk: int, geo: Geometry,
                       parity: Sequence[np.ndarray], parity_crcs: np.ndarray, data_crcs: np.ndarray) -> None:
-        """Fill chunk ``chunk`` of the stripe's parity blocks and the CRCs of all its blocks."""
+        """Fill chunk ``chunk`` of a stripe's parity blocks from its k data ``blocks`` (that chunk of each), and
+        the CRCs of all its blocks."""
         start, stop = geo.chunk_span(chunk)
-        blocks = tuple(self._data_chunk(views[slot.node], slot, geo, chunk) for slot in stripe.data)
         for t, block in enumerate(blocks):
             data_crcs[t, chunk] = _crc(block)
         out = [block[start:stop] for block in parity]

@@ -5,7 +5,9 @@ regrow.checkpoint.memory --address 127.0.0.1:0``), outlives the ranks: a rank th
 snapshots where it left them. For each rank that ATTACHes it creates two segments under ``shm_dir`` (mode 0600,
 alternating: one always holds a complete snapshot while the other is being written), sized from the tensor table
 the rank announces; ranks map the files themselves (``snapshot_segment.open_segment``) and write into them, so no
-snapshot byte ever crosses the socket. The protocol is in ``snapshot_protocol.py`` and docs/snapshot-protocol.md.
+snapshot byte ever crosses the socket between ranks and this process. The protocol is in ``snapshot_protocol.py``
+and docs/snapshot-protocol.md. With erasure coding on (``erasure.ec_group_size``), this process also encodes its
+ranks' committed snapshots with its group's peers and can rebuild a lost node's segments (``snapshot_peers.py``).
 
 Space is checked before anything is created (``os.statvfs``) and reserved with ``posix_fallocate``, so a
 ``/dev/shm`` that is too small fails at start-up (``expected_bytes``) or at ATTACH, never in the middle of a run.
@@ -32,7 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from regrow.checkpoint import snapshot_segment as seg
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, parse_address, recv_frame, send_frame
+from regrow.checkpoint.erasure import ErasureError
+from regrow.checkpoint.snapshot_ec_buffer import BufferError, RebuiltSegment, SealedSegment
+from regrow.checkpoint.snapshot_peers import ErasureCodingConfig, PeerCoding
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, parse_address, recv_message, send_message
 
 SLOTS = 2
 
@@ -63,6 +68,8 @@ class SnapshotProcessConfig:
     space at start-up so a too-small /dev/shm fails now, not at the first snapshot. 0: checked at ATTACH only."""
     handshake_timeout_s: float = 10.0
     """Seconds a new connection has to present the token (a silent client cannot hold a thread longer)."""
+    erasure: ErasureCodingConfig = field(default_factory=ErasureCodingConfig)
+    """Erasure coding with the peer snapshot processes of this node's group (off by default)."""
 
     def __post_init__(self) -> None:
         parse_address(self.address)
@@ -94,6 +101,7 @@ class _RankSegments:
     meta_capacity: int
     size: int
     committed: dict[int, int] = field(default_factory=dict)  # slot -> step of the last COMMIT
+    tensors: list[dict] = field(default_factory=list)
 
 
 class SnapshotServer:
@@ -115,6 +123,7 @@ class SnapshotServer:
         host, port = parse_address(config.address)
         self._listener = socket.create_server((host, port))
         self.address = f"{host}:{self._listener.getsockname()[1]}"
+        self.peers = PeerCoding(config.erasure, token, self) if config.erasure.enabled else None
 
     # ---------------------------------------------------------------- lifecycle
     def serve_forever(self) -> None:
@@ -130,6 +139,8 @@ class SnapshotServer:
                 threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
                                  name=f"regrow-snapshot-conn-{peer[1]}").start()
         self._listener.close()
+        if self.peers is not None:
+            self.peers.close()
         self._remove_all()
 
     def shutdown(self) -> None:
@@ -161,7 +172,7 @@ class SnapshotServer:
         with conn:
             conn.settimeout(self.config.handshake_timeout_s)
             try:
-                hello = recv_frame(conn)
+                hello, _ = recv_message(conn)
             except (OSError, ProtocolError) as error:
                 log(f"refused connection from {peer[0]}:{peer[1]}: no valid hello ({error})")
                 return
@@ -174,33 +185,39 @@ class SnapshotServer:
             conn.settimeout(None)  # an attached rank may stay silent for a long time between requests
             while not self._stop.is_set():
                 try:
-                    request = recv_frame(conn)
+                    request, payload = recv_message(conn)
                 except (OSError, ProtocolError):
                     return
-                self._reply(conn, self._handle(request))
+                self._reply(conn, *self._handle(request, payload))
 
     @staticmethod
-    def _reply(conn: socket.socket, message: dict) -> None:
+    def _reply(conn: socket.socket, message: dict, payload: bytes | bytearray | None = None) -> None:
         try:
-            send_frame(conn, message)
+            send_message(conn, message, payload)
         except OSError:
             pass  # the client went away; its thread ends at the next read
 
-    def _handle(self, request: dict) -> dict:
+    def _handle(self, request: dict, payload: bytearray | None) -> tuple[dict, bytes | bytearray | None]:
         op = request.get("op")
         try:
             if op == "attach":
-                return self._attach(int(request["rank"]), request["tensors"], int(request["meta_capacity"]))
+                return self._attach(int(request["rank"]), request["tensors"], int(request["meta_capacity"])), None
             if op == "latest":
-                return self._latest(int(request["rank"]))
+                return self._latest(int(request["rank"])), None
             if op == "commit":
-                return self._commit(int(request["rank"]), int(request["slot"]), int(request["step"]))
+                return self._commit(int(request["rank"]), int(request["slot"]), int(request["step"])), None
             if op == "shutdown":
                 self.shutdown()
-                return {"ok": True}
-            return {"ok": False, "error": f"unknown op {op!r} (attach, latest, commit, shutdown)"}
-        except (KeyError, TypeError, ValueError, OSError, ShmSpaceError) as error:
-            return {"ok": False, "error": f"{type(error).__name__}: {error}"}
+                return {"ok": True}, None
+            if isinstance(op, str) and op.startswith("ec_"):
+                if self.peers is None:
+                    return {"ok": False, "error": f"{op}: erasure coding is off in this snapshot process "
+                                                  f"(start it with ec_group_size > 0)"}, None
+                return self.peers.handle(op, request, payload)
+            return {"ok": False, "error": f"unknown op {op!r} (attach, latest, commit, shutdown, ec_*)"}, None
+        except (KeyError, TypeError, ValueError, OSError, ShmSpaceError, ErasureError, ProtocolError,
+                TimeoutError) as error:
+            return {"ok": False, "error": f"{type(error).__name__}: {error}"}, None
 
     # ---------------------------------------------------------------- the operations
     def _attach(self, rank: int, table: list[dict], meta_capacity: int) -> dict:
@@ -216,7 +233,8 @@ class SnapshotServer:
                 return {"ok": True, "paths": have.paths, "reused": True, "segment_bytes": have.size}
             check_space(self.config.shm_dir, SLOTS * size)
             paths = [self._create(rank, slot, size, meta_capacity) for slot in range(SLOTS)]
-            self._ranks[rank] = _RankSegments(paths=paths, table=table, meta_capacity=meta_capacity, size=size)
+            self._ranks[rank] = _RankSegments(paths=paths, table=table, meta_capacity=meta_capacity, size=size,
+                                              tensors=table)
         log(f"attached: {SLOTS} segments of {size / 2**20:.1f} MiB", rank=rank)
         return {"ok": True, "paths": paths, "reused": False, "segment_bytes": size}
 
@@ -264,7 +282,56 @@ class SnapshotServer:
         if header.complete != seg.COMPLETE or header.step != step:
             return {"ok": False, "error": f"slot {slot} holds no sealed snapshot of step {step}"}
         have.committed[slot] = step
+        if self.peers is not None:
+            ready = self._ready_step()
+            if ready is not None:
+                self.peers.local_ready(ready)
         return {"ok": True}
+
+    # ---------------------------------------------------------------- for erasure coding (snapshot_peers)
+    def _ready_step(self) -> int | None:
+        """The newest step every attached rank has committed (what the group encodes next), if any."""
+        with self._lock:
+            common: set[int] | None = None
+            for have in self._ranks.values():
+                steps = set(have.committed.values())
+                common = steps if common is None else common & steps
+        return max(common) if common else None
+
+    def sealed_segments(self, step: int) -> list[SealedSegment]:
+        """Each attached rank's slot committed at ``step`` (KeyError naming the rank if one has none)."""
+        with self._lock:
+            out = []
+            for rank, have in sorted(self._ranks.items()):
+                slots = [slot for slot, committed in have.committed.items() if committed == step]
+                if not slots:
+                    raise KeyError(f"rank {rank} has no committed snapshot of step {step}")
+                out.append(SealedSegment(rank=rank, slot=slots[0], tensors=have.tensors,
+                                         meta_capacity=have.meta_capacity, path=have.paths[slots[0]]))
+        return out
+
+    def install(self, segment: RebuiltSegment, step: int) -> None:
+        """Creates ``segment.rank``'s two segments as ATTACH would and writes the rebuilt snapshot into its slot,
+        committed; the rank's later ATTACH with the same table re-attaches to it."""
+        _, payload = seg.plan_tensors(segment.tensors)
+        size = seg.segment_bytes(segment.meta_capacity, payload)
+        if len(segment.data) > size:
+            raise BufferError(f"rebuilt segment of rank {segment.rank} has {len(segment.data)} bytes, more than "
+                              f"the {size} its table needs")
+        with self._lock:
+            if segment.rank in self._ranks:
+                raise ValueError(f"rank {segment.rank} is already attached here: rebuild only into a fresh process")
+            check_space(self.config.shm_dir, SLOTS * size)
+            paths = [self._create(segment.rank, slot, size, segment.meta_capacity) for slot in range(SLOTS)]
+            buffer = seg.open_segment(paths[segment.slot], writable=True)
+            try:
+                buffer[: len(segment.data)] = segment.data
+            finally:
+                buffer.close()
+            self._ranks[segment.rank] = _RankSegments(paths=paths, table=segment.tensors,
+                                                      meta_capacity=segment.meta_capacity, size=size,
+                                                      committed={segment.slot: step}, tensors=segment.tensors)
+        log(f"rebuilt from peers into slot {segment.slot}", rank=segment.rank, step=step)
 
 
 # -------------------------------------------------------------------- starting it
@@ -295,7 +362,9 @@ def start_snapshot_process(config: SnapshotProcessConfig, *, token: str, timeout
     with its output if it fails to start (e.g. /dev/shm too small for ``expected_bytes``)."""
     job = config.job or secrets.token_hex(4)
     command = [sys.executable, "-m", "regrow.checkpoint.memory", "--address", config.address, "--job", job,
-               "--shm-dir", config.shm_dir, "--expected-bytes", str(config.expected_bytes)]
+               "--shm-dir", config.shm_dir, "--expected-bytes", str(config.expected_bytes),
+               "--ec-group-size", str(config.erasure.ec_group_size), "--ec-parity", str(config.erasure.ec_parity),
+               "--ec-timeout-s", str(config.erasure.peer_timeout_s)]
     env = dict(os.environ, **{TOKEN_ENV: token})
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout_s
@@ -333,10 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", default="")
     parser.add_argument("--shm-dir", default="/dev/shm")
     parser.add_argument("--expected-bytes", type=int, default=0)
+    parser.add_argument("--ec-group-size", type=int, default=0, help="nodes per erasure-coding group; 0: off")
+    parser.add_argument("--ec-parity", type=int, default=1, help="nodes of a group that may be lost at once")
+    parser.add_argument("--ec-timeout-s", type=float, default=30.0, help="limit of each call to a peer")
     args = parser.parse_args(argv)
     try:
+        erasure = ErasureCodingConfig(ec_group_size=args.ec_group_size, ec_parity=args.ec_parity,
+                                      peer_timeout_s=args.ec_timeout_s)
         config = SnapshotProcessConfig(address=args.address, job=args.job, shm_dir=args.shm_dir,
-                                       expected_bytes=args.expected_bytes)
+                                       expected_bytes=args.expected_bytes, erasure=erasure)
         server = SnapshotServer(config, os.environ.get(TOKEN_ENV, ""))
     except (ValueError, ShmSpaceError, OSError) as error:
         print(f"[snapshot process] cannot start: {error}", file=sys.stderr, flush=True)

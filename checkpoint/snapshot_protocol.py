@@ -1,7 +1,9 @@
 """The wire protocol between ranks and the node's snapshot process (specified in docs/snapshot-protocol.md).
 
 Every frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON (an object with an ``"op"``
-in requests, ``"ok"`` in replies). No pickle: a frame can only ever decode to plain data. The first request on a
+in requests, ``"ok"`` in replies). No pickle: a frame can only ever decode to plain data. A frame whose JSON holds
+``"raw": n`` is followed by exactly n raw bytes (bulk data between snapshot processes: erasure-code pieces), whose
+zlib CRC32 is the frame's ``"raw_crc"``. The first request on a
 connection must be ``{"op": "hello", "token": ...}`` with the job's secret token; anything else closes it.
 
 This module does not import torch (the snapshot process uses it).
@@ -14,11 +16,14 @@ import os
 import socket
 import struct
 import threading
+import zlib
 
 TOKEN_ENV = "REGROW_SNAPSHOT_TOKEN"
 """The environment variable the launcher sets to the job's secret token (``secrets.token_hex(32)``)."""
 MAX_FRAME = 16 << 20
 """Largest frame accepted (a tensor table of a very large shard is well under this)."""
+MAX_RAW = 1 << 40
+"""Largest raw payload accepted after a frame (bounds what a malformed header can make a reader allocate)."""
 _LENGTH = struct.Struct(">I")
 
 
@@ -63,6 +68,37 @@ def recv_frame(sock: socket.socket) -> dict:
     return message
 
 
+def send_message(sock: socket.socket, message: dict, payload: bytes | bytearray | memoryview | None = None) -> None:
+    """Sends ``message`` and, when ``payload`` is given, its raw bytes after it (``"raw"`` and ``"raw_crc"`` are
+    set here)."""
+    if payload is None:
+        send_frame(sock, message)
+        return
+    view = memoryview(payload).cast("B")
+    send_frame(sock, dict(message, raw=view.nbytes, raw_crc=zlib.crc32(view)))
+    sock.sendall(view)
+
+
+def recv_message(sock: socket.socket) -> tuple[dict, bytearray | None]:
+    """Reads one frame and its raw payload if it announces one; the payload's CRC32 is checked."""
+    message = recv_frame(sock)
+    size = message.get("raw")
+    if size is None:
+        return message, None
+    if not isinstance(size, int) or not 0 <= size <= MAX_RAW:
+        raise ProtocolError(f"raw payload size {size!r} is not an int in [0, MAX_RAW={MAX_RAW}]")
+    payload = bytearray(size)
+    view, got = memoryview(payload), 0
+    while got < size:
+        count = sock.recv_into(view[got:], min(size - got, 1 << 22))
+        if not count:
+            raise ConnectionResetError("peer closed the connection inside a raw payload")
+        got += count
+    if zlib.crc32(payload) != message.get("raw_crc"):
+        raise ProtocolError(f"raw payload of {size} bytes fails its CRC32")
+    return message, payload
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` -> ``(host, port)``; the error names the expected form."""
     host, sep, port = address.rpartition(":")
@@ -102,18 +138,24 @@ class SnapshotClient:
 
     def request(self, message: dict) -> dict:
         """Sends ``message`` and returns the reply (``{"ok": true, ...}``)."""
+        return self.exchange(message)[0]
+
+    def exchange(self, message: dict,
+                 payload: bytes | bytearray | memoryview | None = None) -> tuple[dict, bytearray | None]:
+        """Sends ``message`` with an optional raw ``payload``; returns the reply and the reply's raw payload."""
         with self._lock:
             try:
-                send_frame(self._sock, message)
-                reply = recv_frame(self._sock)
+                send_message(self._sock, message, payload)
+                reply, raw = recv_message(self._sock)
             except (OSError, ConnectionError) as error:
                 raise SnapshotProcessLost(
                     f"lost the snapshot process at {self.address} during {message.get('op')!r}: {error}. If it "
                     f"crashed, the snapshots it held are gone: restart it (start_snapshot_process) and restore "
                     f"from the universal checkpoint (checkpoint.reshard.restore_trainer)") from error
         if not reply.get("ok"):
-            raise ProtocolError(f"snapshot process refused {message.get('op')!r}: {reply.get('error')}")
-        return reply
+            raise ProtocolError(f"snapshot process at {self.address} refused {message.get('op')!r}: "
+                                f"{reply.get('error')}")
+        return reply, raw
 
     def close(self) -> None:
         try:

@@ -64,3 +64,18 @@ def straight_and_restored(world: World, config: TrainerConfig, address: str) -> 
     resumed_losses = [r.loss for r in resumed.run()]
     return {"straight": straight_losses, "resumed": resumed_losses, "restored_step": restored.step,
             "straight_params": params(straight), "resumed_params": params(resumed)}
+
+
+def train_on_node(world: World, config: TrainerConfig, addresses: list[str], steps: int) -> None:
+    """Trains ``steps`` steps with a snapshot sink on this rank's node (``addresses[rank]``: one snapshot process
+    per rank, as with one rank per node) and seals the last snapshot before returning."""
+    sink = SnapshotSink(SnapshotSinkConfig(address=addresses[world.rank]), rank=world.rank)
+    trainer = Trainer(config, world, sinks=[sink])
+    for _ in range(steps):
+        trainer.train_step()
+    sink.close()
+
+
+def straight_and_restored_on_nodes(world: World, config: TrainerConfig, addresses: list[str]) -> dict:
+    """:func:`straight_and_restored` with one snapshot process per rank (``addresses[rank]``)."""
+    return straight_and_restored(world, config, addresses[world.rank])

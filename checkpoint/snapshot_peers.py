@@ -1,0 +1,354 @@
+"""Erasure coding between the snapshot processes of a group, and the rebuild of a lost node from its peers.
+
+Each snapshot process is node ``i`` of a group of n (``ec_group_size``) tolerating p losses (``ec_parity``); the
+placement is :class:`regrow.checkpoint.erasure.GroupCode`'s rotating parity. A node's buffer is its local ranks'
+sealed segments of one step (``snapshot_ec_buffer``). Steps are agreed without a coordinator: a process encodes
+the newest step that ALL its local ranks have committed, and a round of step s completes on a node once every
+member has announced s; since ranks snapshot on the same cadence, every node reaches the same s. One round:
+
+1. pack the buffer (a verified copy); send ``ec_size`` (step, node, bytes) to every peer;
+2. once all n sizes of s are in, cut the buffer into k = n - p pieces (``GroupCode.geometry``) and send piece j to
+   the p parity holders of its stripe (``ec_piece`` with the bytes as raw payload);
+3. once the k data pieces of each of its p stripes are in, compute their parity (``GroupCode.encode_stripe``) and
+   keep buffer and parity as "complete" for s (the newest two complete steps are kept, so a round that dies half
+   way leaves the previous step complete on every node).
+
+A newer locally-ready step supersedes a running round: the round stops at its next check (between phases and while
+waiting) and the newer step starts; peers still waiting for the stopped round's pieces time out or are superseded in
+turn. Everything runs on the process's coding thread, off the training path (ranks only COMMIT).
+
+Rebuild (``ec_rebuild``, sent to a replacement process with empty memory): ask every peer (``ec_status``) which
+steps it holds complete, take the newest step s held by at least n - p nodes, fetch those nodes' buffers and parity
+(``ec_fetch``), decode, and install this node's ranks' segments, sealed and committed, so ``restore_from_node``
+restores them unchanged. Fewer than n - p holders: :class:`NotRecoverable` naming the disk checkpoint.
+
+The transport is TCP with the snapshot protocol's token-checked frames, not the gloo group of the snapshot
+processes: a collective group fails as a whole when one member dies, which is exactly when rebuild must work, and a
+replacement would need a new group formed with the survivors; point-to-point connections with a timeout each name
+the peer that failed and leave the others working.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from regrow.checkpoint import snapshot_ec_buffer as ecbuf
+from regrow.checkpoint.erasure import ErasureConfig, GroupCode, NotRecoverable, ParityPiece
+from regrow.checkpoint.snapshot_protocol import ProtocolError, SnapshotClient, SnapshotProcessLost
+
+KEEP_COMPLETE = 2
+
+
+def log(text: str) -> None:
+    print(f"[snapshot process] erasure coding: {text}", flush=True)
+
+
+@dataclass(kw_only=True)
+class ErasureCodingConfig:
+    """Erasure coding of the node's snapshots across a group of snapshot processes. Off when ``ec_group_size``
+    is 0. Validated on construction; errors name the field."""
+
+    ec_group_size: int = 0
+    """n: snapshot processes (nodes) per group; 0 turns erasure coding off."""
+    ec_parity: int = 1
+    """p: nodes of a group that may be lost at once; 1 <= ec_parity < ec_group_size."""
+    chunk_bytes: int = 2 * 2**20
+    """Coding chunk per block (1-4 MiB)."""
+    threads: int = 0
+    """Coding threads; 0: os.cpu_count()."""
+    peer_timeout_s: float = 30.0
+    """Limit of every blocking call to a peer (connect, request, waiting for a round's pieces)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.ec_group_size, int) or self.ec_group_size < 0 or self.ec_group_size == 1:
+            problems.append(f"ec_group_size={self.ec_group_size!r} must be 0 (off) or >= 2")
+        if self.ec_group_size and not (isinstance(self.ec_parity, int) and 1 <= self.ec_parity < self.ec_group_size):
+            problems.append(f"ec_parity={self.ec_parity!r} must satisfy 1 <= ec_parity < ec_group_size="
+                            f"{self.ec_group_size}")
+        if not 1 <= self.chunk_bytes:
+            problems.append(f"chunk_bytes={self.chunk_bytes!r} must be >= 1")
+        if not self.peer_timeout_s > 0:
+            problems.append(f"peer_timeout_s={self.peer_timeout_s!r} must be > 0")
+        if problems:
+            raise ValueError("invalid ErasureCodingConfig: " + "; ".join(problems))
+
+    @property
+    def enabled(self) -> bool:
+        return self.ec_group_size > 0
+
+    def code(self) -> GroupCode:
+        return GroupCode(ErasureConfig(group_size=self.ec_group_size, parity=self.ec_parity,
+                                       chunk_bytes=self.chunk_bytes, threads=self.threads))
+
+
+class _Superseded(Exception):
+    """A newer step became ready (or the process stops) while a round ran."""
+
+
+@dataclass
+class _Inbox:
+    sizes: dict[int, int] = field(default_factory=dict)
+    pieces: dict[tuple[int, int], bytearray] = field(default_factory=dict)  # (node, piece) -> bytes
+
+
+@dataclass
+class _Complete:
+    buffer: bytearray
+    parity: list[ParityPiece]
+
+
+def _piece_header(piece: ParityPiece) -> dict:
+    return {"stripe": piece.stripe, "parity_index": piece.parity_index, "holder": piece.holder,
+            "sizes": list(piece.sizes), "chunk_bytes": piece.chunk_bytes, "parity_crcs": list(piece.parity_crcs),
+            "data_crcs": [list(row) for row in piece.data_crcs]}
+
+
+def _piece_from(header: dict, data: bytearray) -> ParityPiece:
+    return ParityPiece(stripe=int(header["stripe"]), parity_index=int(header["parity_index"]),
+                       holder=int(header["holder"]), data=np.frombuffer(data, dtype=np.uint8),
+                       sizes=tuple(int(x) for x in header["sizes"]), chunk_bytes=int(header["chunk_bytes"]),
+                       parity_crcs=tuple(int(x) for x in header["parity_crcs"]),
+                       data_crcs=tuple(tuple(int(x) for x in row) for row in header["data_crcs"]))
+
+
+class PeerCoding:
+    """The erasure-coding side of one snapshot process: the coding thread, the ``ec_*`` ops, and rebuild.
+
+    Thread-safe: ops arrive on the server's connection threads, rounds run on one coding thread."""
+
+    def __init__(self, config: ErasureCodingConfig, token: str, node_segments: ecbuf.NodeSegments) -> None:
+        self.config = config
+        self.code = config.code()
+        self._token = token
+        self._segments = node_segments
+        self.node: int | None = None
+        self.peers: list[str] = []
+        self._cond = threading.Condition()
+        self._target: int | None = None
+        self._stop = False
+        self._inbox: dict[int, _Inbox] = {}
+        self._complete: dict[int, _Complete] = {}
+        self._clients: dict[int, SnapshotClient] = {}
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="regrow-ec-rounds")
+        self._thread.start()
+
+    # ------------------------------------------------------------ control
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for client in list(self._clients.values()):
+            client.close()
+
+    def local_ready(self, step: int) -> None:
+        """All local ranks committed ``step``: encode it (superseding an older round still running)."""
+        with self._cond:
+            if self._target is None or step > self._target:
+                self._target = step
+                self._cond.notify_all()
+
+    def handle(self, op: str, request: dict, payload: bytearray | None) -> tuple[dict, bytes | bytearray | None]:
+        """Answers one ``ec_*`` request (the table in docs/snapshot-protocol.md)."""
+        if op == "ec_group":
+            return self._set_group(int(request["node"]), [str(a) for a in request["peers"]]), None
+        if op == "ec_size":
+            with self._cond:
+                self._box(int(request["step"])).sizes[int(request["node"])] = int(request["size"])
+                self._cond.notify_all()
+            return {"ok": True}, None
+        if op == "ec_piece":
+            if payload is None:
+                raise ValueError("ec_piece carries no raw payload")
+            with self._cond:
+                self._box(int(request["step"])).pieces[(int(request["node"]), int(request["piece"]))] = payload
+                self._cond.notify_all()
+            return {"ok": True}, None
+        if op == "ec_status":
+            with self._cond:
+                return {"ok": True, "node": self.node, "complete": sorted(self._complete),
+                        "target": self._target}, None
+        if op == "ec_fetch":
+            return self._fetch(int(request["step"]), str(request["what"]), int(request.get("index", 0)))
+        if op == "ec_rebuild":
+            return self.rebuild(), None
+        raise ValueError(f"unknown op {op!r} (ec_group, ec_size, ec_piece, ec_status, ec_fetch, ec_rebuild)")
+
+    def _set_group(self, node: int, peers: list[str]) -> dict:
+        if len(peers) != self.config.ec_group_size or not 0 <= node < len(peers):
+            raise ValueError(f"ec_group: node {node} and {len(peers)} peers do not fit ec_group_size="
+                             f"{self.config.ec_group_size}")
+        with self._cond:
+            changed = [i for i, address in enumerate(peers) if i < len(self.peers) and self.peers[i] != address]
+            self.node, self.peers = node, peers
+            for i in changed:
+                client = self._clients.pop(i, None)
+                if client is not None:
+                    client.close()
+        log(f"node {node} of a group of {len(peers)} (parity {self.config.ec_parity})")
+        return {"ok": True}
+
+    def _box(self, step: int) -> _Inbox:
+        """The inbox of ``step`` (under the lock); messages for steps already complete are kept out of memory by
+        pruning on completion."""
+        return self._inbox.setdefault(step, _Inbox())
+
+    # ------------------------------------------------------------ encode rounds
+    def _loop(self) -> None:
+        done: int | None = None
+        while True:
+            with self._cond:
+                while not self._stop and (self._target is None or self._target == done or self.node is None):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                step = self._target
+            assert step is not None
+            started = time.monotonic()
+            try:
+                self._round(step)
+                log(f"node {self.node}: step {step} encoded in {time.monotonic() - started:.2f} s")
+            except _Superseded:
+                log(f"node {self.node}: encode of step {step} superseded by step {self._target}")
+            except (OSError, ProtocolError, TimeoutError, ecbuf.BufferError, KeyError, ValueError) as error:
+                log(f"node {self.node}: encode of step {step} failed: {error}")
+            done = step
+
+    def _check(self, step: int) -> None:
+        if self._stop or self._target != step:
+            raise _Superseded
+
+    def _wait(self, step: int, ready: Callable[[], bool], missing: Callable[[], str]) -> None:
+        """Waits (lock held by the caller) until ``ready()``; raises on supersession, or after ``peer_timeout_s``
+        naming what is ``missing()``."""
+        deadline = time.monotonic() + self.config.peer_timeout_s
+        while not ready():
+            self._check(step)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"step {step}: still missing {missing()} after {self.config.peer_timeout_s} s")
+            self._cond.wait(min(left, 0.5))
+
+    def _round(self, step: int) -> None:
+        me, n = self.node, self.code.n
+        assert me is not None
+        buffer = ecbuf.pack(step, self._segments.sealed_segments(step))
+        with self._cond:
+            self._check(step)
+            self._box(step).sizes[me] = len(buffer)
+        for peer in range(n):
+            if peer != me:
+                self._call(peer, {"op": "ec_size", "step": step, "node": me, "size": len(buffer)})
+        with self._cond:
+            box = self._box(step)
+            self._wait(step, lambda: len(box.sizes) == n,
+                       lambda: f"the sizes of nodes {sorted(set(range(n)) - set(box.sizes))}")
+            geo = self.code.geometry([box.sizes[i] for i in range(n)])
+        for piece in range(self.code.k):
+            data = self.code.data_piece(buffer, piece, geo)
+            for holder in self.code.placement()[self.code.stripe_of(me, piece)].parity_nodes:
+                if holder == me:
+                    with self._cond:
+                        box.pieces[(me, piece)] = bytearray(data)
+                else:
+                    self._check(step)
+                    self._call(holder, {"op": "ec_piece", "step": step, "node": me, "piece": piece}, data)
+        wanted = [(slot.node, slot.piece) for s in self.code.parity_stripes(me)
+                  for slot in self.code.placement()[s].data]
+        with self._cond:
+            self._wait(step, lambda: all(key in box.pieces for key in wanted),
+                       lambda: f"data pieces (node, piece) {[key for key in wanted if key not in box.pieces]}")
+        parity = []
+        for s in self.code.parity_stripes(me):
+            self._check(step)
+            data = [box.pieces[(slot.node, slot.piece)] for slot in self.code.placement()[s].data]
+            parity += [piece for piece in self.code.encode_stripe(s, data, geo) if piece.holder == me]
+        with self._cond:
+            self._complete[step] = _Complete(buffer=buffer, parity=parity)
+            for old in sorted(self._complete)[:-KEEP_COMPLETE]:
+                del self._complete[old]
+            for old in [s for s in self._inbox if s <= step]:
+                del self._inbox[old]
+
+    def _client(self, peer: int) -> SnapshotClient:
+        client = self._clients.get(peer)
+        if client is None:
+            client = SnapshotClient(self.peers[peer], token=self._token, timeout_s=self.config.peer_timeout_s)
+            self._clients[peer] = client
+        return client
+
+    def _call(self, peer: int, message: dict,
+              payload: bytes | bytearray | memoryview | np.ndarray | None = None) -> tuple[dict, bytearray | None]:
+        """One request to node ``peer``; a failure names the peer and drops its connection (reopened next time)."""
+        try:
+            return self._client(peer).exchange(message, None if payload is None else memoryview(payload))
+        except (SnapshotProcessLost, ProtocolError, OSError) as error:
+            client = self._clients.pop(peer, None)
+            if client is not None:
+                client.close()
+            raise ProtocolError(f"peer node {peer} at {self.peers[peer]}: {message['op']} failed: {error}") from None
+
+    # ------------------------------------------------------------ serving and rebuilding
+    def _fetch(self, step: int, what: str, index: int) -> tuple[dict, bytes | bytearray]:
+        with self._cond:
+            held = self._complete.get(step)
+        if held is None:
+            raise KeyError(f"step {step} is not complete here (complete: {sorted(self._complete)})")
+        if what == "buffer":
+            return {"ok": True}, held.buffer
+        if what == "parity":
+            piece = held.parity[index]
+            return {"ok": True, "piece": _piece_header(piece)}, piece.data
+        raise ValueError(f"ec_fetch what={what!r}: 'buffer' or 'parity'")
+
+    def rebuild(self) -> dict:
+        """Rebuilds this node's segments from its peers (see the module docstring); returns ``{"ok", "step",
+        "ranks", "lost"}``. Raises :class:`NotRecoverable` when fewer than n - p nodes hold a common step."""
+        me, n, p = self.node, self.code.n, self.code.p
+        if me is None:
+            raise ValueError("ec_rebuild before ec_group: this process does not know its node id and peers")
+        holders: dict[int, set[int]] = {}
+        unreachable: list[str] = []
+        for peer in range(n):
+            if peer == me:
+                continue
+            try:
+                reply, _ = self._call(peer, {"op": "ec_status"})
+            except ProtocolError as error:
+                unreachable.append(str(error))
+                continue
+            for step in reply["complete"]:
+                holders.setdefault(int(step), set()).add(peer)
+        usable = [step for step in sorted(holders, reverse=True) if len(holders[step]) >= n - p]
+        if not usable:
+            raise NotRecoverable(
+                f"node {me}: no step is held complete by the {n - p} nodes a rebuild needs (group of {n}, parity "
+                f"{p}; holders per step {dict((s, sorted(h)) for s, h in holders.items())}; unreachable: "
+                f"{unreachable or 'none'}): more than {p} nodes of the group are lost, recovery needs the disk "
+                f"checkpoint (checkpoint.reshard.restore_trainer)")
+        step = usable[0]
+        survivors = sorted(holders[step])
+        lost = sorted(set(range(n)) - set(survivors))
+        buffers, parity = {}, {}
+        for peer in survivors:
+            buffers[peer] = self._call(peer, {"op": "ec_fetch", "step": step, "what": "buffer"})[1]
+            parity[peer] = []
+            for q in range(p):
+                header, data = self._call(peer, {"op": "ec_fetch", "step": step, "what": "parity", "index": q})
+                parity[peer].append(_piece_from(header["piece"], data))
+        rebuilt = self.code.decode(lost, buffers, parity)[me]
+        got_step, segments = ecbuf.unpack(rebuilt)
+        if got_step != step:
+            raise ecbuf.BufferError(f"decoded buffer is of step {got_step}, expected {step}")
+        for segment in segments:
+            self._segments.install(segment, step)
+        ranks = [segment.rank for segment in segments]
+        log(f"node {me}: rebuilt step {step} (ranks {ranks}) from nodes {survivors}; lost nodes {lost}; crc "
+            f"{zlib.crc32(rebuilt):08x}")
+        return {"ok": True, "step": step, "ranks": ranks, "lost": lost}
