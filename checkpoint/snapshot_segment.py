@@ -24,6 +24,8 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from regrow.checkpoint import crc
+
 MAGIC = b"RGSNAP\x00\x01"
 FORMAT_VERSION = 1
 COMPLETE = 0x600DF00D
@@ -157,7 +159,7 @@ def seal(buffer: mmap.mmap, *, step: int, payload_bytes: int) -> None:
     start = payload_offset(header.meta_capacity)
     view = memoryview(buffer)
     try:
-        payload_crc = zlib.crc32(view[start : start + payload_bytes])
+        payload_crc = crc.crc32(view[start : start + payload_bytes])  # threaded: this runs every step
         meta_crc = zlib.crc32(view[HEADER_BYTES : HEADER_BYTES + header.meta_bytes])
     finally:
         view.release()
@@ -203,7 +205,7 @@ def verify(buffer: mmap.mmap | bytes, *, rank: int | None = None) -> Snapshot:
     problem = None
     if zlib.crc32(meta_bytes) != header.meta_crc:
         problem = f"step {header.step}: metadata checksum mismatch"
-    elif zlib.crc32(payload) != header.payload_crc:
+    elif crc.crc32(payload) != header.payload_crc:
         problem = f"step {header.step}: payload checksum mismatch"
     elif (meta := json.loads(meta_bytes)).get("step") != header.step:
         problem = f"corrupt: metadata step {meta.get('step')} != header step {header.step}"
