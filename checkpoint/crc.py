@@ -59,8 +59,10 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def default_threads() -> int:
-    """Threads per checksum: the cores this process may use, at most 8 (several ranks share a host)."""
-    return max(1, min(8, len(os.sched_getaffinity(0))))
+    """Threads per checksum: this process's share of the cores it may use (``LOCAL_WORLD_SIZE`` ranks share the
+    host; torchrun and ``launch.spawn`` set it), at most 16."""
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, len(os.sched_getaffinity(0)) // ranks_here))
 
 
 def crc32(data: memoryview | bytes, *, threads: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:

@@ -41,7 +41,8 @@ class _Job:
 
 
 def _child(rank: int, job: _Job, results: mp.Queue) -> None:
-    os.environ.update(job.env)
+    # What torchrun would set: code that sizes its thread pools per rank (e.g. checkpoint.crc) reads it.
+    os.environ.update({"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(job.world_size), **job.env})
     torch.set_num_threads(job.threads)
     try:
         timeout = datetime.timedelta(seconds=job.timeout_s)
