@@ -12,10 +12,10 @@ import datetime
 import multiprocessing as mp
 import os
 import pickle
-import queue
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
 import torch
@@ -40,7 +40,7 @@ class _Job:
     env: dict[str, str]
 
 
-def _child(rank: int, job: _Job, results: mp.Queue) -> None:
+def _child(rank: int, job: _Job, results: Connection) -> None:
     # What torchrun would set: code that sizes its thread pools per rank (e.g. checkpoint.crc) reads it.
     os.environ.update({"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(job.world_size), **job.env})
     torch.set_num_threads(job.threads)
@@ -55,9 +55,9 @@ def _child(rank: int, job: _Job, results: mp.Queue) -> None:
             destroy_world()
         # Plain pickle copies tensors by value; the default (torch's shared-memory reduction) would need this
         # process alive until the parent has read the result.
-        results.put((rank, True, pickle.dumps(value)))
+        results.send_bytes(pickle.dumps((True, value)))
     except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+        results.send_bytes(pickle.dumps((False, traceback.format_exc())))
         raise SystemExit(1)
 
 
@@ -80,35 +80,43 @@ def run_local(
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
-    results: mp.Queue = ctx.Queue()
+    # One pipe per rank, not a multiprocessing.Queue: a Queue's named semaphores stay in /dev/shm when this process
+    # is killed together with its resource tracker (a test killing a whole run's process group did exactly that).
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
     job = _Job(entry, args, world_size, store.port, backend, timeout_s, threads, env or {})
-    procs = [ctx.Process(target=_child, args=(rank, job, results), daemon=True) for rank in range(world_size)]
+    procs = [ctx.Process(target=_child, args=(rank, job, pipes[rank][1]), daemon=True) for rank in range(world_size)]
     for p in procs:
         p.start()
+    for _, sender in pipes:
+        sender.close()  # the children hold the sending ends; EOF then means a child is gone
     try:
-        return _collect(procs, results, world_size, time.monotonic() + timeout_s)
+        return _collect(procs, [receiver for receiver, _ in pipes], time.monotonic() + timeout_s)
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
             p.join(timeout=10)
+        for receiver, _ in pipes:
+            receiver.close()
         del store
 
 
-def _collect(procs: list, results: mp.Queue, world_size: int, deadline: float) -> list[Any]:
+def _collect(procs: list, receivers: list[Connection], deadline: float) -> list[Any]:
     values: dict[int, Any] = {}
-    while len(values) < world_size:
-        try:
-            rank, ok, value = results.get(timeout=0.5)
-        except queue.Empty:
-            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in values]
-            if dead:
-                raise WorkerFailed(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a result")
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(world_size)) - set(values))
-                raise WorkerFailed(f"ranks {missing} did not finish before the deadline") from None
-            continue
-        if not ok:
-            raise WorkerFailed(f"rank {rank} failed:\n{value}")
-        values[rank] = pickle.loads(value)
-    return [values[r] for r in range(world_size)]
+    pending = dict(enumerate(receivers))
+    while pending:
+        ready = wait(list(pending.values()), timeout=0.5)
+        for receiver in ready:
+            rank = next(r for r, c in pending.items() if c is receiver)
+            del pending[rank]
+            try:
+                ok, value = pickle.loads(receiver.recv_bytes())
+            except EOFError:
+                procs[rank].join(timeout=5)
+                raise WorkerFailed(f"rank {rank} exited with code {procs[rank].exitcode} without a result") from None
+            if not ok:
+                raise WorkerFailed(f"rank {rank} failed:\n{value}")
+            values[rank] = value
+        if pending and not ready and time.monotonic() > deadline:
+            raise WorkerFailed(f"ranks {sorted(pending)} did not finish before the deadline")
+    return [values[r] for r in range(len(receivers))]
