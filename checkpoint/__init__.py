@@ -9,10 +9,13 @@
 - ``reshard.py``: loading at any world size, ZeRO stage and state bits, each rank reading only its ranges.
 - ``whole.py``: whole-model fp32 export/import (for converters and inspection).
 - ``deepspeed.py``: DeepSpeed ZeRO-1/2 and universal checkpoints in, DeepSpeed universal out.
+- ``crc.py``: CRC32 of large buffers on several threads, equal to ``zlib.crc32`` (snapshot seal and verify).
 - ``erasure.py``: rotating-parity erasure coding of node snapshots across a group (zfec, XOR for one parity).
 - ``memory.py``: the per-node snapshot process that owns the shared-memory segments (docs/snapshot-protocol.md);
   ``snapshot_segment.py`` (segment layout, seal order, checksums), ``snapshot_protocol.py`` (framed JSON over TCP
-  with the job's token), ``snapshot_sink.py`` (the per-step ``SnapshotSink`` and ``restore_from_node``).
+  with the job's token), ``snapshot_sink.py`` (the per-step ``SnapshotSink`` and ``restore_from_node``),
+  ``snapshot_peers.py`` and ``snapshot_ec_buffer.py`` (parity exchange between the snapshot processes of a group,
+  rebuild of a lost node).
 
-Planned: erasure coding between snapshot processes (parity exchange, node-loss rebuild) and the launcher wiring.
+Planned: the launcher wiring of erasure coding (group membership at start-up, rebuild on node replacement).
 """
