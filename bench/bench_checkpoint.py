@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import mmap
 import os
 import shutil
@@ -64,7 +63,8 @@ import torch
 import torch.distributed as dist
 
 # bench/ is this script's folder, which torchrun puts on sys.path: share bench_zero's settings and helpers.
-from bench_zero import BETAS, EPS, LR, MAX_GRAD_NORM, WEIGHT_DECAY, fused_adamw, init_distributed, make_batches
+from bench_zero import (BETAS, EPS, LR, MAX_GRAD_NORM, WEIGHT_DECAY, emit_result, fused_adamw, init_distributed,
+                        make_batches)
 from regrow.checkpoint import verify
 from regrow.checkpoint.reshard import restore_trainer
 from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
@@ -442,15 +442,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    if dist.get_rank() == 0:
-        line = json.dumps(result)
-        print(f"RESULT {line}", flush=True)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "a", encoding="utf-8") as out:
-                out.write(line + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
+    emit_result(result, args.json)
     return 0
 
 

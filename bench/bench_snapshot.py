@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
-import json
 import os
 import socket
 import statistics
@@ -47,7 +45,7 @@ import torch.distributed as dist
 
 # bench/ is this script's folder, which torchrun puts on sys.path.
 from bench_checkpoint import barrier_timed, max_over_ranks, regrow_trainer, sync, timed
-from bench_zero import init_distributed
+from bench_zero import emit_result, init_distributed
 from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
@@ -183,15 +181,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
-    if dist.get_rank() == 0:
-        line = json.dumps(result)
-        print(f"RESULT {line}", flush=True)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "a", encoding="utf-8") as out:
-                out.write(line + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
+    emit_result(result, args.json)
     return 0
 
 

@@ -347,18 +347,24 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    result = run(args)
+def emit_result(result: dict, json_path: str | None) -> None:
+    """Rank 0 prints ``RESULT {json}`` (the runners grep for it) and appends the line to ``json_path``; then every
+    rank leaves the process group. Shared by the bench_*.py scripts."""
     if dist.get_rank() == 0:
-        line = json.dumps(result, sort_keys=False)
+        line = json.dumps(result)
         print(f"RESULT {line}", flush=True)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "a", encoding="utf-8") as out:
+        if json_path:
+            os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+            with open(json_path, "a", encoding="utf-8") as out:
                 out.write(line + "\n")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    emit_result(result, args.json)
     return 0 if result["status"] == "ok" else 1
 
 
