@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import secrets
 from collections.abc import Iterator
@@ -44,8 +43,6 @@ from regrow.checkpoint.snapshot_sink import (
     SnapshotSink,
     SnapshotSinkConfig,
     restore_from_node,
-    state_meta,
-    tensor_table,
 )
 from regrow.comm import collectives
 from regrow.launch.ckpt_cli import SNAPSHOT
@@ -57,8 +54,9 @@ from regrow.trainer.zero import _state_kind_rule
 
 ADDRESS_ENV = "REGROW_SNAPSHOT_ADDRESS"
 """How the local launcher tells its ranks where the snapshot process listens (the token travels in TOKEN_ENV)."""
-META_GRANULE = 1 << 20
-"""Segment metadata room is a whole number of these (see :func:`_stable_headroom`)."""
+META_ESTIMATE = 1 << 20
+"""Metadata room assumed per segment when sizing ``/dev/shm`` before the ranks attach (the real room, twice the
+metadata plus 64 KiB, is far smaller for any model regrow trains)."""
 
 
 class SnapshotStartError(RuntimeError):
@@ -149,7 +147,7 @@ def snapshot_bytes(config: TrainerConfig, world_size: int) -> int:
         else:
             table += [{"name": f"{name}/{m}", "dtype": "float32", "shape": [n]} for m in ("exp_avg", "exp_avg_sq")]
     _, payload = seg.plan_tensors(table)
-    return 2 * seg.segment_bytes(2 * META_GRANULE, payload)
+    return 2 * seg.segment_bytes(META_ESTIMATE, payload)
 
 
 @contextlib.contextmanager
@@ -230,21 +228,6 @@ def restore(trainer: Trainer, plan: Snapshotting, address: str) -> str:
     return str(loaded.path)
 
 
-def _stable_headroom(trainer: Trainer, minimum: int = 64 << 10) -> int:
-    """The ``meta_headroom`` that makes the sink ask for the same metadata room at every attach of this run.
-
-    The sink asks for ``2 x len(metadata of the state it attaches with) + headroom``, and the snapshot process
-    refuses a re-attach whose room differs from the first. The metadata grows by a few bytes with the step and the
-    data cursor, so a rank resumed at step k would be refused the segments it attached at step 0. Rounding the
-    room up to a whole :data:`META_GRANULE` makes it the same for any state of the run (unless the room sits within
-    those few bytes of a granule's end)."""
-    state = trainer.shard_state()
-    entries, _ = seg.plan_tensors(tensor_table(state.tensors))
-    wanted = 2 * len(json.dumps(state_meta(state, entries))) + minimum
-    room = -(-wanted // META_GRANULE) * META_GRANULE
-    return room - (wanted - minimum)
-
-
 def prepare(trainer: Trainer, plan: Snapshotting) -> SnapshotSink | None:
     """Each rank's wiring: restores if ``--resume snapshot``, then attaches a :class:`SnapshotSink` if snapshots are
     on (attaching now, so a full ``/dev/shm`` fails before the first step). Collective. The address comes from the
@@ -257,8 +240,8 @@ def prepare(trainer: Trainer, plan: Snapshotting) -> SnapshotSink | None:
         restore(trainer, plan, address)
     if not plan.every:
         return None
-    sink = SnapshotSink(SnapshotSinkConfig(address=address, every=plan.every, timeout_s=plan.timeout_s,
-                                           meta_headroom=_stable_headroom(trainer)), rank=trainer.rank)
+    sink = SnapshotSink(SnapshotSinkConfig(address=address, every=plan.every, timeout_s=plan.timeout_s),
+                        rank=trainer.rank)
     sink.attach(trainer.shard_state())
     trainer.sinks.append(sink)
     return sink

@@ -111,6 +111,22 @@ def test_interrupted_snapshot_is_not_latest_and_segments_are_private(node, token
     client.close()
 
 
+def test_reattach_keeps_segments_whatever_metadata_room_is_asked(node, token) -> None:
+    """A rank resumed at a later step asks for a slightly different metadata room (its step and data cursor have
+    more digits): it must get its own segments back, snapshots intact; another tensor table is refused."""
+    client, paths = attach(node, token)
+    write_snapshot(paths[0], step=7, fill=3)
+    client.close()
+    again = SnapshotClient(node.address, token=token)
+    reply = again.request({"op": "attach", "rank": 0, "tensors": TABLE, "meta_capacity": 4100})
+    assert reply["reused"] and reply["paths"] == paths
+    assert again.request({"op": "latest", "rank": 0})["latest"]["step"] == 7
+    other = [{"name": "g/master", "dtype": "float32", "shape": [301]}]
+    with pytest.raises(ProtocolError, match="another tensor table"):
+        again.request({"op": "attach", "rank": 0, "tensors": other, "meta_capacity": 4096})
+    again.close()
+
+
 def test_wrong_token_is_refused_and_a_silent_client_blocks_nobody(node, token) -> None:
     silent = socket.create_connection(parse_address(node.address), timeout=10)
     try:
