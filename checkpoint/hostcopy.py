@@ -47,6 +47,9 @@ class HostCopy:
         """The host tensors, keyed like the sources; valid to read after :meth:`wait_host`."""
         self._sources: list[torch.Tensor] = []  # kept alive until the copy is done (see start_cuda)
         self._event: "torch.cuda.Event | None" = None
+        # Per tensor: a CUDA event recorded after its copy, or (CPU) a flag set after it, for wait_tensor().
+        self._tensor_events: dict[str, "torch.cuda.Event"] = {}
+        self._tensor_done: dict[str, threading.Event] = {name: threading.Event() for name in buffers}
         self._device: torch.device | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -58,8 +61,12 @@ class HostCopy:
             try:
                 for name, source in sources.items():
                     self.buffers[name].copy_(source)
+                    self._tensor_done[name].set()
             except BaseException as error:  # reported by the waits, on the threads that act on it
                 self._error = error
+            finally:
+                for done in self._tensor_done.values():  # a failed copy must not leave wait_tensor() hanging
+                    done.set()
 
         self._thread = threading.Thread(target=copy_all, name=f"regrow-hostcopy-slot{self.slot}", daemon=True)
         self._thread.start()
@@ -75,6 +82,8 @@ class HostCopy:
                 # The caching allocator must not hand this memory to someone else while the side stream still reads
                 # it, should the owner free the tensor meanwhile.
                 source.record_stream(stream)
+                self._tensor_events[name] = torch.cuda.Event()
+                self._tensor_events[name].record(stream)
             self._event = torch.cuda.Event()
             self._event.record(stream)
         self._sources = list(sources.values())
@@ -99,6 +108,15 @@ class HostCopy:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 raise TimeoutError(f"host copy of slot {self.slot} did not finish within {timeout_s} s")
+        self._raise_if_failed()
+
+    def wait_tensor(self, name: str, timeout_s: float | None = None) -> None:
+        """Blocks until tensor ``name``'s bytes are in host memory (the others may still be copying): lets a reader
+        work on the first tensors while the later ones are in flight."""
+        if self._event is not None:  # CUDA only
+            self._tensor_events[name].synchronize()
+        elif not self._tensor_done[name].wait(timeout_s):
+            raise TimeoutError(f"host copy of {name} (slot {self.slot}) did not finish within {timeout_s} s")
         self._raise_if_failed()
 
     def done(self) -> bool:

@@ -152,14 +152,16 @@ def begin(buffer: mmap.mmap, meta: dict) -> None:
     struct.pack_into("<I", buffer, 40, len(data))
 
 
-def seal(buffer: mmap.mmap, *, step: int, payload_bytes: int) -> None:
+def seal(buffer: mmap.mmap, *, step: int, payload_bytes: int, payload_crc: int | None = None) -> None:
     """Finishes the snapshot :func:`begin` started once the payload is written: step, sizes, both checksums, and
-    ``complete`` LAST."""
+    ``complete`` LAST. ``payload_crc``, when the writer already computed it (e.g. tensor by tensor as their copies
+    landed), must be the CRC32 of the payload's ``payload_bytes``."""
     header = read_header(buffer)
     start = payload_offset(header.meta_capacity)
     view = memoryview(buffer)
     try:
-        payload_crc = crc.crc32(view[start : start + payload_bytes])  # threaded: this runs every step
+        if payload_crc is None:
+            payload_crc = crc.crc32(view[start : start + payload_bytes])
         meta_crc = zlib.crc32(view[HEADER_BYTES : HEADER_BYTES + header.meta_bytes])
     finally:
         view.release()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from regrow.checkpoint import crc
 from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint.format import decode_rng, encode_rng
 from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig, HostCopy
@@ -228,14 +229,36 @@ class SnapshotSink:
     # ---------------------------------------------------------------- sealing
     def _seal(self, pending: _Pending) -> None:
         try:
+            payload_crc = self._payload_crc(pending)
             pending.copy.wait_host(self.config.timeout_s)
-            seg.seal(pending.segment.buffer, step=pending.step, payload_bytes=pending.segment.payload_bytes)
+            seg.seal(pending.segment.buffer, step=pending.step, payload_bytes=pending.segment.payload_bytes,
+                     payload_crc=payload_crc)
             self.client.request({"op": "commit", "rank": self.rank, "slot": pending.segment.slot,
                                  "step": pending.step})
         except BaseException as error:  # acted on by the training thread in _finish
             pending.error = error
         finally:
             pending.copy.release()
+
+    def _payload_crc(self, pending: _Pending) -> int:
+        """CRC32 of the payload, tensor by tensor as each copy lands, so that checksumming the first tensors
+        overlaps copying the later ones. Each tensor's range runs to the next tensor's offset: the alignment padding
+        in between (zeros, never written) is covered, and the result equals the CRC32 of the whole payload."""
+        segment = pending.segment
+        entries = sorted(segment.entries.values(), key=lambda e: e.offset)
+        payload = memoryview(segment.buffer)[segment.start : segment.start + segment.payload_bytes]
+        try:
+            total, covered = 0, 0
+            for index, entry in enumerate(entries):
+                end = entries[index + 1].offset if index + 1 < len(entries) else segment.payload_bytes
+                if entry.nbytes:
+                    pending.copy.wait_tensor(entry.name, self.config.timeout_s)
+                part = crc.crc32(payload[covered:end])
+                total = crc.crc32_combine(total, part, end - covered) if covered else part
+                covered = end
+            return total
+        finally:
+            payload.release()
 
     def _finish(self) -> None:
         """Waits for the previous snapshot to be sealed; raises what sealing it raised."""
