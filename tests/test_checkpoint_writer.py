@@ -46,6 +46,7 @@ def test_host_copier_snapshots_before_mutation_and_reuses_its_buffers() -> None:
     assert allocations == ["master", "codes", "master", "codes"], "one allocation per slot, none on reuse"
     with pytest.raises(ValueError, match="HostCopierConfig.slots=0"):
         HostCopierConfig(slots=0)
+    second.release()
     fourth = copier.start({"a": torch.full((1000,), 2.0), "b": torch.arange(10)})
     assert fourth is not None
     fourth.wait_tensor("a", timeout_s=30)  # one tensor can be read before the whole copy is done
