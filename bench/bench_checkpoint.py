@@ -51,7 +51,6 @@ import functools
 import mmap
 import os
 import shutil
-import socket
 import statistics
 import sys
 import time
@@ -64,7 +63,7 @@ import torch.distributed as dist
 
 # bench/ is this script's folder, which torchrun puts on sys.path: share bench_zero's settings and helpers.
 from bench_zero import (BETAS, EPS, LR, MAX_GRAD_NORM, WEIGHT_DECAY, emit_result, fused_adamw, init_distributed,
-                        make_batches)
+                        make_batches, result_header)
 from regrow.checkpoint import verify
 from regrow.checkpoint.reshard import restore_trainer
 from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
@@ -432,10 +431,7 @@ def run(args: argparse.Namespace) -> dict:
         build = {"regrow": build_regrow, "deepspeed": build_deepspeed, "fsdp2": build_fsdp2}[args.impl]
         job = build(args, rank, world_size, device)
         figures = {**measure_training(args, job, device), "settings": job.settings}
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    return {"impl": args.impl, "status": "ok", "world_size": world_size, "device": device_name,
-            "host": socket.gethostname(), "torch": torch.__version__, "preset": args.preset,
-            "micro_batch": args.micro_batch, "ckpt_dir": args.ckpt_dir, **figures,
+    return {"impl": args.impl, **result_header(args, world_size, device), "ckpt_dir": args.ckpt_dir, **figures,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -34,18 +34,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 # bench/ is this script's folder, which torchrun puts on sys.path.
 from bench_checkpoint import barrier_timed, max_over_ranks, regrow_trainer, sync, timed
-from bench_zero import emit_result, init_distributed
+from bench_zero import emit_result, init_distributed, result_header
 from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
@@ -171,10 +169,7 @@ def run(args: argparse.Namespace) -> dict:
             process.stop()
     job_left = list(Path(args.shm_dir).glob(f"regrow-snap-{process.job}-*")) if process else []
     figures["segments_left"] = int(max_over_ranks(len(job_left)))
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    return {"bench": "snapshot", "status": "ok", "world_size": world_size, "device": device_name,
-            "host": socket.gethostname(), "torch": torch.__version__, "preset": args.preset,
-            "micro_batch": args.micro_batch, "window": args.window, **figures,
+    return {"bench": "snapshot", **result_header(args, world_size, device), "window": args.window, **figures,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

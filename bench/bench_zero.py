@@ -347,6 +347,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+def result_header(args: argparse.Namespace, world_size: int, device: torch.device) -> dict:
+    """The fields every bench_*.py result line starts with: machine, software, model and batch."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return {"status": "ok", "world_size": world_size, "device": name, "host": socket.gethostname(),
+            "torch": torch.__version__, "preset": args.preset, "micro_batch": args.micro_batch}
+
+
 def emit_result(result: dict, json_path: str | None) -> None:
     """Rank 0 prints ``RESULT {json}`` (the runners grep for it) and appends the line to ``json_path``; then every
     rank leaves the process group. Shared by the bench_*.py scripts."""

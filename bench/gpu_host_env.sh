@@ -1,6 +1,16 @@
-# Sourced by the bench/run_*.sh runners (from the repository root, with $device set to cuda or cpu): the set-up the
-# GPU host needs and the process count. Sets PY, OUT (absolute), nproc and preset; exports PYTHONPATH so that the
-# carried wheels (deepspeed, bitsandbytes, ...) and regrow itself (this folder, not installed) import.
+# Sourced by the bench/run_*.sh runners from the repository root, with the runner's arguments: the set-up the GPU
+# host needs and the process count. Reads --device cuda|cpu (cuda by default; cpu is the smoke test without a GPU).
+# Sets device, PY, OUT (absolute), nproc and preset; exports PYTHONPATH so that the carried wheels (deepspeed,
+# bitsandbytes, ...) and regrow itself (this folder, not installed) import.
+device=cuda
+for arg in "$@"; do
+  case $arg in
+    --device=cpu|cpu) device=cpu ;;
+    --device) ;;
+    --device=cuda|cuda) device=cuda ;;
+    *) echo "$(basename "$0"): unknown argument $arg (use --device cpu for the CPU smoke test)" >&2; exit 2 ;;
+  esac
+done
 export PYTHONUNBUFFERED=1
 # NVLink multicast (NVLS) stays off on the lent machines; nothing here touches any other multicast setting.
 export NCCL_NVLS_ENABLE=0

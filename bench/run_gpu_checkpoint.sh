@@ -14,18 +14,8 @@
 # printed) and $OUT/logs/ckpt-*.log (each run's full output).
 set -uo pipefail
 
-device=cuda
-for arg in "$@"; do
-  case $arg in
-    --device=cpu|cpu) device=cpu ;;
-    --device) ;;
-    --device=cuda|cuda) device=cuda ;;
-    *) echo "run_gpu_checkpoint.sh: unknown argument $arg (use --device cpu for the CPU smoke test)" >&2; exit 2 ;;
-  esac
-done
-
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source bench/gpu_host_env.sh
+source bench/gpu_host_env.sh "$@"
 CKPT_DIR=${CKPT_DIR:-/tmp/bench-ckpt}
 rm -rf "$CKPT_DIR" && mkdir -p "$CKPT_DIR"
 load_nproc=${LOAD_NGPU:-$(( nproc / 2 > 0 ? nproc / 2 : 1 ))}

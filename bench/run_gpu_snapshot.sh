@@ -12,18 +12,8 @@
 # $OUT/logs/snapshot.log (the full output).
 set -uo pipefail
 
-device=cuda
-for arg in "$@"; do
-  case $arg in
-    --device=cpu|cpu) device=cpu ;;
-    --device) ;;
-    --device=cuda|cuda) device=cuda ;;
-    *) echo "run_gpu_snapshot.sh: unknown argument $arg (use --device cpu for the CPU smoke test)" >&2; exit 2 ;;
-  esac
-done
-
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source bench/gpu_host_env.sh
+source bench/gpu_host_env.sh "$@"
 # The job's snapshot token: in the environment (torchrun hands it to the ranks), never on a command line.
 REGROW_SNAPSHOT_TOKEN=$("$PY" -c 'import secrets; print(secrets.token_hex(32))')
 export REGROW_SNAPSHOT_TOKEN

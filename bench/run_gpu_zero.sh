@@ -14,18 +14,8 @@
 # $OUT/logs/*.log (each run's full output) and $OUT/optimizer.txt.
 set -uo pipefail
 
-device=cuda
-for arg in "$@"; do
-  case $arg in
-    --device=cpu|cpu) device=cpu ;;
-    --device) ;;
-    --device=cuda|cuda) device=cuda ;;
-    *) echo "run_gpu_zero.sh: unknown argument $arg (use --device cpu for the CPU smoke test)" >&2; exit 2 ;;
-  esac
-done
-
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source bench/gpu_host_env.sh
+source bench/gpu_host_env.sh "$@"
 
 pyver=$("$PY" -c 'import sys; print(sys.version.split()[0])')
 echo "== $(date -u +%FT%TZ) device=$device nproc=$nproc preset=$preset python=$pyver"
