@@ -18,8 +18,14 @@ Then, with the last snapshot sealed:
 
 - ``d2h_gbps``: one synchronous copy of the whole shard into the snapshot segment (pinned by cudaHostRegister
   when the sink registered it: ``registered``): the copy's floor, to set against the step time;
-- ``verify_gbps``: the CRC32 verification of the newest segment on this rank (the seal computes the same CRCs, on
-  the sink's finisher thread, overlapping the optimizer step);
+- ``verify_gbps``: ``snapshot_segment.verify`` of the newest segment on this rank, on the host: the WordSum-128 of
+  the payload (numpy on ``crc.default_threads()`` threads) and the CRC32 of the metadata, which is what every
+  restore pays per slot. The per-step seal does not do this: on CUDA with triton it digests the source tensors on
+  the GPU (next figure), and it reads no payload byte on the host;
+- ``digest_gpu_ms``: ``wordsum_triton.digest_cuda`` of every shard tensor, one after the other on the current
+  stream, device synchronised before and after (slowest rank; Triton's launches included, which the seal pays on
+  the training thread in ``after_step``), and ``digest_gpu_gbps_min`` the slowest rank's throughput: the seal's
+  checksum cost on the copy's side stream. None on CPU or without triton (the seal then digests on the host);
 - ``restore_s``: ``restore_from_node`` into the running trainer, barrier to barrier (LATEST, re-verify both slots,
   agree on the step, copy into the optimizer, all-gather the parameters);
 - ``rebuild_s``: building a fresh ``Trainer`` (model, optimizer buffers), barrier to barrier: what a restarted
@@ -47,7 +53,11 @@ from bench_zero import emit_result, init_distributed, result_header
 from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
-from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig, restore_from_node
+from regrow.checkpoint.snapshot_sink import (
+    SnapshotSink,
+    SnapshotSinkConfig,
+    restore_from_node,
+)
 from regrow.launch.snapshot_cli import snapshot_bytes
 from regrow.trainer.loop import Trainer
 
@@ -112,7 +122,8 @@ def d2h_gbps(sink: SnapshotSink, trainer: Trainer) -> tuple[float, bool]:
 
 
 def verify_gbps(sink: SnapshotSink) -> tuple[float, int]:
-    """GB/s of verifying (CRC32 of payload and metadata) this rank's newest sealed segment, and its payload bytes."""
+    """GB/s of verifying (WordSum-128 of the payload, CRC32 of the metadata) this rank's newest sealed segment on the
+    host, and its payload bytes."""
     best = None
     for segment in sink.segments:
         header = seg.read_header(segment.buffer)
@@ -124,6 +135,25 @@ def verify_gbps(sink: SnapshotSink) -> tuple[float, int]:
     seconds = time.perf_counter() - start
     snapshot.payload.release()
     return best[0].payload_bytes / seconds / 1e9, best[0].payload_bytes
+
+
+def digest_gpu_s(trainer: Trainer) -> float | None:
+    """Seconds of the GPU digest of the whole shard on this rank (None on CPU, or where triton is missing)."""
+    if trainer.device.type != "cuda":
+        return None
+    try:
+        from regrow.checkpoint.wordsum_triton import digest_cuda
+    except ImportError:
+        return None
+    sources = list(trainer.optimizer.shard_tensors().values())
+    for source in sources:  # compiles the kernel variants before timing
+        digest_cuda(source)
+    sync(trainer.device)
+    start = time.perf_counter()
+    for source in sources:
+        digest_cuda(source)
+    sync(trainer.device)
+    return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -144,7 +174,8 @@ def run(args: argparse.Namespace) -> dict:
         sink.close()  # seals the last snapshot
         trainer.sinks.remove(sink)
         copy_gbps, registered = d2h_gbps(sink, trainer)
-        crc_gbps, payload = verify_gbps(sink)
+        host_gbps, payload = verify_gbps(sink)
+        gpu_s = digest_gpu_s(trainer)
         steps_before = trainer.step
         restored = {}
         restore_s = barrier_timed(device, lambda: restored.setdefault(
@@ -158,8 +189,11 @@ def run(args: argparse.Namespace) -> dict:
             "windows_ms_off": [round(w * 1e3, 1) for w in off], "windows_ms_on": [round(w * 1e3, 1) for w in on],
             "attach_s": round(attach_s, 3), "shard_bytes_per_rank": int(max_over_ranks(payload)),
             "registered": registered, "d2h_gbps_min": round(-max_over_ranks(-copy_gbps), 2),
-            "verify_gbps_min": round(-max_over_ranks(-crc_gbps), 2),
-            "verify_s_per_gb": round(1 / max(-max_over_ranks(-crc_gbps), 1e-9), 3),
+            "verify_gbps_min": round(-max_over_ranks(-host_gbps), 2),
+            "verify_s_per_gb": round(1 / max(-max_over_ranks(-host_gbps), 1e-9), 3),
+            "payload_checksum": f"wordsum128 v{seg.FORMAT_VERSION}",
+            "digest_gpu_ms": None if gpu_s is None else round(max_over_ranks(gpu_s) * 1e3, 3),
+            "digest_gpu_gbps_min": None if gpu_s is None else round(-max_over_ranks(-payload / gpu_s / 1e9), 1),
             "restore_s": round(restore_s, 3), "restored_step": restored["r"].step, "trained_step": steps_before,
             "rebuild_s": round(rebuild_s, 3), "sealed_snapshots": len(sink.sealed_steps),
         }
@@ -170,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
     job_left = list(Path(args.shm_dir).glob(f"regrow-snap-{process.job}-*")) if process else []
     figures["segments_left"] = int(max_over_ranks(len(job_left)))
     return {"bench": "snapshot", **result_header(args, world_size, device), "window": args.window, **figures,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,12 @@ compute stream wait for the copy's event, so the CPU never blocks; on CPU it joi
 ``wait_host()`` is for whoever reads the buffers (the persist thread): it blocks until the bytes are in host memory.
 ``release()`` returns the slot once the reader is done.
 
+``start(tensors, summarize=f)`` also computes ``f(name, source)`` for each tensor, on the copy's stream (CUDA) or
+thread (CPU) right before that tensor's copy, and brings the (small) result to host memory with the copy: on CUDA
+it lands in pinned memory under the copy's events, so :attr:`HostCopy.summaries` is readable after ``wait_host()``
+(or ``wait_tensor(name)`` for one tensor) and the CPU never waits for the device to compute it. The snapshot sink
+passes a GPU checksum of each source tensor (``wordsum_triton.digest_cuda``) so that it never reads the payload.
+
 The checkpoint writer uses one slot (a save while the previous one persists is skipped or waited for); the in-memory
 snapshot will use two alternating slots so one complete copy always exists, and can pass ``allocate`` to place the
 buffers in shared memory it owns.
@@ -26,11 +32,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-
 from regrow.trainer.checks import require_ints
 
 Allocate = Callable[[str, torch.Size, torch.dtype, bool], torch.Tensor]
 """``allocate(name, shape, dtype, pin)`` -> an empty host tensor for the copy of tensor ``name``."""
+Summarize = Callable[[str, torch.Tensor], torch.Tensor]
+"""``summarize(name, source)`` -> a small tensor on ``source``'s device computed from ``source``: called on the copy's
+stream (CUDA: enqueue work, never synchronize) or thread (CPU), before ``source`` is copied."""
 
 
 def default_allocate(name: str, shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -40,15 +48,18 @@ def default_allocate(name: str, shape: torch.Size, dtype: torch.dtype, pin: bool
 class HostCopy:
     """One copy in flight into one slot's buffers. See the module docstring for the two waits."""
 
-    def __init__(self, copier: "HostCopier", slot: int, buffers: dict[str, torch.Tensor]) -> None:
+    def __init__(self, copier: HostCopier, slot: int, buffers: dict[str, torch.Tensor]) -> None:
         self.copier = copier
         self.slot = slot
         self.buffers = buffers
         """The host tensors, keyed like the sources; valid to read after :meth:`wait_host`."""
+        self.summaries: dict[str, torch.Tensor] = {}
+        """Host copies of ``summarize(name, source)`` per tensor (empty without ``summarize``); valid to read after
+        :meth:`wait_host`, or :meth:`wait_tensor` of that name."""
         self._sources: list[torch.Tensor] = []  # kept alive until the copy is done (see start_cuda)
-        self._event: "torch.cuda.Event | None" = None
+        self._event: torch.cuda.Event | None = None
         # Per tensor: a CUDA event recorded after its copy, or (CPU) a flag set after it, for wait_tensor().
-        self._tensor_events: dict[str, "torch.cuda.Event"] = {}
+        self._tensor_events: dict[str, torch.cuda.Event] = {}
         self._tensor_done: dict[str, threading.Event] = {name: threading.Event() for name in buffers}
         self._device: torch.device | None = None
         self._thread: threading.Thread | None = None
@@ -56,13 +67,15 @@ class HostCopy:
         self._released = False
 
     # ------------------------------------------------------------------ started by HostCopier.start
-    def start_cpu(self, sources: Mapping[str, torch.Tensor]) -> None:
+    def start_cpu(self, sources: Mapping[str, torch.Tensor], summarize: Summarize | None = None) -> None:
         def copy_all() -> None:
             try:
                 for name, source in sources.items():
+                    if summarize is not None:
+                        self.summaries[name] = summarize(name, source)
                     self.buffers[name].copy_(source)
                     self._tensor_done[name].set()
-            except BaseException as error:  # reported by the waits, on the threads that act on it
+            except BaseException as error:  # noqa: BLE001 (reported by the waits, on the threads that act on it)
                 self._error = error
             finally:
                 for done in self._tensor_done.values():  # a failed copy must not leave wait_tensor() hanging
@@ -71,13 +84,21 @@ class HostCopy:
         self._thread = threading.Thread(target=copy_all, name=f"regrow-hostcopy-slot{self.slot}", daemon=True)
         self._thread.start()
 
-    def start_cuda(self, sources: Mapping[str, torch.Tensor], stream: "torch.cuda.Stream") -> None:  # CUDA only
+    def start_cuda(self, sources: Mapping[str, torch.Tensor], stream: torch.cuda.Stream,
+                   summarize: Summarize | None = None) -> None:  # CUDA only
         self._device = device = next(iter(sources.values())).device
         compute = torch.cuda.current_stream(device)
         # The copy must see the tensors after everything already queued (the optimizer step, the all-gather).
         stream.wait_stream(compute)
         with torch.cuda.stream(stream):
             for name, source in sources.items():
+                if summarize is not None:
+                    # Allocated on this stream, so the caching allocator reuses the device result only after the
+                    # copy below has read it; the pinned host block is likewise held until the copy's event.
+                    result = summarize(name, source)
+                    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                    host.copy_(result, non_blocking=True)
+                    self.summaries[name] = host
                 self.buffers[name].copy_(source, non_blocking=True)
                 # The caching allocator must not hand this memory to someone else while the side stream still reads
                 # it, should the owner free the tensor meanwhile.
@@ -167,14 +188,16 @@ class HostCopier:
         self._buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(self.config.slots)]
         self._busy = [False] * self.config.slots
         self._lock = threading.Lock()
-        self._stream: "torch.cuda.Stream | None" = None  # CUDA only: created on first use
+        self._stream: torch.cuda.Stream | None = None  # CUDA only: created on first use
 
     def free_slots(self) -> int:
         with self._lock:
             return self._busy.count(False)
 
-    def start(self, tensors: Mapping[str, torch.Tensor]) -> HostCopy | None:
-        """Starts copying ``tensors`` into a free slot; returns None when every slot is still in use."""
+    def start(self, tensors: Mapping[str, torch.Tensor], *, summarize: Summarize | None = None) -> HostCopy | None:
+        """Starts copying ``tensors`` into a free slot; returns None when every slot is still in use. With
+        ``summarize``, also computes and brings to the host ``summarize(name, source)`` per tensor (see the module
+        docstring and :attr:`HostCopy.summaries`)."""
         if not tensors:
             raise ValueError("HostCopier.start: no tensors to copy")
         with self._lock:
@@ -189,12 +212,18 @@ class HostCopier:
         on_cuda = device.type == "cuda"
         pin = on_cuda if self.config.pin_memory is None else self.config.pin_memory
         copy = HostCopy(self, slot, self._slot_buffers(slot, tensors, pin))
-        if on_cuda:  # CUDA only
-            if self._stream is None or self._stream.device != device:
-                self._stream = torch.cuda.Stream(device)
-            copy.start_cuda(tensors, self._stream)
-        else:
-            copy.start_cpu(tensors)
+        try:
+            if on_cuda:  # CUDA only
+                if self._stream is None or self._stream.device != device:
+                    self._stream = torch.cuda.Stream(device)
+                copy.start_cuda(tensors, self._stream, summarize)
+            else:
+                copy.start_cpu(tensors, summarize)
+        except BaseException:
+            # Nothing will wait for or release this copy (e.g. ``summarize`` failed): the slot must not stay busy.
+            # Work already queued on the side stream reads the sources only; later copies queue behind it.
+            copy.release()
+            raise
         return copy
 
     def _slot_buffers(self, slot: int, tensors: Mapping[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:

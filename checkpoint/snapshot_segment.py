@@ -2,15 +2,18 @@
 
 A segment holds at most one shard snapshot of one rank::
 
-    [0, 64)                     fixed header (little-endian, see ``_FIXED``)
-    [64, 64 + meta_capacity)    the snapshot's JSON metadata (tensor table, step, RNG, data cursor, layout)
-    [payload_offset, end)       the payload: every shard tensor's raw bytes at the offsets of the tensor table
+    [0, 128)                    fixed header (little-endian, see ``_FIXED``; ``complete`` at 64)
+    [128, 128 + meta_capacity)  the snapshot's JSON metadata (tensor table, step, RNG, data cursor, layout)
+    [payload_offset, end)       the payload: every shard tensor's raw bytes at the offsets of the tensor table,
+                                the gaps between tensors zero
 
 The fixed header holds the magic, the format version, rank, slot, the metadata capacity, the step, the payload and
-metadata sizes, a CRC32 of each, and the ``complete`` word. A writer clears ``complete`` first, writes the payload
-and metadata, then the sizes and checksums, and sets ``complete`` LAST (:func:`begin` and :func:`seal`), so a
-writer killed anywhere in between leaves a segment that :func:`inspect` reports as incomplete, never as a snapshot.
-``complete`` is a distinctive word rather than 1, so stray bytes are not mistaken for it.
+metadata sizes, a CRC32 of the metadata, the WordSum-128 of the payload (``wordsum.py``: the rank computes it on the
+GPU from the source tensors, so it never reads the payload back) and the ``complete`` word, alone on the header's
+second cache line. A writer clears ``complete`` first, writes the payload and metadata, then the sizes and
+checksums, and sets ``complete`` LAST (:func:`begin` and :func:`seal`), so a writer killed anywhere in between
+leaves a segment that :func:`inspect` reports as incomplete, never as a snapshot. ``complete`` is a distinctive word
+rather than 1, so stray bytes are not mistaken for it.
 
 This module does not import torch: the snapshot process uses it too, and starts in well under a second.
 """
@@ -24,18 +27,25 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from regrow.checkpoint import crc
+from regrow.checkpoint import wordsum
 
 MAGIC = b"RGSNAP\x00\x01"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: WordSum-128 payload checksum, 128-byte header. 1 (CRC32 of the payload, 64-byte header) is not read: segments
+live in /dev/shm only, never across an upgrade."""
 COMPLETE = 0x600DF00D
 """The value of the ``complete`` word of a sealed snapshot."""
 
-_FIXED = struct.Struct("<8sIIIIqQIII")
-"""magic, version, rank, slot, meta_capacity, step, payload_bytes, meta_bytes, payload_crc, meta_crc."""
-_COMPLETE_AT = 56
+_FIXED = struct.Struct("<8sIIIIqQIIQQ")
+"""magic, version, rank, slot, meta_capacity, step, payload_bytes, meta_bytes, meta_crc, payload_sum_a,
+payload_sum_b: 64 bytes, every field naturally aligned."""
+_VERSION = struct.Struct("<8sI")
+"""The fields every format version shares (magic, version): read first, to refuse other versions by name."""
+_META_BYTES_AT = 40
+"""Byte offset of ``meta_bytes`` in ``_FIXED`` (:func:`begin` writes it with the metadata)."""
+_COMPLETE_AT = 64
 """Byte offset of the ``complete`` word (after ``_FIXED``, written on its own)."""
-HEADER_BYTES = 64
+HEADER_BYTES = 128
 PAGE = 4096
 TENSOR_ALIGN = 64
 """Every tensor starts on a multiple of this (any dtype's alignment, and cache lines for the copy)."""
@@ -64,7 +74,7 @@ class TensorEntry:
                 "nbytes": self.nbytes}
 
     @classmethod
-    def from_dict(cls, entry: dict) -> "TensorEntry":
+    def from_dict(cls, entry: dict) -> TensorEntry:
         return cls(name=entry["name"], dtype=entry["dtype"], shape=tuple(entry["shape"]), offset=entry["offset"],
                    nbytes=entry["nbytes"])
 
@@ -101,7 +111,7 @@ def segment_bytes(meta_capacity: int, payload_bytes: int) -> int:
 def format_empty(buffer: mmap.mmap, *, rank: int, slot: int, meta_capacity: int) -> None:
     """Writes the header of a fresh segment (no snapshot yet: ``complete`` is 0)."""
     buffer[:HEADER_BYTES] = bytes(HEADER_BYTES)
-    _FIXED.pack_into(buffer, 0, MAGIC, FORMAT_VERSION, rank, slot, meta_capacity, -1, 0, 0, 0, 0)
+    _FIXED.pack_into(buffer, 0, MAGIC, FORMAT_VERSION, rank, slot, meta_capacity, -1, 0, 0, 0, 0, 0)
 
 
 def open_segment(path: str, *, writable: bool) -> mmap.mmap:
@@ -117,7 +127,8 @@ def open_segment(path: str, *, writable: bool) -> mmap.mmap:
 
 @dataclass(frozen=True)
 class Header:
-    """The fixed header of a segment, as read."""
+    """The fixed header of a segment, as read. Only ``magic`` and ``version`` mean anything when ``version`` is not
+    :data:`FORMAT_VERSION` (the other fields are then read at this version's offsets)."""
 
     magic: bytes
     version: int
@@ -127,15 +138,18 @@ class Header:
     step: int
     payload_bytes: int
     meta_bytes: int
-    payload_crc: int
     meta_crc: int
+    payload_digest: wordsum.Digest
     complete: int
 
 
-def read_header(buffer: mmap.mmap | bytes) -> Header:
-    fields = _FIXED.unpack_from(buffer, 0)
+def read_header(buffer: mmap.mmap | bytes | memoryview) -> Header:
+    (magic, version, rank, slot, meta_capacity, step, payload_bytes, meta_bytes, meta_crc, sum_a,
+     sum_b) = _FIXED.unpack_from(buffer, 0)
     (complete,) = struct.unpack_from("<I", buffer, _COMPLETE_AT)
-    return Header(*fields, complete=complete)
+    return Header(magic=magic, version=version, rank=rank, slot=slot, meta_capacity=meta_capacity, step=step,
+                  payload_bytes=payload_bytes, meta_bytes=meta_bytes, meta_crc=meta_crc,
+                  payload_digest=wordsum.Digest(sum_a, sum_b), complete=complete)
 
 
 def begin(buffer: mmap.mmap, meta: dict) -> None:
@@ -149,24 +163,26 @@ def begin(buffer: mmap.mmap, meta: dict) -> None:
                          f"{header.meta_capacity}; attach again with a larger meta_capacity")
     buffer[HEADER_BYTES : HEADER_BYTES + len(data)] = data
     # The size goes in now so that seal() checksums exactly these bytes.
-    struct.pack_into("<I", buffer, 40, len(data))
+    struct.pack_into("<I", buffer, _META_BYTES_AT, len(data))
 
 
-def seal(buffer: mmap.mmap, *, step: int, payload_bytes: int, payload_crc: int | None = None) -> None:
+def seal(buffer: mmap.mmap, *, step: int, payload_bytes: int, payload_digest: wordsum.Digest | None = None) -> None:
     """Finishes the snapshot :func:`begin` started once the payload is written: step, sizes, both checksums, and
-    ``complete`` LAST. ``payload_crc``, when the writer already computed it (e.g. tensor by tensor as their copies
-    landed), must be the CRC32 of the payload's ``payload_bytes``."""
+    ``complete`` LAST. ``payload_digest``, when the writer already computed it (on the GPU from the source tensors,
+    or tensor by tensor as their copies landed), must be the WordSum-128 of the payload's ``payload_bytes`` as they
+    are in the segment (gaps included: zeros digest to nothing, see ``wordsum.assemble``); None digests the payload
+    here, on the host."""
     header = read_header(buffer)
     start = payload_offset(header.meta_capacity)
     view = memoryview(buffer)
     try:
-        if payload_crc is None:
-            payload_crc = crc.crc32(view[start : start + payload_bytes])
+        if payload_digest is None:
+            payload_digest = wordsum.digest(view[start : start + payload_bytes])
         meta_crc = zlib.crc32(view[HEADER_BYTES : HEADER_BYTES + header.meta_bytes])
     finally:
         view.release()
     _FIXED.pack_into(buffer, 0, MAGIC, FORMAT_VERSION, header.rank, header.slot, header.meta_capacity, step,
-                     payload_bytes, header.meta_bytes, payload_crc, meta_crc)
+                     payload_bytes, header.meta_bytes, meta_crc, payload_digest.a, payload_digest.b)
     struct.pack_into("<I", buffer, _COMPLETE_AT, COMPLETE)
 
 
@@ -186,13 +202,18 @@ class SegmentError(ValueError):
 
 def verify(buffer: mmap.mmap | bytes, *, rank: int | None = None) -> Snapshot:
     """Checks a segment and returns its snapshot; raises :class:`SegmentError` saying what is wrong."""
-    if len(buffer) < HEADER_BYTES:
+    if len(buffer) < _VERSION.size:
         raise SegmentError(f"segment is {len(buffer)} bytes, smaller than its header")
+    magic, version = _VERSION.unpack_from(buffer, 0)
+    if magic != MAGIC:
+        raise SegmentError(f"bad magic {magic!r} (not a regrow snapshot segment)")
+    if version != FORMAT_VERSION:
+        raise SegmentError(f"unsupported snapshot segment format version {version}: this regrow reads only version "
+                           f"{FORMAT_VERSION}; the segment was written by another regrow version (segments do not "
+                           f"survive upgrades: restart the snapshot process and restore from the disk checkpoint)")
+    if len(buffer) < HEADER_BYTES:
+        raise SegmentError(f"segment is {len(buffer)} bytes, smaller than its {HEADER_BYTES}-byte header")
     header = read_header(buffer)
-    if header.magic != MAGIC:
-        raise SegmentError(f"bad magic {header.magic!r} (not a regrow snapshot segment)")
-    if header.version != FORMAT_VERSION:
-        raise SegmentError(f"format version {header.version}, this code reads {FORMAT_VERSION}")
     if rank is not None and header.rank != rank:
         raise SegmentError(f"segment belongs to rank {header.rank}, not {rank}")
     if header.complete != COMPLETE:
@@ -207,8 +228,9 @@ def verify(buffer: mmap.mmap | bytes, *, rank: int | None = None) -> Snapshot:
     problem = None
     if zlib.crc32(meta_bytes) != header.meta_crc:
         problem = f"step {header.step}: metadata checksum mismatch"
-    elif crc.crc32(payload) != header.payload_crc:
-        problem = f"step {header.step}: payload checksum mismatch"
+    elif (found := wordsum.digest(payload)) != header.payload_digest:
+        problem = (f"step {header.step}: payload checksum mismatch (WordSum-128 {found.hex()}, sealed with "
+                   f"{header.payload_digest.hex()})")
     elif (meta := json.loads(meta_bytes)).get("step") != header.step:
         problem = f"corrupt: metadata step {meta.get('step')} != header step {header.step}"
     if problem is not None:

@@ -87,7 +87,7 @@ def test_segment_header_round_trip(tmp_path) -> None:
     assert (snapshot.step, snapshot.slot, snapshot.meta["step"]) == (7, 1, 7)
     assert bytes(snapshot.payload) == bytes([5]) * payload
     header = seg.read_header(buffer)
-    assert (header.magic, header.version, header.rank, header.complete) == (seg.MAGIC, 1, 3, seg.COMPLETE)
+    assert (header.magic, header.version, header.rank, header.complete) == (seg.MAGIC, seg.FORMAT_VERSION, 3, seg.COMPLETE)
     snapshot.payload.release()
     buffer.close()
     assert seg.inspect(str(path), rank=2)["status"] == "segment belongs to rank 3, not 2"
