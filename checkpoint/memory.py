@@ -8,13 +8,16 @@ the rank announces; ranks map the files themselves (``snapshot_segment.open_segm
 snapshot byte ever crosses the socket between ranks and this process. The protocol is in ``snapshot_protocol.py``
 and docs/snapshot-protocol.md. With erasure coding on (``erasure.ec_group_size``), this process also encodes its
 ranks' committed snapshots with its group's peers and can rebuild a lost node's segments (``snapshot_peers.py``).
+With persistence on (``persist.persist_every``), it writes its ranks' parts of a universal checkpoint every
+``persist_every`` steps from their sealed snapshots (``snapshot_persist.py``), so the ranks need no checkpoint writer.
 
 Space is checked before anything is created (``os.statvfs``) and reserved with ``posix_fallocate``, so a
 ``/dev/shm`` that is too small fails at start-up (``expected_bytes``) or at ATTACH, never in the middle of a run.
 If this process is killed, the segments it created are orphaned and the next snapshot process of the same job
 removes them: the snapshots are lost with it, and ranks restore from the universal checkpoint instead.
 
-This module does not import torch (start-up stays fast); the rank side is ``snapshot_sink.py``.
+This module does not import torch (start-up stays fast; persistence, when on, imports it at start-up); the rank
+side is ``snapshot_sink.py``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint.erasure import ErasureError
 from regrow.checkpoint.snapshot_ec_buffer import BufferError, RebuiltSegment, SealedSegment
 from regrow.checkpoint.snapshot_peers import ErasureCodingConfig, PeerCoding
+from regrow.checkpoint.snapshot_persist import PersistConfig, Persister
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, parse_address, recv_message, send_message
 
 SLOTS = 2
@@ -70,6 +74,8 @@ class SnapshotProcessConfig:
     """Seconds a new connection has to present the token (a silent client cannot hold a thread longer)."""
     erasure: ErasureCodingConfig = field(default_factory=ErasureCodingConfig)
     """Erasure coding with the peer snapshot processes of this node's group (off by default)."""
+    persist: PersistConfig = field(default_factory=PersistConfig)
+    """Persisting the ranks' snapshots as universal checkpoints every ``persist_every`` steps (off by default)."""
 
     def __post_init__(self) -> None:
         parse_address(self.address)
@@ -120,6 +126,8 @@ class SnapshotServer:
         if config.expected_bytes:
             check_space(config.shm_dir, config.expected_bytes)
         self._remove_leftovers()
+        # Before listening: a persist_dir that cannot be created fails the start, not the first persist.
+        self.persister = Persister(config.persist, token, log=log) if config.persist.enabled else None
         host, port = parse_address(config.address)
         self._listener = socket.create_server((host, port))
         self.address = f"{host}:{self._listener.getsockname()[1]}"
@@ -141,6 +149,8 @@ class SnapshotServer:
         self._listener.close()
         if self.peers is not None:
             self.peers.close()
+        if self.persister is not None:
+            self.persister.close()  # a persist in flight reads private copies, not the segments removed next
         self._remove_all()
 
     def shutdown(self) -> None:
@@ -209,12 +219,19 @@ class SnapshotServer:
             if op == "shutdown":
                 self.shutdown()
                 return {"ok": True}, None
+            if op == "persisted":
+                status = self.persister.status() if self.persister else {"enabled": False, "persisted": [],
+                                                                         "results": []}
+                return {"ok": True, **status}, None
+            if op == "run_config":
+                return self._run_config(request["config"]), None
             if isinstance(op, str) and op.startswith("ec_"):
                 if self.peers is None:
                     return {"ok": False, "error": f"{op}: erasure coding is off in this snapshot process "
                                                   f"(start it with ec_group_size > 0)"}, None
                 return self.peers.handle(op, request, payload)
-            return {"ok": False, "error": f"unknown op {op!r} (attach, latest, commit, shutdown, ec_*)"}, None
+            return {"ok": False, "error": f"unknown op {op!r} (attach, latest, commit, shutdown, persisted, "
+                                          f"run_config, ec_*)"}, None
         except (KeyError, TypeError, ValueError, OSError, ShmSpaceError, ErasureError, ProtocolError,
                 TimeoutError) as error:
             return {"ok": False, "error": f"{type(error).__name__}: {error}"}, None
@@ -289,6 +306,31 @@ class SnapshotServer:
             ready = self._ready_step()
             if ready is not None:
                 self.peers.local_ready(ready)
+        self._offer_persist(step)
+        return {"ok": True}
+
+    # ---------------------------------------------------------------- persistence (snapshot_persist)
+    def _offer_persist(self, step: int) -> None:
+        """Hands ``step`` to the persister when it is a persist step and every attached rank has committed it."""
+        if self.persister is None or step <= 0 or step % self.config.persist.persist_every:
+            return
+        slots = {}
+        with self._lock:
+            for rank, have in self._ranks.items():
+                found = [slot for slot, committed in have.committed.items() if committed == step]
+                if not found:
+                    return  # this rank's COMMIT of the step comes later (and offers it then)
+                slots[rank] = have.paths[found[0]]
+        self.persister.offer(step, slots)
+
+    def _run_config(self, config: dict) -> dict:
+        """Sets the run's config (``TrainerConfig.to_dict()``) that persisted manifests record."""
+        if not isinstance(config, dict):
+            raise TypeError(f"run_config: config must be a JSON object, not {type(config).__name__}")
+        if self.persister is None:
+            return {"ok": False, "error": "run_config: persistence is off in this snapshot process (start it with "
+                                          "persist_every > 0)"}
+        self.persister.run_config = config
         return {"ok": True}
 
     # ---------------------------------------------------------------- for erasure coding (snapshot_peers)
@@ -313,16 +355,30 @@ class SnapshotServer:
                                          meta_capacity=have.meta_capacity, path=have.paths[slots[0]]))
         return out
 
-    def install(self, segment: RebuiltSegment, step: int) -> None:
+    def install(self, segment: RebuiltSegment, step: int, *, replace: bool = False) -> None:
         """Creates ``segment.rank``'s two segments as ATTACH would and writes the rebuilt snapshot into its slot,
-        committed; the rank's later ATTACH with the same table re-attaches to it."""
+        committed; the rank's later ATTACH with the same table re-attaches to it. With ``replace`` (a rollback of
+        an attached rank), the rank's existing slot is overwritten instead; its tensor table must match."""
         _, payload = seg.plan_tensors(segment.tensors)
         size = seg.segment_bytes(segment.meta_capacity, payload)
         if len(segment.data) > size:
             raise BufferError(f"rebuilt segment of rank {segment.rank} has {len(segment.data)} bytes, more than "
                               f"the {size} its table needs")
         with self._lock:
-            if segment.rank in self._ranks:
+            have = self._ranks.get(segment.rank)
+            if have is not None and replace:
+                if have.table != segment.tensors or have.meta_capacity != segment.meta_capacity:
+                    raise ValueError(f"rank {segment.rank} is attached with another tensor table or metadata room "
+                                     f"than its coded buffer of step {step}: cannot roll it back")
+                have.committed.pop(segment.slot, None)  # void while it is rewritten
+                buffer = seg.open_segment(have.paths[segment.slot], writable=True)
+                try:
+                    buffer[: len(segment.data)] = segment.data
+                finally:
+                    buffer.close()
+                have.committed[segment.slot] = step
+                return
+            if have is not None:
                 raise ValueError(f"rank {segment.rank} is already attached here: rebuild only into a fresh process")
             check_space(self.config.shm_dir, SLOTS * size)
             paths = [self._create(segment.rank, slot, size, segment.meta_capacity) for slot in range(SLOTS)]
@@ -367,7 +423,11 @@ def start_snapshot_process(config: SnapshotProcessConfig, *, token: str, timeout
     command = [sys.executable, "-m", "regrow.checkpoint.memory", "--address", config.address, "--job", job,
                "--shm-dir", config.shm_dir, "--expected-bytes", str(config.expected_bytes),
                "--ec-group-size", str(config.erasure.ec_group_size), "--ec-parity", str(config.erasure.ec_parity),
-               "--ec-timeout-s", str(config.erasure.peer_timeout_s)]
+               "--ec-timeout-s", str(config.erasure.peer_timeout_s),
+               "--persist-every", str(config.persist.persist_every), "--persist-dir", config.persist.persist_dir,
+               "--keep-last", str(config.persist.keep_last),
+               "--persist-timeout-s", str(config.persist.commit_timeout_s),
+               "--persist-copy-threads", str(config.persist.copy_threads)]
     env = dict(os.environ, **{TOKEN_ENV: token})
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout_s
@@ -408,14 +468,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ec-group-size", type=int, default=0, help="nodes per erasure-coding group; 0: off")
     parser.add_argument("--ec-parity", type=int, default=1, help="nodes of a group that may be lost at once")
     parser.add_argument("--ec-timeout-s", type=float, default=30.0, help="limit of each call to a peer")
+    parser.add_argument("--persist-every", type=int, default=0,
+                        help="persist every step that is a multiple of this as a universal checkpoint; 0: off")
+    parser.add_argument("--persist-dir", default="", help="checkpoint root every node's snapshot process sees")
+    parser.add_argument("--keep-last", type=int, default=2, help="persisted checkpoints to keep (>= 2)")
+    parser.add_argument("--persist-timeout-s", type=float, default=600.0,
+                        help="how long the process holding rank 0 waits for every rank's part")
+    parser.add_argument("--persist-copy-threads", type=int, default=4, help="threads copying a slot before a persist")
     args = parser.parse_args(argv)
     try:
         erasure = ErasureCodingConfig(ec_group_size=args.ec_group_size, ec_parity=args.ec_parity,
                                       peer_timeout_s=args.ec_timeout_s)
+        persist = PersistConfig(persist_every=args.persist_every, persist_dir=args.persist_dir,
+                                keep_last=args.keep_last, commit_timeout_s=args.persist_timeout_s,
+                                copy_threads=args.persist_copy_threads)
         config = SnapshotProcessConfig(address=args.address, job=args.job, shm_dir=args.shm_dir,
-                                       expected_bytes=args.expected_bytes, erasure=erasure)
+                                       expected_bytes=args.expected_bytes, erasure=erasure, persist=persist)
         server = SnapshotServer(config, os.environ.get(TOKEN_ENV, ""))
-    except (ValueError, ShmSpaceError, OSError) as error:
+    except (ValueError, TypeError, ShmSpaceError, OSError) as error:
         print(f"[snapshot process] cannot start: {error}", file=sys.stderr, flush=True)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())

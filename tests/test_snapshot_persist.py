@@ -1,0 +1,263 @@
+"""Snapshots persisted as universal checkpoints by the snapshot process: the files equal the CheckpointWriter's,
+they load at another world size, a slot reused during the copy is never persisted, failures leave ``latest``."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from regrow.checkpoint import snapshot_segment as seg
+from regrow.checkpoint import storage, verify
+from regrow.checkpoint.format import MANIFEST_NAME, temp_dir_name
+from regrow.checkpoint.memory import (
+    SnapshotProcessConfig,
+    SnapshotServer,
+    start_snapshot_process,
+)
+from regrow.checkpoint.reshard import restore_trainer
+from regrow.checkpoint.snapshot_persist import (
+    PersistConfig,
+    SlotOverwritten,
+    copy_sealed,
+    persist_session,
+)
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient
+from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
+from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+from regrow.launch.spawn import run_local
+from regrow.tests import ckpt_workers as cw
+from regrow.tests import persist_workers as pw
+from regrow.trainer.loop import Trainer
+
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture
+def token() -> str:
+    return secrets.token_hex(32)
+
+
+class InProcessNode:
+    """A SnapshotServer served on a thread of the test process, so a test can reach its persister (hooks);
+    shut down and its segments removed by :meth:`close`."""
+
+    def __init__(self, persist: PersistConfig, token: str) -> None:
+        self.job = f"persist-{secrets.token_hex(3)}"
+        self.server = SnapshotServer(SnapshotProcessConfig(job=self.job, persist=persist), token)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.client = SnapshotClient(self.server.address, token=token, timeout_s=30)
+
+    def wait_for(self, step: int, timeout_s: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [r for r in self.client.request({"op": "persisted"})["results"] if r["step"] == step]
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise TimeoutError(f"no persist outcome for step {step} within {timeout_s} s")
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.shutdown()
+        self.thread.join(30)
+        for leftover in SHM.glob(f"regrow-snap-{self.job}-*"):
+            leftover.unlink()
+
+
+def tensor_files(ckpt: Path) -> dict[str, bytes]:
+    """Every file of a committed checkpoint but the manifest, by relative path."""
+    return {str(p.relative_to(ckpt)): p.read_bytes() for p in sorted(ckpt.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def assert_same_checkpoint(persisted: Path, reference: Path) -> None:
+    """File for file the same bytes; the same manifest except the time and the writer's session."""
+    ours, theirs = (json.loads((d / MANIFEST_NAME).read_text()) for d in (persisted, reference))
+    for manifest in (ours, theirs):
+        manifest.pop("created")
+        manifest.pop("writer")
+    assert ours == theirs
+    assert tensor_files(persisted) == tensor_files(reference)
+    assert verify.verify(persisted).ok
+
+
+def assert_same_restore(persisted: Path, reference: Path, world_size: int) -> None:
+    """Restored into fresh trainers at ``world_size`` (this process: 1), both give the same tensors."""
+    a, b = Trainer(cw.config(world_size)), Trainer(cw.config(world_size))
+    restore_trainer(a, persisted)
+    restore_trainer(b, reference)
+    assert a.step == b.step
+    for (name, x), y in zip(a.optimizer.shard_tensors().items(), b.optimizer.shard_tensors().values()):
+        assert torch.equal(x, y), name
+    for (name, x), y in zip(cw.params_of(a).items(), cw.params_of(b).values()):
+        assert torch.equal(x, y), name
+
+
+# ------------------------------------------------------------------------ configuration
+def test_bad_persist_config_gives_clear_errors(tmp_path, token) -> None:
+    with pytest.raises(ValueError, match=r"PersistConfig.persist_every=-1 must be an integer >= 0"):
+        PersistConfig(persist_every=-1)
+    with pytest.raises(ValueError, match=r"PersistConfig.persist_dir is empty but persist_every=2"):
+        PersistConfig(persist_every=2)
+    with pytest.raises(ValueError, match=r"PersistConfig.keep_last=1 must be an integer >= 2"):
+        PersistConfig(persist_every=2, persist_dir=str(tmp_path), keep_last=1)
+    with pytest.raises(ValueError, match=r"PersistConfig.commit_timeout_s=0"):
+        PersistConfig(persist_every=2, persist_dir=str(tmp_path), commit_timeout_s=0)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"PersistConfig.persist_dir=.* is not a directory"):
+        PersistConfig(persist_every=2, persist_dir=str(tmp_path / "file"))
+    assert not PersistConfig().enabled and SnapshotProcessConfig().persist == PersistConfig()
+
+    env = dict(os.environ, **{TOKEN_ENV: token})
+    command = [sys.executable, "-m", "regrow.checkpoint.memory", "--persist-every", "2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "PersistConfig.persist_dir is empty" in done.stderr
+    with pytest.raises(RuntimeError, match="did not start"):  # a persist_dir that cannot be created
+        start_snapshot_process(SnapshotProcessConfig(persist=PersistConfig(
+            persist_every=2, persist_dir=str(tmp_path / "file" / "ckpt"))), token=token, timeout_s=60)
+
+
+def test_session_is_shared_by_the_job_and_differs_by_step_and_job(token) -> None:
+    assert persist_session(token, 4) == persist_session(token, 4)
+    assert persist_session(token, 4) != persist_session(token, 6)
+    assert persist_session(token, 4) != persist_session(secrets.token_hex(32), 4)
+    assert len(persist_session(token, 4)) == 16 and token[:16] not in persist_session(token, 4)
+
+
+# ------------------------------------------------------------------------ the race with the ranks
+@pytest.mark.timeout(240)
+def test_slot_reused_during_the_copy_is_not_persisted(tmp_path, token, capsys) -> None:
+    """The copy of step 2 is held (a hook) while the rank trains on and reuses the slot for step 4: step 2 is
+    detected as overwritten and not written, step 4 arrives while busy and is skipped, step 6 is persisted and
+    equals the CheckpointWriter's step 6 byte for byte."""
+    root = tmp_path / "persisted"
+    node = InProcessNode(PersistConfig(persist_every=2, persist_dir=str(root), keep_last=2, commit_timeout_s=30),
+                         token)
+    try:
+        copied, proceed = threading.Event(), threading.Event()
+
+        def hold_step_2(rank: int, step: int) -> None:
+            if step == 2:
+                copied.set()
+                assert proceed.wait(120), "the test never released the copy"
+
+        node.server.persister.copy_hook = hold_step_2
+        config = cw.config(1, steps=6)
+        node.client.request({"op": "run_config", "config": config.to_dict()})
+        sink = SnapshotSink(SnapshotSinkConfig(address=node.server.address, token=token), rank=0)
+        trainer = Trainer(config, sinks=[sink])
+        trainer.train_step()
+        trainer.train_step()
+        assert copied.wait(60), "step 2 was never offered for persisting"
+        for _ in range(3):  # step 4 reuses step 2's slot; step 5's after_step waits for step 4's seal and COMMIT
+            trainer.train_step()
+        proceed.set()
+        assert node.wait_for(2)["status"] == "overwritten"
+        trainer.train_step()
+        sink.close()
+        assert node.wait_for(6)["status"] == "committed"
+        statuses = [(r["step"], r["status"]) for r in node.client.request({"op": "persisted"})["results"]]
+        assert statuses == [(4, "skipped"), (2, "overwritten"), (6, "committed")]
+        out = capsys.readouterr().out
+        assert "persist of step 2 abandoned: rank 0's slot" in out and "was reused during the copy" in out
+        assert "persist of step 4 skipped: the persist of step 2 is still running" in out
+        assert f"persisted step 6 to {root / 'step_00000006'} in" in out
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006"]
+
+        # The same slot again, read directly: it now holds step 4, so a copy of step 2 is refused up front.
+        slots = {s["step"]: s["path"] for s in node.client.request({"op": "latest", "rank": 0})["slots"]}
+        buffer = seg.open_segment(slots[6], writable=False)
+        try:
+            with pytest.raises(SlotOverwritten, match="not a sealed snapshot of step 2"):
+                copy_sealed(buffer, rank=0, step=2)
+            snapshot = copy_sealed(buffer, rank=0, step=6, threads=3)
+            assert snapshot.step == 6
+            snapshot.payload.release()
+        finally:
+            buffer.close()
+    finally:
+        node.close()
+
+    reference = tmp_path / "reference"
+    writer_trainer = Trainer(config)
+    writer = CheckpointWriter(WriterConfig(root=str(reference), save_every=6), run_config=config.to_dict())
+    writer_trainer.sinks.append(writer)
+    writer_trainer.run()
+    assert_same_checkpoint(root / "step_00000006", reference / "step_00000006")
+
+
+@pytest.mark.timeout(240)
+def test_failed_persist_leaves_latest_on_the_last_good_checkpoint(tmp_path, token, capsys) -> None:
+    """Step 4's temporary directory cannot be created (a file is in the way): the persist fails after the commit
+    timeout, ``latest`` stays on step 2, and training never noticed."""
+    root = tmp_path / "persisted"
+    root.mkdir()
+    (root / temp_dir_name(4, persist_session(token, 4))).write_text("in the way")
+    node = InProcessNode(PersistConfig(persist_every=2, persist_dir=str(root), commit_timeout_s=2), token)
+    try:
+        trainer = Trainer(cw.config(1, steps=4), sinks=[SnapshotSink(SnapshotSinkConfig(
+            address=node.server.address, token=token), rank=0)])
+        for _ in range(3):  # step 3's after_step waits for step 2's seal and COMMIT
+            trainer.train_step()
+        assert node.wait_for(2)["status"] == "committed"  # so that step 4 does not find it busy
+        trainer.run()
+        failed = node.wait_for(4)
+        assert failed["status"] == "failed" and "wrote no part within 2 s" in failed["error"]
+        assert storage.read_latest(root) == "step_00000002"
+        assert [step for step, _ in storage.committed(root)] == [2]
+        assert "persist of step 4 FAILED" in capsys.readouterr().out
+    finally:
+        node.close()
+
+
+# ------------------------------------------------------------------------ two nodes, real processes
+@pytest.mark.timeout(480)
+def test_two_nodes_persist_what_the_checkpoint_writer_saves(tmp_path, token) -> None:
+    """Two snapshot processes (two simulated nodes of two ranks each) persist steps 2, 4 and 6 of a 4-rank run
+    whose ranks have no checkpoint writer; every checkpoint equals the CheckpointWriter's of a reference run, file
+    for file, and loads at world size 1."""
+    root, reference = tmp_path / "persisted", tmp_path / "reference"
+    config = cw.config(4, steps=6)
+    persist = PersistConfig(persist_every=2, persist_dir=str(root), keep_last=3, commit_timeout_s=60)
+    base = secrets.token_hex(3)
+    nodes = []
+    try:
+        for i in range(2):
+            nodes.append(start_snapshot_process(SnapshotProcessConfig(job=f"{base}-n{i}", persist=persist),
+                                                token=token))
+        for node in nodes:
+            client = SnapshotClient(node.address, token=token)
+            client.request({"op": "run_config", "config": config.to_dict()})
+            client.close()
+        results = run_local(pw.train_on_nodes, 4, config, [n.address for n in nodes], 2, 2, backend="gloo",
+                            timeout_s=300, env={TOKEN_ENV: token})
+        statuses = []
+        for node in nodes:
+            client = SnapshotClient(node.address, token=token)
+            statuses.append({r["step"]: r["status"] for r in client.request({"op": "persisted"})["results"]})
+            client.close()
+    finally:
+        for node in nodes:
+            node.stop()
+        for leftover in SHM.glob(f"regrow-snap-{base}-*"):
+            leftover.unlink()
+    assert all(r["sinks"] == ["SnapshotSink"] for r in results), "the ranks wrote no checkpoint themselves"
+    assert statuses == [{2: "committed", 4: "committed", 6: "committed"}, {2: "written", 4: "written", 6: "written"}]
+    assert [step for step, _ in storage.committed(root)] == [2, 4, 6]
+    assert storage.read_latest(root) == "step_00000006"
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp_")]
+
+    run_local(pw.train_with_writer, 4, config, str(reference), 2, backend="gloo", timeout_s=300)
+    for step in (2, 4, 6):
+        name = f"step_{step:08d}"
+        assert_same_checkpoint(root / name, reference / name)
+    assert_same_restore(root / "step_00000004", reference / "step_00000004", world_size=1)
