@@ -7,6 +7,7 @@ the point-to-point pipeline traffic inside a node where the node is large enough
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -84,3 +85,14 @@ class Topology:
         if not 0 <= node < self.num_nodes:
             raise ValueError(f"node={node} is outside the {self.num_nodes} nodes")
         return list(range(node * self.node_size, (node + 1) * self.node_size))
+
+    def stage_ranks(self, dp: int, stages: Iterable[int]) -> list[int]:
+        """The ranks of replica ``dp`` that hold ``stages`` (ascending stage order): e.g. the holders of a
+        parameter shared between pipeline stages."""
+        return [self.rank_of(dp=dp, pp=p) for p in sorted(stages)]
+
+    def pp_neighbors(self, pp: int) -> tuple[int | None, int | None]:
+        """The stages before and after ``pp`` in the pipeline (None at an end)."""
+        if not 0 <= pp < self.pp_size:
+            raise ValueError(f"pp={pp} is outside the {self.pp_size} pipeline stages")
+        return (pp - 1 if pp > 0 else None, pp + 1 if pp < self.pp_size - 1 else None)

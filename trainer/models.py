@@ -174,3 +174,93 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# ------------------------------------------------------------------------------------------- pipeline stages
+def stage_blocks(n_layer: int, n_stages: int, stage: int) -> range:
+    """The global block indices of ``stage`` when ``n_layer`` blocks are cut into ``n_stages`` equal stages.
+
+    Equal stages are required: neighbour-averaging recovery pairs block j of a stage with block j of its neighbour.
+    """
+    if n_stages < 1 or n_layer % n_stages:
+        raise ValueError(f"n_stages={n_stages} must divide n_layer={n_layer} (every stage holds as many blocks)")
+    if not 0 <= stage < n_stages:
+        raise ValueError(f"stage={stage} is outside [0, {n_stages})")
+    per = n_layer // n_stages
+    return range(stage * per, (stage + 1) * per)
+
+
+class TiedHead(nn.Embedding):
+    """The LM head of a pipeline stage: its own copy of the (tied) token embedding matrix, used as ``x @ W.T``.
+
+    An ``nn.Embedding`` on purpose: the optimizer keeps fp32 state and applies weight decay to embeddings exactly as
+    it does to the single model's tied ``wte.weight``, so this copy and the embedding stage's copy, given the same
+    (summed) gradient, receive bit-identical updates.
+    """
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class GPTStage(nn.Module):
+    """One pipeline stage of a :class:`GPT`: some consecutive blocks, plus the input embedding (``embed``) and/or
+    the final norm and LM head (``head``).
+
+    Local parameter names are role-based and identical across stages: ``wte.weight``, ``wpe.weight``,
+    ``blocks.<j>.<...>`` (j counts from 0 inside the stage), ``ln_f.weight``, ``lm_head.weight``. :meth:`global_names`
+    maps them to the full model's names (``lm_head.weight`` -> ``wte.weight``: the tie, handled by the pipeline).
+    """
+
+    def __init__(self, config: GPTConfig, blocks: range, *, embed: bool, head: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.block_ids = blocks
+        self.has_embed, self.has_head = embed, head
+        if embed:
+            self.wte = nn.Embedding(config.vocab_size, config.d_model)
+            self.wpe = nn.Embedding(config.seq_len, config.d_model)
+            self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in blocks)
+        if head:
+            self.ln_f = nn.LayerNorm(config.d_model, bias=False)
+            self.lm_head = TiedHead(config.vocab_size, config.d_model)
+
+    @classmethod
+    def from_gpt(cls, gpt: GPT, blocks: range, *, embed: bool, head: bool) -> GPTStage:
+        """A stage whose parameters are copies of ``gpt``'s (same values, new tensors)."""
+        stage = cls(gpt.config, blocks, embed=embed, head=head)
+        full = dict(gpt.named_parameters(remove_duplicate=False))
+        own = dict(stage.named_parameters())
+        with torch.no_grad():
+            for local, name in stage.global_names().items():
+                own[local].copy_(full[name])
+        return stage.to(next(gpt.parameters()).device)
+
+    def global_names(self) -> dict[str, str]:
+        """Local parameter name -> the full :class:`GPT`'s parameter name (the explicit mapping between stages)."""
+        mapping = {}
+        for local, _ in self.named_parameters():
+            if local.startswith("blocks."):
+                _, j, rest = local.split(".", 2)
+                mapping[local] = f"blocks.{self.block_ids[int(j)]}.{rest}"
+            else:
+                mapping[local] = "wte.weight" if local == "lm_head.weight" else local
+        return mapping
+
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token plus position embedding of ``idx`` ``[B, T]`` (stages built with ``embed=True`` only)."""
+        if idx.shape[1] > self.config.seq_len:
+            raise ValueError(f"input length {idx.shape[1]} exceeds GPTConfig.seq_len={self.config.seq_len}")
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """This stage's blocks applied in order to the residual stream ``x`` ``[B, T, d_model]``."""
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (in fp32, as :meth:`GPT.forward`) of the logits of ``x`` (``head=True`` only)."""
+        logits = self.lm_head.project(self.ln_f(x))
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))

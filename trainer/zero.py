@@ -18,6 +18,7 @@ rank's new parameters are all-gathered into every rank's flat buffer.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 
 import torch
@@ -151,6 +152,12 @@ class ZeroOptimizer:
     Contract: construct after the model is on its device and the process group (if any) is up; every rank of the
     group constructs it with the same model. Call ``backward`` on the loss, then ``step()`` once per optimizer step,
     then ``zero_grad()``; all ranks must call ``step()`` together (it runs collectives).
+
+    ``group`` is the data-parallel group that shards the state. Pipeline parallelism adds two optional settings:
+    ``norm_group`` sums the squared gradient norm over a second group after ``group`` (the pipeline's stages, so
+    that clipping uses the global norm), and ``norm_skip`` names parameters left out of the norm (a replicated copy
+    counted by another stage). ``last_group_grad_norm`` is the norm over ``group`` only; ``last_grad_norm`` the norm
+    clipping used; ``last_clip_coefficient`` the factor applied to the gradients. Without them nothing changes.
     """
 
     def __init__(
@@ -159,6 +166,8 @@ class ZeroOptimizer:
         config: ZeroConfig | None = None,
         *,
         group: dist.ProcessGroup | None = None,
+        norm_group: dist.ProcessGroup | None = None,
+        norm_skip: Collection[str] = (),
         **overrides: object,
     ) -> None:
         if config is not None and overrides:
@@ -190,12 +199,19 @@ class ZeroOptimizer:
         )
         self._params = dict(named)
         self._shards = [_GroupShard(g, self.rank, self.device, self.param_dtype) for g in self.layout.groups]
+        unknown_skip = sorted(set(norm_skip) - set(self._params))
+        if unknown_skip:
+            raise ValueError(f"ZeroOptimizer: norm_skip names {unknown_skip}, which are not trainable parameters")
+        self.norm_group = norm_group
+        self._norm_ranges = [_counted_ranges(shard, frozenset(norm_skip)) for shard in self._shards]
         self._bind_parameters()
         self._order = _reduction_order(self.layout, [name for name, _ in named])
         self._reducer = _BucketReducer(self) if config.stage == 2 else None
         self._flat_grads = self._bind_gradients() if config.stage == 1 else None
         self.step_count = 0
         self.last_grad_norm = float("nan")
+        self.last_group_grad_norm = float("nan")
+        self.last_clip_coefficient = 1.0
 
     # ---------------------------------------------------------------- set-up
     def _bind_parameters(self) -> None:
@@ -239,6 +255,7 @@ class ZeroOptimizer:
         else:
             self._reduce_stage1()
         coefficient = self._clip_coefficient()
+        self.last_clip_coefficient = coefficient
         if coefficient != 1.0:
             # The gradient shard is this optimizer's scratch space: scaling it in place lets both update kernels
             # read it as is (no converted copy, one pass).
@@ -317,10 +334,18 @@ class ZeroOptimizer:
         """
         # Summed in fp64 so that the norm (and the clipping factor) barely depends on how the gradient is sharded.
         squares = torch.zeros(1, dtype=torch.float64, device=self.device)
-        for shard in self._shards:
-            squares += torch.linalg.vector_norm(shard.grad, dtype=torch.float64).square()
+        for shard, ranges in zip(self._shards, self._norm_ranges):
+            if ranges is None:
+                squares += torch.linalg.vector_norm(shard.grad, dtype=torch.float64).square()
+                continue
+            for start, length in ranges:
+                squares += torch.linalg.vector_norm(shard.grad[start : start + length], dtype=torch.float64).square()
         if self.world_size > 1:
             collectives.all_reduce(squares, group=self.group, timeout_s=self.config.timeout_s)
+        self.last_group_grad_norm = math.sqrt(squares.item())
+        if self.norm_group is not None:
+            # Pipeline parallelism: every stage's optimizer holds a part of the model; the clipping norm is global.
+            collectives.all_reduce(squares, group=self.norm_group, timeout_s=self.config.timeout_s)
         self.last_grad_norm = math.sqrt(squares.item())
         limit = self.config.max_grad_norm
         if limit == 0 or not math.isfinite(self.last_grad_norm):
@@ -507,6 +532,27 @@ class _BucketReducer:
         """Waits for every reduce-scatter of this step; the gradient shards are complete afterwards."""
         while self.inflight:
             self.inflight.pop(0).accumulate()
+
+
+def _counted_ranges(shard: _GroupShard, skip: frozenset[str]) -> list[tuple[int, int]] | None:
+    """The ``(local_start, length)`` ranges of this rank's gradient shard that count towards the clipping norm:
+    everything but the elements of parameters in ``skip``; None (the whole shard) when nothing is skipped."""
+    skipped = [(s.offset, s.offset + s.numel) for s in shard.layout.params if s.name in skip]
+    if not skipped:
+        return None
+    ranges: list[tuple[int, int]] = []
+    for flat_start, local_start, length in shard.pieces:
+        cursor, end = flat_start, flat_start + length
+        for lo, hi in sorted(skipped):
+            lo, hi = max(lo, cursor), min(hi, end)
+            if lo >= hi:
+                continue
+            if lo > cursor:
+                ranges.append((local_start + cursor - flat_start, lo - cursor))
+            cursor = hi
+        if cursor < end:
+            ranges.append((local_start + cursor - flat_start, end - cursor))
+    return ranges
 
 
 def _state_kind_rule(model: nn.Module, config: ZeroConfig):
