@@ -11,15 +11,20 @@ held and how to recreate their segments::
                      end), exactly as in /dev/shm, so it carries its own CRCs and seal
 
 Packing copies the segments (the sink overwrites a slot two snapshots later, while the copy must stay fixed for as
-long as its parity is the newest) and verifies the copy, so a slot overwritten during the copy is caught.
+long as its parity is the newest) and checks the slots' headers before and after the copy, so a slot overwritten
+during the copy is caught; unpacking verifies every segment's checksums.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
 
 from regrow.checkpoint import snapshot_segment as seg
 
@@ -59,8 +64,9 @@ class NodeSegments(Protocol):
     def sealed_segments(self, step: int) -> list[SealedSegment]:
         """Every local rank's slot holding a committed snapshot of ``step`` (raises KeyError if one lacks it)."""
 
-    def install(self, segment: RebuiltSegment, step: int) -> None:
-        """Creates the rank's segments (as ATTACH would) and writes ``segment`` into its slot, committed."""
+    def install(self, segment: RebuiltSegment, step: int, *, replace: bool = False) -> None:
+        """Creates the rank's segments (as ATTACH would) and writes ``segment`` into its slot, committed; with
+        ``replace``, an attached rank's slot is overwritten instead (its tensor table must match)."""
 
 
 def _used_bytes(data: bytes | memoryview) -> int:
@@ -68,43 +74,70 @@ def _used_bytes(data: bytes | memoryview) -> int:
     return seg.payload_offset(header.meta_capacity) + header.payload_bytes
 
 
-def pack(step: int, segments: list[SealedSegment]) -> bytearray:
-    """The buffer of ``step`` from ``segments`` (copied, then each copy verified to be ``step``, sealed, intact)."""
-    copies: list[bytes] = []
-    for item in segments:
-        mapped = seg.open_segment(item.path, writable=False)
-        try:
-            copy = bytes(mapped[: _used_bytes(mapped)])
-        finally:
-            mapped.close()
-        try:
-            snapshot = seg.verify(copy, rank=item.rank)
-        except seg.SegmentError as error:
-            raise BufferError(f"rank {item.rank} slot {item.slot} changed while it was copied: {error}") from None
-        snapshot.payload.release()
-        if snapshot.step != step:
-            raise BufferError(f"rank {item.rank} slot {item.slot} now holds step {snapshot.step}, not {step}")
-        copies.append(copy)
-    # offsets are relative to the segment area so the index does not depend on its own length
-    index = {"step": step, "ranks": []}
-    offset = 0
-    for item, copy in zip(segments, copies, strict=True):
-        index["ranks"].append({"rank": item.rank, "slot": item.slot, "tensors": item.tensors,
-                               "meta_capacity": item.meta_capacity, "offset": offset, "nbytes": len(copy)})
-        offset += len(copy)
-    encoded = json.dumps(index, separators=(",", ":")).encode()
-    out = bytearray(_PREFIX.size + len(encoded) + offset)
-    _PREFIX.pack_into(out, 0, MAGIC, len(encoded))
-    out[_PREFIX.size: _PREFIX.size + len(encoded)] = encoded
-    position = _PREFIX.size + len(encoded)
-    for copy in copies:
-        out[position: position + len(copy)] = copy
-        position += len(copy)
-    return out
+def pack(step: int, segments: list[SealedSegment], *, threads: int = 8) -> bytearray:
+    """The buffer of ``step`` from ``segments``: each segment copied once, straight into the buffer, on ``threads``
+    threads (the rank overwrites this slot two snapshots later, so the copy must be quick).
+
+    A copy is checked like a seqlock rather than re-checksummed: the slot must be sealed at ``step`` before the copy
+    and still after it. A sink clears ``complete`` before writing any byte of a new snapshot (``seg.begin``), so an
+    unchanged header after the copy means no byte changed during it; raises :class:`BufferError` otherwise. The
+    checksums travel inside the copied segments and are verified where the buffer is used (:func:`unpack`)."""
+    mapped = [seg.open_segment(item.path, writable=False) for item in segments]
+    try:
+        sizes = []
+        for item, buffer in zip(segments, mapped, strict=True):
+            _require_sealed(buffer, item, step)
+            sizes.append(_used_bytes(buffer))
+        # offsets are relative to the segment area so the index does not depend on its own length
+        index = {"step": step, "ranks": []}
+        offset = 0
+        for item, size in zip(segments, sizes, strict=True):
+            index["ranks"].append({"rank": item.rank, "slot": item.slot, "tensors": item.tensors,
+                                   "meta_capacity": item.meta_capacity, "offset": offset, "nbytes": size})
+            offset += size
+        encoded = json.dumps(index, separators=(",", ":")).encode()
+        out = bytearray(_PREFIX.size + len(encoded) + offset)
+        _PREFIX.pack_into(out, 0, MAGIC, len(encoded))
+        out[_PREFIX.size: _PREFIX.size + len(encoded)] = encoded
+        position = _PREFIX.size + len(encoded)
+        target = np.frombuffer(out, dtype=np.uint8)
+        for item, buffer, size in zip(segments, mapped, sizes, strict=True):
+            _parallel_copy(target[position: position + size], np.frombuffer(buffer, dtype=np.uint8, count=size),
+                           threads)
+            _require_sealed(buffer, item, step)
+            position += size
+        del target  # releases the export of ``out``, which may then be resized by its owner
+        return out
+    finally:
+        for buffer in mapped:
+            buffer.close()
 
 
-def unpack(buffer: bytes | bytearray | memoryview) -> tuple[int, list[RebuiltSegment]]:
-    """The step and the verified segments of a (decoded) buffer; raises :class:`BufferError` naming the rank."""
+def _require_sealed(buffer, item: SealedSegment, step: int) -> None:
+    header = seg.read_header(buffer)
+    if header.complete != seg.COMPLETE or header.step != step:
+        raise BufferError(f"rank {item.rank} slot {item.slot} no longer holds a sealed snapshot of step {step} (now "
+                          f"step {header.step}, {'sealed' if header.complete == seg.COMPLETE else 'being written'})"
+                          f": it was overwritten during the copy")
+
+
+def _parallel_copy(target: np.ndarray, source: np.ndarray, threads: int, chunk: int = 16 << 20) -> None:
+    """``target[:] = source`` in chunks on up to ``threads`` threads (numpy releases the GIL while copying)."""
+    starts = range(0, source.size, chunk)
+    if threads <= 1 or len(starts) <= 1:
+        np.copyto(target, source)
+        return
+    list(_pool(threads).map(lambda at: np.copyto(target[at: at + chunk], source[at: at + chunk]), starts))
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="regrow-ec-pack")
+
+
+def unpack(buffer: bytes | bytearray | memoryview, *, rank: int | None = None) -> tuple[int, list[RebuiltSegment]]:
+    """The step and the verified segments of a (decoded) buffer, or only local rank ``rank``'s; raises
+    :class:`BufferError` naming the rank."""
     view = memoryview(buffer).cast("B")
     if view.nbytes < _PREFIX.size:
         raise BufferError(f"node buffer of {view.nbytes} bytes is shorter than its prefix")
@@ -115,6 +148,8 @@ def unpack(buffer: bytes | bytearray | memoryview) -> tuple[int, list[RebuiltSeg
     base = _PREFIX.size + length
     out: list[RebuiltSegment] = []
     for entry in index["ranks"]:
+        if rank is not None and entry["rank"] != rank:
+            continue
         data = bytes(view[base + entry["offset"]: base + entry["offset"] + entry["nbytes"]])
         try:
             snapshot = seg.verify(data, rank=entry["rank"])

@@ -2,20 +2,25 @@
 
 Each snapshot process is node ``i`` of a group of n (``ec_group_size``) tolerating p losses (``ec_parity``); the
 placement is :class:`regrow.checkpoint.erasure.GroupCode`'s rotating parity. A node's buffer is its local ranks'
-sealed segments of one step (``snapshot_ec_buffer``). Steps are agreed without a coordinator: a process encodes
-the newest step that ALL its local ranks have committed, and a round of step s completes on a node once every
-member has announced s; since ranks snapshot on the same cadence, every node reaches the same s. One round:
+sealed segments of one step (``snapshot_ec_buffer``). Steps are agreed without a coordinator, and a round of step
+s completes on a node once every member has announced s. An idle process starts a round of the newest step a peer
+has announced that all its local ranks have committed too (joining that peer's round), or else of its own newest
+such step. A running round is abandoned for a newer step only when a peer announced that newer step and this node
+has it too: rounds converge on the highest announced step, and a newer local snapshot alone never stops a round.
+(An earlier version let every newer local snapshot supersede the running round; with a snapshot every step and a
+round longer than a step, no round ever completed.) One round:
 
-1. pack the buffer (a verified copy); send ``ec_size`` (step, node, bytes) to every peer;
+1. pack the buffer (one copy of the slots, checked not to have been overwritten meanwhile); send ``ec_size``
+   (step, node, bytes) to every peer;
 2. once all n sizes of s are in, cut the buffer into k = n - p pieces (``GroupCode.geometry``) and send piece j to
    the p parity holders of its stripe (``ec_piece`` with the bytes as raw payload);
 3. once the k data pieces of each of its p stripes are in, compute their parity (``GroupCode.encode_stripe``) and
    keep buffer and parity as "complete" for s (the newest two complete steps are kept, so a round that dies half
    way leaves the previous step complete on every node).
 
-A newer locally-ready step supersedes a running round: the round stops at its next check (between phases and while
-waiting) and the newer step starts; peers still waiting for the stopped round's pieces time out or are superseded in
-turn. Everything runs on the process's coding thread, off the training path (ranks only COMMIT).
+Snapshots that arrive while a round runs are not queued: when it ends, the newest is taken. A round whose peer
+stopped answering times out (``peer_timeout_s``) and the next round starts from the newest step. Everything runs
+on the process's coding thread, off the training path (ranks only COMMIT).
 
 Rebuild (``ec_rebuild``, sent to a replacement process with empty memory): ask every peer (``ec_status``) which
 steps it holds complete, take the newest step s held by at least n - p nodes, fetch those nodes' buffers and parity
@@ -131,7 +136,9 @@ class PeerCoding:
         self.node: int | None = None
         self.peers: list[str] = []
         self._cond = threading.Condition()
-        self._target: int | None = None
+        self._ready: int | None = None  # newest step every local rank has committed
+        self._round_step: int | None = None  # the step of the round running, if any
+        self.rounds_completed = 0
         self._stop = False
         self._inbox: dict[int, _Inbox] = {}
         self._complete: dict[int, _Complete] = {}
@@ -148,10 +155,10 @@ class PeerCoding:
             client.close()
 
     def local_ready(self, step: int) -> None:
-        """All local ranks committed ``step``: encode it (superseding an older round still running)."""
+        """All local ranks committed ``step``: the next round (when none runs) encodes it or a newer one."""
         with self._cond:
-            if self._target is None or step > self._target:
-                self._target = step
+            if self._ready is None or step > self._ready:
+                self._ready = step
                 self._cond.notify_all()
 
     def handle(self, op: str, request: dict, payload: bytearray | None) -> tuple[dict, bytes | bytearray | None]:
@@ -173,12 +180,16 @@ class PeerCoding:
         if op == "ec_status":
             with self._cond:
                 return {"ok": True, "node": self.node, "complete": sorted(self._complete),
-                        "target": self._target}, None
+                        "round": self._round_step, "ready": self._ready,
+                        "rounds_completed": self.rounds_completed}, None
         if op == "ec_fetch":
             return self._fetch(int(request["step"]), str(request["what"]), int(request.get("index", 0)))
         if op == "ec_rebuild":
             return self.rebuild(), None
-        raise ValueError(f"unknown op {op!r} (ec_group, ec_size, ec_piece, ec_status, ec_fetch, ec_rebuild)")
+        if op == "ec_rollback":
+            return self.rollback(int(request["rank"]), int(request["step"])), None
+        raise ValueError(f"unknown op {op!r} (ec_group, ec_size, ec_piece, ec_status, ec_fetch, ec_rebuild, "
+                         f"ec_rollback)")
 
     def _set_group(self, node: int, peers: list[str]) -> dict:
         if len(peers) != self.config.ec_group_size or not 0 <= node < len(peers):
@@ -200,28 +211,53 @@ class PeerCoding:
         return self._inbox.setdefault(step, _Inbox())
 
     # ------------------------------------------------------------ encode rounds
+    def _announced(self) -> int | None:
+        """The newest step a peer announced (``ec_size``) that every local rank has committed too (lock held)."""
+        steps = [step for step, box in self._inbox.items()
+                 if self._ready is not None and step <= self._ready and any(n != self.node for n in box.sizes)]
+        return max(steps, default=None)
+
+    def _next_step(self, done: int | None) -> int | None:
+        """The step the next round encodes (lock held): a peer's round this node can join, else its newest."""
+        if self.node is None or self._ready is None:
+            return None
+        step = self._announced()
+        if step is None or (done is not None and step <= done):
+            step = self._ready
+        return step if done is None or step > done else None
+
     def _loop(self) -> None:
         done: int | None = None
         while True:
             with self._cond:
-                while not self._stop and (self._target is None or self._target == done or self.node is None):
+                while not self._stop and self._next_step(done) is None:
                     self._cond.wait()
                 if self._stop:
                     return
-                step = self._target
+                step = self._round_step = self._next_step(done)
             assert step is not None
             started = time.monotonic()
             try:
                 self._round(step)
                 log(f"node {self.node}: step {step} encoded in {time.monotonic() - started:.2f} s")
             except _Superseded:
-                log(f"node {self.node}: encode of step {step} superseded by step {self._target}")
+                with self._cond:
+                    newer = self._announced()
+                log(f"node {self.node}: encode of step {step} left for step {newer}, which a peer announced")
             except (OSError, ProtocolError, TimeoutError, ecbuf.BufferError, KeyError, ValueError) as error:
                 log(f"node {self.node}: encode of step {step} failed: {error}")
+            with self._cond:
+                self._round_step = None
+                # Pieces of rounds that will not complete any more (older than the next one) would pin memory.
+                for old in [s for s in self._inbox if s <= step]:
+                    del self._inbox[old]
             done = step
 
     def _check(self, step: int) -> None:
-        if self._stop or self._target != step:
+        """Raises :class:`_Superseded` when the process stops or a peer announced a newer step this node has."""
+        with self._cond:  # an RLock: callers may hold it already
+            newer = self._announced()
+        if self._stop or (newer is not None and newer > step):
             raise _Superseded
 
     def _wait(self, step: int, ready: Callable[[], bool], missing: Callable[[], str]) -> None:
@@ -271,6 +307,7 @@ class PeerCoding:
             parity += [piece for piece in self.code.encode_stripe(s, data, geo) if piece.holder == me]
         with self._cond:
             self._complete[step] = _Complete(buffer=buffer, parity=parity)
+            self.rounds_completed += 1
             for old in sorted(self._complete)[:-KEEP_COMPLETE]:
                 del self._complete[old]
             for old in [s for s in self._inbox if s <= step]:
@@ -325,7 +362,11 @@ class PeerCoding:
                 continue
             for step in reply["complete"]:
                 holders.setdefault(int(step), set()).add(peer)
-        usable = [step for step in sorted(holders, reverse=True) if len(holders[step]) >= n - p]
+        # A step every reachable survivor holds comes first: the ranks of the whole job must restore one common
+        # step, and a survivor can roll its own ranks back only to a step it holds complete (``rollback``).
+        reachable = max((len(h) for h in holders.values()), default=0)
+        usable = sorted((step for step in holders if len(holders[step]) >= n - p),
+                        key=lambda step: (len(holders[step]) == reachable, step), reverse=True)
         if not usable:
             raise NotRecoverable(
                 f"node {me}: no step is held complete by the {n - p} nodes a rebuild needs (group of {n}, parity "
@@ -352,3 +393,22 @@ class PeerCoding:
         log(f"node {me}: rebuilt step {step} (ranks {ranks}) from nodes {survivors}; lost nodes {lost}; crc "
             f"{zlib.crc32(rebuilt):08x}")
         return {"ok": True, "step": step, "ranks": ranks, "lost": lost}
+
+    def rollback(self, rank: int, step: int) -> dict:
+        """Writes local rank ``rank``'s snapshot of ``step``, from this node's own erasure-coding buffer of that
+        step, back into the rank's segment slot (overwriting what the slot holds), committed; returns ``{"ok",
+        "rank", "step", "slot"}``. Used when the job must restore a step that the rank's segments no longer hold
+        (a lost node was rebuilt at an older step) or that they hold corrupt. Call only while the rank is not
+        snapshotting (during its restore)."""
+        with self._cond:
+            held = self._complete.get(step)
+            complete = sorted(self._complete)
+        if held is None:
+            raise KeyError(f"step {step} is not complete in this node's erasure-coding buffers (complete: "
+                           f"{complete})")
+        _, segments = ecbuf.unpack(held.buffer, rank=rank)
+        if not segments:
+            raise KeyError(f"rank {rank} is not in this node's buffer of step {step}")
+        self._segments.install(segments[0], step, replace=True)
+        log(f"node {self.node}: rank {rank} rolled back to step {step} from the node's own coded buffer")
+        return {"ok": True, "rank": rank, "step": step, "slot": segments[0].slot}

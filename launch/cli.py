@@ -3,19 +3,29 @@
 ``regrow train`` spawns ``--nproc`` local processes (gloo on CPU, NCCL on GPUs) or, when started by torchrun
 (``RANK``/``WORLD_SIZE`` in the environment), runs as the rank torchrun made it. Every argument problem is
 reported at once, before anything starts.
+
+The local launcher restarts a failed run up to ``--max-restarts`` times, as torchrun's agent would: between
+attempts it replaces the snapshot process of every lost node and rebuilds it from its erasure-coding group
+(``launch/nodes.py``), and the next attempt's ranks restore from the best source they share
+(``checkpoint/snapshot_recovery.py``). ``--fault`` injects faults into the run (``launch/faults.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from typing import Sequence
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+from regrow.checkpoint import storage
 from regrow.comm.world import World, WorldConfig, destroy_world, init_world
-from regrow.launch import ckpt_cli, snapshot_cli
+from regrow.launch import ckpt_cli, faults, snapshot_cli
+from regrow.launch.nodes import LocalNodes
 from regrow.launch.spawn import WorkerFailed, run_local
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
@@ -54,6 +64,17 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
         problems.append(f"--nproc={args.nproc} must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device=cuda but no CUDA device is available; use --device cpu")
+    if args.max_restarts < 0:
+        problems.append(f"--max-restarts={args.max_restarts} must be >= 0")
+    plan = []
+    for text in args.fault:
+        try:
+            plan.append(faults.Fault.parse(text))
+        except ValueError as error:
+            problems.append(str(error))
+    problems += faults.plan_problems(plan, ranks=args.nproc, nodes=getattr(args, "nodes", 1), steps=args.steps)
+    if plan and _under_torchrun():
+        problems.append("--fault runs under the local launcher (under torchrun, kill the processes yourself)")
     problems += ckpt_cli.train_argument_problems(args)
     problems += snapshot_cli.train_argument_problems(args, under_torchrun=_under_torchrun())
     config = None
@@ -74,13 +95,17 @@ def _under_torchrun() -> bool:
 
 def train_rank(world: World, config: TrainerConfig, checkpointing: ckpt_cli.Checkpointing | None = None,
                snapshotting: snapshot_cli.Snapshotting | None = None) -> list[StepResult]:
-    """One rank's whole run (the entry point of every spawned or torchrun-started process): resume (from the node's
-    snapshot, else the checkpoint), attach the snapshot sink and the checkpoint writer if asked, then train."""
+    """One rank's whole run (the entry point of every spawned or torchrun-started process): resume (from the
+    snapshots, else the checkpoint), attach the snapshot sink and the checkpoint writer if asked, the fault injector
+    if the launcher gave a plan (after the snapshot sink, so it fires while a snapshot is in flight), then train."""
     trainer = Trainer(config, world)
     if snapshotting:
         snapshot_cli.prepare(trainer, snapshotting)
     if checkpointing:
         ckpt_cli.prepare(trainer, checkpointing)
+    injector = faults.FaultInjector.from_env(trainer.rank)
+    if injector is not None:
+        trainer.sinks.append(injector)
     return trainer.run()
 
 
@@ -88,23 +113,65 @@ def _backend(device: str) -> str:
     return "gloo" if device == "cpu" else "nccl" if device == "cuda" else "auto"
 
 
-def run_training(config: TrainerConfig, nproc: int, device: str, timeout_s: float,
-                 checkpointing: ckpt_cli.Checkpointing | None = None,
-                 snapshotting: snapshot_cli.Snapshotting | None = None) -> list[StepResult]:
-    """Runs ``config`` on ``nproc`` local processes, or in this process when torchrun started it.
+@dataclasses.dataclass(kw_only=True)
+class Launch:
+    """How the local launcher runs the ranks: how many, where, how long, how often it restarts, which faults."""
 
-    Local launcher with snapshots: this process starts the node's snapshot process before the ranks and stops it
-    after them, whatever happens (``snapshot_cli.node_snapshots``); under torchrun the process is the one named by
-    ``--snapshot-address`` (see ``launch/snapshot_cli.py`` for why)."""
+    nproc: int
+    device: str = "cpu"
+    timeout_s: float = 3600.0
+    max_restarts: int = 0
+    faults: list[faults.Fault] = dataclasses.field(default_factory=list)
+
+
+def run_training(config: TrainerConfig, launch: Launch, checkpointing: ckpt_cli.Checkpointing | None = None,
+                 snapshotting: snapshot_cli.Snapshotting | None = None) -> list[StepResult]:
+    """Runs ``config`` on ``launch.nproc`` local processes, or in this process when torchrun started it.
+
+    Local launcher with snapshots: this process starts the nodes' snapshot processes before the ranks and stops
+    them after, whatever happens (``snapshot_cli.node_snapshots``); under torchrun the process is the one named by
+    ``--snapshot-address`` (see ``launch/snapshot_cli.py`` for why). Returns the history of the last attempt (the
+    steps it ran)."""
     if _under_torchrun():
-        world = init_world(config=WorldConfig(backend=_backend(device), timeout_s=config.optim.timeout_s))
+        world = init_world(config=WorldConfig(backend=_backend(launch.device), timeout_s=config.optim.timeout_s))
         try:
             return train_rank(world, config, checkpointing, snapshotting)
         finally:
             destroy_world()
-    with snapshot_cli.node_snapshots(snapshotting, config, nproc) as env:
-        return run_local(train_rank, nproc, config, checkpointing, snapshotting, backend=_backend(device),
-                         timeout_s=timeout_s, env=env)[0]
+    with snapshot_cli.node_snapshots(snapshotting, config, launch.nproc) as nodes, \
+            tempfile.TemporaryDirectory(prefix="regrow-faults-") as fired_dir:
+        attempt = 0
+        while True:
+            try:
+                return run_local(train_rank, launch.nproc, config, checkpointing, snapshotting,
+                                 backend=_backend(launch.device), timeout_s=launch.timeout_s,
+                                 env={**snapshot_cli.launcher_env(snapshotting),
+                                      **faults.plan_env(launch.faults, fired_dir)},
+                                 rank_envs=nodes.rank_envs() if nodes else None)[0]
+            except WorkerFailed as error:
+                if attempt >= launch.max_restarts:
+                    raise
+                attempt += 1
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+                reason = lines[0].rstrip(":") + (f": {lines[-1]}" if len(lines) > 1 else "")
+                print(f"[launcher] attempt {attempt} failed ({reason}); restart {attempt} of {launch.max_restarts}",
+                      flush=True)
+                checkpointing, snapshotting = _resumed(checkpointing, snapshotting, nodes)
+
+
+def _resumed(checkpointing: ckpt_cli.Checkpointing | None, snapshotting: snapshot_cli.Snapshotting | None,
+             nodes: LocalNodes | None) -> tuple[ckpt_cli.Checkpointing | None, snapshot_cli.Snapshotting | None]:
+    """The settings of the attempt after a failure: heal the nodes, then resume from the snapshots (which fall
+    back to ``latest`` of the checkpoint root), or from ``latest`` when snapshots are off, or from scratch when
+    nothing was saved."""
+    if nodes is not None:
+        nodes.heal()
+    if snapshotting is not None and snapshotting.every:
+        return checkpointing, dataclasses.replace(snapshotting, resume=True)
+    if checkpointing is not None and checkpointing.ckpt_dir and storage.read_latest(Path(checkpointing.ckpt_dir)):
+        return dataclasses.replace(checkpointing, resume="latest"), snapshotting
+    print("[launcher] no snapshot or checkpoint to resume from: the next attempt starts from step 0", flush=True)
+    return checkpointing, snapshotting
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, steps: int, nproc: int) -> None:
@@ -127,6 +194,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, steps: int, nproc
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--metrics", default=None, help="JSONL metrics file (rank 0)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the whole run is aborted")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="restart the ranks this many times after a failure (local launcher)")
+    parser.add_argument("--fault", action="append", default=[], metavar="KIND:TARGET@STEP",
+                        help="inject a fault: kill-rank:R@S or kill-node:N@S (repeatable; with --max-restarts to "
+                             "recover from it)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -172,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"regrow demo: training GPT '{args.preset}' on pydoc_data.topics with {args.nproc} CPU processes, "
               f"ZeRO-{config.optim.stage}, {config.optim.state_bits}-bit Adam state, {config.steps} steps", flush=True)
     try:
-        history = run_training(config, args.nproc, args.device, args.timeout, ckpt_cli.Checkpointing.from_args(args),
+        launch = Launch(nproc=args.nproc, device=args.device, timeout_s=args.timeout, max_restarts=args.max_restarts,
+                        faults=[faults.Fault.parse(text) for text in args.fault])
+        history = run_training(config, launch, ckpt_cli.Checkpointing.from_args(args),
                                snapshot_cli.Snapshotting.from_args(args))
     except (WorkerFailed, snapshot_cli.SnapshotStartError) as error:
         print(f"regrow {args.command}: {error}", file=sys.stderr)

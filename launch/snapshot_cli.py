@@ -1,13 +1,15 @@
 """The in-memory snapshot side of ``regrow train``: ``--snapshot-every``, ``--snapshot-address``, ``--resume
-snapshot``.
+snapshot``, and the local launcher's simulated nodes and erasure coding (``--nodes``, ``--ec-group-size``,
+``--ec-parity``).
 
 Who owns the node's snapshot process (docs/snapshot-protocol.md: it must outlive the ranks):
 
-- **Local launcher** (``regrow train --nproc N``, :func:`regrow.launch.spawn.run_local`): the ``regrow train``
-  process is the parent of every rank and outlives them, so it starts the snapshot process
-  (:func:`node_snapshots`) with a fresh ``secrets.token_hex(32)`` token, hands the address and token to the ranks
-  through their environment (``run_local``'s ``env``, sent over the spawn pipe, never argv), and stops it (SIGTERM:
-  it removes its segments) when the run ends, however it ends.
+- **Local launcher** (``regrow train --nproc N [--nodes M]``, :func:`regrow.launch.spawn.run_local`): the
+  ``regrow train`` process is the parent of every rank and outlives them, so it starts one snapshot process per
+  node (:func:`node_snapshots`, ``launch/nodes.py``) with a fresh ``secrets.token_hex(32)`` token, hands address
+  and token to each rank through its environment (``run_local``'s ``rank_envs``, sent over the spawn pipe, never
+  argv), replaces and rebuilds a lost node's process between attempts (``--max-restarts``), and stops them all
+  (SIGTERM: they remove their segments) when the run ends, however it ends.
 - **torchrun**: no process of ours outlives a torchrun restart. The elastic agent starts every worker in its own
   session and ``killpg``s that session on a restart, so a snapshot process started by ``LOCAL_RANK`` 0 would die
   with the very ranks it is meant to outlive. Under torchrun the snapshot process is therefore started before
@@ -17,9 +19,10 @@ Who owns the node's snapshot process (docs/snapshot-protocol.md: it must outlive
 - ``--snapshot-address`` also works with the local launcher: the process is then used, never started or stopped,
   which is what lets a later ``regrow train --resume snapshot`` find the snapshots of a run that was killed.
 
-``--resume snapshot`` restores every rank from its node's snapshot process (``restore_from_node``) and, when that
-fails (no snapshot every rank holds, process unreachable), from ``latest`` of ``--ckpt-dir`` if given, following
-DESIGN.md's recovery order (local snapshot -> ... -> last universal checkpoint). A log line names the source used.
+``--resume snapshot`` (and every restart) restores all ranks through
+``checkpoint.snapshot_recovery.restore_job``, following DESIGN.md's recovery order: the newest step every rank
+holds in its node's snapshot slots, else in the nodes' erasure-coded buffers, else ``latest`` of ``--ckpt-dir``.
+A log line names the source used and why better ones were passed over.
 """
 
 from __future__ import annotations
@@ -27,33 +30,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from regrow.checkpoint import snapshot_segment as seg
-from regrow.checkpoint.format import CheckpointError
-from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
-from regrow.checkpoint.reshard import restore_trainer
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient, SnapshotProcessLost, parse_address
-from regrow.checkpoint.snapshot_sink import (
-    SnapshotRestoreError,
-    SnapshotSink,
-    SnapshotSinkConfig,
-    restore_from_node,
-)
-from regrow.comm import collectives
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, parse_address
+from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, restore_job
+from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
 from regrow.launch.ckpt_cli import SNAPSHOT
+from regrow.launch.nodes import ADDRESS_ENV, LocalNodes, NodesConfig
 from regrow.trainer.layout import build_layout
-from regrow.trainer.loop import Trainer, TrainerConfig, log_line
+from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPT
 from regrow.trainer.quant import BLOCK_SIZE
 from regrow.trainer.zero import _state_kind_rule
 
-ADDRESS_ENV = "REGROW_SNAPSHOT_ADDRESS"
-"""How the local launcher tells its ranks where the snapshot process listens (the token travels in TOKEN_ENV)."""
 META_ESTIMATE = 1 << 20
 """Metadata room assumed per segment when sizing ``/dev/shm`` before the ranks attach (the real room, twice the
 metadata plus 64 KiB, is far smaller for any model regrow trains)."""
@@ -79,12 +72,19 @@ class Snapshotting:
     """Where a snapshot process started by the launcher keeps its segments (``--snapshot-shm-dir``)."""
     timeout_s: float = 60.0
     """Seconds any request to the snapshot process may take."""
+    nodes: int = 1
+    """Simulated nodes of the local launcher, each with its own snapshot process (``--nodes``)."""
+    ec_group_size: int = 0
+    """Nodes per erasure-coding group (``--ec-group-size``; 0: off)."""
+    ec_parity: int = 1
+    """Nodes of a group that may be lost at once (``--ec-parity``)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Snapshotting | None":
         plan = cls(every=getattr(args, "snapshot_every", 0), address=getattr(args, "snapshot_address", None),
                    resume=getattr(args, "resume", None) == SNAPSHOT, ckpt_dir=getattr(args, "ckpt_dir", None),
-                   shm_dir=getattr(args, "snapshot_shm_dir", "/dev/shm"))
+                   shm_dir=getattr(args, "snapshot_shm_dir", "/dev/shm"), nodes=getattr(args, "nodes", 1),
+                   ec_group_size=getattr(args, "ec_group_size", 0), ec_parity=getattr(args, "ec_parity", 1))
         return plan if plan.every or plan.resume else None
 
 
@@ -95,6 +95,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"use this node's running snapshot process (token in {TOKEN_ENV}) instead of starting "
                              "one; required under torchrun")
     parser.add_argument("--snapshot-shm-dir", default="/dev/shm", help="tmpfs for the snapshots the launcher starts")
+    parser.add_argument("--nodes", type=int, default=1, metavar="M",
+                        help="split the local ranks into M simulated nodes, each with its own snapshot process")
+    parser.add_argument("--ec-group-size", type=int, default=0, metavar="N",
+                        help="erasure-code the snapshots across groups of N nodes (0: off)")
+    parser.add_argument("--ec-parity", type=int, default=1, metavar="P",
+                        help="nodes of an erasure-coding group that may be lost at once")
 
 
 def train_argument_problems(args: argparse.Namespace, *, under_torchrun: bool) -> list[str]:
@@ -117,6 +123,19 @@ def train_argument_problems(args: argparse.Namespace, *, under_torchrun: bool) -
         problems.append(f"{flag} under torchrun needs --snapshot-address HOST:PORT: torchrun kills a restarted "
                         "worker's whole session, so start `python -m regrow.checkpoint.memory --address "
                         f"127.0.0.1:0` (with {TOKEN_ENV} exported) on each node before torchrun")
+    nodes, group, parity = getattr(args, "nodes", 1), getattr(args, "ec_group_size", 0), getattr(args, "ec_parity", 1)
+    if nodes != 1 or group:
+        if address is not None or under_torchrun:
+            problems.append("--nodes/--ec-group-size lay out the local launcher's own snapshot processes; with "
+                            "--snapshot-address or under torchrun, start the snapshot processes with "
+                            "`python -m regrow.checkpoint.memory --ec-group-size N ...` instead")
+        elif not every:
+            problems.append("--nodes/--ec-group-size need --snapshot-every N (they lay out snapshot processes)")
+        else:
+            try:
+                NodesConfig(ranks=getattr(args, "nproc", 1), nodes=nodes, ec_group_size=group, ec_parity=parity)
+            except ValueError as error:
+                problems.append(str(error).replace("NodesConfig.", "--").replace("ranks=", "--nproc="))
     if resume and address is None and not under_torchrun and not getattr(args, "ckpt_dir", None):
         problems.append("--resume snapshot without --snapshot-address starts a new snapshot process, which holds no "
                         "snapshot: pass the address of the one the killed run used, or --ckpt-dir DIR to fall back "
@@ -150,82 +169,44 @@ def snapshot_bytes(config: TrainerConfig, world_size: int) -> int:
     return 2 * seg.segment_bytes(META_ESTIMATE, payload)
 
 
-@contextlib.contextmanager
-def node_snapshots(plan: Snapshotting | None, config: TrainerConfig, local_ranks: int) -> Iterator[dict[str, str]]:
-    """The local launcher's side: yields the environment its ranks need (address and token), starting this node's
-    snapshot process first unless ``plan.address`` names a running one, and stopping the one it started on exit.
+def node_layout(plan: Snapshotting | None, config: TrainerConfig, ranks: int) -> NodesConfig | None:
+    """The local launcher's node layout for ``plan`` (None when it starts no snapshot process: snapshots off, or
+    a running one named by ``--snapshot-address``)."""
+    if plan is None or plan.address is not None:
+        return None
+    return NodesConfig(ranks=ranks, nodes=plan.nodes, ec_group_size=plan.ec_group_size, ec_parity=plan.ec_parity,
+                       shm_dir=plan.shm_dir, bytes_per_rank=snapshot_bytes(config, ranks))
 
-    Sized for ``local_ranks`` ranks: a ``/dev/shm`` too small fails here, with the snapshot process's error, before
-    any rank starts. Yields an empty environment when snapshots are off.
-    """
-    if plan is None:
-        yield {}
+
+@contextlib.contextmanager
+def node_snapshots(plan: Snapshotting | None, config: TrainerConfig, ranks: int) -> Iterator[LocalNodes | None]:
+    """The local launcher's side: starts one snapshot process per node (``plan.nodes``), erasure-coding groups
+    formed, before any rank starts, and stops them on exit however the run ends. Yields None when it starts none
+    (snapshots off, or ``--snapshot-address``: the ranks then get that address from :func:`launcher_env`).
+
+    A ``/dev/shm`` too small for the ranks' snapshots fails here, with the snapshot process's error."""
+    layout = node_layout(plan, config, ranks)
+    if layout is None:
+        yield None
         return
-    if plan.address is not None:
-        yield {ADDRESS_ENV: plan.address}  # the token is already in this process's environment
-        return
-    token = secrets.token_hex(32)
-    expected = local_ranks * snapshot_bytes(config, local_ranks)
     try:
-        process = start_snapshot_process(SnapshotProcessConfig(shm_dir=plan.shm_dir, expected_bytes=expected),
-                                         token=token)
+        nodes = LocalNodes(layout).__enter__()
     except RuntimeError as error:
-        raise SnapshotStartError(f"--snapshot-every={plan.every}: {error}\n(or lower --nproc, or drop "
-                                 "--snapshot-every)") from error
-    print(f"[launcher] snapshot process job {process.job} at {process.address} (pid {process.process.pid}), "
-          f"{expected / 2**20:.1f} MiB of {plan.shm_dir} for {local_ranks} ranks", flush=True)
+        raise SnapshotStartError(f"--snapshot-every={plan.every if plan else 0}: {error}\n(or lower --nproc, or "
+                                 "drop --snapshot-every)") from error
     try:
-        yield {ADDRESS_ENV: process.address, TOKEN_ENV: token}
+        yield nodes
     finally:
-        code = process.stop()
-        print(f"[launcher] snapshot process job {process.job} stopped (exit code {code})", flush=True)
+        nodes.stop()
+
+
+def launcher_env(plan: Snapshotting | None) -> dict[str, str]:
+    """What every rank needs when the snapshot process was given with ``--snapshot-address`` (the token is
+    already in this process's environment)."""
+    return {ADDRESS_ENV: plan.address} if plan is not None and plan.address is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------------- each rank
-
-
-def _reachable(trainer: Trainer, address: str, timeout_s: float) -> bool:
-    """True on every rank when every rank reaches the snapshot process (one all-reduce), so that all ranks take the
-    same branch and none waits alone in ``restore_from_node``'s collective."""
-    try:
-        SnapshotClient(address, timeout_s=timeout_s).close()
-        failed = 0
-    except (SnapshotProcessLost, OSError, RuntimeError) as error:
-        log_line(trainer.rank, trainer.step, f"snapshot: process at {address} unreachable ({error})")
-        failed = 1
-    if trainer.world_size > 1:
-        flag = torch.tensor([failed], dtype=torch.int64)
-        collectives.all_reduce(flag, group=None, timeout_s=trainer.config.optim.timeout_s,
-                               op=torch.distributed.ReduceOp.MAX)
-        failed = int(flag.item())
-    return not failed
-
-
-def restore(trainer: Trainer, plan: Snapshotting, address: str) -> str:
-    """Restores ``trainer`` from the node's snapshot process, else from ``latest`` of ``plan.ckpt_dir``; returns
-    the source used (``"snapshot"`` or the checkpoint path). Collective. Raises naming both failures when neither
-    source works."""
-    reason = ""
-    if _reachable(trainer, address, plan.timeout_s):
-        try:
-            result = restore_from_node(trainer, address, timeout_s=plan.timeout_s)
-            log_line(trainer.rank, trainer.step, f"resume: source snapshot (node process {address}, step "
-                                                 f"{result.step})")
-            return SNAPSHOT
-        except SnapshotRestoreError as error:
-            reason = str(error)
-    else:
-        reason = f"snapshot process at {address} unreachable"
-    if not plan.ckpt_dir:
-        raise SnapshotRestoreError(f"--resume snapshot: {reason}; pass --ckpt-dir DIR to fall back to its latest "
-                                   "checkpoint")
-    try:
-        loaded = restore_trainer(trainer, "latest", root=plan.ckpt_dir)
-    except CheckpointError as error:
-        raise SnapshotRestoreError(f"--resume snapshot: {reason}; fallback --ckpt-dir={plan.ckpt_dir} failed too: "
-                                   f"{error}") from error
-    log_line(trainer.rank, trainer.step, f"resume: source checkpoint {loaded.path} (no snapshot: {reason})")
-    return str(loaded.path)
 
 
 def prepare(trainer: Trainer, plan: Snapshotting) -> SnapshotSink | None:
@@ -236,12 +217,13 @@ def prepare(trainer: Trainer, plan: Snapshotting) -> SnapshotSink | None:
     if address is None:
         raise RuntimeError(f"{ADDRESS_ENV} is not set: the launcher sets it when --snapshot-every or --resume "
                            "snapshot is given (under torchrun, pass --snapshot-address)")
-    if plan.resume:
-        restore(trainer, plan, address)
+    restored = restore_job(trainer, address, ckpt_root=plan.ckpt_dir, timeout_s=plan.timeout_s) if plan.resume \
+        else None
     if not plan.every:
         return None
     sink = SnapshotSink(SnapshotSinkConfig(address=address, every=plan.every, timeout_s=plan.timeout_s),
                         rank=trainer.rank)
-    sink.attach(trainer.shard_state())
+    from_slot = restored.detail if restored is not None and restored.source != CHECKPOINT_SOURCE else None
+    sink.attach(trainer.shard_state(), restored_from=from_slot)
     trainer.sinks.append(sink)
     return sink

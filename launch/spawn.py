@@ -14,9 +14,10 @@ import os
 import pickle
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,11 +39,13 @@ class _Job:
     timeout_s: float
     threads: int
     env: dict[str, str]
+    rank_envs: tuple[dict[str, str], ...]
 
 
 def _child(rank: int, job: _Job, results: Connection) -> None:
     # What torchrun would set: code that sizes its thread pools per rank (e.g. checkpoint.crc) reads it.
-    os.environ.update({"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(job.world_size), **job.env})
+    os.environ.update({"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(job.world_size), **job.env,
+                       **(job.rank_envs[rank] if job.rank_envs else {})})
     torch.set_num_threads(job.threads)
     try:
         timeout = datetime.timedelta(seconds=job.timeout_s)
@@ -69,21 +72,25 @@ def run_local(
     timeout_s: float = 600.0,
     threads_per_rank: int | None = None,
     env: dict[str, str] | None = None,
+    rank_envs: Sequence[dict[str, str]] | None = None,
 ) -> list[Any]:
     """Calls ``entry(world, *args)`` on ``world_size`` new processes; returns their results in rank order.
 
-    ``entry`` must be a module-level function and its result picklable. Raises :class:`WorkerFailed` if any rank
-    fails or the whole run exceeds ``timeout_s`` seconds.
+    ``entry`` must be a module-level function and its result picklable. ``env`` is added to every rank's
+    environment and ``rank_envs[r]`` (if given) to rank r's, after it (e.g. each simulated node's snapshot process).
+    Raises :class:`WorkerFailed` if any rank fails or the whole run exceeds ``timeout_s`` seconds.
     """
     if world_size < 1:
         raise ValueError(f"run_local: world_size={world_size} must be >= 1")
+    if rank_envs is not None and len(rank_envs) != world_size:
+        raise ValueError(f"run_local: {len(rank_envs)} rank_envs for world_size={world_size}")
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     # One pipe per rank, not a multiprocessing.Queue: a Queue's named semaphores stay in /dev/shm when this process
     # is killed together with its resource tracker (a test killing a whole run's process group did exactly that).
     pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
-    job = _Job(entry, args, world_size, store.port, backend, timeout_s, threads, env or {})
+    job = _Job(entry, args, world_size, store.port, backend, timeout_s, threads, env or {}, tuple(rank_envs or ()))
     procs = [ctx.Process(target=_child, args=(rank, job, pipes[rank][1]), daemon=True) for rank in range(world_size)]
     for p in procs:
         p.start()

@@ -81,7 +81,7 @@ def test_snapshot_every_step_runs_and_leaves_no_segments(runs) -> None:
     runs.append(process := regrow_train("--steps", "4", "--snapshot-every", "1"))
     out = finish(process)
     assert process.returncode == 0, out
-    job = re.search(r"\[launcher\] snapshot process job (\S+) at", out)
+    job = re.search(r"READY \S+ job (\S+) pid", out)
     assert job, out
     assert "removed 4 segments" in out and "stopped (exit code 0)" in out, out
     assert not list(Path("/dev/shm").glob(f"regrow-snap-{job.group(1)}-*"))
@@ -114,7 +114,7 @@ def test_killed_run_resumes_from_the_node_snapshot_bit_identically(runs, node, t
                                         "--metrics", str(tmp_path / "resumed.jsonl"), env=env))
     out = finish(resumed)
     assert resumed.returncode == 0, out
-    restored = re.search(r"\[rank 0, step (\d+)\] resume: source snapshot", out)
+    restored = re.search(r"\[rank 0, step (\d+)\] restore: source snapshot", out)
     assert restored, out
     step = int(restored.group(1))
     assert 1 <= step <= done_before_kill
@@ -129,7 +129,7 @@ def test_killed_run_resumes_from_the_node_snapshot_bit_identically(runs, node, t
                                          str(straight_dir)))
     out = finish(fallback)
     assert fallback.returncode == 0, out
-    assert re.search(rf"resume: source checkpoint .*step_0*{STEPS}\b", out), out
+    assert re.search(rf"restore: source checkpoint .*step_0*{STEPS}\b", out), out
 
 
 def test_snapshot_argument_problems_are_reported_together(capsys, monkeypatch) -> None:

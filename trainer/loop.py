@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from regrow.comm import collectives
@@ -125,6 +127,9 @@ class Trainer:
         self.sampler = Sampler(config.data, dp_rank=self.rank, dp_size=self.world_size)
         self.model = self.build_model()
         self.optimizer = ZeroOptimizer(self.model, config.optim)
+        # Built once: every step's ShardState shares it (a sink taking a snapshot every step would otherwise pay
+        # about a millisecond of CPU per step for it, on the path that launches the next forward).
+        self._layout = self.optimizer.layout.to_dict()
         self.step = 0
         self.tokens_seen = 0
         self.history: list[StepResult] = []
@@ -133,8 +138,13 @@ class Trainer:
             self._metrics.parent.mkdir(parents=True, exist_ok=True)
 
     def build_model(self) -> GPT:
-        """Builds the model from ``config.seed`` (identical on every rank) on this rank's device."""
+        """Builds the model from ``config.seed`` (identical on every rank) on this rank's device, and seeds Python's
+        and NumPy's generators per rank, so that every generator a rank snapshots replays identically in a rerun
+        (user code drawing from them included)."""
         torch.manual_seed(self.config.seed)
+        per_rank = self.config.seed * 1_000_003 + self.rank
+        random.seed(per_rank)
+        np.random.seed(per_rank % 2**32)
         return GPT(self.config.model).to(self.device)
 
     # ---------------------------------------------------------------- one step
@@ -144,9 +154,11 @@ class Trainer:
         step = self.step + 1
         accum = self.sampler.grad_accum
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for _ in range(accum):
+        for micro in range(accum):
             x, y = self.sampler.next_micro_batch()
             loss = self.model(x.to(self.device), y.to(self.device)) / accum
+            if micro == 0:
+                self._after_forward()
             loss.backward()
             loss_sum += loss.detach().float()
         loss_value = self._mean_over_ranks(loss_sum)
@@ -167,6 +179,13 @@ class Trainer:
                 sink.after_step(state)
         elapsed = time.perf_counter() - started
         return StepResult(step, loss_value, lr, self.optimizer.last_grad_norm, tokens / elapsed)
+
+    def _after_forward(self) -> None:
+        """The sinks' optional ``after_forward`` hook (see ``state.StateSink``)."""
+        for sink in self.sinks:
+            hook = getattr(sink, "after_forward", None)
+            if hook is not None:
+                hook()
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.world_size > 1:
@@ -226,7 +245,7 @@ class Trainer:
         return ShardState(
             step=self.step,
             tensors=self.optimizer.shard_tensors(),
-            layout=self.optimizer.layout.to_dict(),
+            layout=self._layout,
             rank=self.rank,
             rng=RngState.capture(),
             data_cursor=self.sampler.state().to_dict(),
@@ -235,7 +254,7 @@ class Trainer:
 
     def restore(self, state: ShardState) -> None:
         """Resumes from ``state`` (same layout); collective: every rank restores its own shard together."""
-        if state.layout != self.optimizer.layout.to_dict():
+        if state.layout != self._layout:
             raise ValueError("Trainer.restore: the state was saved at another layout; reshard it first")
         self.optimizer.load_shard_tensors(state.tensors, state.step)
         self.sampler.load_state(DataCursor.from_dict(state.data_cursor))

@@ -77,6 +77,10 @@ class StateSink(Protocol):
     the shard: a sink copying the previous state must finish reading it now) and ``after_step(state)`` right after
     every step with the new state, whose tensors are live buffers: copy what must outlive the next step.
     ``close()`` is called once when training ends.
+
+    Optional: a sink that defines ``after_forward()`` has it called once per step, after the forward of the step's
+    first micro-batch and before its backward (the snapshot sink starts its device-to-host copy there: a copy that
+    overlaps the forward slows the forward's kernel launches).
     """
 
     def before_optimizer_step(self) -> None: ...

@@ -1,0 +1,219 @@
+"""Restore of every rank of a job after a failure, trying the sources in DESIGN.md's recovery order.
+
+:func:`restore_job` is collective: every rank calls it after the job restarted (a rank crashed, or a node was lost
+and its replacement's snapshot process was rebuilt from its erasure-coding group), and all ranks restore ONE common
+step from the best source that has it:
+
+1. **snapshot slots**: the newest step every rank holds in a verified slot of its node's snapshot process (a corrupt
+   newest slot is passed over for the other one);
+2. **erasure-coded buffers**: otherwise the newest step that every rank holds either in a slot or in its node's
+   complete erasure-coding buffers (``ec_status``). A rank whose slots lack that step has its node write it back
+   from the node's own coded buffer (``ec_rollback``) and restores it from the slot. This is the path after a
+   node loss: the replacement node was rebuilt at the group's last encoded step, older than what the survivors'
+   slots hold, and the survivors roll back to it;
+3. **the universal checkpoint**: ``latest`` under ``ckpt_root`` (more nodes of a group lost than its parity, or no
+   snapshot at all).
+
+Each rank logs which source it used and why the better ones were passed over; the result says the same.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from regrow.checkpoint import snapshot_segment as seg
+from regrow.checkpoint.format import CheckpointError
+from regrow.checkpoint.reshard import restore_trainer
+from regrow.checkpoint.snapshot_protocol import ProtocolError, SnapshotClient, SnapshotProcessLost
+from regrow.checkpoint.snapshot_sink import FALLBACK, SnapshotRestoreError, state_from_snapshot
+from regrow.comm import collectives
+from regrow.trainer.loop import Trainer, log_line
+from regrow.trainer.state import ShardState
+
+SLOTS_SOURCE = "snapshot"
+CODED_SOURCE = "erasure-coded buffer"
+CHECKPOINT_SOURCE = "checkpoint"
+MAX_CANDIDATES = 8
+"""Steps one rank may offer per source in the agreement (2 slots, a few complete coded buffers)."""
+
+
+@dataclass
+class JobRestore:
+    """What :func:`restore_job` restored on this rank."""
+
+    source: str
+    """``"snapshot"``, ``"erasure-coded buffer"`` or ``"checkpoint"``."""
+    step: int
+    detail: str
+    """The slot path or checkpoint directory used."""
+    passed_over: list[str] = field(default_factory=list)
+    """Why better sources or newer steps were not used."""
+    seconds: float = 0.0
+
+
+class _Node:
+    """This rank's view of its node's snapshot process during a restore."""
+
+    def __init__(self, address: str, rank: int, token: str | None, timeout_s: float) -> None:
+        self.rank = rank
+        self.client = SnapshotClient(address, token=token, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def verified_slots(self, passed_over: list[str]) -> dict[int, tuple[str, ShardState]]:
+        """step -> (path, state) of every slot of this rank that verifies here (not trusted from the process)."""
+        reply = self.client.request({"op": "latest", "rank": self.rank})
+        found: dict[int, tuple[str, ShardState]] = {}
+        for slot in reply["slots"]:
+            if slot["status"] != "ok":
+                passed_over.append(f"slot {slot['slot']} (step {slot['step']}): {slot['status']}")
+                continue
+            state = read_slot(slot["path"], self.rank, passed_over)
+            if state is not None:
+                found[state.step] = (slot["path"], state)
+        return found
+
+    def coded_steps(self) -> list[int]:
+        """Steps this node holds complete erasure-coding buffers of (empty when erasure coding is off)."""
+        try:
+            return [int(step) for step in self.client.request({"op": "ec_status"})["complete"]]
+        except ProtocolError:  # erasure coding off in this snapshot process
+            return []
+
+    def rollback(self, step: int) -> str:
+        """Has the node write this rank's snapshot of ``step`` back from its coded buffer; returns the slot path."""
+        reply = self.client.request({"op": "ec_rollback", "rank": self.rank, "step": step})
+        slots = self.client.request({"op": "latest", "rank": self.rank})["slots"]
+        return next(s["path"] for s in slots if s["slot"] == reply["slot"])
+
+
+def read_slot(path: str, rank: int, passed_over: list[str]) -> ShardState | None:
+    """The state held by the segment at ``path``, verified by checksum; None (reason appended) if unusable."""
+    try:
+        buffer = seg.open_segment(path, writable=False)
+    except OSError as error:
+        passed_over.append(f"{path}: {error}")
+        return None
+    try:
+        snapshot = seg.verify(buffer, rank=rank)
+        try:
+            return state_from_snapshot(snapshot)
+        finally:
+            snapshot.payload.release()
+    except seg.SegmentError as error:
+        passed_over.append(f"{path}: {error}")
+        return None
+    finally:
+        buffer.close()
+
+
+def _gather_steps(trainer: Trainer, steps: list[int]) -> list[set[int]]:
+    """Every rank's ``steps`` (at most MAX_CANDIDATES of them), in rank order. Collective."""
+    mine = sorted(steps, reverse=True)[:MAX_CANDIDATES]
+    if trainer.world_size == 1:
+        return [set(mine)]
+    local = torch.full((MAX_CANDIDATES,), -1, dtype=torch.int64)
+    local[: len(mine)] = torch.tensor(mine, dtype=torch.int64)
+    everyone = torch.empty(MAX_CANDIDATES * trainer.world_size, dtype=torch.int64)
+    collectives.all_gather(everyone, local, group=None, timeout_s=trainer.config.optim.timeout_s)
+    return [{int(s) for s in row if s >= 0} for row in everyone.view(trainer.world_size, MAX_CANDIDATES)]
+
+
+def _all_ranks_ok(trainer: Trainer, ok: bool) -> bool:
+    if trainer.world_size == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    collectives.all_reduce(flag, group=None, timeout_s=trainer.config.optim.timeout_s,
+                           op=torch.distributed.ReduceOp.MAX)
+    return not int(flag.item())
+
+
+def _newest_common(sets: list[set[int]]) -> int | None:
+    common = set.intersection(*sets) if sets else set()
+    return max(common) if common else None
+
+
+def restore_job(trainer: Trainer, address: str | None, *, ckpt_root: str | None = None, token: str | None = None,
+                timeout_s: float = 60.0, log: bool = True) -> JobRestore:
+    """Restores ``trainer`` from the best source every rank shares (see the module docstring). Collective.
+
+    ``address`` is this node's snapshot process (None: snapshots are off, go straight to the checkpoint). Raises
+    :class:`SnapshotRestoreError` naming every source tried when none works.
+    """
+    started = time.perf_counter()
+    passed_over: list[str] = []
+    node: _Node | None = None
+    slots: dict[int, tuple[str, ShardState]] = {}
+    coded: list[int] = []
+    if address is not None:
+        try:
+            node = _Node(address, trainer.rank, token, timeout_s)
+            slots = node.verified_slots(passed_over)
+            coded = node.coded_steps()
+        except (SnapshotProcessLost, ProtocolError, OSError) as error:
+            passed_over.append(f"snapshot process at {address}: {error}")
+            if node is not None:
+                node.close()
+            node = None
+    try:
+        result = _restore_from_node(trainer, node, slots, coded, passed_over)
+    finally:
+        if node is not None:
+            node.close()
+    if result is None:
+        result = _restore_from_checkpoint(trainer, ckpt_root, passed_over)
+    result.seconds = time.perf_counter() - started
+    if log:
+        skipped = f"; passed over: {'; '.join(result.passed_over)}" if result.passed_over else ""
+        log_line(trainer.rank, result.step, f"restore: source {result.source} ({result.detail}), step "
+                                            f"{result.step}, in {result.seconds:.2f} s{skipped}")
+    return result
+
+
+def _restore_from_node(trainer: Trainer, node: _Node | None, slots: dict[int, tuple[str, ShardState]],
+                       coded: list[int], passed_over: list[str]) -> JobRestore | None:
+    """Sources 1 and 2 (collective); None when no step is common to every rank."""
+    step = _newest_common(_gather_steps(trainer, list(slots)))
+    if step is None:
+        step = _newest_common(_gather_steps(trainer, list(slots) + coded))
+    if step is None:
+        passed_over.append("no snapshot step is held by every rank, in slots or erasure-coded buffers")
+        return None
+    state, path = None, ""
+    source = SLOTS_SOURCE if step in slots else CODED_SOURCE
+    if step in slots:
+        path, state = slots[step]
+    elif node is not None:
+        try:
+            path = node.rollback(step)
+            state = read_slot(path, trainer.rank, passed_over)
+        except (SnapshotProcessLost, ProtocolError) as error:
+            passed_over.append(f"roll back to step {step}: {error}")
+    if not _all_ranks_ok(trainer, state is not None):
+        passed_over.append(f"step {step} could not be read on every rank")
+        return None
+    assert state is not None
+    passed_over += [f"step {s}: newer than what every rank holds" for s in slots if s > step]
+    trainer.restore(state)
+    return JobRestore(source=source, step=step, detail=path, passed_over=passed_over)
+
+
+def _restore_from_checkpoint(trainer: Trainer, ckpt_root: str | None, passed_over: list[str]) -> JobRestore:
+    """Source 3 (collective inside ``restore_trainer``)."""
+    reasons = "; ".join(passed_over) or "no snapshot"
+    if not ckpt_root:
+        raise SnapshotRestoreError(f"rank {trainer.rank}: no in-memory snapshot to restore ({reasons}); restore "
+                                   f"from {FALLBACK} instead (give a checkpoint root)")
+    try:
+        loaded = restore_trainer(trainer, "latest", root=ckpt_root)
+    except CheckpointError as error:
+        raise SnapshotRestoreError(f"rank {trainer.rank}: no in-memory snapshot ({reasons}) and the checkpoint "
+                                   f"fallback under {ckpt_root} failed too: {error}") from error
+    return JobRestore(source=CHECKPOINT_SOURCE, step=trainer.step, detail=str(loaded.path), passed_over=passed_over)
+
+
+__all__ = ["JobRestore", "restore_job", "read_slot", "CHECKPOINT_SOURCE", "CODED_SOURCE", "SLOTS_SOURCE"]
