@@ -10,10 +10,12 @@ The process with ``LOCAL_RANK`` 0 starts the node's snapshot process (``start_sn
 over the process group. regrow's ``Trainer`` trains the GPT (``--preset``) with ZeRO-2, 8-bit Adam state and bf16
 working parameters, micro-batch ``--micro-batch`` per GPU, as in ``bench_checkpoint.py``.
 
-Protocol: ``--warmup`` untimed steps; ``--windows`` windows of ``--window`` consecutive steps without snapshots,
-the device synchronised only at the ends of a window (maximum over ranks); then a ``SnapshotSink`` with
-``every=1`` is attached, ``--warmup`` untimed steps (the first snapshot maps and registers the segments), and
-``--windows`` windows with a snapshot every step. ``overhead`` = median window with snapshots / median without - 1.
+Protocol: ``--warmup`` untimed steps; a ``SnapshotSink`` with ``every=1`` is attached and ``--warmup`` untimed
+steps run (the first snapshot maps and registers the segments); then ``--windows`` pairs of windows of ``--window``
+consecutive steps, one without snapshots (the sink flushed and detached) and one with a snapshot every step,
+alternating so that the machine's drift falls on both; each window is preceded by one untimed step and the device
+is synchronised only at its ends (maximum over ranks). ``overhead`` = median window with snapshots / median
+without - 1.
 Then, with the last snapshot sealed:
 
 - ``d2h_gbps``: one synchronous copy of the whole shard into the snapshot segment (pinned by cudaHostRegister
@@ -84,12 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def windows(args: argparse.Namespace, trainer: Trainer) -> list[float]:
-    """``--windows`` timed windows of ``--window`` steps (seconds, slowest rank)."""
+def windows(args: argparse.Namespace, trainer: Trainer, count: int | None = None) -> list[float]:
+    """``count`` (default ``--windows``) timed windows of ``--window`` steps (seconds, slowest rank)."""
     def window() -> None:
         for _ in range(args.window):
             trainer.train_step()
-    return [timed(trainer.device, window) for _ in range(args.windows)]
+    return [timed(trainer.device, window) for _ in range(count or args.windows)]
 
 
 def start_node_process(args: argparse.Namespace, trainer: Trainer, local_ranks: int):
@@ -164,13 +166,22 @@ def run(args: argparse.Namespace) -> dict:
     try:
         for _ in range(args.warmup):
             trainer.train_step()
-        off = windows(args, trainer)
         sink = SnapshotSink(SnapshotSinkConfig(address=address, every=1, log=rank == 0), rank=rank)
         attach_s = barrier_timed(device, lambda: sink.attach(trainer.shard_state()))
         trainer.sinks.append(sink)
-        for _ in range(args.warmup):
+        for _ in range(args.warmup):  # the first snapshots map and register the segments
             trainer.train_step()
-        on = windows(args, trainer)
+        # Windows with and without snapshots alternate, so that drift of the machine (clocks, neighbours) falls on
+        # both alike; each phase begins with one untimed step.
+        off, on = [], []
+        for _ in range(args.windows):
+            sink.flush()
+            trainer.sinks.remove(sink)
+            trainer.train_step()
+            off += windows(args, trainer, 1)
+            trainer.sinks.append(sink)
+            trainer.train_step()
+            on += windows(args, trainer, 1)
         sink.close()  # seals the last snapshot
         trainer.sinks.remove(sink)
         copy_gbps, registered = d2h_gbps(sink, trainer)

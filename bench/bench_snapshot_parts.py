@@ -5,19 +5,19 @@ One torchrun (``bench/run_gpu_snapshot.sh`` runs it after ``bench_snapshot.py`` 
 
     REGROW_SNAPSHOT_TOKEN=... torchrun --standalone --nproc_per_node=4 bench/bench_snapshot_parts.py --json out.jsonl
 
-Phases, each ``--windows`` windows of ``--window`` steps after ``--warmup`` untimed steps (median window, slowest
-rank), in this order:
+Phases, each measured as ``--windows`` pairs of windows of ``--window`` steps, one without any sink and one with
+the phase's sink, alternating (so that the machine's drift falls on both), after ``--warmup`` untimed steps:
 
-- ``off``: no sink;
 - ``state``: a sink that only receives the ``ShardState`` (the trainer builds it when any sink is attached: the
   live shard tensors and the RNG states);
-- ``copy``: ``HostCopier`` copies of the shard into two alternating pinned host buffers of this process, waited for
-  before the optimizer step, nothing else (the device-to-host floor);
-- ``copy_shm``: the same copies into the snapshot segments (``/dev/shm``, ``cudaHostRegister``), without metadata,
-  digest or seal;
+- ``copy``: ``HostCopier`` copies of the shard into two alternating pinned host buffers of this process, started
+  at ``after_step`` (overlapping the forward), waited for before the optimizer step, nothing else;
+- ``copy_bwd``: the same copies started at ``after_forward`` (overlapping the backward only), as the sink does;
+- ``copy_bwd_digest``: ``copy_bwd`` plus the per-tensor GPU digest on the copy's side stream;
 - ``snapshot``: the full ``SnapshotSink`` (metadata, GPU digest, seal on a thread, COMMIT).
 
-Rank 0 prints ``RESULT {json}`` with each phase's step time and its overhead over ``off``.
+Rank 0 prints ``RESULT {json}`` with each phase's median step time and its overhead over its paired windows without
+a sink.
 """
 
 from __future__ import annotations
@@ -47,17 +47,23 @@ class StateOnly:
     def close(self) -> None:
         pass
 
+    flush = close
+
 
 class CopyOnly:
-    """Copies the shard into alternating host buffers (``allocate`` of one or two ``HostCopier`` slots)."""
+    """Copies the shard into two alternating pinned host buffers, at ``after_step`` or (``after_forward``) once
+    the next forward is queued, optionally with the GPU digest of each tensor."""
 
-    def __init__(self, allocates: list | None = None) -> None:
-        self.copiers = ([HostCopier(HostCopierConfig(slots=1), allocate=a) for a in allocates] if allocates
-                        else [HostCopier(HostCopierConfig(slots=1)) for _ in range(2)])
+    def __init__(self, *, after_forward: bool, digest: bool) -> None:
+        self.copiers = [HostCopier(HostCopierConfig(slots=1)) for _ in range(2)]
+        self.defer = after_forward
+        self.summarize = _gpu_digest if digest else None
         self.turn = 0
+        self.state: ShardState | None = None
         self.pending: HostCopy | None = None
 
     def before_optimizer_step(self) -> None:
+        self.after_forward()
         if self.pending is not None:
             self.pending.wait_before_mutation()
 
@@ -65,14 +71,32 @@ class CopyOnly:
         if self.pending is not None:
             self.pending.wait_host()
             self.pending.release()
-        self.turn = 1 - self.turn
-        self.pending = self.copiers[self.turn].start(state.tensors)
+            self.pending = None
+        self.state = state
+        if not self.defer:
+            self.after_forward()
+
+    def after_forward(self) -> None:
+        if self.state is not None:
+            self.turn = 1 - self.turn
+            self.pending = self.copiers[self.turn].start(self.state.tensors, summarize=self.summarize)
+            self.state = None
 
     def close(self) -> None:
+        """Finishes the copy in flight; the sink stays usable."""
+        self.after_forward()
         if self.pending is not None:
             self.pending.wait_host()
             self.pending.release()
             self.pending = None
+
+    flush = close
+
+
+def _gpu_digest(name: str, source):
+    from regrow.checkpoint.wordsum_triton import digest_cuda
+
+    return digest_cuda(source)
 
 
 def run() -> dict:
@@ -80,33 +104,44 @@ def run() -> dict:
     rank, world_size, device = init_distributed(args.device)
     trainer = regrow_trainer(args, rank, world_size, device)
     process, address = start_node_process(args, trainer, world_size)
-    phases: dict[str, list[float]] = {}
+    phases: dict[str, tuple[list[float], list[float]]] = {}
 
-    def phase(name: str, sink: object | None) -> None:
-        if sink is not None:
-            trainer.sinks.append(sink)
+    def phase(name: str, sink) -> None:
+        trainer.sinks.append(sink)
         for _ in range(args.warmup):
             trainer.train_step()
-        phases[name] = windows(args, trainer)
-        if sink is not None:
-            sink.close()
+        off, on = [], []
+        for _ in range(args.windows):
+            sink.flush()
             trainer.sinks.remove(sink)
+            trainer.train_step()
+            off += windows(args, trainer, 1)
+            trainer.sinks.append(sink)
+            trainer.train_step()
+            on += windows(args, trainer, 1)
+        sink.close()
+        trainer.sinks.remove(sink)
+        phases[name] = (off, on)
 
     try:
-        phase("off", None)
+        for _ in range(args.warmup):
+            trainer.train_step()
         phase("state", StateOnly())
-        phase("copy", CopyOnly())
+        phase("copy", CopyOnly(after_forward=False, digest=False))
+        phase("copy_bwd", CopyOnly(after_forward=True, digest=False))
+        phase("copy_bwd_digest", CopyOnly(after_forward=True, digest=args.device == "cuda"))
         snapshot = SnapshotSink(SnapshotSinkConfig(address=address, every=1, log=False), rank=rank)
         snapshot.attach(trainer.shard_state())
-        phase("copy_shm", CopyOnly([segment.allocate for segment in snapshot.segments]))
         phase("snapshot", snapshot)
     finally:
         if process is not None:
             process.stop()
-    step_ms = {name: statistics.median(w) / args.window * 1e3 for name, w in phases.items()}
-    figures = {f"step_ms_{name}": round(ms, 2) for name, ms in step_ms.items()}
-    figures |= {f"overhead_{name}": round(ms / step_ms["off"] - 1, 4) for name, ms in step_ms.items() if name != "off"}
-    figures["windows_ms"] = {name: [round(x * 1e3, 1) for x in w] for name, w in phases.items()}
+    figures = {}
+    for name, (off, on) in phases.items():
+        ms_off, ms_on = (statistics.median(w) / args.window * 1e3 for w in (off, on))
+        figures[f"step_ms_{name}"] = round(ms_on, 2)
+        figures[f"step_ms_{name}_off"] = round(ms_off, 2)
+        figures[f"overhead_{name}"] = round(ms_on / ms_off - 1, 4)
     return {"bench": "snapshot_parts", **result_header(args, world_size, device), "window": args.window, **figures,
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 

@@ -103,9 +103,11 @@ class HostCopy:
                 # The caching allocator must not hand this memory to someone else while the side stream still reads
                 # it, should the owner free the tensor meanwhile.
                 source.record_stream(stream)
-                self._tensor_events[name] = torch.cuda.Event()
+                # Blocking-sync events: a reader thread waiting on them sleeps instead of spinning on a core the
+                # training thread may need (the default events busy-wait).
+                self._tensor_events[name] = torch.cuda.Event(blocking=True)
                 self._tensor_events[name].record(stream)
-            self._event = torch.cuda.Event()
+            self._event = torch.cuda.Event(blocking=True)
             self._event.record(stream)
         self._sources = list(sources.values())
 

@@ -44,6 +44,8 @@ from regrow.checkpoint.snapshot_persist import PersistConfig, Persister
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, parse_address, recv_message, send_message
 
 SLOTS = 2
+PERSIST_HOLDER = "persist"
+"""The name under which the persister holds the slots it copies (``SnapshotServer.hold``)."""
 
 
 def log(text: str, *, rank: int | None = None, step: int | None = None) -> None:
@@ -108,6 +110,14 @@ class _RankSegments:
     size: int
     committed: dict[int, int] = field(default_factory=dict)  # slot -> step of the last COMMIT
     tensors: list[dict] = field(default_factory=list)
+    held: dict[str, int] = field(default_factory=dict)  # holder -> slot its sink must not overwrite
+
+    def newest(self) -> int | None:
+        """The newest committed step, if any."""
+        return max(self.committed.values(), default=None)
+
+    def slot_of(self, step: int) -> int | None:
+        return next((slot for slot, committed in self.committed.items() if committed == step), None)
 
 
 class SnapshotServer:
@@ -121,13 +131,16 @@ class SnapshotServer:
         self.job = config.job or secrets.token_hex(4)
         self._token = token.encode()
         self._ranks: dict[int, _RankSegments] = {}
+        self._pending_holds: dict[str, int] = {}  # holder -> step whose slots are held as ranks COMMIT it
         self._lock = threading.Lock()
         self._stop = threading.Event()
         if config.expected_bytes:
             check_space(config.shm_dir, config.expected_bytes)
         self._remove_leftovers()
         # Before listening: a persist_dir that cannot be created fails the start, not the first persist.
-        self.persister = Persister(config.persist, token, log=log) if config.persist.enabled else None
+        self.persister = (Persister(config.persist, token, log=log,
+                                    release=lambda step: self.release(PERSIST_HOLDER, step))
+                          if config.persist.enabled else None)
         host, port = parse_address(config.address)
         self._listener = socket.create_server((host, port))
         self.address = f"{host}:{self._listener.getsockname()[1]}"
@@ -250,13 +263,14 @@ class SnapshotServer:
                     raise ValueError(f"rank {rank} re-attached with another tensor table; its snapshots were "
                                      f"taken at another layout (restore from the universal checkpoint)")
                 log("re-attached to its existing segments", rank=rank)
-                return {"ok": True, "paths": have.paths, "reused": True, "segment_bytes": have.size}
+                return {"ok": True, "paths": have.paths, "reused": True, "segment_bytes": have.size,
+                        "held": sorted(set(have.held.values()))}
             check_space(self.config.shm_dir, SLOTS * size)
             paths = [self._create(rank, slot, size, meta_capacity) for slot in range(SLOTS)]
             self._ranks[rank] = _RankSegments(paths=paths, table=table, meta_capacity=meta_capacity, size=size,
                                               tensors=table)
         log(f"attached: {SLOTS} segments of {size / 2**20:.1f} MiB", rank=rank)
-        return {"ok": True, "paths": paths, "reused": False, "segment_bytes": size}
+        return {"ok": True, "paths": paths, "reused": False, "segment_bytes": size, "held": []}
 
     def _create(self, rank: int, slot: int, size: int, meta_capacity: int) -> str:
         path = self._segment_path(rank, slot)
@@ -301,13 +315,51 @@ class SnapshotServer:
             buffer.close()
         if header.complete != seg.COMPLETE or header.step != step:
             return {"ok": False, "error": f"slot {slot} holds no sealed snapshot of step {step}"}
-        have.committed[slot] = step
+        with self._lock:
+            have.committed[slot] = step
+            for holder, wanted in self._pending_holds.items():
+                if wanted == step:
+                    have.held[holder] = slot
+            held = sorted(set(have.held.values()))
         if self.peers is not None:
             ready = self._ready_step()
             if ready is not None:
                 self.peers.local_ready(ready)
         self._offer_persist(step)
-        return {"ok": True}
+        # The sink must not overwrite a held slot; it learns of holds here, before it can write that slot again.
+        return {"ok": True, "held": held}
+
+    # ---------------------------------------------------------------- slot holds (NodeSegments)
+    def hold(self, holder: str, step: int) -> str:
+        """See ``snapshot_ec_buffer.NodeSegments.hold``. Safe because a sink never writes its newest committed
+        slot's step again before its next COMMIT, and that COMMIT's reply carries the hold."""
+        with self._lock:
+            self._release_locked(holder)
+            if any(have.newest() is not None and have.newest() > step for have in self._ranks.values()):
+                return "past"
+            for have in self._ranks.values():
+                if have.newest() == step:
+                    have.held[holder] = have.slot_of(step)
+            if self._ranks and all(holder in have.held for have in self._ranks.values()):
+                return "held"
+            self._pending_holds[holder] = step
+            return "pending"
+
+    def holds_ready(self, holder: str, step: int) -> bool:
+        with self._lock:
+            return bool(self._ranks) and all(
+                holder in have.held and have.committed.get(have.held[holder]) == step for have in self._ranks.values())
+
+    def release(self, holder: str, step: int) -> None:
+        with self._lock:
+            held_steps = {have.committed.get(have.held[holder]) for have in self._ranks.values() if holder in have.held}
+            if self._pending_holds.get(holder, step) == step and held_steps <= {step}:
+                self._release_locked(holder)
+
+    def _release_locked(self, holder: str) -> None:
+        self._pending_holds.pop(holder, None)
+        for have in self._ranks.values():
+            have.held.pop(holder, None)
 
     # ---------------------------------------------------------------- persistence (snapshot_persist)
     def _offer_persist(self, step: int) -> None:
@@ -321,6 +373,11 @@ class SnapshotServer:
                 if not found:
                     return  # this rank's COMMIT of the step comes later (and offers it then)
                 slots[rank] = have.paths[found[0]]
+        # Held until copied, so a sink writing its next snapshots cannot overwrite them under the copy.
+        if self.hold(PERSIST_HOLDER, step) != "held":
+            log(f"persist of step {step} skipped: a rank has already snapshotted past it (its slot of step {step} "
+                f"may be being rewritten); the next persist step is taken")
+            return
         self.persister.offer(step, slots)
 
     def _run_config(self, config: dict) -> dict:

@@ -64,6 +64,18 @@ class NodeSegments(Protocol):
     def sealed_segments(self, step: int) -> list[SealedSegment]:
         """Every local rank's slot holding a committed snapshot of ``step`` (raises KeyError if one lacks it)."""
 
+    def hold(self, holder: str, step: int) -> str:
+        """Keeps every local rank's slot of ``step`` from being overwritten by its sink until :meth:`release`;
+        returns "held", "pending" (ranks that have not committed ``step`` yet get their slot held at that COMMIT)
+        or "past" (a rank already committed a newer step, so its slot of ``step`` may be being rewritten: nothing
+        is held). A holder holds one step at a time: a new hold replaces its previous one."""
+
+    def holds_ready(self, holder: str, step: int) -> bool:
+        """True once every local rank's slot of ``step`` is held for ``holder``."""
+
+    def release(self, holder: str, step: int) -> None:
+        """Ends ``holder``'s hold of ``step`` (nothing if it holds another step by now)."""
+
     def install(self, segment: RebuiltSegment, step: int, *, replace: bool = False) -> None:
         """Creates the rank's segments (as ATTACH would) and writes ``segment`` into its slot, committed; with
         ``replace``, an attached rank's slot is overwritten instead (its tensor table must match)."""

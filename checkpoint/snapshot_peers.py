@@ -35,6 +35,7 @@ the peer that failed and leave the others working.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import zlib
@@ -66,7 +67,11 @@ class ErasureCodingConfig:
     chunk_bytes: int = 2 * 2**20
     """Coding chunk per block (1-4 MiB)."""
     threads: int = 0
-    """Coding threads; 0: os.cpu_count()."""
+    """Coding threads; 0: os.cpu_count(), at most 8 (the ranks' own threads share these cores)."""
+    pack_threads: int = 4
+    """Threads that copy the held slots into the node's buffer at the start of a round."""
+    min_interval_s: float = 0.0
+    """Pause between the end of a round and the start of the next (trades coding load for freshness)."""
     peer_timeout_s: float = 30.0
     """Limit of every blocking call to a peer (connect, request, waiting for a round's pieces)."""
 
@@ -81,6 +86,10 @@ class ErasureCodingConfig:
             problems.append(f"chunk_bytes={self.chunk_bytes!r} must be >= 1")
         if not self.peer_timeout_s > 0:
             problems.append(f"peer_timeout_s={self.peer_timeout_s!r} must be > 0")
+        if not (isinstance(self.pack_threads, int) and self.pack_threads >= 1):
+            problems.append(f"pack_threads={self.pack_threads!r} must be an int >= 1")
+        if not self.min_interval_s >= 0:
+            problems.append(f"min_interval_s={self.min_interval_s!r} must be >= 0")
         if problems:
             raise ValueError("invalid ErasureCodingConfig: " + "; ".join(problems))
 
@@ -90,11 +99,19 @@ class ErasureCodingConfig:
 
     def code(self) -> GroupCode:
         return GroupCode(ErasureConfig(group_size=self.ec_group_size, parity=self.ec_parity,
-                                       chunk_bytes=self.chunk_bytes, threads=self.threads))
+                                       chunk_bytes=self.chunk_bytes, threads=self.threads or min(8, os.cpu_count() or 1)))
 
 
 class _Superseded(Exception):
-    """A newer step became ready (or the process stops) while a round ran."""
+    """The leader proposed a newer step (or the process stops) while a round ran."""
+
+
+class _Passed(Exception):
+    """A node had already snapshotted past the proposed step, so its slots of that step could not be held."""
+
+
+HOLDER = "erasure-coding"
+"""The name under which encode rounds hold segment slots (``NodeSegments.hold``)."""
 
 
 @dataclass
@@ -138,6 +155,8 @@ class PeerCoding:
         self._cond = threading.Condition()
         self._ready: int | None = None  # newest step every local rank has committed
         self._round_step: int | None = None  # the step of the round running, if any
+        self._proposal: int | None = None  # follower: the newest step the leader proposed
+        self._retry_from: int | None = None  # leader: a proposal was passed; propose at least this step next
         self.rounds_completed = 0
         self._stop = False
         self._inbox: dict[int, _Inbox] = {}
@@ -165,6 +184,8 @@ class PeerCoding:
         """Answers one ``ec_*`` request (the table in docs/snapshot-protocol.md)."""
         if op == "ec_group":
             return self._set_group(int(request["node"]), [str(a) for a in request["peers"]]), None
+        if op == "ec_propose":
+            return self._on_proposal(int(request["step"])), None
         if op == "ec_size":
             with self._cond:
                 self._box(int(request["step"])).sizes[int(request["node"])] = int(request["size"])
@@ -188,8 +209,8 @@ class PeerCoding:
             return self.rebuild(), None
         if op == "ec_rollback":
             return self.rollback(int(request["rank"]), int(request["step"])), None
-        raise ValueError(f"unknown op {op!r} (ec_group, ec_size, ec_piece, ec_status, ec_fetch, ec_rebuild, "
-                         f"ec_rollback)")
+        raise ValueError(f"unknown op {op!r} (ec_group, ec_propose, ec_size, ec_piece, ec_status, ec_fetch, "
+                         f"ec_rebuild, ec_rollback)")
 
     def _set_group(self, node: int, peers: list[str]) -> dict:
         if len(peers) != self.config.ec_group_size or not 0 <= node < len(peers):
@@ -211,20 +232,23 @@ class PeerCoding:
         return self._inbox.setdefault(step, _Inbox())
 
     # ------------------------------------------------------------ encode rounds
-    def _announced(self) -> int | None:
-        """The newest step a peer announced (``ec_size``) that every local rank has committed too (lock held)."""
-        steps = [step for step, box in self._inbox.items()
-                 if self._ready is not None and step <= self._ready and any(n != self.node for n in box.sizes)]
-        return max(steps, default=None)
+    @property
+    def leader(self) -> bool:
+        """Node 0 of the group proposes the step every round encodes."""
+        return self.node == 0
 
     def _next_step(self, done: int | None) -> int | None:
-        """The step the next round encodes (lock held): a peer's round this node can join, else its newest."""
-        if self.node is None or self._ready is None:
+        """The step the next round encodes (lock held), or None to keep waiting: the leader's newest committed
+        step (or, after a proposal a peer had already passed, the step after it); a follower's latest proposal."""
+        if self.node is None:
             return None
-        step = self._announced()
-        if step is None or (done is not None and step <= done):
-            step = self._ready
-        return step if done is None or step > done else None
+        if self.leader:
+            if self._ready is None:
+                return None
+            step = max(self._ready, self._retry_from or 0)
+        else:
+            step = self._proposal
+        return step if step is not None and (done is None or step > done) else None
 
     def _loop(self) -> None:
         done: int | None = None
@@ -241,23 +265,28 @@ class PeerCoding:
                 self._round(step)
                 log(f"node {self.node}: step {step} encoded in {time.monotonic() - started:.2f} s")
             except _Superseded:
+                log(f"node {self.node}: encode of step {step} left for step {self._proposal}, which the leader "
+                    f"proposed")
+            except _Passed as passed:
+                log(f"node {self.node}: step {step} not encoded: {passed}; proposing step {step + 1} next")
                 with self._cond:
-                    newer = self._announced()
-                log(f"node {self.node}: encode of step {step} left for step {newer}, which a peer announced")
+                    self._retry_from = step + 1
             except (OSError, ProtocolError, TimeoutError, ecbuf.BufferError, KeyError, ValueError) as error:
                 log(f"node {self.node}: encode of step {step} failed: {error}")
+            finally:
+                self._segments.release(HOLDER, step)
             with self._cond:
                 self._round_step = None
                 # Pieces of rounds that will not complete any more (older than the next one) would pin memory.
                 for old in [s for s in self._inbox if s <= step]:
                     del self._inbox[old]
             done = step
+            if self.config.min_interval_s:
+                time.sleep(self.config.min_interval_s)
 
     def _check(self, step: int) -> None:
-        """Raises :class:`_Superseded` when the process stops or a peer announced a newer step this node has."""
-        with self._cond:  # an RLock: callers may hold it already
-            newer = self._announced()
-        if self._stop or (newer is not None and newer > step):
+        """Raises :class:`_Superseded` when the process stops or the leader proposed a newer step."""
+        if self._stop or (not self.leader and self._proposal is not None and self._proposal > step):
             raise _Superseded
 
     def _wait(self, step: int, ready: Callable[[], bool], missing: Callable[[], str]) -> None:
@@ -271,10 +300,43 @@ class PeerCoding:
                 raise TimeoutError(f"step {step}: still missing {missing()} after {self.config.peer_timeout_s} s")
             self._cond.wait(min(left, 0.5))
 
+    def _propose(self, step: int) -> None:
+        """The leader asks every follower to hold and encode ``step``; raises :class:`_Passed` if one is past it."""
+        for peer in range(self.code.n):
+            if peer == self.node:
+                continue
+            reply, _ = self._call(peer, {"op": "ec_propose", "step": step})
+            if reply.get("hold") == "past":
+                raise _Passed(f"node {peer} has already snapshotted past it")
+
+    def _on_proposal(self, step: int) -> dict:
+        """A follower receives the leader's proposal: holds the step's slots (now or at their COMMIT) and starts
+        the round, superseding one still running."""
+        hold = self._segments.hold(HOLDER, step)
+        if hold != "past":
+            with self._cond:
+                self._proposal = step
+                self._cond.notify_all()
+        return {"ok": True, "hold": hold}
+
+    def _pack_held(self, step: int) -> bytearray:
+        """This node's buffer of ``step``, packed from slots held for it (so no sink overwrites them meanwhile)."""
+        if self.leader:
+            if self._segments.hold(HOLDER, step) == "past":
+                raise _Passed("a local rank has already snapshotted past it")
+            self._propose(step)
+        with self._cond:
+            self._wait(step, lambda: self._segments.holds_ready(HOLDER, step),
+                       lambda: "the local ranks' COMMITs of the step (their slots are held when they commit it)")
+        try:
+            return ecbuf.pack(step, self._segments.sealed_segments(step), threads=self.config.pack_threads)
+        finally:
+            self._segments.release(HOLDER, step)
+
     def _round(self, step: int) -> None:
         me, n = self.node, self.code.n
         assert me is not None
-        buffer = ecbuf.pack(step, self._segments.sealed_segments(step))
+        buffer = self._pack_held(step)
         with self._cond:
             self._check(step)
             self._box(step).sizes[me] = len(buffer)

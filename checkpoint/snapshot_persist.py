@@ -180,7 +180,8 @@ class Persister:
     ``copy_hook(rank, step)`` runs after each slot's copy, before its header is checked again (tests)."""
 
     def __init__(self, config: PersistConfig, token: str, *, log: Callable[[str], None],
-                 copy_hook: Callable[[int, int], None] | None = None) -> None:
+                 copy_hook: Callable[[int, int], None] | None = None,
+                 release: Callable[[int], None] | None = None) -> None:
         if not token:
             raise ValueError("the persist session needs the job's token")
         # Imported here, not at the top: torch (through the writer) is needed only when persistence is on.
@@ -192,6 +193,9 @@ class Persister:
         self.run_config: dict = {}
         """Stored in every manifest (``TrainerConfig.to_dict()``; the ``run_config`` op sets it)."""
         self.copy_hook = copy_hook
+        self._release = release or (lambda step: None)
+        """Called with the step once its slots are copied (or not taken): the server then lets the sinks reuse
+        the slots it held for this persist."""
         self._token = token
         self._log = log
         self._lock = threading.Lock()
@@ -219,6 +223,7 @@ class Persister:
                 self._in_flight, self._pending = step, (step, dict(slots))
                 self._wake.set()
                 return
+        self._release(step)
         self._log(f"persist of step {step} skipped: the persist of step {busy} is still running (persist less "
                   f"often: persist_every)")
 
@@ -270,7 +275,10 @@ class Persister:
         started = time.perf_counter()
         session = persist_session(self._token, step)
         try:
-            snapshots = self._copy_all(step, slots)
+            try:
+                snapshots = self._copy_all(step, slots)
+            finally:
+                self._release(step)
         except (SlotOverwritten, seg.SegmentError, OSError) as error:
             status = "overwritten" if isinstance(error, SlotOverwritten) else "failed"
             self._give_up(step, session, sorted(slots), f"{type(error).__name__}: {error}")

@@ -182,6 +182,11 @@ class SnapshotSink:
         self._newest: int | None = None  # slot of the newest sealed snapshot
         self._pending: _Pending | None = None
         self._deferred: ShardState | None = None  # CUDA: a snapshot whose copy starts at after_forward
+        # Slots the snapshot process holds (an encode or persist reads them): never written until released. Set
+        # from ATTACH and every COMMIT reply (the finisher thread), read by the training thread.
+        self._held: frozenset[int] = frozenset()
+        self.skipped_steps: list[int] = []
+        """Steps not snapshotted because both slots were held."""
         self._summarize: Summarize | None = None  # the GPU digest, when the shard is on CUDA and triton imports
         self.sealed_steps: list[int] = []
         """Steps whose snapshot this sink sealed and committed, in order."""
@@ -196,6 +201,7 @@ class SnapshotSink:
         reply = self.client.request({"op": "attach", "rank": self.rank, "tensors": table,
                                      "meta_capacity": 2 * meta_size + self.config.meta_headroom})
         self.segments = [_Segment(path, entries) for path in reply["paths"]]
+        self._held = frozenset(reply.get("held", ()))
         # One single-slot copier per segment: which segment a copy goes to is this sink's choice (alternation).
         self._copiers = [HostCopier(HostCopierConfig(slots=1), allocate=s.allocate) for s in self.segments]
         self._summarize = self._gpu_digest(state)
@@ -247,10 +253,23 @@ class SnapshotSink:
         pending.copy.wait_before_mutation()
         pending.mutation_waited = True
 
+    def _target(self) -> int | None:
+        """The slot to write: the older one, unless the snapshot process holds it (then the newest is rewritten,
+        the held one staying complete); None when both are held (the snapshot is skipped)."""
+        held = self._held
+        preferred = 1 - self._newest if self._newest is not None else 0
+        for slot in (preferred, 1 - preferred):
+            if slot not in held:
+                return slot
+        return None
+
     def _start(self, state: ShardState) -> None:
         """Writes the metadata into the older segment and starts copying ``state``'s tensors into it; a finisher
         thread seals it."""
-        target = 1 - self._newest if self._newest is not None else 0
+        target = self._target()
+        if target is None:
+            self.skipped_steps.append(state.step)
+            return
         segment = self.segments[target]
         entries = [segment.entries[name] for name in state.tensors]
         seg.begin(segment.buffer, state_meta(state, entries))
@@ -263,11 +282,16 @@ class SnapshotSink:
                                             name=f"regrow-snapshot-seal-step{pending.step}")
         pending.finisher.start()
 
+    def flush(self) -> None:
+        """Starts a snapshot still waiting for a forward and returns once the last snapshot is sealed and
+        committed (e.g. before a planned stop); training may go on afterwards."""
+        self.before_optimizer_step()
+        self._finish()
+
     def close(self) -> None:
         """Seals the snapshot in flight and disconnects (the segments stay with the snapshot process)."""
         try:
-            self.before_optimizer_step()
-            self._finish()
+            self.flush()
         finally:
             self.client.close()
 
@@ -297,8 +321,9 @@ class SnapshotSink:
                 pending.copy.wait_host(self.config.timeout_s)
             seg.seal(pending.segment.buffer, step=pending.step, payload_bytes=pending.segment.payload_bytes,
                      payload_digest=payload_digest)
-            self.client.request({"op": "commit", "rank": self.rank, "slot": pending.segment.slot,
-                                 "step": pending.step})
+            reply = self.client.request({"op": "commit", "rank": self.rank, "slot": pending.segment.slot,
+                                         "step": pending.step})
+            self._held = frozenset(reply.get("held", ()))
         except BaseException as error:  # noqa: BLE001 (acted on by the training thread in _finish)
             pending.error = error
         finally:

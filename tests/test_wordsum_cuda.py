@@ -130,6 +130,8 @@ def test_sink_seals_with_gpu_digests(node, token) -> None:  # noqa: F811
     states = [state(1), state(2), state(3)]
     for current in states:
         sink.after_step(current)
+        assert sink._pending is None or sink._pending.step < current.step, "on CUDA the copy waits for the forward"
+        sink.after_forward()
         assert sink._pending.gpu_digests
         sink.before_optimizer_step()
     sink.close()

@@ -1,0 +1,81 @@
+"""Slot holds: what the snapshot process grants an encode round (or a persist), what COMMIT replies tell the sink,
+and the slot the sink then writes."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from regrow.checkpoint import snapshot_segment as seg
+from regrow.checkpoint.memory import SnapshotProcessConfig, SnapshotServer
+from regrow.checkpoint.snapshot_sink import SnapshotSink
+
+TABLE = [{"name": "g/master", "dtype": "float32", "shape": [300]}]
+
+
+@pytest.fixture
+def server() -> Iterator[SnapshotServer]:
+    made = SnapshotServer(SnapshotProcessConfig(job=f"holds{secrets.token_hex(3)}"), secrets.token_hex(8))
+    yield made
+    made._listener.close()
+    made._remove_all()
+
+
+def seal(server: SnapshotServer, rank: int, slot: int, step: int) -> dict:
+    """Writes and seals a snapshot of ``step`` in ``rank``'s ``slot``, then COMMITs it; returns the reply."""
+    paths = server._attach(rank, TABLE, 4096)["paths"]
+    buffer = seg.open_segment(paths[slot], writable=True)
+    try:
+        seg.begin(buffer, {"step": step})
+        seg.seal(buffer, step=step, payload_bytes=1200)
+    finally:
+        buffer.close()
+    return server._commit(rank, slot, step)
+
+
+def test_holds_are_granted_now_at_commit_or_refused_when_past(server: SnapshotServer) -> None:
+    for rank in (0, 1):
+        assert seal(server, rank, 0, 1)["held"] == []
+    assert server.hold("enc", 1) == "held"
+    assert server.holds_ready("enc", 1)
+    assert seal(server, 0, 1, 2)["held"] == [0], "the COMMIT reply tells the sink which slot not to write"
+
+    assert server.hold("enc", 1) == "past", "rank 0 is at step 2: its slot of step 1 may be being rewritten"
+    assert not server.holds_ready("enc", 1), "a refused hold holds nothing"
+    assert server.hold("enc", 3) == "pending", "step 3 is in the future of both ranks: held as they commit it"
+    assert not server.holds_ready("enc", 3)
+    assert seal(server, 0, 0, 3)["held"] == [0]
+    assert not server.holds_ready("enc", 3)
+    assert seal(server, 1, 1, 2)["held"] == []
+    assert seal(server, 1, 0, 3)["held"] == [0]
+    assert server.holds_ready("enc", 3)
+
+    server.release("enc", 2)  # a stale release (another step) keeps the hold
+    assert server.holds_ready("enc", 3)
+    server.release("enc", 3)
+    assert not server.holds_ready("enc", 3)
+    assert seal(server, 0, 1, 4)["held"] == []
+
+
+def test_two_holders_hold_independently(server: SnapshotServer) -> None:
+    seal(server, 0, 0, 1)
+    assert server.hold("enc", 1) == "held"
+    seal(server, 0, 1, 2)
+    assert server.hold("persist", 2) == "held"
+    assert seal(server, 0, 1, 2)["held"] == [0, 1]
+    server.release("enc", 1)
+    assert seal(server, 0, 1, 2)["held"] == [1]
+
+
+def test_the_sink_writes_around_held_slots() -> None:
+    sink = SnapshotSink.__new__(SnapshotSink)  # only the slot choice is exercised: no snapshot process needed
+    sink._newest, sink._held = 0, frozenset()
+    assert sink._target() == 1, "the older slot"
+    sink._held = frozenset({1})
+    assert sink._target() == 0, "the older slot is held: the newest is rewritten, the held one stays complete"
+    sink._held = frozenset({0, 1})
+    assert sink._target() is None, "both held: this snapshot is skipped"
+    sink._newest, sink._held = None, frozenset({0})
+    assert sink._target() == 1
