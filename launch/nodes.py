@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_peers import ErasureCodingConfig
+from regrow.checkpoint.snapshot_persist import PersistConfig
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost
 from regrow.trainer.checks import require_ints
 
@@ -54,6 +55,8 @@ class NodesConfig:
     """Where the snapshot processes keep their segments."""
     bytes_per_rank: int = 0
     """Shared memory one rank's snapshots take (checked by each snapshot process at start-up)."""
+    persist: PersistConfig = field(default_factory=PersistConfig)
+    """Universal checkpoints written by the snapshot processes themselves (``--persist-every``; off by default)."""
 
     def __post_init__(self) -> None:
         require_ints(self, {"ranks": 1, "nodes": 1, "ec_group_size": 0, "ec_parity": 1, "bytes_per_rank": 0})
@@ -130,7 +133,7 @@ class LocalNodes:
         expected = self.config.ranks_per_node * self.config.bytes_per_rank
         process = start_snapshot_process(
             SnapshotProcessConfig(job=f"{self.base}-n{node}", shm_dir=self.config.shm_dir, expected_bytes=expected,
-                                  erasure=erasure), token=self.token)
+                                  erasure=erasure, persist=self.config.persist), token=self.token)
         coding = (f", erasure-coding group {self.config.group_of(node)} with parity {self.config.ec_parity}"
                   if self.config.ec_group_size else "")
         log(f"node {node}: snapshot process at {process.address} (pid {process.process.pid}), "

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from regrow.checkpoint import snapshot_segment as seg
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, parse_address
+from regrow.checkpoint.snapshot_persist import PersistConfig
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient, parse_address
 from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, restore_job
 from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
 from regrow.launch.ckpt_cli import SNAPSHOT
@@ -78,13 +79,19 @@ class Snapshotting:
     """Nodes per erasure-coding group (``--ec-group-size``; 0: off)."""
     ec_parity: int = 1
     """Nodes of a group that may be lost at once (``--ec-parity``)."""
+    persist_every: int = 0
+    """The snapshot processes write a universal checkpoint under ``ckpt_dir`` every this many steps from the ranks'
+    snapshots, at no cost to the ranks (``--persist-every``; 0: off)."""
+    keep_last: int = 2
+    """Checkpoints the snapshot processes keep (``--keep-last``)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Snapshotting | None":
         plan = cls(every=getattr(args, "snapshot_every", 0), address=getattr(args, "snapshot_address", None),
                    resume=getattr(args, "resume", None) == SNAPSHOT, ckpt_dir=getattr(args, "ckpt_dir", None),
                    shm_dir=getattr(args, "snapshot_shm_dir", "/dev/shm"), nodes=getattr(args, "nodes", 1),
-                   ec_group_size=getattr(args, "ec_group_size", 0), ec_parity=getattr(args, "ec_parity", 1))
+                   ec_group_size=getattr(args, "ec_group_size", 0), ec_parity=getattr(args, "ec_parity", 1),
+                   persist_every=getattr(args, "persist_every", 0), keep_last=getattr(args, "keep_last", 2))
         return plan if plan.every or plan.resume else None
 
 
@@ -101,6 +108,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="erasure-code the snapshots across groups of N nodes (0: off)")
     parser.add_argument("--ec-parity", type=int, default=1, metavar="P",
                         help="nodes of an erasure-coding group that may be lost at once")
+    parser.add_argument("--persist-every", type=int, default=0, metavar="K",
+                        help="the snapshot processes write a universal checkpoint to --ckpt-dir every K steps from "
+                             "the snapshots, at no cost to the ranks (0: off)")
 
 
 def train_argument_problems(args: argparse.Namespace, *, under_torchrun: bool) -> list[str]:
@@ -136,6 +146,21 @@ def train_argument_problems(args: argparse.Namespace, *, under_torchrun: bool) -
                 NodesConfig(ranks=getattr(args, "nproc", 1), nodes=nodes, ec_group_size=group, ec_parity=parity)
             except ValueError as error:
                 problems.append(str(error).replace("NodesConfig.", "--").replace("ranks=", "--nproc="))
+    persist_every = getattr(args, "persist_every", 0)
+    if persist_every < 0:
+        problems.append(f"--persist-every={persist_every} must be >= 0 (0: off)")
+    elif persist_every:
+        if not getattr(args, "ckpt_dir", None):
+            problems.append(f"--persist-every={persist_every} needs --ckpt-dir DIR (where the checkpoints go)")
+        if not every or persist_every % every:
+            problems.append(f"--persist-every={persist_every} must be a multiple of --snapshot-every={every} (only "
+                            "snapshotted steps can be persisted)")
+        if getattr(args, "save_every", 0):
+            problems.append("--persist-every and --save-every would both write checkpoints to --ckpt-dir: keep one "
+                            "(--persist-every costs the ranks nothing)")
+        if address is not None or under_torchrun:
+            problems.append("--persist-every configures the snapshot processes the local launcher starts; start "
+                            "yours with `python -m regrow.checkpoint.memory --persist-every K --persist-dir DIR`")
     if resume and address is None and not under_torchrun and not getattr(args, "ckpt_dir", None):
         problems.append("--resume snapshot without --snapshot-address starts a new snapshot process, which holds no "
                         "snapshot: pass the address of the one the killed run used, or --ckpt-dir DIR to fall back "
@@ -174,8 +199,10 @@ def node_layout(plan: Snapshotting | None, config: TrainerConfig, ranks: int) ->
     a running one named by ``--snapshot-address``)."""
     if plan is None or plan.address is not None:
         return None
+    persist = PersistConfig(persist_every=plan.persist_every, persist_dir=plan.ckpt_dir or "",
+                            keep_last=plan.keep_last) if plan.persist_every else PersistConfig()
     return NodesConfig(ranks=ranks, nodes=plan.nodes, ec_group_size=plan.ec_group_size, ec_parity=plan.ec_parity,
-                       shm_dir=plan.shm_dir, bytes_per_rank=snapshot_bytes(config, ranks))
+                       shm_dir=plan.shm_dir, bytes_per_rank=snapshot_bytes(config, ranks), persist=persist)
 
 
 @contextlib.contextmanager
@@ -225,5 +252,12 @@ def prepare(trainer: Trainer, plan: Snapshotting) -> SnapshotSink | None:
                         rank=trainer.rank)
     from_slot = restored.detail if restored is not None and restored.source != CHECKPOINT_SOURCE else None
     sink.attach(trainer.shard_state(), restored_from=from_slot)
+    if plan.persist_every and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        # What the persisted manifests record as the run's config (the snapshot process cannot know it).
+        client = SnapshotClient(address, timeout_s=plan.timeout_s)
+        try:
+            client.request({"op": "run_config", "config": trainer.config.to_dict()})
+        finally:
+            client.close()
     trainer.sinks.append(sink)
     return sink

@@ -28,6 +28,9 @@ def train(tmp: Path, name: str, nproc: int, steps: int, *extra: str, fault: tupl
             "--ckpt-dir", str(tmp / name), "--timeout", "300", "--max-restarts", str(restarts), *extra]
     if "--save-every" not in extra:
         argv += ["--save-every", str(steps)]
+    elif "--persist-every" in extra:  # the snapshot processes write the checkpoints; the ranks write none
+        index = argv.index("--save-every")
+        del argv[index: index + 2]
     for item in fault:
         argv += ["--fault", item]
     args = cli.parser().parse_args(argv)
@@ -105,6 +108,21 @@ def test_two_nodes_lost_at_once_with_parity_two(tmp, capfd) -> None:
     out = capfd.readouterr().out
     assert "node 1: ranks [1] rebuilt" in out and "node 4: ranks [4] rebuilt" in out
     assert_same_run(tmp, history, reference, "pair", "reference6")
+
+
+@pytest.mark.timeout(300)
+def test_snapshot_processes_persist_the_checkpoints_and_a_lost_group_resumes_from_them(tmp, reference4, capfd) -> None:
+    """--persist-every: the ranks run no checkpoint writer, the snapshot processes write the universal
+    checkpoints; two nodes of a p=1 group lost at once resume from the latest of them, bit-identically."""
+    history = train(tmp, "persisted", 4, 12, "--snapshot-every", "1", "--nodes", "2", "--ec-group-size", "2",
+                    "--ec-parity", "1", "--persist-every", "3", "--save-every", "0",
+                    fault=("kill-node:0@11", "kill-node:1@11"), restarts=1)
+    out = capfd.readouterr().out
+    assert "persisted step 3 to" in out and "persisted step 12 to" in out
+    assert "checkpoint step_" not in out, "no rank wrote a checkpoint"
+    assert "restore: source checkpoint" in out
+    assert history[0].step in (7, 10)
+    assert_same_run(tmp, history, reference4, "persisted")
 
 
 def test_fault_plans_and_node_layouts_are_checked_before_anything_starts(capsys) -> None:
