@@ -256,6 +256,7 @@ class Trainer:
         """Resumes from ``state`` (same layout); collective: every rank restores its own shard together."""
         if state.layout != self._layout:
             raise ValueError("Trainer.restore: the state was saved at another layout; reshard it first")
+        self.optimizer.discard_step()  # a step a failure interrupted may have left partial gradients
         self.optimizer.load_shard_tensors(state.tensors, state.step)
         self.sampler.load_state(DataCursor.from_dict(state.data_cursor))
         state.rng.restore()

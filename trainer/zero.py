@@ -282,6 +282,15 @@ class ZeroOptimizer:
                 )
         self._gather_parameters()
 
+    def discard_step(self) -> None:
+        """Forgets a step interrupted by a failure: partial gradients, reductions in flight (stage 2) and their
+        staging buffers. Call before restoring a shard; the next backward then starts from zero."""
+        if self._reducer is not None:
+            self._reducer.discard()
+        for param in self._params.values():
+            param.grad = None
+        self.zero_grad()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears the gradients of the next step (``set_to_none`` is accepted for torch.optim compatibility)."""
         for shard in self._shards:
@@ -525,6 +534,14 @@ class _BucketReducer:
 
     def _end_of_backward(self) -> None:
         self._launch_ready(everything=True)
+        self._reset_counts()
+        self.callback_queued = False
+
+    def discard(self) -> None:
+        """Drops what an interrupted backward left behind (the collectives in flight belong to a process group that
+        failed, so they are never waited for)."""
+        self.inflight.clear()
+        self.staging.clear()
         self._reset_counts()
         self.callback_queued = False
 
