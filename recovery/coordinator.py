@@ -1,0 +1,453 @@
+"""The Ray coordinator: starts one ``Worker`` actor per rank and a snapshot process per Ray node, forms the process
+group, runs training, watches it, and heals it after a failure.
+
+What it watches: a worker's training call failing with an actor death (Ray reports it at once: the process died,
+or its node was removed), and heartbeats (``Worker.heartbeat`` on the control thread) older than
+``hang_timeout_s`` (a hung rank: it is killed and treated as dead). A training call that fails while its actor
+lives is a survivor that saw a peer's failure in a collective.
+
+Healing, in DESIGN.md's order ("Survivors keep their state"):
+
+1. abort the survivors' communicators out of band (``Worker.abort`` on their control thread; NCCL needs it, gloo
+   fails by itself once the dead peer's sockets close) and wait for their training calls to return;
+2. start a replacement for every dead rank: on the same node while that node is alive, else anywhere;
+3. replace the snapshot process of every lost node (a ``SnapshotHost`` actor pinned to the replacement's node),
+   tell its erasure-coding group the new addresses and have it rebuild its ranks' snapshots from the group;
+4. form the next process-group generation among survivors and replacements (a fresh store prefix);
+5. every rank restores the step the job agrees on (``restore_job``: snapshot slots, else erasure-coded buffers,
+   else the universal checkpoint), and training resumes.
+
+Everything that happens is appended to an events JSONL file (``events_path``), one object per line with the time
+since start, the event and its details.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot_peers import ErasureCodingConfig
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost
+from regrow.recovery.worker import CONCURRENCY_GROUPS, CONTROL, TRAIN, Worker, WorkerSpec
+from regrow.trainer.checks import require_ints
+
+
+class CoordinatorError(RuntimeError):
+    """The job cannot go on (resources never appeared, restarts exhausted); the message says what happened."""
+
+
+@dataclass(kw_only=True)
+class CoordinatorConfig:
+    """Settings of :class:`Coordinator`. Validated on construction; errors name the field."""
+
+    workers: int
+    """Ranks, one Ray actor each."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    """1 on GPU clusters (the workers then use NCCL); 0: CPU workers over gloo."""
+    ranks_per_node: int = 0
+    """Place exactly this many consecutive ranks on each node (a STRICT_SPREAD placement group, one bundle per
+    node; a lost node's bundle moves to another node and its ranks' replacements follow it). 0: wherever Ray puts
+    them. Erasure coding needs it (a group's members are nodes)."""
+    ec_group_size: int = 0
+    """Erasure-code the snapshots across groups of this many Ray nodes (0: off)."""
+    ec_parity: int = 1
+    heartbeat_every_s: float = 0.5
+    """How often the coordinator polls the workers' heartbeats and training calls."""
+    hang_timeout_s: float = 60.0
+    """A rank whose last finished step is older than this is hung: it is killed and replaced."""
+    resources_timeout_s: float = 300.0
+    """How long to wait for the resources of a worker (with a message every 10 s) before giving up."""
+    max_restarts: int = 10
+    """Failures healed before the coordinator gives up."""
+    events_path: str | None = None
+    """JSONL file of everything that happened (None: not written)."""
+
+    def __post_init__(self) -> None:
+        require_ints(self, {"workers": 1, "ranks_per_node": 0, "ec_group_size": 0, "ec_parity": 1,
+                            "max_restarts": 0})
+        if self.ranks_per_node and self.workers % self.ranks_per_node:
+            raise ValueError(f"CoordinatorConfig.ranks_per_node={self.ranks_per_node} must divide workers="
+                             f"{self.workers}")
+        if self.ec_group_size and not self.ranks_per_node:
+            raise ValueError("CoordinatorConfig.ec_group_size needs ranks_per_node > 0 (erasure-coding groups are "
+                             "made of nodes, so the ranks' nodes must be fixed)")
+        for name in ("heartbeat_every_s", "hang_timeout_s", "resources_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CoordinatorConfig.{name}={getattr(self, name)!r} must be > 0")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ValueError("CoordinatorConfig.cpus_per_worker and gpus_per_worker must be >= 0")
+
+
+class SnapshotHost:
+    """A Ray actor pinned to one node that owns that node's snapshot process (it dies with the node)."""
+
+    def __init__(self, token: str, job: str, erasure: ErasureCodingConfig) -> None:
+        self.process: SnapshotProcess = start_snapshot_process(
+            SnapshotProcessConfig(job=job, erasure=erasure), token=token)
+
+    def address(self) -> str:
+        return self.process.address
+
+    def stop(self) -> int:
+        return self.process.stop()
+
+
+@dataclass
+class _Rank:
+    handle: object
+    node: str
+    call: object | None = None  # the ObjectRef of its running train() call
+
+
+@dataclass
+class Outcome:
+    """What a coordinated run did."""
+
+    steps: int
+    failures: int
+    history: list[tuple[int, float]] = field(default_factory=list)
+    """(step, loss) of rank 0, the steps of the last attempt at each step."""
+    restores: list[list[dict]] = field(default_factory=list)
+    """Every rank's restore result, per healing."""
+    parameters: dict | None = None
+    """Rank 0's final model parameters (when :meth:`Coordinator.run` was asked for them)."""
+
+
+class Coordinator:
+    """Runs one job on the Ray cluster ``ray`` is connected to; see the module docstring. Use :meth:`run`.
+
+    It can run in the driver or inside a Ray actor (``ray.remote(Coordinator)``); it holds the process groups'
+    TCP store, so the workers must be able to reach this process's address."""
+
+    def __init__(self, config: CoordinatorConfig, spec: WorkerSpec, *, env: dict[str, str] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise CoordinatorError("Ray is not initialised: call ray.init(address=...) first")
+        self.ray = ray
+        self.config = config
+        self.spec = spec
+        self.env = dict(env or {})
+        self.token = secrets.token_hex(32)
+        self.job = secrets.token_hex(3)
+        self.generation = 0
+        self.failures = 0
+        self._log = log or (lambda text: print(f"[coordinator] {text}", flush=True))
+        self._started = time.monotonic()
+        self._events = Path(config.events_path) if config.events_path else None
+        self._ranks: list[_Rank] = []
+        self._hosts: dict[str, object] = {}  # node id -> SnapshotHost handle
+        self._node_order: list[str] = []  # erasure-coding node index -> node id
+        self._host_addresses: dict[str, str] = {}
+        self._store_host = ray.util.get_node_ip_address()
+        self._store = dist.TCPStore(self._store_host, 0, is_master=True, wait_for_workers=False)
+        self._worker_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Worker)
+        self._placement = None  # the placement group, when ranks_per_node is set
+
+    # ------------------------------------------------------------------ the run
+    def run(self, steps: int, *, collect_parameters: bool = False) -> Outcome:
+        """Trains to step ``steps``, healing failures; returns the outcome (with rank 0's final parameters if
+        ``collect_parameters``). Stops every actor it started, however it ends. Raises :class:`CoordinatorError`."""
+        outcome = Outcome(steps=steps, failures=0)
+        self.event("start", workers=self.config.workers, steps=steps)
+        try:
+            self._reserve_nodes()
+            self._ranks = [self._start_worker(rank, node=None) for rank in range(self.config.workers)]
+            self._place_snapshot_hosts()
+            self._form_generation(resume=False, outcome=outcome)
+            while True:
+                failed = self._train_until(steps, outcome)
+                if not failed:
+                    break
+                self.failures += 1
+                if self.failures > self.config.max_restarts:
+                    raise CoordinatorError(f"{self.failures} failures, more than max_restarts="
+                                           f"{self.config.max_restarts}: giving up")
+                self._heal(failed, outcome)
+            self.event("finished", step=steps, failures=self.failures,
+                       seconds=round(time.monotonic() - self._started, 3))
+            outcome.failures = self.failures
+            if collect_parameters:
+                outcome.parameters = self.ray.get(
+                    self._ranks[0].handle.parameters.options(concurrency_group=TRAIN).remote())
+            return outcome
+        finally:
+            self._stop_all()
+
+    def ranks_node(self, rank: int) -> str:
+        """The Ray node id ``rank``'s worker runs on (e.g. to remove that node in a test)."""
+        return self._ranks[rank].node
+
+    # ------------------------------------------------------------------ starting things
+    def _reserve_nodes(self) -> None:
+        """With ``ranks_per_node``: one bundle per node, all on distinct nodes (waits for them like a worker)."""
+        if not self.config.ranks_per_node:
+            return
+        from ray.util.placement_group import placement_group
+
+        per_node = self.config.ranks_per_node
+        bundle = {"CPU": self.config.cpus_per_worker * per_node, "GPU": self.config.gpus_per_worker * per_node}
+        bundle = {key: value for key, value in bundle.items() if value}
+        self._placement = placement_group([bundle] * (self.config.workers // per_node), strategy="STRICT_SPREAD")
+        self._wait_placement()
+
+    def _wait_placement(self) -> None:
+        deadline = time.monotonic() + self.config.resources_timeout_s
+        while not self.ray.wait([self._placement.ready()], timeout=10.0)[0]:
+            if time.monotonic() > deadline:
+                raise CoordinatorError(f"no {self.config.workers // self.config.ranks_per_node} distinct nodes with "
+                                       f"room for {self.config.ranks_per_node} workers each appeared within "
+                                       f"{self.config.resources_timeout_s} s (add nodes, or lower --workers)")
+            self._log("waiting for nodes for the placement group")
+
+    def _start_worker(self, rank: int, node: str | None) -> _Rank:
+        from ray.util.scheduling_strategies import (
+            NodeAffinitySchedulingStrategy,
+            PlacementGroupSchedulingStrategy,
+        )
+
+        options = {"num_cpus": self.config.cpus_per_worker, "num_gpus": self.config.gpus_per_worker,
+                   "max_concurrency": 2}
+        if self._placement is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=self._placement, placement_group_bundle_index=rank // self.config.ranks_per_node)
+        elif node is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        env = {**self.env, TOKEN_ENV: self.token}
+        handle = self._worker_class.options(**options).remote(self.spec, rank, env)
+        node_id = self._wait_ready(handle, f"worker of rank {rank}")
+        self.event("worker_started", rank=rank, node=node_id)
+        return _Rank(handle=handle, node=node_id)
+
+    def _wait_ready(self, handle: object, what: str) -> str:
+        """The node of a new actor, waiting for its resources (a message every 10 s, an error at the timeout)."""
+        ref = handle.node_id.options(concurrency_group=CONTROL).remote()
+        deadline = time.monotonic() + self.config.resources_timeout_s
+        while True:
+            ready, _ = self.ray.wait([ref], timeout=10.0)
+            if ready:
+                return self.ray.get(ref)
+            if time.monotonic() > deadline:
+                raise CoordinatorError(f"{what}: no node offered {self.config.cpus_per_worker} CPUs and "
+                                       f"{self.config.gpus_per_worker} GPUs within {self.config.resources_timeout_s}"
+                                       f" s (add nodes, or lower --workers)")
+            self._log(f"{what}: waiting for resources ({self.config.cpus_per_worker} CPUs, "
+                      f"{self.config.gpus_per_worker} GPUs)")
+
+    def _place_snapshot_hosts(self) -> None:
+        """One snapshot process per node that runs workers, in order of the nodes' first ranks."""
+        if not self.spec.snapshot_every:
+            return
+        for rank in self._ranks:
+            if rank.node not in self._node_order:
+                self._node_order.append(rank.node)
+        if self.config.ec_group_size and len(self._node_order) % self.config.ec_group_size:
+            raise CoordinatorError(f"the workers landed on {len(self._node_order)} nodes, not a multiple of "
+                                   f"ec_group_size={self.config.ec_group_size}")
+        for node in self._node_order:
+            self._start_host(node)
+        self._announce(list(range(len(self._node_order))))
+
+    def _start_host(self, node: str) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        index = self._node_order.index(node)
+        erasure = ErasureCodingConfig(ec_group_size=self.config.ec_group_size, ec_parity=self.config.ec_parity)
+        host = self.ray.remote(SnapshotHost).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+        ).remote(self.token, f"{self.job}-n{index}", erasure)
+        self._hosts[node] = host
+        self._host_addresses[node] = self.ray.get(host.address.remote(), timeout=120)
+        self.event("snapshot_process_started", node=node, index=index, address=self._host_addresses[node])
+
+    def _group(self, index: int) -> list[int]:
+        size = self.config.ec_group_size
+        first = index - index % size
+        return list(range(first, first + size))
+
+    def _announce(self, indices: list[int]) -> None:
+        if not self.config.ec_group_size:
+            return
+        for index in indices:
+            group = self._group(index)
+            peers = [self._host_addresses[self._node_order[i]] for i in group]
+            self._request(self._host_addresses[self._node_order[index]],
+                          {"op": "ec_group", "node": group.index(index), "peers": peers})
+
+    def _request(self, address: str, message: dict) -> dict:
+        client = SnapshotClient(address, token=self.token, timeout_s=120.0)
+        try:
+            return client.request(message)
+        finally:
+            client.close()
+
+    # ------------------------------------------------------------------ one generation
+    def _form_generation(self, *, resume: bool, outcome: Outcome) -> None:
+        """Every rank joins generation ``self.generation`` and prepares (restores when ``resume``)."""
+        port = self._store.port
+        joins = [rank.handle.join.options(concurrency_group=TRAIN).remote(
+            self.generation, self._store_host, port, self._host_addresses.get(rank.node)) for rank in self._ranks]
+        self.ray.get(joins, timeout=self.spec.timeout_s * 2)
+        prepared = self.ray.get([rank.handle.prepare.options(concurrency_group=TRAIN).remote(resume)
+                                 for rank in self._ranks], timeout=self.spec.timeout_s * 4)
+        if resume:
+            outcome.restores.append(prepared)
+            sources = sorted({str(p["source"]) for p in prepared})
+            self.event("restored", generation=self.generation, step=prepared[0]["step"], sources=sources)
+        self.event("generation_formed", generation=self.generation)
+
+    def _train_until(self, steps: int, outcome: Outcome) -> list[int]:
+        """Runs the training calls and watches them; returns the ranks that failed (empty when done)."""
+        for rank in self._ranks:
+            rank.call = rank.handle.train.options(concurrency_group=TRAIN).remote(steps)
+        pending = {rank.call: index for index, rank in enumerate(self._ranks)}
+        while pending:
+            ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=self.config.heartbeat_every_s)
+            for ref in ready:
+                index = pending.pop(ref)
+                try:
+                    result = self.ray.get(ref)
+                except self.ray.exceptions.RayActorError as error:
+                    self.event("failure_detected", rank=index, how="actor died", detail=str(error).splitlines()[0])
+                    return self._collect_failed(pending, {index})
+                if index == 0:
+                    outcome.history += [tuple(item) for item in result["done"]]
+                if result["error"] is not None:
+                    self.event("failure_detected", rank=index, how="its training step failed",
+                               detail=result["error"])
+                    return self._collect_failed(pending, set())
+            hung = self._hung(pending)
+            if hung:
+                for index in hung:
+                    self.event("failure_detected", rank=index, how=f"no step for {self.config.hang_timeout_s} s")
+                    self.ray.kill(self._ranks[index].handle)
+                return self._collect_failed(pending, set(hung))
+        return []
+
+    def _hung(self, pending: dict) -> list[int]:
+        """Ranks still training whose last step is older than ``hang_timeout_s``."""
+        if not pending:
+            return []
+        beats = {}
+        for ref, index in pending.items():
+            beats[index] = self._ranks[index].handle.heartbeat.options(concurrency_group=CONTROL).remote()
+        hung = []
+        for index, ref in beats.items():
+            try:
+                beat = self.ray.get(ref, timeout=5.0)
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
+                continue  # a dead actor shows in its training call; a busy control thread is not a hang
+            if beat["seconds_since"] > self.config.hang_timeout_s:
+                hung.append(index)
+        return hung
+
+    def _collect_failed(self, pending: dict, dead: set[int]) -> list[int]:
+        """After a first failure: aborts the survivors, waits for their training calls, and returns every rank
+        whose actor is dead."""
+        started = time.monotonic()
+        alive = [index for index in range(len(self._ranks)) if index not in dead]
+        for index in alive:
+            try:
+                self._ranks[index].handle.abort.options(concurrency_group=CONTROL).remote("a peer failed")
+            except self.ray.exceptions.RayActorError:
+                dead.add(index)
+        for ref, index in pending.items():
+            try:
+                self.ray.get(ref, timeout=self.spec.timeout_s)  # a survivor reports its failed step
+            except self.ray.exceptions.RayActorError:
+                dead.add(index)
+            except self.ray.exceptions.GetTimeoutError:
+                pass  # still unwinding: its liveness is checked below
+        for index in range(len(self._ranks)):
+            if index not in dead and not self._alive(self._ranks[index].handle):
+                dead.add(index)
+        self.event("survivors_aborted", dead=sorted(dead), seconds=round(time.monotonic() - started, 3))
+        return sorted(dead)
+
+    def _alive(self, handle: object) -> bool:
+        try:
+            self.ray.get(handle.heartbeat.options(concurrency_group=CONTROL).remote(), timeout=10.0)
+            return True
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
+            return False
+
+    # ------------------------------------------------------------------ healing
+    def _heal(self, dead: list[int], outcome: Outcome) -> None:
+        started = time.monotonic()
+        alive_nodes = {node["NodeID"] for node in self.ray.nodes() if node["Alive"]}
+        for index in dead:
+            old = self._ranks[index].node
+            node = old if old in alive_nodes else None
+            self._ranks[index] = self._start_worker(index, node=node)
+            self.event("replaced", rank=index, node=self._ranks[index].node, same_node=node is not None)
+        self._replace_lost_hosts(alive_nodes)
+        self.generation += 1
+        self._form_generation(resume=True, outcome=outcome)
+        self.event("resumed", generation=self.generation, seconds=round(time.monotonic() - started, 3))
+
+    def _replace_lost_hosts(self, alive_nodes: set[str]) -> None:
+        """Moves the snapshot process of every lost node to the node its ranks' replacements landed on, and has
+        it rebuilt from its erasure-coding group."""
+        if not self.spec.snapshot_every:
+            return
+        for node in [node for node in self._node_order if node not in alive_nodes]:
+            index = self._node_order.index(node)
+            target = next((rank.node for rank in self._ranks if rank.node not in self._node_order), None)
+            if target is None:
+                raise CoordinatorError(f"node {node} was lost and its ranks' replacements landed on nodes that "
+                                       f"already hold ranks: give the cluster a spare node (a snapshot process and "
+                                       f"its erasure-coding slot belong to one node)")
+            self._node_order[index] = target
+            self._hosts.pop(node, None)
+            self._host_addresses.pop(node, None)
+            self._start_host(target)
+            self._announce(self._group(index) if self.config.ec_group_size else [index])
+            if not self.config.ec_group_size:
+                continue
+            try:
+                reply = self._request(self._host_addresses[target], {"op": "ec_rebuild"})
+                self.event("node_rebuilt", node=target, index=index, step=reply["step"], ranks=reply["ranks"])
+            except (ProtocolError, SnapshotProcessLost) as error:
+                self.event("node_not_rebuilt", node=target, index=index, reason=str(error))
+
+    # ------------------------------------------------------------------ the end
+    def _stop_all(self) -> None:
+        self._stop_actors()
+        if self._placement is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._placement)
+
+    def _stop_actors(self) -> None:
+        for rank in self._ranks:
+            try:
+                self.ray.get(rank.handle.shutdown.options(concurrency_group=TRAIN).remote(), timeout=30)
+            except Exception:  # noqa: BLE001 (a dead or stuck worker: killed below anyway)
+                pass
+            self.ray.kill(rank.handle)
+        for host in self._hosts.values():
+            try:
+                self.ray.get(host.stop.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 (its node may be gone)
+                pass
+            self.ray.kill(host)
+
+    def event(self, name: str, **details: object) -> None:
+        """Logs an event and appends it to the events file."""
+        record = {"t": round(time.monotonic() - self._started, 3), "event": name, **details}
+        self._log(f"{name} " + " ".join(f"{k}={v}" for k, v in details.items()))
+        if self._events is not None:
+            with self._events.open("a") as out:
+                out.write(json.dumps(record) + "\n")
+
+
+__all__ = ["Coordinator", "CoordinatorConfig", "CoordinatorError", "Outcome", "SnapshotHost"]

@@ -1,0 +1,172 @@
+"""One rank of a Ray-coordinated job: a Ray actor that hosts a ``Trainer`` and outlives its peers' failures.
+
+The actor has two concurrency groups, one thread each: ``train`` (joining a process-group generation, restoring,
+training, reading state) and ``control`` (heartbeat, abort). The coordinator can therefore reach a worker while
+its training thread is blocked inside a collective: it aborts the communicators from the control thread
+(``comm.abort``: NCCL needs it; a gloo collective fails by itself once the dead peer's sockets close), the
+training call returns with an error, and the worker keeps its process, its CUDA context and its Trainer. After the
+coordinator has formed the next generation, every rank restores the step the job agrees on
+(``checkpoint.snapshot_recovery.restore_job``) and training goes on.
+
+Contract: ``join`` before anything else and after every failure (it forms generation ``g`` of the process group
+from the coordinator's store, under the prefix ``generation-g``); ``prepare`` once per generation (restore, sinks);
+``train(until)`` runs steps until ``trainer.step == until`` or a failure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, JobRestore, restore_job
+from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
+from regrow.comm import abort
+from regrow.comm.world import WorldConfig, destroy_world, init_world
+from regrow.trainer.loop import Trainer, TrainerConfig
+from regrow.trainer.state import StateSink
+
+TRAIN = "train"
+CONTROL = "control"
+CONCURRENCY_GROUPS = {TRAIN: 1, CONTROL: 1}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSpec:
+    """What every worker of a job is given (the rank and the environment come separately)."""
+
+    config: TrainerConfig
+    world_size: int
+    device: str = "cpu"
+    """``cpu`` (gloo) or ``cuda`` (NCCL, with gloo for CPU tensors)."""
+    snapshot_every: int = 1
+    """Snapshot into the node's snapshot process every this many steps (0: off)."""
+    ckpt_dir: str | None = None
+    """The universal-checkpoint root: the last restore source."""
+    timeout_s: float = 60.0
+    """Limit of process-group formation and snapshot-process requests."""
+    extra_sinks: Callable[[int], list[StateSink]] | None = None
+    """Builds more sinks for a rank (listed after the snapshot sink), e.g. the launcher's fault injector; a
+    module-level function, so that Ray sends it by reference (recovery never imports launch)."""
+
+
+class Worker:
+    """One rank; see the module docstring. Created by the coordinator with ``ray.remote`` and the concurrency
+    groups of :data:`CONCURRENCY_GROUPS` (methods are assigned to them there)."""
+
+    def __init__(self, spec: WorkerSpec, rank: int, env: dict[str, str]) -> None:
+        os.environ.update(env)  # the fault plan, the snapshot token; LOCAL_* as torchrun would set them
+        self.spec = spec
+        self.rank = rank
+        self.trainer: Trainer | None = None
+        self.sink: SnapshotSink | None = None
+        self.address: str | None = None
+        self._progress = (0, time.monotonic())
+        torch.set_num_threads(max(1, int(os.environ.get("REGROW_THREADS_PER_RANK", "1"))))
+
+    # ------------------------------------------------------------------ control group
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def heartbeat(self) -> dict:
+        """The last step this rank finished and how many seconds ago."""
+        step, at = self._progress
+        return {"rank": self.rank, "step": step, "seconds_since": time.monotonic() - at}
+
+    def abort(self, why: str) -> None:
+        """Makes a collective blocked in the training thread return (NCCL) and records why."""
+        abort.request_abort(why)
+
+    # ------------------------------------------------------------------ train group
+    def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None) -> None:
+        """Forms process-group generation ``generation`` with the other ranks, through the coordinator's store."""
+        if dist.is_initialized():
+            try:
+                destroy_world()
+            except (RuntimeError, ValueError):  # an aborted group may already be gone
+                pass
+        timeout = datetime.timedelta(seconds=self.spec.timeout_s)
+        store = dist.PrefixStore(f"generation-{generation}",
+                                 dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout))
+        world = init_world(rank=self.rank, world_size=self.spec.world_size, store=store,
+                           local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                           config=WorldConfig(backend=self._backend(), timeout_s=self.spec.timeout_s))
+        abort.clear()
+        self.address = snapshot_address
+        if self.trainer is None:
+            self.trainer = Trainer(self.spec.config, world)
+        self._progress = (self.trainer.step, time.monotonic())
+
+    def prepare(self, resume: bool) -> dict:
+        """Restores the job's common step when ``resume`` (collective), then (re)attaches the snapshot sink and the
+        fault injector. Returns what was restored."""
+        trainer = self._trainer()
+        restored: JobRestore | None = None
+        if resume:
+            restored = restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s)
+        trainer.sinks.clear()
+        if self.sink is not None:
+            self.sink.client.close()
+            self.sink = None
+        if self.spec.snapshot_every and self.address is not None:
+            self.sink = SnapshotSink(SnapshotSinkConfig(address=self.address, every=self.spec.snapshot_every,
+                                                        timeout_s=self.spec.timeout_s), rank=self.rank)
+            kept = restored.detail if restored is not None and restored.source != CHECKPOINT_SOURCE else None
+            self.sink.attach(trainer.shard_state(), restored_from=kept)
+            trainer.sinks.append(self.sink)
+        if self.spec.extra_sinks is not None:
+            trainer.sinks.extend(self.spec.extra_sinks(self.rank))
+        self._progress = (trainer.step, time.monotonic())
+        if restored is None:
+            return {"rank": self.rank, "step": trainer.step, "source": None}
+        return {"rank": self.rank, "step": restored.step, "source": restored.source, "seconds": restored.seconds}
+
+    def train(self, until: int) -> dict:
+        """Trains until step ``until``; returns ``{"done": [(step, loss)...], "error": None}``, or with ``error``
+        describing the failure that stopped it (a peer lost, an abort), reported rather than raised so that no
+        exception has to cross Ray's serialisation. The worker stays usable for the next generation."""
+        trainer = self._trainer()
+        done: list[tuple[int, float]] = []
+        try:
+            while trainer.step < until:
+                result = trainer.train_step()
+                done.append((result.step, result.loss))
+                self._progress = (result.step, time.monotonic())
+            if self.sink is not None:
+                self.sink.flush()
+        except Exception as error:  # noqa: BLE001 (any failure of the step is the coordinator's to handle)
+            why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            return {"done": done, "error": why + (f" (aborted: {abort.reason()})" if abort.requested() else "")}
+        return {"done": done, "error": None}
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The model's parameters, on the CPU (what tests compare across runs)."""
+        return {name: p.detach().cpu().clone() for name, p in self._trainer().model.named_parameters()}
+
+    def step(self) -> int:
+        return self._trainer().step
+
+    def shutdown(self) -> None:
+        if self.sink is not None:
+            self.sink.client.close()
+        if dist.is_initialized():
+            destroy_world()
+
+    # ------------------------------------------------------------------
+    def _trainer(self) -> Trainer:
+        if self.trainer is None:
+            raise RuntimeError(f"rank {self.rank}: join() first")
+        return self.trainer
+
+    def _backend(self) -> str:
+        return "gloo" if self.spec.device == "cpu" else "nccl"
+
+
+__all__ = ["CONCURRENCY_GROUPS", "CONTROL", "TRAIN", "Worker", "WorkerSpec"]

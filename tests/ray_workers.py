@@ -1,0 +1,50 @@
+"""Sinks that run inside the Ray worker actors of the coordinator tests (importable as
+``regrow.tests.ray_workers``, so Ray sends these functions by reference)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from regrow.launch.faults import FaultInjector
+from regrow.trainer.state import ShardState, StateSink
+
+HANG_ENV = "REGROW_TEST_HANG"
+"""``rank:step:marker_path``: that rank hangs (sleeps) before the optimizer step of that step, once."""
+
+
+class HangOnce:
+    """Blocks forever right before the optimizer step of ``step`` (as a rank stuck in a collective would), the
+    first time only: the marker file records that it hung."""
+
+    def __init__(self, step: int, marker: Path) -> None:
+        self.step = step
+        self.marker = marker
+        self.last = 0
+
+    def after_step(self, state: ShardState) -> None:
+        self.last = state.step
+
+    def before_optimizer_step(self) -> None:
+        if self.last + 1 == self.step and not self.marker.exists():
+            self.marker.write_text("hung\n")
+            while True:
+                time.sleep(1)
+
+    def close(self) -> None:
+        pass
+
+
+def worker_sinks(rank: int) -> list[StateSink]:
+    """The fault injector of the launcher's plan (REGROW_FAULTS) and, for the hang test, :class:`HangOnce`."""
+    sinks: list[StateSink] = []
+    injector = FaultInjector.from_env(rank)
+    if injector is not None:
+        sinks.append(injector)
+    hang = os.environ.get(HANG_ENV)
+    if hang:
+        target, step, marker = hang.split(":", 2)
+        if int(target) == rank:
+            sinks.append(HangOnce(int(step), Path(marker)))
+    return sinks
