@@ -382,16 +382,34 @@ class Coordinator:
 
     # ------------------------------------------------------------------ healing
     def _heal(self, dead: list[int], outcome: Outcome) -> None:
+        """Replaces ``dead`` ranks (and lost nodes' snapshot processes), forms the next generation and restores.
+        A rank that dies while this runs (a failure during recovery) is replaced in another round, counted as
+        one more failure."""
         started = time.monotonic()
-        alive_nodes = {node["NodeID"] for node in self.ray.nodes() if node["Alive"]}
-        for index in dead:
-            old = self._ranks[index].node
-            node = old if old in alive_nodes else None
-            self._ranks[index] = self._start_worker(index, node=node)
-            self.event("replaced", rank=index, node=self._ranks[index].node, same_node=node is not None)
-        self._replace_lost_hosts(alive_nodes)
-        self.generation += 1
-        self._form_generation(resume=True, outcome=outcome)
+        while True:
+            alive_nodes = {node["NodeID"] for node in self.ray.nodes() if node["Alive"]}
+            for index in dead:
+                old = self._ranks[index].node
+                node = old if old in alive_nodes else None
+                self._ranks[index] = self._start_worker(index, node=node)
+                self.event("replaced", rank=index, node=self._ranks[index].node, same_node=node is not None)
+            self._replace_lost_hosts(alive_nodes)
+            self.generation += 1
+            try:
+                self._form_generation(resume=True, outcome=outcome)
+                break
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError,
+                    self.ray.exceptions.RayTaskError) as error:
+                dead = [index for index, rank in enumerate(self._ranks) if not self._alive(rank.handle)]
+                self.failures += 1
+                self.event("failure_during_recovery", generation=self.generation, dead=dead,
+                           detail=str(error).splitlines()[0])
+                if self.failures > self.config.max_restarts:
+                    raise CoordinatorError(f"{self.failures} failures, more than max_restarts="
+                                           f"{self.config.max_restarts}: giving up") from error
+                if not dead:  # the others must leave the half-formed generation: abort them and form it again
+                    for rank in self._ranks:
+                        rank.handle.abort.options(concurrency_group=CONTROL).remote("recovery failed")
         self.event("resumed", generation=self.generation, seconds=round(time.monotonic() - started, 3))
 
     def _replace_lost_hosts(self, alive_nodes: set[str]) -> None:

@@ -48,3 +48,23 @@ def worker_sinks(rank: int) -> list[StateSink]:
         if int(target) == rank:
             sinks.append(HangOnce(int(step), Path(marker)))
     return sinks
+
+
+DIE_IN_RECOVERY_ENV = "REGROW_TEST_DIE_IN_RECOVERY"
+"""``rank:marker_path``: that rank's process dies the first time its sinks are built after a restore (a failure
+during the recovery itself)."""
+
+
+def sinks_dying_in_recovery(rank: int) -> list[StateSink]:
+    """:func:`worker_sinks`, except that the rank named by ``REGROW_TEST_DIE_IN_RECOVERY`` kills its own process
+    the first time it is prepared after a failure (the fault plan's marker directory has a fired fault by then)."""
+    target, marker = os.environ[DIE_IN_RECOVERY_ENV].split(":", 1)
+    fired_dir = os.environ.get("REGROW_FAULTS_DIR", "")
+    if int(target) == rank and faults_fired(fired_dir) and not Path(marker).exists():
+        Path(marker).write_text("died during recovery\n")
+        os.kill(os.getpid(), 9)
+    return worker_sinks(rank)
+
+
+def faults_fired(fired_dir: str) -> bool:
+    return bool(fired_dir) and any(Path(fired_dir).glob("fault-*.fired"))

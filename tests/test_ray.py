@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from regrow.launch import faults  # noqa: E402
-from regrow.recovery.coordinator import Coordinator, CoordinatorConfig  # noqa: E402
+from regrow.recovery.coordinator import Coordinator, CoordinatorConfig, CoordinatorError  # noqa: E402
 from regrow.recovery.worker import WorkerSpec  # noqa: E402
 from regrow.tests import ray_workers  # noqa: E402
 from regrow.tests.test_trainer import tiny_config  # noqa: E402
@@ -45,12 +45,12 @@ def cluster() -> Iterator[Cluster]:
 
 
 def coordinated(tmp: Path, name: str, *, env: dict[str, str] | None = None, ec: int = 0,
-                hang_timeout_s: float = 60.0) -> tuple[Coordinator, CoordinatorConfig]:
+                hang_timeout_s: float = 60.0, sinks=ray_workers.worker_sinks) -> tuple[Coordinator, CoordinatorConfig]:
     config = CoordinatorConfig(workers=WORKERS, ranks_per_node=2 if ec else 0, ec_group_size=ec, ec_parity=1,
                                hang_timeout_s=hang_timeout_s,
                                events_path=str(tmp / f"{name}.jsonl"), resources_timeout_s=120)
     spec = WorkerSpec(config=tiny_config(steps=STEPS), world_size=WORKERS, snapshot_every=1, timeout_s=30,
-                      extra_sinks=ray_workers.worker_sinks)
+                      extra_sinks=sinks)
     return Coordinator(config, spec, env=env), config
 
 
@@ -94,6 +94,28 @@ def test_hung_rank_is_killed_replaced_and_the_run_matches(cluster, reference, tm
     assert_same(run(coordinator), reference)
     detected = [e for e in events(tmp_path, "hang") if e["event"] == "failure_detected"]
     assert any("no step for" in e["how"] for e in detected), detected
+
+
+@pytest.mark.timeout(400)
+def test_two_ranks_lost_at_once_and_one_more_during_recovery(cluster, reference, tmp_path) -> None:
+    fired = tmp_path / "fired"
+    fired.mkdir()
+    plan = [faults.Fault("kill-rank", 1, 5), faults.Fault("kill-rank", 3, 5)]
+    env = {**faults.plan_env(plan, str(fired)), ray_workers.DIE_IN_RECOVERY_ENV: f"2:{tmp_path / 'died'}"}
+    coordinator, _ = coordinated(tmp_path, "double", env=env, sinks=ray_workers.sinks_dying_in_recovery)
+    assert_same(run(coordinator), reference)
+    kinds = [e["event"] for e in events(tmp_path, "double")]
+    assert "failure_during_recovery" in kinds, kinds
+    replaced = sorted(e["rank"] for e in events(tmp_path, "double") if e["event"] == "replaced")
+    assert {1, 2, 3} <= set(replaced), replaced
+
+
+@pytest.mark.timeout(120)
+def test_too_few_resources_is_a_clear_error_after_the_timeout(cluster, tmp_path) -> None:
+    config = CoordinatorConfig(workers=40, resources_timeout_s=2)
+    spec = WorkerSpec(config=tiny_config(steps=STEPS), world_size=40, snapshot_every=0)
+    with pytest.raises(CoordinatorError, match="no node offered 1.0 CPUs and 0.0 GPUs within 2"):
+        Coordinator(config, spec).run(STEPS)
 
 
 @pytest.mark.timeout(400)
