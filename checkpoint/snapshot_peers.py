@@ -98,8 +98,9 @@ class ErasureCodingConfig:
         return self.ec_group_size > 0
 
     def code(self) -> GroupCode:
+        threads = self.threads or min(8, os.cpu_count() or 1)
         return GroupCode(ErasureConfig(group_size=self.ec_group_size, parity=self.ec_parity,
-                                       chunk_bytes=self.chunk_bytes, threads=self.threads or min(8, os.cpu_count() or 1)))
+                                       chunk_bytes=self.chunk_bytes, threads=threads))
 
 
 class _Superseded(Exception):

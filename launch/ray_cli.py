@@ -41,6 +41,8 @@ def add_parser(commands: argparse._SubParsersAction,
     ray.add_argument("--workers", type=int, default=2, help="ranks, one Ray actor each")
     ray.add_argument("--cpus-per-worker", type=float, default=1.0)
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="1 on GPU clusters (NCCL); 0: CPU (gloo)")
+    ray.add_argument("--ranks-per-node", type=int, default=0,
+                     help="place exactly N consecutive ranks per node (needed for --ec-group-size; 0: Ray decides)")
     ray.add_argument("--snapshot-every", type=int, default=1, help="in-memory snapshot every N steps (0: off)")
     ray.add_argument("--ec-group-size", type=int, default=0, help="erasure-code snapshots across N nodes (0: off)")
     ray.add_argument("--ec-parity", type=int, default=1)
@@ -75,9 +77,9 @@ def run(args: argparse.Namespace, config: TrainerConfig) -> int:
         connect(args.address)
         coordinator_config = CoordinatorConfig(
             workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-            ec_group_size=args.ec_group_size, ec_parity=args.ec_parity, hang_timeout_s=args.hang_timeout,
-            resources_timeout_s=args.resources_timeout, max_restarts=max(args.max_restarts, len(plan)),
-            events_path=args.events)
+            ranks_per_node=args.ranks_per_node, ec_group_size=args.ec_group_size, ec_parity=args.ec_parity,
+            hang_timeout_s=args.hang_timeout, resources_timeout_s=args.resources_timeout,
+            max_restarts=max(args.max_restarts, len(plan)), events_path=args.events)
         spec = WorkerSpec(config=config, world_size=args.workers, device="cuda" if args.gpus_per_worker else "cpu",
                           snapshot_every=args.snapshot_every, ckpt_dir=args.ckpt_dir, extra_sinks=fault_sinks)
         with tempfile.TemporaryDirectory(prefix="regrow-faults-") as fired:
