@@ -546,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[snapshot process] cannot start: {error}", file=sys.stderr, flush=True)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    signal.signal(signal.SIGINT, lambda *_: server.shutdown())  # Ctrl-C: remove the segments too
     print(f"READY {server.address} job {server.job} pid {os.getpid()}", flush=True)
     server.serve_forever()
     return 0

@@ -1,0 +1,310 @@
+"""Training under torchrun, with torchrun's own restarts: ``torchrun ... -m regrow.launch.torchrun [train flags]``.
+
+Two entry points share this module:
+
+- ``python -m regrow.launch.torchrun [regrow train flags]`` is **the worker** torchrun starts on every rank. It takes
+  the training flags of ``regrow train`` and runs the rank through ``launch.cli.train_rank``. Unlike ``regrow
+  train``, it **always resumes** when the job holds a state: when any rank's node snapshot process holds a snapshot
+  (slot or erasure-coded buffer) or ``--ckpt-dir`` has a ``latest``, every rank restores one common step through
+  ``checkpoint.snapshot_recovery.restore_job`` (snapshot slots, then coded buffers, then ``latest`` of
+  ``--ckpt-dir``); when nothing holds a state it starts from step 0 (or from ``--resume DIR``, a checkpoint to start
+  the job from). This is what makes ``torchrun --max-restarts N`` recover: after a failure the agent kills and
+  restarts every local worker, and the restarted workers find the snapshots their predecessors left.
+- ``python -m regrow.launch.torchrun node [--job ID] [--address HOST:PORT] [--shm-dir DIR] -- COMMAND...`` is **the
+  node helper**: it starts the node's snapshot process (with ``REGROW_SNAPSHOT_TOKEN`` if exported, else a fresh
+  ``secrets.token_hex(32)``), runs ``COMMAND`` (torchrun) with the token and the address in its environment
+  (``REGROW_SNAPSHOT_TOKEN``, ``REGROW_SNAPSHOT_ADDRESS``: the worker's ``--snapshot-address`` defaults to the
+  latter), and stops the snapshot process when the command ends, however it ends, removing its segments. The
+  snapshot process is started *before* torchrun because torchrun kills a restarted worker's whole session
+  (``launch/snapshot_cli.py``); it outlives every restart and dies with the helper. It also sets
+  ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun unless already set: by default torchrun's agent shares its
+  rendezvous store with the workers, and restarted workers can then read their predecessors' connection keys and
+  fail to connect ("Connection refused", pytorch/pytorch#135712); with the store not shared, every restart gets a
+  fresh one.
+
+How a rank knows it is a restart: it does not need to, and could not reliably. ``TORCHELASTIC_RESTART_COUNT`` counts
+the restarts *this node's* agent spent; when a worker of another node fails, the agents of the healthy nodes
+restart their workers for the new rendezvous round without spending a restart, so their workers see the same count
+as before, and a job relaunched by hand after torchrun itself died starts again at 0. What the job holds is the
+ground truth, so every start asks it: each rank probes its node's snapshot process and ``--ckpt-dir``, and the
+ranks agree (an all-reduce) so that they either all restore or all start fresh. The count is only logged. The
+consequence: a snapshot process and a ``--ckpt-dir`` belong to one job; a new job needs a new snapshot process (or
+``--job``) and an empty ``--ckpt-dir``.
+
+Faults for tests and demos: the ``regrow train --fault`` flag is the local launcher's. Under torchrun, export the
+plan for the torchrun process itself (``REGROW_FAULTS`` and ``REGROW_FAULTS_DIR``, see ``faults.plan_env``; the
+directory must outlive the workers); torchrun passes its environment on to every worker, whose ``train_rank``
+attaches the same ``FaultInjector``, and a fault fires once across restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from regrow.checkpoint import storage
+from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost
+from regrow.comm import collectives
+from regrow.comm.world import World, WorldConfig, destroy_world, init_world
+from regrow.launch import ckpt_cli, cli, snapshot_cli
+from regrow.launch.nodes import ADDRESS_ENV
+from regrow.trainer.loop import StepResult, TrainerConfig
+
+PROG = "python -m regrow.launch.torchrun"
+RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
+UNSHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+"""Read by torchrun's agent: "1" gives every rendezvous round (every restart) a fresh store for the workers."""
+IMPLIED_RESUME = ("snapshot", "latest")
+"""``--resume`` values the worker implies on every start (it restores from the snapshots, then ``latest``)."""
+
+
+def log(text: str) -> None:
+    print(f"[torchrun worker] {text}", flush=True)
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def restart_count() -> int:
+    """How many restarts this node's torchrun agent has spent (0 outside torchrun); logged, never decided on."""
+    return int(os.environ.get(RESTART_COUNT_ENV, "0") or 0)
+
+
+# ---------------------------------------------------------------------------------------------------- the worker
+
+
+def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``regrow train``'s flags, parsed by ``regrow train``'s own parser (the same names, defaults, help and
+    checks, whatever flags it grows)."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(f"{PROG} [regrow train flags]: the rank torchrun starts. It trains like `regrow train` and, on every "
+              "start, restores from the node's snapshot process, then --ckpt-dir, when they hold this job's state. "
+              f"`{PROG} node -- torchrun ...` starts the node's snapshot process first. The flags:\n", flush=True)
+    return cli.parser().parse_args(["train", *argv])
+
+
+def worker_problems(args: argparse.Namespace) -> list[str]:
+    """The problems specific to running as torchrun's worker (``cli.build_config`` reports the others)."""
+    problems = []
+    if not under_torchrun():
+        problems.append(f"{PROG} is the worker torchrun starts (RANK and WORLD_SIZE are not set): run it as "
+                        f"`torchrun --nproc-per-node N --max-restarts R -m regrow.launch.torchrun ...` (see "
+                        "launch/examples/single_node.sh), or use `regrow train` for the local launcher")
+    if args.max_restarts:
+        problems.append(f"--max-restarts={args.max_restarts} is the local launcher's flag; under torchrun, give it "
+                        f"to torchrun (`torchrun --max-restarts {args.max_restarts} -m regrow.launch.torchrun ...`)")
+    return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Holdings:
+    """What this rank found that a restore could start from (descriptions; empty lists: nothing)."""
+
+    snapshots: list[str]
+    checkpoint: str | None
+
+    def any(self) -> bool:
+        return bool(self.snapshots or self.checkpoint)
+
+
+def local_holdings(rank: int, address: str | None, ckpt_dir: str | None, timeout_s: float) -> Holdings:
+    """What this rank's node snapshot process holds of ``rank`` (slots with a step, complete coded buffers) and the
+    ``latest`` of ``ckpt_dir``. Raises :class:`SnapshotProcessLost` naming the fix when the process is unreachable:
+    the snapshot sink could not attach to it either."""
+    snapshots: list[str] = []
+    if address is not None:
+        try:
+            client = SnapshotClient(address, timeout_s=timeout_s)
+        except SnapshotProcessLost as error:
+            raise SnapshotProcessLost(f"--snapshot-address {address}: {error}; start the node's snapshot process "
+                                      f"before torchrun (`{PROG} node -- torchrun ...`) and keep it running "
+                                      "across restarts") from error
+        try:
+            # A rank that never attached has no slots; a slot that does not verify cannot be restored either.
+            slots = client.request({"op": "latest", "rank": rank})["slots"]
+            snapshots += [f"slot {s['slot']} step {s['step']}" for s in slots if s["status"] == "ok"]
+            try:
+                complete = client.request({"op": "ec_status"})["complete"]
+                snapshots += [f"erasure-coded buffer step {step}" for step in complete]
+            except ProtocolError:  # erasure coding is off in this snapshot process
+                pass
+        finally:
+            client.close()
+    latest = storage.read_latest(Path(ckpt_dir)) if ckpt_dir else None
+    return Holdings(snapshots=snapshots, checkpoint=f"{ckpt_dir}/{latest}" if latest else None)
+
+
+def job_holds_state(world: World, mine: Holdings, timeout_s: float) -> bool:
+    """True when any rank found something to restore. Collective: every rank gets the same answer, so that either
+    all of them call the (collective) restore or none does."""
+    if world.world_size == 1:
+        return mine.any()
+    flag = torch.tensor([1 if mine.any() else 0], dtype=torch.int64)
+    collectives.all_reduce(flag, group=None, timeout_s=timeout_s, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def resumed_plans(holds_state: bool, *, checkpointing: ckpt_cli.Checkpointing | None,
+                  snapshotting: snapshot_cli.Snapshotting | None, start_from: str | None, ckpt_dir: str | None
+                  ) -> tuple[ckpt_cli.Checkpointing | None, snapshot_cli.Snapshotting | None]:
+    """The checkpoint and snapshot settings of this start: restore through the snapshot process (which falls back to
+    ``latest`` of ``ckpt_dir``) when the job holds a state and snapshots are on; ``latest`` of ``ckpt_dir`` when
+    they are off; else ``start_from`` (``--resume DIR``) or step 0. Exactly one of the two restores at most."""
+    if snapshotting is not None:
+        snapshotting = dataclasses.replace(snapshotting, resume=holds_state)
+    resume = None
+    if holds_state and snapshotting is None:
+        resume = "latest"
+    elif not holds_state:
+        resume = start_from
+    if resume is None:
+        checkpointing = dataclasses.replace(checkpointing, resume=None) if checkpointing else None
+    else:
+        checkpointing = dataclasses.replace(checkpointing or ckpt_cli.Checkpointing(ckpt_dir=ckpt_dir), resume=resume)
+    return checkpointing, snapshotting
+
+
+def run_worker(args: argparse.Namespace, config: TrainerConfig) -> list[StepResult]:
+    """One rank's run under torchrun: join the job, decide with the other ranks whether to restore, train."""
+    snapshotting = snapshot_cli.Snapshotting.from_args(args)
+    if snapshotting is None and args.snapshot_address is not None:  # restore-only: no new snapshots are taken
+        snapshotting = snapshot_cli.Snapshotting(address=args.snapshot_address, ckpt_dir=args.ckpt_dir)
+    checkpointing = ckpt_cli.Checkpointing.from_args(args)
+    world = init_world(config=WorldConfig(backend=cli._backend(args.device), timeout_s=config.optim.timeout_s))
+    try:
+        timeout_s = snapshotting.timeout_s if snapshotting else 60.0
+        mine = local_holdings(world.rank, args.snapshot_address, args.ckpt_dir, timeout_s)
+        holds = job_holds_state(world, mine, config.optim.timeout_s)
+        count = restart_count()
+        if world.rank == 0:
+            log(_start_line(holds, count, mine))
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                log(f"warning: torchrun shares its rendezvous store with the workers, so its restarts may fail to "
+                    f"connect (pytorch/pytorch#135712); export {UNSHARED_STORE_ENV}=1 for torchrun (`{PROG} node` "
+                    "does)")
+        checkpointing, snapshotting = resumed_plans(holds, checkpointing=checkpointing, snapshotting=snapshotting,
+                                                    start_from=args.resume, ckpt_dir=args.ckpt_dir)
+        return cli.train_rank(world, config, checkpointing, snapshotting)
+    finally:
+        destroy_world()
+
+
+def _start_line(holds: bool, count: int, mine: Holdings) -> str:
+    where = f"{RESTART_COUNT_ENV}={count}"
+    if holds:
+        found = ", ".join(mine.snapshots + ([f"checkpoint {mine.checkpoint}"] if mine.checkpoint else [])) or \
+            "state held by other ranks only"
+        kind = "restart" if count else "start (the job was relaunched, or another node's worker failed)"
+        return f"{kind}, {where}: the job holds a state ({found}); every rank restores"
+    if count:
+        return f"restart, {where}: no snapshot or checkpoint holds a step yet; starting from step 0"
+    return f"first start, {where}: nothing to restore; starting from step 0"
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    args = parse_worker_args(argv)
+    if args.snapshot_address is None:
+        args.snapshot_address = os.environ.get(ADDRESS_ENV)  # set by the node helper
+    if args.resume in IMPLIED_RESUME:
+        args.resume = None  # every start resumes from the snapshots, then latest: nothing left to ask for
+    problems = worker_problems(args)
+    if under_torchrun():
+        args.nproc = int(os.environ["WORLD_SIZE"])  # torchrun decided the number of ranks
+    try:
+        config = cli.build_config(args)
+    except cli.ConfigErrors as error:
+        problems += str(error).splitlines()[1:]
+        config = None
+    if problems:
+        lines = [p.strip().removeprefix("- ") for p in problems]
+        print(f"{PROG}: invalid arguments:\n  - " + "\n  - ".join(lines), file=sys.stderr)
+        return 2
+    assert config is not None
+    history = run_worker(args, config)
+    if args.eval_every and int(os.environ.get("RANK", "0")) == 0:
+        print("\n" + cli.demo_table(history))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- the node helper
+
+
+def node_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} node", description="Starts this node's snapshot process, runs COMMAND (torchrun) with "
+                                         f"{TOKEN_ENV} and {ADDRESS_ENV} set, stops the snapshot process after.")
+    parser.add_argument("--address", default="127.0.0.1:0",
+                        help="where the snapshot process listens (port 0: any free port); only this node's ranks "
+                             "connect to it unless erasure coding is used")
+    parser.add_argument("--job", default="", help="names the segments; a restarted snapshot process of the same job "
+                                                  "removes what a crashed one left (default: random)")
+    parser.add_argument("--shm-dir", default="/dev/shm", help="tmpfs for the segments")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run, e.g. torchrun ...")
+    return parser
+
+
+def node_main(argv: Sequence[str]) -> int:
+    """The node helper (see the module docstring); returns the command's exit code (1 if the snapshot process did
+    not start, 2 for bad arguments)."""
+    parser = node_parser()
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --, e.g. `-- torchrun --nproc-per-node 2 --max-restarts 3 -m "
+                     "regrow.launch.torchrun --snapshot-every 1`")
+    token = os.environ.get(TOKEN_ENV) or secrets.token_hex(32)
+    try:
+        config = SnapshotProcessConfig(address=args.address, job=args.job or f"torchrun-{secrets.token_hex(4)}",
+                                       shm_dir=args.shm_dir)
+        process = start_snapshot_process(config, token=token)
+    except (ValueError, RuntimeError) as error:
+        print(f"{PROG} node: {error}", file=sys.stderr)
+        return 1
+    print(f"[node] snapshot process at {process.address} (pid {process.process.pid}, job {process.job}); "
+          f"running {command[0]}", flush=True)
+    previous: dict[int, object] = {}
+    try:
+        try:
+            env = {UNSHARED_STORE_ENV: "1", **os.environ, TOKEN_ENV: token, ADDRESS_ENV: process.address}
+            child = subprocess.Popen(command, env=env)
+        except OSError as error:
+            print(f"{PROG} node: cannot run {command[0]!r}: {error}", file=sys.stderr)
+            return 127
+        # Ctrl-C reaches torchrun through the terminal's process group; a SIGTERM sent to this helper alone (a
+        # scheduler cancelling the job) is passed on, so torchrun stops its workers before the snapshots go.
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, lambda signum, _frame: child.send_signal(signum))
+        return child.wait()
+    except KeyboardInterrupt:  # the terminal's Ctrl-C reached torchrun too: wait for it to stop its workers
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        code = process.stop()
+        left = sorted(Path(args.shm_dir).glob(f"regrow-snap-{process.job}-r*-s*"))
+        for path in left:  # e.g. the snapshot process died of the terminal's SIGINT before removing them
+            path.unlink(missing_ok=True)
+        print(f"[node] snapshot process stopped (exit code {code})"
+              + (f"; removed {len(left)} segments it left" if left else ""), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["node"]:
+        return node_main(argv[1:])
+    return worker_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

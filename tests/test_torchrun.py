@@ -1,0 +1,174 @@
+"""Training under a real torchrun (``launch/torchrun.py``): torchrun's own ``--max-restarts`` restarts the ranks and
+they restore from the node's snapshot process, which the node helper started before torchrun.
+
+The runs are real subprocesses (the node helper, torchrun's agent, gloo workers, the snapshot process). Every
+process a test started is killed on the way out, its whole tree (torchrun starts each worker in a session of its
+own, so one killpg would miss them), and the job's ``/dev/shm`` segments are removed, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from regrow.checkpoint import storage
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
+from regrow.launch import ckpt_cli, faults, snapshot_cli, torchrun
+from regrow.launch.nodes import ADDRESS_ENV
+
+STEPS = 8
+KILL_STEP = 5
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+WORKER = ["-m", "regrow.launch.torchrun", "--preset", "tiny", "--steps", str(STEPS), "--global-batch", "4",
+          "--micro-batch", "2", "--lr", "1e-2", "--warmup-steps", "2", "--log-every", "1", "--timeout", "120",
+          "--save-every", str(STEPS)]
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every descendant still running (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def kill_tree(root: int) -> None:
+    for pid in process_tree(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen]]:
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            kill_tree(process.pid)
+            process.wait(10)
+
+
+@pytest.fixture
+def job() -> Iterator[str]:
+    """A fresh snapshot job name; its segments are removed afterwards whatever happened."""
+    name = f"torchrun-test-{secrets.token_hex(4)}"
+    yield name
+    for leftover in Path("/dev/shm").glob(f"regrow-snap-{name}-*"):
+        leftover.unlink(missing_ok=True)
+
+
+def run(command: list[str], started: list[subprocess.Popen], env: dict[str, str], timeout_s: float = 120.0) -> str:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started.append(process)
+    try:
+        out, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_tree(process.pid)
+        out, _ = process.communicate()
+        pytest.fail(f"{' '.join(command[:6])} ... did not finish in {timeout_s} s:\n{out}")
+    assert process.returncode == 0, out
+    return out
+
+
+def tensor_files(root: Path) -> dict[str, bytes]:
+    """Every tensor file of ``latest`` under ``root`` (the manifest differs in its creation time only)."""
+    latest = root / storage.read_latest(root)
+    return {str(p.relative_to(latest)): p.read_bytes() for p in sorted(latest.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_restarts_a_killed_rank_and_it_restores_from_the_snapshot_process(started, job, tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, ADDRESS_ENV, faults.FAULTS_ENV)}
+    run([*TORCHRUN, *WORKER, "--ckpt-dir", str(tmp_path / "reference")], started, env)
+
+    fired = tmp_path / "fired"
+    fired.mkdir()
+    # The plan goes to torchrun's environment, which its agent hands to every worker (launch/torchrun.py).
+    faulted_env = {**env, **faults.plan_env([faults.Fault("kill-rank", 1, KILL_STEP)], str(fired))}
+    out = run([sys.executable, "-m", "regrow.launch.torchrun", "node", "--job", job, "--",
+               *TORCHRUN, "--max-restarts", "1", *WORKER, "--snapshot-every", "1",
+               "--ckpt-dir", str(tmp_path / "faulted")], started, faulted_env)
+
+    assert "first start, TORCHELASTIC_RESTART_COUNT=0: nothing to restore; starting from step 0" in out, out
+    assert f"[rank 1, step {KILL_STEP}] fault: kill-rank:1@{KILL_STEP} fires" in out, out
+    assert "restart, TORCHELASTIC_RESTART_COUNT=1: the job holds a state" in out, out
+    steps = {int(m.group(2)) for m in re.finditer(r"\[rank (\d), step (\d+)\] restore: source snapshot ", out)}
+    assert len(re.findall(r"restore: source snapshot ", out)) == 2 and len(steps) == 1, out
+    assert 1 <= steps.pop() < KILL_STEP
+    assert "restore: source checkpoint" not in out
+    assert "[node] snapshot process stopped (exit code 0)" in out, out
+    assert not list(Path("/dev/shm").glob(f"regrow-snap-{job}-*"))
+
+    mine, theirs = tensor_files(tmp_path / "faulted"), tensor_files(tmp_path / "reference")
+    assert mine.keys() == theirs.keys() and mine
+    different = [path for path in mine if mine[path] != theirs[path]]
+    assert not different, f"final state differs from the uninterrupted run in {different[:5]}"
+
+
+def test_node_helper_hands_token_and_address_to_the_command_and_cleans_up(job, monkeypatch, capfd) -> None:
+    token = secrets.token_hex(32)
+    monkeypatch.setenv(TOKEN_ENV, token)
+    check = (f"import os, sys; from regrow.checkpoint.snapshot_protocol import SnapshotClient\n"
+             f"assert os.environ['{TOKEN_ENV}'] == {token!r} and os.environ['{torchrun.UNSHARED_STORE_ENV}'] == '1'\n"
+             f"client = SnapshotClient(os.environ['{ADDRESS_ENV}'])\n"
+             "client.request({'op': 'attach', 'rank': 0, 'tensors': [{'name': 'w', 'dtype': 'float32', "
+             "'shape': [4]}], 'meta_capacity': 4096})\n"
+             "sys.exit(3)")
+    assert torchrun.main(["node", "--job", job, "--", sys.executable, "-c", check]) == 3
+    out = capfd.readouterr().out
+    assert f"job {job}" in out and "removed 2 segments" in out and "stopped (exit code 0)" in out, out
+    assert not list(Path("/dev/shm").glob(f"regrow-snap-{job}-*"))
+
+
+def test_node_helper_errors_name_the_fix(job, capfd) -> None:
+    assert torchrun.main(["node", "--job", job, "--", "/nonexistent/torchrun"]) == 127
+    assert "cannot run '/nonexistent/torchrun'" in capfd.readouterr().err
+    with pytest.raises(SystemExit):
+        torchrun.main(["node", "--job", job])
+    assert "give the command to run after --" in capfd.readouterr().err
+
+
+def test_worker_outside_torchrun_names_the_fix(monkeypatch, capsys) -> None:
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert torchrun.main(["--preset", "tiny", "--max-restarts", "2", "--snapshot-every", "-1"]) == 2
+    err = capsys.readouterr().err
+    for expected in ("is the worker torchrun starts", "--max-restarts=2 is the local launcher's flag",
+                     "--snapshot-every=-1 must be >= 0"):
+        assert expected in err, err
+
+
+@pytest.mark.parametrize("holds, snapshots, start_from, expected", [
+    (False, True, None, (None, False)),              # first start: nothing restores
+    (True, True, None, (None, True)),                # snapshots on: restore_job (falls back to --ckpt-dir itself)
+    (True, False, None, ("latest", None)),           # snapshots off: latest of --ckpt-dir
+    (False, True, "/ckpt/step_5", ("/ckpt/step_5", False)),  # --resume DIR: where a job with no state starts
+    (True, True, "/ckpt/step_5", (None, True)),      # ... never over the job's own state
+])
+def test_each_start_restores_from_exactly_one_source(holds, snapshots, start_from, expected) -> None:
+    snapshotting = snapshot_cli.Snapshotting(every=1, address="127.0.0.1:1") if snapshots else None
+    checkpointing, snapshotting = torchrun.resumed_plans(
+        holds, checkpointing=ckpt_cli.Checkpointing(ckpt_dir="/ckpt", save_every=4), snapshotting=snapshotting,
+        start_from=start_from, ckpt_dir="/ckpt")
+    assert checkpointing is not None and checkpointing.save_every == 4
+    assert (checkpointing.resume, snapshotting.resume if snapshotting else None) == expected
