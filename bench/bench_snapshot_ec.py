@@ -203,6 +203,7 @@ def run(args: argparse.Namespace) -> dict:
             "overhead": round(step_on / step_off - 1, 4),
             "windows_ms_off": [round(w * 1e3, 1) for w in off], "windows_ms_on": [round(w * 1e3, 1) for w in on],
             "timed_steps": args.windows * args.window, "encoded_steps": encoded,
+            "round_seconds": nodes.request(0, {"op": "ec_status"})["round_seconds"] if rank == 0 else [],
             "last_encode_wait_s": round(last_encode_wait_s, 3),
             "node_snapshot_bytes": nodes.expected // 2,
             "rebuild_s": round(rebuild["seconds"], 3), "rebuilt_step": rebuild["step"],

@@ -37,9 +37,8 @@ leftover=$(ls /dev/shm | grep -c '^regrow-snap-' || true)
 echo "   /dev/shm regrow-snap-* segments left: $leftover"
 
 "$PY" - "$jsonl" "$log" <<'PY' | tee "$OUT/snapshot_ec.md"
-import json, re, statistics, sys
+import json, statistics, sys
 
-rounds = [float(m[1]) for m in re.finditer(r"step \d+ encoded in ([0-9.]+) s", open(sys.argv[2]).read())]
 for r in (json.loads(line) for line in open(sys.argv[1]) if line.strip()):
     if r.get("status") != "ok":
         print(f"snapshot_ec bench failed (rc {r.get('rc')}), see {r.get('log')}")
@@ -47,6 +46,7 @@ for r in (json.loads(line) for line in open(sys.argv[1]) if line.strip()):
     print("| GPUs | nodes | step ms, off | step ms, snapshot + EC | overhead | encoded / timed steps | encode round s "
           "(median) | node GB | rebuild s | restore s | node loss to restored s | sources |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rounds = r.get("round_seconds") or []
     median = f"{statistics.median(rounds):.2f}" if rounds else "-"
     print(f"| {r['world_size']} x {r['device']} | {r['nodes']} x {r['ranks_per_node']} | {r['step_ms_off']} | "
           f"{r['step_ms_on']} | {r['overhead']:+.2%} | {r['encoded_steps']} / {r['timed_steps']} | {median} | "

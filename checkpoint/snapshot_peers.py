@@ -49,6 +49,8 @@ from regrow.checkpoint.erasure import ErasureConfig, GroupCode, NotRecoverable, 
 from regrow.checkpoint.snapshot_protocol import ProtocolError, SnapshotClient, SnapshotProcessLost
 
 KEEP_COMPLETE = 2
+LOG_EVERY_S = 60.0
+"""Completed rounds are logged at most this often (failed ones always)."""
 
 
 def log(text: str) -> None:
@@ -159,6 +161,9 @@ class PeerCoding:
         self._proposal: int | None = None  # follower: the newest step the leader proposed
         self._retry_from: int | None = None  # leader: a proposal was passed; propose at least this step next
         self.rounds_completed = 0
+        self.round_seconds: list[float] = []
+        """Durations of the last 20 completed rounds."""
+        self._last_logged = -LOG_EVERY_S
         self._stop = False
         self._inbox: dict[int, _Inbox] = {}
         self._complete: dict[int, _Complete] = {}
@@ -203,7 +208,7 @@ class PeerCoding:
             with self._cond:
                 return {"ok": True, "node": self.node, "complete": sorted(self._complete),
                         "round": self._round_step, "ready": self._ready,
-                        "rounds_completed": self.rounds_completed}, None
+                        "rounds_completed": self.rounds_completed, "round_seconds": self.round_seconds}, None
         if op == "ec_fetch":
             return self._fetch(int(request["step"]), str(request["what"]), int(request.get("index", 0)))
         if op == "ec_rebuild":
@@ -264,7 +269,12 @@ class PeerCoding:
             started = time.monotonic()
             try:
                 self._round(step)
-                log(f"node {self.node}: step {step} encoded in {time.monotonic() - started:.2f} s")
+                self.round_seconds = [*self.round_seconds[-19:], round(time.monotonic() - started, 3)]
+                # One line per round would flood a log at a snapshot per step: the first, then one a minute.
+                if time.monotonic() - self._last_logged >= LOG_EVERY_S:
+                    self._last_logged = time.monotonic()
+                    log(f"node {self.node}: step {step} encoded in {time.monotonic() - started:.2f} s "
+                        f"({self.rounds_completed} rounds so far)")
             except _Superseded:
                 log(f"node {self.node}: encode of step {step} left for step {self._proposal}, which the leader "
                     f"proposed")

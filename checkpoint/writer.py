@@ -420,6 +420,9 @@ class CheckpointWriter:
         """Every save step's outcome on this rank, in the order they were decided (a skip at once, a save when its
         persist ends)."""
         self._inflight: PendingSave | None = None
+        self.io_fault: Callable[[int], None] | None = None
+        """Fault-injection hook (``launch/faults.py``'s ``fail-ckpt``): called by the persist thread with the step
+        before this rank writes its part; an exception it raises fails the save exactly as an I/O error would."""
         self.session = self._agree_session()
         if self.rank == 0:
             removed = storage.clean_temporaries(self.root)
@@ -500,6 +503,8 @@ class CheckpointWriter:
         part, error = Part(), None
         try:
             save.copy.wait_host(self.timeout_s)
+            if self.io_fault is not None:
+                self.io_fault(save.step)
             part.chunks = self.write_shard(save)
             part.rng = self.write_rng(save)
         except BaseException as caught:  # any failure is this save's failure, never the training's

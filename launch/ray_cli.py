@@ -23,6 +23,10 @@ from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.state import StateSink
 
 
+DEFAULT_HANG_TIMEOUT_S = 120.0
+"""A rank with no finished step for this long is declared hung (``--hang-timeout`` overrides it)."""
+
+
 def fault_sinks(rank: int) -> list[StateSink]:
     """The fault injector of the plan in ``REGROW_FAULTS`` (run inside each worker; Ray sends this function by
     reference)."""
@@ -47,8 +51,6 @@ def add_parser(commands: argparse._SubParsersAction,
     ray.add_argument("--ec-group-size", type=int, default=0, help="erasure-code snapshots across N nodes (0: off)")
     ray.add_argument("--ec-parity", type=int, default=1)
     ray.add_argument("--ckpt-dir", default=None, help="universal checkpoints: the last restore source")
-    ray.add_argument("--hang-timeout", type=float, default=120.0, help="seconds without a step before a rank is "
-                                                                       "declared hung")
     ray.add_argument("--resources-timeout", type=float, default=300.0,
                      help="seconds to wait for a worker's resources before giving up")
     ray.add_argument("--events", default=None, help="JSONL file of every event (failures, restores, ...)")
@@ -72,13 +74,18 @@ def run(args: argparse.Namespace, config: TrainerConfig) -> int:
     """Runs the job; returns the exit code."""
     import ray
 
-    plan = [faults.Fault.parse(text) for text in args.fault]
+    plan, _ = faults.plan_from_args(args)
+    unsupported = sorted({fault.kind for fault in plan} - {"kill-rank", "hang-rank", "slow-rank"})
+    if unsupported:
+        print(f"regrow ray: fault kinds {unsupported} run under the local launcher only; on Ray, lose a node by "
+              f"stopping it (`ray stop` on that machine)", file=sys.stderr)
+        return 2
     try:
         connect(args.address)
         coordinator_config = CoordinatorConfig(
             workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
             ranks_per_node=args.ranks_per_node, ec_group_size=args.ec_group_size, ec_parity=args.ec_parity,
-            hang_timeout_s=args.hang_timeout, resources_timeout_s=args.resources_timeout,
+            hang_timeout_s=args.hang_timeout or DEFAULT_HANG_TIMEOUT_S, resources_timeout_s=args.resources_timeout,
             max_restarts=max(args.max_restarts, len(plan)), events_path=args.events)
         spec = WorkerSpec(config=config, world_size=args.workers, device="cuda" if args.gpus_per_worker else "cpu",
                           snapshot_every=args.snapshot_every, ckpt_dir=args.ckpt_dir, extra_sinks=fault_sinks)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,7 @@ import torch
 from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint.snapshot_persist import PersistConfig
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient, parse_address
-from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, restore_job
+from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, JobRestore, restore_job
 from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
 from regrow.launch.ckpt_cli import SNAPSHOT
 from regrow.launch.nodes import ADDRESS_ENV, LocalNodes, NodesConfig
@@ -236,16 +236,21 @@ def launcher_env(plan: Snapshotting | None) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------- each rank
 
 
-def prepare(trainer: Trainer, plan: Snapshotting) -> SnapshotSink | None:
+def prepare(trainer: Trainer, plan: Snapshotting,
+            on_restore: Callable[[JobRestore], None] | None = None) -> SnapshotSink | None:
     """Each rank's wiring: restores if ``--resume snapshot``, then attaches a :class:`SnapshotSink` if snapshots are
     on (attaching now, so a full ``/dev/shm`` fails before the first step). Collective. The address comes from the
-    launcher (``REGROW_SNAPSHOT_ADDRESS``) or ``--snapshot-address``; the token from ``REGROW_SNAPSHOT_TOKEN``."""
+    launcher (``REGROW_SNAPSHOT_ADDRESS``) or ``--snapshot-address``; the token from ``REGROW_SNAPSHOT_TOKEN``.
+    ``on_restore`` is given the restore's result (source, step, what was passed over), e.g. for the launcher's
+    fault report."""
     address = plan.address or os.environ.get(ADDRESS_ENV)
     if address is None:
         raise RuntimeError(f"{ADDRESS_ENV} is not set: the launcher sets it when --snapshot-every or --resume "
                            "snapshot is given (under torchrun, pass --snapshot-address)")
     restored = restore_job(trainer, address, ckpt_root=plan.ckpt_dir, timeout_s=plan.timeout_s) if plan.resume \
         else None
+    if restored is not None and on_restore is not None:
+        on_restore(restored)
     if not plan.every:
         return None
     sink = SnapshotSink(SnapshotSinkConfig(address=address, every=plan.every, timeout_s=plan.timeout_s),

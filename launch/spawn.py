@@ -26,7 +26,13 @@ from regrow.comm.world import WorldConfig, destroy_world, init_world
 
 
 class WorkerFailed(RuntimeError):
-    """A spawned rank raised or died; the message holds its traceback or exit code."""
+    """A spawned rank raised or died; the message holds its traceback or exit code. ``exitcodes`` (set by
+    :func:`run_local`) are the exit codes of the ranks that had already exited when the failure was seen (a
+    negative code is the signal that killed the rank), before the launcher killed the rest."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.exitcodes: dict[int, int] = {}
 
 
 @dataclass(frozen=True)
@@ -73,12 +79,15 @@ def run_local(
     threads_per_rank: int | None = None,
     env: dict[str, str] | None = None,
     rank_envs: Sequence[dict[str, str]] | None = None,
+    watchdog: Callable[[list[int]], None] | None = None,
 ) -> list[Any]:
     """Calls ``entry(world, *args)`` on ``world_size`` new processes; returns their results in rank order.
 
     ``entry`` must be a module-level function and its result picklable. ``env`` is added to every rank's
     environment and ``rank_envs[r]`` (if given) to rank r's, after it (e.g. each simulated node's snapshot process).
-    Raises :class:`WorkerFailed` if any rank fails or the whole run exceeds ``timeout_s`` seconds.
+    Raises :class:`WorkerFailed` if any rank fails or the whole run exceeds ``timeout_s`` seconds. ``watchdog``
+    (e.g. ``launch.watchdog.Watchdog``) is called about twice a second with the ranks still running; the
+    :class:`WorkerFailed` it raises (a hung rank) stops the run like a failed rank does.
     """
     if world_size < 1:
         raise ValueError(f"run_local: world_size={world_size} must be >= 1")
@@ -97,7 +106,10 @@ def run_local(
     for _, sender in pipes:
         sender.close()  # the children hold the sending ends; EOF then means a child is gone
     try:
-        return _collect(procs, [receiver for receiver, _ in pipes], time.monotonic() + timeout_s)
+        return _collect(procs, [receiver for receiver, _ in pipes], time.monotonic() + timeout_s, watchdog)
+    except WorkerFailed as error:
+        error.exitcodes = {rank: p.exitcode for rank, p in enumerate(procs) if p.exitcode is not None}
+        raise
     finally:
         for p in procs:
             if p.is_alive():
@@ -108,7 +120,8 @@ def run_local(
         del store
 
 
-def _collect(procs: list, receivers: list[Connection], deadline: float) -> list[Any]:
+def _collect(procs: list, receivers: list[Connection], deadline: float,
+             watchdog: Callable[[list[int]], None] | None = None) -> list[Any]:
     values: dict[int, Any] = {}
     pending = dict(enumerate(receivers))
     while pending:
@@ -126,4 +139,6 @@ def _collect(procs: list, receivers: list[Connection], deadline: float) -> list[
             values[rank] = value
         if pending and not ready and time.monotonic() > deadline:
             raise WorkerFailed(f"ranks {sorted(pending)} did not finish before the deadline")
+        if pending and watchdog is not None:
+            watchdog(sorted(pending))
     return [values[r] for r in range(len(receivers))]

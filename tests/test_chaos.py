@@ -1,0 +1,173 @@
+"""The fault-injection harness: hangs caught by the launcher's watchdog, corrupt snapshots passed over by checksum,
+failed checkpoint writes, seeded random faults, the fault report, and plans rejected before anything starts.
+
+Every run is a real ``regrow train`` of the tiny GPT on 2 spawned gloo ranks with real snapshot processes; a faulted
+run must end in exactly the state of a fault-free run with the same seed (final checkpoints compared byte for byte).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from regrow.launch import chaos, cli, faults
+from regrow.trainer.loop import StepResult
+
+STEPS = 12
+
+
+def chaos_run(tmp: Path, name: str, *extra: str, fault: tuple[str, ...] = (), restarts: int = 0
+              ) -> tuple[list[StepResult], dict]:
+    """``regrow train`` of the tiny GPT on 2 ranks under ``fault`` (saving under ``tmp/name`` at the last step and
+    wherever ``extra`` says); returns the last attempt's history and the fault report."""
+    argv = ["train", "--nproc", "2", "--preset", "tiny", "--steps", str(STEPS), "--global-batch", "4",
+            "--micro-batch", "2", "--lr", "1e-2", "--warmup-steps", "2", "--log-every", "4", "--ckpt-dir",
+            str(tmp / name), "--timeout", "240", "--max-restarts", str(restarts), *extra]
+    if "--save-every" not in extra:
+        argv += ["--save-every", str(STEPS)]
+    for item in fault:
+        argv += ["--fault", item]
+    args = cli.parser().parse_args(argv)
+    config = cli.build_config(args)
+    plan, _ = faults.plan_from_args(args)
+    launch = cli.Launch(nproc=2, timeout_s=args.timeout, max_restarts=args.max_restarts, faults=plan,
+                        hang_timeout_s=args.hang_timeout)
+    recorder = chaos.Recorder(plan, hang_timeout_s=args.hang_timeout)
+    history = cli.run_training(config, launch, cli.ckpt_cli.Checkpointing.from_args(args),
+                               cli.snapshot_cli.Snapshotting.from_args(args), recorder=recorder)
+    return history, chaos.build_report(recorder, history)
+
+
+SNAPSHOTS = ("--snapshot-every", "1", "--nodes", "2", "--ec-group-size", "2")
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chaos")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp: Path) -> list[StepResult]:
+    history, _ = chaos_run(tmp, "reference")
+    return history
+
+
+def assert_same_run(tmp: Path, history: list[StepResult], reference: list[StepResult], name: str) -> None:
+    losses = {r.step: r.loss for r in reference}
+    assert history and history[-1].step == STEPS
+    assert all(r.loss == losses[r.step] for r in history), "losses differ after the restore"
+    assert chaos.same_checkpoint(str(tmp / name), str(tmp / "reference")) is True
+
+
+@pytest.mark.timeout(240)
+def test_a_kill_and_a_hang_are_recovered_and_reported(tmp, reference, capfd) -> None:
+    """A rank killed in step 3, then a rank hung in step 7: the kill is seen by its exit code, the hang by the
+    watchdog only (no progress for --hang-timeout s), both restore from the snapshots with no step lost, and the
+    run ends bit-identical to the fault-free one. The report says all of it."""
+    history, report = chaos_run(tmp, "kill-hang", *SNAPSHOTS, "--hang-timeout", "4",
+                                fault=("kill-rank:1@3", "hang-rank:0@7"), restarts=2)
+    out = capfd.readouterr().out
+    assert "rank 0 made no progress for" in out and "stuck after step 6, before step 7's optimizer step" in out
+    assert_same_run(tmp, history, reference, "kill-hang")
+
+    assert report["restarts"] == 2 and report["plan"] == ["kill-rank:1@3", "hang-rank:0@7"]
+    kill, hang = report["failures"]
+    assert kill["attempt"] == 1 and kill["faults"] == ["kill-rank:1@3"]
+    assert kill["detected_by"] == ["process exit: rank 1 killed by SIGKILL (exit code -9)"]
+    # the kill may land before step 2's snapshot is sealed on the killed rank: then step 1 is the newest common one
+    assert kill["failed_at_step"] == 2 and kill["restored_step"] in (1, 2)
+    assert kill["steps_lost"] == 2 - kill["restored_step"]
+    assert kill["source"] == "snapshot (ranks [0, 1])"
+    assert 0 <= kill["detect_s"] < 5 and kill["recover_s"] > kill["restore_s"] >= 0
+    assert hang["attempt"] == 2 and hang["faults"] == ["hang-rank:0@7"]
+    assert hang["detected_by"][0].startswith("no progress for") and "rank(s) [0]" in hang["detected_by"][0]
+    assert 4 <= hang["detect_s"] < 15
+    assert (hang["failed_at_step"], hang["restored_step"], hang["steps_lost"]) == (6, 6, 0)
+    assert [item["fired"] for item in report["faults"]] == [True, True]
+    assert report["faults"][1]["rank"] == 0 and report["faults"][1]["step"] == 7
+    assert report["final"] == {"step": STEPS, "loss": reference[-1].loss}
+    text = chaos.format_report(report)
+    assert "2 restart(s)" in text and "restored step 6 from snapshot" in text
+
+
+@pytest.mark.timeout(180)
+def test_a_corrupt_snapshot_is_passed_over_by_checksum(tmp, reference) -> None:
+    """Rank 1 flips a byte of its newest sealed snapshot (step 5) and dies: the restore finds the checksum
+    mismatch, every rank restores step 4 from its other slot, and the run ends bit-identically."""
+    history, report = chaos_run(tmp, "corrupt", *SNAPSHOTS, fault=("corrupt-snapshot:1@6",), restarts=1)
+    assert_same_run(tmp, history, reference, "corrupt")
+    (failure,) = report["failures"]
+    assert failure["detected_by"][0] == "process exit: rank 1 killed by SIGKILL (exit code -9)"
+    assert "payload checksum mismatch" in failure["detected_by"][1]
+    assert (failure["failed_at_step"], failure["restored_step"], failure["steps_lost"]) == (5, 4, 1)
+    assert report["faults"][0]["corrupted"]["snapshot_step"] == 5
+
+
+@pytest.mark.timeout(180)
+def test_a_failed_checkpoint_write_keeps_latest_and_training_goes_on(tmp, reference, capfd) -> None:
+    """Rank 1's write of step 6's checkpoint fails with an I/O error: the save is given up, latest stays on step
+    3's checkpoint, nothing restarts, and the later saves are committed as usual."""
+    history, report = chaos_run(tmp, "fail-ckpt", "--save-every", "3", "--keep-last", "4",
+                                fault=("fail-ckpt:1@6",))
+    out = capfd.readouterr().out
+    (item,) = report["faults"]
+    # A loaded machine may make the writer skip step 6's save (step 3's still persisting): step 9's fails then.
+    failed = item["step"]
+    assert failed in (6, 9)
+    assert f"checkpoint step_{failed:08d} FAILED: rank 1: OSError: [Errno 5] injected I/O error" in out
+    assert report["restarts"] == 0 and report["failures"] == []
+    assert item["fired"] and "latest then: step_00000003" in item["outcome"]
+    names = sorted(p.name for p in (tmp / "fail-ckpt").glob("step_*"))
+    assert "step_00000003" in names and f"step_{failed:08d}" not in names and names[-1] == "step_00000012"
+    assert_same_run(tmp, history, reference, "fail-ckpt")
+
+
+@pytest.mark.timeout(240)
+def test_a_seeded_random_soak_loses_nothing(tmp, reference) -> None:
+    """--fault-mtbf 4 --fault-seed 4 draws 4 kills of ranks and nodes; the run survives every one of them, within
+    its restart budget and its deadline, and ends bit-identical to the fault-free run."""
+    drawn = faults.random_plan(4, 4, step_s=1.0, ranks=2, nodes=2, steps=STEPS, node_faults=True)
+    assert [f.kind for f in drawn].count("kill-node") >= 1 and len(drawn) >= 3
+    history, report = chaos_run(tmp, "soak", *SNAPSHOTS, "--fault-mtbf", "4", "--fault-seed", "4",
+                                restarts=len(drawn))
+    assert report["plan"] == [str(f) for f in drawn]
+    assert all(item["fired"] for item in report["faults"])
+    assert all(failure.get("recovered") for failure in report["failures"])
+    assert_same_run(tmp, history, reference, "soak")
+
+
+def test_plans_are_checked_before_anything_starts(tmp, capsys) -> None:
+    plan = tmp / "plan.json"
+    plan.write_text(json.dumps(["hang-rank:1@3", {"kind": "corrupt-snapshot", "target": 0, "step": 2}]))
+    code = cli.main(["train", "--nproc", "2", "--preset", "tiny", "--steps", "5", "--global-batch", "4",
+                     "--micro-batch", "2", "--fault", "slow-rank:2@2-4x3", "--fault", "fail-ckpt:0@4",
+                     "--fault", "kill-rank:1@0", "--fault-plan", str(plan), "--fault", "kill-rank:0@2x3",
+                     "--fault-mtbf", "1", "--max-restarts", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "slow-rank:2@2-4x3: there is no rank 2 (the job has 2 ranks, 0..1)" in err
+    assert "fail-ckpt:0@4: no checkpoint is saved at step 4" in err
+    assert "kill-rank:1@0: step 0 is outside the run (steps 1..5)" in err
+    assert "hang-rank:1@3: nothing would notice the hang; add --hang-timeout" in err
+    assert "corrupt-snapshot:0@2: there is no snapshot to corrupt; add --snapshot-every 1" in err
+    assert "a step range -E and a factor xF belong to slow-rank only" in err
+    assert "--fault-mtbf 1 --fault-seed 0 draws" in err and "give --max-restarts" in err
+    assert cli.main(["chaos", "--nproc", "2", "--preset", "tiny"]) == 2
+    assert "regrow chaos needs a fault plan" in capsys.readouterr().err
+
+
+def test_fault_syntax_plans_and_draws() -> None:
+    slow = faults.Fault.parse("slow-rank:1@3-7x2.5")
+    assert (slow.step, slow.last_step, slow.slow_factor, str(slow)) == (3, 7, 2.5, "slow-rank:1@3-7x2.5")
+    assert faults.Fault.parse("slow-rank:0@4").last_step == 4 + faults.SLOW_STEPS - 1
+    assert faults.Fault.from_dict(slow.to_dict()) == slow
+    assert faults.Fault.parse("hang-rank:0@2").to_dict() == {"kind": "hang-rank", "target": 0, "step": 2}
+    with pytest.raises(ValueError, match="unknown keys"):
+        faults.Fault.from_dict({"kind": "kill-rank", "target": 0, "step": 1, "when": 3})
+    one = faults.random_plan(10, 7, step_s=0.5, ranks=4, nodes=2, steps=200, node_faults=False)
+    assert one == faults.random_plan(10, 7, step_s=0.5, ranks=4, nodes=2, steps=200, node_faults=False)
+    assert one and {f.kind for f in one} == {"kill-rank"}
+    assert all(b.step - a.step >= 2 for a, b in itertools.pairwise(one))
