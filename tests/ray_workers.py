@@ -36,12 +36,44 @@ class HangOnce:
         pass
 
 
+HOLD_ENV = "REGROW_TEST_HOLD"
+"""``step:dir``: every rank waits before that step's optimizer step until ``dir/release`` exists (after writing
+``dir/holding-<rank>``), so a test can act on the cluster at a known step; once released it never waits again."""
+
+
+class HoldAt:
+    """Holds the rank before the optimizer step of ``step`` until the test releases it (see :data:`HOLD_ENV`)."""
+
+    def __init__(self, rank: int, step: int, folder: Path) -> None:
+        self.rank = rank
+        self.step = step
+        self.folder = folder
+        self.last = 0
+
+    def after_step(self, state: ShardState) -> None:
+        self.last = state.step
+
+    def before_optimizer_step(self) -> None:
+        release = self.folder / "release"
+        if self.last + 1 == self.step and not release.exists():
+            (self.folder / f"holding-{self.rank}").write_text("holding\n")
+            while not release.exists():
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        pass
+
+
 def worker_sinks(rank: int) -> list[StateSink]:
     """The fault injector of the launcher's plan (REGROW_FAULTS) and, for the hang test, :class:`HangOnce`."""
     sinks: list[StateSink] = []
     injector = FaultInjector.from_env(rank)
     if injector is not None:
         sinks.append(injector)
+    hold = os.environ.get(HOLD_ENV)
+    if hold:
+        step, folder = hold.split(":", 1)
+        sinks.append(HoldAt(rank, int(step), Path(folder)))
     hang = os.environ.get(HANG_ENV)
     if hang:
         target, step, marker = hang.split(":", 2)

@@ -205,7 +205,8 @@ class PipelineTrainer:
 
     # ---------------------------------------------------------------- state and recovery
     def shard_state(self) -> ShardState:
-        """This rank's shard at the current step boundary; ``extra`` records the stage and its learning-rate scale."""
+        """This rank's shard at the current step boundary; ``extra`` records the stage, its learning-rate scale and the
+        optimizer's step count (which a neighbour rebuild resets)."""
         return ShardState(
             step=self.step,
             tensors=self.optimizer.shard_tensors(),
@@ -214,8 +215,30 @@ class PipelineTrainer:
             rng=RngState.capture(),
             data_cursor=self.sampler.state().to_dict(),
             tokens_seen=self.tokens_seen,
-            extra={"pp_stage": self.stage, "pp_size": self.n_stages, "lr_scale": self.lr_scale},
+            extra={"pp_stage": self.stage, "pp_size": self.n_stages, "lr_scale": self.lr_scale,
+                   "optimizer_steps": self.optimizer.step_count},
         )
+
+    def restore(self, state: ShardState) -> None:
+        """Resumes this stage from ``state`` (a :meth:`shard_state` of this rank's stage at the same layout, e.g. a
+        snapshot or a saved file): masters and optimizer state, step, data cursor, RNG, learning-rate scale.
+
+        Collective over the stage's data-parallel group (every rank of it restores its own shard together); the
+        other stages are not involved. ``extra["optimizer_steps"]`` (Adam's step, which a neighbour rebuild resets)
+        defaults to ``state.step`` for states saved without it.
+        """
+        if state.layout != self.optimizer.layout.to_dict():
+            raise ValueError("PipelineTrainer.restore: the state was saved at another layout (another stage or grid)")
+        if state.extra.get("pp_stage", self.stage) != self.stage:
+            raise ValueError(f"PipelineTrainer.restore: the state is stage {state.extra['pp_stage']}'s, "
+                             f"this rank holds stage {self.stage}")
+        self.optimizer.load_shard_tensors(state.tensors, int(state.extra.get("optimizer_steps", state.step)))
+        self.sampler.load_state(DataCursor.from_dict(state.data_cursor))
+        state.rng.restore()
+        self.step = state.step
+        self.tokens_seen = state.tokens_seen
+        self.lr_scale = float(state.extra.get("lr_scale", 1.0))
+        self.stage_grad_norm = float("nan")
 
     def stage_weights(self) -> dict[str, torch.Tensor]:
         """This stage's fp32 master weights by local name (new tensors). Collective over the stage's DP group."""
