@@ -94,6 +94,22 @@ def windows(args: argparse.Namespace, trainer: Trainer, count: int | None = None
     return [timed(trainer.device, window) for _ in range(count or args.windows)]
 
 
+def paired_windows(args: argparse.Namespace, trainer: Trainer, sink) -> tuple[list[float], list[float]]:
+    """``--windows`` pairs of timed windows, without and with ``sink`` (attached to ``trainer`` on entry and on
+    return; it needs ``flush()``), alternating, so that drift of the machine (clocks, neighbours) falls on both
+    alike; each window is preceded by one untimed step."""
+    off, on = [], []
+    for _ in range(args.windows):
+        sink.flush()
+        trainer.sinks.remove(sink)
+        trainer.train_step()
+        off += windows(args, trainer, 1)
+        trainer.sinks.append(sink)
+        trainer.train_step()
+        on += windows(args, trainer, 1)
+    return off, on
+
+
 def start_node_process(args: argparse.Namespace, trainer: Trainer, local_ranks: int):
     """LOCAL_RANK 0 starts the node's snapshot process; every rank learns its address. Returns (process or None,
     address)."""
@@ -171,17 +187,7 @@ def run(args: argparse.Namespace) -> dict:
         trainer.sinks.append(sink)
         for _ in range(args.warmup):  # the first snapshots map and register the segments
             trainer.train_step()
-        # Windows with and without snapshots alternate, so that drift of the machine (clocks, neighbours) falls on
-        # both alike; each phase begins with one untimed step.
-        off, on = [], []
-        for _ in range(args.windows):
-            sink.flush()
-            trainer.sinks.remove(sink)
-            trainer.train_step()
-            off += windows(args, trainer, 1)
-            trainer.sinks.append(sink)
-            trainer.train_step()
-            on += windows(args, trainer, 1)
+        off, on = paired_windows(args, trainer, sink)
         sink.close()  # seals the last snapshot
         trainer.sinks.remove(sink)
         copy_gbps, registered = d2h_gbps(sink, trainer)

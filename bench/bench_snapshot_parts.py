@@ -28,7 +28,7 @@ import sys
 
 # bench/ is this script's folder, which torchrun puts on sys.path.
 from bench_checkpoint import regrow_trainer
-from bench_snapshot import parse_args, start_node_process, windows
+from bench_snapshot import paired_windows, parse_args, start_node_process
 from bench_zero import emit_result, init_distributed, result_header
 from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig, HostCopy
 from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
@@ -110,15 +110,7 @@ def run() -> dict:
         trainer.sinks.append(sink)
         for _ in range(args.warmup):
             trainer.train_step()
-        off, on = [], []
-        for _ in range(args.windows):
-            sink.flush()
-            trainer.sinks.remove(sink)
-            trainer.train_step()
-            off += windows(args, trainer, 1)
-            trainer.sinks.append(sink)
-            trainer.train_step()
-            on += windows(args, trainer, 1)
+        off, on = paired_windows(args, trainer, sink)
         sink.close()
         trainer.sinks.remove(sink)
         phases[name] = (off, on)
