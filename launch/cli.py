@@ -127,7 +127,8 @@ def train_rank(world: World, config: TrainerConfig, checkpointing: ckpt_cli.Chec
     return trainer.run()
 
 
-def _backend(device: str) -> str:
+def backend_for(device: str) -> str:
+    """The process-group backend for ``--device``: gloo on CPU, NCCL on CUDA (with gloo for CPU tensors)."""
     return "gloo" if device == "cpu" else "nccl" if device == "cuda" else "auto"
 
 
@@ -156,7 +157,7 @@ def run_training(config: TrainerConfig, launch: Launch, checkpointing: ckpt_cli.
     the ranks recorded (fired faults, heartbeats, restores) before the run directory goes; the ranks write
     heartbeats when it is given or ``launch.hang_timeout_s`` is set (the watchdog reads them)."""
     if _under_torchrun():
-        world = init_world(config=WorldConfig(backend=_backend(launch.device), timeout_s=config.optim.timeout_s))
+        world = init_world(config=WorldConfig(backend=backend_for(launch.device), timeout_s=config.optim.timeout_s))
         try:
             return train_rank(world, config, checkpointing, snapshotting)
         finally:
@@ -175,7 +176,7 @@ def run_training(config: TrainerConfig, launch: Launch, checkpointing: ckpt_cli.
                     recorder.begin(attempt)
                 try:
                     history = run_local(train_rank, launch.nproc, config, checkpointing, snapshotting,
-                                        backend=_backend(launch.device), timeout_s=launch.timeout_s,
+                                        backend=backend_for(launch.device), timeout_s=launch.timeout_s,
                                         env={**env, faults.ATTEMPT_ENV: str(attempt)},
                                         rank_envs=nodes.rank_envs() if nodes else None, watchdog=watchdog)[0]
                     if recorder is not None:

@@ -181,7 +181,7 @@ def run_worker(args: argparse.Namespace, config: TrainerConfig) -> list[StepResu
     if snapshotting is None and args.snapshot_address is not None:  # restore-only: no new snapshots are taken
         snapshotting = snapshot_cli.Snapshotting(address=args.snapshot_address, ckpt_dir=args.ckpt_dir)
     checkpointing = ckpt_cli.Checkpointing.from_args(args)
-    world = init_world(config=WorldConfig(backend=cli._backend(args.device), timeout_s=config.optim.timeout_s))
+    world = init_world(config=WorldConfig(backend=cli.backend_for(args.device), timeout_s=config.optim.timeout_s))
     try:
         timeout_s = snapshotting.timeout_s if snapshotting else 60.0
         mine = local_holdings(world.rank, args.snapshot_address, args.ckpt_dir, timeout_s)
