@@ -11,6 +11,7 @@ per node, forms the process group, watches, heals, and writes every event to ``-
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -60,6 +61,8 @@ def connect(address: str) -> None:
     """Connects to Ray; a clear error when the cluster cannot be reached."""
     import ray
 
+    if address not in ("local", "auto"):
+        _probe(address)
     try:
         if address == "local":
             ray.init(log_to_driver=False)
@@ -68,6 +71,18 @@ def connect(address: str) -> None:
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise CoordinatorError(f"--address {address}: cannot reach a Ray cluster ({error}); start one with "
                                f"`ray start --head`, or use --address local") from error
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fails fast when nothing listens at ``address`` (``ray.init`` itself retries for minutes before giving up)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise CoordinatorError(f"--address {address!r} is not 'local', 'auto' or host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise CoordinatorError(f"--address {address}: nothing answers there ({error}); start the cluster with "
+                               f"`ray start --head` and pass its address, or use --address local") from error
 
 
 def run(args: argparse.Namespace, config: TrainerConfig) -> int:

@@ -1,0 +1,38 @@
+"""``regrow ray`` from the command line: a local Ray instance with a killed rank, and an unreachable cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("ray")
+
+from regrow.launch import cli  # noqa: E402
+
+SMALL = ["--workers", "2", "--preset", "tiny", "--steps", "6", "--global-batch", "4", "--micro-batch", "2",
+         "--log-every", "0"]
+
+
+def test_an_unreachable_cluster_is_a_clear_error(capsys) -> None:
+    assert cli.main(["ray", "--address", "127.0.0.1:9", *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "--address 127.0.0.1:9: nothing answers there" in err and "ray start --head" in err
+
+
+def test_fault_kinds_ray_cannot_inject_are_refused(capsys) -> None:
+    assert cli.main(["ray", "--address", "local", *SMALL, "--fault", "kill-node:0@3"]) == 2
+    assert "run under the local launcher only" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_regrow_ray_on_a_local_instance_heals_a_killed_rank(tmp_path) -> None:
+    events = tmp_path / "events.jsonl"
+    done = subprocess.run([sys.executable, "-m", "regrow", "ray", "--address", "local", *SMALL, "--fault",
+                           "kill-rank:1@3", "--events", str(events)], capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "trained to step 6 with 1 failure(s) healed" in done.stdout
+    kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+    assert kinds[0] == "start" and "failure_detected" in kinds and "restored" in kinds and kinds[-1] == "finished"
