@@ -162,3 +162,14 @@ class SnapshotClient:
             self._sock.close()
         except OSError:
             pass
+
+
+def request_once(address: str, message: dict, *, token: str | None = None, timeout_s: float = 30.0) -> dict:
+    """One request on a connection of its own (opened, authenticated, closed): for callers that talk to a
+    snapshot process now and then, such as launchers and coordinators."""
+    client = SnapshotClient(address, token=token, timeout_s=timeout_s)
+    try:
+        return client.request(message)
+    finally:
+        client.close()
+

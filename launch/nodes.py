@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_peers import ErasureCodingConfig
 from regrow.checkpoint.snapshot_persist import PersistConfig
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotProcessLost, request_once
 from regrow.trainer.checks import require_ints
 
 ADDRESS_ENV = "REGROW_SNAPSHOT_ADDRESS"
@@ -203,8 +203,4 @@ class LocalNodes:
                                  "peers": [self.processes[member].address for member in group]})
 
     def _request(self, node: int, message: dict) -> dict:
-        client = SnapshotClient(self.processes[node].address, token=self.token, timeout_s=120.0)
-        try:
-            return client.request(message)
-        finally:
-            client.close()
+        return request_once(self.processes[node].address, message, token=self.token, timeout_s=120.0)

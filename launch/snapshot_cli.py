@@ -37,7 +37,7 @@ import torch
 
 from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint.snapshot_persist import PersistConfig
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient, parse_address
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, parse_address, request_once
 from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, JobRestore, restore_job
 from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
 from regrow.launch.ckpt_cli import SNAPSHOT
@@ -259,10 +259,6 @@ def prepare(trainer: Trainer, plan: Snapshotting,
     sink.attach(trainer.shard_state(), restored_from=from_slot)
     if plan.persist_every and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         # What the persisted manifests record as the run's config (the snapshot process cannot know it).
-        client = SnapshotClient(address, timeout_s=plan.timeout_s)
-        try:
-            client.request({"op": "run_config", "config": trainer.config.to_dict()})
-        finally:
-            client.close()
+        request_once(address, {"op": "run_config", "config": trainer.config.to_dict()}, timeout_s=plan.timeout_s)
     trainer.sinks.append(sink)
     return sink

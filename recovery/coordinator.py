@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_peers import ErasureCodingConfig
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost
+from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotProcessLost, request_once
 from regrow.recovery.worker import CONCURRENCY_GROUPS, CONTROL, TRAIN, Worker, WorkerSpec
 from regrow.trainer.checks import require_ints
 
@@ -284,11 +284,7 @@ class Coordinator:
                           {"op": "ec_group", "node": group.index(index), "peers": peers})
 
     def _request(self, address: str, message: dict) -> dict:
-        client = SnapshotClient(address, token=self.token, timeout_s=120.0)
-        try:
-            return client.request(message)
-        finally:
-            client.close()
+        return request_once(address, message, token=self.token, timeout_s=120.0)
 
     # ------------------------------------------------------------------ one generation
     def _form_generation(self, *, resume: bool, outcome: Outcome) -> None:
