@@ -193,7 +193,8 @@ def test_slot_held_during_the_copy_is_not_reused(tmp_path, token, capsys) -> Non
 
     reference = tmp_path / "reference"
     writer_trainer = Trainer(config)
-    writer = CheckpointWriter(WriterConfig(root=str(reference), save_every=2, keep_last=3),
+    # "wait": the reference must hold every even step; with "skip" a slow machine skips 4 and 6 (steps take ms).
+    writer = CheckpointWriter(WriterConfig(root=str(reference), save_every=2, keep_last=3, when_busy="wait"),
                               run_config=config.to_dict())
     writer_trainer.sinks.append(writer)
     writer_trainer.run()
