@@ -21,6 +21,7 @@ import torch
 
 from regrow.comm import collectives
 from regrow.comm.world import World
+from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.checks import require_ints
 from regrow.trainer.data import DataConfig, DataCursor, Sampler
 from regrow.trainer.models import GPT, GPTConfig
@@ -111,7 +112,7 @@ def log_line(rank: int, step: int, text: str) -> None:
     print(f"[rank {rank}, step {step}] {text}", flush=True)
 
 
-class Trainer:
+class Trainer(RewindableStep):
     """Trains a GPT with the sharded optimizer on this rank of ``world`` (or alone when ``world`` is None).
 
     Contract: every rank constructs it with the same config and calls :meth:`run` (or :meth:`train_step`) the same
@@ -151,6 +152,7 @@ class Trainer:
     def train_step(self) -> StepResult:
         """Runs one optimizer step: ``grad_accum`` forward/backward passes, the NaN check, the update, the sinks."""
         started = time.perf_counter()
+        self._begin_step()
         step = self.step + 1
         accum = self.sampler.grad_accum
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -257,6 +259,7 @@ class Trainer:
         if state.layout != self._layout:
             raise ValueError("Trainer.restore: the state was saved at another layout; reshard it first")
         self.optimizer.discard_step()  # a step a failure interrupted may have left partial gradients
+        self._boundary = None
         self.optimizer.load_shard_tensors(state.tensors, state.step)
         self.sampler.load_state(DataCursor.from_dict(state.data_cursor))
         state.rng.restore()

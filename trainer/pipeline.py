@@ -26,11 +26,12 @@ import torch
 from regrow.comm import collectives
 from regrow.comm.topology import Topology
 from regrow.comm.world import World
+from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.data import DataCursor, Sampler
 from regrow.trainer.loop import NonFiniteLossError, StepResult, learning_rate, log_line
 from regrow.trainer.models import GPT, GPTStage, stage_blocks
 from regrow.trainer.pipeline_config import PipelineConfig, PipelineTrainerConfig
-from regrow.trainer.pipeline_groups import create_groups
+from regrow.trainer.pipeline_groups import PipelineGroups, create_groups
 from regrow.trainer.pipeline_p2p import Transfers, activation_tag, gradient_tag
 from regrow.trainer.pipeline_schedule import FORWARD, build_schedule, routes
 from regrow.trainer.pipeline_shared import norm_skip, shared_params, stage_roles, sum_shared_grads
@@ -40,7 +41,7 @@ from regrow.trainer.zero import ZeroOptimizer
 __all__ = ["PipelineConfig", "PipelineTrainer", "PipelineTrainerConfig"]
 
 
-class PipelineTrainer:
+class PipelineTrainer(RewindableStep):
     """Trains one stage of one data-parallel replica; every rank of the world constructs one with the same config.
 
     Contract: construct on every rank after :func:`~regrow.comm.world.init_world` (it creates process groups, a
@@ -63,8 +64,7 @@ class PipelineTrainer:
         self.sinks = list(sinks)
         self.timeout_s = config.pipeline.timeout_s
         self.shared = shared_params(self.n_stages, config.pipeline.checkfree_plus)
-        group_timeout = max(self.timeout_s, config.train.optim.timeout_s)
-        self.groups = create_groups(self.topology, self.rank, self.shared, group_timeout)
+        self.groups = self._create_groups()
         self.paths = routes(self.n_stages, self.n_micro, swap_odd=config.pipeline.checkfree_plus)
         self.actions = build_schedule(self.paths)[self.stage]
         self.sampler = Sampler(config.train.data, dp_rank=self.dp, dp_size=self.dp_size)
@@ -90,6 +90,27 @@ class PipelineTrainer:
         blocks = stage_blocks(train.model.n_layer, self.n_stages, self.stage)
         return GPTStage.from_gpt(gpt, blocks, embed=embed, head=head).to(self.device)
 
+    def _create_groups(self) -> PipelineGroups:
+        group_timeout = max(self.timeout_s, self.config.train.optim.timeout_s)
+        return create_groups(self.topology, self.rank, self.shared, group_timeout)
+
+    def rejoin(self, world: World) -> None:
+        """Takes this stage, its state untouched, into a re-formed world (the next process-group generation after
+        a peer's failure): the same rank and grid, new groups. Collective over the world, like the constructor,
+        which the replacements run meanwhile."""
+        if (world.rank, world.world_size) != (self.rank, self.topology.world_size):
+            raise ValueError(f"PipelineTrainer.rejoin: the world is rank {world.rank} of {world.world_size}, this "
+                             f"stage was built as rank {self.rank} of {self.topology.world_size}")
+        self.groups = self._create_groups()
+        self.optimizer.rebind_groups(self.groups.dp, self.groups.pp if self.n_stages > 1 else None)
+
+    def release_groups(self) -> None:
+        """Drops this stage's references to its process groups after a failure, so that destroying the failed
+        generation closes their connections at once (gloo: a peer blocked in a collective with this rank then
+        fails too, instead of at its timeout). :meth:`rejoin` makes new ones."""
+        self.groups = None
+        self.optimizer.release_groups()
+
     def _new_optimizer(self) -> ZeroOptimizer:
         return ZeroOptimizer(
             self.module,
@@ -106,6 +127,7 @@ class PipelineTrainer:
     def train_step(self) -> StepResult:
         """One optimizer step: the schedule over this replica's micro-batches, the NaN check, the update, the sinks."""
         started = time.perf_counter()
+        self._begin_step()
         loss_sum = self.forward_backward()
         return self.apply_step(loss_sum, started)
 
@@ -232,6 +254,8 @@ class PipelineTrainer:
         if state.extra.get("pp_stage", self.stage) != self.stage:
             raise ValueError(f"PipelineTrainer.restore: the state is stage {state.extra['pp_stage']}'s, "
                              f"this rank holds stage {self.stage}")
+        self.optimizer.discard_step()
+        self._boundary = None
         self.optimizer.load_shard_tensors(state.tensors, int(state.extra.get("optimizer_steps", state.step)))
         self.sampler.load_state(DataCursor.from_dict(state.data_cursor))
         state.rng.restore()
@@ -278,6 +302,7 @@ class PipelineTrainer:
             # An fp32 copy: the new optimizer takes its master weights from the parameters as given.
             param.data = weights[name].to(device=self.device, dtype=torch.float32).reshape(param.shape).clone()
         self.optimizer = self._new_optimizer()
+        self._boundary = None
         self.lr_scale = lr_scale
         self.stage_grad_norm = float("nan")
         self.step, cursor, self.tokens_seen = progress

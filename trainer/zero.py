@@ -237,6 +237,23 @@ class ZeroOptimizer:
             flat_grads.append(flat)
         return flat_grads
 
+    def rebind_groups(self, group: dist.ProcessGroup | None, norm_group: dist.ProcessGroup | None = None) -> None:
+        """Uses ``group`` (and ``norm_group``) from now on: the same ranks in a re-formed world, after a failure.
+        The shards are untouched; call at a step boundary."""
+        size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank(group) if size > 1 else 0
+        if (size, rank) != (self.world_size, self.rank):
+            raise ValueError(f"ZeroOptimizer.rebind_groups: the new group has this rank as {rank} of {size}, the "
+                             f"shards were laid out for {self.rank} of {self.world_size}")
+        self.group = group
+        self.norm_group = norm_group
+
+    def release_groups(self) -> None:
+        """Drops the references to this optimizer's process groups (a failed generation's), so that destroying
+        them closes their connections; call :meth:`rebind_groups` before the next step."""
+        self.group = None
+        self.norm_group = None
+
     # ---------------------------------------------------------------- the step
     def set_lr(self, lr: float) -> None:
         """Sets the learning rate used by the next ``step()``."""
@@ -415,6 +432,13 @@ class ZeroOptimizer:
             shard.write_owned_params()
         self.step_count = step_count
         self.zero_grad()
+        self._gather_parameters()
+
+    @torch.no_grad()
+    def gather_parameters(self) -> None:
+        """All-gathers the working parameters from every rank's shard, as :meth:`load_shard_tensors` ends.
+        Collective: a rank that keeps its state calls it while its restoring peers call :meth:`load_shard_tensors`
+        (its own parameters come back unchanged; the peers get theirs)."""
         self._gather_parameters()
 
     def gather_full(self, key: str) -> torch.Tensor:
