@@ -14,6 +14,12 @@ step from the best source that has it:
 3. **the universal checkpoint**: ``latest`` under ``ckpt_root`` (more nodes of a group lost than its parity, or no
    snapshot at all).
 
+Before those, the survivors of a failure may keep their state ("Survivors keep their state", DESIGN.md): a rank
+that passes ``kept_step`` (its in-memory state is intact at that step boundary, see
+``trainer.boundary.RewindableStep``) restores nothing when every such rank passes the same step and every other
+rank (the replacements) can read that step from its slots or its node's coded buffers; only those restore. When
+the survivors disagree (one was mid-update) or a replacement lacks the step, every rank restores as above.
+
 Each rank logs which source it used and why the better ones were passed over; the result says the same.
 """
 
@@ -33,6 +39,7 @@ from regrow.comm import collectives
 from regrow.trainer.loop import Trainer, log_line
 from regrow.trainer.state import ShardState
 
+KEPT_SOURCE = "kept in memory"
 SLOTS_SOURCE = "snapshot"
 CODED_SOURCE = "erasure-coded buffer"
 CHECKPOINT_SOURCE = "checkpoint"
@@ -138,29 +145,26 @@ def _newest_common(sets: list[set[int]]) -> int | None:
 
 
 def restore_job(trainer: Trainer, address: str | None, *, ckpt_root: str | None = None, token: str | None = None,
-                timeout_s: float = 60.0, log: bool = True) -> JobRestore:
+                timeout_s: float = 60.0, log: bool = True, kept_step: int | None = None) -> JobRestore:
     """Restores ``trainer`` from the best source every rank shares (see the module docstring). Collective.
 
-    ``address`` is this node's snapshot process (None: snapshots are off, go straight to the checkpoint). Raises
-    :class:`SnapshotRestoreError` naming every source tried when none works.
+    ``address`` is this node's snapshot process (None: snapshots are off, go straight to the checkpoint).
+    ``kept_step``: this rank survived the failure with its state intact at this step (``trainer.step``); None for a
+    replacement or a survivor that must restore. Raises :class:`SnapshotRestoreError` naming every source tried
+    when none works.
     """
     started = time.perf_counter()
     passed_over: list[str] = []
     node: _Node | None = None
-    slots: dict[int, tuple[str, ShardState]] = {}
-    coded: list[int] = []
     if address is not None:
         try:
             node = _Node(address, trainer.rank, token, timeout_s)
-            slots = node.verified_slots(passed_over)
-            coded = node.coded_steps()
         except (SnapshotProcessLost, ProtocolError, OSError) as error:
             passed_over.append(f"snapshot process at {address}: {error}")
-            if node is not None:
-                node.close()
-            node = None
     try:
-        result = _restore_from_node(trainer, node, slots, coded, passed_over)
+        result = _keep_survivors(trainer, node, kept_step, passed_over)
+        if result is None:
+            result = _restore_from_node(trainer, *_node_candidates(node, passed_over), passed_over)
     finally:
         if node is not None:
             node.close()
@@ -172,6 +176,67 @@ def restore_job(trainer: Trainer, address: str | None, *, ckpt_root: str | None 
         log_line(trainer.rank, result.step, f"restore: source {result.source} ({result.detail}), step "
                                             f"{result.step}, in {result.seconds:.2f} s{skipped}")
     return result
+
+
+def _node_candidates(node: _Node | None, passed_over: list[str]
+                     ) -> tuple[_Node | None, dict[int, tuple[str, ShardState]], list[int]]:
+    """This rank's verified slots and complete coded steps (none when the snapshot process is unreachable)."""
+    if node is None:
+        return None, {}, []
+    try:
+        return node, node.verified_slots(passed_over), node.coded_steps()
+    except (SnapshotProcessLost, ProtocolError, OSError) as error:
+        passed_over.append(f"snapshot process: {error}")
+        return None, {}, []
+
+
+def _keep_survivors(trainer: Trainer, node: _Node | None, kept_step: int | None,
+                    passed_over: list[str]) -> JobRestore | None:
+    """The survivors keep their state and only the other ranks restore ``kept_step`` from their node (collective);
+    None when that is not possible for every rank (the caller then restores every rank)."""
+    kept = _gather_steps(trainer, [] if kept_step is None else [kept_step])
+    steps = set().union(*kept)
+    if len(steps) != 1:  # no survivor (every rank restores), or survivors at different steps
+        if steps:
+            passed_over.append(f"survivors keep their state: they are at different steps {sorted(steps)}")
+        return None
+    step = steps.pop()
+    state, path, source = None, "", KEPT_SOURCE
+    # A replacement that never trained is at the initial state, which is step 0's (the model is built from the
+    # config's seed, the generators seeded per rank): nothing to read when the survivors are at step 0 too.
+    initial = kept_step is None and step == 0 and trainer.step == 0 and trainer.optimizer.step_count == 0
+    if kept_step is None and not initial and node is not None:
+        state, path, source = _read_step(trainer, node, step, passed_over)
+    if not _all_ranks_ok(trainer, kept_step is not None or initial or state is not None):
+        passed_over.append(f"survivors keep their state: a replacement cannot read step {step}")
+        return None
+    # Restoring a shard ends with an all-gather of the parameters (collective): the others take part with theirs.
+    if state is not None:
+        trainer.restore(state)
+    else:
+        trainer.optimizer.gather_parameters()
+    detail = path or ("the initial state" if initial else "this rank's memory")
+    return JobRestore(source=source, step=step, detail=detail, passed_over=passed_over)
+
+
+def _read_step(trainer: Trainer, node: _Node, step: int, passed_over: list[str]
+               ) -> tuple[ShardState | None, str, str]:
+    """This rank's snapshot of ``step`` from a slot, else written back from the node's coded buffer: (state, slot
+    path, source), state None when neither has it."""
+    try:
+        reply = node.client.request({"op": "latest", "rank": trainer.rank})
+        for slot in reply["slots"]:
+            if slot["step"] == step and slot["status"] == "ok":
+                state = read_slot(slot["path"], trainer.rank, passed_over)
+                if state is not None:
+                    return state, slot["path"], SLOTS_SOURCE
+        if step in node.coded_steps():
+            path = node.rollback(step)
+            return read_slot(path, trainer.rank, passed_over), path, CODED_SOURCE
+        passed_over.append(f"step {step}: not in this rank's slots or its node's coded buffers")
+    except (SnapshotProcessLost, ProtocolError, OSError) as error:
+        passed_over.append(f"step {step}: {error}")
+    return None, "", SLOTS_SOURCE
 
 
 def _restore_from_node(trainer: Trainer, node: _Node | None, slots: dict[int, tuple[str, ShardState]],
@@ -216,4 +281,5 @@ def _restore_from_checkpoint(trainer: Trainer, ckpt_root: str | None, passed_ove
     return JobRestore(source=CHECKPOINT_SOURCE, step=trainer.step, detail=str(loaded.path), passed_over=passed_over)
 
 
-__all__ = ["JobRestore", "restore_job", "read_slot", "CHECKPOINT_SOURCE", "CODED_SOURCE", "SLOTS_SOURCE"]
+__all__ = ["JobRestore", "restore_job", "read_slot", "CHECKPOINT_SOURCE", "CODED_SOURCE", "KEPT_SOURCE",
+           "SLOTS_SOURCE"]

@@ -14,8 +14,11 @@ Healing, in DESIGN.md's order ("Survivors keep their state"):
 3. replace the snapshot process of every lost node (a ``SnapshotHost`` actor pinned to the replacement's node),
    tell its erasure-coding group the new addresses and have it rebuild its ranks' snapshots from the group;
 4. form the next process-group generation among survivors and replacements (a fresh store prefix);
-5. every rank restores the step the job agrees on (``restore_job``: snapshot slots, else erasure-coded buffers,
-   else the universal checkpoint), and training resumes.
+5. the survivors keep their state (each goes back to the boundary of the step the failure interrupted) and only
+   the replacements restore that step from their node's snapshot process; when that is impossible every rank
+   restores the step the job agrees on (``restore_job``: snapshot slots, else erasure-coded buffers, else the
+   universal checkpoint). In a pipeline job without snapshots the lost stage is rebuilt from its neighbours
+   (``recovery.stage_heal``). Training resumes.
 
 Everything that happens is appended to an events JSONL file (``events_path``), one object per line with the time
 since start, the event and its details.
@@ -154,16 +157,18 @@ class Coordinator:
         self._placement = None  # the placement group, when ranks_per_node is set
 
     # ------------------------------------------------------------------ the run
-    def run(self, steps: int, *, collect_parameters: bool = False) -> Outcome:
+    def run(self, steps: int, *, resume: bool = False, collect_parameters: bool = False) -> Outcome:
         """Trains to step ``steps``, healing failures; returns the outcome (with rank 0's final parameters if
-        ``collect_parameters``). Stops every actor it started, however it ends. Raises :class:`CoordinatorError`."""
+        ``collect_parameters``). With ``resume`` the first generation restores too (the job's snapshots, else the
+        latest checkpoint under ``spec.ckpt_dir``): a whole-job restart. Stops every actor it started, however it
+        ends. Raises :class:`CoordinatorError`."""
         outcome = Outcome(steps=steps, failures=0)
         self.event("start", workers=self.config.workers, steps=steps)
         try:
             self._reserve_nodes()
             self._ranks = [self._start_worker(rank, node=None) for rank in range(self.config.workers)]
             self._place_snapshot_hosts()
-            self._form_generation(resume=False, outcome=outcome)
+            self._form_generation(resume=resume, outcome=outcome)
             while True:
                 failed = self._train_until(steps, outcome)
                 if not failed:
@@ -186,6 +191,15 @@ class Coordinator:
     def ranks_node(self, rank: int) -> str:
         """The Ray node id ``rank``'s worker runs on (e.g. to remove that node in a test)."""
         return self._ranks[rank].node
+
+    def worker(self, rank: int) -> object:
+        """The actor handle of ``rank``'s current worker (e.g. to kill it in a benchmark, or read its heartbeat on
+        the ``control`` concurrency group)."""
+        return self._ranks[rank].handle
+
+    def elapsed(self) -> float:
+        """Seconds since this coordinator was made: the clock of the events' ``t``."""
+        return time.monotonic() - self._started
 
     # ------------------------------------------------------------------ starting things
     def _reserve_nodes(self) -> None:
@@ -287,14 +301,20 @@ class Coordinator:
         return request_once(address, message, token=self.token, timeout_s=120.0)
 
     # ------------------------------------------------------------------ one generation
-    def _form_generation(self, *, resume: bool, outcome: Outcome) -> None:
-        """Every rank joins generation ``self.generation`` and prepares (restores when ``resume``)."""
+    def _form_generation(self, *, resume: bool, outcome: Outcome, lost: tuple[int, ...] = ()) -> None:
+        """Every rank joins generation ``self.generation`` and prepares (restores when ``resume``; ``lost``: the
+        ranks replaced since the last generation that trained). Raises :class:`CoordinatorError` when a rank
+        reports that nothing can restore it."""
         port = self._store.port
         joins = [rank.handle.join.options(concurrency_group=TRAIN).remote(
             self.generation, self._store_host, port, self._host_addresses.get(rank.node)) for rank in self._ranks]
         self.ray.get(joins, timeout=self.spec.timeout_s * 2)
-        prepared = self.ray.get([rank.handle.prepare.options(concurrency_group=TRAIN).remote(resume)
+        prepared = self.ray.get([rank.handle.prepare.options(concurrency_group=TRAIN).remote(resume, lost)
                                  for rank in self._ranks], timeout=self.spec.timeout_s * 4)
+        errors = [p for p in prepared if p.get("error")]
+        if errors:
+            self.event("unrecoverable", generation=self.generation, error=errors[0]["error"])
+            raise CoordinatorError(f"rank {errors[0]['rank']} cannot be restored: {errors[0]['error']}")
         if resume:
             outcome.restores.append(prepared)
             sources = sorted({str(p["source"]) for p in prepared})
@@ -314,19 +334,19 @@ class Coordinator:
                     result = self.ray.get(ref)
                 except self.ray.exceptions.RayActorError as error:
                     self.event("failure_detected", rank=index, how="actor died", detail=str(error).splitlines()[0])
-                    return self._collect_failed(pending, {index})
+                    return self._collect_failed(pending, {index}, outcome)
                 if index == 0:
                     outcome.history += [tuple(item) for item in result["done"]]
                 if result["error"] is not None:
                     self.event("failure_detected", rank=index, how="its training step failed",
                                detail=result["error"])
-                    return self._collect_failed(pending, set())
+                    return self._collect_failed(pending, set(), outcome)
             hung = self._hung(pending)
             if hung:
                 for index in hung:
                     self.event("failure_detected", rank=index, how=f"no step for {self.config.hang_timeout_s} s")
                     self.ray.kill(self._ranks[index].handle)
-                return self._collect_failed(pending, set(hung))
+                return self._collect_failed(pending, set(hung), outcome)
         return []
 
     def _hung(self, pending: dict) -> list[int]:
@@ -346,9 +366,9 @@ class Coordinator:
                 hung.append(index)
         return hung
 
-    def _collect_failed(self, pending: dict, dead: set[int]) -> list[int]:
-        """After a first failure: aborts the survivors, waits for their training calls, and returns every rank
-        whose actor is dead."""
+    def _collect_failed(self, pending: dict, dead: set[int], outcome: Outcome) -> list[int]:
+        """After a first failure: aborts the survivors, waits for their training calls (keeping rank 0's finished
+        steps in the history), and returns every rank whose actor is dead."""
         started = time.monotonic()
         alive = [index for index in range(len(self._ranks)) if index not in dead]
         for index in alive:
@@ -358,7 +378,9 @@ class Coordinator:
                 dead.add(index)
         for ref, index in pending.items():
             try:
-                self.ray.get(ref, timeout=self.spec.timeout_s)  # a survivor reports its failed step
+                result = self.ray.get(ref, timeout=self.spec.timeout_s)  # a survivor reports its failed step
+                if index == 0:
+                    outcome.history += [tuple(item) for item in result["done"]]
             except self.ray.exceptions.RayActorError:
                 dead.add(index)
             except self.ray.exceptions.GetTimeoutError:
@@ -382,6 +404,7 @@ class Coordinator:
         A rank that dies while this runs (a failure during recovery) is replaced in another round, counted as
         one more failure."""
         started = time.monotonic()
+        lost = set(dead)
         while True:
             alive_nodes = {node["NodeID"] for node in self.ray.nodes() if node["Alive"]}
             for index in dead:
@@ -392,11 +415,12 @@ class Coordinator:
             self._replace_lost_hosts(alive_nodes)
             self.generation += 1
             try:
-                self._form_generation(resume=True, outcome=outcome)
+                self._form_generation(resume=True, outcome=outcome, lost=tuple(sorted(lost)))
                 break
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError,
                     self.ray.exceptions.RayTaskError) as error:
                 dead = [index for index, rank in enumerate(self._ranks) if not self._alive(rank.handle)]
+                lost.update(dead)
                 self.failures += 1
                 self.event("failure_during_recovery", generation=self.generation, dead=dead,
                            detail=str(error).splitlines()[0])

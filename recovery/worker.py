@@ -5,8 +5,10 @@ training, reading state) and ``control`` (heartbeat, abort). The coordinator can
 its training thread is blocked inside a collective: it aborts the communicators from the control thread
 (``comm.abort``: NCCL needs it; a gloo collective fails by itself once the dead peer's sockets close), the
 training call returns with an error, and the worker keeps its process, its CUDA context and its Trainer. After the
-coordinator has formed the next generation, every rank restores the step the job agrees on
-(``checkpoint.snapshot_recovery.restore_job``) and training goes on.
+coordinator has formed the next generation, the survivors keep their state (a survivor goes back to the boundary
+of the step the failure interrupted: ``trainer.boundary``), only the replacements restore that step from their
+node's snapshot process (``checkpoint.snapshot_recovery.restore_job``, which falls back to every rank restoring
+the newest common step when that is impossible), and training goes on.
 
 Contract: ``join`` before anything else and after every failure (it forms generation ``g`` of the process group
 from the coordinator's store, under the prefix ``generation-g``); ``prepare`` once per generation (restore, sinks);
@@ -16,6 +18,7 @@ from the coordinator's store, under the prefix ``generation-g``); ``prepare`` on
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -24,11 +27,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, JobRestore, restore_job
+from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, KEPT_SOURCE, JobRestore, restore_job
 from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
 from regrow.comm import abort
 from regrow.comm.world import WorldConfig, destroy_world, init_world
-from regrow.trainer.loop import Trainer, TrainerConfig
+from regrow.recovery.policy import RecoveryImpossible
+from regrow.recovery.stage_heal import heal_lost_stage
+from regrow.trainer.loop import Trainer, TrainerConfig, log_line
+from regrow.trainer.pipeline import PipelineTrainer
+from regrow.trainer.pipeline_config import PipelineTrainerConfig
 from regrow.trainer.state import StateSink
 
 TRAIN = "train"
@@ -40,7 +47,9 @@ CONCURRENCY_GROUPS = {TRAIN: 1, CONTROL: 1}
 class WorkerSpec:
     """What every worker of a job is given (the rank and the environment come separately)."""
 
-    config: TrainerConfig
+    config: TrainerConfig | PipelineTrainerConfig
+    """A ``PipelineTrainerConfig`` makes every worker one stage of a pipeline (``PipelineTrainer``); a lost stage is
+    then rebuilt from its neighbours (``recovery.stage_heal``), so snapshots must be off."""
     world_size: int
     device: str = "cpu"
     """``cpu`` (gloo) or ``cuda`` (NCCL, with gloo for CPU tensors)."""
@@ -50,9 +59,17 @@ class WorkerSpec:
     """The universal-checkpoint root: the last restore source."""
     timeout_s: float = 60.0
     """Limit of process-group formation and snapshot-process requests."""
+    survivors_keep_state: bool = True
+    """After a failure, ranks that survived with intact state keep it and only replacements restore (False: every
+    rank restores, e.g. to measure what keeping saves)."""
     extra_sinks: Callable[[int], list[StateSink]] | None = None
     """Builds more sinks for a rank (listed after the snapshot sink), e.g. the launcher's fault injector; a
     module-level function, so that Ray sends it by reference (recovery never imports launch)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, PipelineTrainerConfig) and self.snapshot_every:
+            raise ValueError(f"WorkerSpec.snapshot_every={self.snapshot_every}: pipeline stages are not snapshotted "
+                             f"under the coordinator yet; set it to 0 (a lost stage is rebuilt from its neighbours)")
 
 
 class Worker:
@@ -63,9 +80,10 @@ class Worker:
         os.environ.update(env)  # the fault plan, the snapshot token; LOCAL_* as torchrun would set them
         self.spec = spec
         self.rank = rank
-        self.trainer: Trainer | None = None
+        self.trainer: Trainer | PipelineTrainer | None = None
         self.sink: SnapshotSink | None = None
         self.address: str | None = None
+        self._fresh = True  # the trainer has not trained nor restored yet (a replacement, or the first generation)
         self._progress = (0, time.monotonic())
         torch.set_num_threads(max(1, int(os.environ.get("REGROW_THREADS_PER_RANK", "1"))))
 
@@ -87,11 +105,7 @@ class Worker:
     # ------------------------------------------------------------------ train group
     def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None) -> None:
         """Forms process-group generation ``generation`` with the other ranks, through the coordinator's store."""
-        if dist.is_initialized():
-            try:
-                destroy_world()
-            except (RuntimeError, ValueError):  # an aborted group may already be gone
-                pass
+        self._leave_group()
         timeout = datetime.timedelta(seconds=self.spec.timeout_s)
         store = dist.PrefixStore(f"generation-{generation}",
                                  dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout))
@@ -101,17 +115,67 @@ class Worker:
         abort.clear()
         self.address = snapshot_address
         if self.trainer is None:
-            self.trainer = Trainer(self.spec.config, world)
+            config = self.spec.config
+            self.trainer = (PipelineTrainer(config, world) if isinstance(config, PipelineTrainerConfig)
+                            else Trainer(config, world))
+        elif isinstance(self.trainer, PipelineTrainer):
+            self.trainer.rejoin(world)  # its process groups belonged to the failed generation
         self._progress = (self.trainer.step, time.monotonic())
 
-    def prepare(self, resume: bool) -> dict:
-        """Restores the job's common step when ``resume`` (collective), then (re)attaches the snapshot sink and the
-        fault injector. Returns what was restored."""
+    def prepare(self, resume: bool, lost_ranks: tuple[int, ...] = ()) -> dict:
+        """Restores the job's common step when ``resume`` (collective; a survivor with intact state keeps it; in a
+        pipeline, the stage of ``lost_ranks`` is rebuilt from its neighbours), then (re)attaches the snapshot sink
+        and the fault injector. Returns what was restored, or ``{"error": why}`` when nothing can restore it (the
+        job cannot go on)."""
         trainer = self._trainer()
         restored: JobRestore | None = None
+        if resume and isinstance(trainer, PipelineTrainer):
+            return self._heal_stage(trainer, lost_ranks)
         if resume:
-            restored = restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s)
+            kept_step = self._kept_step()
+            restored = restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s,
+                                   kept_step=kept_step)
+        self._fresh = False
         trainer.sinks.clear()
+        if restored is not None and restored.source == KEPT_SOURCE and self.sink is not None \
+                and self.sink.config.address == self.address:
+            trainer.sinks.append(self.sink)  # flushed by _kept_step: it goes on from the kept step
+        else:
+            self._attach_new_sink(trainer, restored)
+        if self.spec.extra_sinks is not None:
+            trainer.sinks.extend(self.spec.extra_sinks(self.rank))
+        self._progress = (trainer.step, time.monotonic())
+        if restored is None:
+            return {"rank": self.rank, "step": trainer.step, "source": None}
+        return {"rank": self.rank, "step": restored.step, "source": restored.source, "seconds": restored.seconds}
+
+    def _heal_stage(self, trainer: PipelineTrainer, lost_ranks: tuple[int, ...]) -> dict:
+        try:
+            healed = heal_lost_stage(trainer, kept_step=self._kept_step(), lost_ranks=lost_ranks)
+        except RecoveryImpossible as error:
+            return {"rank": self.rank, "step": trainer.step, "source": None, "error": str(error)}
+        self._fresh = False
+        trainer.sinks[:] = self.spec.extra_sinks(self.rank) if self.spec.extra_sinks is not None else []
+        self._progress = (trainer.step, time.monotonic())
+        return {"rank": self.rank, "step": healed.step, "source": healed.source, "detail": healed.detail}
+
+    def _kept_step(self) -> int | None:
+        """The step this survivor keeps its state at (None: it must restore). Rewinds the step the failure
+        interrupted, and seals the snapshot its sink had in flight (the copy finished before any update began, so
+        it holds the kept step exactly; the replacements may restore from its peers' equivalents)."""
+        if self._fresh or not self.spec.survivors_keep_state:
+            return None
+        trainer = self._trainer()
+        if self.sink is not None:
+            try:
+                self.sink.flush()
+            except Exception as error:  # noqa: BLE001 (a lost snapshot process: a new sink is attached below)
+                log_line(self.rank, trainer.step, f"snapshot: the snapshot in flight was not sealed: {error}")
+                self.sink.client.close()
+                self.sink = None
+        return trainer.step if trainer.rewind_interrupted_step() else None
+
+    def _attach_new_sink(self, trainer: Trainer, restored: JobRestore | None) -> None:
         if self.sink is not None:
             self.sink.client.close()
             self.sink = None
@@ -121,12 +185,6 @@ class Worker:
             kept = restored.detail if restored is not None and restored.source != CHECKPOINT_SOURCE else None
             self.sink.attach(trainer.shard_state(), restored_from=kept)
             trainer.sinks.append(self.sink)
-        if self.spec.extra_sinks is not None:
-            trainer.sinks.extend(self.spec.extra_sinks(self.rank))
-        self._progress = (trainer.step, time.monotonic())
-        if restored is None:
-            return {"rank": self.rank, "step": trainer.step, "source": None}
-        return {"rank": self.rank, "step": restored.step, "source": restored.source, "seconds": restored.seconds}
 
     def train(self, until: int) -> dict:
         """Trains until step ``until``; returns ``{"done": [(step, loss)...], "error": None}``, or with ``error``
@@ -134,6 +192,7 @@ class Worker:
         exception has to cross Ray's serialisation. The worker stays usable for the next generation."""
         trainer = self._trainer()
         done: list[tuple[int, float]] = []
+        why = None
         try:
             while trainer.step < until:
                 result = trainer.train_step()
@@ -143,24 +202,46 @@ class Worker:
                 self.sink.flush()
         except Exception as error:  # noqa: BLE001 (any failure of the step is the coordinator's to handle)
             why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            return {"done": done, "error": why + (f" (aborted: {abort.reason()})" if abort.requested() else "")}
-        return {"done": done, "error": None}
+            why += f" (aborted: {abort.reason()})" if abort.requested() else ""
+        if why is not None:
+            self._leave_group()  # out of the except block: the traceback's frames no longer hold the groups
+        return {"done": done, "error": why}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The model's parameters, on the CPU (what tests compare across runs)."""
-        return {name: p.detach().cpu().clone() for name, p in self._trainer().model.named_parameters()}
+        trainer = self._trainer()
+        module = trainer.module if isinstance(trainer, PipelineTrainer) else trainer.model
+        return {name: p.detach().cpu().clone() for name, p in module.named_parameters()}
 
     def step(self) -> int:
         return self._trainer().step
 
     def shutdown(self) -> None:
+        """Closes the sinks (a checkpoint writer commits the save in flight) and leaves the process group."""
+        for sink in self.trainer.sinks if self.trainer is not None else []:
+            try:
+                sink.close()
+            except Exception as error:  # noqa: BLE001 (shutting down: report and go on)
+                log_line(self.rank, self.trainer.step, f"shutdown: {type(sink).__name__}.close failed: {error}")
         if self.sink is not None:
             self.sink.client.close()
         if dist.is_initialized():
             destroy_world()
 
     # ------------------------------------------------------------------
-    def _trainer(self) -> Trainer:
+    def _leave_group(self) -> None:
+        """Leaves the failed generation at once. Its connections close, so that a peer blocked in a collective
+        with this rank (not with the dead one) fails now too instead of at its timeout: with gloo in a ring, only
+        the dead rank's neighbours see its sockets close."""
+        if isinstance(self.trainer, PipelineTrainer):
+            self.trainer.release_groups()
+        gc.collect()  # a group's connections close only when nothing references it any more
+        try:
+            destroy_world()
+        except (RuntimeError, ValueError):  # an aborted group may already be gone
+            pass
+
+    def _trainer(self) -> Trainer | PipelineTrainer:
         if self.trainer is None:
             raise RuntimeError(f"rank {self.rank}: join() first")
         return self.trainer
