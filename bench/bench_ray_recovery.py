@@ -1,0 +1,768 @@
+"""What a failure costs a Ray-coordinated job: regrow (in-memory snapshot every step, survivors healed in place)
+against a DeepSpeed-style baseline (universal checkpoint every ``--save-every`` steps, whole-job restart from disk).
+
+One driver process (``bench/run_gpu_ray.sh`` runs it) starts a one-node Ray instance
+(``ray.init(num_gpus=N, num_cpus=..., include_dashboard=False)``) and runs three jobs of ``--workers`` ``Worker``
+actors through ``regrow.recovery.coordinator.Coordinator``, one after the other::
+
+    python bench/bench_ray_recovery.py --workers 4 --json out.jsonl --markdown out.md
+
+The model is the GPT ``--preset`` (350m on GPUs, tiny for the CPU smoke test) trained by regrow's ``Trainer``
+(ZeRO-2, 8-bit Adam state, bf16 working parameters, micro-batch ``--micro-batch`` per rank), as in
+``bench_checkpoint.py``. A driver thread polls rank 0's ``heartbeat`` on the ``control`` concurrency group every
+``--poll-ms``; each answer gives the last finished step and how long ago it finished, hence that step's completion
+time on the coordinator's clock (``Coordinator.elapsed()``, the clock of the events' ``t``).
+
+1. **regrow** (``snapshot_every=1``): ``--warmup`` steps, a clean window of ``--window`` steps (``step_ms_on``),
+   then ``--kills`` failures ``--kill-gap`` steps apart: the thread logs a ``bench_kill`` event and
+   ``ray.kill(worker, no_restart=True)`` (ranks from ``--kill-ranks``; rank 0 is left alone by default so that its
+   heartbeat stays readable), the coordinator detects, aborts the survivors, replaces the rank, restores and
+   resumes; ``--tail`` steps after the last kill. Per failure, from the events JSONL and the heartbeats: kill ->
+   ``failure_detected``, kill -> ``restored``, kill -> ``resumed``, kill -> first step completed after the restore
+   (``downtime_s``), the steps re-done (the step rank 0 had reached minus the step restored) and the restore
+   sources.
+2. **baseline** (``snapshot_every=0``, a ``CheckpointWriter`` sink saving every ``--save-every`` steps through
+   ``WorkerSpec.extra_sinks``; fsync off unless ``--fsync``, as DeepSpeed does not fsync): the same warm-up and
+   window without snapshots (``step_ms_off``: the snapshot overhead is ``step_ms_on / step_ms_off - 1``, same
+   steps, same session), the save at step ``--save-every`` and ``--save-tail`` steps after it. ``save_stall_s``: the
+   time of the steps from the one before the save to the one before the last, minus as many steady steps (the host
+   copy, and whatever the persist thread takes from the training while it writes). The last step waits for the
+   save to commit, so that the restart below finds it.
+3. **baseline restart**: a new ``Coordinator`` whose ``run(..., resume=True)`` starts new actors (process, CUDA and
+   NCCL initialisation, ``Trainer``), loads ``latest`` from the checkpoint directory and trains ``--resume-steps``
+   steps: ``restart_s`` is from before the ``Coordinator`` is made to the first step completed after the load. The
+   detection of the failure is taken as regrow's (Ray reports an actor's death the same way in both), and the
+   teardown of the failed job is not counted (in the baseline's favour).
+
+**Goodput** (share of wall-clock time advancing training) with one failure every ``--periods`` seconds is then
+COMPUTED from these measured figures, not run with failures at that interval::
+
+    goodput = (1 - steady overhead) * (1 - lost seconds per failure / T)
+
+regrow: steady overhead = ``1 - step_ms_off / step_ms_on`` (the snapshot cost, clamped at 0), lost = mean
+``downtime_s`` + mean re-done steps x ``step_ms_on``. Baseline: steady overhead = ``save_stall_s`` amortised over
+``--save-every`` steps, lost = detection + ``restart_s`` + ``--save-every`` / 2 steps re-done on average x
+``step_ms_off``.
+
+Prints ``RESULT {json}`` (every raw figure, the events included) and the markdown table; appends the line to
+``--json`` and writes the table to ``--markdown``. ``--device cpu --preset tiny`` (gloo, local Ray) is the smoke
+test. Every Ray actor and the Ray instance are shut down however it ends (SIGTERM included). A job that runs past
+``--phase-timeout`` (a hang) has its workers killed and is given up, and the next phases still run; the result's
+``status`` is then "partial" with the reason under ``errors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+# bench/ is this script's folder (sys.path[0]): share bench_zero's optimizer settings.
+from bench_zero import BETAS, EPS, LR, MAX_GRAD_NORM, WEIGHT_DECAY
+from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+from regrow.recovery.coordinator import Coordinator, CoordinatorConfig
+from regrow.recovery.worker import CONTROL, WorkerSpec
+from regrow.trainer.data import DataConfig
+from regrow.trainer.loop import TrainerConfig
+from regrow.trainer.models import GPTConfig
+from regrow.trainer.state import ShardState, StateSink
+from regrow.trainer.zero import ZeroConfig
+
+
+def log(text: str) -> None:
+    print(f"[bench] {text}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="350m", help="GPTConfig preset: 350m on GPUs, tiny for the CPU smoke test")
+    parser.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step")
+    parser.add_argument("--workers", type=int, default=4, help="ranks, one Ray actor each (one GPU each on cuda)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--warmup", type=int, default=40, help="steps before the clean window")
+    parser.add_argument("--window", type=int, default=20, help="clean steps timed (steady step time)")
+    parser.add_argument("--kills", type=int, default=2, help="worker actors killed in the regrow run")
+    parser.add_argument("--kill-gap", type=int, default=30, help="steps between kills")
+    parser.add_argument("--kill-ranks", default="", help="comma list of the ranks killed, in order (default: "
+                                                         "N-1, N-2, ..., 1, cycling; rank 0 is polled)")
+    parser.add_argument("--tail", type=int, default=10, help="steps after the last kill")
+    parser.add_argument("--save-every", type=int, default=100, help="baseline checkpoint interval (steps)")
+    parser.add_argument("--save-tail", type=int, default=10, help="baseline steps after the save")
+    parser.add_argument("--resume-steps", type=int, default=3, help="steps the baseline restart trains")
+    parser.add_argument("--fsync", action="store_true", help="baseline writer fsyncs (DeepSpeed does not)")
+    parser.add_argument("--periods", default="120,600", help="failure intervals T (s) of the computed goodput")
+    parser.add_argument("--poll-ms", type=float, default=20.0, help="heartbeat polling interval")
+    parser.add_argument("--phases", default="regrow,baseline,restart",
+                        help="phases to run (restart needs baseline's checkpoint)")
+    parser.add_argument("--phase-timeout", type=float, default=100.0,
+                        help="seconds a job may take before its workers are killed and it is given up")
+    parser.add_argument("--timeout-s", type=float, default=30.0,
+                        help="WorkerSpec.timeout_s: process-group formation, collectives, snapshot requests")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads-per-rank", type=int, default=1, help="torch CPU threads per worker")
+    parser.add_argument("--ckpt-dir", default=None, help="baseline checkpoint root, emptied first "
+                                                           "(default: a temporary folder, removed at the end)")
+    parser.add_argument("--events-dir", default=None, help="where the events JSONL files go (default: temporary)")
+    parser.add_argument("--quiet-workers", action="store_true", help="do not forward the workers' output")
+    parser.add_argument("--json", default=None, help="file to append the result line to")
+    parser.add_argument("--markdown", default=None, help="file to write the table to")
+    args = parser.parse_args(argv)
+    problems = [f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {low}"
+                for name, low in (("micro_batch", 1), ("workers", 2), ("warmup", 2), ("window", 2), ("kills", 0),
+                                  ("kill_gap", 5), ("tail", 3), ("save_tail", 3), ("resume_steps", 1),
+                                  ("threads_per_rank", 1)) if getattr(args, name) < low]
+    if args.save_every <= args.warmup + args.window:
+        problems.append(f"--save-every={args.save_every} must exceed --warmup + --window (the clean window of the "
+                        f"baseline precedes its save)")
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(args.phases) - {"regrow", "baseline", "restart"}
+    if unknown:
+        problems.append(f"--phases: unknown {sorted(unknown)}")
+    if "restart" in args.phases and "baseline" not in args.phases and not args.ckpt_dir:
+        problems.append("--phases restart without baseline needs --ckpt-dir holding a checkpoint")
+    try:
+        args.periods = [float(p) for p in args.periods.split(",") if p.strip()]
+    except ValueError:
+        problems.append(f"--periods={args.periods!r}: comma list of seconds")
+    if args.kill_ranks:
+        args.kill_ranks = [int(r) for r in args.kill_ranks.split(",")]
+        if any(not 0 <= r < args.workers for r in args.kill_ranks):
+            problems.append(f"--kill-ranks={args.kill_ranks}: ranks are 0..{args.workers - 1}")
+    else:
+        cycle = list(range(args.workers - 1, 0, -1))
+        args.kill_ranks = [cycle[i % len(cycle)] for i in range(args.kills)]
+    if args.kills and len(args.kill_ranks) < args.kills:
+        args.kill_ranks = [args.kill_ranks[i % len(args.kill_ranks)] for i in range(args.kills)]
+    if problems:
+        parser.error("\n  - ".join(["invalid arguments:", *problems]))
+    return args
+
+
+def trainer_config(args: argparse.Namespace) -> TrainerConfig:
+    """The configuration of ``bench_checkpoint.regrow_trainer`` (ZeRO-2, 8-bit state, bf16 working parameters)."""
+    model = GPTConfig.preset(args.preset)
+    return TrainerConfig(
+        model=model,
+        data=DataConfig(seq_len=model.seq_len, micro_batch=args.micro_batch,
+                        global_batch=args.micro_batch * args.workers),
+        optim=ZeroConfig(stage=2, state_bits=8, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                         max_grad_norm=MAX_GRAD_NORM, param_dtype="bfloat16"),
+        steps=10**6, warmup_steps=10, seed=args.seed, log_every=0, progress=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- the baseline's
+# sinks. They run inside the worker actors: Ray pickles these module-level objects (by value, from __main__).
+
+
+class WaitForSave:
+    """Listed after the writer: at step ``last`` it waits for the save in flight to finish (rank 0: committed), so
+    that the checkpoint exists when the actors are stopped; rank 0 writes the writer's results to ``report``."""
+
+    def __init__(self, writer: CheckpointWriter, last: int, report: str | None) -> None:
+        self.writer = writer
+        self.last = last
+        self.report = report
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_step(self, state: ShardState) -> None:
+        if state.step != self.last:
+            return
+        started = time.perf_counter()
+        self.writer.wait(900)
+        waited = time.perf_counter() - started
+        if self.report:
+            Path(self.report).write_text(json.dumps({
+                "waited_s": round(waited, 3), "results": [asdict(r) for r in self.writer.results]}))
+
+    def close(self) -> None:
+        pass
+
+
+def baseline_sinks(rank: int, *, config: TrainerConfig, world_size: int, root: str, every: int, last: int,
+                   fsync: bool, report: str | None) -> list[StateSink]:
+    """A ``CheckpointWriter`` saving every ``every`` steps (and a :class:`WaitForSave` at step ``last``)."""
+    writer = CheckpointWriter(WriterConfig(root=root, save_every=every, keep_last=2, fsync=fsync, log=True),
+                              rank=rank, world_size=world_size, run_config=config.to_dict())
+    return [writer, WaitForSave(writer, last, report if rank == 0 else None)]
+
+
+# ---------------------------------------------------------------------------------------------------- watching
+
+
+class CoordinatorLog:
+    """The coordinator's ``log``: prints its lines and remembers when each event happened (coordinator clock)."""
+
+    def __init__(self) -> None:
+        self.coordinator: Coordinator | None = None
+        self.seen: list[tuple[str, float]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, text: str) -> None:
+        print(f"[coordinator] {text}", flush=True)
+        at = self.coordinator.elapsed() if self.coordinator is not None else 0.0
+        with self.lock:
+            self.seen.append((text.split(" ", 1)[0], at))
+
+    def last(self, name: str) -> tuple[int, float]:
+        """How many ``name`` events so far, and the time of the last (or -inf)."""
+        with self.lock:
+            times = [at for seen, at in self.seen if seen == name]
+        return len(times), (times[-1] if times else -math.inf)
+
+
+class Watcher(threading.Thread):
+    """Polls rank 0's heartbeat every ``poll_s`` and kills worker actors at the planned steps.
+
+    ``samples``: (poll time, step, estimated completion time of that step), coordinator clock. A kill fires when
+    rank 0 has reached its step and the previous failure has been healed and trained a step since."""
+
+    def __init__(self, coordinator: Coordinator, events: CoordinatorLog, poll_s: float,
+                 kills: list[tuple[int, int]], deadline_s: float, workers: int) -> None:
+        super().__init__(name="bench-watcher", daemon=True)
+        import ray
+
+        self.ray = ray
+        self.coordinator = coordinator
+        self.events = events
+        self.poll_s = poll_s
+        self.kills = list(kills)  # (step, rank)
+        self.deadline_s = deadline_s
+        self.workers = workers
+        self.gave_up_at: float | None = None
+        self.fired = 0
+        self.samples: list[tuple[float, int, float]] = []
+        self.polls_failed = 0
+        self.stopping = threading.Event()
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # noqa: BLE001 (reported in the result)
+            self.error = traceback.format_exc()
+            log(f"watcher failed:\n{self.error}")
+
+    def _loop(self) -> None:
+        errors = (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError,
+                  self.ray.exceptions.RayTaskError)
+        while not self.stopping.is_set():
+            began = self.coordinator.elapsed()
+            try:
+                handle = self.coordinator.worker(0)
+            except IndexError:  # the workers are not started yet
+                handle = None
+            if handle is not None:
+                try:
+                    beat = self.ray.get(handle.heartbeat.options(concurrency_group=CONTROL).remote(), timeout=2.0)
+                except errors:
+                    self.polls_failed += 1
+                else:
+                    got = self.coordinator.elapsed()
+                    step = int(beat["step"])
+                    self.samples.append((got, step, (began + got) / 2 - float(beat["seconds_since"])))
+                    self._maybe_kill(step, got)
+            if began > self.deadline_s:
+                self._give_up(began)
+            self.stopping.wait(max(0.0, self.poll_s - (self.coordinator.elapsed() - began)))
+
+    def _give_up(self, now: float) -> None:
+        """Past the phase's deadline (a hang): any further failure makes the coordinator give up, and every worker
+        is killed (again every 5 s, until the run returns), so that the next phases still get their time."""
+        if self.gave_up_at is not None and now - self.gave_up_at < 5.0:
+            return
+        if self.gave_up_at is None:
+            log(f"phase past its deadline of {self.deadline_s:.0f} s: killing its workers")
+            self.coordinator.event("bench_deadline", seconds=self.deadline_s)
+        self.gave_up_at = now
+        self.coordinator.config.max_restarts = self.coordinator.failures  # read at every failure
+        for rank in range(self.workers):
+            try:
+                self.ray.kill(self.coordinator.worker(rank), no_restart=True)
+            except Exception as error:  # noqa: BLE001 (not started, or already gone)
+                log(f"rank {rank} not killed: {type(error).__name__}")
+
+    def _maybe_kill(self, step: int, now: float) -> None:
+        if self.fired >= len(self.kills) or step < self.kills[self.fired][0]:
+            return
+        if self.fired:
+            healed, at = self.events.last("resumed")
+            if healed < self.fired or not any(c > at for _, _, c in self.samples[-3:]):
+                return  # the previous failure is not healed yet, or no step finished since
+        target, rank = self.kills[self.fired]
+        self.coordinator.event("bench_kill", rank=rank, step=step, planned=target)
+        self.ray.kill(self.coordinator.worker(rank), no_restart=True)
+        self.fired += 1
+
+
+def run_job(args: argparse.Namespace, name: str, spec: WorkerSpec, steps: int, *, gpus: float, events_dir: Path,
+            kills: list[tuple[int, int]] = (), resume: bool = False) -> dict:
+    """Runs one coordinated job to ``steps`` with a watcher; returns its events, samples and timings."""
+    events_path = events_dir / f"ray_recovery_{name}.events.jsonl"
+    events_path.unlink(missing_ok=True)
+    config = CoordinatorConfig(workers=args.workers, gpus_per_worker=gpus, events_path=str(events_path),
+                               max_restarts=max(10, len(kills) + 2), resources_timeout_s=120.0)
+    hook = CoordinatorLog()
+    log(f"{name}: starting {args.workers} workers, {steps} steps" + (", resume" if resume else "")
+        + (f", kills at {kills}" if kills else ""))
+    made = time.monotonic()
+    coordinator = Coordinator(config, spec, env={"REGROW_THREADS_PER_RANK": str(args.threads_per_rank)}, log=hook)
+    hook.coordinator = coordinator
+    # The coordinator's clock started at most the constructor's time after `made`; take it as starting then.
+    clock_origin = time.monotonic() - coordinator.elapsed()
+    watcher = Watcher(coordinator, hook, args.poll_ms / 1e3, list(kills), args.phase_timeout, args.workers)
+    watcher.start()
+    error = None
+    outcome = None
+    try:
+        outcome = coordinator.run(steps, resume=resume)
+    except Exception as caught:  # noqa: BLE001 (the phase fails; the others still run)
+        error = f"{type(caught).__name__}: {caught}"
+        log(f"{name}: FAILED: {error}")
+        traceback.print_exc()
+    finally:
+        watcher.stopping.set()
+        watcher.join(10)
+    wall = time.monotonic() - made
+    events = [json.loads(line) for line in events_path.read_text().splitlines()] if events_path.exists() else []
+    log(f"{name}: done in {wall:.1f} s, {len(watcher.samples)} heartbeats, {watcher.fired} kills, "
+        f"{outcome.failures if outcome else '?'} failures healed")
+    return {"name": name, "steps": steps, "error": error or watcher.error, "wall_s": wall, "events": events,
+            "samples": watcher.samples, "kills_fired": watcher.fired, "polls_failed": watcher.polls_failed,
+            "construct_s": clock_origin - made,
+            "restores": outcome.restores if outcome else [], "events_path": str(events_path)}
+
+
+# ---------------------------------------------------------------------------------------------------- analysis
+
+
+def step_times(samples: list[tuple[float, int, float]]) -> list[list[float]]:
+    """The raw timeline, compact: [step, completion time] each time rank 0's reported step changed."""
+    out: list[list[float]] = []
+    for _, step, done in samples:
+        if not out or out[-1][0] != step:
+            out.append([step, round(done, 4)])
+    return out
+
+
+def completions(samples: list[tuple[float, int, float]], t_from: float = -math.inf,
+                t_to: float = math.inf) -> dict[int, float]:
+    """Step -> completion time (median of its estimates) among the samples polled in [t_from, t_to)."""
+    seen: dict[int, list[float]] = {}
+    for polled, step, done in samples:
+        if t_from <= polled < t_to and t_from <= done:
+            seen.setdefault(step, []).append(done)
+    return {step: statistics.median(times) for step, times in sorted(seen.items())}
+
+
+def window_step_s(done: dict[int, float], low: int, high: int) -> tuple[float | None, int, int]:
+    """Seconds per step between the first observed step >= ``low`` and the last observed <= ``high``."""
+    inside = [s for s in done if low <= s <= high]
+    if len(inside) < 2:
+        return None, 0, 0
+    a, b = inside[0], inside[-1]
+    return (done[b] - done[a]) / (b - a), a, b
+
+
+def span_s(done: dict[int, float], low: int, high: int) -> tuple[float | None, int, int]:
+    """Seconds from the last observed step <= ``low`` to the first observed >= ``high`` (covers [low, high])."""
+    before = [s for s in done if s <= low]
+    after = [s for s in done if s >= high]
+    if not before or not after:
+        return None, 0, 0
+    a, b = before[-1], after[0]
+    return done[b] - done[a], a, b
+
+
+def step_durations(done: dict[int, float], low: int, high: int) -> dict[str, float]:
+    """The duration of each step in [low, high] whose predecessor was observed too (ms)."""
+    return {str(s): round((done[s] - done[s - 1]) * 1e3, 1) for s in range(low, high + 1)
+            if s in done and s - 1 in done}
+
+
+def first_event(events: list[dict], name: str, t_from: float, t_to: float = math.inf) -> dict | None:
+    return next((e for e in events if e["event"] == name and t_from <= e["t"] < t_to), None)
+
+
+def failures(job: dict, step_s: float) -> list[dict]:
+    """Per bench_kill: detection, heal, first step after the restore, steps re-done, sources."""
+    events, samples = job["events"], job["samples"]
+    kills = [e for e in events if e["event"] == "bench_kill"]
+    out = []
+    for index, kill in enumerate(kills):
+        t_kill = kill["t"]
+        t_next = kills[index + 1]["t"] if index + 1 < len(kills) else math.inf
+        detected = first_event(events, "failure_detected", t_kill, t_next)
+        aborted = first_event(events, "survivors_aborted", t_kill, t_next)
+        restored = first_event(events, "restored", t_kill, t_next)
+        resumed = first_event(events, "resumed", t_kill, t_next)
+        replaced = [e for e in events if e["event"] == "replaced" and t_kill <= e["t"] < t_next]
+        during = [e for e in events if e["event"] == "failure_during_recovery" and t_kill <= e["t"] < t_next]
+        record = {"rank": kill["rank"], "kill_step": kill["step"], "kill_t": t_kill,
+                  "detected_s": _since(detected, t_kill), "detected_how": detected.get("how") if detected else None,
+                  "survivors_aborted_s": _since(aborted, t_kill), "replaced_s": _since(replaced[-1] if replaced
+                                                                                      else None, t_kill),
+                  "restored_s": _since(restored, t_kill), "resumed_s": _since(resumed, t_kill),
+                  "heal_s": resumed.get("seconds") if resumed else None,
+                  "restored_step": restored["step"] if restored else None,
+                  "sources": restored.get("sources") if restored else None,
+                  "replaced_same_node": [e.get("same_node") for e in replaced],
+                  "failures_during_recovery": len(during)}
+        if restored is None or resumed is None:
+            record["error"] = "no restored/resumed event after the kill"
+            out.append(record)
+            continue
+        t_resumed = resumed["t"]
+        reached = max([kill["step"]] + [s for polled, s, _ in samples if t_kill <= polled < t_resumed])
+        record["reached_step"] = reached
+        record["redone_steps"] = max(0, reached - restored["step"])
+        after = [(s, done) for polled, s, done in samples
+                 if polled >= t_resumed and s > restored["step"] and done > restored["t"] and polled < t_next]
+        if after:
+            first_step, first_done = min(after)
+            skipped = first_step - restored["step"] - 1  # steps finished between two polls
+            record["first_step_observed"] = first_step
+            record["downtime_s"] = round(first_done - skipped * step_s - t_kill, 3)
+        else:
+            record["error"] = "no step observed after the restore"
+        out.append(record)
+    return out
+
+
+def _since(event: dict | None, t0: float) -> float | None:
+    return round(event["t"] - t0, 3) if event is not None else None
+
+
+def mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def goodput(overhead: float, lost_s: float, period_s: float) -> float:
+    return max(0.0, 1.0 - overhead) * max(0.0, 1.0 - lost_s / period_s)
+
+
+def r3(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1e3, 2)
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+def device_name(args: argparse.Namespace) -> str:
+    if args.device == "cpu":
+        return f"cpu ({os.cpu_count()} cores)"
+    try:  # not torch.cuda: the driver must not take a CUDA context on a GPU the workers use
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=20, check=False).stdout.split("\n")
+        return names[0].strip() or "cuda"
+    except (OSError, subprocess.SubprocessError):
+        return "cuda"
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ray
+
+    cuda = args.device == "cuda"
+    gpus = 1.0 if cuda else 0.0
+    config = trainer_config(args)
+    temp = Path(tempfile.mkdtemp(prefix="regrow-bench-ray-"))
+    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else temp / "ckpt"
+    events_dir = Path(args.events_dir) if args.events_dir else temp
+    events_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if cuda else "cpu"
+    kill_steps = [args.warmup + args.window + i * args.kill_gap for i in range(args.kills)]
+    regrow_steps = (kill_steps[-1] if kill_steps else args.warmup + args.window) + args.tail
+    save_step = args.save_every
+    baseline_steps = save_step + args.save_tail
+    report_path = temp / "save_report.json"
+    result: dict = {
+        "bench": "ray_recovery", "status": "ok", "world_size": args.workers, "device": device_name(args),
+        "host": socket.gethostname(), "torch": torch.__version__, "ray": ray.__version__, "preset": args.preset,
+        "micro_batch": args.micro_batch, "warmup": args.warmup, "window": args.window,
+        "kill_steps": kill_steps, "kill_ranks": args.kill_ranks[:args.kills], "regrow_steps": regrow_steps,
+        "save_every": save_step, "baseline_steps": baseline_steps, "poll_ms": args.poll_ms, "fsync": args.fsync,
+        "phases": args.phases, "errors": {},
+    }
+    started = time.monotonic()
+    try:
+        cpus = max(os.cpu_count() or 1, args.workers + 1)
+        log(f"ray.init(num_gpus={args.workers if cuda else 0}, num_cpus={cpus})")
+        # A small object store: this bench passes only small objects, and /dev/shm is the snapshot processes'.
+        ray.init(num_gpus=args.workers if cuda else 0, num_cpus=cpus, include_dashboard=False,
+                 object_store_memory=1 << 30, log_to_driver=not args.quiet_workers)
+        result["ray_init_s"] = r3(time.monotonic() - started)
+        log(f"Ray up in {result['ray_init_s']} s")
+
+        regrow_job = baseline_job = restart_job = None
+        if "regrow" in args.phases:
+            spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=1,
+                              ckpt_dir=str(temp / "regrow-ckpt"), timeout_s=args.timeout_s)
+            regrow_job = run_job(args, "regrow", spec, regrow_steps, gpus=gpus, events_dir=events_dir,
+                                 kills=list(zip(kill_steps, args.kill_ranks, strict=False)))
+            if regrow_job["kills_fired"] < args.kills and not regrow_job["error"]:
+                regrow_job["error"] = f"only {regrow_job['kills_fired']} of {args.kills} kills fired"
+        if "baseline" in args.phases:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            sinks = functools.partial(baseline_sinks, config=config, world_size=args.workers, root=str(ckpt_dir),
+                                      every=save_step, last=baseline_steps, fsync=args.fsync,
+                                      report=str(report_path))
+            spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=0,
+                              ckpt_dir=str(ckpt_dir), timeout_s=args.timeout_s, extra_sinks=sinks)
+            baseline_job = run_job(args, "baseline", spec, baseline_steps, gpus=gpus, events_dir=events_dir)
+        if "restart" in args.phases:
+            latest = ckpt_dir / "latest"
+            if not latest.exists():
+                result["errors"]["restart"] = f"no checkpoint: {latest} is missing"
+                log(f"restart: skipped, {latest} is missing")
+            else:
+                sinks = functools.partial(baseline_sinks, config=config, world_size=args.workers,
+                                          root=str(ckpt_dir), every=save_step, last=-1, fsync=args.fsync,
+                                          report=None)
+                spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=0,
+                                  ckpt_dir=str(ckpt_dir), timeout_s=args.timeout_s, extra_sinks=sinks)
+                restart_job = run_job(args, "restart", spec, save_step + args.resume_steps, gpus=gpus,
+                                      events_dir=events_dir, resume=True)
+        result.update(analyse(args, regrow_job, baseline_job, restart_job, report_path, kill_steps, save_step,
+                              baseline_steps))
+        for job in (regrow_job, baseline_job, restart_job):
+            if job is not None and job["error"]:
+                result["errors"][job["name"]] = job["error"]
+    finally:
+        log("shutting Ray down")
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)  # the default checkpoint and events folders, the save report
+    result["wall_s"] = r3(time.monotonic() - started)
+    if result["errors"]:
+        result["status"] = "partial"
+    result["time"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return result
+
+
+def analyse(args: argparse.Namespace, regrow_job: dict | None, baseline_job: dict | None, restart_job: dict | None,
+            report_path: Path, kill_steps: list[int], save_step: int, baseline_steps: int) -> dict:
+    low, high = args.warmup, args.warmup + args.window
+    out: dict = {}
+    step_on = step_off = None
+    if regrow_job is not None:
+        first_kill = next((e["t"] for e in regrow_job["events"] if e["event"] == "bench_kill"), math.inf)
+        done = completions(regrow_job["samples"], t_to=first_kill)
+        step_on, a, b = window_step_s(done, low, high)
+        out["regrow"] = {"wall_s": r3(regrow_job["wall_s"]), "step_ms_on": ms(step_on), "window_observed": [a, b],
+                         "heartbeats": len(regrow_job["samples"]), "kills_fired": regrow_job["kills_fired"],
+                         "events": regrow_job["events"], "step_times": step_times(regrow_job["samples"])}
+        if step_on is not None:
+            fails = failures(regrow_job, step_on)
+            out["regrow"]["failures"] = fails
+            # the step time once healed: between the first step after each restore (+2) and the next kill
+            kills_t = [f["kill_t"] for f in fails] + [math.inf]
+            after = []
+            for index, fail in enumerate(fails):
+                if fail.get("first_step_observed") is None:
+                    continue
+                seg = completions(regrow_job["samples"], fail["kill_t"] + (fail["resumed_s"] or 0), kills_t[index + 1])
+                value, _, _ = window_step_s(seg, fail["first_step_observed"] + 2, 10**9)
+                after.append(ms(value))
+            out["regrow"]["step_ms_after_each_heal"] = after
+    if baseline_job is not None:
+        done = completions(baseline_job["samples"])
+        step_off, a, b = window_step_s(done, low, high)
+        stall = None
+        if step_off is not None:
+            span, sa, sb = span_s(done, save_step - 1, baseline_steps - 1)
+            if span is not None:
+                stall = span - (sb - sa) * step_off
+            out["baseline"] = {"stall_window_observed": [sa, sb]}
+        else:
+            out["baseline"] = {}
+        report = json.loads(report_path.read_text()) if report_path.exists() else None
+        out["baseline"].update({
+            "wall_s": r3(baseline_job["wall_s"]), "step_ms_off": ms(step_off), "window_observed": [a, b],
+            "save_stall_s": r3(stall), "step_ms_around_save": step_durations(done, save_step - 2, baseline_steps),
+            "save_report": report, "heartbeats": len(baseline_job["samples"]), "events": baseline_job["events"],
+            "step_times": step_times(baseline_job["samples"])})
+    if restart_job is not None:
+        events = restart_job["events"]
+        restored = first_event(events, "restored", -math.inf)
+        started = [e["t"] for e in events if e["event"] == "worker_started"]
+        record = {"wall_s": r3(restart_job["wall_s"]), "construct_s": r3(restart_job["construct_s"]),
+                  "workers_started_s": r3(max(started) + restart_job["construct_s"]) if started else None,
+                  "restored_s": r3(restored["t"] + restart_job["construct_s"]) if restored else None,
+                  "restored_step": restored["step"] if restored else None,
+                  "sources": restored.get("sources") if restored else None,
+                  "load_s_per_rank": [r3(r.get("seconds")) for r in (restart_job["restores"] or [[]])[0]],
+                  "events": events, "step_times": step_times(restart_job["samples"])}
+        if restored is not None:
+            done = completions(restart_job["samples"])
+            after = [(s, t) for s, t in done.items() if s > restored["step"] and t > restored["t"]]
+            if after:
+                first_step, first_done = min(after)
+                skipped = first_step - restored["step"] - 1
+                record["first_step_observed"] = first_step
+                record["restart_s"] = r3(first_done - skipped * (step_off or 0.0) + restart_job["construct_s"])
+        out["restart"] = record
+
+    # ---- the computed goodput
+    fails = [f for f in out.get("regrow", {}).get("failures", []) if f.get("downtime_s") is not None]
+    summary: dict = {"periods_s": args.periods}
+    if step_on and step_off:
+        summary["snapshot_overhead"] = round(step_on / step_off - 1, 4)
+    if fails and step_on:
+        overhead = max(0.0, 1 - step_off / step_on) if step_off else None  # None: no baseline run to compare
+        downtime = mean([f["downtime_s"] for f in fails])
+        redone = mean([f["redone_steps"] for f in fails])
+        lost = downtime + redone * step_on
+        summary["regrow"] = {"steady_overhead": r3(overhead) if overhead is None else round(overhead, 4),
+                             "downtime_s": r3(downtime),
+                             "detected_s": r3(mean([f["detected_s"] for f in fails])),
+                             "redone_steps": redone, "lost_s_per_failure": r3(lost),
+                             "goodput": {str(int(t)): round(goodput(overhead or 0.0, lost, t), 4)
+                                         for t in args.periods}}
+    restart_s = out.get("restart", {}).get("restart_s")
+    stall = out.get("baseline", {}).get("save_stall_s")
+    if step_off and restart_s is not None:
+        detection = summary.get("regrow", {}).get("detected_s") or 0.0
+        stall_used = max(0.0, stall or 0.0)
+        overhead = stall_used / (save_step * step_off + stall_used)
+        redone = save_step / 2
+        downtime = detection + restart_s
+        lost = downtime + redone * step_off
+        summary["baseline"] = {"steady_overhead": round(overhead, 4), "downtime_s": r3(downtime),
+                               "detected_s": r3(detection), "restart_s": restart_s, "redone_steps": redone,
+                               "lost_s_per_failure": r3(lost),
+                               "goodput": {str(int(t)): round(goodput(overhead, lost, t), 4) for t in args.periods}}
+    if "regrow" in summary and "baseline" in summary:
+        summary["goodput_ratio"] = {key: (round(value / summary["baseline"]["goodput"][key], 3)
+                                          if summary["baseline"]["goodput"][key] > 0 else None)
+                                    for key, value in summary["regrow"]["goodput"].items()}
+    summary["note"] = ("goodput computed from the measured per-failure cost: goodput = (1 - steady overhead) * "
+                       "(1 - lost seconds per failure / T); not a run with failures every T seconds")
+    out["summary"] = summary
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def fmt(value: object, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(result: dict) -> str:
+    title = (f"Ray recovery, {result['world_size']} x {result['device']}, preset {result['preset']}, micro-batch "
+             f"{result['micro_batch']}, Ray {result.get('ray')}, {result.get('time')} (status {result['status']})")
+    lines = [title, ""]
+    regrow = result.get("regrow", {})
+    fails = regrow.get("failures", [])
+    if fails:
+        lines.append("regrow (snapshot every step), per failure; seconds after the kill:")
+        lines.append("")
+        lines.append("| # | rank killed | at step | detected s | survivors aborted s | replaced s | restored s | "
+                     "resumed s | first step after restore s | restored step | steps re-done | sources |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for index, f in enumerate(fails, 1):
+            lines.append(f"| {index} | {f['rank']} | {f['kill_step']} | {fmt(f['detected_s'])} | "
+                         f"{fmt(f['survivors_aborted_s'])} | {fmt(f['replaced_s'])} | {fmt(f['restored_s'])} | "
+                         f"{fmt(f['resumed_s'])} | {fmt(f.get('downtime_s'))} | {fmt(f['restored_step'])} | "
+                         f"{fmt(f.get('redone_steps'))} | {', '.join(f['sources'] or []) or '-'} |")
+        lines.append("")
+    summary = result.get("summary", {})
+    base = result.get("baseline", {})
+    restart = result.get("restart", {})
+    sr, sb = summary.get("regrow", {}), summary.get("baseline", {})
+    periods = [str(int(t)) for t in summary.get("periods_s", [])]
+    rows = [
+        (f"step ms (clean window, steps {result['warmup']}-{result['warmup'] + result['window']})",
+         fmt(regrow.get("step_ms_on")), fmt(base.get("step_ms_off"))),
+        ("snapshot overhead (on / off - 1)", _pct(summary.get("snapshot_overhead")), "-"),
+        ("save stall per checkpoint s", "-", fmt(base.get("save_stall_s"), 3)),
+        ("steady overhead (share of time)", _pct(sr.get("steady_overhead")), _pct(sb.get("steady_overhead"))),
+        ("detection s (kill -> failure_detected)", fmt(sr.get("detected_s")),
+         f"{fmt(sb.get('detected_s'))} (regrow's)"),
+        ("downtime per failure s (kill -> first step after restore)", fmt(sr.get("downtime_s")),
+         fmt(sb.get("downtime_s")) + (f" (restart {fmt(restart.get('restart_s'))}: actors up "
+                                      f"{fmt(restart.get('workers_started_s'))}, loaded "
+                                      f"{fmt(restart.get('restored_s'))})" if restart else "")),
+        ("steps re-done per failure", fmt(sr.get("redone_steps")),
+         f"{fmt(sb.get('redone_steps'))} (half the interval)"),
+        ("lost s per failure", fmt(sr.get("lost_s_per_failure")), fmt(sb.get("lost_s_per_failure"))),
+    ]
+    for key in periods:
+        ratio = summary.get("goodput_ratio", {}).get(key)
+        rows.append((f"goodput, one failure every {key} s (computed)",
+                     _pct(sr.get("goodput", {}).get(key)),
+                     _pct(sb.get("goodput", {}).get(key)) + (f" (regrow / baseline = {ratio:.3f})"
+                                                             if ratio is not None else "")))
+    lines.append(f"| | regrow: snapshot every step, heal in place | baseline: checkpoint every "
+                 f"{result['save_every']} steps, whole-job restart |")
+    lines.append("|---|---:|---:|")
+    lines += [f"| {name} | {left} | {right} |" for name, left, right in rows]
+    lines.append("")
+    lines.append(f"Goodput is COMPUTED from the measured per-failure cost (goodput = (1 - steady overhead) x "
+                 f"(1 - lost s per failure / T)), not measured in a run with a failure every "
+                 f"{' or '.join(periods)} s. Baseline detection is taken as regrow's; the failed job's teardown is "
+                 f"not counted.")
+    if result.get("errors"):
+        lines.append("")
+        lines.append("Errors: " + "; ".join(f"{k}: {str(v).splitlines()[0]}" for k, v in result["errors"].items()))
+    return "\n".join(lines)
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def terminate(signum: int, _frame: object) -> None:  # `timeout` sends SIGTERM: run the finally blocks
+        raise SystemExit(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        result = run(args)
+    except BaseException as error:  # noqa: BLE001 (a failure line, as the other benches' runners write)
+        traceback.print_exc()
+        result = {"bench": "ray_recovery", "status": "failed", "error": f"{type(error).__name__}: {error}"}
+    line = json.dumps(result)
+    print(f"RESULT {line}", flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "a", encoding="utf-8") as out:
+            out.write(line + "\n")
+    if result["status"] != "failed":
+        table = markdown(result)
+        print(table, flush=True)
+        if args.markdown:
+            Path(args.markdown).write_text(table + "\n")
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
