@@ -142,6 +142,14 @@ class _Segment:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(self.buffer, dtype=dtype, count=numel, offset=self.start + entry.offset).view(shape)
 
+    def unpin(self) -> None:
+        """Unregisters the mapping from CUDA. Required before the mapping goes: a later mapping of the same
+        address would otherwise fail to register ("already registered") in this process."""
+        if self._pinned:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+            torch.cuda.cudart().cudaHostUnregister(address)
+            self._pinned = False
+
     def _pin(self) -> None:  # CUDA only: registered pinned memory makes the side-stream copies fast and async
         if not self._pinned:
             address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
@@ -200,10 +208,14 @@ class SnapshotSink:
         meta_size = len(json.dumps(state_meta(state, entries)))
         reply = self.client.request({"op": "attach", "rank": self.rank, "tensors": table,
                                      "meta_capacity": 2 * meta_size + self.config.meta_headroom})
-        self.segments = [_Segment(path, entries) for path in reply["paths"]]
         self._held = frozenset(reply.get("held", ()))
-        # One single-slot copier per segment: which segment a copy goes to is this sink's choice (alternation).
-        self._copiers = [HostCopier(HostCopierConfig(slots=1), allocate=s.allocate) for s in self.segments]
+        same = [s.path for s in self.segments] == reply["paths"] and all(
+            s.entries == {e.name: e for e in entries} for s in self.segments)
+        if not same:  # a first attach, or other segments: map them (a re-attach after a restore keeps its mappings)
+            self.detach()
+            self.segments = [_Segment(path, entries) for path in reply["paths"]]
+            # One single-slot copier per segment: which segment a copy goes to is this sink's choice (alternation).
+            self._copiers = [HostCopier(HostCopierConfig(slots=1), allocate=s.allocate) for s in self.segments]
         self._summarize = self._gpu_digest(state)
         slots = self.client.request({"op": "latest", "rank": self.rank})["slots"]
         # A slot may hold a step past ``state.step`` from the run that crashed, or one from another history at the
@@ -294,6 +306,14 @@ class SnapshotSink:
             self.flush()
         finally:
             self.client.close()
+
+    def detach(self) -> None:
+        """Forgets the mapped segments (the snapshot process keeps them), unregistering them from CUDA. Call before
+        dropping a sink whose last snapshot is finished or abandoned; :meth:`attach` maps them again."""
+        self._pending = self._deferred = None
+        for segment in self.segments:
+            segment.unpin()
+        self.segments, self._copiers = [], []
 
     # ---------------------------------------------------------------- sealing
     def _gpu_digest(self, state: ShardState) -> Summarize | None:

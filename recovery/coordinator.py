@@ -166,7 +166,7 @@ class Coordinator:
         self.event("start", workers=self.config.workers, steps=steps)
         try:
             self._reserve_nodes()
-            self._ranks = [self._start_worker(rank, node=None) for rank in range(self.config.workers)]
+            self._ranks = self._start_workers({rank: None for rank in range(self.config.workers)})
             self._place_snapshot_hosts()
             self._form_generation(resume=resume, outcome=outcome)
             while True:
@@ -223,7 +223,18 @@ class Coordinator:
                                        f"{self.config.resources_timeout_s} s (add nodes, or lower --workers)")
             self._log("waiting for nodes for the placement group")
 
-    def _start_worker(self, rank: int, node: str | None) -> _Rank:
+    def _start_workers(self, ranks: dict[int, str | None]) -> list[_Rank]:
+        """Starts a worker for each rank (on the node given, while it lives; None: anywhere), all at once, and
+        waits until every one is placed. In the order of ``ranks``."""
+        handles = {rank: self._launch_worker(rank, node) for rank, node in ranks.items()}
+        started = []
+        for rank, handle in handles.items():
+            node_id = self._wait_ready(handle, f"worker of rank {rank}")
+            self.event("worker_started", rank=rank, node=node_id)
+            started.append(_Rank(handle=handle, node=node_id))
+        return started
+
+    def _launch_worker(self, rank: int, node: str | None) -> object:
         from ray.util.scheduling_strategies import (
             NodeAffinitySchedulingStrategy,
             PlacementGroupSchedulingStrategy,
@@ -237,10 +248,7 @@ class Coordinator:
         elif node is not None:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
         env = {**self.env, TOKEN_ENV: self.token}
-        handle = self._worker_class.options(**options).remote(self.spec, rank, env)
-        node_id = self._wait_ready(handle, f"worker of rank {rank}")
-        self.event("worker_started", rank=rank, node=node_id)
-        return _Rank(handle=handle, node=node_id)
+        return self._worker_class.options(**options).remote(self.spec, rank, env)
 
     def _wait_ready(self, handle: object, what: str) -> str:
         """The node of a new actor, waiting for its resources (a message every 10 s, an error at the timeout)."""
@@ -407,11 +415,11 @@ class Coordinator:
         lost = set(dead)
         while True:
             alive_nodes = {node["NodeID"] for node in self.ray.nodes() if node["Alive"]}
-            for index in dead:
-                old = self._ranks[index].node
-                node = old if old in alive_nodes else None
-                self._ranks[index] = self._start_worker(index, node=node)
-                self.event("replaced", rank=index, node=self._ranks[index].node, same_node=node is not None)
+            wanted = {index: self._ranks[index].node if self._ranks[index].node in alive_nodes else None
+                      for index in dead}
+            for index, started_rank in zip(wanted, self._start_workers(wanted)):
+                self._ranks[index] = started_rank
+                self.event("replaced", rank=index, node=started_rank.node, same_node=wanted[index] is not None)
             self._replace_lost_hosts(alive_nodes)
             self.generation += 1
             try:
@@ -466,11 +474,15 @@ class Coordinator:
             remove_placement_group(self._placement)
 
     def _stop_actors(self) -> None:
-        for rank in self._ranks:
+        # All at once: closing a sink may be collective (a checkpoint writer agreeing on its last save), so a
+        # rank asked alone would wait for the others.
+        stops = [rank.handle.shutdown.options(concurrency_group=TRAIN).remote() for rank in self._ranks]
+        for ref in stops:
             try:
-                self.ray.get(rank.handle.shutdown.options(concurrency_group=TRAIN).remote(), timeout=30)
+                self.ray.get(ref, timeout=30)
             except Exception:  # noqa: BLE001 (a dead or stuck worker: killed below anyway)
                 pass
+        for rank in self._ranks:
             self.ray.kill(rank.handle)
         for host in self._hosts.values():
             try:

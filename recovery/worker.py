@@ -171,20 +171,29 @@ class Worker:
                 self.sink.flush()
             except Exception as error:  # noqa: BLE001 (a lost snapshot process: a new sink is attached below)
                 log_line(self.rank, trainer.step, f"snapshot: the snapshot in flight was not sealed: {error}")
-                self.sink.client.close()
-                self.sink = None
+                self._drop_sink()
         return trainer.step if trainer.rewind_interrupted_step() else None
 
     def _attach_new_sink(self, trainer: Trainer, restored: JobRestore | None) -> None:
-        if self.sink is not None:
-            self.sink.client.close()
-            self.sink = None
-        if self.spec.snapshot_every and self.address is not None:
+        """Attaches the snapshot sink at the restored state: the same sink while its snapshot process is the same
+        (its segments stay mapped and registered with CUDA), else a new one."""
+        if self.sink is not None and self.sink.config.address != self.address:
+            self._drop_sink()
+        if not self.spec.snapshot_every or self.address is None:
+            self._drop_sink()
+            return
+        if self.sink is None:
             self.sink = SnapshotSink(SnapshotSinkConfig(address=self.address, every=self.spec.snapshot_every,
                                                         timeout_s=self.spec.timeout_s), rank=self.rank)
-            kept = restored.detail if restored is not None and restored.source != CHECKPOINT_SOURCE else None
-            self.sink.attach(trainer.shard_state(), restored_from=kept)
-            trainer.sinks.append(self.sink)
+        kept = restored.detail if restored is not None and restored.source != CHECKPOINT_SOURCE else None
+        self.sink.attach(trainer.shard_state(), restored_from=kept)
+        trainer.sinks.append(self.sink)
+
+    def _drop_sink(self) -> None:
+        if self.sink is not None:
+            self.sink.detach()
+            self.sink.client.close()
+            self.sink = None
 
     def train(self, until: int) -> dict:
         """Trains until step ``until``; returns ``{"done": [(step, loss)...], "error": None}``, or with ``error``

@@ -208,6 +208,29 @@ def test_sink_alternates_and_corrupt_newest_falls_back(node, token, capsys) -> N
 
 
 @pytest.mark.timeout(120)
+def test_sink_reattach_after_a_restore_keeps_its_mappings(node, token) -> None:
+    """A worker that restores re-attaches its sink: the same segments stay mapped (on CUDA they are registered with
+    the driver, and mapping them again at a reused address would fail), and snapshots go on after the restored one."""
+    config = tiny_config(steps=6)
+    sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, every=1), rank=0)
+    trainer = Trainer(config, sinks=[sink])
+    for _ in range(3):
+        trainer.train_step()
+    sink.flush()
+    mapped = list(sink.segments)
+    restored = restore_from_node(trainer, node.address, token=token)
+    assert restored.step == 3
+    sink.attach(trainer.shard_state(), restored_from=restored.path)
+    assert sink.segments == mapped and all(a is b for a, b in zip(sink.segments, mapped))
+    for _ in range(3):
+        trainer.train_step()
+    sink.close()
+    assert sink.sealed_steps == [1, 2, 3, 4, 5, 6]
+    sink.detach()
+    assert sink.segments == []
+
+
+@pytest.mark.timeout(120)
 def test_snapshot_survives_kill_9_of_its_rank(node, token) -> None:
     config = tiny_config(steps=6)
     rank = mp.get_context("spawn").Process(target=w.snapshot_then_sigkill, args=(config, node.address, token, 3))
