@@ -71,17 +71,16 @@ class _Node:
     def close(self) -> None:
         self.client.close()
 
-    def verified_slots(self, passed_over: list[str]) -> dict[int, tuple[str, ShardState]]:
-        """step -> (path, state) of every slot of this rank that verifies here (not trusted from the process)."""
+    def sealed_slots(self, passed_over: list[str]) -> dict[int, str]:
+        """step -> path of every sealed slot of this rank, as the snapshot process lists them (not verified yet:
+        only the slot the job agrees on is read and verified, a 0.6 GB shard costs about a second)."""
         reply = self.client.request({"op": "latest", "rank": self.rank})
-        found: dict[int, tuple[str, ShardState]] = {}
+        found: dict[int, str] = {}
         for slot in reply["slots"]:
             if slot["status"] != "ok":
                 passed_over.append(f"slot {slot['slot']} (step {slot['step']}): {slot['status']}")
                 continue
-            state = read_slot(slot["path"], self.rank, passed_over)
-            if state is not None:
-                found[state.step] = (slot["path"], state)
+            found[int(slot["step"])] = slot["path"]
         return found
 
     def coded_steps(self) -> list[int]:
@@ -178,13 +177,12 @@ def restore_job(trainer: Trainer, address: str | None, *, ckpt_root: str | None 
     return result
 
 
-def _node_candidates(node: _Node | None, passed_over: list[str]
-                     ) -> tuple[_Node | None, dict[int, tuple[str, ShardState]], list[int]]:
-    """This rank's verified slots and complete coded steps (none when the snapshot process is unreachable)."""
+def _node_candidates(node: _Node | None, passed_over: list[str]) -> tuple[_Node | None, dict[int, str], list[int]]:
+    """This rank's sealed slots and complete coded steps (none when the snapshot process is unreachable)."""
     if node is None:
         return None, {}, []
     try:
-        return node, node.verified_slots(passed_over), node.coded_steps()
+        return node, node.sealed_slots(passed_over), node.coded_steps()
     except (SnapshotProcessLost, ProtocolError, OSError) as error:
         passed_over.append(f"snapshot process: {error}")
         return None, {}, []
@@ -205,6 +203,8 @@ def _keep_survivors(trainer: Trainer, node: _Node | None, kept_step: int | None,
     # A replacement that never trained is at the initial state, which is step 0's (the model is built from the
     # config's seed, the generators seeded per rank): nothing to read when the survivors are at step 0 too.
     initial = kept_step is None and step == 0 and trainer.step == 0 and trainer.optimizer.step_count == 0
+    if initial and not trainer.initialized:  # built for a restore (uninitialized weights): initialize them now
+        trainer.reset_to_initial_state()
     if kept_step is None and not initial and node is not None:
         state, path, source = _read_step(trainer, node, step, passed_over)
     if not _all_ranks_ok(trainer, kept_step is not None or initial or state is not None):
@@ -239,32 +239,36 @@ def _read_step(trainer: Trainer, node: _Node, step: int, passed_over: list[str]
     return None, "", SLOTS_SOURCE
 
 
-def _restore_from_node(trainer: Trainer, node: _Node | None, slots: dict[int, tuple[str, ShardState]],
-                       coded: list[int], passed_over: list[str]) -> JobRestore | None:
-    """Sources 1 and 2 (collective); None when no step is common to every rank."""
-    step = _newest_common(_gather_steps(trainer, list(slots)))
-    if step is None:
-        step = _newest_common(_gather_steps(trainer, list(slots) + coded))
-    if step is None:
-        passed_over.append("no snapshot step is held by every rank, in slots or erasure-coded buffers")
-        return None
-    state, path = None, ""
-    source = SLOTS_SOURCE if step in slots else CODED_SOURCE
-    if step in slots:
-        path, state = slots[step]
-    elif node is not None:
-        try:
-            path = node.rollback(step)
+def _restore_from_node(trainer: Trainer, node: _Node | None, slots: dict[int, str], coded: list[int],
+                       passed_over: list[str]) -> JobRestore | None:
+    """Sources 1 and 2 (collective); None when no step is common to every rank. The newest common step is read
+    and verified; when that fails on any rank, every rank passes over it and the next common step is tried."""
+    failed: set[int] = set()
+    while True:
+        usable = [s for s in slots if s not in failed]
+        step = _newest_common(_gather_steps(trainer, usable))
+        if step is None:
+            step = _newest_common(_gather_steps(trainer, usable + [s for s in coded if s not in failed]))
+        if step is None:
+            passed_over.append("no snapshot step is held by every rank, in slots or erasure-coded buffers")
+            return None
+        state, path, source = None, "", SLOTS_SOURCE if step in slots else CODED_SOURCE
+        if step in slots:
+            path = slots[step]
             state = read_slot(path, trainer.rank, passed_over)
-        except (SnapshotProcessLost, ProtocolError) as error:
-            passed_over.append(f"roll back to step {step}: {error}")
-    if not _all_ranks_ok(trainer, state is not None):
+        elif node is not None:
+            try:
+                path = node.rollback(step)
+                state = read_slot(path, trainer.rank, passed_over)
+            except (SnapshotProcessLost, ProtocolError) as error:
+                passed_over.append(f"roll back to step {step}: {error}")
+        if _all_ranks_ok(trainer, state is not None):
+            assert state is not None
+            passed_over += [f"step {s}: newer than what every rank holds" for s in slots if s > step and s not in failed]
+            trainer.restore(state)
+            return JobRestore(source=source, step=step, detail=path, passed_over=passed_over)
         passed_over.append(f"step {step} could not be read on every rank")
-        return None
-    assert state is not None
-    passed_over += [f"step {s}: newer than what every rank holds" for s in slots if s > step]
-    trainer.restore(state)
-    return JobRestore(source=source, step=step, detail=path, passed_over=passed_over)
+        failed.add(step)
 
 
 def _restore_from_checkpoint(trainer: Trainer, ckpt_root: str | None, passed_over: list[str]) -> JobRestore:

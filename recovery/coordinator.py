@@ -315,7 +315,8 @@ class Coordinator:
         reports that nothing can restore it."""
         port = self._store.port
         joins = [rank.handle.join.options(concurrency_group=TRAIN).remote(
-            self.generation, self._store_host, port, self._host_addresses.get(rank.node)) for rank in self._ranks]
+            self.generation, self._store_host, port, self._host_addresses.get(rank.node), resume)
+            for rank in self._ranks]
         self.ray.get(joins, timeout=self.spec.timeout_s * 2)
         prepared = self.ray.get([rank.handle.prepare.options(concurrency_group=TRAIN).remote(resume, lost)
                                  for rank in self._ranks], timeout=self.spec.timeout_s * 4)

@@ -103,8 +103,11 @@ class Worker:
         abort.request_abort(why)
 
     # ------------------------------------------------------------------ train group
-    def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None) -> None:
-        """Forms process-group generation ``generation`` with the other ranks, through the coordinator's store."""
+    def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None,
+             resume: bool = False) -> None:
+        """Forms process-group generation ``generation`` with the other ranks, through the coordinator's store.
+        ``resume``: the generation restores, so a trainer built now leaves its weights uninitialized (a 350M
+        model's seeded init costs seconds on the CPU, and the restore overwrites it)."""
         self._leave_group()
         timeout = datetime.timedelta(seconds=self.spec.timeout_s)
         store = dist.PrefixStore(f"generation-{generation}",
@@ -117,7 +120,7 @@ class Worker:
         if self.trainer is None:
             config = self.spec.config
             self.trainer = (PipelineTrainer(config, world) if isinstance(config, PipelineTrainerConfig)
-                            else Trainer(config, world))
+                            else Trainer(config, world, for_restore=resume))
         elif isinstance(self.trainer, PipelineTrainer):
             self.trainer.rejoin(world)  # its process groups belonged to the failed generation
         self._progress = (self.trainer.step, time.monotonic())

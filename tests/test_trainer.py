@@ -49,6 +49,67 @@ def test_resume_from_shard_state_is_bit_identical() -> None:
         assert torch.equal(value, result["resumed_params"][name]), name
 
 
+def test_replacement_built_for_restore_resumes_bit_identically() -> None:
+    """A trainer built ``for_restore`` (weights uninitialized, tied embedding and head kept tied) resumes exactly like
+    a seeded one; ``reset_to_initial_state`` gives it the seeded step-0 state."""
+    reference = Trainer(tiny_config(steps=6))
+    for _ in range(3):
+        reference.train_step()
+    state = reference.shard_state()
+    state.tensors = {k: v.clone() for k, v in state.tensors.items()}
+    replacement = Trainer(tiny_config(steps=6), for_restore=True)
+    assert not replacement.initialized
+    assert replacement.model.lm_head.weight is replacement.model.wte.weight
+    replacement.restore(state)
+    assert replacement.initialized
+    assert [replacement.train_step().loss for _ in range(3)] == [reference.train_step().loss for _ in range(3)]
+
+    fresh, reset = Trainer(tiny_config(steps=6)), Trainer(tiny_config(steps=6), for_restore=True)
+    reset.reset_to_initial_state()
+    assert reset.initialized and reset.step == 0
+    assert [reset.train_step().loss for _ in range(2)] == [fresh.train_step().loss for _ in range(2)]
+
+
+def test_interrupted_step_is_rewound_to_its_boundary() -> None:
+    """A step that fails before the update leaves the parameters and optimizer state untouched; rewinding puts
+    the data position and generators back, so the retried step equals an uninterrupted one."""
+    reference = Trainer(tiny_config(steps=6))
+    expected = [reference.train_step().loss for _ in range(4)]
+
+    class FailOnce:
+        def __init__(self) -> None:
+            self.armed = True
+
+        def before_optimizer_step(self) -> None:
+            if self.armed:
+                self.armed = False
+                torch.rand(3)  # the failed step drew from the generators too
+                raise RuntimeError("a peer died")
+
+        def after_step(self, state) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    trainer = Trainer(tiny_config(steps=6))
+    losses = [trainer.train_step().loss for _ in range(2)]
+    trainer.sinks.append(FailOnce())
+    with pytest.raises(RuntimeError, match="a peer died"):
+        trainer.train_step()
+    assert trainer.rewind_interrupted_step() and trainer.step == 2
+    losses += [trainer.train_step().loss for _ in range(2)]
+    assert losses == expected
+
+    def gather_fails() -> None:  # a failure after the update began: the all-gather of the new parameters
+        raise RuntimeError("a peer died mid-gather")
+
+    trainer.optimizer._gather_parameters = gather_fails
+    with pytest.raises(RuntimeError, match="mid-gather"):
+        trainer.train_step()
+    assert not trainer.rewind_interrupted_step(), "a half-applied update cannot be rewound: the rank must restore"
+
+
 def test_nan_loss_stops_before_the_optimizer_step() -> None:
     trainer = Trainer(tiny_config(steps=5))
     trainer.train_step()

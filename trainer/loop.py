@@ -119,14 +119,20 @@ class Trainer(RewindableStep):
     number of times. Sinks see ``before_optimizer_step()`` and ``after_step(state)`` around every optimizer step.
     """
 
-    def __init__(self, config: TrainerConfig, world: World | None = None, sinks: Sequence[StateSink] = ()) -> None:
+    def __init__(self, config: TrainerConfig, world: World | None = None, sinks: Sequence[StateSink] = (), *,
+                 for_restore: bool = False) -> None:
+        """``for_restore``: the model's weights are left uninitialized (``GPT.uninitialized``), for a rank that
+        restores a state before its first step (a replacement); :meth:`reset_to_initial_state` initializes them."""
         self.config = config
         self.rank = world.rank if world else 0
         self.world_size = world.world_size if world else 1
         self.device = world.device if world else torch.device("cpu")
         self.sinks = list(sinks)
         self.sampler = Sampler(config.data, dp_rank=self.rank, dp_size=self.world_size)
-        self.model = self.build_model()
+        self.initialized = not for_restore
+        """The weights hold a real state, the seeded initial one or a restored one (False only between a
+        ``for_restore`` build and its restore)."""
+        self.model = self.build_model() if self.initialized else GPT.uninitialized(config.model, self.device)
         self.optimizer = ZeroOptimizer(self.model, config.optim)
         # Built once: every step's ShardState shares it (a sink taking a snapshot every step would otherwise pay
         # about a millisecond of CPU per step for it, on the path that launches the next forward).
@@ -147,6 +153,15 @@ class Trainer(RewindableStep):
         random.seed(per_rank)
         np.random.seed(per_rank % 2**32)
         return GPT(self.config.model).to(self.device)
+
+    def reset_to_initial_state(self) -> None:
+        """Builds the seeded initial model and a new optimizer (a replacement built ``for_restore`` that turns out
+        to need step 0's state, which no snapshot holds). Not collective."""
+        self.model = self.build_model()
+        self.optimizer = ZeroOptimizer(self.model, self.config.optim)
+        self._layout = self.optimizer.layout.to_dict()
+        self.sampler.load_state(DataCursor(epoch=0, index=0))
+        self.step, self.tokens_seen, self._boundary, self.initialized = 0, 0, None, True
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> StepResult:
@@ -265,6 +280,7 @@ class Trainer(RewindableStep):
         state.rng.restore()
         self.step = state.step
         self.tokens_seen = state.tokens_seen
+        self.initialized = True
 
 
 class _ProgressBar:
