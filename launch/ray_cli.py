@@ -11,6 +11,7 @@ per node, forms the process group, watches, heals, and writes every event to ``-
 from __future__ import annotations
 
 import argparse
+import functools
 import socket
 import sys
 import tempfile
@@ -35,6 +36,16 @@ def fault_sinks(rank: int) -> list[StateSink]:
     return [injector] if injector is not None else []
 
 
+def job_sinks(rank: int, *, ckpt_dir: str | None, save_every: int, final_step: int) -> list[StateSink]:
+    """A ``CheckpointWriter`` saving every ``save_every`` steps and at ``final_step`` under ``ckpt_dir`` (its world
+    size is the process group's, so it follows an elastic shrink), then the fault injector."""
+    from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+
+    writer = ([CheckpointWriter(WriterConfig(root=ckpt_dir, save_every=save_every, final_step=final_step), rank=rank)]
+              if ckpt_dir and save_every else [])
+    return writer + fault_sinks(rank)
+
+
 def add_parser(commands: argparse._SubParsersAction,
                add_training_arguments: Callable[..., None]) -> None:
     """The ``regrow ray`` sub-command (training flags as ``regrow train``'s)."""
@@ -52,6 +63,10 @@ def add_parser(commands: argparse._SubParsersAction,
     ray.add_argument("--ec-group-size", type=int, default=0, help="erasure-code snapshots across N nodes (0: off)")
     ray.add_argument("--ec-parity", type=int, default=1)
     ray.add_argument("--ckpt-dir", default=None, help="universal checkpoints: the last restore source")
+    ray.add_argument("--save-every", type=int, default=0, help="save a universal checkpoint every N steps (0: never)")
+    ray.add_argument("--elastic-wait", type=float, default=0.0,
+                     help="elastic mode: seconds to wait for a lost rank's replacement before going on with fewer "
+                          "ranks, resharded from the last checkpoint of --ckpt-dir (0: off)")
     ray.add_argument("--resources-timeout", type=float, default=300.0,
                      help="seconds to wait for a worker's resources before giving up")
     ray.add_argument("--events", default=None, help="JSONL file of every event (failures, restores, ...)")
@@ -101,9 +116,12 @@ def run(args: argparse.Namespace, config: TrainerConfig) -> int:
             workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
             ranks_per_node=args.ranks_per_node, ec_group_size=args.ec_group_size, ec_parity=args.ec_parity,
             hang_timeout_s=args.hang_timeout or DEFAULT_HANG_TIMEOUT_S, resources_timeout_s=args.resources_timeout,
-            max_restarts=max(args.max_restarts, len(plan)), events_path=args.events)
+            max_restarts=max(args.max_restarts, len(plan)), events_path=args.events,
+            elastic_wait_s=args.elastic_wait)
+        sinks = functools.partial(job_sinks, ckpt_dir=args.ckpt_dir, save_every=args.save_every,
+                                  final_step=config.steps)
         spec = WorkerSpec(config=config, world_size=args.workers, device="cuda" if args.gpus_per_worker else "cpu",
-                          snapshot_every=args.snapshot_every, ckpt_dir=args.ckpt_dir, extra_sinks=fault_sinks)
+                          snapshot_every=args.snapshot_every, ckpt_dir=args.ckpt_dir, extra_sinks=sinks)
         with tempfile.TemporaryDirectory(prefix="regrow-faults-") as fired:
             outcome = Coordinator(coordinator_config, spec, env=faults.plan_env(plan, fired)).run(config.steps)
     except (CoordinatorError, ProtocolError, ValueError) as error:

@@ -20,6 +20,9 @@ Healing, in DESIGN.md's order ("Survivors keep their state"):
    universal checkpoint). In a pipeline job without snapshots the lost stage is rebuilt from its neighbours
    (``recovery.stage_heal``). Training resumes.
 
+Elastic mode (``elastic_wait_s``): a replacement that finds no resources in time is not waited for; the job goes
+on with fewer ranks, resharded from the latest universal checkpoint (:meth:`Coordinator._shrink`).
+
 Everything that happens is appended to an events JSONL file (``events_path``), one object per line with the time
 since start, the event and its details.
 """
@@ -70,12 +73,24 @@ class CoordinatorConfig:
     """How long to wait for the resources of a worker (with a message every 10 s) before giving up."""
     max_restarts: int = 10
     """Failures healed before the coordinator gives up."""
+    elastic_wait_s: float = 0.0
+    """Elastic mode when > 0: a dead rank whose replacement finds no resources within this many seconds is not
+    replaced; the job goes on with fewer ranks (the largest count that divides the global batch), every rank
+    restoring the latest universal checkpoint resharded to the new world (``spec.ckpt_dir`` is required). 0: wait
+    up to ``resources_timeout_s`` for the replacement, then fail."""
+    min_workers: int = 1
+    """Elastic mode never shrinks the job below this many ranks."""
     events_path: str | None = None
     """JSONL file of everything that happened (None: not written)."""
 
     def __post_init__(self) -> None:
         require_ints(self, {"workers": 1, "ranks_per_node": 0, "ec_group_size": 0, "ec_parity": 1,
-                            "max_restarts": 0})
+                            "max_restarts": 0, "min_workers": 1})
+        if self.elastic_wait_s < 0:
+            raise ValueError(f"CoordinatorConfig.elastic_wait_s={self.elastic_wait_s!r} must be >= 0")
+        if self.elastic_wait_s and self.ranks_per_node:
+            raise ValueError("CoordinatorConfig.elastic_wait_s needs ranks_per_node=0 (a job placed node by node, "
+                             "with erasure-coding groups, cannot lose a rank without its node)")
         if self.ranks_per_node and self.workers % self.ranks_per_node:
             raise ValueError(f"CoordinatorConfig.ranks_per_node={self.ranks_per_node} must divide workers="
                              f"{self.workers}")
@@ -144,6 +159,8 @@ class Coordinator:
         self.job = secrets.token_hex(3)
         self.generation = 0
         self.failures = 0
+        self.world_size = config.workers
+        """Ranks of the current generation: ``config.workers`` until an elastic shrink."""
         self._log = log or (lambda text: print(f"[coordinator] {text}", flush=True))
         self._started = time.monotonic()
         self._events = Path(config.events_path) if config.events_path else None
@@ -164,6 +181,9 @@ class Coordinator:
         ends. Raises :class:`CoordinatorError`."""
         outcome = Outcome(steps=steps, failures=0)
         self.event("start", workers=self.config.workers, steps=steps)
+        if self.config.elastic_wait_s and not self.spec.ckpt_dir:
+            raise CoordinatorError("elastic mode (CoordinatorConfig.elastic_wait_s > 0) reshards from the universal "
+                                   "checkpoint: give WorkerSpec.ckpt_dir and a sink that saves there")
         try:
             self._reserve_nodes()
             self._ranks = self._start_workers({rank: None for rank in range(self.config.workers)})
@@ -223,15 +243,21 @@ class Coordinator:
                                        f"{self.config.resources_timeout_s} s (add nodes, or lower --workers)")
             self._log("waiting for nodes for the placement group")
 
-    def _start_workers(self, ranks: dict[int, str | None]) -> list[_Rank]:
+    def _start_workers(self, ranks: dict[int, str | None], *, timeout_s: float | None = None) -> list[_Rank]:
         """Starts a worker for each rank (on the node given, while it lives; None: anywhere), all at once, and
-        waits until every one is placed. In the order of ``ranks``."""
+        waits until every one is placed (``timeout_s``, default ``resources_timeout_s``). In the order of
+        ``ranks``. On a timeout the workers not placed are killed and :class:`CoordinatorError` raised."""
         handles = {rank: self._launch_worker(rank, node) for rank, node in ranks.items()}
         started = []
-        for rank, handle in handles.items():
-            node_id = self._wait_ready(handle, f"worker of rank {rank}")
-            self.event("worker_started", rank=rank, node=node_id)
-            started.append(_Rank(handle=handle, node=node_id))
+        try:
+            for rank, handle in handles.items():
+                node_id = self._wait_ready(handle, f"worker of rank {rank}", timeout_s)
+                self.event("worker_started", rank=rank, node=node_id)
+                started.append(_Rank(handle=handle, node=node_id))
+        except CoordinatorError:
+            for handle in handles.values():
+                self.ray.kill(handle)
+            raise
         return started
 
     def _launch_worker(self, rank: int, node: str | None) -> object:
@@ -250,18 +276,19 @@ class Coordinator:
         env = {**self.env, TOKEN_ENV: self.token}
         return self._worker_class.options(**options).remote(self.spec, rank, env)
 
-    def _wait_ready(self, handle: object, what: str) -> str:
+    def _wait_ready(self, handle: object, what: str, timeout_s: float | None = None) -> str:
         """The node of a new actor, waiting for its resources (a message every 10 s, an error at the timeout)."""
         ref = handle.node_id.options(concurrency_group=CONTROL).remote()
-        deadline = time.monotonic() + self.config.resources_timeout_s
+        limit = self.config.resources_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
         while True:
-            ready, _ = self.ray.wait([ref], timeout=10.0)
+            ready, _ = self.ray.wait([ref], timeout=min(10.0, max(0.1, deadline - time.monotonic())))
             if ready:
                 return self.ray.get(ref)
             if time.monotonic() > deadline:
                 raise CoordinatorError(f"{what}: no node offered {self.config.cpus_per_worker} CPUs and "
-                                       f"{self.config.gpus_per_worker} GPUs within {self.config.resources_timeout_s}"
-                                       f" s (add nodes, or lower --workers)")
+                                       f"{self.config.gpus_per_worker} GPUs within {limit} s (add nodes, or lower "
+                                       f"--workers)")
             self._log(f"{what}: waiting for resources ({self.config.cpus_per_worker} CPUs, "
                       f"{self.config.gpus_per_worker} GPUs)")
 
@@ -309,16 +336,18 @@ class Coordinator:
         return request_once(address, message, token=self.token, timeout_s=120.0)
 
     # ------------------------------------------------------------------ one generation
-    def _form_generation(self, *, resume: bool, outcome: Outcome, lost: tuple[int, ...] = ()) -> None:
+    def _form_generation(self, *, resume: bool, outcome: Outcome, lost: tuple[int, ...] = (),
+                         reshard: bool = False) -> None:
         """Every rank joins generation ``self.generation`` and prepares (restores when ``resume``; ``lost``: the
-        ranks replaced since the last generation that trained). Raises :class:`CoordinatorError` when a rank
-        reports that nothing can restore it."""
+        ranks replaced since the last generation that trained; ``reshard``: the world shrank, every rank restores
+        the universal checkpoint at its new rank). Raises :class:`CoordinatorError` when a rank reports that
+        nothing can restore it."""
         port = self._store.port
         joins = [rank.handle.join.options(concurrency_group=TRAIN).remote(
-            self.generation, self._store_host, port, self._host_addresses.get(rank.node), resume)
-            for rank in self._ranks]
+            self.generation, self._store_host, port, self._host_addresses.get(rank.node), resume,
+            index, self.world_size) for index, rank in enumerate(self._ranks)]
         self.ray.get(joins, timeout=self.spec.timeout_s * 2)
-        prepared = self.ray.get([rank.handle.prepare.options(concurrency_group=TRAIN).remote(resume, lost)
+        prepared = self.ray.get([rank.handle.prepare.options(concurrency_group=TRAIN).remote(resume, lost, reshard)
                                  for rank in self._ranks], timeout=self.spec.timeout_s * 4)
         errors = [p for p in prepared if p.get("error")]
         if errors:
@@ -414,17 +443,25 @@ class Coordinator:
         one more failure."""
         started = time.monotonic()
         lost = set(dead)
+        reshard = False
         while True:
             alive_nodes = {node["NodeID"] for node in self.ray.nodes() if node["Alive"]}
             wanted = {index: self._ranks[index].node if self._ranks[index].node in alive_nodes else None
                       for index in dead}
-            for index, started_rank in zip(wanted, self._start_workers(wanted)):
-                self._ranks[index] = started_rank
-                self.event("replaced", rank=index, node=started_rank.node, same_node=wanted[index] is not None)
+            elastic = self.config.elastic_wait_s or None
+            try:
+                for index, started_rank in zip(wanted, self._start_workers(wanted, timeout_s=elastic)):
+                    self._ranks[index] = started_rank
+                    self.event("replaced", rank=index, node=started_rank.node, same_node=wanted[index] is not None)
+            except CoordinatorError as error:
+                if not elastic:
+                    raise
+                self._shrink(sorted(wanted), reason=str(error))
+                reshard = True
             self._replace_lost_hosts(alive_nodes)
             self.generation += 1
             try:
-                self._form_generation(resume=True, outcome=outcome, lost=tuple(sorted(lost)))
+                self._form_generation(resume=True, outcome=outcome, lost=tuple(sorted(lost)), reshard=reshard)
                 break
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError,
                     self.ray.exceptions.RayTaskError) as error:
@@ -440,6 +477,35 @@ class Coordinator:
                     for rank in self._ranks:
                         rank.handle.abort.options(concurrency_group=CONTROL).remote("recovery failed")
         self.event("resumed", generation=self.generation, seconds=round(time.monotonic() - started, 3))
+
+    def _shrink(self, dead: list[int], reason: str) -> None:
+        """Elastic mode: goes on without ``dead``, on the largest number of survivors that divides the global
+        batch (the others are stopped), renumbered in their old order; the snapshot processes start afresh (the
+        snapshots were taken at the old layout). Raises :class:`CoordinatorError` below ``min_workers``."""
+        survivors = [rank for index, rank in enumerate(self._ranks) if index not in dead]
+        data = self.spec.config.data
+        size = next((n for n in range(len(survivors), 0, -1) if data.global_batch % (n * data.micro_batch) == 0), 0)
+        if size < self.config.min_workers:
+            raise CoordinatorError(f"elastic mode: {len(survivors)} ranks survive, no count from "
+                                   f"min_workers={self.config.min_workers} up divides the global batch "
+                                   f"{data.global_batch} into micro-batches of {data.micro_batch} ({reason})")
+        for rank in survivors[size:]:
+            self.ray.kill(rank.handle)
+        self.event("shrunk", world_size=size, was=self.world_size, dead=dead, reason=reason)
+        self._ranks, self.world_size = survivors[:size], size
+        self._restart_hosts()
+
+    def _restart_hosts(self) -> None:
+        """Stops every snapshot process and starts a new one (another job name) on each node that runs ranks."""
+        for host in self._hosts.values():
+            try:
+                self.ray.get(host.stop.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 (its node may be gone)
+                pass
+            self.ray.kill(host)
+        self._hosts, self._host_addresses, self._node_order = {}, {}, []
+        self.job = f"{self.job.split('-')[0]}-w{self.world_size}"
+        self._place_snapshot_hosts()
 
     def _replace_lost_hosts(self, alive_nodes: set[str]) -> None:
         """Moves the snapshot process of every lost node to the node its ranks' replacements landed on, and has

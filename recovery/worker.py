@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from regrow.checkpoint.reshard import restore_trainer
 from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, KEPT_SOURCE, JobRestore, restore_job
 from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
 from regrow.comm import abort
@@ -80,6 +81,7 @@ class Worker:
         os.environ.update(env)  # the fault plan, the snapshot token; LOCAL_* as torchrun would set them
         self.spec = spec
         self.rank = rank
+        self.world_size = spec.world_size
         self.trainer: Trainer | PipelineTrainer | None = None
         self.sink: SnapshotSink | None = None
         self.address: str | None = None
@@ -104,15 +106,20 @@ class Worker:
 
     # ------------------------------------------------------------------ train group
     def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None,
-             resume: bool = False) -> None:
+             resume: bool = False, rank: int | None = None, world_size: int | None = None) -> None:
         """Forms process-group generation ``generation`` with the other ranks, through the coordinator's store.
         ``resume``: the generation restores, so a trainer built now leaves its weights uninitialized (a 350M
-        model's seeded init costs seconds on the CPU, and the restore overwrites it)."""
+        model's seeded init costs seconds on the CPU, and the restore overwrites it). ``rank``/``world_size``:
+        this worker's place after an elastic shrink (its trainer is then rebuilt for the new world)."""
         self._leave_group()
+        if (rank, world_size) != (None, None) and (rank, world_size) != (self.rank, self.world_size):
+            self.rank, self.world_size = int(rank), int(world_size)
+            self._drop_sink()
+            self.trainer, self._fresh = None, True
         timeout = datetime.timedelta(seconds=self.spec.timeout_s)
         store = dist.PrefixStore(f"generation-{generation}",
                                  dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout))
-        world = init_world(rank=self.rank, world_size=self.spec.world_size, store=store,
+        world = init_world(rank=self.rank, world_size=self.world_size, store=store,
                            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                            config=WorldConfig(backend=self._backend(), timeout_s=self.spec.timeout_s))
         abort.clear()
@@ -125,16 +132,20 @@ class Worker:
             self.trainer.rejoin(world)  # its process groups belonged to the failed generation
         self._progress = (self.trainer.step, time.monotonic())
 
-    def prepare(self, resume: bool, lost_ranks: tuple[int, ...] = ()) -> dict:
+    def prepare(self, resume: bool, lost_ranks: tuple[int, ...] = (), reshard: bool = False) -> dict:
         """Restores the job's common step when ``resume`` (collective; a survivor with intact state keeps it; in a
         pipeline, the stage of ``lost_ranks`` is rebuilt from its neighbours), then (re)attaches the snapshot sink
         and the fault injector. Returns what was restored, or ``{"error": why}`` when nothing can restore it (the
-        job cannot go on)."""
+        job cannot go on). ``reshard``: the world shrank; every rank restores the latest universal checkpoint,
+        resharded to it."""
         trainer = self._trainer()
         restored: JobRestore | None = None
         if resume and isinstance(trainer, PipelineTrainer):
             return self._heal_stage(trainer, lost_ranks)
-        if resume:
+        if resume and reshard:
+            loaded = restore_trainer(trainer, "latest", root=self.spec.ckpt_dir)
+            restored = JobRestore(source=CHECKPOINT_SOURCE, step=loaded.step, detail=str(loaded.path))
+        elif resume:
             kept_step = self._kept_step()
             restored = restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s,
                                    kept_step=kept_step)

@@ -82,6 +82,21 @@ def worker_sinks(rank: int) -> list[StateSink]:
     return sinks
 
 
+CKPT_ENV = "REGROW_TEST_CKPT"
+"""A folder: :func:`checkpoint_sinks` saves a universal checkpoint there every 2 steps."""
+
+
+def checkpoint_sinks(rank: int) -> list[StateSink]:
+    """:func:`worker_sinks`, after a ``CheckpointWriter`` saving every 2 steps under ``$REGROW_TEST_CKPT`` (if set;
+    its world size is the process group's, so it follows an elastic shrink)."""
+    from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+
+    root = os.environ.get(CKPT_ENV)
+    writer = [CheckpointWriter(WriterConfig(root=root, save_every=2, keep_last=2, fsync=False, when_busy="wait"),
+                               rank=rank)] if root else []
+    return writer + worker_sinks(rank)
+
+
 DIE_IN_RECOVERY_ENV = "REGROW_TEST_DIE_IN_RECOVERY"
 """``rank:marker_path``: that rank's process dies the first time its sinks are built after a restore (a failure
 during the recovery itself)."""

@@ -23,6 +23,7 @@ from regrow.recovery.coordinator import Coordinator, CoordinatorConfig, Coordina
 from regrow.recovery.worker import WorkerSpec  # noqa: E402
 from regrow.tests import ray_workers  # noqa: E402
 from regrow.tests.test_trainer import tiny_config  # noqa: E402
+from regrow.trainer.data import DataConfig  # noqa: E402
 
 STEPS = 10
 WORKERS = 4
@@ -209,3 +210,67 @@ def test_pipeline_stage_lost_without_snapshots_is_rebuilt_from_its_neighbours(cl
 def test_pipeline_with_snapshots_is_refused_with_the_field_named() -> None:
     with pytest.raises(ValueError, match="WorkerSpec.snapshot_every=1: pipeline stages are not snapshotted"):
         WorkerSpec(config=pipeline_spec(4).config, world_size=WORKERS, snapshot_every=1)
+
+
+@pytest.mark.timeout(400)
+def test_elastic_mode_goes_on_with_fewer_ranks_resharded_from_the_checkpoint(cluster, tmp_path) -> None:
+    """Three ranks of two CPUs fill the three nodes; the node of rank 2 is removed, so no replacement can be
+    placed: after ``elastic_wait_s`` the job goes on with two ranks, every rank restoring the last universal
+    checkpoint resharded from 3 ranks to 2, and ends where a fault-free run does (up to the summation order of
+    two ranks' gradients instead of three)."""
+    steps, hold = 8, tmp_path / "hold"
+    hold.mkdir()
+    config = tiny_config(steps=steps, data=DataConfig(seq_len=64, micro_batch=2, global_batch=12))
+    ckpt = tmp_path / "ckpt"
+
+    def spec(root: Path, env_sinks=ray_workers.checkpoint_sinks) -> WorkerSpec:
+        return WorkerSpec(config=config, world_size=3, snapshot_every=1, timeout_s=30, ckpt_dir=str(root),
+                          extra_sinks=env_sinks)
+
+    coordinator_config = CoordinatorConfig(workers=3, cpus_per_worker=2, elastic_wait_s=3, resources_timeout_s=60,
+                                           events_path=str(tmp_path / "elastic.jsonl"))
+    reference = Coordinator(coordinator_config, spec(tmp_path / "ref-ckpt")).run(steps, collect_parameters=True)
+    env = {ray_workers.HOLD_ENV: f"6:{hold}", ray_workers.CKPT_ENV: str(ckpt)}
+    coordinator = Coordinator(coordinator_config, spec(ckpt), env=env)
+    result: dict = {}
+
+    def drive() -> None:
+        try:
+            result["outcome"] = coordinator.run(steps, collect_parameters=True)
+        except BaseException as error:  # noqa: BLE001 (re-raised in the test thread)
+            result["error"] = error
+
+    thread = threading.Thread(target=drive)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 200
+        while len(list(hold.glob("holding-*"))) < 3 or not (ckpt / "step_00000004").exists():
+            assert time.monotonic() < deadline and thread.is_alive(), result
+            time.sleep(0.1)
+        victim = coordinator.ranks_node(2)
+        cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == victim))
+        (hold / "release").write_text("go\n")
+        thread.join(300)
+    finally:
+        cluster.add_node(num_cpus=2)  # the spare for a later test
+    assert "error" not in result, result.get("error")
+    outcome = result["outcome"]
+    shrunk = [e for e in events(tmp_path, "elastic") if e["event"] == "shrunk"]
+    assert [(e["was"], e["world_size"]) for e in shrunk] == [(3, 2)], shrunk
+    (restores,) = outcome.restores
+    assert [r["source"] for r in restores] == ["checkpoint", "checkpoint"], restores
+    assert {r["step"] for r in restores} == {4}, restores  # saved every 2 steps; step 6 never finished
+    losses, expected = dict(outcome.history), dict(reference.history)
+    assert sorted(losses) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert losses[step] == pytest.approx(expected[step], abs=1e-3), step
+    for name, value in outcome.parameters.items():
+        torch.testing.assert_close(value, reference.parameters[name], atol=2e-3, rtol=0, msg=name)
+
+
+@pytest.mark.timeout(60)
+def test_elastic_mode_needs_a_checkpoint_and_no_fixed_placement() -> None:
+    with pytest.raises(ValueError, match="elastic_wait_s needs ranks_per_node=0"):
+        CoordinatorConfig(workers=4, ranks_per_node=2, elastic_wait_s=5)
+    with pytest.raises(ValueError, match="elastic_wait_s=-1 must be >= 0"):
+        CoordinatorConfig(workers=4, elastic_wait_s=-1)

@@ -22,6 +22,11 @@ def test_an_unreachable_cluster_is_a_clear_error(capsys) -> None:
     assert "--address 127.0.0.1:9: nothing answers there" in err and "ray start --head" in err
 
 
+def test_save_every_without_a_checkpoint_folder_is_refused(capsys) -> None:
+    assert cli.main(["ray", "--address", "local", *SMALL, "--save-every", "2"]) == 2
+    assert "--save-every=2 needs --ckpt-dir DIR" in capsys.readouterr().err
+
+
 def test_fault_kinds_ray_cannot_inject_are_refused(capsys) -> None:
     assert cli.main(["ray", "--address", "local", *SMALL, "--fault", "kill-node:0@3"]) == 2
     assert "run under the local launcher only" in capsys.readouterr().err
@@ -30,9 +35,12 @@ def test_fault_kinds_ray_cannot_inject_are_refused(capsys) -> None:
 @pytest.mark.timeout(300)
 def test_regrow_ray_on_a_local_instance_heals_a_killed_rank(tmp_path) -> None:
     events = tmp_path / "events.jsonl"
+    ckpt = tmp_path / "ckpt"
     done = subprocess.run([sys.executable, "-m", "regrow", "ray", "--address", "local", *SMALL, "--fault",
-                           "kill-rank:1@3", "--events", str(events)], capture_output=True, text=True, timeout=280)
+                           "kill-rank:1@3", "--events", str(events), "--ckpt-dir", str(ckpt), "--save-every", "2"],
+                          capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "trained to step 6 with 1 failure(s) healed" in done.stdout
+    assert (ckpt / "latest").read_text().strip() == "step_00000006"
     kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
     assert kinds[0] == "start" and "failure_detected" in kinds and "restored" in kinds and kinds[-1] == "finished"
