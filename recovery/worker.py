@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from regrow.checkpoint.format import CheckpointError
 from regrow.checkpoint.reshard import restore_trainer
 from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, KEPT_SOURCE, JobRestore, restore_job
-from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
+from regrow.checkpoint.snapshot_sink import SnapshotRestoreError, SnapshotSink, SnapshotSinkConfig
 from regrow.comm import abort
 from regrow.comm.world import WorldConfig, destroy_world, init_world
 from regrow.recovery.policy import RecoveryImpossible
@@ -142,13 +143,15 @@ class Worker:
         restored: JobRestore | None = None
         if resume and isinstance(trainer, PipelineTrainer):
             return self._heal_stage(trainer, lost_ranks)
-        if resume and reshard:
-            loaded = restore_trainer(trainer, "latest", root=self.spec.ckpt_dir)
-            restored = JobRestore(source=CHECKPOINT_SOURCE, step=loaded.step, detail=str(loaded.path))
-        elif resume:
-            kept_step = self._kept_step()
-            restored = restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s,
-                                   kept_step=kept_step)
+        try:
+            if resume and reshard:
+                loaded = restore_trainer(trainer, "latest", root=self.spec.ckpt_dir)
+                restored = JobRestore(source=CHECKPOINT_SOURCE, step=loaded.step, detail=str(loaded.path))
+            elif resume:
+                restored = restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir,
+                                       timeout_s=self.spec.timeout_s, kept_step=self._kept_step())
+        except (CheckpointError, SnapshotRestoreError) as error:  # every rank reaches the same verdict
+            return {"rank": self.rank, "step": trainer.step, "source": None, "error": str(error)}
         self._fresh = False
         trainer.sinks.clear()
         if restored is not None and restored.source == KEPT_SOURCE and self.sink is not None \

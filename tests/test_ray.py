@@ -274,3 +274,19 @@ def test_elastic_mode_needs_a_checkpoint_and_no_fixed_placement() -> None:
         CoordinatorConfig(workers=4, ranks_per_node=2, elastic_wait_s=5)
     with pytest.raises(ValueError, match="elastic_wait_s=-1 must be >= 0"):
         CoordinatorConfig(workers=4, elastic_wait_s=-1)
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_nothing_can_restore_stops_the_job_with_the_reason(cluster, tmp_path) -> None:
+    """Snapshots off and no checkpoint: a killed rank's shard exists nowhere. The coordinator stops at once with
+    the restore's reason (it does not retry recovery until max_restarts)."""
+    fired = tmp_path / "fired"
+    fired.mkdir()
+    config = CoordinatorConfig(workers=WORKERS, events_path=str(tmp_path / "lost.jsonl"), resources_timeout_s=120)
+    spec = WorkerSpec(config=tiny_config(steps=STEPS), world_size=WORKERS, snapshot_every=0, timeout_s=30,
+                      extra_sinks=ray_workers.worker_sinks)
+    env = faults.plan_env([faults.Fault("kill-rank", 1, 3)], str(fired))
+    with pytest.raises(CoordinatorError, match="cannot be restored: .*no in-memory snapshot"):
+        Coordinator(config, spec, env=env).run(STEPS)
+    kinds = [e["event"] for e in events(tmp_path, "lost")]
+    assert "unrecoverable" in kinds and "failure_during_recovery" not in kinds, kinds
