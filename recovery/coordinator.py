@@ -302,21 +302,22 @@ class Coordinator:
         if self.config.ec_group_size and len(self._node_order) % self.config.ec_group_size:
             raise CoordinatorError(f"the workers landed on {len(self._node_order)} nodes, not a multiple of "
                                    f"ec_group_size={self.config.ec_group_size}")
-        for node in self._node_order:
-            self._start_host(node)
+        self._start_hosts(self._node_order)
         self._announce(list(range(len(self._node_order))))
 
-    def _start_host(self, node: str) -> None:
+    def _start_hosts(self, nodes: list[str]) -> None:
+        """Starts a snapshot process on each of ``nodes`` (all at once) and waits for their addresses."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        index = self._node_order.index(node)
         erasure = ErasureCodingConfig(ec_group_size=self.config.ec_group_size, ec_parity=self.config.ec_parity)
-        host = self.ray.remote(SnapshotHost).options(
-            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-        ).remote(self.token, f"{self.job}-n{index}", erasure)
-        self._hosts[node] = host
-        self._host_addresses[node] = self.ray.get(host.address.remote(), timeout=120)
-        self.event("snapshot_process_started", node=node, index=index, address=self._host_addresses[node])
+        for node in nodes:
+            self._hosts[node] = self.ray.remote(SnapshotHost).options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+            ).remote(self.token, f"{self.job}-n{self._node_order.index(node)}", erasure)
+        addresses = self.ray.get([self._hosts[node].address.remote() for node in nodes], timeout=120)
+        for node, address in zip(nodes, addresses):
+            self._host_addresses[node] = address
+            self.event("snapshot_process_started", node=node, index=self._node_order.index(node), address=address)
 
     def _group(self, index: int) -> list[int]:
         size = self.config.ec_group_size
@@ -522,7 +523,7 @@ class Coordinator:
             self._node_order[index] = target
             self._hosts.pop(node, None)
             self._host_addresses.pop(node, None)
-            self._start_host(target)
+            self._start_hosts([target])
             self._announce(self._group(index) if self.config.ec_group_size else [index])
             if not self.config.ec_group_size:
                 continue
