@@ -35,7 +35,8 @@ time on the coordinator's clock (``Coordinator.elapsed()``, the clock of the eve
    teardown of the failed job is not counted (in the baseline's favour).
 
 **Goodput** (share of wall-clock time advancing training) with one failure every ``--periods`` seconds is then
-COMPUTED from these measured figures, not run with failures at that interval::
+COMPUTED from these measured figures, not run with failures at that interval (the goodput phases below measure
+it)::
 
     goodput = (1 - steady overhead) * (1 - lost seconds per failure / T)
 
@@ -44,11 +45,37 @@ regrow: steady overhead = ``1 - step_ms_off / step_ms_on`` (the snapshot cost, c
 ``--save-every`` steps, lost = detection + ``restart_s`` + ``--save-every`` / 2 steps re-done on average x
 ``step_ms_off``.
 
+**Goodput MEASURED** (``--phases goodput-regrow,goodput-baseline``, not in the default set: each takes
+``--goodput-duration`` D seconds plus the start): each job is trained for D seconds of wall clock counted from its
+first completed step (the coordinator is given a step count it never reaches, and stopped at D the way a phase past
+its deadline is: ``max_restarts`` lowered, every worker killed; the phase is then complete, not failed), and a
+worker actor is killed (a ``bench_kill`` event, then ``ray.kill(..., no_restart=True)``; ranks N-1, ..., 1 in turn,
+or ``--kill-ranks`` less rank 0) every ``--goodput-interval`` T seconds, the first ``--goodput-first`` seconds in
+(default T/2, so that D/T failures fall within D). A kill, and the stop, wait until the previous failure has been
+recovered from (a process-group generation formed since, and a step trained after it; the stop at most
+``--phase-timeout`` more seconds).
+
+4. **goodput-regrow** (``snapshot_every=1``): the coordinator heals each failure in place.
+5. **goodput-baseline** (``snapshot_every=0``, a ``CheckpointWriter`` every ``--save-every`` steps): each kill
+   stops the whole job (every worker killed, the coordinator made to give up) and a new ``Coordinator`` resumes it
+   (``run(..., resume=True)``: new actors, ``latest`` loaded from the checkpoint directory), within the same
+   wall-clock budget; the steps since the last committed checkpoint are re-done.
+
+goodput = (distinct steps advanced within D: the step the training state had reached at D minus the first step,
+re-done steps counted once) x reference step time / D. The reference step time is one for both phases:
+goodput-baseline's clean step before its first save (snapshots off, no save yet: the steps from the first plus up to
+``--warmup`` to ``--save-every`` - 1; else before its first kill; else the baseline phase's ``step_ms_off``, else
+each phase's own), so that regrow's snapshot cost and the baseline's saves count as lost time and the ratio
+regrow / baseline is that of the steps advanced. Reported per phase: goodput, failures injected and recovered, first and final step, steps re-done,
+mean kill -> first step after the restore, and the ratio. The device tool runs a command for 10 minutes at most:
+run the two phases in two calls and merge their results with ``--combine a.jsonl b.jsonl`` (no Ray, no run).
+
 Prints ``RESULT {json}`` (every raw figure, the events included) and the markdown table; appends the line to
 ``--json`` and writes the table to ``--markdown``. ``--device cpu --preset tiny`` (gloo, local Ray) is the smoke
-test. Every Ray actor and the Ray instance are shut down however it ends (SIGTERM included). A job that runs past
-``--phase-timeout`` (a hang) has its workers killed and is given up, and the next phases still run; the result's
-``status`` is then "partial" with the reason under ``errors``.
+test. Every Ray actor and the Ray instance are shut down however it ends (SIGTERM included: the job in progress has
+its workers killed, the phases done so far are still reported, a goodput phase cut short as truncated). A job that
+runs past ``--phase-timeout`` (a hang) has its workers killed and is given up, and the next phases still run; the
+result's ``status`` is then "partial" with the reason under ``errors``.
 """
 
 from __future__ import annotations
@@ -69,6 +96,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -110,7 +138,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--periods", default="120,600", help="failure intervals T (s) of the computed goodput")
     parser.add_argument("--poll-ms", type=float, default=20.0, help="heartbeat polling interval")
     parser.add_argument("--phases", default="regrow,baseline,restart",
-                        help="phases to run (restart needs baseline's checkpoint)")
+                        help="phases to run, of regrow, baseline, restart (needs baseline's checkpoint), "
+                             "goodput-regrow, goodput-baseline (goodput MEASURED with a failure every "
+                             "--goodput-interval seconds; long: see --goodput-duration)")
+    parser.add_argument("--goodput-interval", type=float, default=120.0,
+                        help="goodput phases: wall-clock seconds T between two failures")
+    parser.add_argument("--goodput-duration", type=float, default=None,
+                        help="goodput phases: wall-clock seconds D each job is measured for, from its first "
+                             "completed step (default 3 x T)")
+    parser.add_argument("--goodput-first", type=float, default=None,
+                        help="goodput phases: seconds from the first completed step to the first kill (default T/2: "
+                             "then D/T failures fall within D, one in the middle of each T-second period; T gives "
+                             "kills at T, 2T, ..., one fewer within D)")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSONL",
+                        help="run nothing: merge the goodput phases of earlier results (ray_recovery.jsonl files, "
+                             "e.g. goodput-regrow and goodput-baseline run in two calls) and print their table")
     parser.add_argument("--phase-timeout", type=float, default=100.0,
                         help="seconds a job may take before its workers are killed and it is given up")
     parser.add_argument("--timeout-s", type=float, default=30.0,
@@ -128,11 +170,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 for name, low in (("micro_batch", 1), ("workers", 2), ("warmup", 2), ("window", 2), ("kills", 0),
                                   ("kill_gap", 5), ("tail", 3), ("save_tail", 3), ("resume_steps", 1),
                                   ("threads_per_rank", 1)) if getattr(args, name) < low]
-    if args.save_every <= args.warmup + args.window:
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if "baseline" in args.phases and args.save_every <= args.warmup + args.window:
         problems.append(f"--save-every={args.save_every} must exceed --warmup + --window (the clean window of the "
                         f"baseline precedes its save)")
-    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(args.phases) - {"regrow", "baseline", "restart"}
+    if args.save_every < 1:
+        problems.append(f"--save-every={args.save_every} must be >= 1")
+    unknown = set(args.phases) - {"regrow", "baseline", "restart", *GOODPUT_PHASES}
     if unknown:
         problems.append(f"--phases: unknown {sorted(unknown)}")
     if "restart" in args.phases and "baseline" not in args.phases and not args.ckpt_dir:
@@ -141,6 +185,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.periods = [float(p) for p in args.periods.split(",") if p.strip()]
     except ValueError:
         problems.append(f"--periods={args.periods!r}: comma list of seconds")
+    if args.goodput_duration is None:
+        args.goodput_duration = 3 * args.goodput_interval
+    if args.goodput_first is None:
+        args.goodput_first = args.goodput_interval / 2
+    if not args.goodput_interval > 0 or not args.goodput_duration > 0:
+        problems.append("--goodput-interval and --goodput-duration must be > 0")
+    if not 0 <= args.goodput_first < args.goodput_duration:
+        problems.append(f"--goodput-first={args.goodput_first} must be in [0, --goodput-duration="
+                        f"{args.goodput_duration}) (at least one failure within the measured time)")
+    args.kill_ranks_given = bool(args.kill_ranks)
     if args.kill_ranks:
         args.kill_ranks = [int(r) for r in args.kill_ranks.split(",")]
         if any(not 0 <= r < args.workers for r in args.kill_ranks):
@@ -207,6 +261,25 @@ def baseline_sinks(rank: int, *, config: TrainerConfig, world_size: int, root: s
 
 
 # ---------------------------------------------------------------------------------------------------- watching
+
+
+ACTIVE: dict[int, tuple[Coordinator, int]] = {}
+"""The coordinators whose run is in progress (and their worker counts): on SIGTERM their workers are killed first,
+so that ``Coordinator.run``'s clean-up (a ``shutdown`` call queued behind each live worker's training call, 30 s
+each) does not outlast the runner's grace period and the partial result is still written."""
+SIGNALLED: list[int] = []  # the signals received (Ray may turn the SystemExit raised into another)
+
+
+def stop_job(ray: object, coordinator: Coordinator, workers: int, *, quiet: bool = False) -> None:
+    """Makes the coordinator's next failure final (it reads ``max_restarts`` at every failure) and kills every
+    worker of its job: its ``run`` then raises ``CoordinatorError`` and stops what is left (snapshot processes)."""
+    coordinator.config.max_restarts = coordinator.failures
+    for rank in range(workers):
+        try:
+            ray.kill(coordinator.worker(rank), no_restart=True)
+        except Exception as error:  # noqa: BLE001 (not started, or already gone)
+            if not quiet:
+                log(f"rank {rank} not killed: {type(error).__name__}")
 
 
 class CoordinatorLog:
@@ -294,12 +367,7 @@ class Watcher(threading.Thread):
             log(f"phase past its deadline of {self.deadline_s:.0f} s: killing its workers")
             self.coordinator.event("bench_deadline", seconds=self.deadline_s)
         self.gave_up_at = now
-        self.coordinator.config.max_restarts = self.coordinator.failures  # read at every failure
-        for rank in range(self.workers):
-            try:
-                self.ray.kill(self.coordinator.worker(rank), no_restart=True)
-            except Exception as error:  # noqa: BLE001 (not started, or already gone)
-                log(f"rank {rank} not killed: {type(error).__name__}")
+        stop_job(self.ray, self.coordinator, self.workers)
 
     def _maybe_kill(self, step: int, now: float) -> None:
         if self.fired >= len(self.kills) or step < self.kills[self.fired][0]:
@@ -333,6 +401,7 @@ def run_job(args: argparse.Namespace, name: str, spec: WorkerSpec, steps: int, *
     watcher.start()
     error = None
     outcome = None
+    ACTIVE[id(coordinator)] = (coordinator, args.workers)
     try:
         outcome = coordinator.run(steps, resume=resume)
     except Exception as caught:  # noqa: BLE001 (the phase fails; the others still run)
@@ -340,6 +409,7 @@ def run_job(args: argparse.Namespace, name: str, spec: WorkerSpec, steps: int, *
         log(f"{name}: FAILED: {error}")
         traceback.print_exc()
     finally:
+        ACTIVE.pop(id(coordinator), None)
         watcher.stopping.set()
         watcher.join(10)
     wall = time.monotonic() - made
@@ -350,6 +420,259 @@ def run_job(args: argparse.Namespace, name: str, spec: WorkerSpec, steps: int, *
             "samples": watcher.samples, "kills_fired": watcher.fired, "polls_failed": watcher.polls_failed,
             "construct_s": clock_origin - made,
             "restores": outcome.restores if outcome else [], "events_path": str(events_path)}
+
+
+# ---------------------------------------------------------------------------------------------------- goodput, measured
+
+GOODPUT_PHASES = ("goodput-regrow", "goodput-baseline")
+GOODPUT_STEPS = 10**6 - 1  # the coordinator's target: never reached, the phase is stopped at D
+RESTART_KILL_AFTER_S = 2.0  # once stopped, the job's workers are killed again this often until its run returns
+
+
+class TracedCoordinator(Coordinator):
+    """A ``Coordinator`` whose events are also kept in ``trace``, timed on the goodput phase's clock (one clock for
+    the whole phase, across the whole-job restarts, each of which makes a new coordinator with its own)."""
+
+    def __init__(self, *args: object, trace: list[dict], clock: Callable[[], float], **kwargs: object) -> None:
+        self.trace, self.clock = trace, clock
+        super().__init__(*args, **kwargs)
+
+    def event(self, name: str, **details: object) -> None:
+        super().event(name, **details)
+        self.trace.append({"t": round(self.clock(), 3), "event": name, **details})
+
+
+class GoodputPhase:
+    """One goodput phase: a job trained for ``--goodput-duration`` D seconds of wall clock from its first completed
+    step, a worker actor killed every ``--goodput-interval`` T seconds (the first ``--goodput-first`` seconds in),
+    then stopped on purpose. ``restart=False`` (regrow): the coordinator heals every failure in place.
+    ``restart=True`` (the baseline): each kill stops the whole job (every worker killed, the coordinator told to
+    give up), and a new coordinator resumes it from the latest checkpoint (``run(..., resume=True)``), within the
+    same wall-clock budget.
+
+    A thread polls rank 0's heartbeat every ``--poll-ms`` (as :class:`Watcher`), and fires the kills and the stop.
+    A kill waits until the previous failure has been recovered (a generation formed since, and a step trained
+    after it); the stop waits likewise, at most ``--phase-timeout`` more seconds, so that the step reached at D is
+    known. Everything is timed on one clock: seconds since the phase started."""
+
+    def __init__(self, args: argparse.Namespace, name: str, spec: WorkerSpec, *, restart: bool, gpus: float,
+                 events_path: Path) -> None:
+        import ray
+
+        self.ray = ray
+        self.args, self.name, self.spec, self.restart, self.gpus = args, name, spec, restart, gpus
+        self.events_path = events_path
+        self.interval, self.duration, self.first = args.goodput_interval, args.goodput_duration, args.goodput_first
+        default = list(range(args.workers - 1, 0, -1))
+        given = [r for r in dict.fromkeys(args.kill_ranks) if r != 0] if args.kill_ranks_given else default
+        self.rotation = given or default  # never rank 0: it is the one polled
+        self.planned = math.ceil((self.duration - self.first) / self.interval)
+        self.origin = time.monotonic()
+        self.lock = threading.Lock()
+        self.coordinator: TracedCoordinator | None = None
+        self.segments: list[dict] = []  # one per coordinator: when it was made (phase clock), whether it resumed
+        self.trace: list[dict] = []
+        self.samples: list[tuple[float, int, float, int]] = []  # (polled, step, completion estimate, segment)
+        self.t0: float | None = None  # completion of the first step observed
+        self.first_step: int | None = None
+        self.kills: list[dict] = []
+        self.recovered = 0  # kills recovered from so far
+        self.stop_t: float | None = None
+        self.stop_reason: str | None = None
+        self.restart_requested = False
+        self.finished = threading.Event()
+        self.polls_failed = 0
+        self.watch_error: str | None = None
+
+    def clock(self) -> float:
+        return time.monotonic() - self.origin
+
+    def coordinator_config(self) -> CoordinatorConfig:
+        return CoordinatorConfig(workers=self.args.workers, gpus_per_worker=self.gpus,
+                                 events_path=str(self.events_path), max_restarts=self.planned + 10,
+                                 resources_timeout_s=120.0)
+
+    # ------------------------------------------------------------------ the driver (main thread)
+    def run(self) -> dict:
+        self.events_path.unlink(missing_ok=True)  # appended by every coordinator of the phase
+        log(f"{self.name}: {self.args.workers} workers for {self.duration:g} s from the first step, a worker killed "
+            f"every {self.interval:g} s from {self.first:g} s ({self.planned} failures), ranks "
+            f"{self.rotation} in turn, " + ("whole-job restart from the checkpoint" if self.restart
+                                              else "healed in place"))
+        hook = CoordinatorLog()
+        watcher = threading.Thread(target=self._watch_safely, name=f"bench-{self.name}", daemon=True)
+        watcher.start()
+        resume = False
+        error = interrupted = None
+        try:
+            while True:
+                with self.lock:
+                    if self.stop_t is not None:
+                        break
+                    self.restart_requested = False
+                made = self.clock()
+                coordinator = TracedCoordinator(self.coordinator_config(), self.spec, trace=self.trace,
+                                                clock=self.clock, log=hook,
+                                                env={"REGROW_THREADS_PER_RANK": str(self.args.threads_per_rank)})
+                hook.coordinator = coordinator
+                with self.lock:
+                    self.coordinator = coordinator
+                    self.segments.append({"made_t": round(made, 3), "resume": resume})
+                    if self.stop_t is not None:  # stopped while it was made: the watcher may have missed it
+                        break
+                ACTIVE[id(coordinator)] = (coordinator, self.args.workers)
+                try:
+                    coordinator.run(GOODPUT_STEPS, resume=resume)
+                    error = f"the job reached step {GOODPUT_STEPS} by itself"
+                except Exception as caught:  # noqa: BLE001 (expected when stopped or restarted on purpose)
+                    with self.lock:
+                        expected = self.stop_t is not None or self.restart_requested
+                    if not expected:
+                        error = f"{type(caught).__name__}: {caught}"
+                        log(f"{self.name}: FAILED: {error}")
+                        traceback.print_exc()
+                finally:
+                    ACTIVE.pop(id(coordinator), None)
+                if error or self.stop_t is not None:
+                    break
+                if not self.restart_requested:
+                    error = "the job ended, neither stopped nor restarted by the bench"
+                    break
+                resume = True
+                log(f"{self.name}: whole-job restart {len(self.segments)} (kill {len(self.kills)}), from the "
+                    f"latest checkpoint")
+        except BaseException as caught:  # noqa: BLE001 (SIGTERM, the runner's limit: keep what was measured)
+            interrupted = caught
+            error = (f"interrupted by signal {SIGNALLED[0]}" if SIGNALLED
+                     else f"interrupted: {type(caught).__name__}: {caught}")
+            log(f"{self.name}: {error}")
+        finally:
+            with self.lock:
+                if self.stop_t is None:
+                    self.stop_t, self.stop_reason = self.clock(), error or "ended"
+            self.finished.set()
+            watcher.join(10)
+            if self.coordinator is not None:  # an interrupted run: what it left
+                stop_job(self.ray, self.coordinator, self.args.workers, quiet=True)
+        wall = self.clock()
+        error = error or self.watch_error
+        if self.t0 is None and not error:
+            error = "no step observed"
+        log(f"{self.name}: done in {wall:.1f} s ({self.stop_reason}), {len(self.samples)} heartbeats, "
+            f"{len(self.kills)} kills, {len(self.segments)} coordinator(s)")
+        raw = {"name": self.name, "restart": self.restart, "error": error, "wall_s": wall,
+               "interval_s": self.interval, "duration_s": self.duration, "first_kill_s": self.first,
+               "t0": self.t0, "first_step": self.first_step, "kills": self.kills, "segments": self.segments,
+               "stop_t": self.stop_t, "stop_reason": self.stop_reason, "trace": self.trace,
+               "samples": self.samples, "polls_failed": self.polls_failed, "events_path": str(self.events_path)}
+        if interrupted is not None:
+            raw["interrupted"] = True
+        return raw
+
+    # ------------------------------------------------------------------ the watcher thread
+    def _watch_safely(self) -> None:
+        try:
+            self._watch()
+        except Exception:  # noqa: BLE001 (reported in the result; the phase is stopped)
+            self.watch_error = traceback.format_exc()
+            log(f"{self.name}: watcher failed:\n{self.watch_error}")
+            with self.lock:
+                self.stop_t, self.stop_reason = self.clock(), "watcher failed"
+                coordinator = self.coordinator
+            while not self.finished.is_set():
+                if coordinator is not None:
+                    stop_job(self.ray, coordinator, self.args.workers, quiet=True)
+                self.finished.wait(RESTART_KILL_AFTER_S)
+
+    def _watch(self) -> None:
+        errors = (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError,
+                  self.ray.exceptions.RayTaskError)
+        poll_s = self.args.poll_ms / 1e3
+        killed_all_at = -math.inf
+        while not self.finished.is_set():
+            began = self.clock()
+            with self.lock:
+                coordinator, segment = self.coordinator, len(self.segments) - 1
+            beat = None
+            try:
+                handle = coordinator.worker(0) if coordinator is not None else None
+            except IndexError:  # its workers are not started yet
+                handle = None
+            if handle is not None:
+                try:
+                    beat = self.ray.get(handle.heartbeat.options(concurrency_group=CONTROL).remote(), timeout=1.0)
+                except errors:
+                    self.polls_failed += 1
+            now = self.clock()
+            if beat is not None:
+                step = int(beat["step"])
+                self.samples.append((now, step, (began + now) / 2 - float(beat["seconds_since"]), segment))
+                if self.t0 is None and step > 0:
+                    self.t0, self.first_step = self.samples[-1][2], step
+                    log(f"{self.name}: first step observed ({step}); {self.duration:.0f} s from now")
+            if self.stop_t is not None:
+                if coordinator is not None and now - killed_all_at > RESTART_KILL_AFTER_S:
+                    stop_job(self.ray, coordinator, self.args.workers, quiet=True)  # until its run returns
+                    killed_all_at = now
+            elif self.t0 is None:
+                if now > self.args.phase_timeout:
+                    self.watch_error = f"no step within --phase-timeout={self.args.phase_timeout:.0f} s"
+                    self._stop(coordinator, now, self.watch_error)
+                    killed_all_at = now
+            elif now >= self.t0 + self.duration:
+                late = now >= self.t0 + self.duration + self.args.phase_timeout
+                if late or not self._recovering():
+                    self._stop(coordinator, now, "recovery unfinished at --phase-timeout past D" if late
+                               else "stopped at D on purpose")
+                    killed_all_at = now
+            elif coordinator is not None and beat is not None:
+                planned = self.t0 + self.first + len(self.kills) * self.interval
+                if now >= planned and not self._recovering():
+                    self._kill(coordinator, segment, planned, now)
+            self.finished.wait(max(0.0, poll_s - (self.clock() - began)))
+
+    def _recovering(self) -> bool:
+        """Whether the last kill is not recovered from yet: no generation formed after it, or no step trained
+        since (a heartbeat's completion after the formation, of a step past the one restored)."""
+        if self.recovered == len(self.kills):
+            return False
+        kill_t = self.kills[-1]["t"]
+        formed = first_event(self.trace, "generation_formed", kill_t)
+        if formed is None:
+            return True
+        restored = first_event(self.trace, "restored", kill_t)
+        past = restored["step"] if restored is not None else -1
+        for polled, step, done, _ in reversed(self.samples):
+            if polled < formed["t"]:
+                break
+            if done > formed["t"] and step > past:
+                self.recovered = len(self.kills)
+                return False
+        return True
+
+    def _kill(self, coordinator: TracedCoordinator, segment: int, planned: float, now: float) -> None:
+        rank = self.rotation[len(self.kills) % len(self.rotation)]
+        step = self.samples[-1][1]
+        if self.restart:
+            with self.lock:
+                self.restart_requested = True  # before the kill: the driver must see it when run() raises
+            coordinator.config.max_restarts = coordinator.failures  # the job gives up rather than heal
+        coordinator.event("bench_kill", rank=rank, step=step, planned_s=round(planned - self.t0, 3),
+                          late_s=round(now - planned, 3), whole_job_restart=self.restart)
+        self.kills.append({"t": round(self.clock(), 3), "planned_t": round(planned, 3), "rank": rank, "step": step,
+                           "segment": segment})
+        self.ray.kill(coordinator.worker(rank), no_restart=True)
+        if self.restart:  # the whole job stops, as a launcher stops every process of a failed job
+            stop_job(self.ray, coordinator, self.args.workers, quiet=True)
+
+    def _stop(self, coordinator: TracedCoordinator | None, now: float, reason: str) -> None:
+        with self.lock:
+            self.stop_t, self.stop_reason = now, reason
+        log(f"{self.name}: {reason} ({now - (self.t0 or 0.0):.1f} s after the first step)")
+        if coordinator is not None:
+            coordinator.event("bench_stop", reason=reason, after_first_step_s=round(now - (self.t0 or 0.0), 3))
+            stop_job(self.ray, coordinator, self.args.workers, quiet=True)
+
 
 
 # ---------------------------------------------------------------------------------------------------- analysis
@@ -514,52 +837,107 @@ def run(args: argparse.Namespace) -> dict:
         # A small object store: this bench passes only small objects, and /dev/shm is the snapshot processes'.
         ray.init(num_gpus=args.workers if cuda else 0, num_cpus=cpus, include_dashboard=False,
                  object_store_memory=1 << 30, log_to_driver=not args.quiet_workers)
+        signal.signal(signal.SIGTERM, terminate)  # ray.init installed its own
         result["ray_init_s"] = r3(time.monotonic() - started)
         log(f"Ray up in {result['ray_init_s']} s")
 
-        regrow_job = baseline_job = restart_job = None
-        if "regrow" in args.phases:
-            spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=1,
-                              ckpt_dir=str(temp / "regrow-ckpt"), timeout_s=args.timeout_s)
-            regrow_job = run_job(args, "regrow", spec, regrow_steps, gpus=gpus, events_dir=events_dir,
-                                 kills=list(zip(kill_steps, args.kill_ranks, strict=False)))
-            if regrow_job["kills_fired"] < args.kills and not regrow_job["error"]:
-                regrow_job["error"] = f"only {regrow_job['kills_fired']} of {args.kills} kills fired"
-        if "baseline" in args.phases:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            sinks = functools.partial(baseline_sinks, config=config, world_size=args.workers, root=str(ckpt_dir),
-                                      every=save_step, last=baseline_steps, fsync=args.fsync,
-                                      report=str(report_path))
-            spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=0,
-                              ckpt_dir=str(ckpt_dir), timeout_s=args.timeout_s, extra_sinks=sinks)
-            baseline_job = run_job(args, "baseline", spec, baseline_steps, gpus=gpus, events_dir=events_dir)
-        if "restart" in args.phases:
-            latest = ckpt_dir / "latest"
-            if not latest.exists():
-                result["errors"]["restart"] = f"no checkpoint: {latest} is missing"
-                log(f"restart: skipped, {latest} is missing")
-            else:
-                sinks = functools.partial(baseline_sinks, config=config, world_size=args.workers,
-                                          root=str(ckpt_dir), every=save_step, last=-1, fsync=args.fsync,
-                                          report=None)
-                spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=0,
-                                  ckpt_dir=str(ckpt_dir), timeout_s=args.timeout_s, extra_sinks=sinks)
-                restart_job = run_job(args, "restart", spec, save_step + args.resume_steps, gpus=gpus,
-                                      events_dir=events_dir, resume=True)
+        jobs: dict[str, dict] = {}  # the phases regrow, baseline, restart that ran
+        goodput_raw: dict[str, dict] = {}
+        stopped = None
+        try:
+            run_short_phases(args, config, device, gpus, temp, ckpt_dir, events_dir, kill_steps, regrow_steps,
+                             save_step, baseline_steps, report_path, result, jobs)
+            for name in GOODPUT_PHASES:
+                if name not in args.phases:
+                    continue
+                goodput_raw[name] = run_goodput_phase(args, name, config, device, gpus, temp, events_dir)
+                if goodput_raw[name].get("interrupted"):
+                    raise SystemExit(f"interrupted during {name}")
+        except SystemExit as caught:  # SIGTERM (the runner's limit): report the phases that ran
+            stopped = f"stopped before the end: {f'signal {SIGNALLED[0]}' if SIGNALLED else caught}"
+            log(stopped)
+        regrow_job, baseline_job, restart_job = (jobs.get(name) for name in ("regrow", "baseline", "restart"))
         result.update(analyse(args, regrow_job, baseline_job, restart_job, report_path, kill_steps, save_step,
                               baseline_steps))
         for job in (regrow_job, baseline_job, restart_job):
             if job is not None and job["error"]:
                 result["errors"][job["name"]] = job["error"]
+        if goodput_raw:
+            phases = {name: analyse_goodput(args, raw) for name, raw in goodput_raw.items()}
+            summary = goodput_summary(phases, result.get("baseline", {}).get("step_ms_off"))
+            result["goodput"] = {**phases, "summary": summary}
+            for name, raw in goodput_raw.items():
+                if raw["error"]:
+                    result["errors"][name] = raw["error"]
+        if stopped:
+            result["errors"]["signal"] = stopped
     finally:
         log("shutting Ray down")
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)  # the default checkpoint and events folders, the save report
+        if args.ckpt_dir:
+            shutil.rmtree(goodput_ckpt_dir(args, temp), ignore_errors=True)
     result["wall_s"] = r3(time.monotonic() - started)
     if result["errors"]:
         result["status"] = "partial"
     result["time"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return result
+
+
+def goodput_ckpt_dir(args: argparse.Namespace, temp: Path) -> Path:
+    """goodput-baseline's checkpoint root: beside --ckpt-dir when given, else in the temporary folder."""
+    return Path(f"{args.ckpt_dir.rstrip('/')}-goodput") if args.ckpt_dir else temp / "goodput-ckpt"
+
+
+def run_goodput_phase(args: argparse.Namespace, name: str, config: TrainerConfig, device: str, gpus: float,
+                      temp: Path, events_dir: Path) -> dict:
+    """One goodput phase (:class:`GoodputPhase`): goodput-regrow snapshots every step and is healed in place;
+    goodput-baseline saves a checkpoint every --save-every steps and restarts the whole job at each failure."""
+    if name == "goodput-regrow":
+        spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=1,
+                          ckpt_dir=str(temp / "goodput-regrow-ckpt"), timeout_s=args.timeout_s)
+    else:
+        root = goodput_ckpt_dir(args, temp)
+        shutil.rmtree(root, ignore_errors=True)
+        sinks = functools.partial(baseline_sinks, config=config, world_size=args.workers, root=str(root),
+                                  every=args.save_every, last=-1, fsync=args.fsync, report=None)
+        spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=0,
+                          ckpt_dir=str(root), timeout_s=args.timeout_s, extra_sinks=sinks)
+    phase = GoodputPhase(args, name, spec, restart=name == "goodput-baseline", gpus=gpus,
+                         events_path=events_dir / f"ray_recovery_{name}.events.jsonl")
+    return phase.run()
+
+
+def run_short_phases(args: argparse.Namespace, config: TrainerConfig, device: str, gpus: float, temp: Path,
+                     ckpt_dir: Path, events_dir: Path, kill_steps: list[int], regrow_steps: int, save_step: int,
+                     baseline_steps: int, report_path: Path, result: dict, jobs: dict[str, dict]) -> None:
+    """The phases regrow, baseline and restart (those of ``--phases``); each job goes into ``jobs`` once run."""
+    if "regrow" in args.phases:
+        spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=1,
+                          ckpt_dir=str(temp / "regrow-ckpt"), timeout_s=args.timeout_s)
+        jobs["regrow"] = run_job(args, "regrow", spec, regrow_steps, gpus=gpus, events_dir=events_dir,
+                                 kills=list(zip(kill_steps, args.kill_ranks, strict=False)))
+        if jobs["regrow"]["kills_fired"] < args.kills and not jobs["regrow"]["error"]:
+            jobs["regrow"]["error"] = f"only {jobs['regrow']['kills_fired']} of {args.kills} kills fired"
+    if "baseline" in args.phases:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        sinks = functools.partial(baseline_sinks, config=config, world_size=args.workers, root=str(ckpt_dir),
+                                  every=save_step, last=baseline_steps, fsync=args.fsync, report=str(report_path))
+        spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=0,
+                          ckpt_dir=str(ckpt_dir), timeout_s=args.timeout_s, extra_sinks=sinks)
+        jobs["baseline"] = run_job(args, "baseline", spec, baseline_steps, gpus=gpus, events_dir=events_dir)
+    if "restart" in args.phases:
+        latest = ckpt_dir / "latest"
+        if not latest.exists():
+            result["errors"]["restart"] = f"no checkpoint: {latest} is missing"
+            log(f"restart: skipped, {latest} is missing")
+        else:
+            sinks = functools.partial(baseline_sinks, config=config, world_size=args.workers, root=str(ckpt_dir),
+                                      every=save_step, last=-1, fsync=args.fsync, report=None)
+            spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=0,
+                              ckpt_dir=str(ckpt_dir), timeout_s=args.timeout_s, extra_sinks=sinks)
+            jobs["restart"] = run_job(args, "restart", spec, save_step + args.resume_steps, gpus=gpus,
+                                      events_dir=events_dir, resume=True)
 
 
 def analyse(args: argparse.Namespace, regrow_job: dict | None, baseline_job: dict | None, restart_job: dict | None,
@@ -664,6 +1042,153 @@ def analyse(args: argparse.Namespace, regrow_job: dict | None, baseline_job: dic
     return out
 
 
+def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
+    """The measured figures of one goodput phase (:class:`GoodputPhase`); the goodput itself is added by
+    :func:`goodput_summary`, once the reference step time is known."""
+    record = {"mode": "whole-job restart" if raw["restart"] else "healed in place",
+              "interval_s": raw["interval_s"], "duration_s": raw["duration_s"], "first_kill_s": raw["first_kill_s"],
+              "save_every": args.save_every if raw["restart"] else None, "wall_s": r3(raw["wall_s"]),
+              "coordinators": len(raw["segments"]), "heartbeats": len(raw["samples"]),
+              "polls_failed": raw["polls_failed"], "stop_reason": raw["stop_reason"],
+              "events_path": raw["events_path"], "first_step": raw["first_step"]}
+    t0 = raw["t0"]
+    samples = [(polled, step, done) for polled, step, done, _ in raw["samples"]]
+    record["step_times"] = step_times(samples)
+    record["events"] = raw["trace"]
+    if t0 is None:
+        return record
+    end = t0 + raw["duration_s"]
+    if raw["stop_t"] is None or raw["stop_t"] < end:  # interrupted or failed before D: measured up to then
+        end = max(t0, min(raw["stop_t"] if raw["stop_t"] is not None else math.inf,
+                          samples[-1][0] if samples else t0))
+        record["truncated"] = True
+    record["measured_s"] = r3(end - t0)
+    trace = raw["trace"]
+    kills = [k for k in raw["kills"] if k["t"] < end]
+    first_kill = kills[0]["t"] if kills else end
+    # the clean step time: the steps before the first kill (the baseline: before its first save, when at least 8
+    # steps precede it), less the first quarter of them (at most --warmup)
+    before = {s: done for s, done in completions(samples, t_to=first_kill).items() if s >= raw["first_step"]}
+    top, where = (max(before) if before else raw["first_step"]), "before the first kill"
+    if raw["restart"] and args.save_every - 1 - raw["first_step"] >= 8 and top >= args.save_every - 1:
+        top, where = args.save_every - 1, "before the first save"
+    skip = min(args.warmup, (top - raw["first_step"]) // 4)
+    clean, low, high = window_step_s(before, raw["first_step"] + skip, top)
+    record.update(step_ms_clean=ms(clean), clean_window=[low, high], clean_where=where,
+                  step_ms_before_kill=ms(window_step_s(before, raw["first_step"] + skip, 10**9)[0]))
+    fails = []
+    for index, kill in enumerate(kills):
+        t_next = kills[index + 1]["t"] if index + 1 < len(kills) else math.inf
+        detected = first_event(trace, "failure_detected", kill["t"], t_next)
+        restored = first_event(trace, "restored", kill["t"], t_next)
+        formed = first_event(trace, "generation_formed", kill["t"], t_next)
+        formed_t = formed["t"] if formed is not None else t_next
+        reached = max([kill["step"]] + [s for polled, s, _ in samples if kill["t"] <= polled < formed_t])
+        fail = {"rank": kill["rank"], "kill_step": kill["step"], "kill_s": r3(kill["t"] - t0),
+                "late_s": r3(kill["t"] - kill["planned_t"]), "detected_s": _since(detected, kill["t"]),
+                "formed_s": _since(formed, kill["t"]), "reached_step": reached,
+                "restored_step": restored["step"] if restored else None,
+                "sources": restored.get("sources") if restored else None,
+                "redone_steps": max(0, reached - restored["step"]) if restored else None}
+        if formed is not None and restored is not None:
+            after = [(s, done) for polled, s, done in samples
+                     if formed_t <= polled < t_next and done > formed_t and s > restored["step"]]
+            if after:
+                step, done = min(after)
+                skipped = step - restored["step"] - 1  # steps finished between two polls
+                fail["first_step_s"] = r3(done - skipped * (clean or 0.0) - t0)
+                fail["downtime_s"] = r3(done - skipped * (clean or 0.0) - kill["t"])
+        fail["recovered_within_d"] = fail.get("first_step_s") is not None and fail["first_step_s"] <= end - t0
+        fails.append(fail)
+    record["failures"] = fails
+    # the step the training state had reached at D: the last one observed, unless D fell within a recovery (then
+    # the step that recovery restored: what was trained since is re-done after D)
+    recovering = bool(fails) and not fails[-1]["recovered_within_d"]
+    if recovering:
+        final = fails[-1]["restored_step"] if fails[-1]["restored_step"] is not None else fails[-1]["reached_step"]
+    else:
+        final = ([raw["first_step"]] + [s for polled, s, _ in samples if polled <= end])[-1]
+    record.update(recovering_at_d=recovering, final_step=final, steps_advanced=final - raw["first_step"],
+                  failures_injected=len(kills), failures_recovered=sum(f["recovered_within_d"] for f in fails),
+                  steps_redone=sum(f["redone_steps"] or 0 for f in fails),
+                  downtime_s_mean=r3(mean([f.get("downtime_s") for f in fails])))
+    if clean:
+        record["goodput_own_step"] = round(record["steps_advanced"] * clean / (end - t0), 4)
+    return record
+
+
+def goodput_summary(phases: dict[str, dict], fallback_step_ms: float | None) -> dict:
+    """Adds each phase's goodput = steps advanced x reference step time / D, and their ratio.
+
+    The reference step time is one for both phases: goodput-baseline's clean step (snapshots off, before its first
+    save, or else before its first kill), else ``fallback_step_ms`` (the baseline phase's clean window), else the
+    phase's own clean step. With one reference, regrow's snapshot cost and the baseline's saves count as lost time,
+    not as useful work, and the ratio is that of the steps advanced."""
+    baseline = phases.get("goodput-baseline", {})
+    base = baseline.get("step_ms_clean")
+    if base:
+        ref, source = base, (f"goodput-baseline's clean step time (snapshots off, steps {baseline['clean_window'][0]}"
+                             f"-{baseline['clean_window'][1]}, {baseline.get('clean_where', 'before its first kill')})")
+    elif fallback_step_ms:
+        ref, source = fallback_step_ms, "the baseline phase's clean window (snapshots off)"
+    else:
+        ref, source = None, None
+    for record in phases.values():
+        step_ms = ref or record.get("step_ms_clean")
+        record["reference_step_ms"] = step_ms
+        record["reference"] = source or "its own clean step time, before its first kill"
+        record["goodput"] = (round(record["steps_advanced"] * step_ms / 1e3 / record["measured_s"], 4)
+                             if step_ms and record.get("measured_s") and "steps_advanced" in record else None)
+    summary = {"reference_step_ms": ref, "reference": source,
+               "note": "goodput MEASURED: distinct steps advanced within D wall-clock seconds (from the first "
+                       "completed step, one worker killed every T s) x the reference step time / D"}
+    regrow, baseline = phases.get("goodput-regrow", {}), phases.get("goodput-baseline", {})
+    if regrow.get("goodput") and baseline.get("goodput"):
+        summary["goodput_ratio"] = round(regrow["goodput"] / baseline["goodput"], 3)
+    return summary
+
+
+def combine(paths: list[str]) -> dict:
+    """The goodput phases of earlier results, the latest of each, with their summary (``--combine``)."""
+    phases: dict[str, dict] = {}
+    sources: dict[str, dict] = {}
+    fallback = None
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            line = line.removeprefix("RESULT ").strip()
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(result, dict) or result.get("bench") != "ray_recovery":
+                continue
+            fallback = result.get("baseline", {}).get("step_ms_off") or fallback
+            for name in GOODPUT_PHASES:
+                if name in result.get("goodput", {}):
+                    phases[name] = result["goodput"][name]
+                    sources[name] = {key: result.get(key) for key in ("time", "device", "world_size", "preset",
+                                                                      "micro_batch", "ray", "status")}
+                    sources[name]["file"] = path
+    combined = {name: phases[name] for name in GOODPUT_PHASES if name in phases}
+    summary = goodput_summary(combined, fallback)
+    setups = {json.dumps({k: v for k, v in s.items() if k in ("device", "world_size", "preset", "micro_batch")})
+              for s in sources.values()}
+    schedules = {f"T={r.get('interval_s')} s, D={r.get('duration_s')} s, first kill at {r.get('first_kill_s')} s"
+                 + (f", cut short at {r.get('measured_s')} s" if r.get("truncated") else "")
+                 for r in combined.values()}
+    warnings = []
+    if len(setups) > 1:
+        warnings.append("the phases ran on different set-ups: " + "; ".join(sorted(setups)))
+    if len(schedules) > 1:
+        warnings.append("the phases ran different failure schedules: " + "; ".join(sorted(schedules)))
+    if warnings:
+        summary["warning"] = " ".join(warnings)
+    combined["summary"] = summary
+    combined["sources"] = sources
+    return combined
+
+
+
 # ---------------------------------------------------------------------------------------------------- output
 
 
@@ -679,6 +1204,19 @@ def markdown(result: dict) -> str:
     title = (f"Ray recovery, {result['world_size']} x {result['device']}, preset {result['preset']}, micro-batch "
              f"{result['micro_batch']}, Ray {result.get('ray')}, {result.get('time')} (status {result['status']})")
     lines = [title, ""]
+    if any(name in result.get("phases", ["regrow"]) for name in ("regrow", "baseline", "restart")):
+        lines += short_markdown(result)
+    if result.get("goodput"):
+        lines += ([""] if len(lines) > 2 else []) + goodput_markdown(result["goodput"], result.get("save_every"))
+    if result.get("errors"):
+        lines.append("")
+        lines.append("Errors: " + "; ".join(f"{k}: {str(v).splitlines()[0]}" for k, v in result["errors"].items()))
+    return "\n".join(lines)
+
+
+def short_markdown(result: dict) -> list[str]:
+    """The table of the phases regrow, baseline and restart, and the goodput COMPUTED from them."""
+    lines = []
     regrow = result.get("regrow", {})
     fails = regrow.get("failures", [])
     if fails:
@@ -716,7 +1254,7 @@ def markdown(result: dict) -> str:
     ]
     for key in periods:
         ratio = summary.get("goodput_ratio", {}).get(key)
-        rows.append((f"goodput, one failure every {key} s (computed)",
+        rows.append((f"goodput, one failure every {key} s (COMPUTED)",
                      _pct(sr.get("goodput", {}).get(key)),
                      _pct(sb.get("goodput", {}).get(key)) + (f" (regrow / baseline = {ratio:.3f})"
                                                              if ratio is not None else "")))
@@ -727,22 +1265,113 @@ def markdown(result: dict) -> str:
     lines.append("")
     lines.append(f"Goodput is COMPUTED from the measured per-failure cost (goodput = (1 - steady overhead) x "
                  f"(1 - lost s per failure / T)), not measured in a run with a failure every "
-                 f"{' or '.join(periods)} s. Baseline detection is taken as regrow's; the failed job's teardown is "
-                 f"not counted.")
-    if result.get("errors"):
-        lines.append("")
-        lines.append("Errors: " + "; ".join(f"{k}: {str(v).splitlines()[0]}" for k, v in result["errors"].items()))
-    return "\n".join(lines)
+                 f"{' or '.join(periods)} s (the goodput phases measure it). Baseline detection is taken as "
+                 f"regrow's; the failed job's teardown is not counted.")
+    return lines
+
+
+def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
+    """The table of the goodput phases: goodput MEASURED."""
+    names = [name for name in GOODPUT_PHASES if name in goodput]
+    if not names:
+        return []
+    summary = goodput.get("summary", {})
+    some = goodput[names[0]]
+    interval, duration, first = some["interval_s"], some["duration_s"], some["first_kill_s"]
+    every = goodput.get("goodput-baseline", {}).get("save_every") or save_every
+    ref = summary.get("reference_step_ms")
+    lines = [(f"Goodput MEASURED (phases {', '.join(names)}): each job trained for D = {duration:g} s of wall "
+              f"clock from its first completed step, with a worker actor killed (`ray.kill`) every T = "
+              f"{interval:g} s, the first {first:g} s in (never rank 0, the one polled)."), ""]
+
+    def cell(name: str, render: Callable[[dict], str]) -> str:
+        record = goodput.get(name)
+        if record is None:
+            return "(not run)"
+        try:
+            return render(record)
+        except (KeyError, TypeError, ValueError):
+            return "-"
+
+    def kills(record: dict) -> str:
+        return ", ".join(f"{f['kill_s']:.1f} (r{f['rank']})" for f in record["failures"]) or "-"
+
+    def reached(record: dict) -> str:
+        text = f"{record['first_step']} -> {record['final_step']}"
+        if record.get("recovering_at_d"):
+            text += " (D fell in a recovery: the step it restored)"
+        if record.get("truncated"):
+            text += f" (run cut short: measured {record['measured_s']:.0f} s)"
+        return text
+
+    def gp(record: dict) -> str:
+        text = _pct(record.get("goodput"))
+        if record is goodput.get("goodput-baseline") and summary.get("goodput_ratio") is not None:
+            text += f" (regrow / baseline = {summary['goodput_ratio']:.3f})"
+        return text
+
+    rows = [
+        ("failures injected / recovered within D",
+         lambda r: f"{r['failures_injected']} / {r['failures_recovered']}"),
+        ("kills, s after the first step (rank)", kills),
+        ("jobs started (1 + whole-job restarts)", lambda r: str(r["coordinators"])),
+        ("clean step ms (steps observed: before the first kill; baseline: before its first save)",
+         lambda r: f"{fmt(r['step_ms_clean'])} ({r['clean_window'][0]}-{r['clean_window'][1]})"),
+        ("first step -> step reached at D", reached),
+        ("steps advanced within D (re-done steps counted once)", lambda r: str(r["steps_advanced"])),
+        ("steps re-done (since the snapshot / checkpoint restored)", lambda r: str(r["steps_redone"])),
+        ("mean kill -> first step after the restore, s", lambda r: fmt(r["downtime_s_mean"])),
+        (f"**goodput MEASURED** (steps advanced x {fmt(ref)} ms / D)" if ref else
+         "**goodput MEASURED** (steps advanced x its own clean step / D)", gp),
+    ]
+    lines.append(f"| | goodput-regrow: snapshot every step, healed in place | goodput-baseline: checkpoint every "
+                 f"{every} steps, whole-job restart |")
+    lines.append("|---|---:|---:|")
+    lines += [f"| {title} | {cell(GOODPUT_PHASES[0], render)} | {cell(GOODPUT_PHASES[1], render)} |"
+              for title, render in rows]
+    lines.append("")
+    lines.append(f"Goodput MEASURED = distinct steps advanced within D x the reference step time / D; reference: "
+                 f"{summary.get('reference') or 'each phase its own clean step time (before its first kill)'}. One "
+                 f"reference for both phases: regrow's snapshot cost and the baseline's saves count as lost time, "
+                 f"and the ratio is that of the steps advanced.")
+    if summary.get("warning"):
+        lines.append(f"Warning: {summary['warning']}")
+    return lines
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2%}"
 
 
+def terminate(signum: int, _frame: object) -> None:
+    """SIGTERM (``timeout`` sends it): kills the workers of the job in progress, then raises SystemExit so that the
+    finally blocks run and the phases done so far are reported. Installed again after ``ray.init``, which installs
+    its own (``sys.exit``)."""
+    SIGNALLED.append(signum)
+    for coordinator, workers in list(ACTIVE.values()):
+        try:
+            import ray
+
+            log(f"signal {signum}: killing the workers of the job in progress")
+            stop_job(ray, coordinator, workers, quiet=True)
+        except Exception as error:  # noqa: BLE001 (best effort: the finally blocks still run)
+            log(f"signal {signum}: workers not killed: {type(error).__name__}: {error}")
+    raise SystemExit(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def terminate(signum: int, _frame: object) -> None:  # `timeout` sends SIGTERM: run the finally blocks
-        raise SystemExit(f"signal {signum}")
+    if args.combine:  # no run: the goodput phases of earlier results, side by side
+        combined = combine(args.combine)
+        lines = [f"Goodput phases merged from {', '.join(args.combine)}:", ""]
+        lines += [f"- {name}: {source}" for name, source in combined["sources"].items()]
+        table = "\n".join(lines + [""] + goodput_markdown(combined))
+        print(table, flush=True)
+        if args.json:
+            with open(args.json, "a", encoding="utf-8") as out:
+                out.write(json.dumps({"bench": "ray_recovery_goodput_combined", **combined}) + "\n")
+        if args.markdown:
+            Path(args.markdown).write_text(table + "\n")
+        return 0 if combined["sources"] else 1
 
     signal.signal(signal.SIGTERM, terminate)
     try:
