@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,6 +138,15 @@ class Outcome:
     """Every rank's restore result, per healing."""
     parameters: dict | None = None
     """Rank 0's final model parameters (when :meth:`Coordinator.run` was asked for them)."""
+    stopped: str | None = None
+    """Why the run ended before ``steps`` when :meth:`Coordinator.stop` ended it (None: it reached ``steps``)."""
+    stopped_at: int | None = None
+    """The last step rank 0 finished when the run was stopped (``history`` lacks the steps of the training call
+    the stop interrupted)."""
+
+
+class _Stopped(Exception):
+    """Raised inside :meth:`Coordinator.run` once :meth:`Coordinator.stop` was called."""
 
 
 class Coordinator:
@@ -146,7 +156,9 @@ class Coordinator:
     TCP store, so the workers must be able to reach this process's address."""
 
     def __init__(self, config: CoordinatorConfig, spec: WorkerSpec, *, env: dict[str, str] | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, on_event: Callable[[dict], None] | None = None) -> None:
+        """``log`` receives each event as a line of text (default: printed); ``on_event`` each event's record
+        (``t``, ``event`` and its details), from the thread running :meth:`run`."""
         import ray
 
         if not ray.is_initialized():
@@ -163,6 +175,9 @@ class Coordinator:
         """Ranks of the current generation: ``config.workers`` until an elastic shrink."""
         self._log = log or (lambda text: print(f"[coordinator] {text}", flush=True))
         self._started = time.monotonic()
+        self._on_event = on_event
+        self._stop = threading.Event()
+        self._stop_reason = ""
         self._events = Path(config.events_path) if config.events_path else None
         self._ranks: list[_Rank] = []
         self._hosts: dict[str, object] = {}  # node id -> SnapshotHost handle
@@ -205,8 +220,33 @@ class Coordinator:
                 outcome.parameters = self.ray.get(
                     self._ranks[0].handle.parameters.options(concurrency_group=TRAIN).remote())
             return outcome
+        except _Stopped:
+            outcome.failures, outcome.stopped = self.failures, self._stop_reason
+            outcome.stopped_at = self._last_step()
+            self.event("stopped", reason=self._stop_reason, step=outcome.stopped_at, failures=self.failures)
+            return outcome
         finally:
             self._stop_all()
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Ends :meth:`run` early: at its next poll of the training calls (or before the next generation forms
+        during a recovery) the workers are stopped where they are and :meth:`run` returns the outcome with
+        ``stopped`` set. Thread-safe: call it from another thread while :meth:`run` runs."""
+        self._stop_reason = reason
+        self._stop.set()
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped()
+
+    def _last_step(self) -> int | None:
+        """The last step rank 0 finished, from its heartbeat (None if it does not answer)."""
+        try:
+            beat = self.ray.get(self._ranks[0].handle.heartbeat.options(concurrency_group=CONTROL).remote(),
+                                timeout=5.0)
+        except (IndexError, self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
+            return None
+        return int(beat["step"])
 
     def ranks_node(self, rank: int) -> str:
         """The Ray node id ``rank``'s worker runs on (e.g. to remove that node in a test)."""
@@ -214,7 +254,7 @@ class Coordinator:
 
     def worker(self, rank: int) -> object:
         """The actor handle of ``rank``'s current worker (e.g. to kill it in a benchmark, or read its heartbeat on
-        the ``control`` concurrency group)."""
+        the ``control`` concurrency group). Raises IndexError until :meth:`run` has started every worker."""
         return self._ranks[rank].handle
 
     def elapsed(self) -> float:
@@ -366,6 +406,7 @@ class Coordinator:
             rank.call = rank.handle.train.options(concurrency_group=TRAIN).remote(steps)
         pending = {rank.call: index for index, rank in enumerate(self._ranks)}
         while pending:
+            self._check_stop()
             ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=self.config.heartbeat_every_s)
             for ref in ready:
                 index = pending.pop(ref)
@@ -446,6 +487,7 @@ class Coordinator:
         lost = set(dead)
         reshard = False
         while True:
+            self._check_stop()
             alive_nodes = {node["NodeID"] for node in self.ray.nodes() if node["Alive"]}
             wanted = {index: self._ranks[index].node if self._ranks[index].node in alive_nodes else None
                       for index in dead}
@@ -543,8 +585,11 @@ class Coordinator:
 
     def _stop_actors(self) -> None:
         # All at once: closing a sink may be collective (a checkpoint writer agreeing on its last save), so a
-        # rank asked alone would wait for the others.
-        stops = [rank.handle.shutdown.options(concurrency_group=TRAIN).remote() for rank in self._ranks]
+        # rank asked alone would wait for the others. A worker still inside a training call (a stop, an error in
+        # this process) is killed at once: its shutdown would queue behind that call.
+        training = [rank.call for rank in self._ranks if rank.call is not None]
+        busy = bool(training) and len(self.ray.wait(training, num_returns=len(training), timeout=0)[0]) < len(training)
+        stops = [] if busy else [rank.handle.shutdown.options(concurrency_group=TRAIN).remote() for rank in self._ranks]
         for ref in stops:
             try:
                 self.ray.get(ref, timeout=30)
@@ -563,6 +608,8 @@ class Coordinator:
         """Logs an event and appends it to the events file."""
         record = {"t": round(time.monotonic() - self._started, 3), "event": name, **details}
         self._log(f"{name} " + " ".join(f"{k}={v}" for k, v in details.items()))
+        if self._on_event is not None:
+            self._on_event(record)
         if self._events is not None:
             with self._events.open("a") as out:
                 out.write(json.dumps(record) + "\n")

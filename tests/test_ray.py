@@ -294,3 +294,30 @@ def test_a_rank_nothing_can_restore_stops_the_job_with_the_reason(cluster, tmp_p
         Coordinator(config, spec, env=env).run(STEPS)
     kinds = [e["event"] for e in events(tmp_path, "lost")]
     assert "unrecoverable" in kinds and "failure_during_recovery" not in kinds, kinds
+
+
+@pytest.mark.timeout(300)
+def test_stop_ends_the_run_early_and_events_reach_the_callback(cluster, tmp_path) -> None:
+    """``Coordinator.stop`` from another thread ends ``run`` at its next poll with the outcome marked stopped;
+    ``on_event`` sees every event record."""
+    seen: list[dict] = []
+    config = CoordinatorConfig(workers=2, events_path=str(tmp_path / "stop.jsonl"), resources_timeout_s=120)
+    spec = WorkerSpec(config=tiny_config(steps=100_000), world_size=2, snapshot_every=1, timeout_s=30)
+    coordinator = Coordinator(config, spec, on_event=seen.append)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(outcome=coordinator.run(100_000)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not any(e["event"] == "generation_formed" for e in seen):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.1)
+    time.sleep(2)  # some steps
+    stopped_at = time.monotonic()
+    coordinator.stop("enough")
+    thread.join(60)
+    assert not thread.is_alive()
+    assert time.monotonic() - stopped_at < 30, "workers inside a training call are killed, not waited for"
+    outcome = result["outcome"]
+    assert outcome.stopped == "enough" and outcome.stopped_at is not None and 0 < outcome.stopped_at < 100_000
+    assert [e["event"] for e in seen] == [e["event"] for e in events(tmp_path, "stop")]
+    assert seen[-1]["event"] == "stopped" and seen[-1]["step"] == outcome.stopped_at
