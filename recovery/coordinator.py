@@ -540,12 +540,7 @@ class Coordinator:
 
     def _restart_hosts(self) -> None:
         """Stops every snapshot process and starts a new one (another job name) on each node that runs ranks."""
-        for host in self._hosts.values():
-            try:
-                self.ray.get(host.stop.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 (its node may be gone)
-                pass
-            self.ray.kill(host)
+        self._stop_hosts()
         self._hosts, self._host_addresses, self._node_order = {}, {}, []
         self.job = f"{self.job.split('-')[0]}-w{self.world_size}"
         self._place_snapshot_hosts()
@@ -597,6 +592,10 @@ class Coordinator:
                 pass
         for rank in self._ranks:
             self.ray.kill(rank.handle)
+        self._stop_hosts()
+
+    def _stop_hosts(self) -> None:
+        """Stops every snapshot process (removing its segments) and its actor."""
         for host in self._hosts.values():
             try:
                 self.ray.get(host.stop.remote(), timeout=30)
