@@ -294,7 +294,7 @@ class Coordinator:
                 node_id = self._wait_ready(handle, f"worker of rank {rank}", timeout_s)
                 self.event("worker_started", rank=rank, node=node_id)
                 started.append(_Rank(handle=handle, node=node_id))
-        except CoordinatorError:
+        except (CoordinatorError, _Stopped):
             for handle in handles.values():
                 self.ray.kill(handle)
             raise
@@ -321,14 +321,19 @@ class Coordinator:
         ref = handle.node_id.options(concurrency_group=CONTROL).remote()
         limit = self.config.resources_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + limit
+        next_message = time.monotonic() + 10.0
         while True:
-            ready, _ = self.ray.wait([ref], timeout=min(10.0, max(0.1, deadline - time.monotonic())))
+            self._check_stop()
+            ready, _ = self.ray.wait([ref], timeout=min(1.0, max(0.1, deadline - time.monotonic())))
             if ready:
                 return self.ray.get(ref)
             if time.monotonic() > deadline:
                 raise CoordinatorError(f"{what}: no node offered {self.config.cpus_per_worker} CPUs and "
                                        f"{self.config.gpus_per_worker} GPUs within {limit} s (add nodes, or lower "
                                        f"--workers)")
+            if time.monotonic() < next_message:
+                continue
+            next_message = time.monotonic() + 10.0
             self._log(f"{what}: waiting for resources ({self.config.cpus_per_worker} CPUs, "
                       f"{self.config.gpus_per_worker} GPUs)")
 
