@@ -47,8 +47,8 @@ regrow: steady overhead = ``1 - step_ms_off / step_ms_on`` (the snapshot cost, c
 
 **Goodput MEASURED** (``--phases goodput-regrow,goodput-baseline``, not in the default set: each takes
 ``--goodput-duration`` D seconds plus the start): each job is trained for D seconds of wall clock counted from its
-first completed step (the coordinator is given a step count it never reaches, and stopped at D the way a phase past
-its deadline is: ``max_restarts`` lowered, every worker killed; the phase is then complete, not failed), and a
+first completed step (the coordinator is given a step count it never reaches and stopped at D with
+``Coordinator.stop``; a stop on purpose makes the phase complete, not failed), and a
 worker actor is killed (a ``bench_kill`` event, then ``ray.kill(..., no_restart=True)``; ranks N-1, ..., 1 in turn,
 or ``--kill-ranks`` less rank 0) every ``--goodput-interval`` T seconds, the first ``--goodput-first`` seconds in
 (default T/2, so that D/T failures fall within D). A kill, and the stop, wait until the previous failure has been
@@ -57,7 +57,8 @@ recovered from (a process-group generation formed since, and a step trained afte
 
 4. **goodput-regrow** (``snapshot_every=1``): the coordinator heals each failure in place.
 5. **goodput-baseline** (``snapshot_every=0``, a ``CheckpointWriter`` every ``--save-every`` steps): each kill
-   stops the whole job (every worker killed, the coordinator made to give up) and a new ``Coordinator`` resumes it
+   stops the whole job (the coordinator stopped with ``Coordinator.stop`` rather than heal, and every worker killed
+   as a launcher kills the processes of a failed job) and a new ``Coordinator`` resumes it
    (``run(..., resume=True)``: new actors, ``latest`` loaded from the checkpoint directory), within the same
    wall-clock budget; the steps since the last committed checkpoint are re-done.
 
@@ -72,10 +73,11 @@ run the two phases in two calls and merge their results with ``--combine a.jsonl
 
 Prints ``RESULT {json}`` (every raw figure, the events included) and the markdown table; appends the line to
 ``--json`` and writes the table to ``--markdown``. ``--device cpu --preset tiny`` (gloo, local Ray) is the smoke
-test. Every Ray actor and the Ray instance are shut down however it ends (SIGTERM included: the job in progress has
-its workers killed, the phases done so far are still reported, a goodput phase cut short as truncated). A job that
-runs past ``--phase-timeout`` (a hang) has its workers killed and is given up, and the next phases still run; the
-result's ``status`` is then "partial" with the reason under ``errors``.
+test. Every Ray actor and the Ray instance are shut down however it ends (SIGTERM included: the job in progress is
+stopped with ``Coordinator.stop``, its workers killed if its run has not returned within a few seconds, the phases
+done so far are still reported, a goodput phase cut short as truncated). A job that runs past ``--phase-timeout``
+(a hang) is stopped (``Coordinator.stop``) and given up, and the next phases still run; the result's ``status`` is
+then "partial" with the reason under ``errors``.
 """
 
 from __future__ import annotations
@@ -264,16 +266,17 @@ def baseline_sinks(rank: int, *, config: TrainerConfig, world_size: int, root: s
 
 
 ACTIVE: dict[int, tuple[Coordinator, int]] = {}
-"""The coordinators whose run is in progress (and their worker counts): on SIGTERM their workers are killed first,
-so that ``Coordinator.run``'s clean-up (a ``shutdown`` call queued behind each live worker's training call, 30 s
-each) does not outlast the runner's grace period and the partial result is still written."""
+"""The coordinators whose run is in progress (and their worker counts): on SIGTERM each is stopped
+(``Coordinator.stop``), its workers are killed if its run has not returned within ``SIGNAL_GRACE_S``, and the run
+is interrupted (SystemExit) ``SIGNAL_RAISE_S`` later, so that the partial result is still written within the
+runner's grace period (``timeout -k 30``)."""
 SIGNALLED: list[int] = []  # the signals received (Ray may turn the SystemExit raised into another)
+SIGNAL_GRACE_S = 4.0  # seconds a run stopped on SIGTERM has to return before its workers are killed
+SIGNAL_RAISE_S = 3.0  # and then before the signal is sent again (SystemExit in the main thread)
 
 
-def stop_job(ray: object, coordinator: Coordinator, workers: int, *, quiet: bool = False) -> None:
-    """Makes the coordinator's next failure final (it reads ``max_restarts`` at every failure) and kills every
-    worker of its job: its ``run`` then raises ``CoordinatorError`` and stops what is left (snapshot processes)."""
-    coordinator.config.max_restarts = coordinator.failures
+def kill_workers(ray: object, coordinator: Coordinator, workers: int, *, quiet: bool = False) -> None:
+    """Kills every worker of the coordinator's job (those it has started)."""
     for rank in range(workers):
         try:
             ray.kill(coordinator.worker(rank), no_restart=True)
@@ -282,19 +285,17 @@ def stop_job(ray: object, coordinator: Coordinator, workers: int, *, quiet: bool
                 log(f"rank {rank} not killed: {type(error).__name__}")
 
 
-class CoordinatorLog:
-    """The coordinator's ``log``: prints its lines and remembers when each event happened (coordinator clock)."""
+class CoordinatorEvents:
+    """The coordinator's ``on_event``: remembers when each event happened (its ``t``, coordinator clock). Called
+    from the thread running ``run`` and from the bench's own events (``bench_kill``) on the watcher's."""
 
     def __init__(self) -> None:
-        self.coordinator: Coordinator | None = None
         self.seen: list[tuple[str, float]] = []
         self.lock = threading.Lock()
 
-    def __call__(self, text: str) -> None:
-        print(f"[coordinator] {text}", flush=True)
-        at = self.coordinator.elapsed() if self.coordinator is not None else 0.0
+    def __call__(self, record: dict) -> None:
         with self.lock:
-            self.seen.append((text.split(" ", 1)[0], at))
+            self.seen.append((record["event"], record["t"]))
 
     def last(self, name: str) -> tuple[int, float]:
         """How many ``name`` events so far, and the time of the last (or -inf)."""
@@ -307,10 +308,11 @@ class Watcher(threading.Thread):
     """Polls rank 0's heartbeat every ``poll_s`` and kills worker actors at the planned steps.
 
     ``samples``: (poll time, step, estimated completion time of that step), coordinator clock. A kill fires when
-    rank 0 has reached its step and the previous failure has been healed and trained a step since."""
+    rank 0 has reached its step and the previous failure has been healed and trained a step since. Past
+    ``deadline_s`` (a hang) the coordinator is stopped."""
 
-    def __init__(self, coordinator: Coordinator, events: CoordinatorLog, poll_s: float,
-                 kills: list[tuple[int, int]], deadline_s: float, workers: int) -> None:
+    def __init__(self, coordinator: Coordinator, events: CoordinatorEvents, poll_s: float,
+                 kills: list[tuple[int, int]], deadline_s: float) -> None:
         super().__init__(name="bench-watcher", daemon=True)
         import ray
 
@@ -320,7 +322,6 @@ class Watcher(threading.Thread):
         self.poll_s = poll_s
         self.kills = list(kills)  # (step, rank)
         self.deadline_s = deadline_s
-        self.workers = workers
         self.gave_up_at: float | None = None
         self.fired = 0
         self.samples: list[tuple[float, int, float]] = []
@@ -354,20 +355,17 @@ class Watcher(threading.Thread):
                     step = int(beat["step"])
                     self.samples.append((got, step, (began + got) / 2 - float(beat["seconds_since"])))
                     self._maybe_kill(step, got)
-            if began > self.deadline_s:
+            if began > self.deadline_s and self.gave_up_at is None:
                 self._give_up(began)
             self.stopping.wait(max(0.0, self.poll_s - (self.coordinator.elapsed() - began)))
 
     def _give_up(self, now: float) -> None:
-        """Past the phase's deadline (a hang): any further failure makes the coordinator give up, and every worker
-        is killed (again every 5 s, until the run returns), so that the next phases still get their time."""
-        if self.gave_up_at is not None and now - self.gave_up_at < 5.0:
-            return
-        if self.gave_up_at is None:
-            log(f"phase past its deadline of {self.deadline_s:.0f} s: killing its workers")
-            self.coordinator.event("bench_deadline", seconds=self.deadline_s)
+        """Past the phase's deadline (a hang): the coordinator is stopped, so that the next phases still get their
+        time; the job is then marked as given up at its deadline."""
+        log(f"phase past its deadline of {self.deadline_s:.0f} s: stopping it")
+        self.coordinator.event("bench_deadline", seconds=self.deadline_s)
         self.gave_up_at = now
-        stop_job(self.ray, self.coordinator, self.workers)
+        self.coordinator.stop(f"past the phase deadline of {self.deadline_s:.0f} s")
 
     def _maybe_kill(self, step: int, now: float) -> None:
         if self.fired >= len(self.kills) or step < self.kills[self.fired][0]:
@@ -384,20 +382,21 @@ class Watcher(threading.Thread):
 
 def run_job(args: argparse.Namespace, name: str, spec: WorkerSpec, steps: int, *, gpus: float, events_dir: Path,
             kills: list[tuple[int, int]] = (), resume: bool = False) -> dict:
-    """Runs one coordinated job to ``steps`` with a watcher; returns its events, samples and timings."""
+    """Runs one coordinated job to ``steps`` with a watcher; returns its events, samples and timings. Raises
+    SystemExit when a signal stopped it (the phases done so far are reported without it)."""
     events_path = events_dir / f"ray_recovery_{name}.events.jsonl"
     events_path.unlink(missing_ok=True)
     config = CoordinatorConfig(workers=args.workers, gpus_per_worker=gpus, events_path=str(events_path),
                                max_restarts=max(10, len(kills) + 2), resources_timeout_s=120.0)
-    hook = CoordinatorLog()
+    hook = CoordinatorEvents()
     log(f"{name}: starting {args.workers} workers, {steps} steps" + (", resume" if resume else "")
         + (f", kills at {kills}" if kills else ""))
     made = time.monotonic()
-    coordinator = Coordinator(config, spec, env={"REGROW_THREADS_PER_RANK": str(args.threads_per_rank)}, log=hook)
-    hook.coordinator = coordinator
+    coordinator = Coordinator(config, spec, env={"REGROW_THREADS_PER_RANK": str(args.threads_per_rank)},
+                              on_event=hook)
     # The coordinator's clock started at most the constructor's time after `made`; take it as starting then.
     clock_origin = time.monotonic() - coordinator.elapsed()
-    watcher = Watcher(coordinator, hook, args.poll_ms / 1e3, list(kills), args.phase_timeout, args.workers)
+    watcher = Watcher(coordinator, hook, args.poll_ms / 1e3, list(kills), args.phase_timeout)
     watcher.start()
     error = None
     outcome = None
@@ -413,6 +412,12 @@ def run_job(args: argparse.Namespace, name: str, spec: WorkerSpec, steps: int, *
         watcher.stopping.set()
         watcher.join(10)
     wall = time.monotonic() - made
+    if SIGNALLED:  # stopped (or failed) on SIGTERM: not a result
+        raise SystemExit(f"signal {SIGNALLED[0]}")
+    if outcome is not None and outcome.stopped is not None:
+        error = (f"past its deadline of {args.phase_timeout:.0f} s (--phase-timeout): stopped at step "
+                 f"{outcome.stopped_at} of {steps}")
+        log(f"{name}: FAILED: {error}")
     events = [json.loads(line) for line in events_path.read_text().splitlines()] if events_path.exists() else []
     log(f"{name}: done in {wall:.1f} s, {len(watcher.samples)} heartbeats, {watcher.fired} kills, "
         f"{outcome.failures if outcome else '?'} failures healed")
@@ -426,34 +431,23 @@ def run_job(args: argparse.Namespace, name: str, spec: WorkerSpec, steps: int, *
 
 GOODPUT_PHASES = ("goodput-regrow", "goodput-baseline")
 GOODPUT_STEPS = 10**6 - 1  # the coordinator's target: never reached, the phase is stopped at D
-RESTART_KILL_AFTER_S = 2.0  # once stopped, the job's workers are killed again this often until its run returns
-
-
-class TracedCoordinator(Coordinator):
-    """A ``Coordinator`` whose events are also kept in ``trace``, timed on the goodput phase's clock (one clock for
-    the whole phase, across the whole-job restarts, each of which makes a new coordinator with its own)."""
-
-    def __init__(self, *args: object, trace: list[dict], clock: Callable[[], float], **kwargs: object) -> None:
-        self.trace, self.clock = trace, clock
-        super().__init__(*args, **kwargs)
-
-    def event(self, name: str, **details: object) -> None:
-        super().event(name, **details)
-        self.trace.append({"t": round(self.clock(), 3), "event": name, **details})
+WHOLE_JOB_RESTART = "whole-job restart"  # the reason goodput-baseline's coordinators are stopped at each kill
 
 
 class GoodputPhase:
     """One goodput phase: a job trained for ``--goodput-duration`` D seconds of wall clock from its first completed
     step, a worker actor killed every ``--goodput-interval`` T seconds (the first ``--goodput-first`` seconds in),
-    then stopped on purpose. ``restart=False`` (regrow): the coordinator heals every failure in place.
-    ``restart=True`` (the baseline): each kill stops the whole job (every worker killed, the coordinator told to
-    give up), and a new coordinator resumes it from the latest checkpoint (``run(..., resume=True)``), within the
-    same wall-clock budget.
+    then stopped on purpose (``Coordinator.stop``). ``restart=False`` (regrow): the coordinator heals every failure
+    in place. ``restart=True`` (the baseline): each kill stops the whole job (the coordinator stopped rather than
+    heal, and every worker killed, as a launcher kills the processes of a failed job), and a new coordinator
+    resumes it from the latest checkpoint (``run(..., resume=True)``), within the same wall-clock budget.
 
     A thread polls rank 0's heartbeat every ``--poll-ms`` (as :class:`Watcher`), and fires the kills and the stop.
     A kill waits until the previous failure has been recovered (a generation formed since, and a step trained
     after it); the stop waits likewise, at most ``--phase-timeout`` more seconds, so that the step reached at D is
-    known. Everything is timed on one clock: seconds since the phase started."""
+    known. Everything is timed on one clock: seconds since the phase started (every coordinator's events are kept
+    in ``trace`` through its ``on_event``, timed on that clock: each whole-job restart makes a new coordinator, with
+    its own)."""
 
     def __init__(self, args: argparse.Namespace, name: str, spec: WorkerSpec, *, restart: bool, gpus: float,
                  events_path: Path) -> None:
@@ -469,7 +463,7 @@ class GoodputPhase:
         self.planned = math.ceil((self.duration - self.first) / self.interval)
         self.origin = time.monotonic()
         self.lock = threading.Lock()
-        self.coordinator: TracedCoordinator | None = None
+        self.coordinator: Coordinator | None = None
         self.segments: list[dict] = []  # one per coordinator: when it was made (phase clock), whether it resumed
         self.trace: list[dict] = []
         self.samples: list[tuple[float, int, float, int]] = []  # (polled, step, completion estimate, segment)
@@ -487,6 +481,10 @@ class GoodputPhase:
     def clock(self) -> float:
         return time.monotonic() - self.origin
 
+    def on_event(self, record: dict) -> None:
+        """Every coordinator's ``on_event``: its event, timed on the phase's clock."""
+        self.trace.append({**record, "t": round(self.clock(), 3)})
+
     def coordinator_config(self) -> CoordinatorConfig:
         return CoordinatorConfig(workers=self.args.workers, gpus_per_worker=self.gpus,
                                  events_path=str(self.events_path), max_restarts=self.planned + 10,
@@ -499,7 +497,6 @@ class GoodputPhase:
             f"every {self.interval:g} s from {self.first:g} s ({self.planned} failures), ranks "
             f"{self.rotation} in turn, " + ("whole-job restart from the checkpoint" if self.restart
                                               else "healed in place"))
-        hook = CoordinatorLog()
         watcher = threading.Thread(target=self._watch_safely, name=f"bench-{self.name}", daemon=True)
         watcher.start()
         resume = False
@@ -511,28 +508,36 @@ class GoodputPhase:
                         break
                     self.restart_requested = False
                 made = self.clock()
-                coordinator = TracedCoordinator(self.coordinator_config(), self.spec, trace=self.trace,
-                                                clock=self.clock, log=hook,
-                                                env={"REGROW_THREADS_PER_RANK": str(self.args.threads_per_rank)})
-                hook.coordinator = coordinator
+                coordinator = Coordinator(self.coordinator_config(), self.spec, on_event=self.on_event,
+                                          env={"REGROW_THREADS_PER_RANK": str(self.args.threads_per_rank)})
                 with self.lock:
                     self.coordinator = coordinator
                     self.segments.append({"made_t": round(made, 3), "resume": resume})
-                    if self.stop_t is not None:  # stopped while it was made: the watcher may have missed it
+                    if self.stop_t is not None:  # stopped while it was made: the watcher stopped the one before
                         break
                 ACTIVE[id(coordinator)] = (coordinator, self.args.workers)
+                outcome = None
                 try:
-                    coordinator.run(GOODPUT_STEPS, resume=resume)
-                    error = f"the job reached step {GOODPUT_STEPS} by itself"
-                except Exception as caught:  # noqa: BLE001 (expected when stopped or restarted on purpose)
+                    outcome = coordinator.run(GOODPUT_STEPS, resume=resume)
+                except Exception as caught:  # noqa: BLE001 (the phase fails, unless it was being stopped anyway)
                     with self.lock:
                         expected = self.stop_t is not None or self.restart_requested
                     if not expected:
                         error = f"{type(caught).__name__}: {caught}"
                         log(f"{self.name}: FAILED: {error}")
                         traceback.print_exc()
+                    else:
+                        log(f"{self.name}: the job, being stopped, ended with {type(caught).__name__}: {caught}")
                 finally:
                     ACTIVE.pop(id(coordinator), None)
+                if SIGNALLED:  # stopped on SIGTERM: measured up to here
+                    raise SystemExit(f"signal {SIGNALLED[0]}")
+                if outcome is not None:
+                    if outcome.stopped is None:
+                        error = f"the job reached step {GOODPUT_STEPS} by itself"
+                    else:
+                        log(f"{self.name}: job {len(self.segments)} stopped at step {outcome.stopped_at} "
+                            f"({outcome.stopped})")
                 if error or self.stop_t is not None:
                     break
                 if not self.restart_requested:
@@ -552,8 +557,6 @@ class GoodputPhase:
                     self.stop_t, self.stop_reason = self.clock(), error or "ended"
             self.finished.set()
             watcher.join(10)
-            if self.coordinator is not None:  # an interrupted run: what it left
-                stop_job(self.ray, self.coordinator, self.args.workers, quiet=True)
         wall = self.clock()
         error = error or self.watch_error
         if self.t0 is None and not error:
@@ -576,19 +579,12 @@ class GoodputPhase:
         except Exception:  # noqa: BLE001 (reported in the result; the phase is stopped)
             self.watch_error = traceback.format_exc()
             log(f"{self.name}: watcher failed:\n{self.watch_error}")
-            with self.lock:
-                self.stop_t, self.stop_reason = self.clock(), "watcher failed"
-                coordinator = self.coordinator
-            while not self.finished.is_set():
-                if coordinator is not None:
-                    stop_job(self.ray, coordinator, self.args.workers, quiet=True)
-                self.finished.wait(RESTART_KILL_AFTER_S)
+            self._stop(self.clock(), "watcher failed")
 
     def _watch(self) -> None:
         errors = (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError,
                   self.ray.exceptions.RayTaskError)
         poll_s = self.args.poll_ms / 1e3
-        killed_all_at = -math.inf
         while not self.finished.is_set():
             began = self.clock()
             with self.lock:
@@ -611,20 +607,16 @@ class GoodputPhase:
                     self.t0, self.first_step = self.samples[-1][2], step
                     log(f"{self.name}: first step observed ({step}); {self.duration:.0f} s from now")
             if self.stop_t is not None:
-                if coordinator is not None and now - killed_all_at > RESTART_KILL_AFTER_S:
-                    stop_job(self.ray, coordinator, self.args.workers, quiet=True)  # until its run returns
-                    killed_all_at = now
+                pass  # stopped: its run returns at its next poll
             elif self.t0 is None:
                 if now > self.args.phase_timeout:
                     self.watch_error = f"no step within --phase-timeout={self.args.phase_timeout:.0f} s"
-                    self._stop(coordinator, now, self.watch_error)
-                    killed_all_at = now
+                    self._stop(now, self.watch_error)
             elif now >= self.t0 + self.duration:
                 late = now >= self.t0 + self.duration + self.args.phase_timeout
                 if late or not self._recovering():
-                    self._stop(coordinator, now, "recovery unfinished at --phase-timeout past D" if late
+                    self._stop(now, "recovery unfinished at --phase-timeout past D" if late
                                else "stopped at D on purpose")
-                    killed_all_at = now
             elif coordinator is not None and beat is not None:
                 planned = self.t0 + self.first + len(self.kills) * self.interval
                 if now >= planned and not self._recovering():
@@ -650,29 +642,30 @@ class GoodputPhase:
                 return False
         return True
 
-    def _kill(self, coordinator: TracedCoordinator, segment: int, planned: float, now: float) -> None:
+    def _kill(self, coordinator: Coordinator, segment: int, planned: float, now: float) -> None:
         rank = self.rotation[len(self.kills) % len(self.rotation)]
         step = self.samples[-1][1]
         if self.restart:
             with self.lock:
-                self.restart_requested = True  # before the kill: the driver must see it when run() raises
-            coordinator.config.max_restarts = coordinator.failures  # the job gives up rather than heal
+                self.restart_requested = True  # before the stop: the driver must see it when run() returns
+            coordinator.stop(WHOLE_JOB_RESTART)  # before the kill: the job must not heal
         coordinator.event("bench_kill", rank=rank, step=step, planned_s=round(planned - self.t0, 3),
                           late_s=round(now - planned, 3), whole_job_restart=self.restart)
         self.kills.append({"t": round(self.clock(), 3), "planned_t": round(planned, 3), "rank": rank, "step": step,
                            "segment": segment})
         self.ray.kill(coordinator.worker(rank), no_restart=True)
-        if self.restart:  # the whole job stops, as a launcher stops every process of a failed job
-            stop_job(self.ray, coordinator, self.args.workers, quiet=True)
+        if self.restart:  # the failed job's other processes die with it, as a launcher kills them (no shutdown)
+            kill_workers(self.ray, coordinator, self.args.workers, quiet=True)
 
-    def _stop(self, coordinator: TracedCoordinator | None, now: float, reason: str) -> None:
+    def _stop(self, now: float, reason: str) -> None:
+        """Ends the phase: the coordinator running (if any) is stopped; the driver makes no other."""
         with self.lock:
             self.stop_t, self.stop_reason = now, reason
+            coordinator = self.coordinator
         log(f"{self.name}: {reason} ({now - (self.t0 or 0.0):.1f} s after the first step)")
         if coordinator is not None:
             coordinator.event("bench_stop", reason=reason, after_first_step_s=round(now - (self.t0 or 0.0), 3))
-            stop_job(self.ray, coordinator, self.args.workers, quiet=True)
-
+            coordinator.stop(reason)
 
 
 # ---------------------------------------------------------------------------------------------------- analysis
@@ -1343,19 +1336,48 @@ def _pct(value: float | None) -> str:
 
 
 def terminate(signum: int, _frame: object) -> None:
-    """SIGTERM (``timeout`` sends it): kills the workers of the job in progress, then raises SystemExit so that the
-    finally blocks run and the phases done so far are reported. Installed again after ``ray.init``, which installs
+    """SIGTERM (``timeout`` sends it): stops the job in progress (``Coordinator.stop``; its run returns at its next
+    poll, and the bench then raises SystemExit so that the phases done so far are reported). If the run has not
+    returned within ``SIGNAL_GRACE_S``, its workers are killed, and ``SIGNAL_RAISE_S`` later the signal is sent again
+    (``timeout`` signals Ray's own processes too, so a run waiting on Ray may never notice the stop). With no job in
+    progress, or at a second signal, raises SystemExit at once. Installed again after ``ray.init``, which installs
     its own (``sys.exit``)."""
+    again = bool(SIGNALLED)
     SIGNALLED.append(signum)
-    for coordinator, workers in list(ACTIVE.values()):
+    running = list(ACTIVE.items())
+    if again or not running:
+        raise SystemExit(f"signal {signum}")
+    log(f"signal {signum}: stopping the job in progress")
+    for _, (coordinator, _workers) in running:
+        coordinator.stop(f"signal {signum}")
+    threading.Thread(target=_unless_stopped, args=(signum, running), name="bench-signal", daemon=True).start()
+
+
+def _unless_stopped(signum: int, running: list[tuple[int, tuple[Coordinator, int]]]) -> None:
+    """The fallback of :func:`terminate`: kills the workers of the jobs whose run has not returned in time, then
+    signals again (the handler then raises SystemExit in the main thread, wherever it waits)."""
+
+    def wait(seconds: float) -> bool:  # whether a run is still in progress after that long
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and any(key in ACTIVE for key, _ in running):
+            time.sleep(0.1)
+        return any(key in ACTIVE for key, _ in running)
+
+    if not wait(SIGNAL_GRACE_S):
+        return
+    for key, (coordinator, workers) in running:
+        if key not in ACTIVE:
+            continue
         try:
             import ray
 
-            log(f"signal {signum}: killing the workers of the job in progress")
-            stop_job(ray, coordinator, workers, quiet=True)
+            log(f"signal {signum}: the job did not stop within {SIGNAL_GRACE_S:.0f} s: killing its workers")
+            kill_workers(ray, coordinator, workers, quiet=True)
         except Exception as error:  # noqa: BLE001 (best effort: the finally blocks still run)
             log(f"signal {signum}: workers not killed: {type(error).__name__}: {error}")
-    raise SystemExit(f"signal {signum}")
+    if wait(SIGNAL_RAISE_S):
+        log(f"signal {signum}: the job still runs: interrupting it")
+        os.kill(os.getpid(), signum)
 
 
 def main(argv: list[str] | None = None) -> int:
