@@ -125,7 +125,7 @@ def _gather_steps(trainer: Trainer, steps: list[int]) -> list[set[int]]:
     local = torch.full((MAX_CANDIDATES,), -1, dtype=torch.int64)
     local[: len(mine)] = torch.tensor(mine, dtype=torch.int64)
     everyone = torch.empty(MAX_CANDIDATES * trainer.world_size, dtype=torch.int64)
-    collectives.all_gather(everyone, local, group=None, timeout_s=trainer.config.optim.timeout_s)
+    collectives.all_gather(everyone, local, group=None, timeout_s=trainer.timeout_s)
     return [{int(s) for s in row if s >= 0} for row in everyone.view(trainer.world_size, MAX_CANDIDATES)]
 
 
@@ -133,7 +133,7 @@ def _all_ranks_ok(trainer: Trainer, ok: bool) -> bool:
     if trainer.world_size == 1:
         return ok
     flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    collectives.all_reduce(flag, group=None, timeout_s=trainer.config.optim.timeout_s,
+    collectives.all_reduce(flag, group=None, timeout_s=trainer.timeout_s,
                            op=torch.distributed.ReduceOp.MAX)
     return not int(flag.item())
 

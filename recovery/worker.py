@@ -50,8 +50,9 @@ class WorkerSpec:
     """What every worker of a job is given (the rank and the environment come separately)."""
 
     config: TrainerConfig | PipelineTrainerConfig
-    """A ``PipelineTrainerConfig`` makes every worker one stage of a pipeline (``PipelineTrainer``); a lost stage is
-    then rebuilt from its neighbours (``recovery.stage_heal``), so snapshots must be off."""
+    """A ``PipelineTrainerConfig`` makes every worker one stage of a pipeline (``PipelineTrainer``): a lost stage is
+    restored from its snapshot when snapshots are on and one serves, else rebuilt from its neighbours
+    (``recovery.stage_heal``)."""
     world_size: int
     device: str = "cpu"
     """``cpu`` (gloo) or ``cuda`` (NCCL, with gloo for CPU tensors)."""
@@ -67,11 +68,6 @@ class WorkerSpec:
     extra_sinks: Callable[[int], list[StateSink]] | None = None
     """Builds more sinks for a rank (listed after the snapshot sink), e.g. the launcher's fault injector; a
     module-level function, so that Ray sends it by reference (recovery never imports launch)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.config, PipelineTrainerConfig) and self.snapshot_every:
-            raise ValueError(f"WorkerSpec.snapshot_every={self.snapshot_every}: pipeline stages are not snapshotted "
-                             f"under the coordinator yet; set it to 0 (a lost stage is rebuilt from its neighbours)")
 
 
 class Worker:
@@ -135,22 +131,14 @@ class Worker:
 
     def prepare(self, resume: bool, lost_ranks: tuple[int, ...] = (), reshard: bool = False) -> dict:
         """Restores the job's common step when ``resume`` (collective; a survivor with intact state keeps it; in a
-        pipeline, the stage of ``lost_ranks`` is rebuilt from its neighbours), then (re)attaches the snapshot sink
-        and the fault injector. Returns what was restored, or ``{"error": why}`` when nothing can restore it (the
-        job cannot go on). ``reshard``: the world shrank; every rank restores the latest universal checkpoint,
-        resharded to it."""
+        pipeline without a usable snapshot, the stage of ``lost_ranks`` is rebuilt from its neighbours), then
+        (re)attaches the snapshot sink and the fault injector. ``reshard``: the world shrank; every rank restores
+        the latest universal checkpoint, resharded to it. Returns what was restored, or ``{"error": why}`` when
+        nothing can restore it (the job cannot go on)."""
         trainer = self._trainer()
-        restored: JobRestore | None = None
-        if resume and isinstance(trainer, PipelineTrainer):
-            return self._heal_stage(trainer, lost_ranks)
         try:
-            if resume and reshard:
-                loaded = restore_trainer(trainer, "latest", root=self.spec.ckpt_dir)
-                restored = JobRestore(source=CHECKPOINT_SOURCE, step=loaded.step, detail=str(loaded.path))
-            elif resume:
-                restored = restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir,
-                                       timeout_s=self.spec.timeout_s, kept_step=self._kept_step())
-        except (CheckpointError, SnapshotRestoreError) as error:  # every rank reaches the same verdict
+            restored = self._restore(trainer, lost_ranks, reshard) if resume else None
+        except (CheckpointError, SnapshotRestoreError, RecoveryImpossible) as error:  # every rank's verdict
             return {"rank": self.rank, "step": trainer.step, "source": None, "error": str(error)}
         self._fresh = False
         trainer.sinks.clear()
@@ -164,17 +152,31 @@ class Worker:
         self._progress = (trainer.step, time.monotonic())
         if restored is None:
             return {"rank": self.rank, "step": trainer.step, "source": None}
-        return {"rank": self.rank, "step": restored.step, "source": restored.source, "seconds": restored.seconds}
+        return {"rank": self.rank, "step": restored.step, "source": restored.source, "seconds": restored.seconds,
+                "detail": restored.detail}
 
-    def _heal_stage(self, trainer: PipelineTrainer, lost_ranks: tuple[int, ...]) -> dict:
-        try:
-            healed = heal_lost_stage(trainer, kept_step=self._kept_step(), lost_ranks=lost_ranks)
-        except RecoveryImpossible as error:
-            return {"rank": self.rank, "step": trainer.step, "source": None, "error": str(error)}
-        self._fresh = False
-        trainer.sinks[:] = self.spec.extra_sinks(self.rank) if self.spec.extra_sinks is not None else []
-        self._progress = (trainer.step, time.monotonic())
-        return {"rank": self.rank, "step": healed.step, "source": healed.source, "detail": healed.detail}
+    def _restore(self, trainer: Trainer | PipelineTrainer, lost_ranks: tuple[int, ...], reshard: bool) -> JobRestore:
+        if reshard:
+            loaded = restore_trainer(trainer, "latest", root=self.spec.ckpt_dir)
+            return JobRestore(source=CHECKPOINT_SOURCE, step=loaded.step, detail=str(loaded.path))
+        kept_step = self._kept_step()
+        if isinstance(trainer, PipelineTrainer):
+            return self._restore_stage(trainer, kept_step, lost_ranks)
+        return restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s,
+                           kept_step=kept_step)
+
+    def _restore_stage(self, trainer: PipelineTrainer, kept_step: int | None, lost_ranks: tuple[int, ...]
+                       ) -> JobRestore:
+        """A pipeline's recovery order: the snapshots (when on), else the lost stage from its neighbours (pipeline
+        stages are not restored from a universal checkpoint here)."""
+        if self.spec.snapshot_every and self.address is not None:
+            try:
+                return restore_job(trainer, self.address, timeout_s=self.spec.timeout_s, kept_step=kept_step)
+            except SnapshotRestoreError as error:  # no rank restored anything: the same verdict on every rank
+                log_line(self.rank, trainer.step, f"recovery: no snapshot serves every rank ({error}); rebuilding "
+                                                  f"the lost stage from its neighbours")
+        healed = heal_lost_stage(trainer, kept_step=kept_step, lost_ranks=lost_ranks)
+        return JobRestore(source=healed.source, step=healed.step, detail=healed.detail)
 
     def _kept_step(self) -> int | None:
         """The step this survivor keeps its state at (None: it must restore). Rewinds the step the failure

@@ -6,6 +6,7 @@ rebuild of the lost node), which hold exact shards."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -206,10 +207,23 @@ def test_pipeline_stage_lost_without_snapshots_is_rebuilt_from_its_neighbours(cl
     assert losses[steps] < losses[5] - LOSS_MARGIN, "training kept descending after the rebuild"
 
 
-@pytest.mark.timeout(200)
-def test_pipeline_with_snapshots_is_refused_with_the_field_named() -> None:
-    with pytest.raises(ValueError, match="WorkerSpec.snapshot_every=1: pipeline stages are not snapshotted"):
-        WorkerSpec(config=pipeline_spec(4).config, world_size=WORKERS, snapshot_every=1)
+@pytest.mark.timeout(400)
+def test_pipeline_stage_lost_with_snapshots_is_restored_from_its_snapshot(cluster, tmp_path) -> None:
+    """Snapshots on: the worker of stage 2 dies in step 5; the other stages keep their state and the replacement
+    restores its stage from the node's snapshot, so the run ends bit-identical to a fault-free one."""
+    steps = 8
+    config = CoordinatorConfig(workers=WORKERS, events_path=str(tmp_path / "pipe-snap.jsonl"), resources_timeout_s=120)
+    spec = dataclasses.replace(pipeline_spec(steps), snapshot_every=1)
+    reference = Coordinator(config, spec).run(steps, collect_parameters=True)
+    fired = tmp_path / "fired"
+    fired.mkdir()
+    env = faults.plan_env([faults.Fault("kill-rank", 2, 5)], str(fired))
+    outcome = Coordinator(config, spec, env=env).run(steps, collect_parameters=True)
+    (restores,) = outcome.restores
+    assert [r["source"] for r in restores] == ["kept in memory", "kept in memory", "snapshot", "kept in memory"]
+    assert {r["step"] for r in restores} == {4}, restores
+    assert dict(outcome.history) == dict(reference.history)
+    assert_same(outcome.parameters, reference.parameters)
 
 
 @pytest.mark.timeout(400)

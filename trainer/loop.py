@@ -126,6 +126,8 @@ class Trainer(RewindableStep):
         self.config = config
         self.rank = world.rank if world else 0
         self.world_size = world.world_size if world else 1
+        self.timeout_s = config.optim.timeout_s
+        """Limit of this trainer's collectives outside the optimizer (the loss mean, a restore's agreement)."""
         self.device = world.device if world else torch.device("cpu")
         self.sinks = list(sinks)
         self.sampler = Sampler(config.data, dp_rank=self.rank, dp_size=self.world_size)

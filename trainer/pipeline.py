@@ -59,6 +59,8 @@ class PipelineTrainer(RewindableStep):
         self.topology = Topology(world.world_size, pp_size=self.n_stages)
         coord = self.topology.coord(world.rank)
         self.rank, self.stage, self.dp = world.rank, coord.pp, coord.dp
+        self.world_size = world.world_size
+        self.initialized = True  # a stage is always built from the seed (see Trainer.initialized)
         self.dp_size = self.topology.dp_size
         self.device = world.device
         self.sinks = list(sinks)
