@@ -325,7 +325,9 @@ def test_stop_ends_the_run_early_and_events_reach_the_callback(cluster, tmp_path
     while not any(e["event"] == "generation_formed" for e in seen):
         assert time.monotonic() < deadline and thread.is_alive()
         time.sleep(0.1)
-    time.sleep(2)  # some steps
+    while ray.get(coordinator.worker(0).heartbeat.options(concurrency_group="control").remote())["step"] < 3:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.1)
     stopped_at = time.monotonic()
     coordinator.stop("enough")
     thread.join(60)
