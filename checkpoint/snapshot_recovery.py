@@ -161,9 +161,10 @@ def restore_job(trainer: Trainer, address: str | None, *, ckpt_root: str | None 
         except (SnapshotProcessLost, ProtocolError, OSError) as error:
             passed_over.append(f"snapshot process at {address}: {error}")
     try:
-        result = _keep_survivors(trainer, node, kept_step, passed_over)
+        node, slots, coded = _node_candidates(node, passed_over)
+        result = _keep_survivors(trainer, node, slots, coded, kept_step, passed_over)
         if result is None:
-            result = _restore_from_node(trainer, *_node_candidates(node, passed_over), passed_over)
+            result = _restore_from_node(trainer, node, slots, coded, passed_over)
     finally:
         if node is not None:
             node.close()
@@ -188,8 +189,8 @@ def _node_candidates(node: _Node | None, passed_over: list[str]) -> tuple[_Node 
         return None, {}, []
 
 
-def _keep_survivors(trainer: Trainer, node: _Node | None, kept_step: int | None,
-                    passed_over: list[str]) -> JobRestore | None:
+def _keep_survivors(trainer: Trainer, node: _Node | None, slots: dict[int, str], coded: list[int],
+                    kept_step: int | None, passed_over: list[str]) -> JobRestore | None:
     """The survivors keep their state and only the other ranks restore ``kept_step`` from their node (collective);
     None when that is not possible for every rank (the caller then restores every rank)."""
     kept = _gather_steps(trainer, [] if kept_step is None else [kept_step])
@@ -205,8 +206,8 @@ def _keep_survivors(trainer: Trainer, node: _Node | None, kept_step: int | None,
     initial = kept_step is None and step == 0 and trainer.step == 0 and trainer.optimizer.step_count == 0
     if initial and not trainer.initialized:  # built for a restore (uninitialized weights): initialize them now
         trainer.reset_to_initial_state()
-    if kept_step is None and not initial and node is not None:
-        state, path, source = _read_step(trainer, node, step, passed_over)
+    if kept_step is None and not initial:
+        state, path, source = _read_step(trainer, node, slots, coded, step, passed_over)
     if not _all_ranks_ok(trainer, kept_step is not None or initial or state is not None):
         passed_over.append(f"survivors keep their state: a replacement cannot read step {step}")
         return None
@@ -219,23 +220,20 @@ def _keep_survivors(trainer: Trainer, node: _Node | None, kept_step: int | None,
     return JobRestore(source=source, step=step, detail=detail, passed_over=passed_over)
 
 
-def _read_step(trainer: Trainer, node: _Node, step: int, passed_over: list[str]
-               ) -> tuple[ShardState | None, str, str]:
-    """This rank's snapshot of ``step`` from a slot, else written back from the node's coded buffer: (state, slot
-    path, source), state None when neither has it."""
-    try:
-        reply = node.client.request({"op": "latest", "rank": trainer.rank})
-        for slot in reply["slots"]:
-            if slot["step"] == step and slot["status"] == "ok":
-                state = read_slot(slot["path"], trainer.rank, passed_over)
-                if state is not None:
-                    return state, slot["path"], SLOTS_SOURCE
-        if step in node.coded_steps():
+def _read_step(trainer: Trainer, node: _Node | None, slots: dict[int, str], coded: list[int], step: int,
+               passed_over: list[str]) -> tuple[ShardState | None, str, str]:
+    """This rank's snapshot of ``step``, verified: from its slot, else written back from the node's coded buffer
+    (``ec_rollback``). Returns (state, slot path, source); state None when neither serves (reason appended)."""
+    if step in slots:
+        return read_slot(slots[step], trainer.rank, passed_over), slots[step], SLOTS_SOURCE
+    if step in coded and node is not None:
+        try:
             path = node.rollback(step)
             return read_slot(path, trainer.rank, passed_over), path, CODED_SOURCE
-        passed_over.append(f"step {step}: not in this rank's slots or its node's coded buffers")
-    except (SnapshotProcessLost, ProtocolError, OSError) as error:
-        passed_over.append(f"step {step}: {error}")
+        except (SnapshotProcessLost, ProtocolError) as error:
+            passed_over.append(f"roll back to step {step}: {error}")
+            return None, "", CODED_SOURCE
+    passed_over.append(f"step {step}: not in this rank's slots or its node's coded buffers")
     return None, "", SLOTS_SOURCE
 
 
@@ -252,16 +250,7 @@ def _restore_from_node(trainer: Trainer, node: _Node | None, slots: dict[int, st
         if step is None:
             passed_over.append("no snapshot step is held by every rank, in slots or erasure-coded buffers")
             return None
-        state, path, source = None, "", SLOTS_SOURCE if step in slots else CODED_SOURCE
-        if step in slots:
-            path = slots[step]
-            state = read_slot(path, trainer.rank, passed_over)
-        elif node is not None:
-            try:
-                path = node.rollback(step)
-                state = read_slot(path, trainer.rank, passed_over)
-            except (SnapshotProcessLost, ProtocolError) as error:
-                passed_over.append(f"roll back to step {step}: {error}")
+        state, path, source = _read_step(trainer, node, slots, coded, step, passed_over)
         if _all_ranks_ok(trainer, state is not None):
             assert state is not None
             passed_over += [f"step {s}: newer than what every rank holds" for s in slots if s > step and s not in failed]

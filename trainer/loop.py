@@ -208,7 +208,7 @@ class Trainer(RewindableStep):
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.world_size > 1:
-            collectives.all_reduce(value, group=None, timeout_s=self.config.optim.timeout_s)
+            collectives.all_reduce(value, group=None, timeout_s=self.timeout_s)
             value = value / self.world_size
         return value.item()
 
