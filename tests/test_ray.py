@@ -77,6 +77,35 @@ def assert_same(params: dict[str, torch.Tensor], reference: dict[str, torch.Tens
         assert torch.equal(params[name], reference[name]), name
 
 
+def remove_node_while_held(cluster: Cluster, coordinator: Coordinator, hold: Path, *, holders: int, rank: int,
+                           run_job, ready=lambda: True) -> dict:
+    """Runs ``run_job()`` on a thread; once ``holders`` ranks hold (:data:`ray_workers.HOLD_ENV`) and ``ready()``,
+    removes the node of ``rank`` and releases them. Returns ``{"value": ...}`` or ``{"error": ...}``; the cluster
+    gets a fresh spare node back however it ends."""
+    result: dict = {}
+
+    def drive() -> None:
+        try:
+            result["value"] = run_job()
+        except BaseException as error:  # noqa: BLE001 (re-raised in the test thread)
+            result["error"] = error
+
+    thread = threading.Thread(target=drive)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 200
+        while len(list(hold.glob("holding-*"))) < holders or not ready():
+            assert time.monotonic() < deadline and thread.is_alive(), result
+            time.sleep(0.1)
+        victim = coordinator.ranks_node(rank)
+        cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == victim))
+        (hold / "release").write_text("go\n")
+        thread.join(300)
+    finally:
+        cluster.add_node(num_cpus=2)  # the spare for a later test
+    return result
+
+
 @pytest.mark.timeout(300)
 def test_killed_worker_actor_is_replaced_and_the_run_matches(cluster, reference, tmp_path) -> None:
     fired = tmp_path / "fired"
@@ -145,29 +174,12 @@ def test_removed_node_is_rebuilt_by_erasure_coding_and_the_run_matches(cluster, 
     hold = tmp_path / "hold"
     hold.mkdir()
     coordinator, _ = coordinated(tmp_path, "node", ec=2, env={ray_workers.HOLD_ENV: f"6:{hold}"})
-    result: dict = {}
-
-    def drive() -> None:
-        try:
-            result["params"] = run(coordinator)
-        except BaseException as error:  # noqa: BLE001 (re-raised in the test thread)
-            result["error"] = error
-
-    thread = threading.Thread(target=drive)
-    thread.start()
-    deadline = time.monotonic() + 200
-    while len(list(hold.glob("holding-*"))) < WORKERS:
-        assert time.monotonic() < deadline and thread.is_alive(), result
-        time.sleep(0.1)
-    victim = coordinator.ranks_node(3)
-    cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == victim))
-    (hold / "release").write_text("go\n")
-    thread.join(300)
+    result = remove_node_while_held(cluster, coordinator, hold, holders=WORKERS, rank=3,
+                                    run_job=lambda: run(coordinator))
     assert "error" not in result, result.get("error")
-    assert_same(result["params"], reference)
+    assert_same(result["value"], reference)
     kinds = [e["event"] for e in events(tmp_path, "node")]
     assert "node_rebuilt" in kinds, kinds
-    cluster.add_node(num_cpus=2)  # the spare for a later test
 
 
 def pipeline_spec(steps: int) -> WorkerSpec:
@@ -246,33 +258,17 @@ def test_elastic_mode_goes_on_with_fewer_ranks_resharded_from_the_checkpoint(clu
     reference = Coordinator(coordinator_config, spec(tmp_path / "ref-ckpt")).run(steps, collect_parameters=True)
     env = {ray_workers.HOLD_ENV: f"6:{hold}", ray_workers.CKPT_ENV: str(ckpt)}
     coordinator = Coordinator(coordinator_config, spec(ckpt), env=env)
-    result: dict = {}
-
-    def drive() -> None:
-        try:
-            result["outcome"] = coordinator.run(steps, collect_parameters=True)
-        except BaseException as error:  # noqa: BLE001 (re-raised in the test thread)
-            result["error"] = error
-
-    thread = threading.Thread(target=drive)
-    thread.start()
     try:
-        deadline = time.monotonic() + 200
-        while len(list(hold.glob("holding-*"))) < 3 or not (ckpt / "step_00000004").exists():
-            assert time.monotonic() < deadline and thread.is_alive(), result
-            time.sleep(0.1)
-        victim = coordinator.ranks_node(2)
-        cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == victim))
-        (hold / "release").write_text("go\n")
-        thread.join(300)
+        result = remove_node_while_held(cluster, coordinator, hold, holders=3, rank=2,
+                                        run_job=lambda: coordinator.run(steps, collect_parameters=True),
+                                        ready=(ckpt / "step_00000004").exists)
     finally:
-        cluster.add_node(num_cpus=2)  # the spare for a later test
         # The removed node's snapshot process died with it; on a real cluster its shared memory went with the
         # machine, here it is this machine's.
         for leftover in Path("/dev/shm").glob(f"regrow-snap-{coordinator.job.split('-')[0]}-*"):
             leftover.unlink()
     assert "error" not in result, result.get("error")
-    outcome = result["outcome"]
+    outcome = result["value"]
     shrunk = [e for e in events(tmp_path, "elastic") if e["event"] == "shrunk"]
     assert [(e["was"], e["world_size"]) for e in shrunk] == [(3, 2)], shrunk
     (restores,) = outcome.restores
