@@ -32,6 +32,8 @@ PID_ENV = "REGROW_SNAPSHOT_PID"
 """The pid of the rank's node's snapshot process (what the fault injector kills to lose a node)."""
 NODE_ENV = "REGROW_NODE"
 """The rank's node index."""
+ANNOUNCE_ATTEMPTS = 50
+"""Tries at announcing the healed groups while more of their snapshot processes turn out lost (0.1 s apart)."""
 
 
 def log(text: str) -> None:
@@ -162,16 +164,28 @@ class LocalNodes:
         """Replaces every lost node's snapshot process and rebuilds it from its group (see the module docstring).
         Call between attempts, when no rank runs."""
         started = time.monotonic()
-        lost = self.lost_nodes()
-        for node in lost:
-            code = self.processes[node].process.returncode
-            log(f"node {node}: snapshot process gone (exit code {code}); its snapshots are lost with it, starting "
-                f"a replacement")
-            self.processes[node] = self._start(node)
+        lost: list[int] = []
+        for attempt in range(ANNOUNCE_ATTEMPTS):
+            newly = self.lost_nodes()
+            for node in newly:
+                code = self.processes[node].process.returncode
+                log(f"node {node}: snapshot process gone (exit code {code}); its snapshots are lost with it, "
+                    f"starting a replacement")
+                self.processes[node] = self._start(node)
+            lost = sorted(set(lost) | set(newly))
+            if not lost:
+                break
+            try:
+                self._announce(sorted({member for node in lost for member in self.config.group_of(node)}))
+                break
+            except SnapshotProcessLost:
+                # A group member is dying too (two nodes killed at the same moment; its exit is not seen yet):
+                # replace it as well and announce again.
+                if attempt == ANNOUNCE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.1)
         rebuilt: dict[int, int] = {}
         not_rebuilt: dict[int, str] = {}
-        if lost:
-            self._announce(sorted({member for node in lost for member in self.config.group_of(node)}))
         for node in lost:
             if not self.config.ec_group_size:
                 not_rebuilt[node] = "erasure coding is off (--ec-group-size 0)"
