@@ -742,6 +742,7 @@ def failures(job: dict, step_s: float) -> list[dict]:
                   "restored_step": restored["step"] if restored else None,
                   "sources": restored.get("sources") if restored else None,
                   "replaced_same_node": [e.get("same_node") for e in replaced],
+                  "timings": restored.get("timings") if restored else None,
                   "failures_during_recovery": len(during)}
         if restored is None or resumed is None:
             record["error"] = "no restored/resumed event after the kill"
@@ -1224,6 +1225,17 @@ def short_markdown(result: dict) -> list[str]:
                          f"{fmt(f['resumed_s'])} | {fmt(f.get('downtime_s'))} | {fmt(f['restored_step'])} | "
                          f"{fmt(f.get('redone_steps'))} | {', '.join(f['sources'] or []) or '-'} |")
         lines.append("")
+        timed = [(index, f["timings"]) for index, f in enumerate(fails, 1) if f.get("timings")]
+        if timed:
+            lines.append("Where each recovery's generation forming went (seconds, per rank: the replaced ranks and "
+                         "the slowest other one):")
+            lines.append("")
+            lines.append("| # | rank | process group | trainer build | restore | sinks attached |")
+            lines.append("|---|---|---:|---:|---:|---:|")
+            for index, timings in timed:
+                for rank, row in timings.items():
+                    lines.append(f"| {index} | {rank} | " + " | ".join(fmt(value) for value in row) + " |")
+            lines.append("")
     summary = result.get("summary", {})
     base = result.get("baseline", {})
     restart = result.get("restart", {})

@@ -21,9 +21,14 @@ OUT=$(cd "$OUT" && pwd)
 
 if [[ $device == cuda ]]; then
   # The GPU host has torch and triton but not deepspeed (nor bitsandbytes): install the carried wheels aside.
+  # Installed once per machine (a runner called by another runner finds them there).
   if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    wheels=$(ls .whl/*.whl | sort | md5sum | cut -c1-12)
+    if [[ $(cat /tmp/site/.regrow-wheels 2>/dev/null) != "$wheels" ]]; then
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && echo "$wheels" > /tmp/site/.regrow-wheels
+    fi
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   else
     echo "WARNING: no .whl/*.whl carried: deepspeed (and bitsandbytes) will be missing" >&2
   fi

@@ -54,9 +54,9 @@ for impl in ${IMPLS:-deepspeed fsdp2 regrow32 regrow8 deepspeed}; do
   else
     # bench_zero.py wrote nothing: record the failure with the end of its log, so the table shows it.
     tail -n 25 "$log" | sed 's/^/   | /'
-    "$PY" - "$jsonl" "$impl" "$rc" "$nproc" "$log" "${IMPL_TIMEOUT:-150}" <<'PY'
+    "$PY" - "$jsonl" "$impl" "$rc" "$nproc" "$log" "${IMPL_TIMEOUT:-150}" "$preset" <<'PY'
 import json, re, sys
-path, impl, rc, nproc, log, limit = sys.argv[1:]
+path, impl, rc, nproc, log, limit, preset = sys.argv[1:]
 with open(log, errors="replace") as f:
     lines = [line.rstrip() for line in f if line.strip()]
 # The root cause is the first exception a rank raised; torchrun's own ChildFailedError/SignalException come after.
@@ -68,7 +68,8 @@ if rc == "124":
 else:
     error = raised[0] if raised else (lines[-1] if lines else "(empty log)")
 status = "timeout" if rc == "124" else "failed"
-record = {"impl": impl, "status": status, "rc": int(rc), "world_size": int(nproc), "error": error[:400], "log": log}
+record = {"impl": impl, "status": status, "rc": int(rc), "world_size": int(nproc), "preset": preset,
+          "error": error[:400], "log": log}
 with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
 PY

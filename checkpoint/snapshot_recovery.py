@@ -59,6 +59,9 @@ class JobRestore:
     passed_over: list[str] = field(default_factory=list)
     """Why better sources or newer steps were not used."""
     seconds: float = 0.0
+    load_seconds: float = 0.0
+    """Of ``seconds``, the time spent loading the state into the trainer (the rest: agreeing, reading and
+    verifying)."""
 
 
 class _Node:
@@ -174,7 +177,8 @@ def restore_job(trainer: Trainer, address: str | None, *, ckpt_root: str | None 
     if log:
         skipped = f"; passed over: {'; '.join(result.passed_over)}" if result.passed_over else ""
         log_line(trainer.rank, result.step, f"restore: source {result.source} ({result.detail}), step "
-                                            f"{result.step}, in {result.seconds:.2f} s{skipped}")
+                                            f"{result.step}, in {result.seconds:.2f} s (loading "
+                                            f"{result.load_seconds:.2f} s){skipped}")
     return result
 
 
@@ -212,12 +216,14 @@ def _keep_survivors(trainer: Trainer, node: _Node | None, slots: dict[int, str],
         passed_over.append(f"survivors keep their state: a replacement cannot read step {step}")
         return None
     # Restoring a shard ends with an all-gather of the parameters (collective): the others take part with theirs.
+    loading = time.perf_counter()
     if state is not None:
         trainer.restore(state)
     else:
         trainer.optimizer.gather_parameters()
     detail = path or ("the initial state" if initial else "this rank's memory")
-    return JobRestore(source=source, step=step, detail=detail, passed_over=passed_over)
+    return JobRestore(source=source, step=step, detail=detail, passed_over=passed_over,
+                      load_seconds=time.perf_counter() - loading)
 
 
 def _read_step(trainer: Trainer, node: _Node | None, slots: dict[int, str], coded: list[int], step: int,
@@ -254,8 +260,10 @@ def _restore_from_node(trainer: Trainer, node: _Node | None, slots: dict[int, st
         if _all_ranks_ok(trainer, state is not None):
             assert state is not None
             passed_over += [f"step {s}: newer than what every rank holds" for s in slots if s > step and s not in failed]
+            loading = time.perf_counter()
             trainer.restore(state)
-            return JobRestore(source=source, step=step, detail=path, passed_over=passed_over)
+            return JobRestore(source=source, step=step, detail=path, passed_over=passed_over,
+                              load_seconds=time.perf_counter() - loading)
         passed_over.append(f"step {step} could not be read on every rank")
         failed.add(step)
 

@@ -187,6 +187,7 @@ class Coordinator:
         self._store = dist.TCPStore(self._store_host, 0, is_master=True, wait_for_workers=False)
         self._worker_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Worker)
         self._placement = None  # the placement group, when ranks_per_node is set
+        self._launched: dict[int, object] = {}  # rank -> a replacement started at detection, not yet placed
 
     # ------------------------------------------------------------------ the run
     def run(self, steps: int, *, resume: bool = False, collect_parameters: bool = False) -> Outcome:
@@ -286,8 +287,10 @@ class Coordinator:
     def _start_workers(self, ranks: dict[int, str | None], *, timeout_s: float | None = None) -> list[_Rank]:
         """Starts a worker for each rank (on the node given, while it lives; None: anywhere), all at once, and
         waits until every one is placed (``timeout_s``, default ``resources_timeout_s``). In the order of
-        ``ranks``. On a timeout the workers not placed are killed and :class:`CoordinatorError` raised."""
-        handles = {rank: self._launch_worker(rank, node) for rank, node in ranks.items()}
+        ``ranks``. A rank whose replacement was launched when its failure was detected (:meth:`_launch_early`)
+        takes that one. On a timeout the workers not placed are killed and :class:`CoordinatorError` raised."""
+        handles = {rank: self._launched.pop(rank, None) or self._launch_worker(rank, node)
+                   for rank, node in ranks.items()}
         started = []
         try:
             for rank, handle in handles.items():
@@ -299,6 +302,14 @@ class Coordinator:
                 self.ray.kill(handle)
             raise
         return started
+
+    def _launch_early(self, dead: set[int]) -> None:
+        """Launches the replacements of ranks found dead, before the survivors are aborted: a new actor's process
+        start and imports (seconds on a GPU host) then overlap the abort. Placed on the dead rank's node when it
+        is alive (a soft affinity: elsewhere when it is gone); :meth:`_heal` waits for them."""
+        for index in sorted(dead):
+            if index not in self._launched:
+                self._launched[index] = self._launch_worker(index, self._ranks[index].node)
 
     def _launch_worker(self, rank: int, node: str | None) -> object:
         from ray.util.scheduling_strategies import (
@@ -392,7 +403,7 @@ class Coordinator:
         joins = [rank.handle.join.options(concurrency_group=TRAIN).remote(
             self.generation, self._store_host, port, self._host_addresses.get(rank.node), resume,
             index, self.world_size) for index, rank in enumerate(self._ranks)]
-        self.ray.get(joins, timeout=self.spec.timeout_s * 2)
+        joined = self.ray.get(joins, timeout=self.spec.timeout_s * 2)
         prepared = self.ray.get([rank.handle.prepare.options(concurrency_group=TRAIN).remote(resume, lost, reshard)
                                  for rank in self._ranks], timeout=self.spec.timeout_s * 4)
         errors = [p for p in prepared if p.get("error")]
@@ -402,7 +413,8 @@ class Coordinator:
         if resume:
             outcome.restores.append(prepared)
             sources = sorted({str(p["source"]) for p in prepared})
-            self.event("restored", generation=self.generation, step=prepared[0]["step"], sources=sources)
+            self.event("restored", generation=self.generation, step=prepared[0]["step"], sources=sources,
+                       timings=_timings(joined, prepared, lost))
         self.event("generation_formed", generation=self.generation)
 
     def _train_until(self, steps: int, outcome: Outcome) -> list[int]:
@@ -455,6 +467,8 @@ class Coordinator:
         """After a first failure: aborts the survivors, waits for their training calls (keeping rank 0's finished
         steps in the history), and returns every rank whose actor is dead."""
         started = time.monotonic()
+        if not self.config.elastic_wait_s:  # elastic mode may go on without them: decided in _heal
+            self._launch_early(dead)
         alive = [index for index in range(len(self._ranks)) if index not in dead]
         for index in alive:
             try:
@@ -587,6 +601,9 @@ class Coordinator:
         # All at once: closing a sink may be collective (a checkpoint writer agreeing on its last save), so a
         # rank asked alone would wait for the others. A worker still inside a training call (a stop, an error in
         # this process) is killed at once: its shutdown would queue behind that call.
+        for handle in self._launched.values():  # replacements launched but never used (the job gave up)
+            self.ray.kill(handle)
+        self._launched.clear()
         training = [rank.call for rank in self._ranks if rank.call is not None]
         busy = bool(training) and len(self.ray.wait(training, num_returns=len(training), timeout=0)[0]) < len(training)
         stops = [] if busy else [rank.handle.shutdown.options(concurrency_group=TRAIN).remote() for rank in self._ranks]
@@ -617,6 +634,21 @@ class Coordinator:
         if self._events is not None:
             with self._events.open("a") as out:
                 out.write(json.dumps(record) + "\n")
+
+
+def _timings(joined: list[dict], prepared: list[dict], lost: tuple[int, ...]) -> dict[str, list[float]]:
+    """Where a generation's forming went, per rank: [group_s, build_s, restore_s, attach_s], for the ranks in
+    ``lost`` and the slowest other rank (``"slowest"``), rounded to ms. Keyed by rank as text (JSON keys)."""
+    rows = {}
+    for join, prepare in zip(joined, prepared):
+        rows[join["rank"]] = [round(join["group_s"], 3), round(join["build_s"], 3),
+                              round(float(prepare.get("seconds", 0.0)), 3), round(prepare["attach_s"], 3)]
+    kept = {rank: row for rank, row in rows.items() if rank not in lost}
+    timings = {str(rank): rows[rank] for rank in lost if rank in rows}
+    if kept:
+        slowest = max(kept, key=lambda rank: sum(kept[rank]))
+        timings[f"slowest other ({slowest})"] = kept[slowest]
+    return timings
 
 
 __all__ = ["Coordinator", "CoordinatorConfig", "CoordinatorError", "Outcome", "SnapshotHost"]

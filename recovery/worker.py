@@ -103,11 +103,13 @@ class Worker:
 
     # ------------------------------------------------------------------ train group
     def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None,
-             resume: bool = False, rank: int | None = None, world_size: int | None = None) -> None:
+             resume: bool = False, rank: int | None = None, world_size: int | None = None) -> dict:
         """Forms process-group generation ``generation`` with the other ranks, through the coordinator's store.
         ``resume``: the generation restores, so a trainer built now leaves its weights uninitialized (a 350M
         model's seeded init costs seconds on the CPU, and the restore overwrites it). ``rank``/``world_size``:
-        this worker's place after an elastic shrink (its trainer is then rebuilt for the new world)."""
+        this worker's place after an elastic shrink (its trainer is then rebuilt for the new world). Returns the
+        seconds spent forming the group (``group_s``) and building the trainer (``build_s``, 0 when kept)."""
+        started = time.monotonic()
         self._leave_group()
         if (rank, world_size) != (None, None) and (rank, world_size) != (self.rank, self.world_size):
             self.rank, self.world_size = int(rank), int(world_size)
@@ -121,6 +123,7 @@ class Worker:
                            config=WorldConfig(backend=self._backend(), timeout_s=self.spec.timeout_s))
         abort.clear()
         self.address = snapshot_address
+        formed = time.monotonic()
         if self.trainer is None:
             config = self.spec.config
             self.trainer = (PipelineTrainer(config, world) if isinstance(config, PipelineTrainerConfig)
@@ -128,19 +131,21 @@ class Worker:
         elif isinstance(self.trainer, PipelineTrainer):
             self.trainer.rejoin(world)  # its process groups belonged to the failed generation
         self._progress = (self.trainer.step, time.monotonic())
+        return {"rank": self.rank, "group_s": formed - started, "build_s": time.monotonic() - formed}
 
     def prepare(self, resume: bool, lost_ranks: tuple[int, ...] = (), reshard: bool = False) -> dict:
         """Restores the job's common step when ``resume`` (collective; a survivor with intact state keeps it; in a
         pipeline without a usable snapshot, the stage of ``lost_ranks`` is rebuilt from its neighbours), then
         (re)attaches the snapshot sink and the fault injector. ``reshard``: the world shrank; every rank restores
         the latest universal checkpoint, resharded to it. Returns what was restored, or ``{"error": why}`` when
-        nothing can restore it (the job cannot go on)."""
+        nothing can restore it (the job cannot go on). ``attach_s``: the seconds spent attaching the sinks."""
         trainer = self._trainer()
         try:
             restored = self._restore(trainer, lost_ranks, reshard) if resume else None
         except (CheckpointError, SnapshotRestoreError, RecoveryImpossible) as error:  # every rank's verdict
             return {"rank": self.rank, "step": trainer.step, "source": None, "error": str(error)}
         self._fresh = False
+        attaching = time.monotonic()
         trainer.sinks.clear()
         if restored is not None and restored.source == KEPT_SOURCE and self.sink is not None \
                 and self.sink.config.address == self.address:
@@ -150,10 +155,11 @@ class Worker:
         if self.spec.extra_sinks is not None:
             trainer.sinks.extend(self.spec.extra_sinks(self.rank))
         self._progress = (trainer.step, time.monotonic())
+        attach_s = time.monotonic() - attaching
         if restored is None:
-            return {"rank": self.rank, "step": trainer.step, "source": None}
+            return {"rank": self.rank, "step": trainer.step, "source": None, "attach_s": attach_s}
         return {"rank": self.rank, "step": restored.step, "source": restored.source, "seconds": restored.seconds,
-                "detail": restored.detail}
+                "detail": restored.detail, "attach_s": attach_s}
 
     def _restore(self, trainer: Trainer | PipelineTrainer, lost_ranks: tuple[int, ...], reshard: bool) -> JobRestore:
         if reshard:

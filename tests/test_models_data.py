@@ -37,6 +37,21 @@ def test_lm_head_is_tied_and_counted_once() -> None:
     assert model.num_parameters() == _expected_params(model.config)
 
 
+def test_uninitialized_model_draws_nothing_and_loads_a_seeded_one_exactly() -> None:
+    """The build for a restore touches no random generator, keeps the head tied, and has the seeded model's
+    parameter names and shapes, so a state dict moves between the two exactly."""
+    config = GPTConfig.preset("tiny")
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+    empty = GPT.uninitialized(config, "cpu")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert empty.lm_head.weight is empty.wte.weight
+    seeded = GPT(config)
+    empty.load_state_dict(seeded.state_dict())
+    for (name, a), (other, b) in zip(empty.named_parameters(), seeded.named_parameters(), strict=True):
+        assert name == other and torch.equal(a, b)
+
+
 def test_tiny_forward_backward_shapes_and_initial_loss() -> None:
     torch.manual_seed(0)
     config = GPTConfig.preset("tiny")
