@@ -225,8 +225,8 @@ class SnapshotServer:
         try:
             if op == "attach":
                 return self._attach(int(request["rank"]), request["tensors"], int(request["meta_capacity"])), None
-            if op == "latest":
-                return self._latest(int(request["rank"])), None
+            if op == "latest":  # "verify": False lists the slots by their headers (the reader verifies)
+                return self._latest(int(request["rank"]), verify=bool(request.get("verify", True))), None
             if op == "commit":
                 return self._commit(int(request["rank"]), int(request["slot"]), int(request["step"])), None
             if op == "shutdown":
@@ -293,12 +293,12 @@ class SnapshotServer:
             buffer.close()
         return path
 
-    def _latest(self, rank: int) -> dict:
+    def _latest(self, rank: int, *, verify: bool = True) -> dict:
         with self._lock:
             have = self._ranks.get(rank)
         if have is None:
             return {"ok": True, "latest": None, "slots": [], "note": f"rank {rank} never attached"}
-        slots = [seg.inspect(path, rank=rank) for path in have.paths]
+        slots = [seg.inspect(path, rank=rank, payload=verify) for path in have.paths]
         good = [s for s in slots if s["status"] == "ok"]
         latest = max(good, key=lambda s: s["step"]) if good else None
         return {"ok": True, "latest": latest, "slots": slots}

@@ -86,9 +86,12 @@ def state_meta(state: ShardState, entries: list[seg.TensorEntry]) -> dict:
             "data_cursor": dict(state.data_cursor), "tokens_seen": state.tokens_seen, "extra": state.extra}
 
 
-def state_from_snapshot(snapshot: seg.Snapshot) -> ShardState:
-    """Rebuilds the ShardState held by a verified snapshot (tensors are copied out of the segment)."""
+def state_from_snapshot(snapshot: seg.Snapshot, tensors: dict[str, torch.Tensor] | None = None) -> ShardState:
+    """Rebuilds the ShardState held by a verified snapshot: its tensors copied out of the segment into host memory,
+    or ``tensors`` when the caller has already made them (e.g. on the GPU)."""
     meta = snapshot.meta
+    if tensors is not None:
+        return _state(meta, tensors)
     tensors = {}
     for item in meta["tensors"]:
         entry = seg.TensorEntry.from_dict(item)
@@ -98,6 +101,10 @@ def state_from_snapshot(snapshot: seg.Snapshot) -> ShardState:
         memoryview(tensor.view(torch.uint8).reshape(-1).numpy())[:] = \
             snapshot.payload[entry.offset : entry.offset + entry.nbytes]
         tensors[entry.name] = tensor
+    return _state(meta, tensors)
+
+
+def _state(meta: dict, tensors: dict[str, torch.Tensor]) -> ShardState:
     rng = decode_rng(meta["rng"]["meta"], base64.b64decode(meta["rng"]["blob"]))
     # Through FlatLayout so the dict compares equal to the trainer's (JSON turned its tuples into lists).
     layout = FlatLayout.from_dict(meta["layout"]).to_dict()
@@ -217,7 +224,8 @@ class SnapshotSink:
             # One single-slot copier per segment: which segment a copy goes to is this sink's choice (alternation).
             self._copiers = [HostCopier(HostCopierConfig(slots=1), allocate=s.allocate) for s in self.segments]
         self._summarize = self._gpu_digest(state)
-        slots = self.client.request({"op": "latest", "rank": self.rank})["slots"]
+        # Headers only: which slot to keep is decided by step; whoever restores from it verifies it.
+        slots = self.client.request({"op": "latest", "rank": self.rank, "verify": False})["slots"]
         # A slot may hold a step past ``state.step`` from the run that crashed, or one from another history at the
         # same step: only the slot the state was restored from, or a slot older than the state, is kept; the other
         # is overwritten first.

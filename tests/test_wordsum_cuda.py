@@ -142,3 +142,30 @@ def test_sink_seals_with_gpu_digests(node, token) -> None:  # noqa: F811
         snapshot.payload.release()
         for name, tensor in states[restored.step - 1].tensors.items():
             assert torch.equal(restored.tensors[name], tensor.cpu()), name
+
+
+def test_read_slot_verifies_on_the_gpu_and_detects_corruption(node, token) -> None:  # noqa: F811
+    """A slot read for a CUDA trainer is verified on the GPU and yields the same tensors, on the GPU; a flipped
+    payload byte is caught there as it is on the host."""
+    from regrow.checkpoint.snapshot_recovery import read_slot
+
+    base = Trainer(tiny_config(steps=1)).shard_state()
+    state = dataclasses.replace(base, step=4, tensors={name: t.cuda() + 4 for name, t in base.tensors.items()})
+    sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, every=1, log=False), rank=0)
+    sink.after_step(state)
+    sink.flush()
+    path = next(s.path for s in sink.segments if seg.read_header(s.buffer).step == 4)
+    reasons: list[str] = []
+    on_gpu = read_slot(path, 0, reasons, torch.device("cuda"))
+    on_host = read_slot(path, 0, reasons)
+    assert on_gpu is not None and on_host is not None and not reasons
+    for name, tensor in state.tensors.items():
+        assert on_gpu.tensors[name].is_cuda and torch.equal(on_gpu.tensors[name], tensor), name
+        assert torch.equal(on_host.tensors[name], tensor.cpu()), name
+    assert (on_gpu.step, on_gpu.data_cursor) == (on_host.step, on_host.data_cursor)
+    segment = next(s for s in sink.segments if s.path == path)
+    start = seg.payload_offset(seg.read_header(segment.buffer).meta_capacity)
+    segment.buffer[start + 5] ^= 0xFF
+    assert read_slot(path, 0, reasons, torch.device("cuda")) is None
+    assert "payload checksum mismatch" in reasons[-1] and "on the GPU" in reasons[-1]
+    sink.close()
