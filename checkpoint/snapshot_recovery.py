@@ -61,9 +61,10 @@ class JobRestore:
     passed_over: list[str] = field(default_factory=list)
     """Why better sources or newer steps were not used."""
     seconds: float = 0.0
+    read_seconds: float = 0.0
+    """Of ``seconds``, the time spent reading and verifying snapshots (every step tried)."""
     load_seconds: float = 0.0
-    """Of ``seconds``, the time spent loading the state into the trainer (the rest: agreeing, reading and
-    verifying)."""
+    """Of ``seconds``, the time spent loading the state into the trainer (the rest: agreeing on the step)."""
 
 
 class _Node:
@@ -200,6 +201,7 @@ def restore_job(trainer: Trainer, address: str | None, *, ckpt_root: str | None 
     """
     started = time.perf_counter()
     passed_over: list[str] = []
+    clock = _ReadClock()
     node: _Node | None = None
     if address is not None:
         try:
@@ -208,20 +210,21 @@ def restore_job(trainer: Trainer, address: str | None, *, ckpt_root: str | None 
             passed_over.append(f"snapshot process at {address}: {error}")
     try:
         node, slots, coded = _node_candidates(node, passed_over)
-        result = _keep_survivors(trainer, node, slots, coded, kept_step, passed_over)
+        result = _keep_survivors(trainer, node, slots, coded, kept_step, passed_over, clock)
         if result is None:
-            result = _restore_from_node(trainer, node, slots, coded, passed_over)
+            result = _restore_from_node(trainer, node, slots, coded, passed_over, clock)
     finally:
         if node is not None:
             node.close()
     if result is None:
         result = _restore_from_checkpoint(trainer, ckpt_root, passed_over)
-    result.seconds = time.perf_counter() - started
+    result.seconds, result.read_seconds = time.perf_counter() - started, clock.seconds
     if log:
         skipped = f"; passed over: {'; '.join(result.passed_over)}" if result.passed_over else ""
         log_line(trainer.rank, result.step, f"restore: source {result.source} ({result.detail}), step "
-                                            f"{result.step}, in {result.seconds:.2f} s (loading "
-                                            f"{result.load_seconds:.2f} s){skipped}")
+                                            f"{result.step}, in {result.seconds:.2f} s (reading "
+                                            f"{result.read_seconds:.2f} s, loading {result.load_seconds:.2f} s)"
+                                            f"{skipped}")
     return result
 
 
@@ -237,7 +240,7 @@ def _node_candidates(node: _Node | None, passed_over: list[str]) -> tuple[_Node 
 
 
 def _keep_survivors(trainer: Trainer, node: _Node | None, slots: dict[int, str], coded: list[int],
-                    kept_step: int | None, passed_over: list[str]) -> JobRestore | None:
+                    kept_step: int | None, passed_over: list[str], clock: _ReadClock) -> JobRestore | None:
     """The survivors keep their state and only the other ranks restore ``kept_step`` from their node (collective);
     None when that is not possible for every rank (the caller then restores every rank)."""
     kept = _gather_steps(trainer, [] if kept_step is None else [kept_step])
@@ -254,7 +257,7 @@ def _keep_survivors(trainer: Trainer, node: _Node | None, slots: dict[int, str],
     if initial and not trainer.initialized:  # built for a restore (uninitialized weights): initialize them now
         trainer.reset_to_initial_state()
     if kept_step is None and not initial:
-        state, path, source = _read_step(trainer, node, slots, coded, step, passed_over)
+        state, path, source = _read_step(trainer, node, slots, coded, step, passed_over, clock)
     if not _all_ranks_ok(trainer, kept_step is not None or initial or state is not None):
         passed_over.append(f"survivors keep their state: a replacement cannot read step {step}")
         return None
@@ -269,8 +272,25 @@ def _keep_survivors(trainer: Trainer, node: _Node | None, slots: dict[int, str],
                       load_seconds=time.perf_counter() - loading)
 
 
+@dataclass
+class _ReadClock:
+    """Seconds spent in :func:`_read_step` during one restore (reported apart from agreeing and loading)."""
+
+    seconds: float = 0.0
+
+
 def _read_step(trainer: Trainer, node: _Node | None, slots: dict[int, str], coded: list[int], step: int,
-               passed_over: list[str]) -> tuple[ShardState | None, str, str]:
+               passed_over: list[str], clock: _ReadClock) -> tuple[ShardState | None, str, str]:
+    """:func:`_read_from_node`, timed on ``clock``."""
+    started = time.perf_counter()
+    try:
+        return _read_from_node(trainer, node, slots, coded, step, passed_over)
+    finally:
+        clock.seconds += time.perf_counter() - started
+
+
+def _read_from_node(trainer: Trainer, node: _Node | None, slots: dict[int, str], coded: list[int], step: int,
+                    passed_over: list[str]) -> tuple[ShardState | None, str, str]:
     """This rank's snapshot of ``step``, verified: from its slot, else (no slot, or one that fails its checksum:
     slots are listed by their headers) written back from the node's coded buffer (``ec_rollback``). Returns
     (state, slot path, source); state None when neither serves (reasons appended)."""
@@ -290,7 +310,7 @@ def _read_step(trainer: Trainer, node: _Node | None, slots: dict[int, str], code
 
 
 def _restore_from_node(trainer: Trainer, node: _Node | None, slots: dict[int, str], coded: list[int],
-                       passed_over: list[str]) -> JobRestore | None:
+                       passed_over: list[str], clock: _ReadClock) -> JobRestore | None:
     """Sources 1 and 2 (collective); None when no step is common to every rank. The newest common step is read
     and verified; when that fails on any rank, every rank passes over it and the next common step is tried."""
     failed: set[int] = set()
@@ -302,7 +322,7 @@ def _restore_from_node(trainer: Trainer, node: _Node | None, slots: dict[int, st
         if step is None:
             passed_over.append("no snapshot step is held by every rank, in slots or erasure-coded buffers")
             return None
-        state, path, source = _read_step(trainer, node, slots, coded, step, passed_over)
+        state, path, source = _read_step(trainer, node, slots, coded, step, passed_over, clock)
         if _all_ranks_ok(trainer, state is not None):
             assert state is not None
             passed_over += [f"step {s}: newer than what every rank holds" for s in slots if s > step and s not in failed]

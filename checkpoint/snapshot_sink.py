@@ -309,10 +309,13 @@ class SnapshotSink:
         self._finish()
 
     def close(self) -> None:
-        """Seals the snapshot in flight and disconnects (the segments stay with the snapshot process)."""
+        """Seals the snapshot in flight, unmaps the segments (unregistering them from CUDA: a later mapping at the
+        same address, by another sink of this process, would otherwise fail to register) and disconnects. The
+        segments stay with the snapshot process."""
         try:
             self.flush()
         finally:
+            self.detach()
             self.client.close()
 
     def detach(self) -> None:

@@ -134,7 +134,7 @@ def test_sink_seals_with_gpu_digests(node, token) -> None:  # noqa: F811
         sink.after_forward()
         assert sink._pending.gpu_digests
         sink.before_optimizer_step()
-    sink.close()
+    sink.flush()
     assert sink.sealed_steps == [1, 2, 3]
     for segment in sink.segments:
         snapshot = seg.verify(segment.buffer, rank=0)
@@ -142,6 +142,8 @@ def test_sink_seals_with_gpu_digests(node, token) -> None:  # noqa: F811
         snapshot.payload.release()
         for name, tensor in states[restored.step - 1].tensors.items():
             assert torch.equal(restored.tensors[name], tensor.cpu()), name
+    sink.close()
+    assert sink.segments == [], "closed: unmapped and unregistered from CUDA"
 
 
 def test_read_slot_verifies_on_the_gpu_and_detects_corruption(node, token) -> None:  # noqa: F811
