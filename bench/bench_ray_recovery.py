@@ -159,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds a job may take before its workers are killed and it is given up")
     parser.add_argument("--timeout-s", type=float, default=30.0,
                         help="WorkerSpec.timeout_s: process-group formation, collectives, snapshot requests")
+    parser.add_argument("--standby", type=int, default=0,
+                        help="standby workers per node in the regrow phases (CoordinatorConfig.standby_per_node)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads-per-rank", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument("--ckpt-dir", default=None, help="baseline checkpoint root, emptied first "
@@ -387,7 +389,8 @@ def run_job(args: argparse.Namespace, name: str, spec: WorkerSpec, steps: int, *
     events_path = events_dir / f"ray_recovery_{name}.events.jsonl"
     events_path.unlink(missing_ok=True)
     config = CoordinatorConfig(workers=args.workers, gpus_per_worker=gpus, events_path=str(events_path),
-                               max_restarts=max(10, len(kills) + 2), resources_timeout_s=120.0)
+                               max_restarts=max(10, len(kills) + 2), resources_timeout_s=120.0,
+                               standby_per_node=args.standby if name == "regrow" else 0)
     hook = CoordinatorEvents()
     log(f"{name}: starting {args.workers} workers, {steps} steps" + (", resume" if resume else "")
         + (f", kills at {kills}" if kills else ""))
@@ -488,7 +491,8 @@ class GoodputPhase:
     def coordinator_config(self) -> CoordinatorConfig:
         return CoordinatorConfig(workers=self.args.workers, gpus_per_worker=self.gpus,
                                  events_path=str(self.events_path), max_restarts=self.planned + 10,
-                                 resources_timeout_s=120.0)
+                                 resources_timeout_s=120.0,
+                                 standby_per_node=0 if self.restart else self.args.standby)
 
     # ------------------------------------------------------------------ the driver (main thread)
     def run(self) -> dict:
@@ -822,7 +826,7 @@ def run(args: argparse.Namespace) -> dict:
         "micro_batch": args.micro_batch, "warmup": args.warmup, "window": args.window,
         "kill_steps": kill_steps, "kill_ranks": args.kill_ranks[:args.kills], "regrow_steps": regrow_steps,
         "save_every": save_step, "baseline_steps": baseline_steps, "poll_ms": args.poll_ms, "fsync": args.fsync,
-        "phases": args.phases, "errors": {},
+        "phases": args.phases, "standby_per_node": args.standby, "errors": {},
     }
     started = time.monotonic()
     try:
@@ -1196,7 +1200,9 @@ def fmt(value: object, digits: int = 2) -> str:
 
 def markdown(result: dict) -> str:
     title = (f"Ray recovery, {result['world_size']} x {result['device']}, preset {result['preset']}, micro-batch "
-             f"{result['micro_batch']}, Ray {result.get('ray')}, {result.get('time')} (status {result['status']})")
+             f"{result['micro_batch']}, Ray {result.get('ray')}, {result.get('time')} (status {result['status']})"
+             + (f", standby workers per node in the regrow phases: {result['standby_per_node']}"
+                if result.get("standby_per_node") else ""))
     lines = [title, ""]
     if any(name in result.get("phases", ["regrow"]) for name in ("regrow", "baseline", "restart")):
         lines += short_markdown(result)

@@ -81,12 +81,23 @@ class CoordinatorConfig:
     up to ``resources_timeout_s`` for the replacement, then fail."""
     min_workers: int = 1
     """Elastic mode never shrinks the job below this many ranks."""
+    standby_per_node: int = 0
+    """Workers started ahead of need on every node that runs ranks, claiming none of its CPUs or GPUs: each has
+    started its process and imported torch and regrow, and waits. A rank lost on a node with a standby ready is
+    taken over by that standby, on the lost worker's GPU (``Worker.adopt``), instead of by a new actor (whose start
+    took 3.2-4.9 s on the 4-GPU host); a placeholder actor then holds the lost worker's resources in Ray's
+    accounting, and a new standby starts for the next failure. Needs ``ranks_per_node=0`` and no elastic mode.
+    Meant for nodes the job fills: on a node with other free GPUs, Ray may hand the placeholder another one than
+    the one the standby took."""
     events_path: str | None = None
     """JSONL file of everything that happened (None: not written)."""
 
     def __post_init__(self) -> None:
         require_ints(self, {"workers": 1, "ranks_per_node": 0, "ec_group_size": 0, "ec_parity": 1,
-                            "max_restarts": 0, "min_workers": 1})
+                            "max_restarts": 0, "min_workers": 1, "standby_per_node": 0})
+        if self.standby_per_node and (self.ranks_per_node or self.elastic_wait_s):
+            raise ValueError("CoordinatorConfig.standby_per_node needs ranks_per_node=0 and elastic_wait_s=0 (a "
+                             "standby takes a lost rank's place on its node, outside any placement group)")
         if self.elastic_wait_s < 0:
             raise ValueError(f"CoordinatorConfig.elastic_wait_s={self.elastic_wait_s!r} must be >= 0")
         if self.elastic_wait_s and self.ranks_per_node:
@@ -119,11 +130,27 @@ class SnapshotHost:
         return self.process.stop()
 
 
+class Placeholder:
+    """An idle Ray actor that holds a lost worker's CPUs and GPUs in Ray's accounting while a standby, which claimed
+    none, trains on them."""
+
+    def ready(self) -> bool:
+        return True
+
+
 @dataclass
 class _Rank:
     handle: object
     node: str
+    gpus: tuple[str, ...] = ()  # the GPU ids its worker trains on
     call: object | None = None  # the ObjectRef of its running train() call
+
+
+@dataclass
+class _Standby:
+    handle: object
+    node: str
+    placed: object  # the ObjectRef of its placement() call: ready once the standby is up
 
 
 @dataclass
@@ -188,6 +215,8 @@ class Coordinator:
         self._worker_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Worker)
         self._placement = None  # the placement group, when ranks_per_node is set
         self._launched: dict[int, object] = {}  # rank -> a replacement started at detection, not yet placed
+        self._standbys: list[_Standby] = []
+        self._placeholders: dict[int, object] = {}  # rank -> the actor holding its lost worker's resources
 
     # ------------------------------------------------------------------ the run
     def run(self, steps: int, *, resume: bool = False, collect_parameters: bool = False) -> Outcome:
@@ -203,6 +232,7 @@ class Coordinator:
         try:
             self._reserve_nodes()
             self._ranks = self._start_workers({rank: None for rank in range(self.config.workers)})
+            self._start_standbys(sorted({rank.node for rank in self._ranks}) * self.config.standby_per_node)
             self._place_snapshot_hosts()
             self._form_generation(resume=resume, outcome=outcome)
             while True:
@@ -294,9 +324,11 @@ class Coordinator:
         started = []
         try:
             for rank, handle in handles.items():
-                node_id = self._wait_ready(handle, f"worker of rank {rank}", timeout_s)
-                self.event("worker_started", rank=rank, node=node_id)
-                started.append(_Rank(handle=handle, node=node_id))
+                placed = self._wait_ready(handle, f"worker of rank {rank}", timeout_s)
+                self.event("worker_started", rank=rank, node=placed["node"])
+                # An adopting standby was given no GPU by Ray: it trains on its predecessor's.
+                gpus = tuple(placed["gpus"]) or (self._ranks[rank].gpus if rank < len(self._ranks) else ())
+                started.append(_Rank(handle=handle, node=placed["node"], gpus=gpus))
         except (CoordinatorError, _Stopped):
             for handle in handles.values():
                 self.ray.kill(handle)
@@ -307,9 +339,47 @@ class Coordinator:
         """Launches the replacements of ranks found dead, before the survivors are aborted: a new actor's process
         start and imports (seconds on a GPU host) then overlap the abort. Placed on the dead rank's node when it
         is alive (a soft affinity: elsewhere when it is gone); :meth:`_heal` waits for them."""
+        alive = {node["NodeID"] for node in self.ray.nodes() if node["Alive"]} if self._standbys else set()
         for index in sorted(dead):
             if index not in self._launched:
-                self._launched[index] = self._launch_worker(index, self._ranks[index].node)
+                node = self._ranks[index].node
+                self._launched[index] = (self._replacement(index, node) if node in alive
+                                         else self._launch_worker(index, node))
+
+    def _replacement(self, rank: int, node: str) -> object:
+        """A standby ready on ``node`` taking over ``rank`` (its predecessor's resources then held by a placeholder,
+        and a new standby started), else a new worker."""
+        standby = next((s for s in self._standbys if s.node == node and self.ray.wait([s.placed], timeout=0)[0]),
+                       None)
+        if standby is None:
+            return self._launch_worker(rank, node)
+        self._standbys.remove(standby)
+        standby.handle.adopt.options(concurrency_group=TRAIN).remote(rank, list(self._ranks[rank].gpus))
+        self.event("standby_adopted", rank=rank, node=node, gpus=list(self._ranks[rank].gpus))
+        if rank not in self._placeholders:  # else the placeholder of its earlier loss still holds them
+            self._placeholders[rank] = self._placeholder(node)
+        self._start_standbys([node])
+        return standby.handle
+
+    def _start_standbys(self, nodes: list[str]) -> None:
+        """Starts a standby worker on each of ``nodes`` (not waited for)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        env = {**self.env, TOKEN_ENV: self.token}
+        for node in nodes:
+            handle = self._worker_class.options(
+                num_cpus=0, num_gpus=0, max_concurrency=2,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+            ).remote(self.spec, -1, env, standby=True)
+            self._standbys.append(_Standby(handle=handle, node=node,
+                                           placed=handle.placement.options(concurrency_group=CONTROL).remote()))
+
+    def _placeholder(self, node: str) -> object:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return self.ray.remote(Placeholder).options(
+            num_cpus=self.config.cpus_per_worker, num_gpus=self.config.gpus_per_worker,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote()
 
     def _launch_worker(self, rank: int, node: str | None) -> object:
         from ray.util.scheduling_strategies import (
@@ -324,12 +394,16 @@ class Coordinator:
                 placement_group=self._placement, placement_group_bundle_index=rank // self.config.ranks_per_node)
         elif node is not None:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        holder = self._placeholders.pop(rank, None)
+        if holder is not None:  # the resources it holds are this new worker's to claim
+            self.ray.kill(holder)
         env = {**self.env, TOKEN_ENV: self.token}
         return self._worker_class.options(**options).remote(self.spec, rank, env)
 
-    def _wait_ready(self, handle: object, what: str, timeout_s: float | None = None) -> str:
-        """The node of a new actor, waiting for its resources (a message every 10 s, an error at the timeout)."""
-        ref = handle.node_id.options(concurrency_group=CONTROL).remote()
+    def _wait_ready(self, handle: object, what: str, timeout_s: float | None = None) -> dict:
+        """The placement of a new actor (``Worker.placement``), waiting for its resources (a message every 10 s, an
+        error at the timeout)."""
+        ref = handle.placement.options(concurrency_group=CONTROL).remote()
         limit = self.config.resources_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + limit
         next_message = time.monotonic() + 10.0
@@ -511,6 +585,9 @@ class Coordinator:
             wanted = {index: self._ranks[index].node if self._ranks[index].node in alive_nodes else None
                       for index in dead}
             elastic = self.config.elastic_wait_s or None
+            for index, node in wanted.items():  # ranks found dead after detection: a standby, if one is ready
+                if node is not None and index not in self._launched and not elastic:
+                    self._launched[index] = self._replacement(index, node)
             try:
                 for index, started_rank in zip(wanted, self._start_workers(wanted, timeout_s=elastic)):
                     self._ranks[index] = started_rank
@@ -601,9 +678,12 @@ class Coordinator:
         # All at once: closing a sink may be collective (a checkpoint writer agreeing on its last save), so a
         # rank asked alone would wait for the others. A worker still inside a training call (a stop, an error in
         # this process) is killed at once: its shutdown would queue behind that call.
-        for handle in self._launched.values():  # replacements launched but never used (the job gave up)
+        # Replacements launched but never used (the job gave up), standbys, placeholders.
+        for handle in [*self._launched.values(), *(s.handle for s in self._standbys), *self._placeholders.values()]:
             self.ray.kill(handle)
         self._launched.clear()
+        self._standbys.clear()
+        self._placeholders.clear()
         training = [rank.call for rank in self._ranks if rank.call is not None]
         busy = bool(training) and len(self.ray.wait(training, num_returns=len(training), timeout=0)[0]) < len(training)
         stops = [] if busy else [rank.handle.shutdown.options(concurrency_group=TRAIN).remote() for rank in self._ranks]
@@ -651,4 +731,4 @@ def _timings(joined: list[dict], prepared: list[dict], lost: tuple[int, ...]) ->
     return timings
 
 
-__all__ = ["Coordinator", "CoordinatorConfig", "CoordinatorError", "Outcome", "SnapshotHost"]
+__all__ = ["Coordinator", "CoordinatorConfig", "CoordinatorError", "Outcome", "Placeholder", "SnapshotHost"]

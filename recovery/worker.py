@@ -75,7 +75,9 @@ class Worker:
     """One rank; see the module docstring. Created by the coordinator with ``ray.remote`` and the concurrency
     groups of :data:`CONCURRENCY_GROUPS` (methods are assigned to them there)."""
 
-    def __init__(self, spec: WorkerSpec, rank: int, env: dict[str, str]) -> None:
+    def __init__(self, spec: WorkerSpec, rank: int, env: dict[str, str], *, standby: bool = False) -> None:
+        """``standby``: a worker started ahead of need, with no rank and no GPU yet; :meth:`adopt` gives it both.
+        It must not touch CUDA before then (CUDA_VISIBLE_DEVICES is read once, when CUDA starts)."""
         os.environ.update(env)  # the fault plan, the snapshot token; LOCAL_* as torchrun would set them
         self.spec = spec
         self.rank = rank
@@ -86,14 +88,15 @@ class Worker:
         self._fresh = True  # the trainer has not trained nor restored yet (a replacement, or the first generation)
         self._progress = (0, time.monotonic())
         torch.set_num_threads(max(1, int(os.environ.get("REGROW_THREADS_PER_RANK", "1"))))
-        if spec.device == "cuda":
+        if spec.device == "cuda" and not standby:
             threading.Thread(target=_warm_up_gpu_digest, daemon=True, name="regrow-warm-up").start()
 
     # ------------------------------------------------------------------ control group
-    def node_id(self) -> str:
+    def placement(self) -> dict:
+        """Where Ray placed this actor: its node and the ids of the GPUs it was given (as text)."""
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return {"node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     def heartbeat(self) -> dict:
         """The last step this rank finished and how many seconds ago."""
@@ -105,6 +108,16 @@ class Worker:
         abort.request_abort(why)
 
     # ------------------------------------------------------------------ train group
+    def adopt(self, rank: int, gpus: list[str]) -> None:
+        """A standby takes over ``rank``, on the GPUs its lost worker used (``gpus``: their ids on this node; the
+        coordinator holds them in Ray's accounting). Call once, before :meth:`join`."""
+        if self.spec.device == "cuda":
+            if torch.cuda.is_initialized():
+                raise RuntimeError("adopt: CUDA already started in this standby; its GPU can no longer be chosen")
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+            threading.Thread(target=_warm_up_gpu_digest, daemon=True, name="regrow-warm-up").start()
+        self.rank = int(rank)
+
     def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None,
              resume: bool = False, rank: int | None = None, world_size: int | None = None) -> dict:
         """Forms process-group generation ``generation`` with the other ranks, through the coordinator's store.

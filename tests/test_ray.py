@@ -47,9 +47,10 @@ def cluster() -> Iterator[Cluster]:
 
 
 def coordinated(tmp: Path, name: str, *, env: dict[str, str] | None = None, ec: int = 0,
-                hang_timeout_s: float = 60.0, sinks=ray_workers.worker_sinks) -> tuple[Coordinator, CoordinatorConfig]:
+                hang_timeout_s: float = 60.0, sinks=ray_workers.worker_sinks, standby: int = 0,
+                ) -> tuple[Coordinator, CoordinatorConfig]:
     config = CoordinatorConfig(workers=WORKERS, ranks_per_node=2 if ec else 0, ec_group_size=ec, ec_parity=1,
-                               hang_timeout_s=hang_timeout_s,
+                               hang_timeout_s=hang_timeout_s, standby_per_node=standby,
                                events_path=str(tmp / f"{name}.jsonl"), resources_timeout_s=120)
     spec = WorkerSpec(config=tiny_config(steps=STEPS), world_size=WORKERS, snapshot_every=1, timeout_s=30,
                       extra_sinks=sinks)
@@ -119,6 +120,29 @@ def test_killed_worker_actor_is_replaced_and_the_run_matches(cluster, reference,
     (restores,) = outcome.restores
     assert [r["source"] for r in restores] == ["kept in memory"] * 2 + ["snapshot"] + ["kept in memory"], restores
     assert {r["step"] for r in restores} == {4}, restores
+
+
+@pytest.mark.timeout(300)
+def test_a_standby_takes_over_a_killed_rank_and_the_run_matches(cluster, reference, tmp_path) -> None:
+    """With a standby on every node, the lost rank's replacement is the standby of its node (no new actor to
+    start), its resources are held by a placeholder, a new standby is started, and the run still matches."""
+    fired = tmp_path / "fired"
+    fired.mkdir()
+    coordinator, _ = coordinated(tmp_path, "standby", standby=1,
+                                 env=faults.plan_env([faults.Fault("kill-rank", 1, 5)], str(fired)))
+    outcome = coordinator.run(STEPS, collect_parameters=True)
+    assert_same(outcome.parameters, reference)
+    found = events(tmp_path, "standby")
+    (adopted,) = [e for e in found if e["event"] == "standby_adopted"]
+    (replaced,) = [e for e in found if e["event"] == "replaced"]
+    assert adopted["rank"] == replaced["rank"] == 1 and adopted["node"] == replaced["node"], found
+    (restores,) = outcome.restores
+    assert [r["source"] for r in restores] == ["kept in memory", "snapshot", "kept in memory", "kept in memory"]
+
+
+def test_standby_workers_need_free_placement() -> None:
+    with pytest.raises(ValueError, match="standby_per_node needs ranks_per_node=0"):
+        CoordinatorConfig(workers=4, ranks_per_node=2, standby_per_node=1)
 
 
 @pytest.mark.timeout(300)
