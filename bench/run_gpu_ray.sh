@@ -8,6 +8,9 @@
 # Usage (from anywhere; it works in the repository root):
 #   bench/run_gpu_ray.sh                # GPU host, 350m preset, 4 GPUs (about 3-4 minutes with Ray's start)
 #   bench/run_gpu_ray.sh --device cpu   # smoke test without a GPU: tiny preset, 2 CPU workers over gloo
+#   EXTRA="--standby 1 --phases regrow --kill-gap 100" bench/run_gpu_ray.sh
+#                                       # a standby worker per node takes over the killed ranks (the kills 100 steps
+#                                       # apart, so that the standby started after the first is up for the second)
 # Goodput MEASURED (phases goodput-regrow: healed in place; goodput-baseline: a checkpoint every --save-every
 # steps and a whole-job restart from it at each failure), each phase taking D + about 30 s:
 #   EXTRA="--phases regrow,goodput-regrow,goodput-baseline --goodput-interval 120 --goodput-duration 360" \

@@ -32,6 +32,12 @@ def test_fault_kinds_ray_cannot_inject_are_refused(capsys) -> None:
     assert "run under the local launcher only" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(120)
+def test_standby_workers_with_a_fixed_placement_are_refused(capsys) -> None:
+    assert cli.main(["ray", "--address", "local", *SMALL, "--standby", "1", "--ranks-per-node", "2"]) == 1
+    assert "standby_per_node needs ranks_per_node=0" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(300)
 def test_regrow_ray_on_a_local_instance_heals_a_killed_rank(tmp_path) -> None:
     events = tmp_path / "events.jsonl"
