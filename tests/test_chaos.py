@@ -96,13 +96,15 @@ def test_a_kill_and_a_hang_are_recovered_and_reported(tmp, reference, capfd) -> 
 @pytest.mark.timeout(180)
 def test_a_corrupt_snapshot_is_passed_over_by_checksum(tmp, reference) -> None:
     """Rank 1 flips a byte of its newest sealed snapshot (step 5) and dies: the restore finds the checksum
-    mismatch, every rank restores step 4 from its other slot, and the run ends bit-identically."""
+    mismatch and rank 1 gets step 5 back from its node's erasure-coded buffer when the encoding of step 5 had
+    finished (nothing lost), else every rank restores step 4 from its other slot; the run ends bit-identically."""
     history, report = chaos_run(tmp, "corrupt", *SNAPSHOTS, fault=("corrupt-snapshot:1@6",), restarts=1)
     assert_same_run(tmp, history, reference, "corrupt")
     (failure,) = report["failures"]
     assert failure["detected_by"][0] == "process exit: rank 1 killed by SIGKILL (exit code -9)"
     assert "payload checksum mismatch" in failure["detected_by"][1]
-    assert (failure["failed_at_step"], failure["restored_step"], failure["steps_lost"]) == (5, 4, 1)
+    assert failure["failed_at_step"] == 5
+    assert (failure["restored_step"], failure["steps_lost"]) in ((5, 0), (4, 1)), failure
     assert report["faults"][0]["corrupted"]["snapshot_step"] == 5
 
 
