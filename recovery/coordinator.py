@@ -217,6 +217,7 @@ class Coordinator:
         self._launched: dict[int, object] = {}  # rank -> a replacement started at detection, not yet placed
         self._standbys: list[_Standby] = []
         self._placeholders: dict[int, object] = {}  # rank -> the actor holding its lost worker's resources
+        self._adopting: dict[int, object] = {}  # rank -> the ObjectRef of the adopt() call of its standby
 
     # ------------------------------------------------------------------ the run
     def run(self, steps: int, *, resume: bool = False, collect_parameters: bool = False) -> Outcome:
@@ -325,6 +326,9 @@ class Coordinator:
         try:
             for rank, handle in handles.items():
                 placed = self._wait_ready(handle, f"worker of rank {rank}", timeout_s)
+                if not self._adopted(rank, handle):  # a standby that could not take the rank: a new worker
+                    handle = handles[rank] = self._launch_worker(rank, ranks[rank])
+                    placed = self._wait_ready(handle, f"worker of rank {rank}", timeout_s)
                 self.event("worker_started", rank=rank, node=placed["node"])
                 # An adopting standby was given no GPU by Ray: it trains on its predecessor's.
                 gpus = tuple(placed["gpus"]) or (self._ranks[rank].gpus if rank < len(self._ranks) else ())
@@ -334,6 +338,20 @@ class Coordinator:
                 self.ray.kill(handle)
             raise
         return started
+
+    def _adopted(self, rank: int, handle: object) -> bool:
+        """Whether the standby given ``rank`` took it (True when ``handle`` is no standby); a standby that failed
+        to is killed."""
+        adopting = self._adopting.pop(rank, None)
+        if adopting is None:
+            return True
+        try:
+            self.ray.get(adopting, timeout=60)
+            return True
+        except Exception as error:  # noqa: BLE001 (its reason goes to the events; a new worker takes the rank)
+            self.event("standby_failed", rank=rank, error=str(error).splitlines()[0])
+            self.ray.kill(handle)
+            return False
 
     def _launch_early(self, dead: set[int]) -> None:
         """Launches the replacements of ranks found dead, before the survivors are aborted: a new actor's process
@@ -354,7 +372,8 @@ class Coordinator:
         if standby is None:
             return self._launch_worker(rank, node)
         self._standbys.remove(standby)
-        standby.handle.adopt.options(concurrency_group=TRAIN).remote(rank, list(self._ranks[rank].gpus))
+        self._adopting[rank] = standby.handle.adopt.options(concurrency_group=TRAIN).remote(
+            rank, list(self._ranks[rank].gpus))
         self.event("standby_adopted", rank=rank, node=node, gpus=list(self._ranks[rank].gpus))
         if rank not in self._placeholders:  # else the placeholder of its earlier loss still holds them
             self._placeholders[rank] = self._placeholder(node)
@@ -684,6 +703,7 @@ class Coordinator:
         self._launched.clear()
         self._standbys.clear()
         self._placeholders.clear()
+        self._adopting.clear()
         training = [rank.call for rank in self._ranks if rank.call is not None]
         busy = bool(training) and len(self.ray.wait(training, num_returns=len(training), timeout=0)[0]) < len(training)
         stops = [] if busy else [rank.handle.shutdown.options(concurrency_group=TRAIN).remote() for rank in self._ranks]
