@@ -218,6 +218,7 @@ class Coordinator:
         self._standbys: list[_Standby] = []
         self._placeholders: dict[int, object] = {}  # rank -> the actor holding its lost worker's resources
         self._adopting: dict[int, object] = {}  # rank -> the ObjectRef of the adopt() call of its standby
+        self._standby_count = 0  # standbys started: their Ray actor names are regrow-standby-<job>-<n>
 
     # ------------------------------------------------------------------ the run
     def run(self, steps: int, *, resume: bool = False, collect_parameters: bool = False) -> Outcome:
@@ -325,10 +326,9 @@ class Coordinator:
         started = []
         try:
             for rank, handle in handles.items():
-                placed = self._wait_ready(handle, f"worker of rank {rank}", timeout_s)
                 if not self._adopted(rank, handle):  # a standby that could not take the rank: a new worker
                     handle = handles[rank] = self._launch_worker(rank, ranks[rank])
-                    placed = self._wait_ready(handle, f"worker of rank {rank}", timeout_s)
+                placed = self._wait_ready(handle, f"worker of rank {rank}", timeout_s)
                 self.event("worker_started", rank=rank, node=placed["node"])
                 # An adopting standby was given no GPU by Ray: it trains on its predecessor's.
                 gpus = tuple(placed["gpus"]) or (self._ranks[rank].gpus if rank < len(self._ranks) else ())
@@ -381,13 +381,15 @@ class Coordinator:
         return standby.handle
 
     def _start_standbys(self, nodes: list[str]) -> None:
-        """Starts a standby worker on each of ``nodes`` (not waited for)."""
+        """Starts a standby worker on each of ``nodes`` (not waited for), named ``regrow-standby-<job>-<n>`` in
+        Ray (its dashboard and state API show them as such)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         env = {**self.env, TOKEN_ENV: self.token}
         for node in nodes:
+            self._standby_count += 1
             handle = self._worker_class.options(
-                num_cpus=0, num_gpus=0, max_concurrency=2,
+                name=f"regrow-standby-{self.job}-{self._standby_count}", num_cpus=0, num_gpus=0, max_concurrency=2,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
             ).remote(self.spec, -1, env, standby=True)
             self._standbys.append(_Standby(handle=handle, node=node,

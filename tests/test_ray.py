@@ -140,6 +140,54 @@ def test_a_standby_takes_over_a_killed_rank_and_the_run_matches(cluster, referen
     assert [r["source"] for r in restores] == ["kept in memory", "snapshot", "kept in memory", "kept in memory"]
 
 
+def alive_standby_on(node: str, job: str, most: int = 16):
+    """The handle of a placed standby of ``job`` on ``node`` (by its Ray name, regrow-standby-<job>-<n>), or None."""
+    import ray
+
+    for number in range(1, most + 1):
+        try:
+            handle = ray.get_actor(f"regrow-standby-{job}-{number}")
+        except ValueError:  # no such actor (not started, or gone)
+            continue
+        placed = ray.get(handle.placement.options(concurrency_group="control").remote(), timeout=30)
+        if placed["node"] == node:
+            return handle
+    return None
+
+
+@pytest.mark.timeout(300)
+def test_a_standby_that_died_is_passed_over_for_a_new_worker(cluster, reference, tmp_path) -> None:
+    """The standby of the lost rank's node has died by the time the rank fails: its adopt fails, and a new worker
+    takes the rank; the run still matches."""
+    import ray
+
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    coordinator, _ = coordinated(tmp_path, "dead-standby", standby=1, env={ray_workers.HOLD_ENV: f"6:{hold}"})
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(outcome=coordinator.run(STEPS, collect_parameters=True)))
+    thread.start()
+    deadline = time.monotonic() + 200
+    standby = None
+    while standby is None or len(list(hold.glob("holding-*"))) < WORKERS:
+        assert time.monotonic() < deadline and thread.is_alive(), result
+        if standby is None and len(list(hold.glob("holding-*"))) == WORKERS:
+            standby = alive_standby_on(coordinator.ranks_node(1), coordinator.job)
+        time.sleep(0.1)
+    ray.kill(standby)
+    with pytest.raises(ray.exceptions.RayActorError):
+        while True:  # until it is known dead, so that the coordinator's adopt() meets a dead actor
+            ray.get(standby.placement.options(concurrency_group="control").remote(), timeout=30)
+            time.sleep(0.1)
+    ray.kill(coordinator.worker(1))
+    (hold / "release").write_text("go\n")
+    thread.join(240)
+    assert_same(result["outcome"].parameters, reference)
+    found = events(tmp_path, "dead-standby")
+    assert [e["rank"] for e in found if e["event"] == "standby_failed"] == [1], found
+    assert [e["rank"] for e in found if e["event"] == "replaced"] == [1], found
+
+
 def test_standby_workers_need_free_placement() -> None:
     with pytest.raises(ValueError, match="standby_per_node needs ranks_per_node=0"):
         CoordinatorConfig(workers=4, ranks_per_node=2, standby_per_node=1)
