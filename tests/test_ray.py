@@ -167,21 +167,27 @@ def test_a_standby_that_died_is_passed_over_for_a_new_worker(cluster, reference,
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(outcome=coordinator.run(STEPS, collect_parameters=True)))
     thread.start()
-    deadline = time.monotonic() + 200
-    standby = None
-    while standby is None or len(list(hold.glob("holding-*"))) < WORKERS:
-        assert time.monotonic() < deadline and thread.is_alive(), result
-        if standby is None and len(list(hold.glob("holding-*"))) == WORKERS:
-            standby = alive_standby_on(coordinator.ranks_node(1), coordinator.job)
-        time.sleep(0.1)
-    ray.kill(standby)
-    with pytest.raises(ray.exceptions.RayActorError):
-        while True:  # until it is known dead, so that the coordinator's adopt() meets a dead actor
-            ray.get(standby.placement.options(concurrency_group="control").remote(), timeout=30)
+    killed = False
+    try:
+        deadline = time.monotonic() + 200
+        standby = None
+        while standby is None or len(list(hold.glob("holding-*"))) < WORKERS:
+            assert time.monotonic() < deadline and thread.is_alive(), result
+            if standby is None and len(list(hold.glob("holding-*"))) == WORKERS:
+                standby = alive_standby_on(coordinator.ranks_node(1), coordinator.job)
             time.sleep(0.1)
-    ray.kill(coordinator.worker(1))
-    (hold / "release").write_text("go\n")
-    thread.join(240)
+        ray.kill(standby)
+        with pytest.raises(ray.exceptions.RayActorError):
+            while True:  # until it is known dead, so that the coordinator's adopt() meets a dead actor
+                ray.get(standby.placement.options(concurrency_group="control").remote(), timeout=30)
+                time.sleep(0.1)
+        ray.kill(coordinator.worker(1))
+        killed = True
+    finally:  # released whatever happened; a test failing before the kill ends its run (and snapshot processes)
+        (hold / "release").write_text("go\n")
+        if not killed:
+            coordinator.stop("the test failed before the kill")
+        thread.join(240)
     assert_same(result["outcome"].parameters, reference)
     found = events(tmp_path, "dead-standby")
     assert [e["rank"] for e in found if e["event"] == "standby_failed"] == [1], found
