@@ -339,24 +339,15 @@ class Watcher(threading.Thread):
             log(f"watcher failed:\n{self.error}")
 
     def _loop(self) -> None:
-        errors = (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError,
-                  self.ray.exceptions.RayTaskError)
         while not self.stopping.is_set():
             began = self.coordinator.elapsed()
-            try:
-                handle = self.coordinator.worker(0)
-            except IndexError:  # the workers are not started yet
-                handle = None
-            if handle is not None:
-                try:
-                    beat = self.ray.get(handle.heartbeat.options(concurrency_group=CONTROL).remote(), timeout=2.0)
-                except errors:
-                    self.polls_failed += 1
-                else:
-                    got = self.coordinator.elapsed()
-                    step = int(beat["step"])
-                    self.samples.append((got, step, (began + got) / 2 - float(beat["seconds_since"])))
-                    self._maybe_kill(step, got)
+            beat, failed = rank0_heartbeat(self.ray, self.coordinator, timeout_s=2.0)
+            self.polls_failed += failed
+            if beat is not None:
+                got = self.coordinator.elapsed()
+                step = int(beat["step"])
+                self.samples.append((got, step, (began + got) / 2 - float(beat["seconds_since"])))
+                self._maybe_kill(step, got)
             if began > self.deadline_s and self.gave_up_at is None:
                 self._give_up(began)
             self.stopping.wait(max(0.0, self.poll_s - (self.coordinator.elapsed() - began)))
@@ -380,6 +371,21 @@ class Watcher(threading.Thread):
         self.coordinator.event("bench_kill", rank=rank, step=step, planned=target)
         self.ray.kill(self.coordinator.worker(rank), no_restart=True)
         self.fired += 1
+
+
+def rank0_heartbeat(ray, coordinator: Coordinator | None, *, timeout_s: float) -> tuple[dict | None, bool]:
+    """Rank 0's heartbeat (None while its worker is not started, or when it did not answer) and whether the poll
+    failed (it did not answer in ``timeout_s``, or its actor is gone)."""
+    try:
+        handle = coordinator.worker(0) if coordinator is not None else None
+    except IndexError:  # the workers are not started yet
+        handle = None
+    if handle is None:
+        return None, False
+    try:
+        return ray.get(handle.heartbeat.options(concurrency_group=CONTROL).remote(), timeout=timeout_s), False
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RayTaskError):
+        return None, True
 
 
 def run_job(args: argparse.Namespace, name: str, spec: WorkerSpec, steps: int, *, gpus: float, events_dir: Path,
@@ -586,23 +592,13 @@ class GoodputPhase:
             self._stop(self.clock(), "watcher failed")
 
     def _watch(self) -> None:
-        errors = (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError,
-                  self.ray.exceptions.RayTaskError)
         poll_s = self.args.poll_ms / 1e3
         while not self.finished.is_set():
             began = self.clock()
             with self.lock:
                 coordinator, segment = self.coordinator, len(self.segments) - 1
-            beat = None
-            try:
-                handle = coordinator.worker(0) if coordinator is not None else None
-            except IndexError:  # its workers are not started yet
-                handle = None
-            if handle is not None:
-                try:
-                    beat = self.ray.get(handle.heartbeat.options(concurrency_group=CONTROL).remote(), timeout=1.0)
-                except errors:
-                    self.polls_failed += 1
+            beat, failed = rank0_heartbeat(self.ray, coordinator, timeout_s=1.0)
+            self.polls_failed += failed
             now = self.clock()
             if beat is not None:
                 step = int(beat["step"])

@@ -132,10 +132,7 @@ class SnapshotHost:
 
 class Placeholder:
     """An idle Ray actor that holds a lost worker's CPUs and GPUs in Ray's accounting while a standby, which claimed
-    none, trains on them."""
-
-    def ready(self) -> bool:
-        return True
+    none, trains on them. It has nothing to do: the coordinator only creates and kills it."""
 
 
 @dataclass
@@ -696,9 +693,6 @@ class Coordinator:
             remove_placement_group(self._placement)
 
     def _stop_actors(self) -> None:
-        # All at once: closing a sink may be collective (a checkpoint writer agreeing on its last save), so a
-        # rank asked alone would wait for the others. A worker still inside a training call (a stop, an error in
-        # this process) is killed at once: its shutdown would queue behind that call.
         # Replacements launched but never used (the job gave up), standbys, placeholders.
         for handle in [*self._launched.values(), *(s.handle for s in self._standbys), *self._placeholders.values()]:
             self.ray.kill(handle)
@@ -706,6 +700,9 @@ class Coordinator:
         self._standbys.clear()
         self._placeholders.clear()
         self._adopting.clear()
+        # All at once: closing a sink may be collective (a checkpoint writer agreeing on its last save), so a
+        # rank asked alone would wait for the others. A worker still inside a training call (a stop, an error in
+        # this process) is killed at once: its shutdown would queue behind that call.
         training = [rank.call for rank in self._ranks if rank.call is not None]
         busy = bool(training) and len(self.ray.wait(training, num_returns=len(training), timeout=0)[0]) < len(training)
         stops = [] if busy else [rank.handle.shutdown.options(concurrency_group=TRAIN).remote() for rank in self._ranks]
@@ -740,7 +737,8 @@ class Coordinator:
 
 def _timings(joined: list[dict], prepared: list[dict], lost: tuple[int, ...]) -> dict[str, list[float]]:
     """Where a generation's forming went, per rank: [group_s, build_s, restore_s, attach_s], for the ranks in
-    ``lost`` and the slowest other rank (``"slowest"``), rounded to ms. Keyed by rank as text (JSON keys)."""
+    ``lost`` (keyed by rank, as text for JSON) and the slowest other rank (``"slowest other (<rank>)"``), in
+    seconds rounded to ms."""
     rows = {}
     for join, prepare in zip(joined, prepared):
         rows[join["rank"]] = [round(join["group_s"], 3), round(join["build_s"], 3),

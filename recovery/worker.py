@@ -89,7 +89,7 @@ class Worker:
         self._progress = (0, time.monotonic())
         torch.set_num_threads(max(1, int(os.environ.get("REGROW_THREADS_PER_RANK", "1"))))
         if spec.device == "cuda" and not standby:
-            threading.Thread(target=_warm_up_gpu_digest, daemon=True, name="regrow-warm-up").start()
+            _start_gpu_warm_up()
 
     # ------------------------------------------------------------------ control group
     def placement(self) -> dict:
@@ -115,7 +115,7 @@ class Worker:
             if torch.cuda.is_initialized():
                 raise RuntimeError("adopt: CUDA already started in this standby; its GPU can no longer be chosen")
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-            threading.Thread(target=_warm_up_gpu_digest, daemon=True, name="regrow-warm-up").start()
+            _start_gpu_warm_up()
         self.rank = int(rank)
 
     def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None,
@@ -300,18 +300,22 @@ class Worker:
         return "gloo" if self.spec.device == "cpu" else "nccl"
 
 
-def _warm_up_gpu_digest() -> None:
-    """Loads the GPU checksum kernel while the worker joins its group: a replacement's restore verifies its
-    snapshot with it, and its first launch in a new process (the kernel loaded, CUDA initialised) cost about 0.8 s
-    there on the 4-GPU host, against 0.15 s for the whole read on a survivor. Best effort: the restore does the
-    same work itself when this has not finished or failed."""
-    try:
-        from regrow.checkpoint import wordsum_triton
+def _start_gpu_warm_up() -> None:
+    """Loads the GPU checksum kernel on a background thread while the worker joins its group: a replacement's
+    restore verifies its snapshot with it, and its first launch in a new process (the kernel loaded, CUDA
+    initialised) cost about 0.8 s there on the 4-GPU host, against 0.15 s for the whole read on a survivor. Best
+    effort: the restore does the same work itself when this has not finished or failed."""
 
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        wordsum_triton.to_digest(wordsum_triton.digest_cuda(torch.zeros(4096, dtype=torch.uint8, device=device)))
-    except Exception:  # noqa: BLE001 (no triton, or CUDA not ready: nothing is lost but the head start)
-        pass
+    def warm_up() -> None:
+        try:
+            from regrow.checkpoint import wordsum_triton
+
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            wordsum_triton.to_digest(wordsum_triton.digest_cuda(torch.zeros(4096, dtype=torch.uint8, device=device)))
+        except Exception:  # noqa: BLE001 (no triton, or CUDA not ready: nothing is lost but the head start)
+            pass
+
+    threading.Thread(target=warm_up, daemon=True, name="regrow-warm-up").start()
 
 
 __all__ = ["CONCURRENCY_GROUPS", "CONTROL", "TRAIN", "Worker", "WorkerSpec"]
