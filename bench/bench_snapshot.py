@@ -47,12 +47,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 # bench/ is this script's folder, which torchrun puts on sys.path.
 from bench_checkpoint import barrier_timed, max_over_ranks, regrow_trainer, sync, timed
 from bench_zero import emit_result, init_distributed, result_header
 from regrow.checkpoint import snapshot_segment as seg
+from regrow.comm import numa
 from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
 from regrow.checkpoint.snapshot_sink import (
@@ -75,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--shm-dir", default="/dev/shm", help="tmpfs of the snapshot segments")
     parser.add_argument("--json", default=None, help="file to append the result line to (rank 0)")
+    parser.add_argument("--numa-bind", default="off", choices=("off", "local", "remote"),
+                        help="bind each rank's CPUs to its GPU's NUMA node (local), to another node (remote: a "
+                             "diagnostic of the worst placement), or leave them to the scheduler (off)")
+    parser.add_argument("--parts", default="state,copy,copy_bwd,copy_bwd_digest,snapshot",
+                        help="bench_snapshot_parts.py: the phases to run, comma-separated")
     args = parser.parse_args(argv)
     problems = [f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1"
                 for name in ("micro_batch", "warmup", "window", "windows") if getattr(args, name) < 1]
@@ -84,6 +91,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if problems:
         parser.error("\n  - ".join(["invalid arguments:", *problems]))
     return args
+
+
+def numa_bind(args: argparse.Namespace, device: torch.device) -> str:
+    """Applies ``--numa-bind`` to this rank's process (before its trainer allocates anything) and says what it did,
+    e.g. ``"gpu 2 on node 1, bound to node 1 (32 CPUs)"``."""
+    if device.type != "cuda":
+        return "cpu run: not bound"
+    local = numa.gpu_numa_node(device.index)
+    nodes = numa.numa_nodes()
+    where = f"gpu {device.index} on node {local}"
+    if args.numa_bind == "off" or local is None or len(nodes) < 2:
+        return f"{where}, not bound ({len(nodes)} node(s))"
+    target = local if args.numa_bind == "local" else next(n for n in nodes if n != local)
+    cpus = numa.bind_to_node(target)
+    return f"{where}, bound to node {target} ({len(cpus) if cpus else 0} CPUs)"
 
 
 def windows(args: argparse.Namespace, trainer: Trainer, count: int | None = None) -> list[float]:

@@ -26,9 +26,11 @@ import datetime
 import statistics
 import sys
 
+import torch.distributed as dist
+
 # bench/ is this script's folder, which torchrun puts on sys.path.
 from bench_checkpoint import regrow_trainer
-from bench_snapshot import paired_windows, parse_args, start_node_process
+from bench_snapshot import numa_bind, paired_windows, parse_args, start_node_process
 from bench_zero import emit_result, init_distributed, result_header
 from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig, HostCopy
 from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
@@ -99,9 +101,20 @@ def _gpu_digest(name: str, source):
     return digest_cuda(source)
 
 
+PARTS = ("state", "copy", "copy_bwd", "copy_bwd_digest", "snapshot")
+
+
 def run() -> dict:
     args = parse_args()
+    parts = [part for part in args.parts.split(",") if part]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"--parts: unknown phase(s) {unknown}; choose from {', '.join(PARTS)}")
     rank, world_size, device = init_distributed(args.device)
+    placement = numa_bind(args, device)
+    print(f"[numa] rank {rank}: {placement}", flush=True)
+    placements: list[str | None] = [None] * world_size
+    dist.all_gather_object(placements, placement)
     trainer = regrow_trainer(args, rank, world_size, device)
     process, address = start_node_process(args, trainer, world_size)
     phases: dict[str, tuple[list[float], list[float]]] = {}
@@ -115,16 +128,20 @@ def run() -> dict:
         trainer.sinks.remove(sink)
         phases[name] = (off, on)
 
+    def sink_of(name: str):
+        if name == "state":
+            return StateOnly()
+        if name == "snapshot":
+            snapshot = SnapshotSink(SnapshotSinkConfig(address=address, every=1, log=False), rank=rank)
+            snapshot.attach(trainer.shard_state())
+            return snapshot
+        return CopyOnly(after_forward=name != "copy", digest=name == "copy_bwd_digest" and args.device == "cuda")
+
     try:
         for _ in range(args.warmup):
             trainer.train_step()
-        phase("state", StateOnly())
-        phase("copy", CopyOnly(after_forward=False, digest=False))
-        phase("copy_bwd", CopyOnly(after_forward=True, digest=False))
-        phase("copy_bwd_digest", CopyOnly(after_forward=True, digest=args.device == "cuda"))
-        snapshot = SnapshotSink(SnapshotSinkConfig(address=address, every=1, log=False), rank=rank)
-        snapshot.attach(trainer.shard_state())
-        phase("snapshot", snapshot)
+        for name in parts:
+            phase(name, sink_of(name))
     finally:
         if process is not None:
             process.stop()
@@ -134,7 +151,8 @@ def run() -> dict:
         figures[f"step_ms_{name}"] = round(ms_on, 2)
         figures[f"step_ms_{name}_off"] = round(ms_off, 2)
         figures[f"overhead_{name}"] = round(ms_on / ms_off - 1, 4)
-    return {"bench": "snapshot_parts", **result_header(args, world_size, device), "window": args.window, **figures,
+    return {"bench": "snapshot_parts", **result_header(args, world_size, device), "window": args.window,
+            "numa_bind": args.numa_bind, "placements": placements, **figures,
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
