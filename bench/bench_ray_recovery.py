@@ -55,7 +55,7 @@ or ``--kill-ranks`` less rank 0) every ``--goodput-interval`` T seconds, the fir
 recovered from (a process-group generation formed since, and a step trained after it; the stop at most
 ``--phase-timeout`` more seconds).
 
-4. **goodput-regrow** (``snapshot_every=1``): the coordinator heals each failure in place.
+4. **goodput-regrow** (``snapshot_every=1``, or ``--snapshot-every``): the coordinator heals each failure in place.
 5. **goodput-baseline** (``snapshot_every=0``, a ``CheckpointWriter`` every ``--save-every`` steps): each kill
    stops the whole job (the coordinator stopped with ``Coordinator.stop`` rather than heal, and every worker killed
    as a launcher kills the processes of a failed job) and a new ``Coordinator`` resumes it
@@ -159,6 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds a job may take before its workers are killed and it is given up")
     parser.add_argument("--timeout-s", type=float, default=30.0,
                         help="WorkerSpec.timeout_s: process-group formation, collectives, snapshot requests")
+    parser.add_argument("--snapshot-every", type=int, default=1,
+                        help="goodput-regrow: snapshot every this many steps (a longer interval costs less per "
+                             "step and re-does up to that many steps per failure)")
     parser.add_argument("--standby", type=int, default=0,
                         help="standby workers per node in the regrow phases (CoordinatorConfig.standby_per_node)")
     parser.add_argument("--seed", type=int, default=1234)
@@ -183,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.phases) - {"regrow", "baseline", "restart", *GOODPUT_PHASES}
     if unknown:
         problems.append(f"--phases: unknown {sorted(unknown)}")
+    if args.snapshot_every < 1:
+        problems.append(f"--snapshot-every={args.snapshot_every} must be >= 1 (goodput-regrow needs snapshots)")
     if "restart" in args.phases and "baseline" not in args.phases and not args.ckpt_dir:
         problems.append("--phases restart without baseline needs --ckpt-dir holding a checkpoint")
     try:
@@ -888,7 +893,7 @@ def run_goodput_phase(args: argparse.Namespace, name: str, config: TrainerConfig
     """One goodput phase (:class:`GoodputPhase`): goodput-regrow snapshots every step and is healed in place;
     goodput-baseline saves a checkpoint every --save-every steps and restarts the whole job at each failure."""
     if name == "goodput-regrow":
-        spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=1,
+        spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=args.snapshot_every,
                           ckpt_dir=str(temp / "goodput-regrow-ckpt"), timeout_s=args.timeout_s)
     else:
         root = goodput_ckpt_dir(args, temp)
@@ -1041,7 +1046,8 @@ def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
     :func:`goodput_summary`, once the reference step time is known."""
     record = {"mode": "whole-job restart" if raw["restart"] else "healed in place",
               "interval_s": raw["interval_s"], "duration_s": raw["duration_s"], "first_kill_s": raw["first_kill_s"],
-              "save_every": args.save_every if raw["restart"] else None, "wall_s": r3(raw["wall_s"]),
+              "save_every": args.save_every if raw["restart"] else None,
+              "snapshot_every": None if raw["restart"] else args.snapshot_every, "wall_s": r3(raw["wall_s"]),
               "coordinators": len(raw["segments"]), "heartbeats": len(raw["samples"]),
               "polls_failed": raw["polls_failed"], "stop_reason": raw["stop_reason"],
               "events_path": raw["events_path"], "first_step": raw["first_step"]}
@@ -1331,7 +1337,9 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
         (f"**goodput MEASURED** (steps advanced x {fmt(ref)} ms / D)" if ref else
          "**goodput MEASURED** (steps advanced x its own clean step / D)", gp),
     ]
-    lines.append(f"| | goodput-regrow: snapshot every step, healed in place | goodput-baseline: checkpoint every "
+    snapshot_every = goodput.get("goodput-regrow", {}).get("snapshot_every") or 1  # older results: every step
+    snapshots = "snapshot every step" if snapshot_every == 1 else f"snapshot every {snapshot_every} steps"
+    lines.append(f"| | goodput-regrow: {snapshots}, healed in place | goodput-baseline: checkpoint every "
                  f"{every} steps, whole-job restart |")
     lines.append("|---|---:|---:|")
     lines += [f"| {title} | {cell(GOODPUT_PHASES[0], render)} | {cell(GOODPUT_PHASES[1], render)} |"

@@ -53,8 +53,8 @@ import torch.distributed as dist
 # bench/ is this script's folder, which torchrun puts on sys.path.
 from bench_checkpoint import barrier_timed, max_over_ranks, regrow_trainer, sync, timed
 from bench_zero import emit_result, init_distributed, result_header
+from numa_placement import bind_to_node, gpu_numa_node, numa_nodes
 from regrow.checkpoint import snapshot_segment as seg
-from regrow.comm import numa
 from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
 from regrow.checkpoint.snapshot_sink import (
@@ -98,13 +98,13 @@ def numa_bind(args: argparse.Namespace, device: torch.device) -> str:
     e.g. ``"gpu 2 on node 1, bound to node 1 (32 CPUs)"``."""
     if device.type != "cuda":
         return "cpu run: not bound"
-    local = numa.gpu_numa_node(device.index)
-    nodes = numa.numa_nodes()
+    local = gpu_numa_node(device.index)
+    nodes = numa_nodes()
     where = f"gpu {device.index} on node {local}"
     if args.numa_bind == "off" or local is None or len(nodes) < 2:
         return f"{where}, not bound ({len(nodes)} node(s))"
     target = local if args.numa_bind == "local" else next(n for n in nodes if n != local)
-    cpus = numa.bind_to_node(target)
+    cpus = bind_to_node(target)
     return f"{where}, bound to node {target} ({len(cpus) if cpus else 0} CPUs)"
 
 
@@ -198,6 +198,9 @@ def digest_gpu_s(trainer: Trainer) -> float | None:
 
 def run(args: argparse.Namespace) -> dict:
     rank, world_size, device = init_distributed(args.device)
+    placement = numa_bind(args, device)
+    if args.numa_bind != "off":
+        print(f"[numa] rank {rank}: {placement}", flush=True)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     trainer = regrow_trainer(args, rank, world_size, device)
     process, address = start_node_process(args, trainer, local_ranks)
@@ -242,7 +245,8 @@ def run(args: argparse.Namespace) -> dict:
             process.stop()
     job_left = list(Path(args.shm_dir).glob(f"regrow-snap-{process.job}-*")) if process else []
     figures["segments_left"] = int(max_over_ranks(len(job_left)))
-    return {"bench": "snapshot", **result_header(args, world_size, device), "window": args.window, **figures,
+    return {"bench": "snapshot", **result_header(args, world_size, device), "window": args.window,
+            "numa_bind": args.numa_bind, **figures,
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 

@@ -16,8 +16,10 @@ the phase's sink, alternating (so that the machine's drift falls on both), after
 - ``copy_bwd_digest``: ``copy_bwd`` plus the per-tensor GPU digest on the copy's side stream;
 - ``snapshot``: the full ``SnapshotSink`` (metadata, GPU digest, seal on a thread, COMMIT).
 
-Rank 0 prints ``RESULT {json}`` with each phase's median step time and its overhead over its paired windows without
-a sink.
+``--parts`` picks the phases (default all, in this order); ``--numa-bind local|remote`` binds each rank's CPUs to
+its GPU's NUMA node or to another one first (``numa_placement.py``; a no-op on a host of one node). Rank 0 prints
+``RESULT {json}`` with each phase's median step time and its overhead over its paired windows without a sink, and
+where each rank was placed.
 """
 
 from __future__ import annotations

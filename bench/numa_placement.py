@@ -1,11 +1,12 @@
-"""Which NUMA node a GPU hangs off, and binding a process's CPUs to it.
+"""Which NUMA node a GPU hangs off, and binding a process's CPUs to it (the snapshot benches' ``--numa-bind``).
 
 On a host with several NUMA nodes (sockets), memory that a process first touches lands on the node of the CPU it
 runs on. A rank's pinned host buffers (its snapshot segments, registered with ``cudaHostRegister`` in the rank's
 process, and the checkpoint writer's buffers) are first touched there, so a rank the scheduler happens to run on the
 far socket sends every device-to-host copy across the socket link. Binding the rank's process to its GPU's node
 before it allocates those buffers keeps the copies local. Nothing here changes memory policy; first touch after the
-binding is what places the pages.
+binding is what places the pages. A bench diagnostic, not part of regrow: the lent 4-GPU host has one NUMA node, so
+whether binding helps was never measured (``bench/RESULTS.md``).
 
 Linux only (``sched_setaffinity`` and sysfs); elsewhere, or where the GPU's node is unknown, every function returns
 ``None`` and binds nothing.
