@@ -48,12 +48,12 @@ def cluster() -> Iterator[Cluster]:
 
 def coordinated(tmp: Path, name: str, *, env: dict[str, str] | None = None, ec: int = 0,
                 hang_timeout_s: float = 60.0, sinks=ray_workers.worker_sinks, standby: int = 0,
-                ) -> tuple[Coordinator, CoordinatorConfig]:
+                snapshot_every: int = 1) -> tuple[Coordinator, CoordinatorConfig]:
     config = CoordinatorConfig(workers=WORKERS, ranks_per_node=2 if ec else 0, ec_group_size=ec, ec_parity=1,
                                hang_timeout_s=hang_timeout_s, standby_per_node=standby,
                                events_path=str(tmp / f"{name}.jsonl"), resources_timeout_s=120)
-    spec = WorkerSpec(config=tiny_config(steps=STEPS), world_size=WORKERS, snapshot_every=1, timeout_s=30,
-                      extra_sinks=sinks)
+    spec = WorkerSpec(config=tiny_config(steps=STEPS), world_size=WORKERS, snapshot_every=snapshot_every,
+                      timeout_s=30, extra_sinks=sinks)
     return Coordinator(config, spec, env=env), config
 
 
@@ -120,6 +120,23 @@ def test_killed_worker_actor_is_replaced_and_the_run_matches(cluster, reference,
     (restores,) = outcome.restores
     assert [r["source"] for r in restores] == ["kept in memory"] * 2 + ["snapshot"] + ["kept in memory"], restores
     assert {r["step"] for r in restores} == {4}, restores
+
+
+@pytest.mark.timeout(300)
+def test_with_a_snapshot_every_few_steps_every_rank_goes_back_to_the_last_one(cluster, reference, tmp_path) -> None:
+    """Snapshots every 3 steps, rank 2 killed in step 5: the survivors, at step 4, cannot keep their state (the lost
+    rank's newest snapshot is of step 3), so every rank restores step 3 from its node's snapshot process and step 4
+    is trained again; the run still ends bit-identical."""
+    fired = tmp_path / "fired"
+    fired.mkdir()
+    coordinator, _ = coordinated(tmp_path, "every3", snapshot_every=3,
+                                 env=faults.plan_env([faults.Fault("kill-rank", 2, 5)], str(fired)))
+    outcome = coordinator.run(STEPS, collect_parameters=True)
+    assert_same(outcome.parameters, reference)
+    (restores,) = outcome.restores
+    assert [r["source"] for r in restores] == ["snapshot"] * WORKERS, restores
+    assert {r["step"] for r in restores} == {3}, restores
+    assert sorted(dict(outcome.history)) == list(range(1, STEPS + 1))
 
 
 @pytest.mark.timeout(300)
