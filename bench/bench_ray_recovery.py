@@ -724,6 +724,24 @@ def first_event(events: list[dict], name: str, t_from: float, t_to: float = math
     return next((e for e in events if e["event"] == name and t_from <= e["t"] < t_to), None)
 
 
+def reached_step(samples: list[tuple[float, int, float]], kill_step: int, t_from: float, t_to: float) -> int:
+    """The furthest step rank 0 was seen at between a kill (at ``kill_step``) and the restore that followed."""
+    return max([kill_step] + [step for polled, step, _ in samples if t_from <= polled < t_to])
+
+
+def first_step_after(samples: list[tuple[float, int, float]], restored_step: int, t_restored: float,
+                     t_to: float, step_s: float) -> tuple[int, float] | None:
+    """The first step after a restore to ``restored_step`` (at ``t_restored``) and when it completed: the lowest
+    newer step polled in ``[t_restored, t_to)``, its completion less the steps that finished between two polls
+    (``step_s`` each). None when no step was observed."""
+    after = [(step, done) for polled, step, done in samples
+             if t_restored <= polled < t_to and done > t_restored and step > restored_step]
+    if not after:
+        return None
+    step, done = min(after)
+    return step, done - (step - restored_step - 1) * step_s
+
+
 def failures(job: dict, step_s: float) -> list[dict]:
     """Per bench_kill: detection, heal, first step after the restore, steps re-done, sources."""
     events, samples = job["events"], job["samples"]
@@ -753,17 +771,14 @@ def failures(job: dict, step_s: float) -> list[dict]:
             record["error"] = "no restored/resumed event after the kill"
             out.append(record)
             continue
-        t_resumed = resumed["t"]
-        reached = max([kill["step"]] + [s for polled, s, _ in samples if t_kill <= polled < t_resumed])
+        reached = reached_step(samples, kill["step"], t_kill, resumed["t"])
         record["reached_step"] = reached
         record["redone_steps"] = max(0, reached - restored["step"])
-        after = [(s, done) for polled, s, done in samples
-                 if polled >= t_resumed and s > restored["step"] and done > restored["t"] and polled < t_next]
-        if after:
-            first_step, first_done = min(after)
-            skipped = first_step - restored["step"] - 1  # steps finished between two polls
-            record["first_step_observed"] = first_step
-            record["downtime_s"] = round(first_done - skipped * step_s - t_kill, 3)
+        # "resumed" is written when the generation is formed, with "restored": the same moment
+        first = first_step_after(samples, restored["step"], resumed["t"], t_next, step_s)
+        if first is not None:
+            record["first_step_observed"] = first[0]
+            record["downtime_s"] = round(first[1] - t_kill, 3)
         else:
             record["error"] = "no step observed after the restore"
         out.append(record)
@@ -993,13 +1008,11 @@ def analyse(args: argparse.Namespace, regrow_job: dict | None, baseline_job: dic
                   "load_s_per_rank": [r3(r.get("seconds")) for r in (restart_job["restores"] or [[]])[0]],
                   "events": events, "step_times": step_times(restart_job["samples"])}
         if restored is not None:
-            done = completions(restart_job["samples"])
-            after = [(s, t) for s, t in done.items() if s > restored["step"] and t > restored["t"]]
-            if after:
-                first_step, first_done = min(after)
-                skipped = first_step - restored["step"] - 1
-                record["first_step_observed"] = first_step
-                record["restart_s"] = r3(first_done - skipped * (step_off or 0.0) + restart_job["construct_s"])
+            first = first_step_after(restart_job["samples"], restored["step"], restored["t"], math.inf,
+                                     step_off or 0.0)
+            if first is not None:
+                record["first_step_observed"] = first[0]
+                record["restart_s"] = r3(first[1] + restart_job["construct_s"])
         out["restart"] = record
 
     # ---- the computed goodput
@@ -1083,7 +1096,7 @@ def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
         restored = first_event(trace, "restored", kill["t"], t_next)
         formed = first_event(trace, "generation_formed", kill["t"], t_next)
         formed_t = formed["t"] if formed is not None else t_next
-        reached = max([kill["step"]] + [s for polled, s, _ in samples if kill["t"] <= polled < formed_t])
+        reached = reached_step(samples, kill["step"], kill["t"], formed_t)
         fail = {"rank": kill["rank"], "kill_step": kill["step"], "kill_s": r3(kill["t"] - t0),
                 "late_s": r3(kill["t"] - kill["planned_t"]), "detected_s": _since(detected, kill["t"]),
                 "formed_s": _since(formed, kill["t"]), "reached_step": reached,
@@ -1091,13 +1104,10 @@ def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
                 "sources": restored.get("sources") if restored else None,
                 "redone_steps": max(0, reached - restored["step"]) if restored else None}
         if formed is not None and restored is not None:
-            after = [(s, done) for polled, s, done in samples
-                     if formed_t <= polled < t_next and done > formed_t and s > restored["step"]]
-            if after:
-                step, done = min(after)
-                skipped = step - restored["step"] - 1  # steps finished between two polls
-                fail["first_step_s"] = r3(done - skipped * (clean or 0.0) - t0)
-                fail["downtime_s"] = r3(done - skipped * (clean or 0.0) - kill["t"])
+            first = first_step_after(samples, restored["step"], formed_t, t_next, clean or 0.0)
+            if first is not None:
+                fail["first_step_s"] = r3(first[1] - t0)
+                fail["downtime_s"] = r3(first[1] - kill["t"])
         fail["recovered_within_d"] = fail.get("first_step_s") is not None and fail["first_step_s"] <= end - t0
         fails.append(fail)
     record["failures"] = fails
