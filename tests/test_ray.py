@@ -107,13 +107,21 @@ def remove_node_while_held(cluster: Cluster, coordinator: Coordinator, hold: Pat
     return result
 
 
-@pytest.mark.timeout(300)
-def test_killed_worker_actor_is_replaced_and_the_run_matches(cluster, reference, tmp_path) -> None:
-    fired = tmp_path / "fired"
+def run_with_a_kill(tmp: Path, name: str, reference: dict[str, torch.Tensor], *, rank: int, step: int, **options):
+    """Runs a coordinated job (``coordinated`` options) whose ``rank`` is killed in ``step``; asserts that it ends
+    with the reference's parameters and returns its outcome."""
+    fired = tmp / "fired"
     fired.mkdir()
-    coordinator, _ = coordinated(tmp_path, "kill", env=faults.plan_env([faults.Fault("kill-rank", 2, 5)], str(fired)))
+    coordinator, _ = coordinated(tmp, name, env=faults.plan_env([faults.Fault("kill-rank", rank, step)], str(fired)),
+                                 **options)
     outcome = coordinator.run(STEPS, collect_parameters=True)
     assert_same(outcome.parameters, reference)
+    return outcome
+
+
+@pytest.mark.timeout(300)
+def test_killed_worker_actor_is_replaced_and_the_run_matches(cluster, reference, tmp_path) -> None:
+    outcome = run_with_a_kill(tmp_path, "kill", reference, rank=2, step=5)
     kinds = [e["event"] for e in events(tmp_path, "kill")]
     assert "failure_detected" in kinds and "replaced" in kinds and "restored" in kinds
     # Survivors keep their state; only the replacement of rank 2 restores, from its node's snapshot process.
@@ -127,12 +135,7 @@ def test_with_a_snapshot_every_few_steps_every_rank_goes_back_to_the_last_one(cl
     """Snapshots every 3 steps, rank 2 killed in step 5: the survivors, at step 4, cannot keep their state (the lost
     rank's newest snapshot is of step 3), so every rank restores step 3 from its node's snapshot process and step 4
     is trained again; the run still ends bit-identical."""
-    fired = tmp_path / "fired"
-    fired.mkdir()
-    coordinator, _ = coordinated(tmp_path, "every3", snapshot_every=3,
-                                 env=faults.plan_env([faults.Fault("kill-rank", 2, 5)], str(fired)))
-    outcome = coordinator.run(STEPS, collect_parameters=True)
-    assert_same(outcome.parameters, reference)
+    outcome = run_with_a_kill(tmp_path, "every3", reference, rank=2, step=5, snapshot_every=3)
     (restores,) = outcome.restores
     assert [r["source"] for r in restores] == ["snapshot"] * WORKERS, restores
     assert {r["step"] for r in restores} == {3}, restores
@@ -143,12 +146,7 @@ def test_with_a_snapshot_every_few_steps_every_rank_goes_back_to_the_last_one(cl
 def test_a_standby_takes_over_a_killed_rank_and_the_run_matches(cluster, reference, tmp_path) -> None:
     """With a standby on every node, the lost rank's replacement is the standby of its node (no new actor to
     start), its resources are held by a placeholder, a new standby is started, and the run still matches."""
-    fired = tmp_path / "fired"
-    fired.mkdir()
-    coordinator, _ = coordinated(tmp_path, "standby", standby=1,
-                                 env=faults.plan_env([faults.Fault("kill-rank", 1, 5)], str(fired)))
-    outcome = coordinator.run(STEPS, collect_parameters=True)
-    assert_same(outcome.parameters, reference)
+    outcome = run_with_a_kill(tmp_path, "standby", reference, rank=1, step=5, standby=1)
     found = events(tmp_path, "standby")
     (adopted,) = [e for e in found if e["event"] == "standby_adopted"]
     (replaced,) = [e for e in found if e["event"] == "replaced"]
