@@ -22,6 +22,10 @@
 #   (copy each call's ray_recovery.jsonl back, e.g. to a.jsonl and b.jsonl, then)
 #   python bench/bench_ray_recovery.py --combine a.jsonl b.jsonl
 # (D = 2T = 240 s gives two failures per phase, one in the middle of each 120-s period, in about 5 minutes a call.)
+# One failure in 9 minutes, the closest to one every 10 that a 10-minute command allows (about 580 s a call):
+#   EXTRA="--standby 1 --phases goodput-regrow --goodput-interval 540 --goodput-duration 540" RUN_TIMEOUT=580
+# A longer snapshot interval for goodput-regrow: add --snapshot-every N. A reference step time measured in the
+# same call without a goodput-baseline phase: add the short baseline phase (--phases baseline,goodput-regrow).
 # CPU check of the goodput phases (about 2 minutes):
 #   EXTRA="--phases goodput-regrow,goodput-baseline --goodput-interval 15 --goodput-duration 45 --save-every 20" \
 #     bench/run_gpu_ray.sh --device cpu
