@@ -158,7 +158,11 @@ def train_argument_problems(args: argparse.Namespace, *, under_torchrun: bool) -
         if getattr(args, "save_every", 0):
             problems.append("--persist-every and --save-every would both write checkpoints to --ckpt-dir: keep one "
                             "(--persist-every costs the ranks nothing)")
-        if address is not None or under_torchrun:
+        if under_torchrun:
+            problems.append("--persist-every configures the snapshot processes the local launcher starts; under "
+                            "torchrun, give it to the node helper that starts yours: `python -m "
+                            "regrow.launch.torchrun node --persist-every K --persist-dir DIR -- torchrun ...`")
+        elif address is not None:
             problems.append("--persist-every configures the snapshot processes the local launcher starts; start "
                             "yours with `python -m regrow.checkpoint.memory --persist-every K --persist-dir DIR`")
     if resume and address is None and not under_torchrun and not getattr(args, "ckpt_dir", None):
@@ -236,6 +240,12 @@ def launcher_env(plan: Snapshotting | None) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------- each rank
 
 
+def persists(address: str, timeout_s: float) -> bool:
+    """Whether the snapshot process at ``address`` persists checkpoints (``--persist-every`` of the local launcher,
+    or of the torchrun node helper that started it)."""
+    return bool(request_once(address, {"op": "persisted"}, timeout_s=timeout_s).get("enabled"))
+
+
 def prepare(trainer: Trainer, plan: Snapshotting,
             on_restore: Callable[[JobRestore], None] | None = None) -> SnapshotSink | None:
     """Each rank's wiring: restores if ``--resume snapshot``, then attaches a :class:`SnapshotSink` if snapshots are
@@ -257,7 +267,7 @@ def prepare(trainer: Trainer, plan: Snapshotting,
                         rank=trainer.rank)
     from_slot = restored.detail if restored is not None and restored.source != CHECKPOINT_SOURCE else None
     sink.attach(trainer.shard_state(), restored_from=from_slot)
-    if plan.persist_every and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and persists(address, plan.timeout_s):
         # What the persisted manifests record as the run's config (the snapshot process cannot know it).
         request_once(address, {"op": "run_config", "config": trainer.config.to_dict()}, timeout_s=plan.timeout_s)
     trainer.sinks.append(sink)

@@ -10,13 +10,14 @@ Two entry points share this module:
   ``--ckpt-dir``); when nothing holds a state it starts from step 0 (or from ``--resume DIR``, a checkpoint to start
   the job from). This is what makes ``torchrun --max-restarts N`` recover: after a failure the agent kills and
   restarts every local worker, and the restarted workers find the snapshots their predecessors left.
-- ``python -m regrow.launch.torchrun node [--job ID] [--address HOST:PORT] [--shm-dir DIR] -- COMMAND...`` is **the
-  node helper**: it starts the node's snapshot process (with ``REGROW_SNAPSHOT_TOKEN`` if exported, else a fresh
-  ``secrets.token_hex(32)``), runs ``COMMAND`` (torchrun) with the token and the address in its environment
-  (``REGROW_SNAPSHOT_TOKEN``, ``REGROW_SNAPSHOT_ADDRESS``: the worker's ``--snapshot-address`` defaults to the
-  latter), and stops the snapshot process when the command ends, however it ends, removing its segments. The
-  snapshot process is started *before* torchrun because torchrun kills a restarted worker's whole session
-  (``launch/snapshot_cli.py``); it outlives every restart and dies with the helper. It also sets
+- ``python -m regrow.launch.torchrun node [--job ID] [--address HOST:PORT] [--shm-dir DIR] [--persist-every K
+  --persist-dir DIR] -- COMMAND...`` is **the node helper**: it starts the node's snapshot process (with
+  ``REGROW_SNAPSHOT_TOKEN`` if exported, else a fresh ``secrets.token_hex(32)``; persisting universal checkpoints
+  itself every K steps when asked, docs/torchrun.md), runs ``COMMAND`` (torchrun) with the token and the address
+  in its environment (``REGROW_SNAPSHOT_TOKEN``, ``REGROW_SNAPSHOT_ADDRESS``: the worker's ``--snapshot-address``
+  defaults to the latter), and stops the snapshot process when the command ends, however it ends, removing its
+  segments. The snapshot process is started *before* torchrun because torchrun kills a restarted worker's whole
+  session (``launch/snapshot_cli.py``); it outlives every restart and dies with the helper. It also sets
   ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun unless already set: by default torchrun's agent shares its
   rendezvous store with the workers, and restarted workers can then read their predecessors' connection keys and
   fail to connect ("Connection refused", pytorch/pytorch#135712); with the store not shared, every restart gets a
@@ -53,6 +54,7 @@ import torch
 
 from regrow.checkpoint import storage
 from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot_persist import PersistConfig
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost
 from regrow.comm import collectives
 from regrow.comm.world import World, WorldConfig, destroy_world, init_world
@@ -250,8 +252,28 @@ def node_parser() -> argparse.ArgumentParser:
     parser.add_argument("--job", default="", help="names the segments; a restarted snapshot process of the same job "
                                                   "removes what a crashed one left (default: random)")
     parser.add_argument("--shm-dir", default="/dev/shm", help="tmpfs for the segments")
+    parser.add_argument("--persist-every", type=int, default=0, metavar="K",
+                        help="the snapshot process writes a universal checkpoint under --persist-dir every K steps "
+                             "from its ranks' snapshots, at no cost to them (a multiple of the workers' "
+                             "--snapshot-every; 0: off). On several nodes: the same --persist-dir (a shared "
+                             f"filesystem) and the same exported {TOKEN_ENV} on every node")
+    parser.add_argument("--persist-dir", default="", metavar="DIR", help="where --persist-every writes")
+    parser.add_argument("--keep-last", type=int, default=2, help="persisted checkpoints to keep (>= 2)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run, e.g. torchrun ...")
     return parser
+
+
+def persist_config(args: argparse.Namespace) -> PersistConfig:
+    """The node helper's --persist-* flags as the snapshot process's :class:`PersistConfig`; ValueError naming the
+    flag."""
+    try:
+        return PersistConfig(persist_every=args.persist_every, persist_dir=args.persist_dir,
+                             keep_last=args.keep_last)
+    except (TypeError, ValueError) as error:
+        text = str(error).replace("PersistConfig.", "")
+        for field in ("persist_every", "persist_dir", "keep_last"):
+            text = text.replace(field, "--" + field.replace("_", "-"))
+        raise ValueError(text) from error
 
 
 def node_main(argv: Sequence[str]) -> int:
@@ -263,16 +285,22 @@ def node_main(argv: Sequence[str]) -> int:
     if not command:
         parser.error("give the command to run after --, e.g. `-- torchrun --nproc-per-node 2 --max-restarts 3 -m "
                      "regrow.launch.torchrun --snapshot-every 1`")
+    try:
+        persist = persist_config(args)
+    except ValueError as error:
+        parser.error(str(error))
     token = os.environ.get(TOKEN_ENV) or secrets.token_hex(32)
     try:
         config = SnapshotProcessConfig(address=args.address, job=args.job or f"torchrun-{secrets.token_hex(4)}",
-                                       shm_dir=args.shm_dir)
+                                       shm_dir=args.shm_dir, persist=persist)
         process = start_snapshot_process(config, token=token)
     except (ValueError, RuntimeError) as error:
         print(f"{PROG} node: {error}", file=sys.stderr)
         return 1
-    print(f"[node] snapshot process at {process.address} (pid {process.process.pid}, job {process.job}); "
-          f"running {command[0]}", flush=True)
+    persisting = (f"; persisting every {args.persist_every} steps to {args.persist_dir}" if args.persist_every
+                  else "")
+    print(f"[node] snapshot process at {process.address} (pid {process.process.pid}, job {process.job}"
+          f"{persisting}); running {command[0]}", flush=True)
     previous: dict[int, object] = {}
     try:
         try:

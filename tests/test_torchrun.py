@@ -8,6 +8,7 @@ own, so one killpg would miss them), and the job's ``/dev/shm`` segments are rem
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from regrow.checkpoint import storage
+from regrow.checkpoint import storage, verify
+from regrow.checkpoint.format import MANIFEST_NAME
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
 from regrow.launch import ckpt_cli, faults, snapshot_cli, torchrun
 from regrow.launch.nodes import ADDRESS_ENV
@@ -89,11 +91,15 @@ def run(command: list[str], started: list[subprocess.Popen], env: dict[str, str]
     return out
 
 
+def step_files(step: Path) -> dict[str, bytes]:
+    """Every tensor file of one checkpoint step (the manifest differs in its creation time only)."""
+    return {str(p.relative_to(step)): p.read_bytes() for p in sorted(step.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME}
+
+
 def tensor_files(root: Path) -> dict[str, bytes]:
-    """Every tensor file of ``latest`` under ``root`` (the manifest differs in its creation time only)."""
-    latest = root / storage.read_latest(root)
-    return {str(p.relative_to(latest)): p.read_bytes() for p in sorted(latest.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+    """Every tensor file of ``latest`` under ``root``."""
+    return step_files(root / storage.read_latest(root))
 
 
 @pytest.mark.timeout(240)
@@ -123,6 +129,36 @@ def test_torchrun_restarts_a_killed_rank_and_it_restores_from_the_snapshot_proce
     assert mine.keys() == theirs.keys() and mine
     different = [path for path in mine if mine[path] != theirs[path]]
     assert not different, f"final state differs from the uninterrupted run in {different[:5]}"
+
+
+@pytest.mark.timeout(240)
+def test_node_helper_persists_the_checkpoints_the_ranks_writer_would(started, job, tmp_path) -> None:
+    """``node --persist-every 4``: the node's snapshot process writes universal checkpoints from the ranks'
+    snapshots. Its latest (step 4 or 8: a persist that finds the previous one still running is skipped, and these
+    steps are short) is the ranks' own save of that step (``--save-every 4``), byte for byte, manifest included but
+    its time and writer session (so the run's config reached the snapshot process), and it verifies."""
+    env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, ADDRESS_ENV, faults.FAULTS_ENV)}
+    persisted, own = tmp_path / "persisted", tmp_path / "own"
+    out = run([sys.executable, "-m", "regrow.launch.torchrun", "node", "--job", job, "--persist-every", "4",
+               "--persist-dir", str(persisted), "--", *TORCHRUN, *WORKER, "--snapshot-every", "1",
+               "--ckpt-dir", str(own), "--save-every", "4"], started, env)
+    assert f"persisting every 4 steps to {persisted}" in out, out
+    latest = storage.read_latest(persisted)
+    assert latest in ("step_00000004", "step_00000008"), out
+    ours, theirs = (json.loads((root / latest / MANIFEST_NAME).read_text()) for root in (persisted, own))
+    for manifest in (ours, theirs):
+        manifest.pop("created")
+        manifest.pop("writer")
+    assert ours == theirs
+    assert step_files(persisted / latest) == step_files(own / latest)
+    assert verify.verify(persisted / latest).ok
+    assert not list(Path("/dev/shm").glob(f"regrow-snap-{job}-*"))
+
+
+def test_node_helper_refuses_persisting_without_a_directory(job, capfd) -> None:
+    with pytest.raises(SystemExit):
+        torchrun.main(["node", "--job", job, "--persist-every", "4", "--", "true"])
+    assert "--persist-dir is empty but --persist-every=4 turns persistence on" in capfd.readouterr().err
 
 
 def test_node_helper_hands_token_and_address_to_the_command_and_cleans_up(job, monkeypatch, capfd) -> None:
