@@ -156,12 +156,15 @@ def _measure(make: Callable[[], Callable[[int], None] | str], timer: Callable[..
 
 def _copy_bandwidth(numel: int, warmup: int, iters: int) -> float:
     """GB/s of a device-to-device fp32 copy (bytes read plus bytes written): the memory ceiling of this card."""
+    ms = _copy_ms(numel, warmup, iters)
+    torch.cuda.empty_cache()  # the copy's buffers went with _copy_ms's frame
+    return 2 * 4 * numel / (ms * 1e-3) / 1e9
+
+
+def _copy_ms(numel: int, warmup: int, iters: int) -> float:
     src = torch.randn(numel, device="cuda")
     dst = torch.empty_like(src)
-    ms = _time_cuda(lambda i: dst.copy_(src), warmup, iters)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * 4 * numel / (ms * 1e-3) / 1e9
+    return _time_cuda(lambda i: dst.copy_(src), warmup, iters)
 
 
 def _inspect_kernel(ptx_path: str | None) -> dict[str, object]:
