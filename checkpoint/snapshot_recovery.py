@@ -116,7 +116,7 @@ def read_slot(path: str, rank: int, passed_over: list[str], device: torch.device
     except OSError as error:
         passed_over.append(f"{path}: {error}")
         return None
-    on_gpu = device is not None and device.type == "cuda" and _gpu_digest() is not None
+    on_gpu = device is not None and device.type == "cuda" and wordsum.gpu_kernels() is not None
     try:
         snapshot = seg.verify(buffer, rank=rank, payload_check=None if on_gpu else wordsum.digest)
         try:
@@ -130,19 +130,10 @@ def read_slot(path: str, rank: int, passed_over: list[str], device: torch.device
         buffer.close()
 
 
-def _gpu_digest() -> object | None:
-    """``wordsum_triton`` when triton imports (it is installed where CUDA is), else None."""
-    try:
-        from regrow.checkpoint import wordsum_triton
-    except ImportError:
-        return None
-    return wordsum_triton
-
-
 def _payload_on_gpu(snapshot: seg.Snapshot, device: torch.device) -> dict[str, torch.Tensor]:
     """The snapshot's tensors as views of one device copy of its payload, whose digest is checked first (raises
     :class:`seg.SegmentError` like the host check)."""
-    wordsum_triton = _gpu_digest()
+    wordsum_triton = wordsum.gpu_kernels()
     with warnings.catch_warnings():  # the mapping is read-only; the tensor is only read from (copied)
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         host = torch.frombuffer(snapshot.payload, dtype=torch.uint8) if len(snapshot.payload) else None

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
@@ -67,6 +68,16 @@ class Digest(NamedTuple):
 
 EMPTY = Digest(0, 0)
 """The digest of no bytes, and of any run of zero bytes."""
+
+
+def gpu_kernels() -> ModuleType | None:
+    """``wordsum_triton``, the same digest on the GPU, when triton imports (it is installed where CUDA is); else
+    None."""
+    try:
+        from regrow.checkpoint import wordsum_triton
+    except ImportError:
+        return None
+    return wordsum_triton
 
 
 def combine(first: Digest, second: Digest, *, first_bytes: int) -> Digest:

@@ -603,9 +603,8 @@ class Coordinator:
             wanted = {index: self._ranks[index].node if self._ranks[index].node in alive_nodes else None
                       for index in dead}
             elastic = self.config.elastic_wait_s or None
-            for index, node in wanted.items():  # ranks found dead after detection: a standby, if one is ready
-                if node is not None and index not in self._launched and not elastic:
-                    self._launched[index] = self._replacement(index, node)
+            if not elastic:  # ranks found dead after detection: their replacements (a standby, if one is ready)
+                self._launch_early(set(dead))
             try:
                 for index, started_rank in zip(wanted, self._start_workers(wanted, timeout_s=elastic)):
                     self._ranks[index] = started_rank

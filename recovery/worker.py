@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from regrow.checkpoint import wordsum
 from regrow.checkpoint.format import CheckpointError
 from regrow.checkpoint.reshard import restore_trainer
 from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, KEPT_SOURCE, JobRestore, restore_job
@@ -307,12 +308,13 @@ def _start_gpu_warm_up() -> None:
     effort: the restore does the same work itself when this has not finished or failed."""
 
     def warm_up() -> None:
+        kernels = wordsum.gpu_kernels()
+        if kernels is None:
+            return
         try:
-            from regrow.checkpoint import wordsum_triton
-
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            wordsum_triton.to_digest(wordsum_triton.digest_cuda(torch.zeros(4096, dtype=torch.uint8, device=device)))
-        except Exception:  # noqa: BLE001 (no triton, or CUDA not ready: nothing is lost but the head start)
+            kernels.to_digest(kernels.digest_cuda(torch.zeros(4096, dtype=torch.uint8, device=device)))
+        except Exception:  # noqa: BLE001 (CUDA not ready: nothing is lost but the head start)
             pass
 
     threading.Thread(target=warm_up, daemon=True, name="regrow-warm-up").start()
