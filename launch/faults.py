@@ -15,9 +15,9 @@ optimizer step of the target step: listed after the snapshot sink, it fires whil
 step is still being copied and sealed, the hardest moment for the snapshots (the older buffer must be complete).
 
 - ``kill-rank:R@S``: rank R SIGKILLs itself in step S.
-- ``kill-node:N@S``: every rank of node N SIGKILLs the node's snapshot process and then itself in step S (all of
-  them send the kill, so it happens whichever rank gets there first): the node's memory is lost, as when a machine
-  dies.
+- ``kill-node:N@S``: every rank of node N SIGKILLs the node's snapshot process, waits until it is dead, and then
+  SIGKILLs itself in step S (all of them send the kill, so it happens whichever rank gets there first): the node's
+  memory is lost, as when a machine dies.
 - ``hang-rank:R@S``: rank R blocks forever in step S, before its optimizer step's collectives (the other ranks
   wait in those collectives). Only the launcher's progress watchdog (``--hang-timeout``, ``launch/watchdog.py``)
   notices; it kills the job and restarts it as after a crash.
@@ -240,6 +240,34 @@ def kill_pid(pid: int) -> None:
         pass
 
 
+def kill_pid_and_wait(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGKILLs ``pid`` and returns once it is dead (gone or a zombie: it is the launcher's child, not ours, so
+    we cannot reap it), or after ``timeout_s``. A node dies at once; without the wait, a rank that kills itself
+    right after signalling could be seen dead by the launcher while the snapshot process still runs (a signal is
+    delivered asynchronously; on a loaded machine the process may keep running for a while), and the launcher
+    would keep a snapshot process that dies a moment later under the next attempt."""
+    kill_pid(pid)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _running(pid):
+        time.sleep(0.005)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (Linux reads /proc; elsewhere a zombie counts as running)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The state follows the command name in parentheses, which may itself hold spaces or parentheses.
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
 def _write_json(path: Path, record: dict, *, exclusive: bool) -> bool:
     """Writes ``record``; with ``exclusive`` only if ``path`` does not exist yet (returns False then)."""
     try:
@@ -338,7 +366,7 @@ class FaultInjector:
         if fault.kind == "corrupt-snapshot":
             self._corrupt_newest_snapshot(index, step)
         if fault.kind == "kill-node" and self.snapshot_pid is not None:
-            kill_pid(self.snapshot_pid)
+            kill_pid_and_wait(self.snapshot_pid)
         kill_pid(os.getpid())
 
     def _slow(self, index: int, fault: Fault, step: int) -> None:
