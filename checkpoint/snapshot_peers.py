@@ -19,7 +19,8 @@ round longer than a step, no round ever completed.) One round:
    way leaves the previous step complete on every node).
 
 Snapshots that arrive while a round runs are not queued: when it ends, the newest is taken. A round whose peer
-stopped answering times out (``peer_timeout_s``) and the next round starts from the newest step. Everything runs
+stopped answering times out (``peer_timeout_s``), or ends at once when ``ec_group`` replaces that peer, and the next
+round starts from the newest step. Everything runs
 on the process's coding thread, off the training path (ranks only COMMIT).
 
 Rebuild (``ec_rebuild``, sent to a replacement process with empty memory): ask every peer (``ec_status``) which
@@ -109,6 +110,11 @@ class _Superseded(Exception):
     """The leader proposed a newer step (or the process stops) while a round ran."""
 
 
+class _GroupChanged(Exception):
+    """A member was replaced (``ec_group`` named a new address) while a round ran: its old process will never send
+    what the round waits for."""
+
+
 class _Passed(Exception):
     """A node had already snapshotted past the proposed step, so its slots of that step could not be held."""
 
@@ -160,6 +166,8 @@ class PeerCoding:
         self._round_step: int | None = None  # the step of the round running, if any
         self._proposal: int | None = None  # follower: the newest step the leader proposed
         self._retry_from: int | None = None  # leader: a proposal was passed; propose at least this step next
+        self._generation = 0  # bumped when a member is replaced: rounds of an older generation are abandoned
+        self._round_generation = 0
         self.rounds_completed = 0
         self.round_seconds: list[float] = []
         """Durations of the last 20 completed rounds."""
@@ -229,6 +237,12 @@ class PeerCoding:
                 client = self._clients.pop(i, None)
                 if client is not None:
                     client.close()
+            if changed:
+                # A round waiting for a replaced member would wait peer_timeout_s (30 s) for pieces that its dead
+                # process will never send; meanwhile no step gets encoded, and a second loss in that window found
+                # nothing to rebuild from. The round ends now and the next one includes the replacement.
+                self._generation += 1
+                self._cond.notify_all()
         log(f"node {node} of a group of {len(peers)} (parity {self.config.ec_parity})")
         return {"ok": True}
 
@@ -265,6 +279,7 @@ class PeerCoding:
                 if self._stop:
                     return
                 step = self._round_step = self._next_step(done)
+                self._round_generation = self._generation
             assert step is not None
             started = time.monotonic()
             try:
@@ -275,6 +290,8 @@ class PeerCoding:
                     self._last_logged = time.monotonic()
                     log(f"node {self.node}: step {step} encoded in {time.monotonic() - started:.2f} s "
                         f"({self.rounds_completed} rounds so far)")
+            except _GroupChanged:
+                log(f"node {self.node}: encode of step {step} abandoned: a member of the group was replaced")
             except _Superseded:
                 log(f"node {self.node}: encode of step {step} left for step {self._proposal}, which the leader "
                     f"proposed")
@@ -296,9 +313,12 @@ class PeerCoding:
                 time.sleep(self.config.min_interval_s)
 
     def _check(self, step: int) -> None:
-        """Raises :class:`_Superseded` when the process stops or the leader proposed a newer step."""
+        """Raises :class:`_Superseded` when the process stops or the leader proposed a newer step, and
+        :class:`_GroupChanged` when a member was replaced since the round started."""
         if self._stop or (not self.leader and self._proposal is not None and self._proposal > step):
             raise _Superseded
+        if self._generation != self._round_generation:
+            raise _GroupChanged
 
     def _wait(self, step: int, ready: Callable[[], bool], missing: Callable[[], str]) -> None:
         """Waits (lock held by the caller) until ``ready()``; raises on supersession, or after ``peer_timeout_s``

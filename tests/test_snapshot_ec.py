@@ -27,10 +27,11 @@ class Group:
     even when a test fails; every node has its own job id, so a replacement (same job) removes only its node's
     orphaned segments, as a fresh machine would have none."""
 
-    def __init__(self, n: int, p: int, token: str) -> None:
+    def __init__(self, n: int, p: int, token: str, peer_timeout_s: float = 10.0) -> None:
         self.token = token
         self.base = secrets.token_hex(3)
-        self.config = ErasureCodingConfig(ec_group_size=n, ec_parity=p, peer_timeout_s=10.0, chunk_bytes=4096)
+        self.config = ErasureCodingConfig(ec_group_size=n, ec_parity=p, peer_timeout_s=peer_timeout_s,
+                                          chunk_bytes=4096)
         self.nodes: list[SnapshotProcess] = []
         for i in range(n):
             self.nodes.append(self._start(i))
@@ -87,8 +88,8 @@ def token() -> str:
 def make_group(token: str) -> Iterator:
     groups: list[Group] = []
 
-    def make(n: int, p: int) -> Group:
-        groups.append(Group(n, p, token))
+    def make(n: int, p: int, peer_timeout_s: float = 10.0) -> Group:
+        groups.append(Group(n, p, token, peer_timeout_s))
         return groups[-1]
 
     yield make
@@ -218,3 +219,24 @@ def test_a_newer_snapshot_supersedes_an_encode_still_running(make_group) -> None
     write_step(group, 1, 2)
     group.wait_encoded(2)
     assert group.request(0, {"op": "ec_status"})["complete"] == [2]
+
+
+@pytest.mark.timeout(60)
+def test_a_round_waiting_for_a_replaced_node_ends_at_once(make_group) -> None:
+    """Node 0's round of step 2 waits for node 1, which dies before it snapshots step 2. Once its replacement is
+    announced, node 0 gives that round up at once (not after the 60 s peer timeout: a second loss in that window
+    would find nothing to rebuild from), and the next step is encoded on both within seconds."""
+    group = make_group(2, 1, peer_timeout_s=60.0)
+    for node in range(2):
+        write_step(group, node, 1)
+    group.wait_encoded(1)
+    write_step(group, 0, 2)
+    time.sleep(0.3)  # node 0's round of step 2 now waits for node 1's size
+    assert group.request(0, {"op": "ec_status"})["round"] == 2
+    group.kill(1)
+    group.replace(1)
+    group.announce()
+    assert group.request(1, {"op": "ec_rebuild"})["step"] == 1
+    payloads = {node: write_step(group, node, 3) for node in range(2)}
+    group.wait_encoded(3, timeout_s=10.0)
+    assert latest_payload(group, 1) == (3, payloads[1])
