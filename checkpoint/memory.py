@@ -132,6 +132,7 @@ class SnapshotServer:
         self._token = token.encode()
         self._ranks: dict[int, _RankSegments] = {}
         self._pending_holds: dict[str, int] = {}  # holder -> step whose slots are held as ranks COMMIT it
+        self._persist_hold_step: int | None = None  # the persist step whose slots were last held for the persister
         self._lock = threading.Lock()
         self._stop = threading.Event()
         if config.expected_bytes:
@@ -320,6 +321,8 @@ class SnapshotServer:
             for holder, wanted in self._pending_holds.items():
                 if wanted == step:
                     have.held[holder] = slot
+        self._hold_for_persist(step)
+        with self._lock:
             held = sorted(set(have.held.values()))
         if self.peers is not None:
             ready = self._ready_step()
@@ -362,9 +365,26 @@ class SnapshotServer:
             have.held.pop(holder, None)
 
     # ---------------------------------------------------------------- persistence (snapshot_persist)
+    def _persist_step(self, step: int) -> bool:
+        return self.persister is not None and step > 0 and step % self.config.persist.persist_every == 0
+
+    def _hold_for_persist(self, step: int) -> None:
+        """At the first COMMIT of a persist step, holds every rank's slot of it until the persister has copied it
+        (the ranks that COMMIT it later are held at their COMMIT, whose reply tells their sink). Holding only once
+        all ranks had committed lost the step whenever one rank's COMMIT came a step late (a loaded machine): by
+        then another rank was past it and its slot could not be held any more. Not while a persist runs: its
+        offer would be skipped, and taking the holder's holds would drop the ones its copy may still need."""
+        if not self._persist_step(step) or step == self._persist_hold_step or not self.persister.idle:
+            return
+        self._persist_hold_step = step
+        self.hold(PERSIST_HOLDER, step)
+
     def _offer_persist(self, step: int) -> None:
-        """Hands ``step`` to the persister when it is a persist step and every attached rank has committed it."""
-        if self.persister is None or step <= 0 or step % self.config.persist.persist_every:
+        """Hands ``step`` to the persister when it is a persist step and every attached rank has committed it.
+        Offered even if a slot could not be held (a rank was already past the step at its first COMMIT): the
+        persister's copy is checked seqlock style (``snapshot_persist.copy_sealed``), so a slot rewritten under
+        it abandons the step and nothing torn is written."""
+        if not self._persist_step(step):
             return
         slots = {}
         with self._lock:
@@ -373,11 +393,6 @@ class SnapshotServer:
                 if not found:
                     return  # this rank's COMMIT of the step comes later (and offers it then)
                 slots[rank] = have.paths[found[0]]
-        # Held until copied, so a sink writing its next snapshots cannot overwrite them under the copy.
-        if self.hold(PERSIST_HOLDER, step) != "held":
-            log(f"persist of step {step} skipped: a rank has already snapshotted past it (its slot of step {step} "
-                f"may be being rewritten); the next persist step is taken")
-            return
         self.persister.offer(step, slots)
 
     def _run_config(self, config: dict) -> dict:

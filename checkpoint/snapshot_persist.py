@@ -12,7 +12,9 @@ become eligible, so all persist the same s without talking to each other. At mos
 eligible step that arrives while one runs is skipped and logged.
 
 **The race with the ranks.** A rank overwrites the slot holding step s when it snapshots step s + 2 (two slots,
-alternating), possibly while this process still reads s. :func:`copy_sealed` therefore copies the whole slot into
+alternating), possibly while this process still reads s. The snapshot process holds every rank's slot of s from
+the first COMMIT of s until the copy is done (``SnapshotServer._hold_for_persist``), so normally no rank writes it;
+a rank already past s at that first COMMIT cannot be held, and for that case :func:`copy_sealed` copies the whole slot into
 private memory first (several threads: the window is about two training steps) and accepts the copy only if the
 slot's header is unchanged and still sealed afterwards, seqlock style: the rank's ``begin`` clears ``complete``
 before it writes any byte, so a header that still says "sealed, step s" after the copy means no write started in
@@ -226,6 +228,12 @@ class Persister:
         self._release(step)
         self._log(f"persist of step {step} skipped: the persist of step {busy} is still running (persist less "
                   f"often: persist_every)")
+
+    @property
+    def idle(self) -> bool:
+        """No persist runs: a step offered now is taken."""
+        with self._lock:
+            return self._in_flight is None
 
     def status(self) -> dict:
         """The ``persisted`` op's reply fields."""
