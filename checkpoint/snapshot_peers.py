@@ -26,7 +26,8 @@ on the process's coding thread, off the training path (ranks only COMMIT).
 Rebuild (``ec_rebuild``, sent to a replacement process with empty memory): ask every peer (``ec_status``) which
 steps it holds complete, take the newest step s held by at least n - p nodes, fetch those nodes' buffers and parity
 (``ec_fetch``), decode, and install this node's ranks' segments, sealed and committed, so ``restore_from_node``
-restores them unchanged. Fewer than n - p holders: :class:`NotRecoverable` naming the disk checkpoint.
+restores them unchanged; the node also recomputes its own parity pieces of s and keeps s complete, so the group
+tolerates p losses again at once, not only after its next round. Fewer than n - p holders: :class:`NotRecoverable` naming the disk checkpoint.
 
 The transport is TCP with the snapshot protocol's token-checked frames, not the gloo group of the snapshot
 processes: a collective group fails as a whole when one member dies, which is exactly when rebuild must work, and a
@@ -131,7 +132,7 @@ class _Inbox:
 
 @dataclass
 class _Complete:
-    buffer: bytearray
+    buffer: bytearray | np.ndarray
     parity: list[ParityPiece]
 
 
@@ -476,16 +477,35 @@ class PeerCoding:
             for q in range(p):
                 header, data = self._call(peer, {"op": "ec_fetch", "step": step, "what": "parity", "index": q})
                 parity[peer].append(_piece_from(header["piece"], data))
-        rebuilt = self.code.decode(lost, buffers, parity)[me]
+        decoded = self.code.decode(lost, buffers, parity)
+        rebuilt = decoded[me]
         got_step, segments = ecbuf.unpack(rebuilt)
         if got_step != step:
             raise ecbuf.BufferError(f"decoded buffer is of step {got_step}, expected {step}")
         for segment in segments:
             self._segments.install(segment, step)
+        self._keep_rebuilt(step, {**buffers, **decoded})
         ranks = [segment.rank for segment in segments]
         log(f"node {me}: rebuilt step {step} (ranks {ranks}) from nodes {survivors}; lost nodes {lost}; crc "
             f"{zlib.crc32(rebuilt):08x}")
         return {"ok": True, "step": step, "ranks": ranks, "lost": lost}
+
+    def _keep_rebuilt(self, step: int, buffers: dict[int, bytearray | np.ndarray]) -> None:
+        """Computes this node's parity pieces of ``step`` from every node's buffer (``buffers``: the survivors'
+        and the decoded ones) and keeps the step complete here, as a round would have. Without it the rebuilt
+        node held no complete step until the next round completed, so a further loss in that window could leave
+        fewer than n - p holders of any step, and the job fell back to the disk checkpoint."""
+        me = self.node
+        geo = self.code.geometry([len(buffers[node]) for node in range(self.code.n)])
+        parity = []
+        for s in self.code.parity_stripes(me):
+            data = [self.code.data_piece(buffers[slot.node], slot.piece, geo)
+                    for slot in self.code.placement()[s].data]
+            parity += [piece for piece in self.code.encode_stripe(s, data, geo) if piece.holder == me]
+        with self._cond:
+            self._complete[step] = _Complete(buffer=buffers[me], parity=parity)
+            for old in sorted(self._complete)[:-KEEP_COMPLETE]:
+                del self._complete[old]
 
     def rollback(self, rank: int, step: int) -> dict:
         """Writes local rank ``rank``'s snapshot of ``step``, from this node's own erasure-coding buffer of that
