@@ -234,8 +234,10 @@ def test_a_round_waiting_for_a_replaced_node_ends_at_once(make_group) -> None:
         write_step(group, node, 1)
     group.wait_encoded(1)
     write_step(group, 0, 2)
-    time.sleep(0.3)  # node 0's round of step 2 now waits for node 1's size
-    assert group.request(0, {"op": "ec_status"})["round"] == 2
+    deadline = time.monotonic() + 30
+    while group.request(0, {"op": "ec_status"})["round"] != 2:  # then it waits for node 1's size
+        assert time.monotonic() < deadline, "node 0 never started the round of step 2"
+        time.sleep(0.02)
     group.kill(1)
     group.replace(1)
     group.announce()
