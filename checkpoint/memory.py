@@ -175,11 +175,9 @@ class SnapshotServer:
         return str(Path(self.config.shm_dir) / f"regrow-snap-{self.job}-r{rank}-s{slot}")
 
     def _remove_leftovers(self) -> None:
-        leftovers = sorted(Path(self.config.shm_dir).glob(f"regrow-snap-{self.job}-r*-s*"))
-        for path in leftovers:
-            path.unlink(missing_ok=True)
-        if leftovers:
-            log(f"removed {len(leftovers)} segments left by a previous snapshot process of job {self.job}: the "
+        removed = remove_segments(self.config.shm_dir, self.job)
+        if removed:
+            log(f"removed {removed} segments left by a previous snapshot process of job {self.job}: the "
                 f"snapshots it held are lost (restore from the universal checkpoint)")
 
     def _remove_all(self) -> None:
@@ -465,6 +463,14 @@ class SnapshotServer:
         log(f"rebuilt from peers into slot {segment.slot}", rank=segment.rank, step=step)
 
 
+def remove_segments(shm_dir: str, job: str) -> int:
+    """Removes every segment of snapshot process job ``job`` under ``shm_dir``; returns how many there were."""
+    found = sorted(Path(shm_dir).glob(f"regrow-snap-{job}-r*-s*"))
+    for path in found:
+        path.unlink(missing_ok=True)
+    return len(found)
+
+
 # -------------------------------------------------------------------- starting it
 @dataclass
 class SnapshotProcess:
@@ -473,10 +479,13 @@ class SnapshotProcess:
     address: str
     job: str
     process: subprocess.Popen
+    shm_dir: str = "/dev/shm"
 
     def stop(self, timeout_s: float = 10.0) -> int:
         """Asks it to shut down (SIGTERM: it removes its segments), kills it after ``timeout_s``; returns its exit
-        code."""
+        code. A process that did not shut down cleanly (killed, crashed, or killed here) could not remove its
+        segments: they are removed here, so a failed job leaves no /dev/shm behind (nothing could use them: a
+        replacement of the same job would remove them as leftovers)."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -484,6 +493,11 @@ class SnapshotProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout_s)
+        if self.process.returncode != 0:
+            removed = remove_segments(self.shm_dir, self.job)
+            if removed:
+                log(f"removed {removed} segments of job {self.job}, whose snapshot process ended with exit code "
+                    f"{self.process.returncode}")
         return self.process.returncode
 
 
@@ -513,7 +527,7 @@ def start_snapshot_process(config: SnapshotProcessConfig, *, token: str, timeout
         print(line, end="", flush=True)  # its start-up log (e.g. leftovers removed) belongs in the launcher's
         if line.startswith("READY "):
             _forward_output(process)
-            return SnapshotProcess(address=line.split()[1], job=job, process=process)
+            return SnapshotProcess(address=line.split()[1], job=job, process=process, shm_dir=config.shm_dir)
     process.kill()
     process.wait(10)
     raise RuntimeError(f"the snapshot process did not start (exit code {process.returncode}):\n{''.join(lines)}")

@@ -164,6 +164,20 @@ def test_clean_shutdown_removes_the_segments(node, token) -> None:
     assert not any(Path(p).exists() for p in paths)
 
 
+def test_stopping_a_killed_process_removes_what_it_left(node, token, capsys) -> None:
+    """A SIGKILLed snapshot process cannot remove its segments; stopping it does (a failed job leaves no /dev/shm
+    behind)."""
+    client, paths = attach(node, token)
+    client.close()
+    node.process.send_signal(signal.SIGKILL)
+    node.process.wait(10)
+    assert all(Path(p).exists() for p in paths), "a killed process leaves its segments"
+    assert node.stop() == -signal.SIGKILL
+    assert not any(Path(p).exists() for p in paths)
+    assert f"removed 2 segments of job {node.job}, whose snapshot process ended with exit code -9" in \
+        capsys.readouterr().out
+
+
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match=r"SnapshotSinkConfig.every=0"):
         SnapshotSinkConfig(address="127.0.0.1:1", every=0)
