@@ -364,7 +364,7 @@ class SnapshotServer:
 
     # ---------------------------------------------------------------- persistence (snapshot_persist)
     def _persist_step(self, step: int) -> bool:
-        return self.persister is not None and step > 0 and step % self.config.persist.persist_every == 0
+        return self.persister is not None and self.persister.eligible(step)
 
     def _hold_for_persist(self, step: int) -> None:
         """At the first COMMIT of a persist step, holds every rank's slot of it until the persister has copied it
@@ -480,19 +480,22 @@ class SnapshotProcess:
     job: str
     process: subprocess.Popen
     shm_dir: str = "/dev/shm"
+    stop_timeout_s: float = 10.0
+    """How long :meth:`stop` waits by default: longer when it persists (its last persists finish first)."""
 
-    def stop(self, timeout_s: float = 10.0) -> int:
-        """Asks it to shut down (SIGTERM: it removes its segments), kills it after ``timeout_s``; returns its exit
-        code. A process that did not shut down cleanly (killed, crashed, or killed here) could not remove its
+    def stop(self, timeout_s: float | None = None) -> int:
+        """Asks it to shut down (SIGTERM: it removes its segments once its persists are done), kills it after
+        ``timeout_s`` (default ``stop_timeout_s``); returns its exit code. A process that did not shut down cleanly (killed, crashed, or killed here) could not remove its
         segments: they are removed here, so a failed job leaves no /dev/shm behind (nothing could use them: a
         replacement of the same job would remove them as leftovers)."""
+        timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
         if self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait(timeout_s)
+                self.process.wait(10)
         if self.process.returncode != 0:
             removed = remove_segments(self.shm_dir, self.job)
             if removed:
@@ -527,7 +530,10 @@ def start_snapshot_process(config: SnapshotProcessConfig, *, token: str, timeout
         print(line, end="", flush=True)  # its start-up log (e.g. leftovers removed) belongs in the launcher's
         if line.startswith("READY "):
             _forward_output(process)
-            return SnapshotProcess(address=line.split()[1], job=job, process=process, shm_dir=config.shm_dir)
+            # A persist in flight and the run's queued last step may each take up to commit_timeout_s.
+            stop_timeout_s = 10.0 + (2 * config.persist.commit_timeout_s if config.persist.enabled else 0.0)
+            return SnapshotProcess(address=line.split()[1], job=job, process=process, shm_dir=config.shm_dir,
+                                   stop_timeout_s=stop_timeout_s)
     process.kill()
     process.wait(10)
     raise RuntimeError(f"the snapshot process did not start (exit code {process.returncode}):\n{''.join(lines)}")

@@ -7,9 +7,11 @@ no collective on their side. The writing is ``writer.PartWriter`` / ``writer.com
 asynchronous ``CheckpointWriter``, so the files are the ones that writer would write at the same step.
 
 **Which step.** A step s is eligible when every rank attached to this process has COMMITted s and
-``s % persist_every == 0`` (the snapshot process checks at each COMMIT). Every node's process sees the same steps
-become eligible, so all persist the same s without talking to each other. At most one persist runs at a time; an
-eligible step that arrives while one runs is skipped and logged.
+``s % persist_every == 0``, or s is the run's last step (``run_config["steps"]``) (the snapshot process checks at
+each COMMIT). Every node's process sees the same steps become eligible, so all persist the same s without talking
+to each other. At most one persist runs at a time; an eligible step that arrives while one runs is skipped and
+logged, except the run's last step: it waits for the running persist (the ``CheckpointWriter``'s rule), so a
+finished run always ends with a checkpoint of its final state, and shutting down waits for it.
 
 **The race with the ranks.** A rank overwrites the slot holding step s when it snapshots step s + 2 (two slots,
 alternating), possibly while this process still reads s. The snapshot process holds every rank's slot of s from
@@ -178,7 +180,7 @@ class Persister:
     :meth:`status` for the ``persisted`` op and :meth:`close` at shutdown.
 
     Contract: ``offer`` never blocks (a COMMIT reply must stay fast); one persist at a time, offers while busy are
-    skipped and recorded. A persist never raises: every outcome is a :class:`PersistResult` and a log line.
+    skipped and recorded, but the run's last step is queued behind the running persist. A persist never raises: every outcome is a :class:`PersistResult` and a log line.
     ``copy_hook(rank, step)`` runs after each slot's copy, before its header is checked again (tests)."""
 
     def __init__(self, config: PersistConfig, token: str, *, log: Callable[[str], None],
@@ -211,20 +213,34 @@ class Persister:
         self._thread.start()
 
     # ---------------------------------------------------------------- called by the server
+    @property
+    def last_step(self) -> int:
+        """The run's last step, from the run config (0 while none was sent: then no step is treated as last)."""
+        steps = self.run_config.get("steps", 0)
+        return steps if isinstance(steps, int) and steps > 0 else 0
+
+    def eligible(self, step: int) -> bool:
+        """Whether ``step`` is persisted once every local rank has committed it."""
+        return step > 0 and (step % self.config.persist_every == 0 or step == self.last_step)
+
     def offer(self, step: int, slots: dict[int, str]) -> None:
         """Step ``step`` is eligible: ``slots`` maps each local rank to the segment holding its snapshot of it."""
         with self._lock:
             if step == self._last_offered:
                 return  # the last two COMMITs of a step may both find it complete
             self._last_offered = step
-            if self._in_flight is not None:
-                busy = self._in_flight
-                self._record(PersistResult(step=step, status="skipped",
-                                           error=f"the persist of step {busy} was still running"))
-            else:
-                self._in_flight, self._pending = step, (step, dict(slots))
+            if self._in_flight is None or step == self.last_step:
+                if self._in_flight is None:
+                    self._in_flight = step
+                else:  # no snapshot follows the last one, so its slots stay as they are while it waits
+                    self._log(f"persist of step {step}, the run's last, waits for the persist of step "
+                              f"{self._in_flight}")
+                self._pending = (step, dict(slots))
                 self._wake.set()
                 return
+            busy = self._in_flight
+            self._record(PersistResult(step=step, status="skipped",
+                                       error=f"the persist of step {busy} was still running"))
         self._release(step)
         self._log(f"persist of step {step} skipped: the persist of step {busy} is still running (persist less "
                   f"often: persist_every)")
@@ -245,11 +261,16 @@ class Persister:
                 "persisted": good, "results": results}
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Lets the persist in flight finish (up to ``timeout_s``, default ``commit_timeout_s``) and stops."""
+        """Lets the persist in flight and a queued last step finish (up to ``timeout_s``, default
+        ``commit_timeout_s`` for each) and stops."""
         with self._lock:
             self._stop = True
             self._wake.set()
-        self._thread.join(self.config.commit_timeout_s if timeout_s is None else timeout_s)
+            jobs = sorted({step for step in (self._in_flight, self._pending and self._pending[0]) if step})
+        if jobs:
+            self._log(f"shutting down once the persist of step{'s' if len(jobs) > 1 else ''} "
+                      f"{' and '.join(map(str, jobs))} is done")
+        self._thread.join(self.config.commit_timeout_s * max(1, len(jobs)) if timeout_s is None else timeout_s)
         if self._thread.is_alive():
             self._log(f"shutting down while the persist of step {self._in_flight} still runs: its temporary "
                       f"directory stays behind (never loaded; removed after a later commit)")
@@ -277,7 +298,7 @@ class Persister:
                 self._log(f"persist of step {step} FAILED: {result.error}; latest is unchanged")
             with self._lock:
                 self._record(result)
-                self._in_flight = None
+                self._in_flight = self._pending[0] if self._pending else None
 
     def _persist(self, step: int, slots: dict[int, str]) -> PersistResult:
         started = time.perf_counter()

@@ -319,12 +319,8 @@ def node_main(argv: Sequence[str]) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        code = process.stop()
-        left = sorted(Path(args.shm_dir).glob(f"regrow-snap-{process.job}-r*-s*"))
-        for path in left:  # e.g. the snapshot process died of the terminal's SIGINT before removing them
-            path.unlink(missing_ok=True)
-        print(f"[node] snapshot process stopped (exit code {code})"
-              + (f"; removed {len(left)} segments it left" if left else ""), flush=True)
+        code = process.stop()  # removes the segments too if the process could not (killed, crashed)
+        print(f"[node] snapshot process stopped (exit code {code})", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

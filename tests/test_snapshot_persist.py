@@ -203,6 +203,46 @@ def test_slot_held_during_the_copy_is_not_reused(tmp_path, token, capsys) -> Non
 
 
 @pytest.mark.timeout(240)
+def test_the_runs_last_step_is_persisted_even_while_busy(tmp_path, token, capsys) -> None:
+    """Persist every 4 in a 6-step run: step 6 is not a multiple of 4 but is the run's last, and it arrives while
+    step 4's copy is still running (slowed by a hook). It is queued, not skipped, so the run ends with a
+    checkpoint of its final state, equal to the CheckpointWriter's byte for byte."""
+    root = tmp_path / "persisted"
+    node = InProcessNode(PersistConfig(persist_every=4, persist_dir=str(root), commit_timeout_s=30), token)
+    try:
+        copying, proceed = threading.Event(), threading.Event()
+
+        def slow_step_4(rank: int, step: int) -> None:
+            if step == 4:
+                copying.set()
+                assert proceed.wait(120), "the test never released the copy"
+
+        node.server.persister.copy_hook = slow_step_4
+        config = cw.config(1, steps=6)
+        node.client.request({"op": "run_config", "config": config.to_dict()})
+        sink = SnapshotSink(SnapshotSinkConfig(address=node.server.address, token=token), rank=0)
+        trainer = Trainer(config, sinks=[sink])
+        for _ in range(6):
+            trainer.train_step()
+        sink.close()
+        assert copying.wait(60)
+        assert node.client.request({"op": "persisted"})["in_flight"] == 4
+        proceed.set()
+        assert node.wait_for(6)["status"] == "committed"
+        statuses = [(r["step"], r["status"]) for r in node.client.request({"op": "persisted"})["results"]]
+        assert statuses == [(4, "committed"), (6, "committed")]
+        assert "persist of step 6, the run's last, waits for the persist of step 4" in capsys.readouterr().out
+        assert storage.read_latest(root) == "step_00000006"
+    finally:
+        node.close()
+    reference = tmp_path / "reference"
+    writer = CheckpointWriter(WriterConfig(root=str(reference), save_every=4, final_step=6, when_busy="wait"),
+                              run_config=config.to_dict())
+    Trainer(config, sinks=[writer]).run()
+    assert_same_checkpoint(root / "step_00000006", reference / "step_00000006")
+
+
+@pytest.mark.timeout(240)
 def test_failed_persist_leaves_latest_on_the_last_good_checkpoint(tmp_path, token, capsys) -> None:
     """Step 4's temporary directory cannot be created (a file is in the way): the persist fails after the commit
     timeout, ``latest`` stays on step 2, and training never noticed."""
