@@ -17,7 +17,11 @@ the phase's sink, alternating (so that the machine's drift falls on both), after
 - ``snapshot``: the full ``SnapshotSink`` (metadata, GPU digest, seal on a thread, COMMIT).
 
 ``--parts`` picks the phases (default all, in this order); ``--numa-bind local|remote`` binds each rank's CPUs to
-its GPU's NUMA node or to another one first (``numa_placement.py``; a no-op on a host of one node). Rank 0 prints
+its GPU's NUMA node or to another one first (``numa_placement.py``; a no-op on a host of one node).
+``--poll-hz N --poll-work-us W`` adds a thread to every rank that takes the GIL N times a second for W us of
+Python, as a Ray actor's control calls (heartbeats, the bench's progress polls) do, and ``--switch-interval-ms``
+sets how soon a thread waiting for the GIL makes its holder give it up: a diagnostic of why a snapshot every step
+costs more under Ray than under torchrun (the sink's seal thread competes for the GIL with the training thread). Rank 0 prints
 ``RESULT {json}`` with each phase's median step time and its overhead over its paired windows without a sink, and
 where each rank was placed.
 """
@@ -27,6 +31,8 @@ from __future__ import annotations
 import datetime
 import statistics
 import sys
+import threading
+import time
 
 import torch.distributed as dist
 
@@ -106,6 +112,21 @@ def _gpu_digest(name: str, source):
 PARTS = ("state", "copy", "copy_bwd", "copy_bwd_digest", "snapshot")
 
 
+def start_poller(hz: float, work_us: float) -> threading.Event:
+    """A daemon thread that, ``hz`` times a second, runs ``work_us`` microseconds of pure Python (it holds the GIL
+    throughout, as deserializing and answering a small Ray call does); set the returned event to stop it."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(1.0 / hz):
+            until = time.perf_counter() + work_us * 1e-6
+            while time.perf_counter() < until:
+                pass
+
+    threading.Thread(target=poll, daemon=True, name="bench-poller").start()
+    return stop
+
+
 def run() -> dict:
     args = parse_args()
     parts = [part for part in args.parts.split(",") if part]
@@ -119,6 +140,9 @@ def run() -> dict:
     dist.all_gather_object(placements, placement)
     trainer = regrow_trainer(args, rank, world_size, device)
     process, address = start_node_process(args, trainer, world_size)
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
+    poller = start_poller(args.poll_hz, args.poll_work_us) if args.poll_hz else None
     phases: dict[str, tuple[list[float], list[float]]] = {}
 
     def phase(name: str, sink) -> None:
@@ -145,6 +169,8 @@ def run() -> dict:
         for name in parts:
             phase(name, sink_of(name))
     finally:
+        if poller is not None:
+            poller.set()
         if process is not None:
             process.stop()
     figures = {}
@@ -154,7 +180,8 @@ def run() -> dict:
         figures[f"step_ms_{name}_off"] = round(ms_off, 2)
         figures[f"overhead_{name}"] = round(ms_on / ms_off - 1, 4)
     return {"bench": "snapshot_parts", **result_header(args, world_size, device), "window": args.window,
-            "numa_bind": args.numa_bind, "placements": placements, **figures,
+            "numa_bind": args.numa_bind, "placements": placements, "poll_hz": args.poll_hz,
+            "poll_work_us": args.poll_work_us, "switch_interval_ms": args.switch_interval_ms, **figures,
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
