@@ -223,7 +223,10 @@ class SnapshotServer:
         op = request.get("op")
         try:
             if op == "attach":
-                return self._attach(int(request["rank"]), request["tensors"], int(request["meta_capacity"])), None
+                restored = request.get("step")
+                return self._attach(int(request["rank"]), request["tensors"], int(request["meta_capacity"]),
+                                    at_step=None if restored is None else int(restored),
+                                    restored_from=request.get("restored_from")), None
             if op == "latest":  # "verify": False lists the slots by their headers (the reader verifies)
                 return self._latest(int(request["rank"]), verify=bool(request.get("verify", True))), None
             if op == "commit":
@@ -249,7 +252,11 @@ class SnapshotServer:
             return {"ok": False, "error": f"{type(error).__name__}: {error}"}, None
 
     # ---------------------------------------------------------------- the operations
-    def _attach(self, rank: int, table: list[dict], meta_capacity: int) -> dict:
+    def _attach(self, rank: int, table: list[dict], meta_capacity: int, *, at_step: int | None = None,
+                restored_from: str | None = None) -> dict:
+        """ATTACH; ``at_step``/``restored_from``: the rank's state is at that step, restored from that segment (if
+        from one), so its slots of later steps, or of that step but another history, are abandoned (see
+        :meth:`_abandon_locked`)."""
         _, payload = seg.plan_tensors(table)
         size = seg.segment_bytes(meta_capacity, payload)
         with self._lock:
@@ -261,6 +268,8 @@ class SnapshotServer:
                 if have.table != table:
                     raise ValueError(f"rank {rank} re-attached with another tensor table; its snapshots were "
                                      f"taken at another layout (restore from the universal checkpoint)")
+                if at_step is not None:
+                    self._abandon_locked(have, at_step, restored_from)
                 log("re-attached to its existing segments", rank=rank)
                 return {"ok": True, "paths": have.paths, "reused": True, "segment_bytes": have.size,
                         "held": sorted(set(have.held.values()))}
@@ -270,6 +279,22 @@ class SnapshotServer:
                                               tensors=table)
         log(f"attached: {SLOTS} segments of {size / 2**20:.1f} MiB", rank=rank)
         return {"ok": True, "paths": paths, "reused": False, "segment_bytes": size, "held": []}
+
+    def _abandon_locked(self, have: _RankSegments, at_step: int, restored_from: str | None) -> None:
+        """Forgets the commits of ``have``'s slots that the rank abandoned by going back to ``at_step``: those of
+        later steps, and of ``at_step`` itself unless restored from that very slot (the sink's own rule for which
+        slot it keeps). They stay sealed, but of a history the job left: counted as committed, they made an
+        encode round or a persist take a step from that history next to other ranks' re-run one (the same bytes
+        only when training is deterministic), and made holds of the re-run steps fail as "past". A holder that
+        held such a slot now waits for the rank's new COMMIT of its step (a round waiting on it goes on then)."""
+        for slot, step in list(have.committed.items()):
+            if step < at_step or (step == at_step and have.paths[slot] == restored_from):
+                continue
+            del have.committed[slot]
+            for holder, held_slot in list(have.held.items()):
+                if held_slot == slot:
+                    del have.held[holder]
+                    self._pending_holds[holder] = step
 
     def _create(self, rank: int, slot: int, size: int, meta_capacity: int) -> str:
         path = self._segment_path(rank, slot)

@@ -213,7 +213,9 @@ class SnapshotSink:
         table = tensor_table(state.tensors)
         entries, _ = seg.plan_tensors(table)
         meta_size = len(json.dumps(state_meta(state, entries)))
-        reply = self.client.request({"op": "attach", "rank": self.rank, "tensors": table,
+        # The state's step and source let the process forget this rank's commits of an abandoned history.
+        reply = self.client.request({"op": "attach", "rank": self.rank, "tensors": table, "step": state.step,
+                                     "restored_from": restored_from,
                                      "meta_capacity": 2 * meta_size + self.config.meta_headroom})
         self._held = frozenset(reply.get("held", ()))
         same = [s.path for s in self.segments] == reply["paths"] and all(

@@ -111,3 +111,25 @@ def test_a_persist_step_is_held_from_its_first_commit(tmp_path: Path) -> None:
         server.persister.close()
         server._listener.close()
         server._remove_all()
+
+
+def test_a_restored_rank_abandons_its_later_slots(server: SnapshotServer) -> None:
+    """Rank 0 committed steps 1 and 2, and an encode round holds step 2; then the job goes back to step 1 (the
+    rank restored it from slot 0). Its slot of step 2 belongs to the abandoned history: no longer committed, so
+    step 2 is not what the process encodes next and a hold of the re-run step 2 is not "past"; the round's hold
+    waits for the rank's new COMMIT of step 2 and then holds the re-run snapshot."""
+    paths = server._attach(0, TABLE, 4096)["paths"]
+    seal(server, 0, 0, 1)
+    seal(server, 0, 1, 2)
+    assert server.hold("enc", 2) == "held" and server._ready_step() == 2
+    reply = server._attach(0, TABLE, 4096, at_step=1, restored_from=paths[0])
+    assert reply["held"] == [], "the slot of the abandoned step 2 may be rewritten"
+    assert server._ready_step() == 1
+    assert not server.holds_ready("enc", 2)
+    assert server.hold("persist", 2) == "pending", "step 2 is the rank's future again, not its past"
+    assert seal(server, 0, 1, 2)["held"] == [1], "the re-run step 2 is held for both at its COMMIT"
+    assert server.holds_ready("enc", 2) and server.holds_ready("persist", 2)
+
+    # Restored from the checkpoint at step 1 (no slot): both slots are of step >= 1, neither is kept.
+    server._attach(0, TABLE, 4096, at_step=1)
+    assert server._ready_step() is None
