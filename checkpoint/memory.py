@@ -397,9 +397,12 @@ class SnapshotServer:
         all ranks had committed lost the step whenever one rank's COMMIT came a step late (a loaded machine): by
         then another rank was past it and its slot could not be held any more. Not while a persist runs: its
         offer would be skipped, and taking the holder's holds would drop the ones its copy may still need."""
-        if not self._persist_step(step) or step == self._persist_hold_step or not self.persister.idle:
+        if not self._persist_step(step) or not self.persister.idle:
             return
-        self._persist_hold_step = step
+        with self._lock:  # the ranks' COMMITs arrive on their own threads: one of them takes the hold
+            if step == self._persist_hold_step:
+                return
+            self._persist_hold_step = step
         self.hold(PERSIST_HOLDER, step)
 
     def _offer_persist(self, step: int) -> None:
