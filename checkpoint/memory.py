@@ -261,7 +261,12 @@ class SnapshotServer:
         size = seg.segment_bytes(meta_capacity, payload)
         with self._lock:
             have = self._ranks.get(rank)
-            if have is not None:
+            if have is None:
+                check_space(self.config.shm_dir, SLOTS * size)
+                paths = [self._create(rank, slot, size, meta_capacity) for slot in range(SLOTS)]
+                self._ranks[rank] = _RankSegments(paths=paths, table=table, meta_capacity=meta_capacity, size=size,
+                                                  tensors=table)
+            else:
                 # Only the tensor table must match. The metadata room asked for grows by a few bytes with the step
                 # and data cursor, far less than the room's headroom: the segments keep their room, and the sink's
                 # begin() refuses metadata that would not fit.
@@ -270,13 +275,13 @@ class SnapshotServer:
                                      f"taken at another layout (restore from the universal checkpoint)")
                 if at_step is not None:
                     self._abandon_locked(have, at_step, restored_from)
-                log("re-attached to its existing segments", rank=rank)
-                return {"ok": True, "paths": have.paths, "reused": True, "segment_bytes": have.size,
-                        "held": sorted(set(have.held.values()))}
-            check_space(self.config.shm_dir, SLOTS * size)
-            paths = [self._create(rank, slot, size, meta_capacity) for slot in range(SLOTS)]
-            self._ranks[rank] = _RankSegments(paths=paths, table=table, meta_capacity=meta_capacity, size=size,
-                                              tensors=table)
+                reply = {"ok": True, "paths": have.paths, "reused": True, "segment_bytes": have.size,
+                         "held": sorted(set(have.held.values()))}
+        if have is not None:
+            log("re-attached to its existing segments", rank=rank)
+            if at_step is not None and self.peers is not None:
+                self.peers.rolled_back(at_step)  # outside our lock: the coding thread takes its own, then ours
+            return reply
         log(f"attached: {SLOTS} segments of {size / 2**20:.1f} MiB", rank=rank)
         return {"ok": True, "paths": paths, "reused": False, "segment_bytes": size, "held": []}
 

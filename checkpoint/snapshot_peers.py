@@ -38,6 +38,7 @@ the peer that failed and leave the others working.
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 import zlib
@@ -108,12 +109,11 @@ class ErasureCodingConfig:
 
 
 class _Superseded(Exception):
-    """The leader proposed a newer step (or the process stops) while a round ran."""
+    """The leader proposed another round (or the process stops) while a round ran."""
 
 
-class _GroupChanged(Exception):
-    """A member was replaced (``ec_group`` named a new address) while a round ran: its old process will never send
-    what the round waits for."""
+class _Abandoned(Exception):
+    """The round's step lost its meaning while it ran (see :meth:`PeerCoding._abandon_round`)."""
 
 
 class _Passed(Exception):
@@ -165,16 +165,21 @@ class PeerCoding:
         self._cond = threading.Condition()
         self._ready: int | None = None  # newest step every local rank has committed
         self._round_step: int | None = None  # the step of the round running, if any
-        self._proposal: int | None = None  # follower: the newest step the leader proposed
+        self._round_id: str | None = None  # its id: the leader names every round, messages carry the name
+        self._proposal: tuple[int, str] | None = None  # follower: the leader's latest (step, round id)
         self._retry_from: int | None = None  # leader: a proposal was passed; propose at least this step next
-        self._generation = 0  # bumped when a member is replaced: rounds of an older generation are abandoned
+        self._done_step: int | None = None  # leader: the last round's step (the next one encodes a newer step)
+        self._resume_from: int | None = None  # a rollback during the running round: its end goes on from here
+        self._done_id: str | None = None  # follower: the last round's id (the next one joins another)
+        self._generation = 0  # bumped by _abandon_round: a round of an older generation ends
         self._round_generation = 0
+        self._abandoned_why = ""
         self.rounds_completed = 0
         self.round_seconds: list[float] = []
         """Durations of the last 20 completed rounds."""
         self._last_logged = -LOG_EVERY_S
         self._stop = False
-        self._inbox: dict[int, _Inbox] = {}
+        self._inbox: dict[tuple[int, str], _Inbox] = {}  # (step, round id) -> what peers sent for that round
         self._complete: dict[int, _Complete] = {}
         self._clients: dict[int, SnapshotClient] = {}
         self._thread = threading.Thread(target=self._loop, daemon=True, name="regrow-ec-rounds")
@@ -200,17 +205,19 @@ class PeerCoding:
         if op == "ec_group":
             return self._set_group(int(request["node"]), [str(a) for a in request["peers"]]), None
         if op == "ec_propose":
-            return self._on_proposal(int(request["step"])), None
+            return self._on_proposal(int(request["step"]), str(request["round"])), None
         if op == "ec_size":
             with self._cond:
-                self._box(int(request["step"])).sizes[int(request["node"])] = int(request["size"])
+                box = self._box(int(request["step"]), str(request["round"]))
+                box.sizes[int(request["node"])] = int(request["size"])
                 self._cond.notify_all()
             return {"ok": True}, None
         if op == "ec_piece":
             if payload is None:
                 raise ValueError("ec_piece carries no raw payload")
             with self._cond:
-                self._box(int(request["step"])).pieces[(int(request["node"]), int(request["piece"]))] = payload
+                box = self._box(int(request["step"]), str(request["round"]))
+                box.pieces[(int(request["node"]), int(request["piece"]))] = payload
                 self._cond.notify_all()
             return {"ok": True}, None
         if op == "ec_status":
@@ -242,15 +249,40 @@ class PeerCoding:
                 # A round waiting for a replaced member would wait peer_timeout_s (30 s) for pieces that its dead
                 # process will never send; meanwhile no step gets encoded, and a second loss in that window found
                 # nothing to rebuild from. The round ends now and the next one includes the replacement.
-                self._generation += 1
-                self._cond.notify_all()
+                self._abandon_round(f"node(s) {changed} of the group were replaced")
         log(f"node {node} of a group of {len(peers)} (parity {self.config.ec_parity})")
         return {"ok": True}
 
-    def _box(self, step: int) -> _Inbox:
-        """The inbox of ``step`` (under the lock); messages for steps already complete are kept out of memory by
-        pruning on completion."""
-        return self._inbox.setdefault(step, _Inbox())
+    def rolled_back(self, step: int) -> None:
+        """A local rank went back to ``step`` (it re-attached after a restore; the snapshot process has already
+        forgotten its commits of later steps). A round of a later step ends: this node may have packed that step
+        from the history the job left, while the others would pack its re-run. Steps after ``step`` become
+        encodable again, and a proposal of a later step from before the rollback is dropped. Every rank of a job
+        that goes back re-attaches before any step is re-run, so every member ends such a round before any re-run
+        snapshot exists, and the next rounds (new ids) hold only re-run snapshots."""
+        with self._cond:
+            if self._round_step is not None and self._round_step > step:
+                self._abandon_round(f"the local ranks went back to step {step}")
+                self._resume_from = step if self._resume_from is None else min(self._resume_from, step)
+            if self._done_step is not None and self._done_step > step:
+                self._done_step = step
+            if self._ready is not None and self._ready > step:
+                self._ready = step
+            if self._proposal is not None and self._proposal[0] > step:
+                self._proposal = None
+            self._retry_from = None
+
+    def _abandon_round(self, why: str) -> None:
+        """Ends the running round at its next check (lock held); the next round starts from the newest step."""
+        self._generation += 1
+        self._abandoned_why = why
+        self._cond.notify_all()
+
+    def _box(self, step: int, round_id: str) -> _Inbox:
+        """The inbox of one round (under the lock). Keyed by the round's id, not only its step: a message of an
+        abandoned round of the same step (sent before the rollback, arriving late) must never count in its
+        re-run's round. Inboxes of steps up to a finished round's are pruned then."""
+        return self._inbox.setdefault((step, round_id), _Inbox())
 
     # ------------------------------------------------------------ encode rounds
     @property
@@ -258,44 +290,48 @@ class PeerCoding:
         """Node 0 of the group proposes the step every round encodes."""
         return self.node == 0
 
-    def _next_step(self, done: int | None) -> int | None:
-        """The step the next round encodes (lock held), or None to keep waiting: the leader's newest committed
-        step (or, after a proposal a peer had already passed, the step after it); a follower's latest proposal."""
+    def _next_round(self) -> tuple[int, str] | None:
+        """The (step, id) of the next round (lock held), or None to keep waiting: the leader's newest committed
+        step (or, after a proposal a peer had already passed, the step after it) under a new id; a follower's
+        latest proposal, if it has not run it yet."""
         if self.node is None:
             return None
         if self.leader:
             if self._ready is None:
                 return None
             step = max(self._ready, self._retry_from or 0)
-        else:
-            step = self._proposal
-        return step if step is not None and (done is None or step > done) else None
+            if self._done_step is not None and step <= self._done_step:
+                return None
+            return step, secrets.token_hex(4)
+        if self._proposal is None or self._proposal[1] == self._done_id:
+            return None
+        return self._proposal
 
     def _loop(self) -> None:
-        done: int | None = None
         while True:
             with self._cond:
-                while not self._stop and self._next_step(done) is None:
+                while not self._stop and (upcoming := self._next_round()) is None:
                     self._cond.wait()
                 if self._stop:
                     return
-                step = self._round_step = self._next_step(done)
+                assert upcoming is not None
+                step, round_id = upcoming
+                self._round_step, self._round_id = step, round_id
                 self._round_generation = self._generation
-            assert step is not None
             started = time.monotonic()
             try:
-                self._round(step)
+                self._round(step, round_id)
                 self.round_seconds = [*self.round_seconds[-19:], round(time.monotonic() - started, 3)]
                 # One line per round would flood a log at a snapshot per step: the first, then one a minute.
                 if time.monotonic() - self._last_logged >= LOG_EVERY_S:
                     self._last_logged = time.monotonic()
                     log(f"node {self.node}: step {step} encoded in {time.monotonic() - started:.2f} s "
                         f"({self.rounds_completed} rounds so far)")
-            except _GroupChanged:
-                log(f"node {self.node}: encode of step {step} abandoned: a member of the group was replaced")
+            except _Abandoned:
+                log(f"node {self.node}: encode of step {step} abandoned: {self._abandoned_why}")
             except _Superseded:
-                log(f"node {self.node}: encode of step {step} left for step {self._proposal}, which the leader "
-                    f"proposed")
+                proposed = self._proposal[0] if self._proposal else None
+                log(f"node {self.node}: encode of step {step} left for step {proposed}, which the leader proposed")
             except _Passed as passed:
                 log(f"node {self.node}: step {step} not encoded: {passed}; proposing step {step + 1} next")
                 with self._cond:
@@ -305,21 +341,25 @@ class PeerCoding:
             finally:
                 self._segments.release(HOLDER, step)
             with self._cond:
-                self._round_step = None
-                # Pieces of rounds that will not complete any more (older than the next one) would pin memory.
-                for old in [s for s in self._inbox if s <= step]:
+                # A round abandoned for a replaced member is not run again; after a rollback, steps after the
+                # one the ranks went back to are encodable again (they will be re-run).
+                self._done_step = step if self._resume_from is None else min(step, self._resume_from)
+                self._resume_from = None
+                self._done_id = round_id
+                self._round_step = self._round_id = None
+                # Pieces of rounds that will not complete any more (up to this one) would pin memory.
+                for old in [key for key in self._inbox if key[0] <= step]:
                     del self._inbox[old]
-            done = step
             if self.config.min_interval_s:
                 time.sleep(self.config.min_interval_s)
 
     def _check(self, step: int) -> None:
-        """Raises :class:`_Superseded` when the process stops or the leader proposed a newer step, and
-        :class:`_GroupChanged` when a member was replaced since the round started."""
-        if self._stop or (not self.leader and self._proposal is not None and self._proposal > step):
+        """Raises :class:`_Superseded` when the process stops or the leader proposed another round, and
+        :class:`_Abandoned` when :meth:`_abandon_round` ran since the round started."""
+        if self._stop or (not self.leader and self._proposal is not None and self._proposal[1] != self._round_id):
             raise _Superseded
         if self._generation != self._round_generation:
-            raise _GroupChanged
+            raise _Abandoned
 
     def _wait(self, step: int, ready: Callable[[], bool], missing: Callable[[], str]) -> None:
         """Waits (lock held by the caller) until ``ready()``; raises on supersession, or after ``peer_timeout_s``
@@ -332,31 +372,32 @@ class PeerCoding:
                 raise TimeoutError(f"step {step}: still missing {missing()} after {self.config.peer_timeout_s} s")
             self._cond.wait(min(left, 0.5))
 
-    def _propose(self, step: int) -> None:
-        """The leader asks every follower to hold and encode ``step``; raises :class:`_Passed` if one is past it."""
+    def _propose(self, step: int, round_id: str) -> None:
+        """The leader asks every follower to hold and encode ``step`` in round ``round_id``; raises
+        :class:`_Passed` if one is past it."""
         for peer in range(self.code.n):
             if peer == self.node:
                 continue
-            reply, _ = self._call(peer, {"op": "ec_propose", "step": step})
+            reply, _ = self._call(peer, {"op": "ec_propose", "step": step, "round": round_id})
             if reply.get("hold") == "past":
                 raise _Passed(f"node {peer} has already snapshotted past it")
 
-    def _on_proposal(self, step: int) -> dict:
+    def _on_proposal(self, step: int, round_id: str) -> dict:
         """A follower receives the leader's proposal: holds the step's slots (now or at their COMMIT) and starts
         the round, superseding one still running."""
         hold = self._segments.hold(HOLDER, step)
         if hold != "past":
             with self._cond:
-                self._proposal = step
+                self._proposal = (step, round_id)
                 self._cond.notify_all()
         return {"ok": True, "hold": hold}
 
-    def _pack_held(self, step: int) -> bytearray:
+    def _pack_held(self, step: int, round_id: str) -> bytearray:
         """This node's buffer of ``step``, packed from slots held for it (so no sink overwrites them meanwhile)."""
         if self.leader:
             if self._segments.hold(HOLDER, step) == "past":
                 raise _Passed("a local rank has already snapshotted past it")
-            self._propose(step)
+            self._propose(step, round_id)
         with self._cond:
             self._wait(step, lambda: self._segments.holds_ready(HOLDER, step),
                        lambda: "the local ranks' COMMITs of the step (their slots are held when they commit it)")
@@ -365,18 +406,19 @@ class PeerCoding:
         finally:
             self._segments.release(HOLDER, step)
 
-    def _round(self, step: int) -> None:
+    def _round(self, step: int, round_id: str) -> None:
         me, n = self.node, self.code.n
         assert me is not None
-        buffer = self._pack_held(step)
+        buffer = self._pack_held(step, round_id)
         with self._cond:
             self._check(step)
-            self._box(step).sizes[me] = len(buffer)
+            self._box(step, round_id).sizes[me] = len(buffer)
         for peer in range(n):
             if peer != me:
-                self._call(peer, {"op": "ec_size", "step": step, "node": me, "size": len(buffer)})
+                self._call(peer, {"op": "ec_size", "step": step, "round": round_id, "node": me,
+                                  "size": len(buffer)})
         with self._cond:
-            box = self._box(step)
+            box = self._box(step, round_id)
             self._wait(step, lambda: len(box.sizes) == n,
                        lambda: f"the sizes of nodes {sorted(set(range(n)) - set(box.sizes))}")
             geo = self.code.geometry([box.sizes[i] for i in range(n)])
@@ -388,7 +430,8 @@ class PeerCoding:
                         box.pieces[(me, piece)] = bytearray(data)
                 else:
                     self._check(step)
-                    self._call(holder, {"op": "ec_piece", "step": step, "node": me, "piece": piece}, data)
+                    self._call(holder, {"op": "ec_piece", "step": step, "round": round_id, "node": me,
+                                        "piece": piece}, data)
         wanted = [(slot.node, slot.piece) for s in self.code.parity_stripes(me)
                   for slot in self.code.placement()[s].data]
         with self._cond:
@@ -404,8 +447,6 @@ class PeerCoding:
             self.rounds_completed += 1
             for old in sorted(self._complete)[:-KEEP_COMPLETE]:
                 del self._complete[old]
-            for old in [s for s in self._inbox if s <= step]:
-                del self._inbox[old]
 
     def _client(self, peer: int) -> SnapshotClient:
         client = self._clients.get(peer)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from regrow.checkpoint import snapshot_ec_buffer as ecbuf
 from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_peers import ErasureCodingConfig
@@ -263,3 +264,50 @@ def test_a_second_loss_right_after_a_rebuild_is_rebuilt_too(make_group) -> None:
         assert (reply["step"], reply["lost"]) == (1, [lost])
         assert latest_payload(group, lost) == (1, payloads[lost])
         assert group.request(lost, {"op": "ec_status"})["complete"] == [1]
+
+
+def reattach_at(group: Group, node: int, step: int) -> None:
+    """Rank ``node`` of node ``node`` re-attaches after going back to ``step``, restored from its slot of it (the
+    slot ``write_step`` wrote: step % 2), as a restored sink does."""
+    client = SnapshotClient(group.nodes[node].address, token=group.token)
+    try:
+        paths = client.request({"op": "attach", "rank": node, "tensors": table_of(node), "meta_capacity": 4096})
+        client.request({"op": "attach", "rank": node, "tensors": table_of(node), "meta_capacity": 4096,
+                        "step": step, "restored_from": paths["paths"][step % 2]})
+    finally:
+        client.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_rollback_ends_the_round_of_a_step_the_job_left(make_group) -> None:
+    """Node 0 packs its step 2 and waits for node 1's; then the job goes back to step 1 (both ranks re-attach,
+    restored from their slots of step 1). The round ends at once, and when both ranks re-run step 2, node 0's
+    complete buffer of step 2 holds its re-run snapshot, not the abandoned one (before, the round could complete
+    with node 0's abandoned step 2 next to node 1's re-run one)."""
+    group = make_group(2, 1, peer_timeout_s=60.0)
+    for node in range(2):
+        write_step(group, node, 1)
+    group.wait_encoded(1)
+    abandoned = write_step(group, 0, 2)
+    deadline = time.monotonic() + 30
+    while group.request(0, {"op": "ec_status"})["round"] != 2:
+        assert time.monotonic() < deadline, "node 0 never started the round of step 2"
+        time.sleep(0.02)
+    for node in range(2):
+        reattach_at(group, node, 1)
+    deadline = time.monotonic() + 10
+    while any(group.request(node, {"op": "ec_status"})["round"] == 2 for node in range(2)):
+        assert time.monotonic() < deadline, "a round of the abandoned step 2 still runs"
+        time.sleep(0.02)
+    rerun = {node: write_step(group, node, 2) for node in range(2)}
+    assert rerun[0] != abandoned
+    group.wait_encoded(2, timeout_s=20.0)
+    client = SnapshotClient(group.nodes[0].address, token=group.token)
+    try:
+        _, buffer = client.exchange({"op": "ec_fetch", "step": 2, "what": "buffer"})
+    finally:
+        client.close()
+    _, segments = ecbuf.unpack(buffer)
+    snapshot = seg.verify(memoryview(segments[0].data), rank=0)
+    assert (snapshot.step, bytes(snapshot.payload)) == (2, rerun[0])
+    snapshot.payload.release()
