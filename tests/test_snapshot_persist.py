@@ -65,6 +65,25 @@ class InProcessNode:
             time.sleep(0.02)
         raise TimeoutError(f"no persist outcome for step {step} within {timeout_s} s")
 
+    def stall_copy_of(self, stalled: int) -> tuple[threading.Event, threading.Event]:
+        """Makes the persister's copy of step ``stalled`` wait: returns (copying: set once it waits, proceed: set
+        it to let the copy finish)."""
+        copying, proceed = threading.Event(), threading.Event()
+
+        def hook(rank: int, step: int) -> None:
+            if step == stalled:
+                copying.set()
+                assert proceed.wait(120), "the test never released the copy"
+
+        self.server.persister.copy_hook = hook
+        return copying, proceed
+
+    def trainer(self, config, token: str) -> tuple[Trainer, SnapshotSink]:
+        """A trainer of ``config`` with a snapshot sink attached to this node (which is told the run config)."""
+        self.client.request({"op": "run_config", "config": config.to_dict()})
+        sink = SnapshotSink(SnapshotSinkConfig(address=self.server.address, token=token), rank=0)
+        return Trainer(config, sinks=[sink]), sink
+
     def close(self) -> None:
         self.client.close()
         self.server.shutdown()
@@ -143,18 +162,9 @@ def test_slot_held_during_the_copy_is_not_reused(tmp_path, token, capsys) -> Non
     node = InProcessNode(PersistConfig(persist_every=2, persist_dir=str(root), keep_last=2, commit_timeout_s=30),
                          token)
     try:
-        copied, proceed = threading.Event(), threading.Event()
-
-        def hold_step_2(rank: int, step: int) -> None:
-            if step == 2:
-                copied.set()
-                assert proceed.wait(120), "the test never released the copy"
-
-        node.server.persister.copy_hook = hold_step_2
+        copied, proceed = node.stall_copy_of(2)
         config = cw.config(1, steps=6)
-        node.client.request({"op": "run_config", "config": config.to_dict()})
-        sink = SnapshotSink(SnapshotSinkConfig(address=node.server.address, token=token), rank=0)
-        trainer = Trainer(config, sinks=[sink])
+        trainer, sink = node.trainer(config, token)
         trainer.train_step()
         trainer.train_step()
         assert copied.wait(60), "step 2 was never offered for persisting"
@@ -210,18 +220,9 @@ def test_the_runs_last_step_is_persisted_even_while_busy(tmp_path, token, capsys
     root = tmp_path / "persisted"
     node = InProcessNode(PersistConfig(persist_every=4, persist_dir=str(root), commit_timeout_s=30), token)
     try:
-        copying, proceed = threading.Event(), threading.Event()
-
-        def slow_step_4(rank: int, step: int) -> None:
-            if step == 4:
-                copying.set()
-                assert proceed.wait(120), "the test never released the copy"
-
-        node.server.persister.copy_hook = slow_step_4
+        copying, proceed = node.stall_copy_of(4)
         config = cw.config(1, steps=6)
-        node.client.request({"op": "run_config", "config": config.to_dict()})
-        sink = SnapshotSink(SnapshotSinkConfig(address=node.server.address, token=token), rank=0)
-        trainer = Trainer(config, sinks=[sink])
+        trainer, sink = node.trainer(config, token)
         for _ in range(6):
             trainer.train_step()
         sink.close()
