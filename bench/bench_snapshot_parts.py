@@ -21,9 +21,9 @@ its GPU's NUMA node or to another one first (``numa_placement.py``; a no-op on a
 ``--poll-hz N --poll-work-us W`` adds a thread to every rank that takes the GIL N times a second for W us of
 Python, as a Ray actor's control calls (heartbeats, the bench's progress polls) do, and ``--switch-interval-ms``
 sets how soon a thread waiting for the GIL makes its holder give it up: a diagnostic of why a snapshot every step
-costs more under Ray than under torchrun (the sink's seal thread competes for the GIL with the training thread). Rank 0 prints
-``RESULT {json}`` with each phase's median step time and its overhead over its paired windows without a sink, and
-where each rank was placed.
+costs more under Ray than under torchrun (the sink's seal thread competes for the GIL with the training thread).
+Rank 0 prints ``RESULT {json}`` with each phase's median step time and its overhead over its paired windows without
+a sink, and where each rank was placed.
 """
 
 from __future__ import annotations

@@ -518,9 +518,10 @@ class SnapshotProcess:
 
     def stop(self, timeout_s: float | None = None) -> int:
         """Asks it to shut down (SIGTERM: it removes its segments once its persists are done), kills it after
-        ``timeout_s`` (default ``stop_timeout_s``); returns its exit code. A process that did not shut down cleanly (killed, crashed, or killed here) could not remove its
-        segments: they are removed here, so a failed job leaves no /dev/shm behind (nothing could use them: a
-        replacement of the same job would remove them as leftovers)."""
+        ``timeout_s`` (default ``stop_timeout_s``); returns its exit code. A process that did not shut down
+        cleanly (killed, crashed, or killed here) could not remove its segments: they are removed here, so a failed
+        job leaves no /dev/shm behind (nothing could use them: a replacement of the same job would remove them as
+        leftovers)."""
         timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
         if self.process.poll() is None:
             self.process.terminate()

@@ -19,15 +19,17 @@ round longer than a step, no round ever completed.) One round:
    way leaves the previous step complete on every node).
 
 Snapshots that arrive while a round runs are not queued: when it ends, the newest is taken. A round whose peer
-stopped answering times out (``peer_timeout_s``), or ends at once when ``ec_group`` replaces that peer, and the next
-round starts from the newest step. Everything runs
-on the process's coding thread, off the training path (ranks only COMMIT).
+stopped answering times out (``peer_timeout_s``), or ends at once when ``ec_group`` replaces that peer or the local
+ranks go back to an earlier step (:meth:`PeerCoding.rolled_back`), and the next round starts from the newest step.
+Every round has an id the leader gives it, carried by all its messages. Everything runs on the process's coding
+thread, off the training path (ranks only COMMIT).
 
 Rebuild (``ec_rebuild``, sent to a replacement process with empty memory): ask every peer (``ec_status``) which
 steps it holds complete, take the newest step s held by at least n - p nodes, fetch those nodes' buffers and parity
 (``ec_fetch``), decode, and install this node's ranks' segments, sealed and committed, so ``restore_from_node``
 restores them unchanged; the node also recomputes its own parity pieces of s and keeps s complete, so the group
-tolerates p losses again at once, not only after its next round. Fewer than n - p holders: :class:`NotRecoverable` naming the disk checkpoint.
+tolerates p losses again at once, not only after its next round. Fewer than n - p holders: :class:`NotRecoverable`
+naming the disk checkpoint.
 
 The transport is TCP with the snapshot protocol's token-checked frames, not the gloo group of the snapshot
 processes: a collective group fails as a whole when one member dies, which is exactly when rebuild must work, and a

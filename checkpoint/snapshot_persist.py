@@ -16,9 +16,9 @@ finished run always ends with a checkpoint of its final state, and shutting down
 **The race with the ranks.** A rank overwrites the slot holding step s when it snapshots step s + 2 (two slots,
 alternating), possibly while this process still reads s. The snapshot process holds every rank's slot of s from
 the first COMMIT of s until the copy is done (``SnapshotServer._hold_for_persist``), so normally no rank writes it;
-a rank already past s at that first COMMIT cannot be held, and for that case :func:`copy_sealed` copies the whole slot into
-private memory first (several threads: the window is about two training steps) and accepts the copy only if the
-slot's header is unchanged and still sealed afterwards, seqlock style: the rank's ``begin`` clears ``complete``
+a rank already past s at that first COMMIT cannot be held, and for that case :func:`copy_sealed` copies the whole
+slot into private memory first (several threads: the window is about two training steps) and accepts the copy only
+if the slot's header is unchanged and still sealed afterwards, seqlock style: the rank's ``begin`` clears ``complete``
 before it writes any byte, so a header that still says "sealed, step s" after the copy means no write started in
 between, and the copy's own checksums (``seg.verify`` on the copy) catch a torn copy even if a writer sealed an
 identical header in between. A slot found overwritten abandons that step (logged; nothing torn is ever written) and
@@ -180,7 +180,8 @@ class Persister:
     :meth:`status` for the ``persisted`` op and :meth:`close` at shutdown.
 
     Contract: ``offer`` never blocks (a COMMIT reply must stay fast); one persist at a time, offers while busy are
-    skipped and recorded, but the run's last step is queued behind the running persist. A persist never raises: every outcome is a :class:`PersistResult` and a log line.
+    skipped and recorded, but the run's last step is queued behind the running persist. A persist never raises:
+    every outcome is a :class:`PersistResult` and a log line.
     ``copy_hook(rank, step)`` runs after each slot's copy, before its header is checked again (tests)."""
 
     def __init__(self, config: PersistConfig, token: str, *, log: Callable[[str], None],
