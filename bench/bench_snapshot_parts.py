@@ -1,9 +1,11 @@
 """Where the cost of a snapshot every step goes: the same training windows with sinks that do more and more of
 what ``SnapshotSink`` does.
 
-One torchrun (``bench/run_gpu_snapshot.sh`` runs it after ``bench_snapshot.py`` when ``PARTS=1``)::
+One torchrun (no wrapper script runs it)::
 
     REGROW_SNAPSHOT_TOKEN=... torchrun --standalone --nproc_per_node=4 bench/bench_snapshot_parts.py --json out.jsonl
+    # the GIL diagnostic: the full sink alone, then with a Ray-like polling thread
+    ... bench/bench_snapshot_parts.py --parts snapshot --windows 8 --poll-hz 50 --poll-work-us 300 --json out.jsonl
 
 Phases, each measured as ``--windows`` pairs of windows of ``--window`` steps, one without any sink and one with
 the phase's sink, alternating (so that the machine's drift falls on both), after ``--warmup`` untimed steps:
