@@ -66,6 +66,13 @@ class Group:
             time.sleep(0.05)
         raise TimeoutError(f"step {step} not encoded on every node within {timeout_s} s")
 
+    def wait_round(self, i: int, step: int, timeout_s: float = 30.0) -> None:
+        """Waits until node ``i`` runs a round of ``step``."""
+        deadline = time.monotonic() + timeout_s
+        while self.request(i, {"op": "ec_status"})["round"] != step:
+            assert time.monotonic() < deadline, f"node {i} never started the round of step {step}"
+            time.sleep(0.02)
+
     def kill(self, i: int) -> None:
         self.nodes[i].process.send_signal(signal.SIGKILL)
         self.nodes[i].process.wait(10)
@@ -235,10 +242,7 @@ def test_a_round_waiting_for_a_replaced_node_ends_at_once(make_group) -> None:
         write_step(group, node, 1)
     group.wait_encoded(1)
     write_step(group, 0, 2)
-    deadline = time.monotonic() + 30
-    while group.request(0, {"op": "ec_status"})["round"] != 2:  # then it waits for node 1's size
-        assert time.monotonic() < deadline, "node 0 never started the round of step 2"
-        time.sleep(0.02)
+    group.wait_round(0, 2)  # it then waits for node 1's size
     group.kill(1)
     group.replace(1)
     group.announce()
@@ -289,10 +293,7 @@ def test_a_rollback_ends_the_round_of_a_step_the_job_left(make_group) -> None:
         write_step(group, node, 1)
     group.wait_encoded(1)
     abandoned = write_step(group, 0, 2)
-    deadline = time.monotonic() + 30
-    while group.request(0, {"op": "ec_status"})["round"] != 2:
-        assert time.monotonic() < deadline, "node 0 never started the round of step 2"
-        time.sleep(0.02)
+    group.wait_round(0, 2)
     for node in range(2):
         reattach_at(group, node, 1)
     deadline = time.monotonic() + 10
