@@ -61,15 +61,19 @@ recovered from (a process-group generation formed since, and a step trained afte
    as a launcher kills the processes of a failed job) and a new ``Coordinator`` resumes it
    (``run(..., resume=True)``: new actors, ``latest`` loaded from the checkpoint directory), within the same
    wall-clock budget; the steps since the last committed checkpoint are re-done.
+6. **goodput-clean** (``snapshot_every=0``, no saves, no kill): the same job for D seconds, the reference.
 
 goodput = (distinct steps advanced within D: the step the training state had reached at D minus the first step,
-re-done steps counted once) x reference step time / D. The reference step time is one for both phases:
-goodput-baseline's clean step before its first save (snapshots off, no save yet: the steps from the first plus up to
+re-done steps counted once) x reference step time / D. The reference step time is one for every phase:
+goodput-clean's mean step over its D when it ran (equivalently, goodput = steps advanced / goodput-clean's steps
+advanced: the GPUs' drift over minutes, a few per cent, is then in the reference too); else goodput-baseline's
+clean step before its first save (snapshots off, no save yet: the steps from the first plus up to
 ``--warmup`` to ``--save-every`` - 1; else before its first kill; else the baseline phase's ``step_ms_off``, else
 each phase's own), so that regrow's snapshot cost and the baseline's saves count as lost time and the ratio
-regrow / baseline is that of the steps advanced. Reported per phase: goodput, failures injected and recovered, first and final step, steps re-done,
-mean kill -> first step after the restore, and the ratio. The device tool runs a command for 10 minutes at most:
-run the two phases in two calls and merge their results with ``--combine a.jsonl b.jsonl`` (no Ray, no run).
+regrow / baseline is that of the steps advanced. Reported per phase: goodput, failures injected and recovered,
+first and final step, steps re-done, mean kill -> first step after the restore, and the ratio. Where a GPU host
+runs a command for 10 minutes at most: run the phases in separate calls and merge their results with
+``--combine a.jsonl b.jsonl`` (no Ray, no run).
 
 Prints ``RESULT {json}`` (every raw figure, the events included) and the markdown table; appends the line to
 ``--json`` and writes the table to ``--markdown``. ``--device cpu --preset tiny`` (gloo, local Ray) is the smoke
@@ -142,7 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phases", default="regrow,baseline,restart",
                         help="phases to run, of regrow, baseline, restart (needs baseline's checkpoint), "
                              "goodput-regrow, goodput-baseline (goodput MEASURED with a failure every "
-                             "--goodput-interval seconds; long: see --goodput-duration)")
+                             "--goodput-interval seconds; long: see --goodput-duration), goodput-clean (the same "
+                             "job for --goodput-duration seconds with no failure and no snapshot: the reference)")
     parser.add_argument("--goodput-interval", type=float, default=120.0,
                         help="goodput phases: wall-clock seconds T between two failures")
     parser.add_argument("--goodput-duration", type=float, default=None,
@@ -443,7 +448,7 @@ def run_job(args: argparse.Namespace, name: str, spec: WorkerSpec, steps: int, *
 
 # ---------------------------------------------------------------------------------------------------- goodput, measured
 
-GOODPUT_PHASES = ("goodput-regrow", "goodput-baseline")
+GOODPUT_PHASES = ("goodput-regrow", "goodput-baseline", "goodput-clean")
 GOODPUT_STEPS = 10**6 - 1  # the coordinator's target: never reached, the phase is stopped at D
 WHOLE_JOB_RESTART = "whole-job restart"  # the reason goodput-baseline's coordinators are stopped at each kill
 
@@ -474,7 +479,8 @@ class GoodputPhase:
         default = list(range(args.workers - 1, 0, -1))
         given = [r for r in dict.fromkeys(args.kill_ranks) if r != 0] if args.kill_ranks_given else default
         self.rotation = given or default  # never rank 0: it is the one polled
-        self.planned = math.ceil((self.duration - self.first) / self.interval)
+        # goodput-clean is the fault-free reference: no kill at all
+        self.planned = 0 if name == "goodput-clean" else math.ceil((self.duration - self.first) / self.interval)
         self.origin = time.monotonic()
         self.lock = threading.Lock()
         self.coordinator: Coordinator | None = None
@@ -508,10 +514,14 @@ class GoodputPhase:
     # ------------------------------------------------------------------ the driver (main thread)
     def run(self) -> dict:
         self.events_path.unlink(missing_ok=True)  # appended by every coordinator of the phase
-        log(f"{self.name}: {self.args.workers} workers for {self.duration:g} s from the first step, a worker killed "
-            f"every {self.interval:g} s from {self.first:g} s ({self.planned} failures), ranks "
-            f"{self.rotation} in turn, " + ("whole-job restart from the checkpoint" if self.restart
-                                              else "healed in place"))
+        if self.planned:
+            log(f"{self.name}: {self.args.workers} workers for {self.duration:g} s from the first step, a worker "
+                f"killed every {self.interval:g} s from {self.first:g} s ({self.planned} failures), ranks "
+                f"{self.rotation} in turn, " + ("whole-job restart from the checkpoint" if self.restart
+                                                  else "healed in place"))
+        else:
+            log(f"{self.name}: {self.args.workers} workers for {self.duration:g} s from the first step, no failure, "
+                f"snapshots off (the reference)")
         watcher = threading.Thread(target=self._watch_safely, name=f"bench-{self.name}", daemon=True)
         watcher.start()
         resume = False
@@ -622,7 +632,7 @@ class GoodputPhase:
                 if late or not self._recovering():
                     self._stop(now, "recovery unfinished at --phase-timeout past D" if late
                                else "stopped at D on purpose")
-            elif coordinator is not None and beat is not None:
+            elif coordinator is not None and beat is not None and self.planned:
                 planned = self.t0 + self.first + len(self.kills) * self.interval
                 if now >= planned and not self._recovering():
                     self._kill(coordinator, segment, planned, now)
@@ -905,11 +915,15 @@ def goodput_ckpt_dir(args: argparse.Namespace, temp: Path) -> Path:
 
 def run_goodput_phase(args: argparse.Namespace, name: str, config: TrainerConfig, device: str, gpus: float,
                       temp: Path, events_dir: Path) -> dict:
-    """One goodput phase (:class:`GoodputPhase`): goodput-regrow snapshots every step and is healed in place;
-    goodput-baseline saves a checkpoint every --save-every steps and restarts the whole job at each failure."""
+    """One goodput phase (:class:`GoodputPhase`): goodput-regrow snapshots every --snapshot-every steps and is
+    healed in place; goodput-baseline saves a checkpoint every --save-every steps and restarts the whole job at each
+    failure; goodput-clean neither snapshots nor saves, and nothing fails (the reference)."""
     if name == "goodput-regrow":
         spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=args.snapshot_every,
                           ckpt_dir=str(temp / "goodput-regrow-ckpt"), timeout_s=args.timeout_s)
+    elif name == "goodput-clean":
+        spec = WorkerSpec(config=config, world_size=args.workers, device=device, snapshot_every=0,
+                          ckpt_dir=str(temp / "goodput-clean-ckpt"), timeout_s=args.timeout_s)
     else:
         root = goodput_ckpt_dir(args, temp)
         shutil.rmtree(root, ignore_errors=True)
@@ -1057,10 +1071,13 @@ def analyse(args: argparse.Namespace, regrow_job: dict | None, baseline_job: dic
 def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
     """The measured figures of one goodput phase (:class:`GoodputPhase`); the goodput itself is added by
     :func:`goodput_summary`, once the reference step time is known."""
-    record = {"mode": "whole-job restart" if raw["restart"] else "healed in place",
+    clean_phase = raw["name"] == "goodput-clean"
+    record = {"mode": ("no failure, snapshots off" if clean_phase
+                       else "whole-job restart" if raw["restart"] else "healed in place"),
               "interval_s": raw["interval_s"], "duration_s": raw["duration_s"], "first_kill_s": raw["first_kill_s"],
               "save_every": args.save_every if raw["restart"] else None,
-              "snapshot_every": None if raw["restart"] else args.snapshot_every, "wall_s": r3(raw["wall_s"]),
+              "snapshot_every": None if raw["restart"] or clean_phase else args.snapshot_every,
+              "wall_s": r3(raw["wall_s"]),
               "coordinators": len(raw["segments"]), "heartbeats": len(raw["samples"]),
               "polls_failed": raw["polls_failed"], "stop_reason": raw["stop_reason"],
               "events_path": raw["events_path"], "first_step": raw["first_step"]}
@@ -1130,13 +1147,20 @@ def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
 def goodput_summary(phases: dict[str, dict], fallback_step_ms: float | None) -> dict:
     """Adds each phase's goodput = steps advanced x reference step time / D, and their ratio.
 
-    The reference step time is one for both phases: goodput-baseline's clean step (snapshots off, before its first
-    save, or else before its first kill), else ``fallback_step_ms`` (the baseline phase's clean window), else the
-    phase's own clean step. With one reference, regrow's snapshot cost and the baseline's saves count as lost time,
-    not as useful work, and the ratio is that of the steps advanced."""
+    The reference step time is one for every phase: goodput-clean's mean step over its D (a job without failures,
+    snapshots or saves, timed over the same wall clock: the GPUs' slow drift over minutes, seen at 58-62 ms a step
+    within one 9-minute run on 2 x H200, is in the reference too), else goodput-baseline's clean step (snapshots
+    off, before its first save, or else before its first kill), else ``fallback_step_ms`` (the baseline phase's
+    clean window), else the phase's own clean step. With one reference, regrow's snapshot cost and the baseline's
+    saves count as lost time, not as useful work, and the ratio is that of the steps advanced."""
+    clean = phases.get("goodput-clean", {})
     baseline = phases.get("goodput-baseline", {})
     base = baseline.get("step_ms_clean")
-    if base:
+    if clean.get("steps_advanced") and clean.get("measured_s"):
+        ref = round(clean["measured_s"] * 1e3 / clean["steps_advanced"], 3)
+        source = (f"goodput-clean's mean step over its D (no failure, snapshots off: {clean['steps_advanced']} "
+                  f"steps in {clean['measured_s']:g} s)")
+    elif base:
         ref, source = base, (f"goodput-baseline's clean step time (snapshots off, steps {baseline['clean_window'][0]}"
                              f"-{baseline['clean_window'][1]}, {baseline.get('clean_where', 'before its first kill')})")
     elif fallback_step_ms:
@@ -1183,13 +1207,16 @@ def combine(paths: list[str]) -> dict:
     summary = goodput_summary(combined, fallback)
     setups = {json.dumps({k: v for k, v in s.items() if k in ("device", "world_size", "preset", "micro_batch")})
               for s in sources.values()}
-    schedules = {f"T={r.get('interval_s')} s, D={r.get('duration_s')} s, first kill at {r.get('first_kill_s')} s"
+    # goodput-clean kills nothing: only its D (and whether it was cut short) must match the others'
+    schedules = {(f"D={r.get('duration_s')} s" if name == "goodput-clean" else
+                  f"T={r.get('interval_s')} s, D={r.get('duration_s')} s, first kill at {r.get('first_kill_s')} s")
                  + (f", cut short at {r.get('measured_s')} s" if r.get("truncated") else "")
-                 for r in combined.values()}
+                 for name, r in combined.items()}
+    durations = {r.get("measured_s") if r.get("truncated") else r.get("duration_s") for r in combined.values()}
     warnings = []
     if len(setups) > 1:
         warnings.append("the phases ran on different set-ups: " + "; ".join(sorted(setups)))
-    if len(schedules) > 1:
+    if len(durations) > 1 or len(schedules - {s for s in schedules if s.startswith("D=")}) > 1:
         warnings.append("the phases ran different failure schedules: " + "; ".join(sorted(schedules)))
     if warnings:
         summary["warning"] = " ".join(warnings)
@@ -1303,9 +1330,13 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
     interval, duration, first = some["interval_s"], some["duration_s"], some["first_kill_s"]
     every = goodput.get("goodput-baseline", {}).get("save_every") or save_every
     ref = summary.get("reference_step_ms")
+    failing = [name for name in names if name != "goodput-clean"]
     lines = [(f"Goodput MEASURED (phases {', '.join(names)}): each job trained for D = {duration:g} s of wall "
-              f"clock from its first completed step, with a worker actor killed (`ray.kill`) every T = "
-              f"{interval:g} s, the first {first:g} s in (never rank 0, the one polled)."), ""]
+              f"clock from its first completed step"
+              + (f"; {' and '.join(failing)} with a worker actor killed (`ray.kill`) every T = {interval:g} s, the "
+                 f"first {first:g} s in (never rank 0, the one polled)" if failing else "")
+              + ("; goodput-clean with no failure and no snapshot (the reference)." if "goodput-clean" in names
+                 else ".")), ""]
 
     def cell(name: str, render: Callable[[dict], str]) -> str:
         record = goodput.get(name)
@@ -1349,15 +1380,17 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
     ]
     snapshot_every = goodput.get("goodput-regrow", {}).get("snapshot_every") or 1  # older results: every step
     snapshots = "snapshot every step" if snapshot_every == 1 else f"snapshot every {snapshot_every} steps"
-    lines.append(f"| | goodput-regrow: {snapshots}, healed in place | goodput-baseline: checkpoint every "
-                 f"{every} steps, whole-job restart |")
-    lines.append("|---|---:|---:|")
-    lines += [f"| {title} | {cell(GOODPUT_PHASES[0], render)} | {cell(GOODPUT_PHASES[1], render)} |"
-              for title, render in rows]
+    titles = {"goodput-regrow": f"goodput-regrow: {snapshots}, healed in place",
+              "goodput-baseline": f"goodput-baseline: checkpoint every {every} steps, whole-job restart",
+              "goodput-clean": "goodput-clean: no failure, snapshots off"}
+    columns = [name for name in GOODPUT_PHASES if name != "goodput-clean" or name in goodput]
+    lines.append("| | " + " | ".join(titles[name] for name in columns) + " |")
+    lines.append("|---|" + "---:|" * len(columns))
+    lines += [f"| {title} | " + " | ".join(cell(name, render) for name in columns) + " |" for title, render in rows]
     lines.append("")
     lines.append(f"Goodput MEASURED = distinct steps advanced within D x the reference step time / D; reference: "
                  f"{summary.get('reference') or 'each phase its own clean step time (before its first kill)'}. One "
-                 f"reference for both phases: regrow's snapshot cost and the baseline's saves count as lost time, "
+                 f"reference for every phase: regrow's snapshot cost and the baseline's saves count as lost time, "
                  f"and the ratio is that of the steps advanced.")
     if summary.get("warning"):
         lines.append(f"Warning: {summary['warning']}")

@@ -15,7 +15,7 @@
 # steps and a whole-job restart from it at each failure), each phase taking D + about 30 s:
 #   EXTRA="--phases regrow,goodput-regrow,goodput-baseline --goodput-interval 120 --goodput-duration 360" \
 #     RUN_TIMEOUT=1100 bench/run_gpu_ray.sh
-# The device tool stops a command after 10 minutes: there, run one goodput phase per call (about 7 minutes each
+# Where the GPU host stops a command after 10 minutes: there, run one goodput phase per call (about 7 minutes each
 # with D = 360 s on 4 GPUs), then merge their goodput tables here (no device needed):
 #   call 1: EXTRA="--phases goodput-regrow --goodput-interval 120 --goodput-duration 360" bench/run_gpu_ray.sh
 #   call 2: EXTRA="--phases goodput-baseline --goodput-interval 120 --goodput-duration 360" bench/run_gpu_ray.sh
@@ -24,8 +24,12 @@
 # (D = 2T = 240 s gives two failures per phase, one in the middle of each 120-s period, in about 5 minutes a call.)
 # One failure in 9 minutes, the closest to one every 10 that a 10-minute command allows (about 580 s a call):
 #   EXTRA="--standby 1 --phases goodput-regrow --goodput-interval 540 --goodput-duration 540" RUN_TIMEOUT=580
-# A longer snapshot interval for goodput-regrow: add --snapshot-every N. A reference step time measured in the
-# same call without a goodput-baseline phase: add the short baseline phase (--phases baseline,goodput-regrow).
+# A longer snapshot interval for goodput-regrow: add --snapshot-every N. The reference: phase goodput-clean (the
+# same job for D s, no failure, no snapshot; its mean step over D is then every phase's reference step, so that the
+# GPUs' drift over minutes is in the reference too), e.g. in a call of its own merged with --combine:
+#   EXTRA="--phases goodput-clean --goodput-interval 540 --goodput-duration 540" RUN_TIMEOUT=580
+# A reference step time measured in the same call without it: add the short baseline phase
+# (--phases baseline,goodput-regrow).
 # CPU check of the goodput phases (about 2 minutes):
 #   EXTRA="--phases goodput-regrow,goodput-baseline --goodput-interval 15 --goodput-duration 45 --save-every 20" \
 #     bench/run_gpu_ray.sh --device cpu
@@ -37,7 +41,7 @@
 # (more bench_ray_recovery.py arguments, e.g. "--kills 3 --warmup 30").
 # Writes $OUT/ray_recovery.jsonl (one JSON line, or a failure line), $OUT/ray_recovery.md (the table, also
 # printed), $OUT/logs/ray_recovery.log (the full output, the workers' included) and the coordinator's events of
-# each job, $OUT/logs/ray_recovery_{regrow,baseline,restart,goodput-regrow,goodput-baseline}.events.jsonl
+# each job, $OUT/logs/ray_recovery_{regrow,baseline,restart,goodput-regrow,goodput-baseline,goodput-clean}.events.jsonl
 # (goodput-baseline's holds every restarted job's events one after the other, each from its own "start"). The
 # checkpoints go to a temporary folder (removed at the end), never under $OUT.
 set -uo pipefail
@@ -89,7 +93,7 @@ else:
 PYEOF
 )
   if ((RUN_TIMEOUT > 540)); then
-    echo "   WARNING: these phases may need ${RUN_TIMEOUT} s; RUN_TIMEOUT capped at 540 (the device tool's 10" \
+    echo "   WARNING: these phases may need ${RUN_TIMEOUT} s; RUN_TIMEOUT capped at 540 (the GPU host's 10" \
          "minutes a command): split --phases over several calls and merge with --combine, or set RUN_TIMEOUT"
     RUN_TIMEOUT=540
   fi
