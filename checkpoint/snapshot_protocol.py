@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 
 TOKEN_ENV = "REGROW_SNAPSHOT_TOKEN"
 """The environment variable the launcher sets to the job's secret token (``secrets.token_hex(32)``)."""
@@ -162,6 +163,22 @@ class SnapshotClient:
             self._sock.close()
         except OSError:
             pass
+
+
+def ec_group_of(node: int, group_size: int) -> list[int]:
+    """The nodes of ``node``'s erasure-coding group: nodes are grouped in consecutive blocks of ``group_size``
+    (just ``node`` when ``group_size`` is 0, coding off)."""
+    if not group_size:
+        return [node]
+    first = node - node % group_size
+    return list(range(first, first + group_size))
+
+
+def ec_group_request(node: int, group_size: int, addresses: Callable[[int], str]) -> dict:
+    """The ``ec_group`` request that tells ``node``'s snapshot process its place in its group and the group's
+    addresses (``addresses(n)``: node n's snapshot process)."""
+    group = ec_group_of(node, group_size)
+    return {"op": "ec_group", "node": group.index(node), "peers": [addresses(member) for member in group]}
 
 
 def request_once(address: str, message: dict, *, token: str | None = None, timeout_s: float = 30.0) -> dict:

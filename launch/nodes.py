@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_peers import ErasureCodingConfig
 from regrow.checkpoint.snapshot_persist import PersistConfig
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotProcessLost, request_once
+from regrow.checkpoint.snapshot_protocol import (TOKEN_ENV, ProtocolError, SnapshotProcessLost, ec_group_of,
+                                                 ec_group_request, request_once)
 from regrow.trainer.checks import require_ints
 
 ADDRESS_ENV = "REGROW_SNAPSHOT_ADDRESS"
@@ -81,10 +82,7 @@ class NodesConfig:
 
     def group_of(self, node: int) -> list[int]:
         """The nodes of ``node``'s erasure-coding group (just ``node`` when coding is off)."""
-        if not self.ec_group_size:
-            return [node]
-        first = node - node % self.ec_group_size
-        return list(range(first, first + self.ec_group_size))
+        return ec_group_of(node, self.ec_group_size)
 
 
 @dataclass
@@ -212,9 +210,8 @@ class LocalNodes:
         if not self.config.ec_group_size:
             return
         for node in nodes:
-            group = self.config.group_of(node)
-            self._request(node, {"op": "ec_group", "node": group.index(node),
-                                 "peers": [self.processes[member].address for member in group]})
+            self._request(node, ec_group_request(node, self.config.ec_group_size,
+                                                 lambda member: self.processes[member].address))
 
     def _request(self, node: int, message: dict) -> dict:
         return request_once(self.processes[node].address, message, token=self.token, timeout_s=120.0)

@@ -41,7 +41,8 @@ import torch.distributed as dist
 
 from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_peers import ErasureCodingConfig
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotProcessLost, request_once
+from regrow.checkpoint.snapshot_protocol import (TOKEN_ENV, ProtocolError, SnapshotProcessLost, ec_group_of,
+                                                 ec_group_request, request_once)
 from regrow.recovery.worker import CONCURRENCY_GROUPS, CONTROL, TRAIN, Worker, WorkerSpec
 from regrow.trainer.checks import require_ints
 
@@ -208,7 +209,7 @@ class Coordinator:
         self._node_order: list[str] = []  # erasure-coding node index -> node id
         self._host_addresses: dict[str, str] = {}
         self._store_host = ray.util.get_node_ip_address()
-        self._store = dist.TCPStore(self._store_host, 0, is_master=True, wait_for_workers=False)
+        self._store: dist.TCPStore | None = None  # the generations' rendezvous, for the time of run()
         self._worker_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Worker)
         self._placement = None  # the placement group, when ranks_per_node is set
         self._launched: dict[int, object] = {}  # rank -> a replacement started at detection, not yet placed
@@ -229,6 +230,7 @@ class Coordinator:
             raise CoordinatorError("elastic mode (CoordinatorConfig.elastic_wait_s > 0) reshards from the universal "
                                    "checkpoint: give WorkerSpec.ckpt_dir and a sink that saves there")
         try:
+            self._store = dist.TCPStore(self._store_host, 0, is_master=True, wait_for_workers=False)
             self._reserve_nodes()
             self._ranks = self._start_workers({rank: None for rank in range(self.config.workers)})
             self._start_standbys(sorted({rank.node for rank in self._ranks}) * self.config.standby_per_node)
@@ -257,6 +259,7 @@ class Coordinator:
             return outcome
         finally:
             self._stop_all()
+            self._store = None  # its server (a thread and a port) stops with its last reference
 
     def stop(self, reason: str = "stopped") -> None:
         """Ends :meth:`run` early: at its next poll of the training calls (or before the next generation forms
@@ -467,19 +470,14 @@ class Coordinator:
             self._host_addresses[node] = address
             self.event("snapshot_process_started", node=node, index=self._node_order.index(node), address=address)
 
-    def _group(self, index: int) -> list[int]:
-        size = self.config.ec_group_size
-        first = index - index % size
-        return list(range(first, first + size))
-
     def _announce(self, indices: list[int]) -> None:
+        """Sends each node of ``indices`` (erasure-coding indices) its group's addresses (coding off: nothing)."""
         if not self.config.ec_group_size:
             return
         for index in indices:
-            group = self._group(index)
-            peers = [self._host_addresses[self._node_order[i]] for i in group]
             self._request(self._host_addresses[self._node_order[index]],
-                          {"op": "ec_group", "node": group.index(index), "peers": peers})
+                          ec_group_request(index, self.config.ec_group_size,
+                                           lambda member: self._host_addresses[self._node_order[member]]))
 
     def _request(self, address: str, message: dict) -> dict:
         return request_once(address, message, token=self.token, timeout_s=120.0)
@@ -491,6 +489,8 @@ class Coordinator:
         ranks replaced since the last generation that trained; ``reshard``: the world shrank, every rank restores
         the universal checkpoint at its new rank). Raises :class:`CoordinatorError` when a rank reports that
         nothing can restore it."""
+        if self._store is None:
+            raise RuntimeError("a generation forms only within run()")
         port = self._store.port
         joins = [rank.handle.join.options(concurrency_group=TRAIN).remote(
             self.generation, self._store_host, port, self._host_addresses.get(rank.node), resume,
@@ -674,7 +674,7 @@ class Coordinator:
             self._hosts.pop(node, None)
             self._host_addresses.pop(node, None)
             self._start_hosts([target])
-            self._announce(self._group(index) if self.config.ec_group_size else [index])
+            self._announce(ec_group_of(index, self.config.ec_group_size))
             if not self.config.ec_group_size:
                 continue
             try:
