@@ -59,7 +59,10 @@ def add_parser(commands: argparse._SubParsersAction,
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="1 on GPU clusters (NCCL); 0: CPU (gloo)")
     ray.add_argument("--ranks-per-node", type=int, default=0,
                      help="place exactly N consecutive ranks per node (needed for --ec-group-size; 0: Ray decides)")
-    ray.add_argument("--snapshot-every", type=int, default=1, help="in-memory snapshot every N steps (0: off)")
+    ray.add_argument("--snapshot-every", type=int, default=1,
+                     help="in-memory snapshot every N steps (0: off; 1: nothing re-done after a failure; a larger N "
+                          "trades re-done steps for cheaper training: docs/architecture.md, 'How often to "
+                          "snapshot')")
     ray.add_argument("--ec-group-size", type=int, default=0, help="erasure-code snapshots across N nodes (0: off)")
     ray.add_argument("--ec-parity", type=int, default=1)
     ray.add_argument("--ckpt-dir", default=None, help="universal checkpoints: the last restore source")
