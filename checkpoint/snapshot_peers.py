@@ -130,6 +130,7 @@ HOLDER = "erasure-coding"
 class _Inbox:
     sizes: dict[int, int] = field(default_factory=dict)
     pieces: dict[tuple[int, int], bytearray] = field(default_factory=dict)  # (node, piece) -> bytes
+    created: float = field(default_factory=time.monotonic)  # when its first message came
 
 
 @dataclass
@@ -342,18 +343,26 @@ class PeerCoding:
                 log(f"node {self.node}: encode of step {step} failed: {error}")
             finally:
                 self._segments.release(HOLDER, step)
-            with self._cond:
-                # A round abandoned for a replaced member is not run again; after a rollback, steps after the
-                # one the ranks went back to are encodable again (they will be re-run).
-                self._done_step = step if self._resume_from is None else min(step, self._resume_from)
-                self._resume_from = None
-                self._done_id = round_id
-                self._round_step = self._round_id = None
-                # Pieces of rounds that will not complete any more (up to this one) would pin memory.
-                for old in [key for key in self._inbox if key[0] <= step]:
-                    del self._inbox[old]
+            self._finish_round(step, round_id, started)
             if self.config.min_interval_s:
                 time.sleep(self.config.min_interval_s)
+
+    def _finish_round(self, step: int, round_id: str, started: float) -> None:
+        """Bookkeeping at the end of the round (``step``, ``round_id``) that started at ``started``, however it
+        ended. A round abandoned for a replaced member is not run again; after a rollback, steps after the one the
+        ranks went back to are encodable again (they will be re-run). Inboxes of rounds that will not complete
+        any more are pruned (they would pin memory): this round's, and those of steps up to it that were opened
+        before it started. One opened since may belong to a round of a re-run step that the other nodes already
+        run while this thread was still ending an abandoned one: pruning it would lose their messages and stall
+        that round until ``peer_timeout_s``."""
+        with self._cond:
+            self._done_step = step if self._resume_from is None else min(step, self._resume_from)
+            self._resume_from = None
+            self._done_id = round_id
+            self._round_step = self._round_id = None
+            for key in [key for key, box in self._inbox.items()
+                        if key[1] == round_id or (key[0] <= step and box.created < started)]:
+                del self._inbox[key]
 
     def _check(self, step: int) -> None:
         """Raises :class:`_Superseded` when the process stops or the leader proposed another round, and

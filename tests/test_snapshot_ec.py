@@ -16,7 +16,7 @@ import torch
 from regrow.checkpoint import snapshot_ec_buffer as ecbuf
 from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
-from regrow.checkpoint.snapshot_peers import ErasureCodingConfig
+from regrow.checkpoint.snapshot_peers import ErasureCodingConfig, PeerCoding
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotClient
 from regrow.launch.spawn import run_local
 from regrow.tests import snapshot_workers as w
@@ -312,3 +312,21 @@ def test_a_rollback_ends_the_round_of_a_step_the_job_left(make_group) -> None:
     snapshot = seg.verify(memoryview(segments[0].data), rank=0)
     assert (snapshot.step, bytes(snapshot.payload)) == (2, rerun[0])
     snapshot.payload.release()
+
+
+def test_ending_an_abandoned_round_keeps_the_messages_of_a_re_run_round() -> None:
+    """White-box, the rule that prunes round inboxes. A follower still ending its abandoned round of step 5 (the
+    job went back to step 3 meanwhile) may already hold its peers' sizes of the re-run round of step 4: that inbox
+    stays (every inbox of a step <= 5 was pruned before, and the re-run round waited out peer_timeout_s for
+    sizes it had been sent). The ended round's inbox and those of older rounds are pruned."""
+    coding = PeerCoding(ErasureCodingConfig(ec_group_size=2, ec_parity=1), "token", node_segments=None)
+    try:
+        coding.handle("ec_size", {"step": 3, "round": "older", "node": 1, "size": 8}, None)
+        coding.handle("ec_size", {"step": 5, "round": "abandoned", "node": 1, "size": 8}, None)
+        started = time.monotonic()
+        coding.handle("ec_size", {"step": 4, "round": "re-run", "node": 1, "size": 8}, None)
+        coding._finish_round(5, "abandoned", started)
+        assert list(coding._inbox) == [(4, "re-run")]
+        assert coding._inbox[(4, "re-run")].sizes == {1: 8}
+    finally:
+        coding.close()
