@@ -1208,16 +1208,19 @@ def combine(paths: list[str]) -> dict:
     setups = {json.dumps({k: v for k, v in s.items() if k in ("device", "world_size", "preset", "micro_batch")})
               for s in sources.values()}
     # goodput-clean kills nothing: only its D (and whether it was cut short) must match the others'
-    schedules = {(f"D={r.get('duration_s')} s" if name == "goodput-clean" else
-                  f"T={r.get('interval_s')} s, D={r.get('duration_s')} s, first kill at {r.get('first_kill_s')} s")
+    schedules = {name: (f"D={r.get('duration_s')} s" if name == "goodput-clean" else
+                        f"T={r.get('interval_s')} s, D={r.get('duration_s')} s, first kill at "
+                        f"{r.get('first_kill_s')} s")
                  + (f", cut short at {r.get('measured_s')} s" if r.get("truncated") else "")
                  for name, r in combined.items()}
+    kill_schedules = {text for name, text in schedules.items() if name != "goodput-clean"}
     durations = {r.get("measured_s") if r.get("truncated") else r.get("duration_s") for r in combined.values()}
     warnings = []
     if len(setups) > 1:
         warnings.append("the phases ran on different set-ups: " + "; ".join(sorted(setups)))
-    if len(durations) > 1 or len(schedules - {s for s in schedules if s.startswith("D=")}) > 1:
-        warnings.append("the phases ran different failure schedules: " + "; ".join(sorted(schedules)))
+    if len(durations) > 1 or len(kill_schedules) > 1:
+        warnings.append("the phases ran different schedules: "
+                        + "; ".join(f"{name} {text}" for name, text in schedules.items()))
     if warnings:
         summary["warning"] = " ".join(warnings)
     combined["summary"] = summary

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from regrow.checkpoint import snapshot_ec_buffer as ecbuf
-from regrow.checkpoint.erasure import ErasureConfig, GroupCode, NotRecoverable, ParityPiece
+from regrow.checkpoint.erasure import Buffer, ErasureConfig, Geometry, GroupCode, NotRecoverable, ParityPiece
 from regrow.checkpoint.snapshot_protocol import ProtocolError, SnapshotClient, SnapshotProcessLost
 
 KEEP_COMPLETE = 2
@@ -448,16 +448,27 @@ class PeerCoding:
         with self._cond:
             self._wait(step, lambda: all(key in box.pieces for key in wanted),
                        lambda: f"data pieces (node, piece) {[key for key in wanted if key not in box.pieces]}")
-        parity = []
-        for s in self.code.parity_stripes(me):
-            self._check(step)
-            data = [box.pieces[(slot.node, slot.piece)] for slot in self.code.placement()[s].data]
-            parity += [piece for piece in self.code.encode_stripe(s, data, geo) if piece.holder == me]
+        parity = self._own_parity(geo, lambda node, piece: box.pieces[(node, piece)], lambda: self._check(step))
         with self._cond:
-            self._complete[step] = _Complete(buffer=buffer, parity=parity)
+            self._keep_complete(step, buffer, parity)
             self.rounds_completed += 1
-            for old in sorted(self._complete)[:-KEEP_COMPLETE]:
-                del self._complete[old]
+
+    def _own_parity(self, geo: Geometry, data_piece: Callable[[int, int], Buffer],
+                    before_stripe: Callable[[], None] = lambda: None) -> list[ParityPiece]:
+        """This node's parity pieces of a step: each stripe it holds parity of, encoded from that stripe's data
+        pieces (``data_piece(node, piece)``); ``before_stripe`` runs before each (a round's supersession check)."""
+        parity = []
+        for s in self.code.parity_stripes(self.node):
+            before_stripe()
+            data = [data_piece(slot.node, slot.piece) for slot in self.code.placement()[s].data]
+            parity += [piece for piece in self.code.encode_stripe(s, data, geo) if piece.holder == self.node]
+        return parity
+
+    def _keep_complete(self, step: int, buffer: bytearray | np.ndarray, parity: list[ParityPiece]) -> None:
+        """Holds ``step`` complete here (lock held), with the newest KEEP_COMPLETE steps before it."""
+        self._complete[step] = _Complete(buffer=buffer, parity=parity)
+        for old in sorted(self._complete)[:-KEEP_COMPLETE]:
+            del self._complete[old]
 
     def _client(self, peer: int) -> SnapshotClient:
         client = self._clients.get(peer)
@@ -547,17 +558,10 @@ class PeerCoding:
         and the decoded ones) and keeps the step complete here, as a round would have. Without it the rebuilt
         node held no complete step until the next round completed, so a further loss in that window could leave
         fewer than n - p holders of any step, and the job fell back to the disk checkpoint."""
-        me = self.node
         geo = self.code.geometry([len(buffers[node]) for node in range(self.code.n)])
-        parity = []
-        for s in self.code.parity_stripes(me):
-            data = [self.code.data_piece(buffers[slot.node], slot.piece, geo)
-                    for slot in self.code.placement()[s].data]
-            parity += [piece for piece in self.code.encode_stripe(s, data, geo) if piece.holder == me]
+        parity = self._own_parity(geo, lambda node, piece: self.code.data_piece(buffers[node], piece, geo))
         with self._cond:
-            self._complete[step] = _Complete(buffer=buffers[me], parity=parity)
-            for old in sorted(self._complete)[:-KEEP_COMPLETE]:
-                del self._complete[old]
+            self._keep_complete(step, buffers[self.node], parity)
 
     def rollback(self, rank: int, step: int) -> dict:
         """Writes local rank ``rank``'s snapshot of ``step``, from this node's own erasure-coding buffer of that

@@ -230,21 +230,21 @@ class Persister:
             if step == self._last_offered:
                 return  # the last two COMMITs of a step may both find it complete
             self._last_offered = step
-            if self._in_flight is None or step == self.last_step:
-                if self._in_flight is None:
-                    self._in_flight = step
-                else:  # no snapshot follows the last one, so its slots stay as they are while it waits
-                    self._log(f"persist of step {step}, the run's last, waits for the persist of step "
-                              f"{self._in_flight}")
+            busy = self._in_flight
+            taken = busy is None or step == self.last_step  # the run's last step waits for a running persist
+            if taken:
+                self._in_flight = step if busy is None else busy
                 self._pending = (step, dict(slots))
                 self._wake.set()
-                return
-            busy = self._in_flight
-            self._record(PersistResult(step=step, status="skipped",
-                                       error=f"the persist of step {busy} was still running"))
-        self._release(step)
-        self._log(f"persist of step {step} skipped: the persist of step {busy} is still running (persist less "
-                  f"often: persist_every)")
+            else:
+                self._record(PersistResult(step=step, status="skipped",
+                                           error=f"the persist of step {busy} was still running"))
+        if not taken:
+            self._release(step)
+            self._log(f"persist of step {step} skipped: the persist of step {busy} is still running (persist less "
+                      f"often: persist_every)")
+        elif busy is not None:  # no snapshot follows the last one, so its slots stay as they are while it waits
+            self._log(f"persist of step {step}, the run's last, waits for the persist of step {busy}")
 
     @property
     def idle(self) -> bool:
