@@ -71,7 +71,16 @@ clean step before its first save (snapshots off, no save yet: the steps from the
 ``--warmup`` to ``--save-every`` - 1; else before its first kill; else the baseline phase's ``step_ms_off``, else
 each phase's own), so that regrow's snapshot cost and the baseline's saves count as lost time and the ratio
 regrow / baseline is that of the steps advanced. Reported per phase: goodput, failures injected and recovered,
-first and final step, steps re-done, mean kill -> first step after the restore, and the ratio. Where a GPU host
+first and final step, steps re-done, mean kill -> first step after the restore, and the ratio.
+
+**Goodput ACCOUNTED** (each phase that kills, from its own step completions, so that no other run's drift enters):
+the lost seconds within D added up, ``1 - lost / D``: each kill -> first step after its restore, the steps re-done x
+the mean step at the other positions, and the excess of the steps at the snapshot (save) positions, ``s mod N`` in
+0-2 for a snapshot (save) every N steps (the copy of step s lands on step s + 1), over that mean. Not in it: a step
+time that changes after a restore (reported apart, as the mean step after the first restore over the mean step
+before the first kill; the clean run's own drift is of the same order), and so is any cost spread over every step
+(the CPU's copy thread): it fits where a snapshot's cost falls on those positions, as on CUDA (the copy overlaps
+step s + 1's backward; on 2 x H200 no other position was 0.5 ms above the rest). Where a GPU host
 runs a command for 10 minutes at most: run the phases in separate calls and merge their results with
 ``--combine a.jsonl b.jsonl`` (no Ray, no run).
 
@@ -1141,6 +1150,67 @@ def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
                   downtime_s_mean=r3(mean([f.get("downtime_s") for f in fails])))
     if clean:
         record["goodput_own_step"] = round(record["steps_advanced"] * clean / (end - t0), 4)
+    every = (args.save_every if raw["restart"] else None if clean_phase else args.snapshot_every)
+    if not clean_phase:
+        record["accounted"] = lost_time(samples, t0=t0, end=end, fails=fails, every=every)
+    return record
+
+
+def lost_time_from_timeline(record: dict) -> dict:
+    """:func:`lost_time` of an analysed phase from its stored ``step_times`` (each step's completion as first
+    observed: the raw polls are not stored); {} when it lacks them."""
+    timeline = {int(step): done for step, done in record.get("step_times", [])}
+    if record.get("first_step") not in timeline or "measured_s" not in record:
+        return {}
+    t0 = timeline[record["first_step"]]
+    samples = [(done, step, done) for step, done in record["step_times"]]
+    return lost_time(samples, t0=t0, end=t0 + record["measured_s"], fails=record.get("failures", []),
+                     every=record.get("snapshot_every") or record.get("save_every"))
+
+
+# The snapshot (save) of step s is taken in after_step of s; its copy runs during step s + 1 (after_forward on
+# CUDA) and its seal and commit may still hold step s + 2: these positions carry its cost.
+COST_POSITIONS = (0, 1, 2)
+
+
+def lost_time(samples: list[tuple[float, int, float]], *, t0: float, end: float, fails: list[dict],
+              every: int | None) -> dict:
+    """Where a goodput phase's wall clock was lost, from its own step completions (the histories between kills:
+    from ``t0`` to the first kill, from each restore to the next kill or D). A step's duration counts when its
+    predecessor finished in the same history, which leaves out the first step after each restore (it is in the
+    kill -> first step downtime). ``every``: the snapshot (save) interval; its positions ``s mod every`` in
+    :data:`COST_POSITIONS` are its cost (none with ``every`` < 4: every step would carry it)."""
+    starts = [t0] + [t0 + f["kill_s"] + (f["formed_s"] if f.get("formed_s") is not None else math.inf)
+                     for f in fails]
+    stops = [t0 + f["kill_s"] for f in fails] + [end]
+    durations: list[tuple[int, float]] = []  # (step, seconds) of every counted step, history by history
+    before_kill = 0
+    for index, (a, b) in enumerate(zip(starts, stops)):
+        done = completions(samples, a, min(b, end))
+        durations += [(s, done[s] - done[s - 1]) for s in done if s - 1 in done]
+        if index == 0:
+            before_kill = len(durations)
+    if len(durations) < 2:
+        return {}
+    costly = every is not None and every >= 4
+    other = [d for s, d in durations if not costly or s % every not in COST_POSITIONS]
+    step_s = statistics.fmean(other)
+    at_cost = [d for s, d in durations if costly and s % every in COST_POSITIONS]
+    cost_s = sum(d - step_s for d in at_cost)
+    # a recovery D fell in: lost from its kill to D
+    downtime_s = sum(f["downtime_s"] if f.get("recovered_within_d") else end - t0 - f["kill_s"] for f in fails)
+    redone_s = sum(f.get("redone_steps") or 0 for f in fails) * step_s
+    lost_s = downtime_s + redone_s + cost_s
+    record = {"step_ms_other": ms(step_s), "steps_counted": len(durations),
+              "step_ms_at_cost": ms(statistics.fmean(at_cost)) if at_cost else None,
+              "cost_positions": list(COST_POSITIONS) if costly else None,
+              "lost_downtime_s": r3(downtime_s), "lost_redone_s": r3(redone_s), "lost_cost_s": r3(cost_s),
+              "lost_s": r3(lost_s), "goodput": round(1 - lost_s / (end - t0), 4)}
+    first, later = durations[:before_kill], durations[before_kill:]
+    if fails and first and later:
+        mean_first = statistics.fmean(d for s, d in first if not costly or s % every not in COST_POSITIONS)
+        mean_later = statistics.fmean(d for s, d in later if not costly or s % every not in COST_POSITIONS)
+        record["step_after_restore_vs_before"] = round(mean_later / mean_first, 4)
     return record
 
 
@@ -1204,6 +1274,9 @@ def combine(paths: list[str]) -> dict:
                                                                       "micro_batch", "ray", "status")}
                     sources[name]["file"] = path
     combined = {name: phases[name] for name in GOODPUT_PHASES if name in phases}
+    for name, record in combined.items():
+        if name != "goodput-clean" and "accounted" not in record:  # results from before the accounting
+            record["accounted"] = lost_time_from_timeline(record)
     summary = goodput_summary(combined, fallback)
     setups = {json.dumps({k: v for k, v in s.items() if k in ("device", "world_size", "preset", "micro_batch")})
               for s in sources.values()}
@@ -1367,6 +1440,20 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
             text += f" (regrow / baseline = {summary['goodput_ratio']:.3f})"
         return text
 
+    def own_steps(record: dict) -> str:
+        acc = record["accounted"]
+        costly = f" / {fmt(acc['step_ms_at_cost'])}" if acc.get("step_ms_at_cost") is not None else ""
+        return f"{fmt(acc['step_ms_other'])}{costly}"
+
+    def lost(record: dict) -> str:
+        acc = record["accounted"]
+        return (f"{acc['lost_downtime_s']:.2f} + {acc['lost_redone_s']:.2f} + {acc['lost_cost_s']:.2f} = "
+                f"{acc['lost_s']:.2f}")
+
+    def after_restore(record: dict) -> str:
+        ratio = record["accounted"].get("step_after_restore_vs_before")
+        return "-" if ratio is None else f"{ratio:.4f}"
+
     rows = [
         ("failures injected / recovered within D",
          lambda r: f"{r['failures_injected']} / {r['failures_recovered']}"),
@@ -1380,11 +1467,16 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
         ("mean kill -> first step after the restore, s", lambda r: fmt(r["downtime_s_mean"])),
         (f"**goodput MEASURED** (steps advanced x {fmt(ref)} ms / D)" if ref else
          "**goodput MEASURED** (steps advanced x its own clean step / D)", gp),
+        ("its own steps: mean ms at the other positions / at the snapshot (save) positions", own_steps),
+        ("lost s: kill -> first step + steps re-done + snapshot (save) positions' excess", lost),
+        ("mean step after the first restore / before the first kill", after_restore),
+        ("**goodput ACCOUNTED** (1 - lost s / D, its own clock only)", lambda r: _pct(r["accounted"]["goodput"])),
     ]
     snapshot_every = goodput.get("goodput-regrow", {}).get("snapshot_every") or 1  # older results: every step
     snapshots = "snapshot every step" if snapshot_every == 1 else f"snapshot every {snapshot_every} steps"
     titles = {"goodput-regrow": f"goodput-regrow: {snapshots}, healed in place",
-              "goodput-baseline": f"goodput-baseline: checkpoint every {every} steps, whole-job restart",
+              "goodput-baseline": (f"goodput-baseline: checkpoint every {every} steps, whole-job restart" if every
+                                   else "goodput-baseline: checkpoints, whole-job restart"),
               "goodput-clean": "goodput-clean: no failure, snapshots off"}
     columns = [name for name in GOODPUT_PHASES if name != "goodput-clean" or name in goodput]
     lines.append("| | " + " | ".join(titles[name] for name in columns) + " |")
@@ -1394,7 +1486,12 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
     lines.append(f"Goodput MEASURED = distinct steps advanced within D x the reference step time / D; reference: "
                  f"{summary.get('reference') or 'each phase its own clean step time (before its first kill)'}. One "
                  f"reference for every phase: regrow's snapshot cost and the baseline's saves count as lost time, "
-                 f"and the ratio is that of the steps advanced.")
+                 f"and the ratio is that of the steps advanced. Goodput ACCOUNTED = 1 - the lost seconds within D "
+                 f"added up from the phase's own step completions (kill -> first step after the restore; steps "
+                 f"re-done x its mean step at the other positions; the excess over that mean of the steps at the "
+                 f"snapshot (save) positions, s mod N in {'-'.join(map(str, (COST_POSITIONS[0], COST_POSITIONS[-1])))}"
+                 f"): no other run's clock enters it; left out are a step time that changes after a restore (the row "
+                 f"above it) and any cost spread over every step (on the CPU, the copy thread's).")
     if summary.get("warning"):
         lines.append(f"Warning: {summary['warning']}")
     return lines

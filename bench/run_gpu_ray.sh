@@ -35,8 +35,8 @@
 #     bench/run_gpu_ray.sh --device cpu
 # Environment: OUT (results folder, default ./bench-out), NGPU, PYTHON (default python3), RUN_TIMEOUT (seconds;
 # default 330 for the short phases, each of which gives up by itself after --phase-timeout, 100 s; with goodput
-# phases in EXTRA, 30 + 110 per short phase + D + 120 per goodput phase, capped at 540 to stay under the device
-# tool's 10 minutes with the set-up: set RUN_TIMEOUT to go beyond; at the limit the bench gets SIGTERM, stops the
+# phases in EXTRA, 30 + 110 per short phase + D + 120 per goodput phase, capped at 540 to stay under a GPU host
+# command limit of 10 minutes with the set-up: set RUN_TIMEOUT to go beyond; at the limit the bench gets SIGTERM, stops the
 # job in progress and still reports the phases done, the cut one as truncated), PRESET, MICRO_BATCH, EXTRA
 # (more bench_ray_recovery.py arguments, e.g. "--kills 3 --warmup 30").
 # Writes $OUT/ray_recovery.jsonl (one JSON line, or a failure line), $OUT/ray_recovery.md (the table, also
