@@ -1108,7 +1108,8 @@ def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
     # the clean step time: the steps before the first kill (the baseline: before its first save, when at least 8
     # steps precede it), less the first quarter of them (at most --warmup)
     before = {s: done for s, done in completions(samples, t_to=first_kill).items() if s >= raw["first_step"]}
-    top, where = (max(before) if before else raw["first_step"]), "before the first kill"
+    top = max(before) if before else raw["first_step"]
+    where = "over D, no kill" if clean_phase else "before the first kill"
     if raw["restart"] and args.save_every - 1 - raw["first_step"] >= 8 and top >= args.save_every - 1:
         top, where = args.save_every - 1, "before the first save"
     skip = min(args.warmup, (top - raw["first_step"]) // 4)
@@ -1459,7 +1460,7 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
          lambda r: f"{r['failures_injected']} / {r['failures_recovered']}"),
         ("kills, s after the first step (rank)", kills),
         ("jobs started (1 + whole-job restarts)", lambda r: str(r["coordinators"])),
-        ("clean step ms (steps observed: before the first kill; baseline: before its first save)",
+        ("clean step ms (steps observed: before the first kill; baseline: before its first save; clean: all)",
          lambda r: f"{fmt(r['step_ms_clean'])} ({r['clean_window'][0]}-{r['clean_window'][1]})"),
         ("first step -> step reached at D", reached),
         ("steps advanced within D (re-done steps counted once)", lambda r: str(r["steps_advanced"])),
