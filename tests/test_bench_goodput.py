@@ -1,5 +1,5 @@
-"""The goodput accounting of bench/bench_ray_recovery.py on a timeline whose costs are known: it decides the
-figures recorded in bench/RESULTS.md, so its arithmetic is checked here (no Ray, no training)."""
+"""The goodput accounting of bench/ray_goodput.py on timelines whose costs are known: it decides figures recorded
+in bench/RESULTS.md, so its arithmetic is checked here (no Ray, no training)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import bench_ray_recovery as bench  # noqa: E402  (bench/ is not a package)
+import ray_goodput  # noqa: E402  (bench/ is not a package)
 
 STEP_S, SNAPSHOT_COST_S, EVERY = 0.05, 0.02, 10
 
@@ -33,7 +33,7 @@ def test_lost_time_adds_up_the_downtime_the_redone_steps_and_the_snapshot_steps_
     end = after[-1][1]
     fails = [{"kill_s": kill - t0, "formed_s": formed - kill, "downtime_s": first_after - kill,
               "redone_steps": 7, "recovered_within_d": True}]
-    acc = bench.lost_time(samples, t0=t0, end=end, fails=fails, every=EVERY)
+    acc = ray_goodput.lost_time(samples, t0=t0, end=end, fails=fails, every=EVERY)
 
     assert acc["step_ms_other"] == pytest.approx(STEP_S * 1e3)
     assert acc["lost_downtime_s"] == pytest.approx(1.5, abs=1e-3)
@@ -51,13 +51,13 @@ def test_a_recovery_that_d_falls_in_is_lost_up_to_d() -> None:
     end = kill + 0.7
     fails = [{"kill_s": kill - t0, "formed_s": None, "downtime_s": None, "redone_steps": 0,
               "recovered_within_d": False}]
-    acc = bench.lost_time([(d, s, d) for s, d in before], t0=t0, end=end, fails=fails, every=EVERY)
+    acc = ray_goodput.lost_time([(d, s, d) for s, d in before], t0=t0, end=end, fails=fails, every=EVERY)
     assert acc["lost_downtime_s"] == pytest.approx(0.7, abs=1e-3)
     assert "step_after_restore_vs_before" not in acc  # no history after it
 
 
 def test_a_snapshot_every_step_has_no_positions_to_tell_its_cost_apart() -> None:
     steps = timeline(1, 50, 0.0)
-    acc = bench.lost_time([(d, s, d) for s, d in steps], t0=steps[0][1], end=steps[-1][1], fails=[], every=1)
+    acc = ray_goodput.lost_time([(d, s, d) for s, d in steps], t0=steps[0][1], end=steps[-1][1], fails=[], every=1)
     assert acc["cost_positions"] is None and acc["lost_cost_s"] == 0
     assert acc["goodput"] == 1.0
