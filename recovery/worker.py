@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,13 +27,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from regrow.checkpoint import wordsum
 from regrow.checkpoint.format import CheckpointError
 from regrow.checkpoint.reshard import restore_trainer
 from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, KEPT_SOURCE, JobRestore, restore_job
 from regrow.checkpoint.snapshot_sink import SnapshotRestoreError, SnapshotSink, SnapshotSinkConfig
 from regrow.comm import abort
 from regrow.comm.world import WorldConfig, destroy_world, init_world
+from regrow.recovery import gpu_warm_up
 from regrow.recovery.policy import RecoveryImpossible
 from regrow.recovery.stage_heal import heal_lost_stage
 from regrow.trainer.loop import Trainer, TrainerConfig, log_line
@@ -90,7 +89,7 @@ class Worker:
         self._progress = (0, time.monotonic())
         torch.set_num_threads(max(1, int(os.environ.get("REGROW_THREADS_PER_RANK", "1"))))
         if spec.device == "cuda" and not standby:
-            _start_gpu_warm_up()
+            gpu_warm_up.start(spec.config)
 
     # ------------------------------------------------------------------ control group
     def placement(self) -> dict:
@@ -116,7 +115,7 @@ class Worker:
             if torch.cuda.is_initialized():
                 raise RuntimeError("adopt: CUDA already started in this standby; its GPU can no longer be chosen")
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-            _start_gpu_warm_up()
+            gpu_warm_up.start(self.spec.config)
         self.rank = int(rank)
 
     def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None,
@@ -299,25 +298,6 @@ class Worker:
 
     def _backend(self) -> str:
         return "gloo" if self.spec.device == "cpu" else "nccl"
-
-
-def _start_gpu_warm_up() -> None:
-    """Loads the GPU checksum kernel on a background thread while the worker joins its group: a replacement's
-    restore verifies its snapshot with it, and its first launch in a new process (the kernel loaded, CUDA
-    initialised) cost about 0.8 s there on the 4-GPU host, against 0.15 s for the whole read on a survivor. Best
-    effort: the restore does the same work itself when this has not finished or failed."""
-
-    def warm_up() -> None:
-        kernels = wordsum.gpu_kernels()
-        if kernels is None:
-            return
-        try:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            kernels.to_digest(kernels.digest_cuda(torch.zeros(4096, dtype=torch.uint8, device=device)))
-        except Exception:  # noqa: BLE001 (CUDA not ready: nothing is lost but the head start)
-            pass
-
-    threading.Thread(target=warm_up, daemon=True, name="regrow-warm-up").start()
 
 
 __all__ = ["CONCURRENCY_GROUPS", "CONTROL", "TRAIN", "Worker", "WorkerSpec"]

@@ -1,0 +1,54 @@
+"""The GPU warm-up of a worker (recovery/gpu_warm_up.py) runs while a restore may set the random generators: it must
+draw from none of them, and build nothing the trainer shares."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from regrow.recovery import gpu_warm_up
+from regrow.trainer.data import DataConfig
+from regrow.trainer.loop import TrainerConfig
+from regrow.trainer.models import GPTConfig
+from regrow.trainer.zero import ZeroConfig
+
+
+def config(param_dtype: str | None) -> TrainerConfig:
+    return TrainerConfig(model=GPTConfig.preset("tiny", dropout=0.1),  # dropout would draw: the warm-up turns it off
+                         data=DataConfig(seq_len=64, micro_batch=4, global_batch=8),
+                         optim=ZeroConfig(stage=2, state_bits=8, param_dtype=param_dtype), steps=4, progress=False)
+
+
+def generator_states(device: torch.device) -> list:
+    states = [torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def assert_same(before: list, after: list) -> None:
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
+    if len(before) > 3:
+        assert torch.equal(before[3], after[3])
+
+
+@pytest.mark.parametrize("param_dtype", [None, "bfloat16"])
+def test_the_warm_up_step_draws_from_no_generator(param_dtype: str | None) -> None:
+    device = torch.device("cpu")
+    before = generator_states(device)
+    gpu_warm_up.warm_up_step(config(param_dtype), device)
+    assert_same(before, generator_states(device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.timeout(120)
+def test_the_background_warm_up_on_cuda_draws_from_no_generator() -> None:
+    device = torch.device("cuda", 0)
+    torch.cuda.init()
+    before = generator_states(device)
+    gpu_warm_up.start(config("bfloat16")).join(60)
+    torch.cuda.synchronize()
+    assert_same(before, generator_states(device))
