@@ -423,6 +423,11 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
             text += f" (regrow / baseline = {summary['goodput_ratio']:.3f})"
         return text
 
+    def resumed_then_first(record: dict) -> str:
+        parts = [f"{f['formed_s']:.2f} + {f['downtime_s'] - f['formed_s']:.2f}" for f in record["failures"]
+                 if f.get("downtime_s") is not None and f.get("formed_s") is not None]
+        return ", ".join(parts) or "-"
+
     def own_steps(record: dict) -> str:
         acc = record["accounted"]
         costly = f" / {fmt(acc['step_ms_at_cost'])}" if acc.get("step_ms_at_cost") is not None else ""
@@ -448,6 +453,7 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
         ("steps advanced within D (re-done steps counted once)", lambda r: str(r["steps_advanced"])),
         ("steps re-done (since the snapshot / checkpoint restored)", lambda r: str(r["steps_redone"])),
         ("mean kill -> first step after the restore, s", lambda r: fmt(r["downtime_s_mean"])),
+        ("each: kill -> restored and resumed + the first step after it, s", resumed_then_first),
         (f"**goodput MEASURED** (steps advanced x {fmt(ref)} ms / D)" if ref else
          "**goodput MEASURED** (steps advanced x its own clean step / D)", gp),
         ("its own steps: mean ms at the other positions / at the snapshot (save) positions", own_steps),
