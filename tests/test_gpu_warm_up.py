@@ -4,6 +4,7 @@ draw from none of them, and build nothing the trainer shares."""
 from __future__ import annotations
 
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -52,3 +53,29 @@ def test_the_background_warm_up_on_cuda_draws_from_no_generator() -> None:
     gpu_warm_up.start(config("bfloat16")).join(60)
     torch.cuda.synchronize()
     assert_same(before, generator_states(device))
+
+
+def test_a_model_built_while_another_thread_skips_initialization_is_seeded_as_usual() -> None:
+    """The warm-up builds its model with the initializers off (``GPT.uninitialized``) while the worker's training
+    thread may build the job's seeded model: the switch must hold for its own thread only."""
+    from regrow.trainer.models import GPT, _SkipInitialization  # the switch GPT.uninitialized holds open
+
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_the_switch() -> None:
+        with _SkipInitialization():
+            inside.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_the_switch)
+    holder.start()
+    try:
+        assert inside.wait(30)
+        torch.manual_seed(0)
+        during = GPT(GPTConfig.preset("tiny"))
+    finally:
+        release.set()
+        holder.join(30)
+    torch.manual_seed(0)
+    alone = GPT(GPTConfig.preset("tiny"))
+    assert all(torch.equal(a, b) for a, b in zip(during.parameters(), alone.parameters(), strict=True))
