@@ -235,7 +235,8 @@ def lost_time_from_timeline(record: dict) -> dict:
     t0 = timeline[record["first_step"]]
     samples = [(done, step, done) for step, done in record["step_times"]]
     return lost_time(samples, t0=t0, end=t0 + record["measured_s"], fails=record.get("failures", []),
-                     every=record.get("snapshot_every") or record.get("save_every"))
+                     every=(record.get("save_every") if record.get("mode") == "whole-job restart"
+                            else record.get("snapshot_every") or 1))  # older regrow records: every step
 
 
 # The snapshot (save) of step s is taken in after_step of s; its copy runs during step s + 1 (after_forward on
@@ -264,11 +265,14 @@ def lost_time(samples: list[tuple[float, int, float]], *, t0: float, end: float,
         return {}
     costly = every is not None and every >= 4
     other = [d for s, d in durations if not costly or s % every not in COST_POSITIONS]
+    if not other:
+        return {}
     step_s = statistics.fmean(other)
     at_cost = [d for s, d in durations if costly and s % every in COST_POSITIONS]
     cost_s = sum(d - step_s for d in at_cost)
-    # a recovery D fell in: lost from its kill to D
-    downtime_s = sum(f["downtime_s"] if f.get("recovered_within_d") else end - t0 - f["kill_s"] for f in fails)
+    # a recovery D fell in (or one never seen to end): lost from its kill to D
+    downtime_s = sum(f["downtime_s"] if f.get("downtime_s") is not None and f.get("recovered_within_d", True)
+                     else end - t0 - f["kill_s"] for f in fails)
     redone_s = sum(f.get("redone_steps") or 0 for f in fails) * step_s
     lost_s = downtime_s + redone_s + cost_s
     record = {"step_ms_other": ms(step_s), "steps_counted": len(durations),
@@ -276,11 +280,13 @@ def lost_time(samples: list[tuple[float, int, float]], *, t0: float, end: float,
               "cost_positions": list(COST_POSITIONS) if costly else None,
               "lost_downtime_s": r3(downtime_s), "lost_redone_s": r3(redone_s), "lost_cost_s": r3(cost_s),
               "lost_s": r3(lost_s), "goodput": round(1 - lost_s / (end - t0), 4)}
-    first, later = durations[:before_kill], durations[before_kill:]
+    if every is not None and not costly:  # every step (or nearly) carries the snapshot: its cost is not separable
+        record.update(lost_cost_s=None, lost_s=None, goodput=None,
+                      why_none=f"a snapshot (save) every {every} step(s): its cost is in the steps it is compared to")
+    first, later = ([d for s, d in part if not costly or s % every not in COST_POSITIONS]
+                    for part in (durations[:before_kill], durations[before_kill:]))
     if fails and first and later:
-        mean_first = statistics.fmean(d for s, d in first if not costly or s % every not in COST_POSITIONS)
-        mean_later = statistics.fmean(d for s, d in later if not costly or s % every not in COST_POSITIONS)
-        record["step_after_restore_vs_before"] = round(mean_later / mean_first, 4)
+        record["step_after_restore_vs_before"] = round(statistics.fmean(later) / statistics.fmean(first), 4)
     return record
 
 
@@ -435,8 +441,14 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
 
     def lost(record: dict) -> str:
         acc = record["accounted"]
+        if acc.get("lost_s") is None:
+            return f"{acc['lost_downtime_s']:.2f} + {acc['lost_redone_s']:.2f} + ? (not separable)"
         return (f"{acc['lost_downtime_s']:.2f} + {acc['lost_redone_s']:.2f} + {acc['lost_cost_s']:.2f} = "
                 f"{acc['lost_s']:.2f}")
+
+    def accounted(record: dict) -> str:
+        acc = record["accounted"]
+        return pct(acc["goodput"]) if acc.get("goodput") is not None else f"- ({acc.get('why_none', 'no timeline')})"
 
     def after_restore(record: dict) -> str:
         ratio = record["accounted"].get("step_after_restore_vs_before")
@@ -459,7 +471,7 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
         ("its own steps: mean ms at the other positions / at the snapshot (save) positions", own_steps),
         ("lost s: kill -> first step + steps re-done + snapshot (save) positions' excess", lost),
         ("mean step after the first restore / before the first kill", after_restore),
-        ("**goodput ACCOUNTED** (1 - lost s / D, its own clock only)", lambda r: pct(r["accounted"]["goodput"])),
+        ("**goodput ACCOUNTED** (1 - lost s / D, its own clock only)", accounted),
     ]
     snapshot_every = goodput.get("goodput-regrow", {}).get("snapshot_every") or 1  # older results: every step
     snapshots = "snapshot every step" if snapshot_every == 1 else f"snapshot every {snapshot_every} steps"
