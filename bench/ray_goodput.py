@@ -258,7 +258,11 @@ def lost_time(samples: list[tuple[float, int, float]], *, t0: float, end: float,
     before_kill = 0
     for index, (a, b) in enumerate(zip(starts, stops)):
         done = completions(samples, a, min(b, end))
-        durations += [(s, done[s] - done[s - 1]) for s in done if s - 1 in done]
+        # after a restore, the restored step's "completion" is when the rank was ready: the step after it is the
+        # downtime's last part, never a counted step (whichever side of the generation's forming the poll saw it)
+        restored = fails[index - 1].get("restored_step") if index else None
+        floor = restored + 1 if restored is not None else -math.inf
+        durations += [(s, done[s] - done[s - 1]) for s in done if s - 1 in done and s > floor]
         if index == 0:
             before_kill = len(durations)
     if len(durations) < 2:

@@ -28,17 +28,18 @@ def test_lost_time_adds_up_the_downtime_the_redone_steps_and_the_snapshot_steps_
     t0 = before[0][1]
     kill = before[-1][1] + 0.01
     formed, first_after = kill + 1.0, kill + 1.5
-    after = [(151, first_after)] + timeline(152, 400, first_after)
+    # the restored step as the heartbeat reports it once the rank is ready, here just after the generation formed
+    after = [(150, formed + 0.001), (151, first_after)] + timeline(152, 400, first_after)
     samples = [(done, step, done) for step, done in before + after]
     end = after[-1][1]
     fails = [{"kill_s": kill - t0, "formed_s": formed - kill, "downtime_s": first_after - kill,
-              "redone_steps": 7, "recovered_within_d": True}]
+              "redone_steps": 7, "restored_step": 150, "recovered_within_d": True}]
     acc = ray_goodput.lost_time(samples, t0=t0, end=end, fails=fails, every=EVERY)
 
     assert acc["step_ms_other"] == pytest.approx(STEP_S * 1e3)
     assert acc["lost_downtime_s"] == pytest.approx(1.5, abs=1e-3)
     assert acc["lost_redone_s"] == pytest.approx(7 * STEP_S, abs=1e-3)
-    # counted: steps 2..157 (the first has no predecessor) and 152..400 (151 is in the downtime)
+    # counted: steps 2..157 (the first has no predecessor) and 152..400 (151 ends the downtime)
     costly = sum(1 for s in [*range(2, 158), *range(152, 401)] if s % EVERY == 1)
     assert acc["lost_cost_s"] == pytest.approx(costly * SNAPSHOT_COST_S, abs=1e-3)
     assert acc["goodput"] == pytest.approx(1 - acc["lost_s"] / (end - t0), abs=1e-4)
