@@ -22,11 +22,13 @@ After the abort the process group is unusable; the caller re-forms it (``comm.wo
 from __future__ import annotations
 
 import threading
+import time
 
 import torch.distributed as dist
 
 _requested = threading.Event()
 _reason: list[str] = [""]
+_timing: dict[str, float] = {}  # when the abort was requested (monotonic) and how long aborting NCCL took
 
 
 class Aborted(RuntimeError):
@@ -38,9 +40,13 @@ def request_abort(why: str) -> None:
     any, which makes a collective blocked in the training thread return with an error. Thread-safe; call from a
     thread other than the training thread."""
     _reason[0] = why
+    _timing.clear()
+    _timing["requested_at"] = time.monotonic()
     _requested.set()
     if dist.is_available() and dist.is_initialized() and _uses_nccl():
+        started = time.monotonic()
         dist.distributed_c10d._abort_process_group()
+        _timing["abort_call_s"] = time.monotonic() - started
 
 
 def requested() -> bool:
@@ -52,10 +58,17 @@ def reason() -> str:
     return _reason[0]
 
 
+def timing() -> dict[str, float]:
+    """``requested_at`` (``time.monotonic()`` of the last request) and, once the NCCL communicators are aborted,
+    ``abort_call_s`` (how long that took); empty when no abort was requested since :func:`clear`."""
+    return dict(_timing)
+
+
 def clear() -> None:
     """Forgets the abort; call once the process group has been re-formed."""
     _requested.clear()
     _reason[0] = ""
+    _timing.clear()
 
 
 def _uses_nccl() -> bool:

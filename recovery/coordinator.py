@@ -567,11 +567,14 @@ class Coordinator:
                 self._ranks[index].handle.abort.options(concurrency_group=CONTROL).remote("a peer failed")
             except self.ray.exceptions.RayActorError:
                 dead.add(index)
+        unwind: dict[str, dict] = {}  # per survivor: how its training call came back (Worker.train)
         for ref, index in pending.items():
             try:
                 result = self.ray.get(ref, timeout=self.spec.timeout_s)  # a survivor reports its failed step
                 if index == 0:
                     outcome.history += [tuple(item) for item in result["done"]]
+                if result.get("unwind"):
+                    unwind[str(index)] = result["unwind"]
             except self.ray.exceptions.RayActorError:
                 dead.add(index)
             except self.ray.exceptions.GetTimeoutError:
@@ -579,7 +582,8 @@ class Coordinator:
         for index in range(len(self._ranks)):
             if index not in dead and not self._alive(self._ranks[index].handle):
                 dead.add(index)
-        self.event("survivors_aborted", dead=sorted(dead), seconds=round(time.monotonic() - started, 3))
+        self.event("survivors_aborted", dead=sorted(dead), seconds=round(time.monotonic() - started, 3),
+                   unwind=unwind)
         return sorted(dead)
 
     def _alive(self, handle: object) -> bool:

@@ -239,7 +239,9 @@ class Worker:
     def train(self, until: int) -> dict:
         """Trains until step ``until``; returns ``{"done": [(step, loss)...], "error": None}``, or with ``error``
         describing the failure that stopped it (a peer lost, an abort), reported rather than raised so that no
-        exception has to cross Ray's serialisation. The worker stays usable for the next generation."""
+        exception has to cross Ray's serialisation, and ``unwind``: seconds from the abort request to the failed
+        step's error (``error_after_abort_s``, negative when the error came first), of the NCCL abort call
+        (``abort_call_s``) and of leaving the group (``leave_s``). The worker stays usable for the next generation."""
         trainer = self._trainer()
         done: list[tuple[int, float]] = []
         why = None
@@ -251,11 +253,20 @@ class Worker:
             if self.sink is not None:
                 self.sink.flush()
         except Exception as error:  # noqa: BLE001 (any failure of the step is the coordinator's to handle)
+            failed_at = time.monotonic()
             why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             why += f" (aborted: {abort.reason()})" if abort.requested() else ""
-        if why is not None:
-            self._leave_group()  # out of the except block: the traceback's frames no longer hold the groups
-        return {"done": done, "error": why}
+        if why is None:
+            return {"done": done, "error": None}
+        leaving = time.monotonic()
+        self._leave_group()  # out of the except block: the traceback's frames no longer hold the groups
+        unwind = {"leave_s": round(time.monotonic() - leaving, 3)}
+        timing = abort.timing()
+        if "requested_at" in timing:
+            unwind["error_after_abort_s"] = round(failed_at - timing["requested_at"], 3)
+        if "abort_call_s" in timing:
+            unwind["abort_call_s"] = round(timing["abort_call_s"], 3)
+        return {"done": done, "error": why, "unwind": unwind}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The model's parameters, on the CPU (what tests compare across runs)."""

@@ -124,6 +124,10 @@ def test_killed_worker_actor_is_replaced_and_the_run_matches(cluster, reference,
     outcome = run_with_a_kill(tmp_path, "kill", reference, rank=2, step=5)
     kinds = [e["event"] for e in events(tmp_path, "kill")]
     assert "failure_detected" in kinds and "replaced" in kinds and "restored" in kinds
+    # How the survivors' training calls came back is reported (the first to fail may be read before the abort).
+    (aborted,) = [e for e in events(tmp_path, "kill") if e["event"] == "survivors_aborted"]
+    assert aborted["unwind"] and set(aborted["unwind"]) <= {"0", "1", "3"}, aborted
+    assert all(u["leave_s"] >= 0 for u in aborted["unwind"].values()), aborted
     # Survivors keep their state; only the replacement of rank 2 restores, from its node's snapshot process.
     (restores,) = outcome.restores
     assert [r["source"] for r in restores] == ["kept in memory"] * 2 + ["snapshot"] + ["kept in memory"], restores
