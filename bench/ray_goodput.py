@@ -191,10 +191,14 @@ def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
         detected = first_event(trace, "failure_detected", kill["t"], t_next)
         restored = first_event(trace, "restored", kill["t"], t_next)
         formed = first_event(trace, "generation_formed", kill["t"], t_next)
+        aborted = first_event(trace, "survivors_aborted", kill["t"], t_next)
         formed_t = formed["t"] if formed is not None else t_next
         reached = reached_step(samples, kill["step"], kill["t"], formed_t)
         fail = {"rank": kill["rank"], "kill_step": kill["step"], "kill_s": r3(kill["t"] - t0),
                 "late_s": r3(kill["t"] - kill["planned_t"]), "detected_s": _since(detected, kill["t"]),
+                "survivors_aborted_s": _since(aborted, kill["t"]),
+                "unwind": aborted.get("unwind") if aborted else None,  # per survivor, from Worker.train
+                "timings": restored.get("timings") if restored else None,  # per rank: group, build, restore, attach
                 "formed_s": _since(formed, kill["t"]), "reached_step": reached,
                 "restored_step": restored["step"] if restored else None,
                 "sources": restored.get("sources") if restored else None,
@@ -237,6 +241,23 @@ def lost_time_from_timeline(record: dict) -> dict:
     return lost_time(samples, t0=t0, end=t0 + record["measured_s"], fails=record.get("failures", []),
                      every=(record.get("save_every") if record.get("mode") == "whole-job restart"
                             else record.get("snapshot_every") or 1))  # older regrow records: every step
+
+
+def backfill_aborts(record: dict) -> None:
+    """Adds ``survivors_aborted_s`` to the failures of a result analysed before it was recorded, from the stored
+    events (the phase's clock, as ``step_times``)."""
+    timeline = {int(step): done for step, done in record.get("step_times", [])}
+    if record.get("first_step") not in timeline:
+        return
+    t0 = timeline[record["first_step"]]
+    fails = record.get("failures", [])
+    for index, fail in enumerate(fails):
+        if "survivors_aborted_s" in fail:
+            continue
+        t_kill = t0 + fail["kill_s"]
+        t_next = t0 + fails[index + 1]["kill_s"] if index + 1 < len(fails) else math.inf
+        aborted = first_event(record.get("events", []), "survivors_aborted", t_kill, t_next)
+        fail["survivors_aborted_s"] = _since(aborted, t_kill)
 
 
 # The snapshot (save) of step s is taken in after_step of s; its copy runs during step s + 1 (after_forward on
@@ -357,6 +378,7 @@ def combine(paths: list[str]) -> dict:
     for name, record in combined.items():
         if name != "goodput-clean" and "accounted" not in record:  # results from before the accounting
             record["accounted"] = lost_time_from_timeline(record)
+            backfill_aborts(record)
     summary = goodput_summary(combined, fallback)
     setups = {json.dumps({k: v for k, v in s.items() if k in ("device", "world_size", "preset", "micro_batch")})
               for s in sources.values()}
@@ -438,6 +460,18 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
                  if f.get("downtime_s") is not None and f.get("formed_s") is not None]
         return ", ".join(parts) or "-"
 
+    def unwinding(record: dict) -> str:
+        parts = []
+        for f in record["failures"]:
+            if f.get("survivors_aborted_s") is None:
+                continue
+            unwind = (f.get("unwind") or {}).values()
+            slowest = [max((u[key] for u in unwind if key in u), default=None)
+                       for key in ("error_after_abort_s", "abort_call_s", "leave_s")]
+            parts.append(f"{f['survivors_aborted_s']:.2f}" + (" (" + " / ".join(fmt(v) for v in slowest) + ")"
+                                                               if any(v is not None for v in slowest) else ""))
+        return ", ".join(parts) or "-"
+
     def own_steps(record: dict) -> str:
         acc = record["accounted"]
         costly = f" / {fmt(acc['step_ms_at_cost'])}" if acc.get("step_ms_at_cost") is not None else ""
@@ -470,6 +504,8 @@ def goodput_markdown(goodput: dict, save_every: int | None = None) -> list[str]:
         ("steps re-done (since the snapshot / checkpoint restored)", lambda r: str(r["steps_redone"])),
         ("mean kill -> first step after the restore, s", lambda r: fmt(r["downtime_s_mean"])),
         ("each: kill -> restored and resumed + the first step after it, s", resumed_then_first),
+        ("each: survivors aborted, s (slowest survivor: error after the abort request / NCCL abort call / leaving "
+         "the group)", unwinding),
         (f"**goodput MEASURED** (steps advanced x {fmt(ref)} ms / D)" if ref else
          "**goodput MEASURED** (steps advanced x its own clean step / D)", gp),
         ("its own steps: mean ms at the other positions / at the snapshot (save) positions", own_steps),
