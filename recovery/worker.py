@@ -88,6 +88,10 @@ class Worker:
         self._fresh = True  # the trainer has not trained nor restored yet (a replacement, or the first generation)
         self._progress = (0, time.monotonic())
         torch.set_num_threads(max(1, int(os.environ.get("REGROW_THREADS_PER_RANK", "1"))))
+        # Everything imported so far (torch, Ray, regrow: most of the heap's objects) lives as long as the process:
+        # frozen, the full collection that leaving a failed group needs (``_leave_group``) scans only what was made
+        # since (the trainer, the groups), on the survivors' path to recovery.
+        gc.freeze()
         if spec.device == "cuda" and not standby:
             gpu_warm_up.start(spec.config)
 
