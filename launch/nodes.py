@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot_peers import ErasureCodingConfig
 from regrow.checkpoint.snapshot_persist import PersistConfig
-from regrow.checkpoint.snapshot_protocol import (TOKEN_ENV, ProtocolError, SnapshotProcessLost, ec_group_of,
-                                                 ec_group_request, request_once)
+from regrow.checkpoint.snapshot_protocol import (TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost,
+                                                 ec_group_of, ec_group_request, request_once)
 from regrow.trainer.checks import require_ints
 
 ADDRESS_ENV = "REGROW_SNAPSHOT_ADDRESS"
@@ -35,6 +35,9 @@ NODE_ENV = "REGROW_NODE"
 """The rank's node index."""
 ANNOUNCE_ATTEMPTS = 50
 """Tries at announcing the healed groups while more of their snapshot processes turn out lost (0.1 s apart)."""
+PROBE_TIMEOUT_S = 10.0
+"""How long a snapshot process that has not exited gets to answer a hello when healing, before it is taken for
+dying, ended and replaced."""
 
 
 def log(text: str) -> None:
@@ -162,6 +165,7 @@ class LocalNodes:
         """Replaces every lost node's snapshot process and rebuilds it from its group (see the module docstring).
         Call between attempts, when no rank runs."""
         started = time.monotonic()
+        self._end_unanswering()
         lost: list[int] = []
         for attempt in range(ANNOUNCE_ATTEMPTS):
             newly = self.lost_nodes()
@@ -204,6 +208,22 @@ class LocalNodes:
                 + (f", not rebuilt {sorted(not_rebuilt)} (their ranks need the disk checkpoint)" if not_rebuilt
                    else ""))
         return report
+
+    def _end_unanswering(self) -> None:
+        """Ends every snapshot process that has not exited but does not answer a hello, so that it counts as lost.
+        A killed node's process can outlive its ranks: SIGKILL takes effect only once a thread of it blocked in a
+        disk write (a persist) is done, and the fault injector waits for that 10 s at most. Kept, it would die
+        under the next attempt, whose ranks would find nothing at its address (seen once in the test suite)."""
+        for node, process in enumerate(self.processes):
+            if process.process.poll() is not None:
+                continue
+            try:
+                SnapshotClient(process.address, token=self.token, timeout_s=PROBE_TIMEOUT_S).close()
+            except (SnapshotProcessLost, ProtocolError) as error:
+                log(f"node {node}: snapshot process (pid {process.process.pid}) alive but not answering ({error}); "
+                    f"ending it")
+                process.process.kill()
+                process.process.wait(timeout=120)
 
     def _announce(self, nodes: "range | list[int]") -> None:
         """Sends each of ``nodes`` its id and its group's addresses (coding off: nothing to say)."""
