@@ -524,14 +524,11 @@ class GoodputPhase:
     # ------------------------------------------------------------------ the driver (main thread)
     def run(self) -> dict:
         self.events_path.unlink(missing_ok=True)  # appended by every coordinator of the phase
-        if self.planned:
-            log(f"{self.name}: {self.args.workers} workers for {self.duration:g} s from the first step, a worker "
-                f"killed every {self.interval:g} s from {self.first:g} s ({self.planned} failures), ranks "
+        what = (f"a worker killed every {self.interval:g} s from {self.first:g} s ({self.planned} failures), ranks "
                 f"{self.rotation} in turn, " + ("whole-job restart from the checkpoint" if self.restart
-                                                  else "healed in place"))
-        else:
-            log(f"{self.name}: {self.args.workers} workers for {self.duration:g} s from the first step, no failure, "
-                f"snapshots off (the reference)")
+                                                  else "healed in place")
+                if self.planned else "no failure, snapshots off (the reference)")
+        log(f"{self.name}: {self.args.workers} workers for {self.duration:g} s from the first step, {what}")
         watcher = threading.Thread(target=self._watch_safely, name=f"bench-{self.name}", daemon=True)
         watcher.start()
         resume = False

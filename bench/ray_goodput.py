@@ -198,7 +198,6 @@ def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
                 "late_s": r3(kill["t"] - kill["planned_t"]), "detected_s": _since(detected, kill["t"]),
                 "survivors_aborted_s": _since(aborted, kill["t"]),
                 "unwind": aborted.get("unwind") if aborted else None,  # per survivor, from Worker.train
-                "timings": restored.get("timings") if restored else None,  # per rank: group, build, restore, attach
                 "formed_s": _since(formed, kill["t"]), "reached_step": reached,
                 "restored_step": restored["step"] if restored else None,
                 "sources": restored.get("sources") if restored else None,
@@ -230,13 +229,17 @@ def analyse_goodput(args: argparse.Namespace, raw: dict) -> dict:
     return record
 
 
+def _stored_t0(record: dict) -> float | None:
+    """When an analysed phase's first step completed, from its stored ``step_times`` (the clock of its events)."""
+    return next((done for step, done in record.get("step_times", []) if step == record.get("first_step")), None)
+
+
 def lost_time_from_timeline(record: dict) -> dict:
     """:func:`lost_time` of an analysed phase from its stored ``step_times`` (each step's completion as first
     observed: the raw polls are not stored); {} when it lacks them."""
-    timeline = {int(step): done for step, done in record.get("step_times", [])}
-    if record.get("first_step") not in timeline or "measured_s" not in record:
+    t0 = _stored_t0(record)
+    if t0 is None or "measured_s" not in record:
         return {}
-    t0 = timeline[record["first_step"]]
     samples = [(done, step, done) for step, done in record["step_times"]]
     return lost_time(samples, t0=t0, end=t0 + record["measured_s"], fails=record.get("failures", []),
                      every=(record.get("save_every") if record.get("mode") == "whole-job restart"
@@ -246,10 +249,9 @@ def lost_time_from_timeline(record: dict) -> dict:
 def backfill_aborts(record: dict) -> None:
     """Adds ``survivors_aborted_s`` to the failures of a result analysed before it was recorded, from the stored
     events (the phase's clock, as ``step_times``)."""
-    timeline = {int(step): done for step, done in record.get("step_times", [])}
-    if record.get("first_step") not in timeline:
+    t0 = _stored_t0(record)
+    if t0 is None:
         return
-    t0 = timeline[record["first_step"]]
     fails = record.get("failures", [])
     for index, fail in enumerate(fails):
         if "survivors_aborted_s" in fail:
@@ -289,7 +291,11 @@ def lost_time(samples: list[tuple[float, int, float]], *, t0: float, end: float,
     if len(durations) < 2:
         return {}
     costly = every is not None and every >= 4
-    other = [d for s, d in durations if not costly or s % every not in COST_POSITIONS]
+
+    def plain(part: list[tuple[int, float]]) -> list[float]:  # the durations of steps at no cost position
+        return [d for s, d in part if not costly or s % every not in COST_POSITIONS]
+
+    other = plain(durations)
     if not other:
         return {}
     step_s = statistics.fmean(other)
@@ -308,8 +314,7 @@ def lost_time(samples: list[tuple[float, int, float]], *, t0: float, end: float,
     if every is not None and not costly:  # every step (or nearly) carries the snapshot: its cost is not separable
         record.update(lost_cost_s=None, lost_s=None, goodput=None,
                       why_none=f"a snapshot (save) every {every} step(s): its cost is in the steps it is compared to")
-    first, later = ([d for s, d in part if not costly or s % every not in COST_POSITIONS]
-                    for part in (durations[:before_kill], durations[before_kill:]))
+    first, later = plain(durations[:before_kill]), plain(durations[before_kill:])
     if fails and first and later:
         record["step_after_restore_vs_before"] = round(statistics.fmean(later) / statistics.fmean(first), 4)
     return record
