@@ -275,12 +275,16 @@ class SnapshotServer:
                                      f"taken at another layout (restore from the universal checkpoint)")
                 if at_step is not None:
                     self._abandon_locked(have, at_step, restored_from)
+                    if self._persist_hold_step is not None and self._persist_hold_step > at_step:
+                        self._persist_hold_step = None  # the re-run step's slots are held again
                 reply = {"ok": True, "paths": have.paths, "reused": True, "segment_bytes": have.size,
                          "held": sorted(set(have.held.values()))}
         if have is not None:
             log("re-attached to its existing segments", rank=rank)
             if at_step is not None and self.peers is not None:
                 self.peers.rolled_back(at_step)  # outside our lock: the coding thread takes its own, then ours
+            if at_step is not None and self.persister is not None:
+                self.persister.rolled_back(at_step)
             return reply
         log(f"attached: {SLOTS} segments of {size / 2**20:.1f} MiB", rank=rank)
         return {"ok": True, "paths": paths, "reused": False, "segment_bytes": size, "held": []}

@@ -29,9 +29,12 @@ into ``.tmp_step_<s>.<session>``; the process holding rank 0 waits (``commit_tim
 writes the manifest, renames, flips ``latest`` and purges. The session is derived from the step and the job's token
 (an HMAC, so it names the job without revealing the token): every node computes the same one without talking, and
 another job's leftovers never match. Markers also carry the step's data cursor and tokens seen, which every rank
-shares, so a marker left by an earlier attempt at another point of training is never taken for this one; a node
-removes its own ranks' old markers before writing, and after a commit the holder of rank 0 removes this job's
-temporaries of older steps (attempts that failed or were skipped on some node).
+shares, so a marker left by an earlier attempt at another point of training is never taken for this one, and the
+state's lineage (``Trainer.lineage``, new at every restore), so that a step re-run after a rollback is never
+committed with another node's part of the abandoned run's same step (a node that persisted that step before the
+failure leaves its marker behind; the holder of rank 0 waits for the re-run's). A node removes its own ranks' old
+markers before writing, and after a commit the holder of rank 0 removes this job's temporaries of older steps
+(attempts that failed or were skipped on some node).
 
 This module imports torch only when persistence is on (``Persister``): the snapshot process starts fast otherwise.
 """
@@ -246,6 +249,14 @@ class Persister:
         elif busy is not None:  # no snapshot follows the last one, so its slots stay as they are while it waits
             self._log(f"persist of step {step}, the run's last, waits for the persist of step {busy}")
 
+    def rolled_back(self, step: int) -> None:
+        """A local rank went back to ``step`` (it restored): the steps after it are trained again, in a new lineage,
+        and each is offered again once its COMMITs come (the abandoned run's offer of the same step number must not
+        make the re-run's look like a repeat)."""
+        with self._lock:
+            if self._last_offered is not None and self._last_offered > step:
+                self._last_offered = None
+
     @property
     def idle(self) -> bool:
         """No persist runs: a step offered now is taken."""
@@ -393,7 +404,7 @@ class Persister:
             finally:
                 snapshot.payload.release()  # the private copy is freed once the state holds the tensors
             mark = {"tokens_seen": state.tokens_seen, "data_cursor": dict(state.data_cursor),
-                    "world_size": state.layout["world_size"]}
+                    "world_size": state.layout["world_size"], "lineage": state.extra.get("lineage", "")}
             fingerprint = fingerprint or mark
             if rank == 0:
                 summary = (state.layout, dict(state.data_cursor), state.tokens_seen, state.layout["world_size"])

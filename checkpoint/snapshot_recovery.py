@@ -20,7 +20,10 @@ that passes ``kept_step`` (its in-memory state is intact at that step boundary, 
 rank (the replacements) can read that step from its slots or its node's coded buffers; only those restore. When
 the survivors disagree (one was mid-update) or a replacement lacks the step, every rank restores as above.
 
-Each rank logs which source it used and why the better ones were passed over; the result says the same.
+Each rank logs which source it used and why the better ones were passed over; the result says the same. Once
+restored, the ranks start a new lineage together (``Trainer.start_lineage``): the steps the job trains from here
+are told apart from the failed run's steps of the same numbers (the snapshot processes persist a step from parts
+of one lineage only).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class JobRestore:
     """Of ``seconds``, the time spent reading and verifying snapshots (every step tried)."""
     load_seconds: float = 0.0
     """Of ``seconds``, the time spent loading the state into the trainer (the rest: agreeing on the step)."""
+    lineage: str = ""
+    """The lineage the job goes on in from the restored step (``Trainer.start_lineage``): the same on every rank."""
 
 
 class _Node:
@@ -209,6 +214,9 @@ def restore_job(trainer: Trainer, address: str | None, *, ckpt_root: str | None 
             node.close()
     if result is None:
         result = _restore_from_checkpoint(trainer, ckpt_root, passed_over)
+    # What the job trains from here is a new history: the steps after this one that the failed run may have
+    # snapshotted (or half persisted) on some node are not its steps, even where their numbers match.
+    result.lineage = trainer.start_lineage()
     result.seconds, result.read_seconds = time.perf_counter() - started, clock.seconds
     if log:
         skipped = f"; passed over: {'; '.join(result.passed_over)}" if result.passed_over else ""

@@ -184,7 +184,8 @@ class Worker:
     def _restore(self, trainer: Trainer | PipelineTrainer, lost_ranks: tuple[int, ...], reshard: bool) -> JobRestore:
         if reshard:
             loaded = restore_trainer(trainer, "latest", root=self.spec.ckpt_dir)
-            return JobRestore(source=CHECKPOINT_SOURCE, step=loaded.step, detail=str(loaded.path))
+            return JobRestore(source=CHECKPOINT_SOURCE, step=loaded.step, detail=str(loaded.path),
+                              lineage=trainer.start_lineage())
         kept_step = self._kept_step()
         if isinstance(trainer, PipelineTrainer):
             return self._restore_stage(trainer, kept_step, lost_ranks)

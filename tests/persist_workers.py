@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 from regrow.checkpoint.snapshot_protocol import SnapshotClient
+from regrow.checkpoint.snapshot_recovery import restore_job
 from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
 from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
 from regrow.comm.world import World
@@ -67,3 +68,25 @@ def train_with_writer(world: World, config: TrainerConfig, root: str, save_every
                               run_config=trainer.config.to_dict())
     trainer.sinks.append(writer)
     trainer.run()
+
+
+def train_to_the_end(world: World, config: TrainerConfig, addresses: list[str]) -> None:
+    """Trains every step with a snapshot sink only, rank r on node ``addresses[r]``."""
+    seed_host_generators(world.rank)
+    sink = SnapshotSink(SnapshotSinkConfig(address=addresses[world.rank]), rank=world.rank)
+    trainer = Trainer(config, world, sinks=[sink])
+    trainer.run()
+    sink.close()
+
+
+def restore_and_train_to_the_end(world: World, config: TrainerConfig, addresses: list[str]) -> dict:
+    """The job restarted after a failure: restores from the nodes (``restore_job``), re-attaches its snapshot sink at
+    the restored step (as the launchers do) and trains to the end; returns the step restored and the lineage."""
+    trainer = Trainer(config, world, for_restore=True)
+    restored = restore_job(trainer, addresses[world.rank], log=False)
+    sink = SnapshotSink(SnapshotSinkConfig(address=addresses[world.rank]), rank=world.rank)
+    sink.attach(trainer.shard_state(), restored_from=restored.detail)
+    trainer.sinks.append(sink)
+    trainer.run()
+    sink.close()
+    return {"step": restored.step, "lineage": restored.lineage, "trainer_lineage": trainer.lineage}

@@ -16,7 +16,7 @@ import pytest
 import torch
 from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint import storage, verify
-from regrow.checkpoint.format import MANIFEST_NAME, temp_dir_name
+from regrow.checkpoint.format import MANIFEST_NAME, PARTS_DIR, rank_file, temp_dir_name
 from regrow.checkpoint.memory import (
     SnapshotProcessConfig,
     SnapshotServer,
@@ -309,3 +309,84 @@ def test_two_nodes_persist_what_the_checkpoint_writer_saves(tmp_path, token) -> 
         name = f"step_{step:08d}"
         assert_same_checkpoint(root / name, reference / name)
     assert_same_restore(root / "step_00000004", reference / "step_00000004", world_size=1)
+
+
+# ------------------------------------------------------------------------ a step re-run after a rollback
+def persist_outcomes(node: InProcessNode, step: int) -> list[dict]:
+    return [r for r in node.client.request({"op": "persisted"})["results"] if r["step"] == step]
+
+
+def corrupt_newest_slot(node: InProcessNode, rank: int) -> int:
+    """Flips one payload byte of ``rank``'s newest sealed slot on ``node``; returns its step."""
+    slots = [s for s in node.client.request({"op": "latest", "rank": rank})["slots"] if s["status"] == "ok"]
+    newest = max(slots, key=lambda s: s["step"])
+    buffer = seg.open_segment(newest["path"], writable=True)
+    try:
+        buffer[seg.payload_offset(seg.read_header(buffer).meta_capacity) + 100] ^= 0xFF
+    finally:
+        buffer.close()
+    return newest["step"]
+
+
+@pytest.mark.timeout(300)
+def test_a_step_re_run_after_a_rollback_is_persisted_from_its_own_lineage_only(tmp_path, token) -> None:
+    """Two nodes of one rank. Node 1 persisted its part of step 4, node 0 did not (its copy failed), then rank 0's
+    snapshot of step 4 turns out corrupt: the job restores step 3 and re-runs step 4 in a new lineage. Node 0 must
+    not commit step 4 with node 1's part of the abandoned run: it waits for node 1's part of the re-run (held back
+    here), then commits files equal to the CheckpointWriter's of an uninterrupted run."""
+    root, reference = tmp_path / "persisted", tmp_path / "reference"
+    config = cw.config(2, steps=4)
+    persist = PersistConfig(persist_every=4, persist_dir=str(root), commit_timeout_s=60)
+    env = {TOKEN_ENV: token}
+    nodes: list[InProcessNode] = []
+    proceed = threading.Event()
+    try:
+        nodes = [InProcessNode(persist, token) for _ in range(2)]
+        addresses = [node.server.address for node in nodes]
+        for node in nodes:
+            node.client.request({"op": "run_config", "config": config.to_dict()})
+
+        stale = root / temp_dir_name(4, persist_session(token, 4)) / PARTS_DIR / rank_file(1, ".json")
+
+        def lose_step_4(rank: int, step: int) -> None:
+            if step == 4:
+                raise OSError("test: node 0 loses its copy of step 4")
+
+        def after_node_0_gave_up(rank: int, step: int) -> None:
+            """Node 1 writes its part once node 0 has given step 4 up: node 0, holding rank 0, gives up by removing
+            the temporary directory, which would take node 1's marker with it had it come first (the abandoned
+            run then leaves nothing behind: not the case of this test)."""
+            deadline = time.monotonic() + 60
+            while not nodes[0].server.persister.status()["results"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        nodes[0].server.persister.copy_hook = lose_step_4
+        nodes[1].server.persister.copy_hook = after_node_0_gave_up
+        run_local(pw.train_to_the_end, 2, config, addresses, backend="gloo", timeout_s=120, env=env)
+        assert nodes[0].wait_for(4)["status"] == "failed"
+        assert nodes[1].wait_for(4)["status"] == "written"
+        assert stale.is_file()  # node 1's marker of the abandoned run's step 4 stays behind
+        assert corrupt_newest_slot(nodes[0], 0) == 4
+
+        nodes[0].server.persister.copy_hook = None
+        copying, proceed = nodes[1].stall_copy_of(4)  # replaces node 1's hook
+        results = run_local(pw.restore_and_train_to_the_end, 2, config, addresses, backend="gloo", timeout_s=120,
+                            env=env)
+        assert [r["step"] for r in results] == [3, 3]
+        lineages = {r["lineage"] for r in results} | {r["trainer_lineage"] for r in results}
+        assert len(lineages) == 1 and "" not in lineages
+        assert copying.wait(60), "node 1 never persisted the re-run step 4"
+        time.sleep(1.0)  # node 0 has written rank 0's part of the re-run and found node 1's of the abandoned run
+        assert len(persist_outcomes(nodes[0], 4)) == 1, "node 0 committed without node 1's part of the re-run"
+        assert not (root / "step_00000004").exists()
+        proceed.set()
+        deadline = time.monotonic() + 60
+        while len(persist_outcomes(nodes[0], 4)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r["status"] for r in persist_outcomes(nodes[0], 4)] == ["failed", "committed"]
+    finally:
+        proceed.set()
+        for node in nodes:
+            node.close()
+    run_local(pw.train_with_writer, 2, config, str(reference), 4, backend="gloo", timeout_s=120)
+    assert_same_checkpoint(root / "step_00000004", reference / "step_00000004")

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -112,6 +113,16 @@ def log_line(rank: int, step: int, text: str) -> None:
     print(f"[rank {rank}, step {step}] {text}", flush=True)
 
 
+def agree_lineage(world_size: int, timeout_s: float) -> str:
+    """A new lineage id (16 hex digits) that every rank of the default process group returns. Collective: each rank
+    draws 62 bits from the OS, never from a generator the training replays (a restore stays bit-identical), and an
+    all-reduce keeps the largest draw, so no rank has to be told it."""
+    draw = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
+    if world_size > 1:
+        collectives.all_reduce(draw, group=None, timeout_s=timeout_s, op=torch.distributed.ReduceOp.MAX)
+    return f"{int(draw.item()):016x}"
+
+
 class Trainer(RewindableStep):
     """Trains a GPT with the sharded optimizer on this rank of ``world`` (or alone when ``world`` is None).
 
@@ -142,6 +153,11 @@ class Trainer(RewindableStep):
         self.step = 0
         self.tokens_seen = 0
         self.history: list[StepResult] = []
+        self.lineage = ""
+        """Which history of training states this rank's states belong to: "" in a run that never restored, then a
+        new id at every restore (:meth:`start_lineage`). A step re-run after a rollback is another state than the
+        abandoned run's same step (on a GPU not bit for bit), so the snapshot processes persist a step only from
+        parts of one lineage (``checkpoint/snapshot_persist.py``); it travels in ``ShardState.extra``."""
         self._metrics = Path(config.metrics_path) if config.metrics_path and self.rank == 0 else None
         if self._metrics:
             self._metrics.parent.mkdir(parents=True, exist_ok=True)
@@ -269,10 +285,18 @@ class Trainer(RewindableStep):
             rng=RngState.capture(),
             data_cursor=self.sampler.state().to_dict(),
             tokens_seen=self.tokens_seen,
+            extra={"lineage": self.lineage},
         )
 
+    def start_lineage(self) -> str:
+        """Starts a new lineage (:attr:`lineage`) at the current step and returns its id. Collective: call on every
+        rank once the job has restored (the survivors that kept their state too), before the next step."""
+        self.lineage = agree_lineage(self.world_size, self.timeout_s)
+        return self.lineage
+
     def restore(self, state: ShardState) -> None:
-        """Resumes from ``state`` (same layout); collective: every rank restores its own shard together."""
+        """Resumes from ``state`` (same layout), its lineage included; collective: every rank restores its own
+        shard together."""
         if state.layout != self._layout:
             raise ValueError("Trainer.restore: the state was saved at another layout; reshard it first")
         self.optimizer.discard_step()  # a step a failure interrupted may have left partial gradients
@@ -282,6 +306,7 @@ class Trainer(RewindableStep):
         state.rng.restore()
         self.step = state.step
         self.tokens_seen = state.tokens_seen
+        self.lineage = str(state.extra.get("lineage", ""))
         self.initialized = True
 
 

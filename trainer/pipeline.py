@@ -28,7 +28,7 @@ from regrow.comm.topology import Topology
 from regrow.comm.world import World
 from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.data import DataCursor, Sampler
-from regrow.trainer.loop import NonFiniteLossError, StepResult, learning_rate, log_line
+from regrow.trainer.loop import NonFiniteLossError, StepResult, agree_lineage, learning_rate, log_line
 from regrow.trainer.models import GPT, GPTStage, stage_blocks
 from regrow.trainer.pipeline_config import PipelineConfig, PipelineTrainerConfig
 from regrow.trainer.pipeline_groups import PipelineGroups, create_groups
@@ -77,6 +77,8 @@ class PipelineTrainer(RewindableStep):
         self.tokens_seen = 0
         self.stage_grad_norm = float("nan")
         self.history: list[StepResult] = []
+        self.lineage = ""
+        """As ``Trainer.lineage``: which history of training states this stage's states belong to."""
 
     # ---------------------------------------------------------------- set-up
     def build_stage(self) -> GPTStage:
@@ -240,8 +242,14 @@ class PipelineTrainer(RewindableStep):
             data_cursor=self.sampler.state().to_dict(),
             tokens_seen=self.tokens_seen,
             extra={"pp_stage": self.stage, "pp_size": self.n_stages, "lr_scale": self.lr_scale,
-                   "optimizer_steps": self.optimizer.step_count},
+                   "optimizer_steps": self.optimizer.step_count, "lineage": self.lineage},
         )
+
+    def start_lineage(self) -> str:
+        """As ``Trainer.start_lineage``: a new lineage id agreed by every rank of every stage. Collective over the
+        whole world; call on every rank once the job has restored, before the next step."""
+        self.lineage = agree_lineage(self.world_size, self.timeout_s)
+        return self.lineage
 
     def restore(self, state: ShardState) -> None:
         """Resumes this stage from ``state`` (a :meth:`shard_state` of this rank's stage at the same layout, e.g. a
@@ -264,6 +272,7 @@ class PipelineTrainer(RewindableStep):
         self.step = state.step
         self.tokens_seen = state.tokens_seen
         self.lr_scale = float(state.extra.get("lr_scale", 1.0))
+        self.lineage = str(state.extra.get("lineage", ""))
         self.stage_grad_norm = float("nan")
 
     def stage_weights(self) -> dict[str, torch.Tensor]:
