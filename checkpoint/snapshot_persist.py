@@ -10,8 +10,10 @@ asynchronous ``CheckpointWriter``, so the files are the ones that writer would w
 ``s % persist_every == 0``, or s is the run's last step (``run_config["steps"]``) (the snapshot process checks at
 each COMMIT). Every node's process sees the same steps become eligible, so all persist the same s without talking
 to each other. At most one persist runs at a time; an eligible step that arrives while one runs is skipped and
-logged, except the run's last step: it waits for the running persist (the ``CheckpointWriter``'s rule), so a
-finished run always ends with a checkpoint of its final state, and shutting down waits for it.
+logged (a node without rank 0 also writes error markers for its ranks, so that the holder of rank 0, which may be
+persisting that step, gives it up at once), except the run's last step: it waits for the running persist (the
+``CheckpointWriter``'s rule), so a finished run always ends with a checkpoint of its final state, and shutting
+down waits for it.
 
 **The race with the ranks.** A rank overwrites the slot holding step s when it snapshots step s + 2 (two slots,
 alternating), possibly while this process still reads s. The snapshot process holds every rank's slot of s from
@@ -246,6 +248,10 @@ class Persister:
             self._release(step)
             self._log(f"persist of step {step} skipped: the persist of step {busy} is still running (persist less "
                       f"often: persist_every)")
+            if 0 not in slots:  # the holder of rank 0 may persist the step: tell it not to wait for these ranks
+                why = f"skipped on this rank's node: the persist of step {busy} was still running"
+                threading.Thread(target=self._error_markers, args=(step, sorted(slots), why), daemon=True,
+                                 name="regrow-snapshot-persist-skip").start()
         elif busy is not None:  # no snapshot follows the last one, so its slots stay as they are while it waits
             self._log(f"persist of step {step}, the run's last, waits for the persist of step {busy}")
 
@@ -347,16 +353,24 @@ class Persister:
         return snapshots
 
     def _give_up(self, step: int, session: str, ranks: list[int], error: str) -> None:
-        """Error markers for this node's ranks, so the holder of rank 0 stops waiting for them at once (it accepts
-        any error marker of the session: the abandoning node has no fingerprint to give); the holder itself just
-        removes the temporary directory."""
+        """Error markers for this node's ranks (:meth:`_error_markers`); the holder of rank 0 itself just removes
+        the temporary directory."""
+        from regrow.checkpoint.format import temp_dir_name
+
+        if 0 in ranks:
+            shutil.rmtree(self.root / temp_dir_name(step, session), ignore_errors=True)
+            return
+        self._error_markers(step, ranks, error)
+
+    def _error_markers(self, step: int, ranks: list[int], error: str) -> None:
+        """Writes an error marker for each of ``ranks`` into the temporary directory of ``step``, so that the holder
+        of rank 0 stops waiting for their parts at once instead of at ``commit_timeout_s`` (it accepts any error
+        marker of the session: a node that abandons or skips a step has no fingerprint to give)."""
         from regrow.checkpoint.format import temp_dir_name
         from regrow.checkpoint.writer import Part, PartWriter
 
+        session = persist_session(self._token, step)
         temp = self.root / temp_dir_name(step, session)
-        if 0 in ranks:
-            shutil.rmtree(temp, ignore_errors=True)
-            return
         parts = PartWriter(chunk_bytes=self.config.chunk_bytes, fsync=self.config.fsync)
         for rank in ranks:
             try:

@@ -390,3 +390,46 @@ def test_a_step_re_run_after_a_rollback_is_persisted_from_its_own_lineage_only(t
             node.close()
     run_local(pw.train_with_writer, 2, config, str(reference), 4, backend="gloo", timeout_s=120)
     assert_same_checkpoint(root / "step_00000004", reference / "step_00000004")
+
+
+@pytest.mark.timeout(300)
+def test_a_step_skipped_on_one_node_fails_at_once_on_the_holder_of_rank_0(tmp_path, token) -> None:
+    """Node 1 is still writing step 2 when step 4 comes (node 0 persists every 4 steps, node 1 every 2, whose write of
+    step 2 is held back here): node 1 skips step 4 and says so with an error marker, so node 0 gives step 4 up at
+    once rather than after its 60-s commit timeout; the run's last step, 6, is then persisted by both."""
+    root = tmp_path / "persisted"
+    config = cw.config(2, steps=6)
+    env = {TOKEN_ENV: token}
+    nodes: list[InProcessNode] = []
+    writing, proceed = threading.Event(), threading.Event()
+    try:
+        nodes = [InProcessNode(PersistConfig(persist_every=every, persist_dir=str(root), commit_timeout_s=60), token)
+                 for every in (4, 2)]
+        for node in nodes:
+            node.client.request({"op": "run_config", "config": config.to_dict()})
+        slow, write = nodes[1].server.persister, nodes[1].server.persister._write
+
+        def held_write(step: int, *args):
+            if step == 2:
+                writing.set()
+                assert proceed.wait(120), "the test never released the write"
+            return write(step, *args)
+
+        slow._write = held_write  # the copy is done by then: the ranks' slots are free, training goes on
+        run_local(pw.train_to_the_end, 2, config, [node.server.address for node in nodes], backend="gloo",
+                  timeout_s=120, env=env)
+        assert writing.is_set()
+        assert nodes[1].wait_for(4)["status"] == "skipped"
+        given_up = time.monotonic()
+        failed = nodes[0].wait_for(4, timeout_s=30)
+        assert time.monotonic() - given_up < 20, "node 0 waited for its commit timeout"
+        assert failed["status"] == "failed" and "skipped on this rank's node" in failed["error"]
+        proceed.set()
+        assert nodes[0].wait_for(6)["status"] == "committed"
+        assert nodes[1].wait_for(6)["status"] == "written"
+    finally:
+        proceed.set()
+        for node in nodes:
+            node.close()
+    assert storage.read_latest(root) == "step_00000006"
+    assert verify.verify(root / "step_00000006").ok
