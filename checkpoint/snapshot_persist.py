@@ -328,7 +328,7 @@ class Persister:
                 self._release(step)
         except (SlotOverwritten, seg.SegmentError, OSError) as error:
             status = "overwritten" if isinstance(error, SlotOverwritten) else "failed"
-            self._give_up(step, session, sorted(slots), f"{type(error).__name__}: {error}")
+            self._give_up(step, sorted(slots), f"{type(error).__name__}: {error}")
             self._log(f"persist of step {step} abandoned: {error}; nothing of it was written, the next eligible "
                       f"step is persisted instead")
             return PersistResult(step=step, status=status, error=str(error))
@@ -352,13 +352,13 @@ class Persister:
             raise
         return snapshots
 
-    def _give_up(self, step: int, session: str, ranks: list[int], error: str) -> None:
+    def _give_up(self, step: int, ranks: list[int], error: str) -> None:
         """Error markers for this node's ranks (:meth:`_error_markers`); the holder of rank 0 itself just removes
         the temporary directory."""
         from regrow.checkpoint.format import temp_dir_name
 
         if 0 in ranks:
-            shutil.rmtree(self.root / temp_dir_name(step, session), ignore_errors=True)
+            shutil.rmtree(self.root / temp_dir_name(step, persist_session(self._token, step)), ignore_errors=True)
             return
         self._error_markers(step, ranks, error)
 

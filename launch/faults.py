@@ -252,6 +252,26 @@ def kill_pid_and_wait(pid: int, timeout_s: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+def corrupt_segment(path: str) -> None:
+    """Flips one payload byte of the snapshot segment at ``path`` (its checksum then fails)."""
+    buffer = seg.open_segment(path, writable=True)
+    try:
+        buffer[seg.payload_offset(seg.read_header(buffer).meta_capacity) + 100] ^= 0xFF
+    finally:
+        buffer.close()
+
+
+def corrupt_newest_snapshot(client: SnapshotClient, rank: int) -> dict | None:
+    """Flips one payload byte of ``rank``'s newest sealed snapshot held by the snapshot process behind ``client``;
+    returns that slot as the ``latest`` op lists it (``path``, ``step``, ...), or None when it holds none."""
+    slots = [s for s in client.request({"op": "latest", "rank": rank})["slots"] if s["status"] == "ok"]
+    if not slots:
+        return None
+    newest = max(slots, key=lambda s: s["step"])
+    corrupt_segment(newest["path"])
+    return newest
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie (Linux reads /proc; elsewhere a zombie counts as running)."""
     try:
@@ -395,18 +415,10 @@ class FaultInjector:
         if address:
             client = SnapshotClient(address)
             try:
-                slots = [s for s in client.request({"op": "latest", "rank": self.rank})["slots"]
-                         if s["status"] == "ok"]
+                newest = corrupt_newest_snapshot(client, self.rank)
             finally:
                 client.close()
-            if slots:
-                newest = max(slots, key=lambda s: s["step"])
-                buffer = seg.open_segment(newest["path"], writable=True)
-                try:
-                    at = seg.payload_offset(seg.read_header(buffer).meta_capacity) + 100
-                    buffer[at] ^= 0xFF
-                finally:
-                    buffer.close()
+            if newest is not None:
                 detail = {"corrupted": newest["path"], "snapshot_step": newest["step"]}
                 print(f"[rank {self.rank}, step {step}] fault: flipped a byte of the snapshot of step "
                       f"{newest['step']} ({newest['path']})", flush=True)

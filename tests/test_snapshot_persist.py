@@ -32,6 +32,7 @@ from regrow.checkpoint.snapshot_persist import (
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient
 from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
 from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+from regrow.launch.faults import corrupt_newest_snapshot
 from regrow.launch.spawn import run_local
 from regrow.tests import ckpt_workers as cw
 from regrow.tests import persist_workers as pw
@@ -56,14 +57,19 @@ class InProcessNode:
         self.thread.start()
         self.client = SnapshotClient(self.server.address, token=token, timeout_s=30)
 
-    def wait_for(self, step: int, timeout_s: float = 60.0) -> dict:
+    def outcomes(self, step: int) -> list[dict]:
+        """The persister's outcomes for ``step`` so far, oldest first."""
+        return [r for r in self.client.request({"op": "persisted"})["results"] if r["step"] == step]
+
+    def wait_for(self, step: int, timeout_s: float = 60.0, nth: int = 1) -> dict:
+        """The ``nth`` outcome for ``step`` (a step re-run after a rollback has a second), once there."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            found = [r for r in self.client.request({"op": "persisted"})["results"] if r["step"] == step]
-            if found:
-                return found[0]
+            found = self.outcomes(step)
+            if len(found) >= nth:
+                return found[nth - 1]
             time.sleep(0.02)
-        raise TimeoutError(f"no persist outcome for step {step} within {timeout_s} s")
+        raise TimeoutError(f"no persist outcome {nth} for step {step} within {timeout_s} s")
 
     def stall_copy_of(self, stalled: int) -> tuple[threading.Event, threading.Event]:
         """Makes the persister's copy of step ``stalled`` wait: returns (copying: set once it waits, proceed: set
@@ -312,22 +318,6 @@ def test_two_nodes_persist_what_the_checkpoint_writer_saves(tmp_path, token) -> 
 
 
 # ------------------------------------------------------------------------ a step re-run after a rollback
-def persist_outcomes(node: InProcessNode, step: int) -> list[dict]:
-    return [r for r in node.client.request({"op": "persisted"})["results"] if r["step"] == step]
-
-
-def corrupt_newest_slot(node: InProcessNode, rank: int) -> int:
-    """Flips one payload byte of ``rank``'s newest sealed slot on ``node``; returns its step."""
-    slots = [s for s in node.client.request({"op": "latest", "rank": rank})["slots"] if s["status"] == "ok"]
-    newest = max(slots, key=lambda s: s["step"])
-    buffer = seg.open_segment(newest["path"], writable=True)
-    try:
-        buffer[seg.payload_offset(seg.read_header(buffer).meta_capacity) + 100] ^= 0xFF
-    finally:
-        buffer.close()
-    return newest["step"]
-
-
 @pytest.mark.timeout(300)
 def test_a_step_re_run_after_a_rollback_is_persisted_from_its_own_lineage_only(tmp_path, token) -> None:
     """Two nodes of one rank. Node 1 persisted its part of step 4, node 0 did not (its copy failed), then rank 0's
@@ -366,7 +356,7 @@ def test_a_step_re_run_after_a_rollback_is_persisted_from_its_own_lineage_only(t
         assert nodes[0].wait_for(4)["status"] == "failed"
         assert nodes[1].wait_for(4)["status"] == "written"
         assert stale.is_file()  # node 1's marker of the abandoned run's step 4 stays behind
-        assert corrupt_newest_slot(nodes[0], 0) == 4
+        assert corrupt_newest_snapshot(nodes[0].client, 0)["step"] == 4
 
         nodes[0].server.persister.copy_hook = None
         copying, proceed = nodes[1].stall_copy_of(4)  # replaces node 1's hook
@@ -377,13 +367,11 @@ def test_a_step_re_run_after_a_rollback_is_persisted_from_its_own_lineage_only(t
         assert len(lineages) == 1 and "" not in lineages
         assert copying.wait(60), "node 1 never persisted the re-run step 4"
         time.sleep(1.0)  # node 0 has written rank 0's part of the re-run and found node 1's of the abandoned run
-        assert len(persist_outcomes(nodes[0], 4)) == 1, "node 0 committed without node 1's part of the re-run"
+        assert len(nodes[0].outcomes(4)) == 1, "node 0 committed without node 1's part of the re-run"
         assert not (root / "step_00000004").exists()
         proceed.set()
-        deadline = time.monotonic() + 60
-        while len(persist_outcomes(nodes[0], 4)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [r["status"] for r in persist_outcomes(nodes[0], 4)] == ["failed", "committed"]
+        nodes[0].wait_for(4, nth=2)
+        assert [r["status"] for r in nodes[0].outcomes(4)] == ["failed", "committed"]
     finally:
         proceed.set()
         for node in nodes:

@@ -8,9 +8,9 @@ import secrets
 import pytest
 import torch
 
-from regrow.checkpoint import snapshot_segment as seg
 from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient
 from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, CODED_SOURCE, SLOTS_SOURCE
+from regrow.launch.faults import corrupt_segment
 from regrow.launch.spawn import WorkerFailed, run_local
 from regrow.tests import recovery_workers as rw
 from regrow.tests import snapshot_workers as w
@@ -33,12 +33,7 @@ def corrupt_slots(group: Group, rank: int) -> list[int]:
     finally:
         client.close()
     for slot in slots:
-        buffer = seg.open_segment(slot["path"], writable=True)
-        try:
-            at = seg.payload_offset(seg.read_header(buffer).meta_capacity) + 100
-            buffer[at] ^= 0xFF
-        finally:
-            buffer.close()
+        corrupt_segment(slot["path"])
     return sorted(slot["step"] for slot in slots)
 
 
