@@ -4,10 +4,12 @@ The repository root *is* the package (``package_dir={"regrow": "."}``), so the c
 ``regrow.trainer``, ``regrow.comm``, ... and nothing top-level clashes with other distributions.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
-SUBPACKAGES = ["trainer", "checkpoint", "comm", "recovery", "launch"]
+TIERS = ["comm", "trainer", "checkpoint", "recovery", "launch"]
+SUBPACKAGES = sorted(p for p in find_packages(where=".") if p.split(".")[0] in TIERS)
+"""Every folder of the five tiers (``trainer.zero``, ``checkpoint.node``, ...), found rather than listed."""
 
 
 class BuildPyWithoutSetup(build_py):

@@ -69,30 +69,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from regrow.checkpoint import snapshot_segment as seg
-from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient
-from regrow.checkpoint.snapshot_sink import (
+
+from regrow.checkpoint.node.process import SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient
+from regrow.checkpoint.snapshot.sink import (
     SnapshotSink,
     SnapshotSinkConfig,
     state_from_snapshot,
 )
 from regrow.comm import collectives
 from regrow.comm.world import World
-from regrow.launch.spawn import run_local
+from regrow.launch.local.spawn import run_local
 from regrow.recovery.neighbor import NeighborRecoveryError, plan_rebuild
 from regrow.recovery.policy import Availability, Source, recover_stage
 from regrow.trainer.data import DataConfig, Sampler
 from regrow.trainer.loop import TrainerConfig, log_line
 from regrow.trainer.models import GPT, GPTConfig, GPTStage, stage_blocks
-from regrow.trainer.pipeline import (
+from regrow.trainer.pipeline.p2p import Transfers
+from regrow.trainer.pipeline.trainer import (
     PipelineConfig,
     PipelineTrainer,
     PipelineTrainerConfig,
 )
-from regrow.trainer.pipeline_p2p import Transfers
 from regrow.trainer.state import ShardState
-from regrow.trainer.zero import ZeroConfig
+from regrow.trainer.zero.optimizer import ZeroConfig
 
 STRATEGIES = ("fault-free", "checkfree", "checkfree-plus", "checkpoint", "snapshot")
 LABELS = {"fault-free": "fault-free (reference)", "checkfree": "(a) CheckFree", "checkfree-plus": "(b) CheckFree+",

@@ -62,16 +62,27 @@ import torch
 import torch.distributed as dist
 
 # bench/ is this script's folder, which torchrun puts on sys.path: share bench_zero's settings and helpers.
-from bench_zero import (BETAS, EPS, LR, MAX_GRAD_NORM, WEIGHT_DECAY, emit_result, fused_adamw, init_distributed,
-                        make_batches, result_header)
-from regrow.checkpoint import verify
-from regrow.checkpoint.reshard import restore_trainer
-from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+from bench_zero import (
+    BETAS,
+    EPS,
+    LR,
+    MAX_GRAD_NORM,
+    WEIGHT_DECAY,
+    emit_result,
+    fused_adamw,
+    init_distributed,
+    make_batches,
+    result_header,
+)
+
+from regrow.checkpoint.universal import verify
+from regrow.checkpoint.universal.reshard import restore_trainer
+from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.comm.world import World, backend_string
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPT, GPTConfig
-from regrow.trainer.zero import ZeroConfig
+from regrow.trainer.zero.optimizer import ZeroConfig
 
 IMPLS = ("regrow", "deepspeed", "fsdp2", "regrow-load")
 

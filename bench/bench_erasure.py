@@ -1,4 +1,4 @@
-"""Encode throughput of :class:`regrow.checkpoint.erasure.GroupCode` against its anchors on this machine::
+"""Encode throughput of :class:`regrow.checkpoint.node.erasure.GroupCode` against its anchors on this machine::
 
     .venv/bin/python bench/bench_erasure.py --size-mib 256 --groups 4:1 4:2 8:2
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import zfec
 
-from regrow.checkpoint.erasure import ErasureConfig, GroupCode
+from regrow.checkpoint.node.erasure import ErasureConfig, GroupCode
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from regrow.trainer import quant
-from regrow.trainer.quant import BLOCK_SIZE
+from regrow.trainer.zero import quant
+from regrow.trainer.zero.quant import BLOCK_SIZE
 
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 
@@ -85,7 +85,7 @@ def _regrow_8bit(numel: int, device: str, grad_dtype: torch.dtype, with_out: boo
 
 def _regrow_8bit_config(numel: int, rows: int, warps: int) -> Callable[[int], None]:
     """The Triton kernel launched directly with a given tile (for the sweep): bf16 gradient, bf16 copy."""
-    from regrow.trainer import quant_triton
+    from regrow.trainer.zero import adamw_triton as quant_triton
 
     device = torch.device("cuda")
     param = torch.randn(numel, device=device)
@@ -169,7 +169,7 @@ def _copy_ms(numel: int, warmup: int, iters: int) -> float:
 
 def _inspect_kernel(ptx_path: str | None) -> dict[str, object]:
     """Registers, spills and instruction counts of the compiled Triton kernel (default tile); optionally its PTX."""
-    from regrow.trainer import quant_triton
+    from regrow.trainer.zero import adamw_triton as quant_triton
 
     n = 64 * BLOCK_SIZE
     device = torch.device("cuda")

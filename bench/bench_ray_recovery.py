@@ -3,7 +3,7 @@ against a DeepSpeed-style baseline (universal checkpoint every ``--save-every`` 
 
 One driver process (``bench/run_gpu_ray.sh`` runs it) starts a one-node Ray instance
 (``ray.init(num_gpus=N, num_cpus=..., include_dashboard=False)``) and runs three jobs of ``--workers`` ``Worker``
-actors through ``regrow.recovery.coordinator.Coordinator``, one after the other::
+actors through ``regrow.recovery.ray.coordinator.Coordinator``, one after the other::
 
     python bench/bench_ray_recovery.py --workers 4 --json out.jsonl --markdown out.md
 
@@ -118,17 +118,36 @@ import torch
 # bench/ is this script's folder (sys.path[0]): share bench_zero's optimizer settings; the analysis is
 # ray_goodput's.
 from bench_zero import BETAS, EPS, LR, MAX_GRAD_NORM, WEIGHT_DECAY
-from ray_goodput import (GOODPUT_PHASES, analyse_goodput, combine, completions, failures, first_event,
-                         first_step_after, fmt, goodput, goodput_markdown, goodput_summary, mean, ms, pct, r3,
-                         span_s, step_durations, step_times, window_step_s)
-from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
-from regrow.recovery.coordinator import Coordinator, CoordinatorConfig
-from regrow.recovery.worker import CONTROL, WorkerSpec
+from ray_goodput import (
+    GOODPUT_PHASES,
+    analyse_goodput,
+    combine,
+    completions,
+    failures,
+    first_event,
+    first_step_after,
+    fmt,
+    goodput,
+    goodput_markdown,
+    goodput_summary,
+    mean,
+    ms,
+    pct,
+    r3,
+    span_s,
+    step_durations,
+    step_times,
+    window_step_s,
+)
+
+from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
+from regrow.recovery.ray.coordinator import Coordinator, CoordinatorConfig
+from regrow.recovery.ray.worker import CONTROL, WorkerSpec
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.models import GPTConfig
 from regrow.trainer.state import ShardState, StateSink
-from regrow.trainer.zero import ZeroConfig
+from regrow.trainer.zero.optimizer import ZeroConfig
 
 
 def log(text: str) -> None:

@@ -54,10 +54,11 @@ import torch.distributed as dist
 from bench_checkpoint import barrier_timed, max_over_ranks, regrow_trainer, sync, timed
 from bench_zero import emit_result, init_distributed, result_header
 from numa_placement import bind_to_node, gpu_numa_node, numa_nodes
-from regrow.checkpoint import snapshot_segment as seg
-from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
-from regrow.checkpoint.snapshot_sink import (
+
+from regrow.checkpoint.node.process import SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
+from regrow.checkpoint.snapshot.sink import (
     SnapshotSink,
     SnapshotSinkConfig,
     restore_from_node,
@@ -190,7 +191,7 @@ def digest_gpu_s(trainer: Trainer) -> float | None:
     if trainer.device.type != "cuda":
         return None
     try:
-        from regrow.checkpoint.wordsum_triton import digest_cuda
+        from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda
     except ImportError:
         return None
     sources = list(trainer.optimizer.shard_tensors().values())

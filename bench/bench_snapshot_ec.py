@@ -8,7 +8,7 @@ One torchrun (``bench/run_gpu_snapshot_ec.sh`` runs it)::
 
 The ranks are split into ``--nodes`` simulated nodes of consecutive ranks; the first rank of each node starts that
 node's snapshot process (``start_snapshot_process`` with ``ec_group_size = --nodes``, ``ec_parity = 1``, one
-erasure-coding group), and rank 0 tells every process its group (``ec_group``), as ``launch/nodes.py`` does.
+erasure-coding group), and rank 0 tells every process its group (``ec_group``), as ``launch/local/nodes.py`` does.
 
 Protocol: ``--warmup`` untimed steps; ``--windows`` windows of ``--window`` steps without snapshots (device
 synchronised at the window ends, slowest rank); then a ``SnapshotSink`` per rank, ``every=1``, and the same windows
@@ -43,12 +43,13 @@ import torch.distributed as dist
 from bench_checkpoint import barrier_timed, max_over_ranks, regrow_trainer, sync
 from bench_snapshot import windows
 from bench_zero import emit_result, init_distributed, result_header
-from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
-from regrow.checkpoint.snapshot_peers import ErasureCodingConfig
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient
-from regrow.checkpoint.snapshot_recovery import restore_job
-from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
+
+from regrow.checkpoint.node.peers import ErasureCodingConfig
+from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.launch.snapshot_cli import snapshot_bytes
+from regrow.recovery.restore import restore_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

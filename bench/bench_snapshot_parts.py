@@ -42,8 +42,9 @@ import torch.distributed as dist
 from bench_checkpoint import regrow_trainer
 from bench_snapshot import numa_bind, paired_windows, parse_args, start_node_process
 from bench_zero import emit_result, init_distributed, result_header
+
 from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig, HostCopy
-from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.trainer.state import ShardState
 
 
@@ -106,7 +107,7 @@ class CopyOnly:
 
 
 def _gpu_digest(name: str, source):
-    from regrow.checkpoint.wordsum_triton import digest_cuda
+    from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda
 
     return digest_cuda(source)
 

@@ -7,7 +7,7 @@ from one into the next)::
 
 Implementations (``--impl``):
 
-- ``regrow8`` / ``regrow32``: :class:`regrow.trainer.zero.ZeroOptimizer`, stage 2, 8-bit / fp32 Adam state,
+- ``regrow8`` / ``regrow32``: :class:`regrow.trainer.zero.optimizer.ZeroOptimizer`, stage 2, 8-bit / fp32 Adam state,
   bf16 working parameters and gradients (reduce-scattered in bf16), fp32 master shard.
 - ``deepspeed``: DeepSpeed ZeRO stage 2, bf16, ``overlap_comm`` and ``contiguous_gradients`` on, a fused
   ``torch.optim.AdamW`` passed in (DeepSpeed's own FusedAdam must not be built: its JIT build fails on the GPU host).
@@ -137,7 +137,7 @@ def fused_adamw(model: nn.Module) -> torch.optim.AdamW:
 
 
 def build_regrow(model: nn.Module, device: torch.device, state_bits: int) -> Runner:
-    from regrow.trainer.zero import ZeroConfig, ZeroOptimizer
+    from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
 
     config = ZeroConfig(
         stage=2,

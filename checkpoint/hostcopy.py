@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+
 from regrow.trainer.checks import require_ints
 
 Allocate = Callable[[str, torch.Size, torch.dtype, bool], torch.Tensor]

@@ -2,7 +2,7 @@
 ``regrow train`` (``--save-every``, ``--ckpt-dir``, ``--keep-last``, ``--resume``).
 
 Sub-commands of ``regrow ckpt`` are entries of :data:`COMMANDS` (name -> help, argument set-up, run function);
-``convert`` bridges to DeepSpeed through ``checkpoint/deepspeed.py``'s ``FullState`` and ``checkpoint/whole.py``.
+``convert`` bridges to DeepSpeed through ``checkpoint/universal/deepspeed.py``'s ``FullState`` and ``checkpoint/universal/whole.py``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from regrow.checkpoint import storage, verify
-from regrow.checkpoint.format import CheckpointError, UnsupportedFormatVersion
-from regrow.checkpoint.reshard import restore_trainer, sources
-from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+from regrow.checkpoint.universal import storage, verify
+from regrow.checkpoint.universal.format import CheckpointError, UnsupportedFormatVersion
+from regrow.checkpoint.universal.reshard import restore_trainer, sources
+from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.trainer.loop import Trainer
 
 SNAPSHOT = "snapshot"
@@ -92,7 +92,7 @@ def verify_checkpoint(args: argparse.Namespace) -> int:
 
 def convert_checkpoint(args: argparse.Namespace) -> int:
     """``regrow ckpt convert SRC DST --from F --to T``: DeepSpeed (ZeRO-1/2 or universal) <-> regrow universal."""
-    from regrow.checkpoint import deepspeed, whole
+    from regrow.checkpoint.universal import deepspeed, whole
 
     if args.source_format == args.target_format:
         print(f"regrow ckpt convert: --from and --to are both {args.source_format}; nothing to convert "

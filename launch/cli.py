@@ -6,10 +6,10 @@ reported at once, before anything starts.
 
 The local launcher restarts a failed run up to ``--max-restarts`` times, as torchrun's agent would: between
 attempts it replaces the snapshot process of every lost node and rebuilds it from its erasure-coding group
-(``launch/nodes.py``), and the next attempt's ranks restore from the best source they share
-(``checkpoint/snapshot_recovery.py``). ``--fault`` injects faults into the run (``launch/faults.py``),
-``--hang-timeout`` restarts a job whose ranks stop making progress (``launch/watchdog.py``), and a run with a fault
-plan ends with a fault report (``launch/chaos.py``, also ``regrow chaos``).
+(``launch/local/nodes.py``), and the next attempt's ranks restore from the best source they share
+(``recovery/restore.py``). ``--fault`` injects faults into the run (``launch/chaos/faults.py``),
+``--hang-timeout`` restarts a job whose ranks stop making progress (``launch/local/watchdog.py``), and a run with a fault
+plan ends with a fault report (``launch/chaos/report.py``, also ``regrow chaos``).
 """
 
 from __future__ import annotations
@@ -25,16 +25,18 @@ from pathlib import Path
 
 import torch
 
-from regrow.checkpoint import storage
+from regrow.checkpoint.universal import storage
 from regrow.comm.world import World, WorldConfig, destroy_world, init_world
-from regrow.launch import chaos, ckpt_cli, faults, ray_cli, snapshot_cli
-from regrow.launch.nodes import HealReport, LocalNodes
-from regrow.launch.spawn import WorkerFailed, run_local
-from regrow.launch.watchdog import Heartbeat, Watchdog
+from regrow.launch import ckpt_cli, ray_cli, snapshot_cli
+from regrow.launch.chaos import faults
+from regrow.launch.chaos import report as chaos
+from regrow.launch.local.nodes import HealReport, LocalNodes
+from regrow.launch.local.spawn import WorkerFailed, run_local
+from regrow.launch.local.watchdog import Heartbeat, Watchdog
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
 from regrow.trainer.models import GPTConfig
-from regrow.trainer.zero import ZeroConfig
+from regrow.trainer.zero.optimizer import ZeroConfig
 
 
 class ConfigErrors(ValueError):

@@ -4,7 +4,7 @@
     regrow ray --address auto --workers 8 --gpus-per-worker 1 --ec-group-size 2 ...   # an existing cluster
     ray job submit -- python -m regrow.launch.ray_job --workers 8 --gpus-per-worker 1 ...
 
-The coordinator (``recovery/coordinator.py``) runs in this process: it starts the workers and a snapshot process
+The coordinator (``recovery/ray/coordinator.py``) runs in this process: it starts the workers and a snapshot process
 per node, forms the process group, watches, heals, and writes every event to ``--events`` (JSONL).
 """
 
@@ -17,13 +17,12 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-from regrow.checkpoint.snapshot_protocol import ProtocolError
-from regrow.launch import faults
-from regrow.recovery.coordinator import Coordinator, CoordinatorConfig, CoordinatorError
-from regrow.recovery.worker import WorkerSpec
+from regrow.checkpoint.snapshot.protocol import ProtocolError
+from regrow.launch.chaos import faults
+from regrow.recovery.ray.coordinator import Coordinator, CoordinatorConfig, CoordinatorError
+from regrow.recovery.ray.worker import WorkerSpec
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.state import StateSink
-
 
 DEFAULT_HANG_TIMEOUT_S = 120.0
 """A rank with no finished step for this long is declared hung (``--hang-timeout`` overrides it)."""
@@ -39,7 +38,7 @@ def fault_sinks(rank: int) -> list[StateSink]:
 def job_sinks(rank: int, *, ckpt_dir: str | None, save_every: int, final_step: int) -> list[StateSink]:
     """A ``CheckpointWriter`` saving every ``save_every`` steps and at ``final_step`` under ``ckpt_dir`` (its world
     size is the process group's, so it follows an elastic shrink), then the fault injector."""
-    from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+    from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 
     writer = ([CheckpointWriter(WriterConfig(root=ckpt_dir, save_every=save_every, final_step=final_step), rank=rank)]
               if ckpt_dir and save_every else [])

@@ -4,16 +4,16 @@ snapshot``, and the local launcher's simulated nodes and erasure coding (``--nod
 
 Who owns the node's snapshot process (docs/snapshot-protocol.md: it must outlive the ranks):
 
-- **Local launcher** (``regrow train --nproc N [--nodes M]``, :func:`regrow.launch.spawn.run_local`): the
+- **Local launcher** (``regrow train --nproc N [--nodes M]``, :func:`regrow.launch.local.spawn.run_local`): the
   ``regrow train`` process is the parent of every rank and outlives them, so it starts one snapshot process per
-  node (:func:`node_snapshots`, ``launch/nodes.py``) with a fresh ``secrets.token_hex(32)`` token, hands address
+  node (:func:`node_snapshots`, ``launch/local/nodes.py``) with a fresh ``secrets.token_hex(32)`` token, hands address
   and token to each rank through its environment (``run_local``'s ``rank_envs``, sent over the spawn pipe, never
   argv), replaces and rebuilds a lost node's process between attempts (``--max-restarts``), and stops them all
   (SIGTERM: they remove their segments) when the run ends, however it ends.
 - **torchrun**: no process of ours outlives a torchrun restart. The elastic agent starts every worker in its own
   session and ``killpg``s that session on a restart, so a snapshot process started by ``LOCAL_RANK`` 0 would die
   with the very ranks it is meant to outlive. Under torchrun the snapshot process is therefore started before
-  torchrun on each node (``python -m regrow.checkpoint.memory --address 127.0.0.1:0`` with
+  torchrun on each node (``python -m regrow.checkpoint.node --address 127.0.0.1:0`` with
   ``REGROW_SNAPSHOT_TOKEN`` exported, which torchrun passes on to its workers) and given with
   ``--snapshot-address``.
 - ``--snapshot-address`` also works with the local launcher: the process is then used, never started or stopped,
@@ -35,18 +35,18 @@ from dataclasses import dataclass
 
 import torch
 
-from regrow.checkpoint import snapshot_segment as seg
-from regrow.checkpoint.snapshot_persist import PersistConfig
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, parse_address, request_once
-from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, JobRestore, restore_job
-from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
+from regrow.checkpoint.node.persist import PersistConfig
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, parse_address, request_once
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.launch.ckpt_cli import SNAPSHOT
-from regrow.launch.nodes import ADDRESS_ENV, LocalNodes, NodesConfig
-from regrow.trainer.layout import build_layout
+from regrow.launch.local.nodes import ADDRESS_ENV, LocalNodes, NodesConfig
+from regrow.recovery.restore import CHECKPOINT_SOURCE, JobRestore, restore_job
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPT
-from regrow.trainer.quant import BLOCK_SIZE
-from regrow.trainer.zero import _state_kind_rule
+from regrow.trainer.zero.layout import build_layout
+from regrow.trainer.zero.optimizer import _state_kind_rule
+from regrow.trainer.zero.quant import BLOCK_SIZE
 
 META_ESTIMATE = 1 << 20
 """Metadata room assumed per segment when sizing ``/dev/shm`` before the ranks attach (the real room, twice the
@@ -131,14 +131,14 @@ def train_argument_problems(args: argparse.Namespace, *, under_torchrun: bool) -
     if (every or resume) and under_torchrun and address is None:
         flag = "--resume snapshot" if resume else f"--snapshot-every={every}"
         problems.append(f"{flag} under torchrun needs --snapshot-address HOST:PORT: torchrun kills a restarted "
-                        "worker's whole session, so start `python -m regrow.checkpoint.memory --address "
+                        "worker's whole session, so start `python -m regrow.checkpoint.node --address "
                         f"127.0.0.1:0` (with {TOKEN_ENV} exported) on each node before torchrun")
     nodes, group, parity = getattr(args, "nodes", 1), getattr(args, "ec_group_size", 0), getattr(args, "ec_parity", 1)
     if nodes != 1 or group:
         if address is not None or under_torchrun:
             problems.append("--nodes/--ec-group-size lay out the local launcher's own snapshot processes; with "
                             "--snapshot-address or under torchrun, start the snapshot processes with "
-                            "`python -m regrow.checkpoint.memory --ec-group-size N ...` instead")
+                            "`python -m regrow.checkpoint.node --ec-group-size N ...` instead")
         elif not every:
             problems.append("--nodes/--ec-group-size need --snapshot-every N (they lay out snapshot processes)")
         else:
@@ -164,7 +164,7 @@ def train_argument_problems(args: argparse.Namespace, *, under_torchrun: bool) -
                             "regrow.launch.torchrun node --persist-every K --persist-dir DIR -- torchrun ...`")
         elif address is not None:
             problems.append("--persist-every configures the snapshot processes the local launcher starts; start "
-                            "yours with `python -m regrow.checkpoint.memory --persist-every K --persist-dir DIR`")
+                            "yours with `python -m regrow.checkpoint.node --persist-every K --persist-dir DIR`")
     if resume and address is None and not under_torchrun and not getattr(args, "ckpt_dir", None):
         problems.append("--resume snapshot without --snapshot-address starts a new snapshot process, which holds no "
                         "snapshot: pass the address of the one the killed run used, or --ckpt-dir DIR to fall back "

@@ -52,14 +52,14 @@ from pathlib import Path
 
 import torch
 
-from regrow.checkpoint import storage
-from regrow.checkpoint.memory import SnapshotProcessConfig, start_snapshot_process
-from regrow.checkpoint.snapshot_persist import PersistConfig
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost
+from regrow.checkpoint.node.persist import PersistConfig
+from regrow.checkpoint.node.process import SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost
+from regrow.checkpoint.universal import storage
 from regrow.comm import collectives
 from regrow.comm.world import World, WorldConfig, destroy_world, init_world
 from regrow.launch import ckpt_cli, cli, snapshot_cli
-from regrow.launch.nodes import ADDRESS_ENV
+from regrow.launch.local.nodes import ADDRESS_ENV
 from regrow.trainer.loop import StepResult, TrainerConfig
 
 PROG = "python -m regrow.launch.torchrun"

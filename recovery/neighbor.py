@@ -25,9 +25,9 @@ import torch
 
 from regrow.trainer.data import DataCursor
 from regrow.trainer.loop import log_line
-from regrow.trainer.pipeline import PipelineTrainer
-from regrow.trainer.pipeline_p2p import Transfers
-from regrow.trainer.pipeline_shared import stage_roles
+from regrow.trainer.pipeline.p2p import Transfers
+from regrow.trainer.pipeline.shared import stage_roles
+from regrow.trainer.pipeline.trainer import PipelineTrainer
 
 FALLBACK = "restore the last universal (disk) checkpoint instead"
 _HEADER_TAG, _WEIGHTS_TAG = 0, 1

@@ -21,7 +21,7 @@ from regrow.recovery.neighbor import (
     rebuild_from_neighbors,
 )
 from regrow.trainer.loop import log_line
-from regrow.trainer.pipeline import PipelineTrainer
+from regrow.trainer.pipeline.trainer import PipelineTrainer
 
 
 class Source(enum.Enum):

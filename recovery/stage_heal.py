@@ -22,7 +22,7 @@ import torch
 from regrow.comm import collectives
 from regrow.recovery.neighbor import NeighborConfig
 from regrow.recovery.policy import Availability, RecoveryImpossible, Source, recover_stage
-from regrow.trainer.pipeline import PipelineTrainer
+from regrow.trainer.pipeline.trainer import PipelineTrainer
 
 NOT_KEPT = -1
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from regrow.checkpoint.format import Chunk
-from regrow.checkpoint.reshard import restore_trainer
-from regrow.checkpoint.writer import CheckpointWriter, PendingSave, WriterConfig
+from regrow.checkpoint.universal.format import Chunk
+from regrow.checkpoint.universal.reshard import restore_trainer
+from regrow.checkpoint.universal.writer import CheckpointWriter, PendingSave, WriterConfig
 from regrow.comm.world import World
 from regrow.trainer.data import DataConfig
-from regrow.trainer.layout import BLOCK_SIZE, FlatLayout, round_up
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPTConfig
-from regrow.trainer.zero import ZeroConfig, ZeroOptimizer
+from regrow.trainer.zero.layout import BLOCK_SIZE, FlatLayout, round_up
+from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4: one micro-batch per rank at every world size the tests use
 

@@ -1,6 +1,6 @@
 """DeepSpeed training runs inside spawned ranks (importable as ``regrow.tests.ds_workers`` by child processes).
 
-Every function here runs on the ranks that :func:`regrow.launch.spawn.run_local` starts; pass :data:`DS_ENV` as its
+Every function here runs on the ranks that :func:`regrow.launch.local.spawn.run_local` starts; pass :data:`DS_ENV` as its
 ``env`` so that DeepSpeed picks its CPU accelerator (gloo). The process group already exists when they run, and
 ``deepspeed.initialize`` adopts it instead of starting its own.
 

@@ -7,11 +7,12 @@ import random
 import time
 
 import numpy as np
-from regrow.checkpoint.snapshot_protocol import SnapshotClient
-from regrow.checkpoint.snapshot_recovery import restore_job
-from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
-from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+
+from regrow.checkpoint.snapshot.protocol import SnapshotClient
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
+from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.comm.world import World
+from regrow.recovery.restore import restore_job
 from regrow.trainer.loop import Trainer, TrainerConfig
 
 

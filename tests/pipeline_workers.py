@@ -10,7 +10,7 @@ from regrow.comm.world import World
 from regrow.trainer.data import DataConfig, Sampler
 from regrow.trainer.loop import learning_rate
 from regrow.trainer.models import GPT
-from regrow.trainer.pipeline import PipelineTrainer, PipelineTrainerConfig
+from regrow.trainer.pipeline.trainer import PipelineTrainer, PipelineTrainerConfig
 
 
 def _global(trainer: PipelineTrainer, local: str) -> str:

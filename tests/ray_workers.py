@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from regrow.launch.faults import FaultInjector
+from regrow.launch.chaos.faults import FaultInjector
 from regrow.trainer.state import ShardState, StateSink
 
 HANG_ENV = "REGROW_TEST_HANG"
@@ -89,7 +89,7 @@ CKPT_ENV = "REGROW_TEST_CKPT"
 def checkpoint_sinks(rank: int) -> list[StateSink]:
     """:func:`worker_sinks`, after a ``CheckpointWriter`` saving every 2 steps under ``$REGROW_TEST_CKPT`` (if set;
     its world size is the process group's, so it follows an elastic shrink)."""
-    from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+    from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 
     root = os.environ.get(CKPT_ENV)
     writer = [CheckpointWriter(WriterConfig(root=root, save_every=2, keep_last=2, fsync=False, when_busy="wait"),

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from regrow.checkpoint.snapshot_recovery import restore_job
-from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.comm.world import World
+from regrow.recovery.restore import restore_job
 from regrow.tests.snapshot_workers import params
 from regrow.trainer.loop import Trainer, TrainerConfig
 

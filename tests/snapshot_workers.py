@@ -8,7 +8,7 @@ import signal
 
 import torch
 
-from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig, restore_from_node
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig, restore_from_node
 from regrow.comm.world import World
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.state import ShardState

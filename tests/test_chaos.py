@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from regrow.launch import chaos, cli, faults
+from regrow.launch import cli
+from regrow.launch.chaos import faults
+from regrow.launch.chaos import report as chaos
 from regrow.trainer.loop import StepResult
 
 STEPS = 12

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from regrow.checkpoint import storage
+from regrow.checkpoint.universal import storage
 from regrow.launch import cli
 
 COMMON = ["train", "--nproc", "2", "--preset", "tiny", "--global-batch", "8", "--micro-batch", "4",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from regrow.checkpoint.deepspeed import (
+from regrow.checkpoint.universal.deepspeed import (
     KINDS,
     DeepSpeedCheckpointError,
     FullState,
@@ -29,7 +29,7 @@ from regrow.checkpoint.deepspeed import (
     import_deepspeed,
     safe_load,
 )
-from regrow.launch.spawn import run_local
+from regrow.launch.local.spawn import run_local
 from regrow.tests import ds_workers as w
 
 pytestmark = pytest.mark.timeout(300)
@@ -301,7 +301,7 @@ def test_cli_convert_round_trip_and_regrow_resumes_it(saved: dict, tmp_path: Pat
     """`regrow ckpt convert` DeepSpeed ZeRO-2 -> regrow universal -> DeepSpeed universal keeps every tensor exactly,
     and a regrow Trainer at another world size (1) and stage (2 -> regrow stage 1) resumes from the converted
     checkpoint with DeepSpeed's masters and moments."""
-    from regrow.checkpoint import verify, whole
+    from regrow.checkpoint.universal import verify, whole
     from regrow.launch import cli
     from regrow.tests import ckpt_workers
 

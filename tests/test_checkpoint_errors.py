@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from regrow.checkpoint import verify
-from regrow.checkpoint.format import (
+from regrow.checkpoint.universal import verify
+from regrow.checkpoint.universal.format import (
     FORMAT_VERSION,
     CheckpointMismatch,
     CorruptCheckpoint,
     UnsupportedFormatVersion,
 )
-from regrow.checkpoint.reshard import restore_trainer
-from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
-from regrow.launch.spawn import run_local
+from regrow.checkpoint.universal.reshard import restore_trainer
+from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
+from regrow.launch.local.spawn import run_local
 from regrow.tests import ckpt_workers as cw
 from regrow.trainer.loop import Trainer
 from regrow.trainer.models import GPTConfig
@@ -174,7 +174,7 @@ def test_writer_config_errors_name_the_field(tmp_path) -> None:
 
 
 def test_no_checkpoint_at_all_is_a_clear_error(tmp_path) -> None:
-    from regrow.checkpoint.format import CheckpointError
+    from regrow.checkpoint.universal.format import CheckpointError
 
     with pytest.raises(CheckpointError, match="no checkpoint under"):
         restore_trainer(fresh_trainer(), "latest", root=tmp_path)

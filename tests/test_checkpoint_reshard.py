@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from regrow.launch.spawn import run_local
+from regrow.launch.local.spawn import run_local
 from regrow.tests import ckpt_workers as cw
-from regrow.trainer import quant
-from regrow.trainer.layout import BLOCK_SIZE, round_up
+from regrow.trainer.zero import quant
+from regrow.trainer.zero.layout import BLOCK_SIZE, round_up
 
 SAVE_AT = 3
 # Continuing at another world size changes only how the gradient mean is rounded (W partial means summed, divided by
@@ -142,7 +142,7 @@ def test_fp32_checkpoint_loads_as_8bit_state_quantized_per_parameter(saved, load
 
 
 def test_files_hold_whole_blocks_for_codes_and_exact_numel_for_fp32(saved) -> None:
-    from regrow.checkpoint import verify
+    from regrow.checkpoint.universal import verify
 
     manifest = verify.read_manifest(Path(saved["path8"]))
     kinds = {(t.param, t.kind): t for t in manifest.tensors}
@@ -160,8 +160,8 @@ def test_files_hold_whole_blocks_for_codes_and_exact_numel_for_fp32(saved) -> No
 def test_whole_model_fp32_export_and_import_round_trip(saved, tmp_path) -> None:
     """``read_whole`` dequantizes 8-bit moments; ``write_whole`` writes a checkpoint (fp32 state) that reads back
     bit-identically and that a job with 8-bit state loads."""
-    from regrow.checkpoint.reshard import restore_trainer
-    from regrow.checkpoint.whole import read_whole, write_whole
+    from regrow.checkpoint.universal.reshard import restore_trainer
+    from regrow.checkpoint.universal.whole import read_whole, write_whole
     from regrow.trainer.loop import Trainer
 
     exported = read_whole(saved["path8"])
@@ -186,7 +186,7 @@ def test_whole_model_fp32_export_and_import_round_trip(saved, tmp_path) -> None:
 def test_each_rank_reads_about_its_share_only(saved, loaded, world_size: int) -> None:
     """Every byte is read by some rank, and no rank reads whole files: a rank reads its ranges plus, where the new
     layout cuts inside a checksummed chunk of the old one, the rest of that chunk (4 KiB chunks here)."""
-    from regrow.checkpoint import verify
+    from regrow.checkpoint.universal import verify
 
     total = verify.read_manifest(Path(saved["path8"])).nbytes()
     by_rank = loaded[world_size][0]["bytes_by_rank"]

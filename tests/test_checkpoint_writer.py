@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from regrow.checkpoint import storage, verify
 from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig
-from regrow.checkpoint.reshard import restore_trainer
-from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
+from regrow.checkpoint.universal import storage, verify
+from regrow.checkpoint.universal.reshard import restore_trainer
+from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.tests import ckpt_workers as cw
 from regrow.trainer.loop import Trainer
 

@@ -9,7 +9,7 @@ import torch
 
 from regrow.comm.collectives import CollectiveTimeout, PeerLost, classify
 from regrow.comm.topology import Topology
-from regrow.launch.spawn import WorkerFailed, run_local
+from regrow.launch.local.spawn import WorkerFailed, run_local
 from regrow.tests import dist_workers as w
 
 

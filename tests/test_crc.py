@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-from regrow.checkpoint.crc import crc32, crc32_combine
+from regrow.checkpoint.snapshot.crc import crc32, crc32_combine
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 65536 + 17])

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from regrow.checkpoint import erasure
-from regrow.checkpoint.erasure import ErasureConfig, GroupCode, NotRecoverable, ParityPiece
+from regrow.checkpoint.node import erasure
+from regrow.checkpoint.node.erasure import ErasureConfig, GroupCode, NotRecoverable, ParityPiece
 
 CHUNK = 4096
 

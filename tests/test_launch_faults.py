@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from regrow.checkpoint import storage
-from regrow.launch import cli, faults
-from regrow.launch.spawn import WorkerFailed
+from regrow.checkpoint.universal import storage
+from regrow.launch import cli
+from regrow.launch.chaos import faults
+from regrow.launch.local.spawn import WorkerFailed
 from regrow.trainer.loop import StepResult
 
 

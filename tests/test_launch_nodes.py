@@ -1,4 +1,4 @@
-"""The local launcher's nodes (launch/nodes.py) between two attempts: real snapshot processes, real signals."""
+"""The local launcher's nodes (launch/local/nodes.py) between two attempts: real snapshot processes, real signals."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from regrow.checkpoint.snapshot_protocol import SnapshotClient
-from regrow.launch import nodes
-from regrow.launch.nodes import LocalNodes, NodesConfig
+from regrow.checkpoint.snapshot.protocol import SnapshotClient
+from regrow.launch.local import nodes
+from regrow.launch.local.nodes import LocalNodes, NodesConfig
 
 
 @pytest.mark.timeout(120)

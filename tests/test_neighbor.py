@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from regrow.launch.spawn import run_local
+from regrow.launch.local.spawn import run_local
 from regrow.recovery.neighbor import (
     NeighborConfig,
     NeighborRecoveryError,
@@ -27,8 +27,8 @@ from regrow.tests import pipeline_workers as w
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.models import GPTConfig
-from regrow.trainer.pipeline import PipelineConfig, PipelineTrainerConfig
-from regrow.trainer.zero import ZeroConfig
+from regrow.trainer.pipeline.trainer import PipelineConfig, PipelineTrainerConfig
+from regrow.trainer.zero.optimizer import ZeroConfig
 
 LOSS_MARGIN = 0.1
 """Nats the run with a lost stage may be above the same run without one at the end. Both runs see the same batches,

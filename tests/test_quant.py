@@ -1,4 +1,4 @@
-"""Tests of trainer/quant.py on the CPU: exact block-wise quantization and the fused 8-bit / 32-bit AdamW steps."""
+"""Tests of trainer/zero/quant.py on the CPU: exact block-wise quantization and the fused 8-bit / 32-bit AdamW steps."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from regrow.trainer import quant
-from regrow.trainer.quant import (
+from regrow.trainer.zero import quant
+from regrow.trainer.zero.quant import (
     BLOCK_SIZE,
     CODE_MAP_VERSION,
     adamw8bit_step,

@@ -1,4 +1,4 @@
-"""GPU tests of trainer/quant.py: the Triton 8-bit AdamW kernel against the CPU path, and the 32-bit step on CUDA.
+"""GPU tests of trainer/zero/quant.py: the Triton 8-bit AdamW kernel against the CPU path, and the 32-bit step on CUDA.
 
 Skipped where CUDA or triton is missing (the CPU development machine). Agreement figures are printed (run with -s).
 """
@@ -10,8 +10,8 @@ import importlib.util
 import pytest
 import torch
 
-from regrow.trainer import quant
-from regrow.trainer.quant import BLOCK_SIZE, adamw8bit_step, adamw32bit_step, new_state_8bit
+from regrow.trainer.zero import quant
+from regrow.trainer.zero.quant import BLOCK_SIZE, adamw8bit_step, adamw32bit_step, new_state_8bit
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("triton") is None, reason="needs CUDA and triton"
@@ -78,7 +78,7 @@ def test_triton_kernel_matches_cpu_path(grad_dtype: torch.dtype, decades: tuple[
 
 
 def test_triton_result_does_not_depend_on_tile_shape() -> None:
-    from regrow.trainer import quant_triton
+    from regrow.trainer.zero import adamw_triton as quant_triton
 
     n = 300 * BLOCK_SIZE  # not a multiple of any tile: the last program is partly masked
     g = torch.Generator().manual_seed(2)

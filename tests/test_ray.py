@@ -19,9 +19,9 @@ import torch
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from regrow.launch import faults  # noqa: E402
-from regrow.recovery.coordinator import Coordinator, CoordinatorConfig, CoordinatorError  # noqa: E402
-from regrow.recovery.worker import WorkerSpec  # noqa: E402
+from regrow.launch.chaos import faults  # noqa: E402
+from regrow.recovery.ray.coordinator import Coordinator, CoordinatorConfig, CoordinatorError  # noqa: E402
+from regrow.recovery.ray.worker import WorkerSpec  # noqa: E402
 from regrow.tests import ray_workers  # noqa: E402
 from regrow.tests.test_trainer import tiny_config  # noqa: E402
 from regrow.trainer.data import DataConfig  # noqa: E402

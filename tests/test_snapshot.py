@@ -14,22 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from regrow.checkpoint import snapshot_segment as seg
-from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
-from regrow.checkpoint.snapshot_protocol import (
+from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot.protocol import (
     TOKEN_ENV,
     ProtocolError,
     SnapshotClient,
     SnapshotProcessLost,
     parse_address,
 )
-from regrow.checkpoint.snapshot_sink import (
+from regrow.checkpoint.snapshot.sink import (
     SnapshotRestoreError,
     SnapshotSink,
     SnapshotSinkConfig,
     restore_from_node,
 )
-from regrow.launch.spawn import WorkerFailed, run_local
+from regrow.launch.local.spawn import WorkerFailed, run_local
 from regrow.tests import snapshot_workers as w
 from regrow.tests.test_trainer import tiny_config
 from regrow.trainer.loop import Trainer

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
+from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 from regrow.launch import cli
 
 STEPS = 60

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from regrow.checkpoint import snapshot_ec_buffer as ecbuf
-from regrow.checkpoint import snapshot_segment as seg
-from regrow.checkpoint.memory import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
-from regrow.checkpoint.snapshot_peers import ErasureCodingConfig, PeerCoding
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, ProtocolError, SnapshotClient
-from regrow.launch.spawn import run_local
+from regrow.checkpoint.node import coded_buffer as ecbuf
+from regrow.checkpoint.node.peers import ErasureCodingConfig, PeerCoding
+from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, ProtocolError, SnapshotClient
+from regrow.launch.local.spawn import run_local
 from regrow.tests import snapshot_workers as w
 from regrow.tests.test_trainer import tiny_config
 

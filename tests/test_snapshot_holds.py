@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from regrow.checkpoint import snapshot_segment as seg
-from regrow.checkpoint.memory import SnapshotProcessConfig, SnapshotServer
-from regrow.checkpoint.snapshot_persist import PersistConfig
-from regrow.checkpoint.snapshot_sink import SnapshotSink
+from regrow.checkpoint.node.persist import PersistConfig
+from regrow.checkpoint.node.process import SnapshotProcessConfig, SnapshotServer
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot.sink import SnapshotSink
 
 TABLE = [{"name": "g/master", "dtype": "float32", "shape": [300]}]
 

@@ -14,26 +14,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from regrow.checkpoint import snapshot_segment as seg
-from regrow.checkpoint import storage, verify
-from regrow.checkpoint.format import MANIFEST_NAME, PARTS_DIR, rank_file, temp_dir_name
-from regrow.checkpoint.memory import (
-    SnapshotProcessConfig,
-    SnapshotServer,
-    start_snapshot_process,
-)
-from regrow.checkpoint.reshard import restore_trainer
-from regrow.checkpoint.snapshot_persist import (
+
+from regrow.checkpoint.node.persist import (
     PersistConfig,
     SlotOverwritten,
     copy_sealed,
     persist_session,
 )
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient
-from regrow.checkpoint.snapshot_sink import SnapshotSink, SnapshotSinkConfig
-from regrow.checkpoint.writer import CheckpointWriter, WriterConfig
-from regrow.launch.faults import corrupt_newest_snapshot
-from regrow.launch.spawn import run_local
+from regrow.checkpoint.node.process import (
+    SnapshotProcessConfig,
+    SnapshotServer,
+    start_snapshot_process,
+)
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
+from regrow.checkpoint.universal import storage, verify
+from regrow.checkpoint.universal.format import MANIFEST_NAME, PARTS_DIR, rank_file, temp_dir_name
+from regrow.checkpoint.universal.reshard import restore_trainer
+from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
+from regrow.launch.chaos.faults import corrupt_newest_snapshot
+from regrow.launch.local.spawn import run_local
 from regrow.tests import ckpt_workers as cw
 from regrow.tests import persist_workers as pw
 from regrow.trainer.loop import Trainer
@@ -143,7 +144,7 @@ def test_bad_persist_config_gives_clear_errors(tmp_path, token) -> None:
     assert not PersistConfig().enabled and SnapshotProcessConfig().persist == PersistConfig()
 
     env = dict(os.environ, **{TOKEN_ENV: token})
-    command = [sys.executable, "-m", "regrow.checkpoint.memory", "--persist-every", "2"]
+    command = [sys.executable, "-m", "regrow.checkpoint.node", "--persist-every", "2"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "PersistConfig.persist_dir is empty" in done.stderr
     with pytest.raises(RuntimeError, match="did not start"):  # a persist_dir that cannot be created

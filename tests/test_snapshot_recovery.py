@@ -8,10 +8,10 @@ import secrets
 import pytest
 import torch
 
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV, SnapshotClient
-from regrow.checkpoint.snapshot_recovery import CHECKPOINT_SOURCE, CODED_SOURCE, SLOTS_SOURCE
-from regrow.launch.faults import corrupt_segment
-from regrow.launch.spawn import WorkerFailed, run_local
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient
+from regrow.launch.chaos.faults import corrupt_segment
+from regrow.launch.local.spawn import WorkerFailed, run_local
+from regrow.recovery.restore import CHECKPOINT_SOURCE, CODED_SOURCE, SLOTS_SOURCE
 from regrow.tests import recovery_workers as rw
 from regrow.tests import snapshot_workers as w
 from regrow.tests.test_snapshot_ec import Group

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from regrow.checkpoint import storage, verify
-from regrow.checkpoint.format import MANIFEST_NAME
-from regrow.checkpoint.snapshot_protocol import TOKEN_ENV
-from regrow.launch import ckpt_cli, faults, snapshot_cli, torchrun
-from regrow.launch.nodes import ADDRESS_ENV
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
+from regrow.checkpoint.universal import storage, verify
+from regrow.checkpoint.universal.format import MANIFEST_NAME
+from regrow.launch import ckpt_cli, snapshot_cli, torchrun
+from regrow.launch.chaos import faults
+from regrow.launch.local.nodes import ADDRESS_ENV
 
 STEPS = 8
 KILL_STEP = 5
@@ -164,7 +165,7 @@ def test_node_helper_refuses_persisting_without_a_directory(job, capfd) -> None:
 def test_node_helper_hands_token_and_address_to_the_command_and_cleans_up(job, monkeypatch, capfd) -> None:
     token = secrets.token_hex(32)
     monkeypatch.setenv(TOKEN_ENV, token)
-    check = (f"import os, sys; from regrow.checkpoint.snapshot_protocol import SnapshotClient\n"
+    check = (f"import os, sys; from regrow.checkpoint.snapshot.protocol import SnapshotClient\n"
              f"assert os.environ['{TOKEN_ENV}'] == {token!r} and os.environ['{torchrun.UNSHARED_STORE_ENV}'] == '1'\n"
              f"client = SnapshotClient(os.environ['{ADDRESS_ENV}'])\n"
              "client.request({'op': 'attach', 'rank': 0, 'tensors': [{'name': 'w', 'dtype': 'float32', "

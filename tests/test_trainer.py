@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from regrow.launch import cli
-from regrow.launch.spawn import run_local
+from regrow.launch.local.spawn import run_local
 from regrow.tests import dist_workers as w
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import NonFiniteLossError, Trainer, TrainerConfig
 from regrow.trainer.models import GPTConfig
-from regrow.trainer.zero import ZeroConfig
+from regrow.trainer.zero.optimizer import ZeroConfig
 
 
 def tiny_config(**overrides) -> TrainerConfig:

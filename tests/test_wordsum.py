@@ -1,4 +1,4 @@
-"""WordSum-128 (checkpoint/wordsum.py) on the host, the segment format that stores it, and the sink's assembly of
+"""WordSum-128 (checkpoint/snapshot/wordsum.py) on the host, the segment format that stores it, and the sink's assembly of
 per-tensor digests (the GPU path, driven here by a host stand-in for the kernel)."""
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import struct
 import numpy as np
 import pytest
 import torch
-from regrow.checkpoint import snapshot_segment as seg
+
 from regrow.checkpoint.hostcopy import HostCopier
-from regrow.checkpoint.snapshot_sink import (
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot.sink import (
     SnapshotSink,
     SnapshotSinkConfig,
     restore_from_node,
     state_from_snapshot,
 )
-from regrow.checkpoint.wordsum import EMPTY, MASK, Digest, assemble, combine, digest
+from regrow.checkpoint.snapshot.wordsum import EMPTY, MASK, Digest, assemble, combine, digest
 from regrow.tests.test_snapshot import node, token  # noqa: F401 (fixtures)
 from regrow.tests.test_trainer import tiny_config
 from regrow.trainer.loop import Trainer

@@ -1,4 +1,4 @@
-"""GPU tests of checkpoint/wordsum_triton.py: the Triton WordSum-128 equals the host digest bit for bit, runs on the
+"""GPU tests of checkpoint/snapshot/wordsum_triton.py: the Triton WordSum-128 equals the host digest bit for bit, runs on the
 stream it is called on without blocking the CPU, and drives the snapshot sink's seal.
 
 Skipped where CUDA or triton is missing (the CPU development machine).
@@ -12,14 +12,15 @@ import time
 
 import pytest
 import torch
-from regrow.checkpoint import snapshot_segment as seg
+
 from regrow.checkpoint.hostcopy import HostCopier
-from regrow.checkpoint.snapshot_sink import (
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot.sink import (
     SnapshotSink,
     SnapshotSinkConfig,
     state_from_snapshot,
 )
-from regrow.checkpoint.wordsum import Digest, digest
+from regrow.checkpoint.snapshot.wordsum import Digest, digest
 from regrow.tests.test_snapshot import node, token  # noqa: F401 (fixtures)
 from regrow.tests.test_trainer import tiny_config
 from regrow.trainer.loop import Trainer
@@ -34,7 +35,7 @@ def host_digest(tensor: torch.Tensor) -> Digest:
 
 
 def gpu_digest(tensor: torch.Tensor) -> Digest:
-    from regrow.checkpoint.wordsum_triton import digest_cuda, to_digest
+    from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda, to_digest
 
     return to_digest(digest_cuda(tensor).cpu())
 
@@ -76,14 +77,14 @@ def test_non_contiguous_and_large() -> None:
 
 
 def test_out_argument_is_checked() -> None:
-    from regrow.checkpoint.wordsum_triton import digest_cuda
+    from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda
 
     with pytest.raises(ValueError, match="out must be a zeroed int64 tensor of 2 elements"):
         digest_cuda(torch.ones(4, device="cuda"), out=torch.zeros(3, dtype=torch.int64, device="cuda"))
 
 
 def test_runs_on_the_given_stream_without_blocking_the_cpu() -> None:
-    from regrow.checkpoint.wordsum_triton import digest_cuda, to_digest
+    from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda, to_digest
 
     tensor = torch.randn(1 << 22, device="cuda")
     expected = host_digest(tensor)
@@ -106,7 +107,7 @@ def test_runs_on_the_given_stream_without_blocking_the_cpu() -> None:
 
 
 def test_hostcopier_summaries_on_cuda() -> None:
-    from regrow.checkpoint.wordsum_triton import digest_cuda, to_digest
+    from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda, to_digest
 
     sources = {"a": torch.randn(12345, device="cuda"), "b": torch.randint(0, 255, (7,), dtype=torch.uint8,
                                                                              device="cuda")}
@@ -149,7 +150,7 @@ def test_sink_seals_with_gpu_digests(node, token) -> None:  # noqa: F811
 def test_read_slot_verifies_on_the_gpu_and_detects_corruption(node, token) -> None:  # noqa: F811
     """A slot read for a CUDA trainer is verified on the GPU and yields the same tensors, on the GPU; a flipped
     payload byte is caught there as it is on the host."""
-    from regrow.checkpoint.snapshot_recovery import read_slot
+    from regrow.recovery.restore import read_slot
 
     base = Trainer(tiny_config(steps=1)).shard_state()
     state = dataclasses.replace(base, step=4, tensors={name: t.cuda() + 4 for name, t in base.tensors.items()})

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from regrow.launch.spawn import run_local
+from regrow.launch.local.spawn import run_local
 from regrow.tests import dist_workers as w
-from regrow.trainer.layout import FlatLayout
-from regrow.trainer.zero import ZeroConfig, ZeroOptimizer
+from regrow.trainer.zero.layout import FlatLayout
+from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
 
 STEPS, GLOBAL_BATCH = 4, 12
 # eps = 1e-4 (not 1e-8): Adam divides by sqrt(v) + eps, so where a gradient is near eps an absolute rounding error d

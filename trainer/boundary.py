@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from regrow.trainer.data import DataCursor, Sampler
 from regrow.trainer.state import RngState
-from regrow.trainer.zero import ZeroOptimizer
+from regrow.trainer.zero.optimizer import ZeroOptimizer
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from regrow.trainer.checks import require_ints
 from regrow.trainer.data import DataConfig, DataCursor, Sampler
 from regrow.trainer.models import GPT, GPTConfig
 from regrow.trainer.state import RngState, ShardState, StateSink
-from regrow.trainer.zero import ZeroConfig, ZeroOptimizer
+from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -157,7 +157,7 @@ class Trainer(RewindableStep):
         """Which history of training states this rank's states belong to: "" in a run that never restored, then a
         new id at every restore (:meth:`start_lineage`). A step re-run after a rollback is another state than the
         abandoned run's same step (on a GPU not bit for bit), so the snapshot processes persist a step only from
-        parts of one lineage (``checkpoint/snapshot_persist.py``); it travels in ``ShardState.extra``."""
+        parts of one lineage (``checkpoint/node/persist.py``); it travels in ``ShardState.extra``."""
         self._metrics = Path(config.metrics_path) if config.metrics_path and self.rank == 0 else None
         if self._metrics:
             self._metrics.parent.mkdir(parents=True, exist_ok=True)

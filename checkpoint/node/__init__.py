@@ -1,0 +1,1 @@
+"""The per-node snapshot process: shared-memory segments, persistence, erasure coding between nodes."""

@@ -1,0 +1,1 @@
+"""The durable universal checkpoint: format, storage, verification, the lazy writer, resharding, DeepSpeed."""

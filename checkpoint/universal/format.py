@@ -1,0 +1,352 @@
+"""The universal checkpoint format: names, tensor kinds, the JSON manifest and the encoding of RNG states.
+
+A checkpoint is a directory ``CKPT_ROOT/step_00000123/`` holding
+
+- ``manifest.json``: format version, step, tokens seen, data cursor, the layout that produced it, the trainer
+  config, every parameter (name, shape, state bits) and every tensor file (parameter, kind, dtype, shape, byte size
+  and the crc32 of each stored chunk), and the RNG files;
+- ``params/<parameter name>/<kind>.bin``: one raw little-endian array per parameter per state kind;
+- ``rng/rank_00000.json`` (+ ``.bin`` for tensor-valued states such as torch's CPU generator), one pair per saving rank.
+
+Nothing is pickled: loading reads JSON and raw bytes only. ``docs/checkpoint-format.md`` is the prose version of
+this module; keep the two in step (and bump :data:`FORMAT_VERSION` on any incompatible change).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from regrow.trainer.state import RngState
+from regrow.trainer.zero.layout import BLOCK_SIZE, round_up
+
+FORMAT_VERSION = 1
+"""The newest manifest version this code writes and reads. Older versions stay readable; newer ones are refused."""
+MANIFEST_NAME = "manifest.json"
+LATEST_NAME = "latest"
+STEP_PREFIX = "step_"
+TEMP_PREFIX = ".tmp_"
+"""Directories being written (``.tmp_step_00000123.<session>``); never loaded, removed by the next writer."""
+PARTS_DIR = "parts"
+RNG_DIR = "rng"
+PARAMS_DIR = "params"
+
+if sys.byteorder != "little":  # the files are little-endian and written straight from memory
+    raise ImportError("regrow checkpoints are little-endian raw arrays; this big-endian host cannot write them as is")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the checkpoint and what would fix it."""
+
+
+class UnsupportedFormatVersion(CheckpointError):
+    """The manifest was written by a newer regrow (a format version this code does not know)."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """Files are missing, truncated or fail their checksum; ``problems`` lists each, naming the file."""
+
+    def __init__(self, where: str, problems: list[str]) -> None:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        super().__init__(f"checkpoint {where} is corrupt:\n  - " + "\n  - ".join(shown))
+        self.where = where
+        self.problems = problems
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint holds a different model; ``problems`` lists every mismatched name and shape."""
+
+    def __init__(self, where: str, problems: list[str]) -> None:
+        super().__init__(
+            f"checkpoint {where} was saved from a different model ({len(problems)} mismatches):\n  - "
+            + "\n  - ".join(problems)
+            + "\nload it into the model it was saved from, or convert it first"
+        )
+        self.where = where
+        self.problems = problems
+
+
+def step_dir_name(step: int) -> str:
+    """``step_00000123``: zero-padded so that names sort like steps."""
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def parse_step_dir_name(name: str) -> int | None:
+    """The step of a committed checkpoint directory name, or None for anything else (temporaries included)."""
+    match = re.fullmatch(rf"{STEP_PREFIX}(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def temp_dir_name(step: int, session: str) -> str:
+    return f"{TEMP_PREFIX}{step_dir_name(step)}.{session}"
+
+
+def rank_file(rank: int, suffix: str) -> str:
+    return f"rank_{rank:05d}{suffix}"
+
+
+# ---------------------------------------------------------------------------------------------------- tensor kinds
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """One stored state kind of a parameter: its file stem, dtype and how its elements map to the parameter's."""
+
+    name: str
+    """File stem, e.g. ``master`` or ``exp_avg.codes``."""
+    dtype: str
+    """``float32`` or ``uint8``."""
+    per_block: bool
+    """One value per 256-element block (the block scales of 8-bit state)."""
+    padded: bool
+    """Covers whole blocks (8-bit codes, including the padding codes of the last block) rather than exactly numel."""
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self.dtype == "float32" else 1
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float32 if self.dtype == "float32" else torch.uint8
+
+    def count(self, numel: int) -> int:
+        """Elements stored for a parameter of ``numel`` elements."""
+        if self.per_block:
+            return round_up(numel, BLOCK_SIZE) // BLOCK_SIZE
+        return round_up(numel, BLOCK_SIZE) if self.padded else numel
+
+    def shape(self, param_shape: tuple[int, ...]) -> list[int]:
+        """Shape recorded in the manifest: the parameter's own for per-element fp32 kinds, 1-D otherwise."""
+        numel = int(np.prod(param_shape, dtype=np.int64)) if param_shape else 1
+        if self.per_block or self.padded:
+            return [self.count(numel)]
+        return list(param_shape)
+
+    def span(self, start: int, stop: int, numel: int) -> tuple[int, int]:
+        """The stored elements for the parameter's block-aligned element range ``[start, stop)``."""
+        if self.per_block:
+            return start // BLOCK_SIZE, stop // BLOCK_SIZE
+        if self.padded:
+            return start, stop
+        return min(start, numel), min(stop, numel)
+
+
+MASTER = KindSpec(name="master", dtype="float32", per_block=False, padded=False)
+EXP_AVG = KindSpec(name="exp_avg", dtype="float32", per_block=False, padded=False)
+EXP_AVG_SQ = KindSpec(name="exp_avg_sq", dtype="float32", per_block=False, padded=False)
+EXP_AVG_CODES = KindSpec(name="exp_avg.codes", dtype="uint8", per_block=False, padded=True)
+EXP_AVG_SCALES = KindSpec(name="exp_avg.scales", dtype="float32", per_block=True, padded=False)
+EXP_AVG_SQ_CODES = KindSpec(name="exp_avg_sq.codes", dtype="uint8", per_block=False, padded=True)
+EXP_AVG_SQ_SCALES = KindSpec(name="exp_avg_sq.scales", dtype="float32", per_block=True, padded=False)
+
+KINDS_BY_BITS: dict[int, tuple[KindSpec, ...]] = {
+    32: (MASTER, EXP_AVG, EXP_AVG_SQ),
+    8: (MASTER, EXP_AVG_CODES, EXP_AVG_SCALES, EXP_AVG_SQ_CODES, EXP_AVG_SQ_SCALES),
+}
+KINDS = {k.name: k for kinds in KINDS_BY_BITS.values() for k in kinds}
+
+# ZeroOptimizer.shard_tensors() names its tensors "<group>/<what>"; <what> <-> file kind:
+_SHARD_KEY_OF_KIND = {k.name: k.name.replace(".", "_") for k in KINDS.values()}
+
+
+def shard_key(kind: KindSpec) -> str:
+    """The ``<what>`` of ``ZeroOptimizer.shard_tensors()`` holding ``kind`` (``exp_avg.codes`` -> ``exp_avg_codes``)."""
+    return _SHARD_KEY_OF_KIND[kind.name]
+
+
+def param_dir(name: str) -> str:
+    """``params/<name>``; names that are not plain file names (``/``, ``..``, odd characters) are percent-encoded."""
+    plain = re.fullmatch(r"[A-Za-z0-9_.\-]+", name) and name not in (".", "..")
+    return f"{PARAMS_DIR}/{name if plain else urllib.parse.quote(name, safe='')}"
+
+
+def tensor_file(name: str, kind: KindSpec) -> str:
+    return f"{param_dir(name)}/{kind.name}.bin"
+
+
+# ---------------------------------------------------------------------------------------------------- the manifest
+
+
+@dataclass
+class Chunk:
+    """Bytes ``[offset, offset + length)`` of a tensor file and their zlib crc32."""
+
+    offset: int
+    length: int
+    crc32: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass
+class TensorEntry:
+    """One tensor file: which parameter and kind, its dtype, shape, byte size and chunk checksums (sorted, tiling
+    ``[0, nbytes)`` exactly)."""
+
+    param: str
+    kind: str
+    file: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    chunks: list[Chunk]
+
+
+@dataclass
+class ParamEntry:
+    """One model parameter: its shape and how its optimizer state is kept."""
+
+    name: str
+    shape: list[int]
+    state_bits: int
+    weight_decay: bool
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass
+class FileEntry:
+    """A small file (an RNG state) with its size and crc32."""
+
+    file: str
+    nbytes: int
+    crc32: int
+
+
+@dataclass
+class RngEntry:
+    """The RNG state of one saving rank: a JSON file and a binary file for tensor-valued states."""
+
+    rank: int
+    json: FileEntry
+    bin: FileEntry
+
+
+@dataclass
+class Manifest:
+    """Everything about a checkpoint except the tensor bytes. See ``docs/checkpoint-format.md``."""
+
+    step: int
+    tokens_seen: int
+    data_cursor: dict[str, int]
+    world_size: int
+    layout: dict
+    config: dict
+    params: list[ParamEntry]
+    tensors: list[TensorEntry]
+    rng: list[RngEntry]
+    code_map_version: str
+    format_version: int = FORMAT_VERSION
+    block_size: int = BLOCK_SIZE
+    byte_order: str = "little"
+    created: str = ""
+    writer: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Manifest":
+        """Parses a manifest; a newer format version raises :class:`UnsupportedFormatVersion`, anything malformed
+        :class:`CorruptCheckpoint` (both naming ``where``)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise CorruptCheckpoint(where, [f"{MANIFEST_NAME} is not valid JSON ({error})"]) from None
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if not isinstance(version, int) or version < 1:
+            raise CorruptCheckpoint(where, [f"{MANIFEST_NAME} has no valid format_version (got {version!r})"])
+        if version > FORMAT_VERSION:
+            raise UnsupportedFormatVersion(
+                f"checkpoint {where} has format version {version}, but this regrow reads versions up to "
+                f"{FORMAT_VERSION}: upgrade regrow to load it"
+            )
+        try:
+            return cls(
+                **{k: v for k, v in data.items() if k not in ("params", "tensors", "rng")},
+                params=[ParamEntry(**p) for p in data["params"]],
+                tensors=[TensorEntry(**{**t, "chunks": [Chunk(**c) for c in t["chunks"]]}) for t in data["tensors"]],
+                rng=[RngEntry(rank=r["rank"], json=FileEntry(**r["json"]), bin=FileEntry(**r["bin"]))
+                     for r in data["rng"]],
+            )
+        except (KeyError, TypeError) as error:
+            raise CorruptCheckpoint(where, [f"{MANIFEST_NAME} is malformed: {type(error).__name__} {error}"]) from None
+
+    def param(self, name: str) -> ParamEntry:
+        for entry in self.params:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def tensor(self, param: str, kind: str) -> TensorEntry:
+        for entry in self.tensors:
+            if entry.param == param and entry.kind == kind:
+                return entry
+        raise KeyError(f"{param}:{kind}")
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data (what the checkpoint costs on disk, give or take the small files)."""
+        return sum(t.nbytes for t in self.tensors)
+
+
+# ---------------------------------------------------------------------------------------------------- RNG states
+
+
+def encode_rng(rng: RngState) -> tuple[dict, bytes]:
+    """``rng`` as a JSON-able dict plus one binary blob (torch generator states, which are byte tensors)."""
+    blob = bytearray()
+
+    def put(tensor: torch.Tensor) -> dict[str, int]:
+        data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        entry = {"offset": len(blob), "nbytes": len(data)}
+        blob.extend(data)
+        return entry
+
+    version, state, gauss = rng.python
+    numpy_state = rng.numpy
+    meta = {
+        "torch_cpu": put(rng.torch_cpu),
+        "torch_cuda": [put(t) for t in rng.torch_cuda],
+        "python": {"version": version, "state": list(state), "gauss_next": gauss},
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": [int(k) for k in numpy_state["state"]["key"]],
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+    }
+    return meta, bytes(blob)
+
+
+def decode_rng(meta: dict, blob: bytes) -> RngState:
+    """The inverse of :func:`encode_rng`."""
+
+    def get(entry: dict[str, int]) -> torch.Tensor:
+        data = blob[entry["offset"] : entry["offset"] + entry["nbytes"]]
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+    python = meta["python"]
+    numpy_meta = meta["numpy"]
+    return RngState(
+        torch_cpu=get(meta["torch_cpu"]),
+        torch_cuda=[get(e) for e in meta["torch_cuda"]],
+        python=(python["version"], tuple(python["state"]), python["gauss_next"]),
+        numpy={
+            "bit_generator": numpy_meta["bit_generator"],
+            "state": {"key": np.array(numpy_meta["key"], dtype=np.uint32), "pos": numpy_meta["pos"]},
+            "has_gauss": numpy_meta["has_gauss"],
+            "gauss": numpy_meta["gauss"],
+        },
+    )

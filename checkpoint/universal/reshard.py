@@ -1,0 +1,353 @@
+"""Loading a universal checkpoint at any layout: another world size, ZeRO stage or optimizer-state precision.
+
+A checkpoint saved at world size W, stage S, state bits B loads at W', S', B'. Each rank computes the pieces of its
+new shard (``pieces.rank_pieces`` of the new layout) and reads exactly those byte ranges of the per-parameter files
+(``os.preadv`` at offsets, straight into the shard tensors where possible), never whole files. Per parameter:
+
+- fp32 master and fp32 moments: copied bit for bit;
+- 8-bit -> 8-bit: the codes (padding codes of the last block included) and block scales are copied bit for bit;
+- 8-bit -> fp32: dequantized (``quant.dequantize_blockwise``, signed map for the first moment);
+- fp32 -> 8-bit: quantized per parameter block (``quant.quantize_blockwise``): blocks start at the parameter's start
+  at every layout, so a rank quantizing its range produces exactly the blocks a whole-parameter quantization would.
+
+The stage does not appear in the shard at all (stages 1 and 2 keep the same shard), so it is free to change. Elements
+that belong to no parameter (padding) are zero, and 8-bit padding holds the zero code of its map, as after any step.
+
+Verification before anything is used: every rank checks the manifest and every file's size, then the crc32 of every
+stored chunk it reads; the ranks agree (one all-reduce) and either all load or all move to the next candidate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from regrow.checkpoint.universal import verify
+from regrow.checkpoint.universal.format import (
+    EXP_AVG,
+    EXP_AVG_CODES,
+    EXP_AVG_SCALES,
+    EXP_AVG_SQ,
+    EXP_AVG_SQ_CODES,
+    EXP_AVG_SQ_SCALES,
+    KINDS_BY_BITS,
+    MASTER,
+    CheckpointError,
+    CheckpointMismatch,
+    CorruptCheckpoint,
+    KindSpec,
+    Manifest,
+    TensorEntry,
+    UnsupportedFormatVersion,
+    decode_rng,
+    shard_key,
+)
+from regrow.checkpoint.universal.pieces import ParamPiece, rank_pieces
+from regrow.comm import collectives
+from regrow.trainer.loop import Trainer, log_line
+from regrow.trainer.state import RngState, ShardState
+from regrow.trainer.zero import quant
+from regrow.trainer.zero.layout import FlatLayout
+
+# (fp32 kind, codes kind, scales kind, signed code map) per Adam moment.
+MOMENTS = ((EXP_AVG, EXP_AVG_CODES, EXP_AVG_SCALES, True), (EXP_AVG_SQ, EXP_AVG_SQ_CODES, EXP_AVG_SQ_SCALES, False))
+
+
+def check_model(manifest: Manifest, layout: FlatLayout, where: str) -> None:
+    """Raises :class:`CheckpointMismatch` listing every parameter missing, unexpected or of another shape."""
+    saved = {p.name: tuple(p.shape) for p in manifest.params}
+    model = {slot.name: tuple(slot.shape) for group in layout.groups for slot in group.params}
+    problems = [f"{name}: in the model {list(shape)}, not in the checkpoint"
+                for name, shape in model.items() if name not in saved]
+    problems += [f"{name}: in the checkpoint {list(shape)}, not in the model"
+                 for name, shape in saved.items() if name not in model]
+    problems += [f"{name}: checkpoint shape {list(saved[name])}, model shape {list(shape)}"
+                 for name, shape in model.items() if name in saved and saved[name] != shape]
+    if problems:
+        raise CheckpointMismatch(where, problems)
+
+
+class _VerifiedFile:
+    """Reads byte ranges of one tensor file, checking the crc32 of every stored chunk it touches."""
+
+    def __init__(self, ckpt: Path, entry: TensorEntry) -> None:
+        self.ckpt, self.entry = ckpt, entry
+        self.starts = [chunk.offset for chunk in entry.chunks]
+
+    def read(self, first: int, last: int, out: memoryview) -> int:
+        """Bytes ``[first, last)`` into ``out`` (``last - first`` bytes); returns the bytes read from the file.
+        Chunks inside the range are read in place; a chunk that sticks out is read whole into scratch (its checksum
+        covers all of it) and the overlap copied, so a rank reads at most two chunks more than its range."""
+        fd = os.open(self.ckpt / self.entry.file, os.O_RDONLY)
+        read = 0
+        try:
+            index = max(0, bisect.bisect_right(self.starts, first) - 1)
+            for chunk in self.entry.chunks[index:]:
+                if chunk.offset >= last:
+                    break
+                if chunk.offset >= first and chunk.end <= last:
+                    view = out[chunk.offset - first : chunk.end - first]
+                    self._pread_checked(fd, view, chunk.offset, chunk.crc32)
+                else:
+                    scratch = memoryview(bytearray(chunk.length))
+                    self._pread_checked(fd, scratch, chunk.offset, chunk.crc32)
+                    low, high = max(first, chunk.offset), min(last, chunk.end)
+                    out[low - first : high - first] = scratch[low - chunk.offset : high - chunk.offset]
+                read += chunk.length
+        finally:
+            os.close(fd)
+        return read
+
+    def _pread_checked(self, fd: int, view: memoryview, offset: int, crc: int) -> None:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CorruptCheckpoint(str(self.ckpt), [f"{self.entry.file}: bytes {offset}-{offset + len(view)} "
+                                                         f"are truncated (the file ends at {offset + done})"])
+            done += got
+        actual = zlib.crc32(view)
+        if actual != crc:
+            raise CorruptCheckpoint(str(self.ckpt), [(f"{self.entry.file}: bytes {offset}-{offset + len(view)} fail "
+                                                      f"their checksum (crc32 {actual:#010x}, recorded {crc:#010x})")])
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.numpy()).cast("B")
+
+
+class ParamReader:
+    """Reads the pieces of parameters from a checkpoint, converting between 8-bit and fp32 state as the target
+    layout needs (see the module docstring); every byte read is checked against its chunk's checksum."""
+
+    def __init__(self, ckpt: Path, manifest: Manifest) -> None:
+        self.ckpt, self.manifest = ckpt, manifest
+        self.source_bits = {p.name: p.state_bits for p in manifest.params}
+        self.entries = {(t.param, t.kind): t for t in manifest.tensors}
+        self.bytes_read = 0
+        """Bytes read from tensor files so far (what this rank cost the storage)."""
+
+    def read(self, piece: ParamPiece, kind: KindSpec) -> torch.Tensor:
+        """The stored elements of ``kind`` that ``piece`` covers, as a new tensor (checksums verified)."""
+        first, last = piece.file_span(kind)
+        out = torch.empty(last - first, dtype=kind.torch_dtype)
+        entry = self.entries[(piece.param, kind.name)]
+        self.bytes_read += _VerifiedFile(self.ckpt, entry).read(first * kind.itemsize, last * kind.itemsize,
+                                                                 _bytes_of(out))
+        return out
+
+    def read_into(self, piece: ParamPiece, kind: KindSpec, shard: torch.Tensor) -> None:
+        """Like :meth:`read`, but straight into the rank's shard tensor (no copy)."""
+        first, last = piece.file_span(kind)
+        start, stop = piece.shard_span(kind)
+        entry = self.entries[(piece.param, kind.name)]
+        self.bytes_read += _VerifiedFile(self.ckpt, entry).read(first * kind.itemsize, last * kind.itemsize,
+                                                                 _bytes_of(shard[start:stop]))
+
+    def fill(self, piece: ParamPiece, target_bits: int, tensors: dict[str, torch.Tensor]) -> None:
+        def shard(kind: KindSpec) -> torch.Tensor:
+            return tensors[f"{piece.group}/{shard_key(kind)}"]
+
+        self.read_into(piece, MASTER, shard(MASTER))
+        source_bits = self.source_bits[piece.param]
+        if source_bits == target_bits:
+            for kind in KINDS_BY_BITS[target_bits][1:]:
+                self.read_into(piece, kind, shard(kind))
+            return
+        for fp32, codes, scales, signed in MOMENTS:
+            code_map = quant.dynamic_code_map(signed)
+            if source_bits == 8:  # 8-bit -> fp32: dequantize whole blocks, keep the parameter's elements
+                values = quant.dequantize_blockwise(self.read(piece, codes), self.read(piece, scales), code_map)
+                start, stop = piece.shard_span(fp32)
+                shard(fp32)[start:stop] = values[: stop - start]
+            else:  # fp32 -> 8-bit: quantize whole blocks (zeros beyond the parameter's end, as in training)
+                values = torch.zeros(piece.length, dtype=torch.float32)
+                stored = self.read(piece, fp32)
+                values[: stored.numel()] = stored
+                new_codes, new_scales = quant.quantize_blockwise(values, code_map)
+                for kind, data in ((codes, new_codes), (scales, new_scales)):
+                    start, stop = piece.shard_span(kind)
+                    shard(kind)[start:stop] = data
+
+
+def empty_shard(layout: FlatLayout) -> dict[str, torch.Tensor]:
+    """Zero shard tensors of one rank, keyed like ``ZeroOptimizer.shard_tensors()`` (8-bit codes at the zero code)."""
+    tensors = {}
+    for group in layout.groups:
+        n, name = group.shard_numel, group.kind.name
+        tensors[f"{name}/master"] = torch.zeros(n, dtype=torch.float32)
+        if group.kind.bits == 8:
+            m_codes, m_scales, v_codes, v_scales = quant.new_state_8bit(n)
+            tensors.update({f"{name}/exp_avg_codes": m_codes, f"{name}/exp_avg_scales": m_scales,
+                            f"{name}/exp_avg_sq_codes": v_codes, f"{name}/exp_avg_sq_scales": v_scales})
+        else:
+            tensors[f"{name}/exp_avg"] = torch.zeros(n, dtype=torch.float32)
+            tensors[f"{name}/exp_avg_sq"] = torch.zeros(n, dtype=torch.float32)
+    return tensors
+
+
+def load_shard(ckpt: Path, manifest: Manifest, layout: FlatLayout, rank: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Rank ``rank``'s shard tensors of ``layout`` (on the CPU) from checkpoint ``ckpt``, reading only its ranges;
+    returns them and the number of bytes read.
+
+    Raises :class:`CheckpointMismatch` for another model, :class:`CorruptCheckpoint` for a chunk that fails its
+    checksum, :class:`CheckpointError` for 8-bit codes of an unknown code map.
+    """
+    check_model(manifest, layout, str(ckpt))
+    if any(p.state_bits == 8 for p in manifest.params) and manifest.code_map_version != quant.CODE_MAP_VERSION:
+        raise CheckpointError(
+            f"checkpoint {ckpt} stores 8-bit state of code map {manifest.code_map_version!r}, but this regrow uses "
+            f"{quant.CODE_MAP_VERSION!r}: load it with the regrow version that wrote it and convert it to fp32 state"
+        )
+    loader = ParamReader(ckpt, manifest)
+    tensors = empty_shard(layout)
+    bits = {group.kind.name: group.kind.bits for group in layout.groups}
+    for piece in rank_pieces(layout, rank):
+        loader.fill(piece, bits[piece.group], tensors)
+    return tensors, loader.bytes_read
+
+
+def load_rng(ckpt: Path, manifest: Manifest, rank: int) -> RngState:
+    """The RNG state for ``rank``: the saving rank's own at the same world size; otherwise saving rank
+    ``rank % saved world size`` (random streams cannot be split or merged across world sizes). CUDA generator
+    states are restored only for devices that exist here."""
+    entry = next(e for e in manifest.rng if e.rank == rank % len(manifest.rng))
+    blobs = []
+    for small in (entry.json, entry.bin):
+        data = (ckpt / small.file).read_bytes()
+        if len(data) != small.nbytes or zlib.crc32(data) != small.crc32:
+            raise CorruptCheckpoint(str(ckpt), [f"{small.file}: bytes 0-{small.nbytes} fail their checksum"])
+        blobs.append(data)
+    rng = decode_rng(json.loads(blobs[0]), blobs[1])
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    rng.torch_cuda = rng.torch_cuda[:devices]
+    return rng
+
+
+def load_state(ckpt: Path, layout: FlatLayout, rank: int) -> tuple[ShardState, Manifest]:
+    """A :class:`ShardState` of ``layout`` for ``rank`` from checkpoint ``ckpt``, verified as it is read
+    (``extra["bytes_read"]``: bytes this rank read from tensor files)."""
+    manifest = verify.require_structure(ckpt)
+    tensors, bytes_read = load_shard(ckpt, manifest, layout, rank)
+    state = ShardState(step=manifest.step, tensors=tensors, layout=layout.to_dict(), rank=rank,
+                       rng=load_rng(ckpt, manifest, rank), data_cursor=dict(manifest.data_cursor),
+                       tokens_seen=manifest.tokens_seen, extra={"bytes_read": bytes_read})
+    return state, manifest
+
+
+# ---------------------------------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class RestoreReport:
+    """Which checkpoint a restore used, and which ones it passed over (with the reason)."""
+
+    path: Path
+    step: int
+    saved_world_size: int
+    bytes_read: int
+    """Bytes this rank read from tensor files: about its share of the checkpoint, never whole files."""
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+_OK, _CORRUPT, _FATAL = 0, 1, 2
+
+
+def sources(source: str | Path, root: str | Path | None) -> tuple[list[Path], bool]:
+    """The checkpoints to try for ``source`` and whether it named one explicitly (no fallback then).
+
+    ``"latest"`` (needs ``root``) or a checkpoint root: the one ``latest`` names, then older ones as fallbacks.
+    A ``step_*`` directory: that one only.
+    """
+    if str(source) == "latest":
+        if root is None:
+            raise CheckpointError("resume from 'latest' needs the checkpoint root (e.g. --ckpt-dir DIR)")
+        return verify.candidates(Path(root)), False
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if verify.is_root(path):
+        return verify.candidates(path), False
+    return [path], True
+
+
+def restore_trainer(trainer: Trainer, source: str | Path, *, root: str | Path | None = None) -> RestoreReport:
+    """Resumes ``trainer`` from a checkpoint at its own layout (any world size, stage or state bits).
+
+    Collective: every rank calls it with the same arguments. ``source`` is ``"latest"`` (with ``root``), a root or
+    one ``step_*`` directory (see :func:`sources`). When the checkpoint ``latest`` names does not verify, the newest
+    one that does is loaded instead, and a log line says so.
+    """
+    paths, explicit = sources(source, root)
+    layout = trainer.optimizer.layout
+    skipped: list[tuple[Path, str]] = []
+    for path in paths:
+        status, state, manifest, error = _try_load(path, layout, trainer.rank)
+        if trainer.world_size > 1:
+            flag = torch.tensor([status], dtype=torch.int32)
+            collectives.all_reduce(flag, group=None, timeout_s=trainer.config.optim.timeout_s,
+                                   op=torch.distributed.ReduceOp.MAX)
+            worst = int(flag.item())
+        else:
+            worst = status
+        if worst == _OK:
+            assert state is not None and manifest is not None
+            trainer.restore(state)
+            _log_restore(trainer, path, manifest, skipped)
+            return RestoreReport(path=path, step=manifest.step, saved_world_size=manifest.world_size,
+                                 bytes_read=state.extra["bytes_read"], skipped=skipped)
+        reason = str(error) if error else "another rank found it corrupt (see that rank's log)"
+        if worst == _FATAL or explicit:
+            if error is not None:
+                raise error
+            raise CheckpointError(f"checkpoint {path} could not be loaded on another rank (see that rank's log)")
+        if error is not None:
+            log_line(trainer.rank, trainer.step, f"checkpoint {path.name} does not verify: {reason}")
+        skipped.append((path, reason))
+    raise CorruptCheckpoint(str(root or source), [f"{p.name}: {why.splitlines()[0]}" for p, why in skipped]
+                            + ["no checkpoint verifies; nothing was loaded"])
+
+
+def _try_load(path: Path, layout: FlatLayout, rank: int
+              ) -> tuple[int, ShardState | None, Manifest | None, BaseException | None]:
+    try:
+        state, manifest = load_state(path, layout, rank)
+        return _OK, state, manifest, None
+    except CorruptCheckpoint as error:
+        return _CORRUPT, None, None, error
+    except (UnsupportedFormatVersion, CheckpointMismatch, CheckpointError) as error:
+        return _FATAL, None, None, error
+    except OSError as error:  # e.g. a file vanished between listing and reading: treat like damage
+        return _CORRUPT, None, None, CorruptCheckpoint(str(path), [f"{type(error).__name__}: {error}"])
+    except Exception as error:  # anything else must not leave the other ranks waiting in the all-reduce
+        return _FATAL, None, None, error
+
+
+def _log_restore(trainer: Trainer, path: Path, manifest: Manifest, skipped: list[tuple[Path, str]]) -> None:
+    if trainer.rank != 0:
+        return
+    if skipped:
+        names = ", ".join(p.name for p, _ in skipped)
+        log_line(0, manifest.step, f"checkpoint: {names} did not verify; fell back to {path.name}")
+    changed = _config_changes(manifest.config, trainer.config.to_dict())
+    note = f"; config changes: {', '.join(changed)}" if changed else ""
+    log_line(0, manifest.step, f"resumed from {path} (saved at world size {manifest.world_size}, now "
+                               f"{trainer.world_size}){note}")
+
+
+def _config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two nested config dicts."""
+    changes = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _config_changes(old, new, f"{prefix}{key}.")
+        elif old != new and not (isinstance(old, list) and isinstance(new, tuple) and old == list(new)):
+            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes

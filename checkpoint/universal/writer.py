@@ -1,0 +1,607 @@
+"""The lazy asynchronous checkpoint writer: a ``StateSink`` that saves universal checkpoints without stalling training.
+
+At a save step (``after_step`` of every ``save_every``-th step) the writer starts device-to-host copies of the shard
+(``hostcopy.HostCopier``: a side stream on CUDA, a thread on CPU) and returns at once; the next forward and backward
+run while the copies do. ``before_optimizer_step`` waits for the copies (on CUDA without blocking the CPU), because
+the optimizer step is the only thing that mutates the shard. A background thread then writes this rank's byte ranges
+of the per-parameter files, fsyncs them and drops a marker file; rank 0's thread waits for every rank's marker,
+writes the manifest, renames the directory into place, flips ``latest`` and purges old checkpoints.
+
+At most one save is in flight per rank. A save step that arrives while the previous save still persists is skipped
+(``when_busy="skip"``, logged; the ranks agree on it with one tiny all-reduce from the training thread, so they all
+skip the same steps) or waits for it (``when_busy="wait"``: a stall, but no save is ever missed).
+
+Cross-rank coordination of a save happens on the filesystem only (markers under the temporary directory), never
+with collectives from the background thread: those would interleave with the training thread's collectives on the
+same process group. So ``root`` must be a directory every rank sees (one node's local disk, or a shared filesystem).
+
+A failed write (disk full, I/O error, a rank that never writes its marker) is logged and recorded in ``results``;
+the temporary directory is removed and ``latest`` keeps naming the last good checkpoint.
+
+The file work needs no process group and is shared with the snapshot process, which persists the node's snapshots
+in the same format (``snapshot_persist.py``): :class:`PartWriter` writes one rank's part (byte ranges, RNG files,
+marker) and :func:`commit_save` is the commit by the holder of rank 0 (wait for markers, manifest, rename,
+``latest``, purge). :class:`CheckpointWriter` adds the host copies, the session agreement and the skip decisions,
+which use collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import threading
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from regrow.checkpoint.hostcopy import HostCopier, HostCopy
+from regrow.checkpoint.universal import storage
+from regrow.checkpoint.universal.format import (
+    KINDS_BY_BITS,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    RNG_DIR,
+    Chunk,
+    FileEntry,
+    Manifest,
+    ParamEntry,
+    RngEntry,
+    TensorEntry,
+    encode_rng,
+    rank_file,
+    shard_key,
+    step_dir_name,
+    temp_dir_name,
+    tensor_file,
+)
+from regrow.checkpoint.universal.pieces import rank_pieces
+from regrow.comm import collectives
+from regrow.trainer.checks import require_ints
+from regrow.trainer.loop import log_line
+from regrow.trainer.state import RngState, ShardState
+from regrow.trainer.zero import quant
+from regrow.trainer.zero.layout import FlatLayout
+
+WHEN_BUSY = ("skip", "wait")
+
+
+@dataclass(kw_only=True)
+class WriterConfig:
+    """Settings of :class:`CheckpointWriter`. Validated on construction; errors name the field."""
+
+    root: str
+    """Directory that holds ``step_*`` checkpoints and ``latest``; must be visible to every rank. One job writes to
+    a root at a time (a new writer removes the temporaries it finds there as leftovers of a crash)."""
+    save_every: int = 100
+    """Save after every this many optimizer steps (0: only when :meth:`CheckpointWriter.save` is called)."""
+    keep_last: int = 2
+    """Committed checkpoints to keep (>= 2, so a good one survives while the next is written); older are purged."""
+    when_busy: str = "skip"
+    """A save step while the previous save still persists: "skip" it (logged) or "wait" for the previous one."""
+    final_step: int = 0
+    """The run's last step (0: not known). It is saved too (when saving is on), and never skipped: it waits for
+    the previous save, so that a finished run always ends with a checkpoint."""
+    commit_timeout_s: float = 600.0
+    """Seconds rank 0 waits for the other ranks' parts before giving the save up (and that close() waits)."""
+    chunk_bytes: int = 1 << 20
+    """Largest byte range covered by one checksum. A corrupt byte is located to within it, and a loader at another
+    layout reads at most one extra chunk at each end of its range (checksums cover whole chunks)."""
+    fsync: bool = True
+    """fsync files and directories before committing (off only for throwaway runs on slow disks)."""
+    log: bool = True
+    """Print ``[rank r, step s] checkpoint ...`` lines (commits and skips on rank 0, failures on any rank)."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"WriterConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        if not str(self.root):
+            raise bad("root", "give the directory that holds the checkpoints")
+        require_ints(self, {"save_every": 0, "keep_last": 2, "final_step": 0, "chunk_bytes": 1})
+        if self.when_busy not in WHEN_BUSY:
+            raise bad("when_busy", f"allowed values are {WHEN_BUSY}")
+        if not self.commit_timeout_s > 0:
+            raise bad("commit_timeout_s", "must be > 0")
+
+
+@dataclass
+class SaveResult:
+    """What became of one save step on this rank.
+
+    ``status``: "committed" (rank 0: the checkpoint is in place and ``latest`` names it), "written" (another rank:
+    its part is on disk; rank 0 commits), "failed" (``error`` says why; nothing replaced the last good checkpoint)
+    or "skipped" (the previous save was still persisting).
+    """
+
+    step: int
+    status: str
+    path: str | None = None
+    seconds: float = 0.0
+    nbytes: int = 0
+    error: str | None = None
+
+
+@dataclass
+class PendingSave:
+    """One save in flight: the state's small values, the host copy of its tensors, the persist thread. Passed to
+    the overridable ``write_*`` methods of :class:`CheckpointWriter`."""
+
+    step: int
+    layout: dict
+    rng: RngState
+    data_cursor: dict[str, int]
+    tokens_seen: int
+    copy: HostCopy
+    started: float
+    temp: Path
+    thread: threading.Thread | None = None
+    mutation_pending: bool = True
+
+
+@dataclass
+class Part:
+    """What one rank wrote: chunk checksums per file and its RNG files (the content of its marker)."""
+
+    chunks: dict[str, list[Chunk]] = field(default_factory=dict)
+    rng: RngEntry | None = None
+
+
+# -------------------------------------------------------------------- writing one rank's part (no process group)
+RangeWriter = Callable[[Path, torch.Tensor, int], list[Chunk]]
+"""``(path, source, offset) -> chunks``: writes one byte range of a tensor file (``PartWriter.write_range``'s
+signature, so a ``CheckpointWriter`` subclass can intercept every range)."""
+
+
+@dataclass(frozen=True)
+class PartWriter:
+    """Writes one rank's part of a save into the save's temporary directory: tensor byte ranges, RNG files, the
+    marker. Files only, no process group and no state of its own, so the checkpoint writer (one rank's thread) and
+    the snapshot process (several ranks of a node, from their sealed snapshots) write byte-identical parts."""
+
+    chunk_bytes: int = 1 << 20
+    """Largest byte range covered by one checksum (``WriterConfig.chunk_bytes``)."""
+    fsync: bool = True
+    pwrite: storage.PWrite = os.pwrite
+
+    def write_shard(self, temp: Path, layout: dict, rank: int, tensors: Mapping[str, torch.Tensor],
+                    write_range: RangeWriter | None = None) -> dict[str, list[Chunk]]:
+        """Writes ``rank``'s byte ranges of every parameter file its shard covers under ``temp``; returns their
+        checksums. ``tensors`` are the rank's shard tensors keyed ``"<group>/<what>"`` (``ShardState.tensors``)
+        at ``layout`` (``FlatLayout.to_dict()``); ``write_range`` defaults to :meth:`write_range`."""
+        write_range = write_range or self.write_range
+        flat = FlatLayout.from_dict(layout)
+        bits = {group.kind.name: group.kind.bits for group in flat.groups}
+        written: dict[str, list[Chunk]] = {}
+        for piece in rank_pieces(flat, rank):
+            for kind in KINDS_BY_BITS[bits[piece.group]]:
+                name = tensor_file(piece.param, kind)
+                start, stop = piece.shard_span(kind)
+                source = tensors[f"{piece.group}/{shard_key(kind)}"][start:stop]
+                first, _ = piece.file_span(kind)
+                written[name] = write_range(temp / name, source, first * kind.itemsize)
+        return written
+
+    def write_range(self, path: Path, source: torch.Tensor, offset: int) -> list[Chunk]:
+        """Writes ``source``'s bytes at byte ``offset`` of ``path`` (created if needed, never truncated: other
+        ranks write other ranges of the same file), fsyncs, and returns one checksummed chunk per ``chunk_bytes``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = memoryview(source.numpy()).cast("B")
+        chunks = []
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for begin in range(0, len(data), self.chunk_bytes):
+                piece = data[begin : begin + self.chunk_bytes]
+                storage.pwrite_all(fd, piece, offset + begin, self.pwrite)
+                chunks.append(Chunk(offset=offset + begin, length=len(piece), crc32=zlib.crc32(piece)))
+            if self.fsync:
+                os.fdatasync(fd)  # data and the size needed to read it back; other metadata need not be durable
+        finally:
+            os.close(fd)
+        return chunks
+
+    def write_rng(self, temp: Path, rank: int, rng: RngState) -> RngEntry:
+        """Writes ``rng/rank_XXXXX.json`` and ``.bin`` (``rank``'s generators) under ``temp``; returns their entry."""
+        meta, blob = encode_rng(rng)
+        entries = []
+        for suffix, data in ((".json", json.dumps(meta).encode()), (".bin", blob)):
+            name = f"{RNG_DIR}/{rank_file(rank, suffix)}"
+            path = temp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                storage.pwrite_all(fd, memoryview(data), 0, self.pwrite)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            entries.append(FileEntry(file=name, nbytes=len(data), crc32=zlib.crc32(data)))
+        return RngEntry(rank=rank, json=entries[0], bin=entries[1])
+
+    def write_marker(self, temp: Path, *, rank: int, step: int, session: str, part: Part, error: str | None,
+                     extra: dict | None = None) -> None:
+        """Drops ``parts/rank_XXXXX.json`` under ``temp``: ``rank`` is done with the save (``error`` None) or gave
+        it up. ``extra`` adds keys the committer may check (never ones of the base marker)."""
+        marker = {
+            "rank": rank,
+            "step": step,
+            "session": session,
+            "error": error,
+            "chunks": {name: [[c.offset, c.length, c.crc32] for c in chunks] for name, chunks in part.chunks.items()},
+            "rng": asdict(part.rng) if part.rng else None,
+            **(extra or {}),
+        }
+        folder = temp / PARTS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        storage.write_file_atomic(folder / rank_file(rank, ".json"), json.dumps(marker).encode(), fsync=self.fsync)
+
+
+def write_part(parts: PartWriter, temp: Path, state: ShardState, *, session: str,
+               write_range: RangeWriter | None = None, marker_extra: dict | None = None) -> tuple[Part, str | None]:
+    """Writes ``state.rank``'s whole part of the save of ``state.step`` under ``temp`` and its marker (also when
+    writing failed: the marker then carries the error, so the committer stops waiting). Returns the part and the
+    error (None on success); never raises for a write failure."""
+    part, error = Part(), None
+    try:
+        part.chunks = parts.write_shard(temp, state.layout, state.rank, state.tensors, write_range)
+        part.rng = parts.write_rng(temp, state.rank, state.rng)
+    except BaseException as caught:  # noqa: BLE001 (any failure is this save's failure, never the caller's)
+        error = f"{type(caught).__name__}: {caught}"
+    try:
+        parts.write_marker(temp, rank=state.rank, step=state.step, session=session, part=part, error=error,
+                           extra=marker_extra)
+    except BaseException as caught:  # noqa: BLE001 (the committer then times out waiting for this rank)
+        error = error or f"writing the marker failed: {type(caught).__name__}: {caught}"
+    return part, error
+
+
+# -------------------------------------------------------------------- committing a save (no process group)
+@dataclass(frozen=True)
+class SaveTarget:
+    """One save as every process taking part sees it: where, which step, which session, how many ranks."""
+
+    root: Path
+    step: int
+    session: str
+    world_size: int
+
+    @property
+    def temp(self) -> Path:
+        return self.root / temp_dir_name(self.step, self.session)
+
+
+def wait_for_markers(target: SaveTarget, timeout_s: float, *, accept: Callable[[dict], bool] | None = None
+                     ) -> tuple[dict[int, dict], list[int]]:
+    """Polls the filesystem for every rank's marker of ``target`` (its session and step, and ``accept``ed) for up
+    to ``timeout_s``; returns the markers found and the ranks still missing. No collectives: files only."""
+    deadline = time.monotonic() + timeout_s
+    markers: dict[int, dict] = {}
+    while True:
+        for rank in range(target.world_size):
+            if rank not in markers:
+                path = target.temp / PARTS_DIR / rank_file(rank, ".json")
+                if path.is_file():
+                    data = json.loads(path.read_text())
+                    if (data.get("session") == target.session and data.get("step") == target.step
+                            and (accept is None or accept(data))):
+                        markers[rank] = data
+        missing = [r for r in range(target.world_size) if r not in markers]
+        if not missing or time.monotonic() > deadline:
+            return markers, missing
+        time.sleep(0.02)
+
+
+def build_manifest(target: SaveTarget, markers: dict[int, dict], *, layout: dict, data_cursor: dict[str, int],
+                   tokens_seen: int, run_config: dict) -> Manifest:
+    """The manifest of the save from the layout and every rank's chunks; raises if any byte of any file was
+    written by no rank (or twice)."""
+    flat = FlatLayout.from_dict(layout)
+    chunks: dict[str, list[Chunk]] = {}
+    for marker in markers.values():
+        for name, entries in marker["chunks"].items():
+            chunks.setdefault(name, []).extend(Chunk(*entry) for entry in entries)
+    params, tensors, gaps = [], [], []
+    for group in flat.groups:
+        for slot in group.params:
+            params.append(ParamEntry(name=slot.name, shape=list(slot.shape), state_bits=group.kind.bits,
+                                     weight_decay=group.kind.decay))
+            for kind in KINDS_BY_BITS[group.kind.bits]:
+                name = tensor_file(slot.name, kind)
+                nbytes = kind.count(slot.numel) * kind.itemsize
+                found = sorted(chunks.get(name, []), key=lambda c: c.offset)
+                position = 0
+                for chunk in found:
+                    if chunk.offset != position:
+                        gaps.append(f"{name}: bytes {position}-{chunk.offset} written by no rank or twice")
+                    position = max(position, chunk.end)
+                if position != nbytes:
+                    gaps.append(f"{name}: bytes {position}-{nbytes} written by no rank")
+                tensors.append(TensorEntry(param=slot.name, kind=kind.name, file=name, dtype=kind.dtype,
+                                           shape=kind.shape(slot.shape), nbytes=nbytes, chunks=found))
+    if gaps:
+        raise RuntimeError("the ranks' parts do not cover every file: " + "; ".join(gaps[:10]))
+    rng = []
+    for rank in sorted(markers):
+        entry = markers[rank]["rng"]
+        rng.append(RngEntry(rank=rank, json=FileEntry(**entry["json"]), bin=FileEntry(**entry["bin"])))
+    return Manifest(
+        step=target.step, tokens_seen=tokens_seen, data_cursor=data_cursor, world_size=target.world_size,
+        layout=layout, config=run_config, params=params, tensors=tensors, rng=rng,
+        code_map_version=quant.CODE_MAP_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
+        writer={"session": target.session, "torch": torch.__version__},
+    )
+
+
+@dataclass
+class Committed:
+    """What :func:`commit_save` did: the result, and on success the manifest and the checkpoints purged."""
+
+    result: SaveResult
+    manifest: Manifest | None = None
+    purged: list[Path] = field(default_factory=list)
+
+
+def commit_save(target: SaveTarget, manifest_of: Callable[[dict[int, dict]], Manifest], *, keep_last: int, timeout_s: float, fsync: bool, started: float,
+                accept: Callable[[dict], bool] | None = None) -> Committed:
+    """The commit by the holder of rank 0: waits up to ``timeout_s`` for every rank's marker; when all are there
+    without errors, writes the manifest (``manifest_of(markers)``), removes ``parts/``, fsyncs, renames the
+    temporary directory to ``step_<step>``, flips ``latest`` and purges down to ``keep_last``. Any failure (a
+    rank's error, a missing marker, an I/O error) removes the temporary directory and leaves ``latest`` alone.
+    The committer's own part's error reaches it through its own marker, like every rank's. Never raises."""
+    markers, missing = wait_for_markers(target, timeout_s, accept=accept)
+    errors = [f"rank {r}: {m['error']}" for r, m in sorted(markers.items()) if m.get("error")]
+    if missing:
+        errors.append(f"ranks {missing} wrote no part within {timeout_s} s")
+    try:
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        manifest = manifest_of(markers)
+        storage.write_file_atomic(target.temp / MANIFEST_NAME, manifest.to_json().encode(), fsync=fsync)
+        shutil.rmtree(target.temp / PARTS_DIR)
+        if fsync:
+            for folder, _, _ in os.walk(target.temp, topdown=False):
+                storage.fsync_dir(Path(folder))
+        final = target.root / step_dir_name(target.step)
+        storage.commit_dir(target.temp, final, fsync=fsync)
+        storage.write_latest(target.root, final.name, fsync=fsync)
+    except BaseException as caught:  # noqa: BLE001 (a failed commit is reported, never raised)
+        shutil.rmtree(target.temp, ignore_errors=True)
+        return Committed(SaveResult(step=target.step, status="failed", error=str(caught) if errors else
+                                    f"{type(caught).__name__}: {caught}"))
+    purged = storage.purge(target.root, keep_last, protect=[final])
+    result = SaveResult(step=target.step, status="committed", path=str(final),
+                        seconds=time.perf_counter() - started, nbytes=manifest.nbytes())
+    return Committed(result, manifest, purged)
+
+
+class CheckpointWriter:
+    """Saves universal checkpoints of the trainer's shard state in the background; satisfies ``StateSink``.
+
+    Contract: every rank of the job constructs one (collective: the ranks agree on a session id) with the same
+    config and passes it to its ``Trainer`` (or calls the three sink methods itself: ``before_optimizer_step()``
+    before every optimizer step, ``after_step(state)`` after it, ``close()`` at the end). ``run_config`` (e.g.
+    ``TrainerConfig.to_dict()``) is stored in the manifest. The writer's own collectives (training thread only) use
+    CPU tensors, so ``group`` needs a CPU backend (regrow's ``World`` has "cpu:gloo,cuda:nccl"). ``timeout_s``
+    bounds each of them and the wait for a host copy.
+    """
+
+    Config = WriterConfig
+
+    def __init__(
+        self,
+        config: WriterConfig,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        run_config: dict | None = None,
+        group: dist.ProcessGroup | None = None,
+        copier: HostCopier | None = None,
+        pwrite: storage.PWrite = os.pwrite,
+        timeout_s: float = 300.0,
+    ) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        self.config = config
+        self.rank = rank if rank is not None else (dist.get_rank(group) if distributed else 0)
+        self.world_size = world_size if world_size is not None else (dist.get_world_size(group) if distributed else 1)
+        self.group = group
+        self.run_config = run_config or {}
+        self.copier = copier or HostCopier()
+        self.pwrite = pwrite
+        self.timeout_s = timeout_s
+        self.root = Path(config.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.results: list[SaveResult] = []
+        """Every save step's outcome on this rank, in the order they were decided (a skip at once, a save when its
+        persist ends)."""
+        self._inflight: PendingSave | None = None
+        self.io_fault: Callable[[int], None] | None = None
+        """Fault-injection hook (``launch/chaos/faults.py``'s ``fail-ckpt``): called by the persist thread with the step
+        before this rank writes its part; an exception it raises fails the save exactly as an I/O error would."""
+        self.session = self._agree_session()
+        if self.rank == 0:
+            removed = storage.clean_temporaries(self.root)
+            if removed and config.log:
+                log_line(0, 0, f"checkpoint: removed {len(removed)} leftover temporaries under {self.root} "
+                               f"(saves interrupted by a crash)")
+
+    # ---------------------------------------------------------------- the StateSink protocol
+    def before_optimizer_step(self) -> None:
+        """Call right before every optimizer step: waits for the host copies of a save started after the previous
+        step (on CUDA only the compute stream waits). A failed copy is reported by the persist thread."""
+        save = self._inflight
+        if save is not None and save.mutation_pending:
+            save.mutation_pending = False
+            try:
+                save.copy.wait_before_mutation()
+            except RuntimeError:
+                pass  # the persist thread's wait_host raises the same error and records the failed save
+
+    def after_step(self, state: ShardState) -> None:
+        """Call after every optimizer step; saves at multiples of ``save_every`` and at the final step."""
+        every = self.config.save_every
+        if every and state.step > 0 and (state.step % every == 0 or state.step == self.config.final_step):
+            self.save(state, when_busy="wait" if state.step == self.config.final_step else None)
+
+    def close(self) -> None:
+        """Waits (up to ``commit_timeout_s``) for the save in flight; call once when training ends."""
+        self.before_optimizer_step()
+        self.wait(self.config.commit_timeout_s + 60)
+
+    # ---------------------------------------------------------------- saving
+    def save(self, state: ShardState, *, when_busy: str | None = None) -> bool:
+        """Starts a save of ``state`` now; returns False when it is skipped. Every rank must call it at the same
+        step (it may run one small all-reduce to agree on skipping). ``when_busy`` overrides the config's."""
+        when_busy = when_busy or self.config.when_busy
+        busy = self.busy()
+        if busy and when_busy == "wait":
+            self._log(state.step, f"checkpoint: waiting for step {self._inflight.step}'s save to finish "
+                                  f"(when_busy='wait')", everyone=False)
+            self.wait(self.config.commit_timeout_s + self.timeout_s)
+            busy = False
+        if self.world_size > 1 and when_busy == "skip":
+            busy = self._any_rank(busy)
+        copy = None if busy else self.copier.start(state.tensors)
+        if copy is None:
+            previous = self._inflight.step if self._inflight else "?"
+            self.results.append(SaveResult(step=state.step, status="skipped",
+                                           error=f"step {previous}'s save was still persisting"))
+            self._log(state.step, f"checkpoint at step {state.step} skipped: the save of step {previous} is still "
+                                  f"persisting (when_busy='skip'; save less often or use when_busy='wait')",
+                      everyone=False)
+            return False
+        save = PendingSave(step=state.step, layout=state.layout, rng=state.rng, data_cursor=dict(state.data_cursor),
+                     tokens_seen=state.tokens_seen, copy=copy, started=time.perf_counter(),
+                     temp=self.root / temp_dir_name(state.step, self.session))
+        save.thread = threading.Thread(target=self._persist, args=(save,), daemon=True,
+                                       name=f"regrow-ckpt-persist-step{state.step}")
+        self._inflight = save
+        save.thread.start()
+        return True
+
+    def busy(self) -> bool:
+        """True while this rank's previous save is still being copied or persisted."""
+        save = self._inflight
+        return save is not None and save.thread is not None and save.thread.is_alive()
+
+    def wait(self, timeout_s: float | None = None) -> SaveResult | None:
+        """Blocks until the save in flight (if any) has finished on this rank; returns the latest result."""
+        save = self._inflight
+        if save is not None and save.thread is not None:
+            save.thread.join(timeout_s)
+            if save.thread.is_alive():
+                raise TimeoutError(f"checkpoint of step {save.step} still persisting after {timeout_s} s")
+        return self.results[-1] if self.results else None
+
+    # ---------------------------------------------------------------- the persist thread
+    def _persist(self, save: PendingSave) -> None:
+        part, error = Part(), None
+        try:
+            save.copy.wait_host(self.timeout_s)
+            if self.io_fault is not None:
+                self.io_fault(save.step)
+            part.chunks = self.write_shard(save)
+            part.rng = self.write_rng(save)
+        except BaseException as caught:  # any failure is this save's failure, never the training's
+            error = f"{type(caught).__name__}: {caught}"
+        finally:
+            save.copy.release()
+        try:
+            self.write_marker(save, part, error)
+        except BaseException as caught:
+            error = error or f"writing the marker failed: {type(caught).__name__}: {caught}"
+        if self.rank == 0:
+            result = self._commit(save, error)
+        elif error is None:
+            result = SaveResult(step=save.step, status="written", path=str(save.temp),
+                                seconds=time.perf_counter() - save.started, nbytes=_part_bytes(part))
+        else:
+            result = SaveResult(step=save.step, status="failed", error=f"rank {self.rank}: {error}")
+        if result.status == "failed":
+            self._log(save.step, f"checkpoint {step_dir_name(save.step)} FAILED: {result.error}; "
+                                 f"the last good checkpoint stays in place", everyone=True)
+        self.results.append(result)
+
+    # The write_* methods and build_manifest are this class's hooks (tests override them); the work is done by the
+    # process-group-free PartWriter and build_manifest that the snapshot process shares.
+    def _parts(self) -> PartWriter:
+        return PartWriter(chunk_bytes=self.config.chunk_bytes, fsync=self.config.fsync, pwrite=self.pwrite)
+
+    def _target(self, save: PendingSave) -> SaveTarget:
+        return SaveTarget(root=self.root, step=save.step, session=self.session, world_size=self.world_size)
+
+    def write_shard(self, save: PendingSave) -> dict[str, list[Chunk]]:
+        """Writes this rank's byte ranges of every parameter file its shard covers; returns their checksums."""
+        return self._parts().write_shard(save.temp, save.layout, self.rank, save.copy.buffers, self.write_range)
+
+    def write_range(self, path: Path, source: torch.Tensor, offset: int) -> list[Chunk]:
+        """Writes ``source``'s bytes at byte ``offset`` of ``path`` (created if needed, never truncated: other
+        ranks write other ranges of the same file), fsyncs, and returns one checksummed chunk per ``chunk_bytes``."""
+        return self._parts().write_range(path, source, offset)
+
+    def write_rng(self, save: PendingSave) -> RngEntry:
+        """Writes ``rng/rank_XXXXX.json`` and ``.bin`` (this rank's generators); returns their entry."""
+        return self._parts().write_rng(save.temp, self.rank, save.rng)
+
+    def write_marker(self, save: PendingSave, part: Part, error: str | None) -> None:
+        """Drops ``parts/rank_XXXXX.json``: this rank is done with the save (``error`` None) or gave it up."""
+        self._parts().write_marker(save.temp, rank=self.rank, step=save.step, session=self.session, part=part,
+                                   error=error)
+
+    # ---------------------------------------------------------------- rank 0: commit
+    def _commit(self, save: PendingSave, own_error: str | None) -> SaveResult:
+        """Rank 0: waits for every rank's marker; on success writes the manifest and commits, else cleans up."""
+        done = commit_save(self._target(save), lambda markers: self.build_manifest(save, markers),
+                           keep_last=self.config.keep_last, timeout_s=self.config.commit_timeout_s,
+                           fsync=self.config.fsync, started=save.started)
+        if done.result.status == "committed":
+            assert done.manifest is not None
+            final = Path(done.result.path or "")
+            note = f"; purged {', '.join(p.name for p in done.purged)}" if done.purged else ""
+            self._log(save.step, f"checkpoint {final.name} saved in {done.result.seconds:.2f} s "
+                                 f"({_size(done.manifest.nbytes())}){note}", everyone=False)
+        return done.result
+
+    def build_manifest(self, save: PendingSave, markers: dict[int, dict]) -> Manifest:
+        """The manifest of the save from the layout and every rank's chunks; raises if any byte of any file was
+        written by no rank (or twice)."""
+        return build_manifest(self._target(save), markers, layout=save.layout, data_cursor=save.data_cursor,
+                              tokens_seen=save.tokens_seen, run_config=self.run_config)
+
+    # ---------------------------------------------------------------- helpers
+    def _agree_session(self) -> str:
+        """A random id shared by every rank of this run (one all-reduce at construction): it names this run's
+        temporaries and markers, so leftovers of a crashed run are never mistaken for this run's."""
+        value = secrets.randbits(62) if self.rank == 0 else 0
+        if self.world_size > 1:
+            tensor = torch.tensor([value], dtype=torch.int64)
+            collectives.all_reduce(tensor, group=self.group, timeout_s=self.timeout_s)
+            value = int(tensor.item())
+        return f"{value:016x}"
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is set on any rank (one small all-reduce on a CPU tensor, from the training thread)."""
+        tensor = torch.tensor([int(flag)], dtype=torch.int32)
+        collectives.all_reduce(tensor, group=self.group, timeout_s=self.timeout_s, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def _log(self, step: int, text: str, *, everyone: bool) -> None:
+        if self.config.log and (everyone or self.rank == 0):
+            log_line(self.rank, step, text)
+
+
+def _part_bytes(part: Part) -> int:
+    return sum(c.length for chunks in part.chunks.values() for c in chunks)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"

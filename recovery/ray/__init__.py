@@ -1,0 +1,1 @@
+"""Ray coordination: the coordinator, the worker actor that hosts one rank, GPU warm-up."""

@@ -1,0 +1,319 @@
+"""One rank of a Ray-coordinated job: a Ray actor that hosts a ``Trainer`` and outlives its peers' failures.
+
+The actor has two concurrency groups, one thread each: ``train`` (joining a process-group generation, restoring,
+training, reading state) and ``control`` (heartbeat, abort). The coordinator can therefore reach a worker while
+its training thread is blocked inside a collective: it aborts the communicators from the control thread
+(``comm.abort``: NCCL needs it; a gloo collective fails by itself once the dead peer's sockets close), the
+training call returns with an error, and the worker keeps its process, its CUDA context and its Trainer. After the
+coordinator has formed the next generation, the survivors keep their state (a survivor goes back to the boundary
+of the step the failure interrupted: ``trainer.boundary``), only the replacements restore that step from their
+node's snapshot process (``checkpoint.snapshot_recovery.restore_job``, which falls back to every rank restoring
+the newest common step when that is impossible), and training goes on.
+
+Contract: ``join`` before anything else and after every failure (it forms generation ``g`` of the process group
+from the coordinator's store, under the prefix ``generation-g``); ``prepare`` once per generation (restore, sinks);
+``train(until)`` runs steps until ``trainer.step == until`` or a failure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from regrow.checkpoint.snapshot.sink import SnapshotRestoreError, SnapshotSink, SnapshotSinkConfig
+from regrow.checkpoint.universal.format import CheckpointError
+from regrow.checkpoint.universal.reshard import restore_trainer
+from regrow.comm import abort
+from regrow.comm.world import WorldConfig, destroy_world, init_world
+from regrow.recovery.policy import RecoveryImpossible
+from regrow.recovery.ray import gpu_warm_up
+from regrow.recovery.restore import CHECKPOINT_SOURCE, KEPT_SOURCE, JobRestore, restore_job
+from regrow.recovery.stage_heal import heal_lost_stage
+from regrow.trainer.loop import Trainer, TrainerConfig, log_line
+from regrow.trainer.pipeline.config import PipelineTrainerConfig
+from regrow.trainer.pipeline.trainer import PipelineTrainer
+from regrow.trainer.state import StateSink
+
+TRAIN = "train"
+CONTROL = "control"
+CONCURRENCY_GROUPS = {TRAIN: 1, CONTROL: 1}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSpec:
+    """What every worker of a job is given (the rank and the environment come separately)."""
+
+    config: TrainerConfig | PipelineTrainerConfig
+    """A ``PipelineTrainerConfig`` makes every worker one stage of a pipeline (``PipelineTrainer``): a lost stage is
+    restored from its snapshot when snapshots are on and one serves, else rebuilt from its neighbours
+    (``recovery.stage_heal``)."""
+    world_size: int
+    device: str = "cpu"
+    """``cpu`` (gloo) or ``cuda`` (NCCL, with gloo for CPU tensors)."""
+    snapshot_every: int = 1
+    """Snapshot into the node's snapshot process every this many steps (0: off)."""
+    ckpt_dir: str | None = None
+    """The universal-checkpoint root: the last restore source."""
+    timeout_s: float = 60.0
+    """Limit of process-group formation and snapshot-process requests."""
+    survivors_keep_state: bool = True
+    """After a failure, ranks that survived with intact state keep it and only replacements restore (False: every
+    rank restores, e.g. to measure what keeping saves)."""
+    extra_sinks: Callable[[int], list[StateSink]] | None = None
+    """Builds more sinks for a rank (listed after the snapshot sink), e.g. the launcher's fault injector; a
+    module-level function, so that Ray sends it by reference (recovery never imports launch)."""
+
+
+class Worker:
+    """One rank; see the module docstring. Created by the coordinator with ``ray.remote`` and the concurrency
+    groups of :data:`CONCURRENCY_GROUPS` (methods are assigned to them there)."""
+
+    def __init__(self, spec: WorkerSpec, rank: int, env: dict[str, str], *, standby: bool = False) -> None:
+        """``standby``: a worker started ahead of need, with no rank and no GPU yet; :meth:`adopt` gives it both.
+        It must not touch CUDA before then (CUDA_VISIBLE_DEVICES is read once, when CUDA starts)."""
+        os.environ.update(env)  # the fault plan, the snapshot token; LOCAL_* as torchrun would set them
+        self.spec = spec
+        self.rank = rank
+        self.world_size = spec.world_size
+        self.trainer: Trainer | PipelineTrainer | None = None
+        self.sink: SnapshotSink | None = None
+        self.address: str | None = None
+        self._fresh = True  # the trainer has not trained nor restored yet (a replacement, or the first generation)
+        self._progress = (0, time.monotonic())
+        torch.set_num_threads(max(1, int(os.environ.get("REGROW_THREADS_PER_RANK", "1"))))
+        # Everything imported so far (torch, Ray, regrow: most of the heap's objects) lives as long as the process:
+        # frozen, the full collection that leaving a failed group needs (``_leave_group``) scans only what was made
+        # since (the trainer, the groups), on the survivors' path to recovery.
+        gc.freeze()
+        if spec.device == "cuda" and not standby:
+            gpu_warm_up.start(spec.config)
+
+    # ------------------------------------------------------------------ control group
+    def placement(self) -> dict:
+        """Where Ray placed this actor: its node and the ids of the GPUs it was given (as text)."""
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+
+    def heartbeat(self) -> dict:
+        """The last step this rank finished and how many seconds ago."""
+        step, at = self._progress
+        return {"rank": self.rank, "step": step, "seconds_since": time.monotonic() - at}
+
+    def abort(self, why: str) -> None:
+        """Makes a collective blocked in the training thread return (NCCL) and records why."""
+        abort.request_abort(why)
+
+    # ------------------------------------------------------------------ train group
+    def adopt(self, rank: int, gpus: list[str]) -> None:
+        """A standby takes over ``rank``, on the GPUs its lost worker used (``gpus``: their ids on this node; the
+        coordinator holds them in Ray's accounting). Call once, before :meth:`join`."""
+        if self.spec.device == "cuda":
+            if torch.cuda.is_initialized():
+                raise RuntimeError("adopt: CUDA already started in this standby; its GPU can no longer be chosen")
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+            gpu_warm_up.start(self.spec.config)
+        self.rank = int(rank)
+
+    def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None,
+             resume: bool = False, rank: int | None = None, world_size: int | None = None) -> dict:
+        """Forms process-group generation ``generation`` with the other ranks, through the coordinator's store.
+        ``resume``: the generation restores, so a trainer built now leaves its weights uninitialized (a 350M
+        model's seeded init costs seconds on the CPU, and the restore overwrites it). ``rank``/``world_size``:
+        this worker's place after an elastic shrink (its trainer is then rebuilt for the new world). Returns the
+        seconds spent forming the group (``group_s``) and building the trainer (``build_s``, 0 when kept)."""
+        started = time.monotonic()
+        self._leave_group()
+        if (rank, world_size) != (None, None) and (rank, world_size) != (self.rank, self.world_size):
+            self.rank, self.world_size = int(rank), int(world_size)
+            self._drop_sink()
+            self.trainer, self._fresh = None, True
+        timeout = datetime.timedelta(seconds=self.spec.timeout_s)
+        store = dist.PrefixStore(f"generation-{generation}",
+                                 dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout))
+        world = init_world(rank=self.rank, world_size=self.world_size, store=store,
+                           local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                           config=WorldConfig(backend=self._backend(), timeout_s=self.spec.timeout_s))
+        abort.clear()
+        self.address = snapshot_address
+        formed = time.monotonic()
+        if self.trainer is None:
+            config = self.spec.config
+            self.trainer = (PipelineTrainer(config, world) if isinstance(config, PipelineTrainerConfig)
+                            else Trainer(config, world, for_restore=resume))
+        elif isinstance(self.trainer, PipelineTrainer):
+            self.trainer.rejoin(world)  # its process groups belonged to the failed generation
+        self._progress = (self.trainer.step, time.monotonic())
+        return {"rank": self.rank, "group_s": formed - started, "build_s": time.monotonic() - formed}
+
+    def prepare(self, resume: bool, lost_ranks: tuple[int, ...] = (), reshard: bool = False) -> dict:
+        """Restores the job's common step when ``resume`` (collective; a survivor with intact state keeps it; in a
+        pipeline without a usable snapshot, the stage of ``lost_ranks`` is rebuilt from its neighbours), then
+        (re)attaches the snapshot sink and the fault injector. ``reshard``: the world shrank; every rank restores
+        the latest universal checkpoint, resharded to it. Returns what was restored, or ``{"error": why}`` when
+        nothing can restore it (the job cannot go on). ``attach_s``: the seconds spent attaching the sinks."""
+        trainer = self._trainer()
+        try:
+            restored = self._restore(trainer, lost_ranks, reshard) if resume else None
+        except (CheckpointError, SnapshotRestoreError, RecoveryImpossible) as error:  # every rank's verdict
+            return {"rank": self.rank, "step": trainer.step, "source": None, "error": str(error)}
+        self._fresh = False
+        attaching = time.monotonic()
+        trainer.sinks.clear()
+        if restored is not None and restored.source == KEPT_SOURCE and self.sink is not None \
+                and self.sink.config.address == self.address:
+            trainer.sinks.append(self.sink)  # flushed by _kept_step: it goes on from the kept step
+        else:
+            self._attach_new_sink(trainer, restored)
+        if self.spec.extra_sinks is not None:
+            trainer.sinks.extend(self.spec.extra_sinks(self.rank))
+        self._progress = (trainer.step, time.monotonic())
+        attach_s = time.monotonic() - attaching
+        if restored is None:
+            return {"rank": self.rank, "step": trainer.step, "source": None, "attach_s": attach_s}
+        return {"rank": self.rank, "step": restored.step, "source": restored.source, "seconds": restored.seconds,
+                "detail": restored.detail, "attach_s": attach_s}
+
+    def _restore(self, trainer: Trainer | PipelineTrainer, lost_ranks: tuple[int, ...], reshard: bool) -> JobRestore:
+        if reshard:
+            loaded = restore_trainer(trainer, "latest", root=self.spec.ckpt_dir)
+            return JobRestore(source=CHECKPOINT_SOURCE, step=loaded.step, detail=str(loaded.path),
+                              lineage=trainer.start_lineage())
+        kept_step = self._kept_step()
+        if isinstance(trainer, PipelineTrainer):
+            return self._restore_stage(trainer, kept_step, lost_ranks)
+        return restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s,
+                           kept_step=kept_step)
+
+    def _restore_stage(self, trainer: PipelineTrainer, kept_step: int | None, lost_ranks: tuple[int, ...]
+                       ) -> JobRestore:
+        """A pipeline's recovery order: the snapshots (when on), else the lost stage from its neighbours (pipeline
+        stages are not restored from a universal checkpoint here)."""
+        if self.spec.snapshot_every and self.address is not None:
+            try:
+                return restore_job(trainer, self.address, timeout_s=self.spec.timeout_s, kept_step=kept_step)
+            except SnapshotRestoreError as error:  # no rank restored anything: the same verdict on every rank
+                log_line(self.rank, trainer.step, f"recovery: no snapshot serves every rank ({error}); rebuilding "
+                                                  f"the lost stage from its neighbours")
+        healed = heal_lost_stage(trainer, kept_step=kept_step, lost_ranks=lost_ranks)
+        return JobRestore(source=healed.source, step=healed.step, detail=healed.detail)
+
+    def _kept_step(self) -> int | None:
+        """The step this survivor keeps its state at (None: it must restore). Rewinds the step the failure
+        interrupted, and seals the snapshot its sink had in flight (the copy finished before any update began, so
+        it holds the kept step exactly; the replacements may restore from its peers' equivalents)."""
+        if self._fresh or not self.spec.survivors_keep_state:
+            return None
+        trainer = self._trainer()
+        if self.sink is not None:
+            try:
+                self.sink.flush()
+            except Exception as error:  # noqa: BLE001 (a lost snapshot process: a new sink is attached below)
+                log_line(self.rank, trainer.step, f"snapshot: the snapshot in flight was not sealed: {error}")
+                self._drop_sink()
+        return trainer.step if trainer.rewind_interrupted_step() else None
+
+    def _attach_new_sink(self, trainer: Trainer, restored: JobRestore | None) -> None:
+        """Attaches the snapshot sink at the restored state: the same sink while its snapshot process is the same
+        (its segments stay mapped and registered with CUDA), else a new one."""
+        if self.sink is not None and self.sink.config.address != self.address:
+            self._drop_sink()
+        if not self.spec.snapshot_every or self.address is None:
+            self._drop_sink()
+            return
+        if self.sink is None:
+            self.sink = SnapshotSink(SnapshotSinkConfig(address=self.address, every=self.spec.snapshot_every,
+                                                        timeout_s=self.spec.timeout_s), rank=self.rank)
+        kept = restored.detail if restored is not None and restored.source != CHECKPOINT_SOURCE else None
+        self.sink.attach(trainer.shard_state(), restored_from=kept)
+        trainer.sinks.append(self.sink)
+
+    def _drop_sink(self) -> None:
+        if self.sink is not None:
+            self.sink.detach()
+            self.sink.client.close()
+            self.sink = None
+
+    def train(self, until: int) -> dict:
+        """Trains until step ``until``; returns ``{"done": [(step, loss)...], "error": None}``, or with ``error``
+        describing the failure that stopped it (a peer lost, an abort), reported rather than raised so that no
+        exception has to cross Ray's serialisation, and ``unwind``: seconds from the abort request to the failed
+        step's error (``error_after_abort_s``, negative when the error came first), of the NCCL abort call
+        (``abort_call_s``) and of leaving the group (``leave_s``). The worker stays usable for the next generation."""
+        trainer = self._trainer()
+        done: list[tuple[int, float]] = []
+        why = None
+        try:
+            while trainer.step < until:
+                result = trainer.train_step()
+                done.append((result.step, result.loss))
+                self._progress = (result.step, time.monotonic())
+            if self.sink is not None:
+                self.sink.flush()
+        except Exception as error:  # noqa: BLE001 (any failure of the step is the coordinator's to handle)
+            failed_at = time.monotonic()
+            why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            why += f" (aborted: {abort.reason()})" if abort.requested() else ""
+        if why is None:
+            return {"done": done, "error": None}
+        leaving = time.monotonic()
+        self._leave_group()  # out of the except block: the traceback's frames no longer hold the groups
+        unwind = {"leave_s": round(time.monotonic() - leaving, 3)}
+        timing = abort.timing()
+        if "requested_at" in timing:
+            unwind["error_after_abort_s"] = round(failed_at - timing["requested_at"], 3)
+        if "abort_call_s" in timing:
+            unwind["abort_call_s"] = round(timing["abort_call_s"], 3)
+        return {"done": done, "error": why, "unwind": unwind}
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The model's parameters, on the CPU (what tests compare across runs)."""
+        trainer = self._trainer()
+        module = trainer.module if isinstance(trainer, PipelineTrainer) else trainer.model
+        return {name: p.detach().cpu().clone() for name, p in module.named_parameters()}
+
+    def step(self) -> int:
+        return self._trainer().step
+
+    def shutdown(self) -> None:
+        """Closes the sinks (a checkpoint writer commits the save in flight) and leaves the process group."""
+        for sink in self.trainer.sinks if self.trainer is not None else []:
+            try:
+                sink.close()
+            except Exception as error:  # noqa: BLE001 (shutting down: report and go on)
+                log_line(self.rank, self.trainer.step, f"shutdown: {type(sink).__name__}.close failed: {error}")
+        if self.sink is not None:
+            self.sink.client.close()
+        if dist.is_initialized():
+            destroy_world()
+
+    # ------------------------------------------------------------------
+    def _leave_group(self) -> None:
+        """Leaves the failed generation at once. Its connections close, so that a peer blocked in a collective
+        with this rank (not with the dead one) fails now too instead of at its timeout: with gloo in a ring, only
+        the dead rank's neighbours see its sockets close."""
+        if isinstance(self.trainer, PipelineTrainer):
+            self.trainer.release_groups()
+        gc.collect()  # a group's connections close only when nothing references it any more
+        try:
+            destroy_world()
+        except (RuntimeError, ValueError):  # an aborted group may already be gone
+            pass
+
+    def _trainer(self) -> Trainer | PipelineTrainer:
+        if self.trainer is None:
+            raise RuntimeError(f"rank {self.rank}: join() first")
+        return self.trainer
+
+    def _backend(self) -> str:
+        return "gloo" if self.spec.device == "cpu" else "nccl"
+
+
+__all__ = ["CONCURRENCY_GROUPS", "CONTROL", "TRAIN", "Worker", "WorkerSpec"]

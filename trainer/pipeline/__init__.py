@@ -1,0 +1,1 @@
+"""Pipeline parallelism: the stage trainer, its schedule, point-to-point sends, groups and shared weights."""
