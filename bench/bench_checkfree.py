@@ -84,7 +84,8 @@ from regrow.launch.local.spawn import run_local
 from regrow.recovery.neighbor import NeighborRecoveryError, plan_rebuild
 from regrow.recovery.policy import Availability, Source, recover_stage
 from regrow.trainer.data import DataConfig, Sampler
-from regrow.trainer.loop import TrainerConfig, log_line
+from regrow.trainer.log import log_line
+from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.models import GPT, GPTConfig, GPTStage, stage_blocks
 from regrow.trainer.pipeline.p2p import Transfers
 from regrow.trainer.pipeline.trainer import (

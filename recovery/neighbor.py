@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from regrow.trainer.data import DataCursor
-from regrow.trainer.loop import log_line
+from regrow.trainer.log import log_line
 from regrow.trainer.pipeline.p2p import Transfers
 from regrow.trainer.pipeline.shared import stage_roles
 from regrow.trainer.pipeline.trainer import PipelineTrainer

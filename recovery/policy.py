@@ -20,7 +20,7 @@ from regrow.recovery.neighbor import (
     plan_rebuild,
     rebuild_from_neighbors,
 )
-from regrow.trainer.loop import log_line
+from regrow.trainer.log import log_line
 from regrow.trainer.pipeline.trainer import PipelineTrainer
 
 

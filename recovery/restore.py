@@ -41,7 +41,8 @@ from regrow.checkpoint.snapshot.sink import FALLBACK, SnapshotRestoreError, stat
 from regrow.checkpoint.universal.format import CheckpointError
 from regrow.checkpoint.universal.reshard import restore_trainer
 from regrow.comm import collectives
-from regrow.trainer.loop import Trainer, log_line
+from regrow.trainer.log import log_line
+from regrow.trainer.loop import Trainer
 from regrow.trainer.state import ShardState
 
 KEPT_SOURCE = "kept in memory"

@@ -25,6 +25,7 @@ from regrow.comm.world import World
 from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.checks import require_ints
 from regrow.trainer.data import DataConfig, DataCursor, Sampler
+from regrow.trainer.log import log_line
 from regrow.trainer.models import GPT, GPTConfig
 from regrow.trainer.state import RngState, ShardState, StateSink
 from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
@@ -106,11 +107,6 @@ def learning_rate(config: TrainerConfig, step: int) -> float:
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return peak * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
-
-
-def log_line(rank: int, step: int, text: str) -> None:
-    """Prints a structured log line ``[rank r, step s] text``."""
-    print(f"[rank {rank}, step {step}] {text}", flush=True)
 
 
 def agree_lineage(world_size: int, timeout_s: float) -> str:

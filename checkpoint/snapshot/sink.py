@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 import torch
 
 from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig, HostCopy, Summarize
+from regrow.checkpoint.rng import decode_rng, encode_rng
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot import wordsum
 from regrow.checkpoint.snapshot.protocol import SnapshotClient, SnapshotProcessLost
-from regrow.checkpoint.universal.format import decode_rng, encode_rng
 from regrow.comm import collectives
 from regrow.trainer.checks import require_ints
-from regrow.trainer.loop import Trainer, log_line
+from regrow.trainer.log import log_line
+from regrow.trainer.loop import Trainer
 from regrow.trainer.state import ShardState
 from regrow.trainer.zero.layout import FlatLayout
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from regrow.checkpoint.rng import decode_rng
 from regrow.checkpoint.universal import verify
 from regrow.checkpoint.universal.format import (
     EXP_AVG,
@@ -45,12 +46,12 @@ from regrow.checkpoint.universal.format import (
     Manifest,
     TensorEntry,
     UnsupportedFormatVersion,
-    decode_rng,
     shard_key,
 )
 from regrow.checkpoint.universal.pieces import ParamPiece, rank_pieces
 from regrow.comm import collectives
-from regrow.trainer.loop import Trainer, log_line
+from regrow.trainer.log import log_line
+from regrow.trainer.loop import Trainer
 from regrow.trainer.state import RngState, ShardState
 from regrow.trainer.zero import quant
 from regrow.trainer.zero.layout import FlatLayout

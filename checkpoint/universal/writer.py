@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from regrow.checkpoint.hostcopy import HostCopier, HostCopy
+from regrow.checkpoint.rng import encode_rng
 from regrow.checkpoint.universal import storage
 from regrow.checkpoint.universal.format import (
     KINDS_BY_BITS,
@@ -55,7 +56,6 @@ from regrow.checkpoint.universal.format import (
     ParamEntry,
     RngEntry,
     TensorEntry,
-    encode_rng,
     rank_file,
     shard_key,
     step_dir_name,
@@ -65,7 +65,7 @@ from regrow.checkpoint.universal.format import (
 from regrow.checkpoint.universal.pieces import rank_pieces
 from regrow.comm import collectives
 from regrow.trainer.checks import require_ints
-from regrow.trainer.loop import log_line
+from regrow.trainer.log import log_line
 from regrow.trainer.state import RngState, ShardState
 from regrow.trainer.zero import quant
 from regrow.trainer.zero.layout import FlatLayout

@@ -36,7 +36,8 @@ from regrow.recovery.policy import RecoveryImpossible
 from regrow.recovery.ray import gpu_warm_up
 from regrow.recovery.restore import CHECKPOINT_SOURCE, KEPT_SOURCE, JobRestore, restore_job
 from regrow.recovery.stage_heal import heal_lost_stage
-from regrow.trainer.loop import Trainer, TrainerConfig, log_line
+from regrow.trainer.log import log_line
+from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.pipeline.config import PipelineTrainerConfig
 from regrow.trainer.pipeline.trainer import PipelineTrainer
 from regrow.trainer.state import StateSink

@@ -28,7 +28,8 @@ from regrow.comm.topology import Topology
 from regrow.comm.world import World
 from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.data import DataCursor, Sampler
-from regrow.trainer.loop import NonFiniteLossError, StepResult, agree_lineage, learning_rate, log_line
+from regrow.trainer.log import log_line
+from regrow.trainer.loop import NonFiniteLossError, StepResult, agree_lineage, learning_rate
 from regrow.trainer.models import GPT, GPTStage, stage_blocks
 from regrow.trainer.pipeline.config import PipelineConfig, PipelineTrainerConfig
 from regrow.trainer.pipeline.groups import PipelineGroups, create_groups
