@@ -10,7 +10,7 @@ failure schedule for every strategy. Five runs, one after the other, each in fre
 
 - ``fault-free``: no failure; its validation loss at ``--target-frac`` of ``--steps`` becomes the target;
 - ``checkfree``: a lost intermediate stage is rebuilt by gradient-norm-weighted averaging of its neighbours
-  (``recovery.policy.recover_stage`` with snapshots off: the real path, point-to-point). Plain CheckFree cannot
+  (``recovery.stage_heal.recover_stage`` with snapshots off: the real path, point-to-point). Plain CheckFree cannot
   rebuild an edge stage: ``--checkfree-edge reinit`` (default) restarts it from its initial weights with a fresh
   optimizer (all that a job without checkpoints or CheckFree+ has), ``skip`` applies the paper's assumption that
   edge stages are never lost (those failures are ignored for this strategy only);
@@ -82,7 +82,8 @@ from regrow.comm import collectives
 from regrow.comm.world import World
 from regrow.launch.local.spawn import run_local
 from regrow.recovery.neighbor import NeighborRecoveryError, plan_rebuild
-from regrow.recovery.policy import Availability, Source, recover_stage
+from regrow.recovery.order import Availability, Source
+from regrow.recovery.stage_heal import recover_stage
 from regrow.trainer.data import DataConfig, Sampler
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import TrainerConfig

@@ -76,9 +76,9 @@ from bench_zero import (
 )
 
 from regrow.checkpoint.universal import verify
-from regrow.checkpoint.universal.reshard import restore_trainer
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.comm.world import World, backend_string
+from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPT, GPTConfig

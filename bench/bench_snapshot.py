@@ -58,12 +58,9 @@ from numa_placement import bind_to_node, gpu_numa_node, numa_nodes
 from regrow.checkpoint.node.process import SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
-from regrow.checkpoint.snapshot.sink import (
-    SnapshotSink,
-    SnapshotSinkConfig,
-    restore_from_node,
-)
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.launch.snapshot_cli import snapshot_bytes
+from regrow.recovery.from_snapshots import restore_from_node
 from regrow.trainer.loop import Trainer
 
 

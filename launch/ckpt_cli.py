@@ -15,8 +15,9 @@ from pathlib import Path
 
 from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import CheckpointError, UnsupportedFormatVersion
-from regrow.checkpoint.universal.reshard import restore_trainer, sources
+from regrow.checkpoint.universal.load import sources
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
+from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.trainer.loop import Trainer
 
 SNAPSHOT = "snapshot"

@@ -33,6 +33,7 @@ from regrow.launch.chaos import report as chaos
 from regrow.launch.local.nodes import HealReport, LocalNodes
 from regrow.launch.local.spawn import WorkerFailed, run_local
 from regrow.launch.local.watchdog import Heartbeat, Watchdog
+from regrow.recovery.order import Source
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
 from regrow.trainer.models import GPTConfig
@@ -117,7 +118,7 @@ def train_rank(world: World, config: TrainerConfig, checkpointing: ckpt_cli.Chec
     if checkpointing:
         ckpt_cli.prepare(trainer, checkpointing)
         if run_dir and checkpointing.resume:
-            chaos.record_restore(run_dir, attempt, trainer.rank, source="checkpoint", step=trainer.step,
+            chaos.record_restore(run_dir, attempt, trainer.rank, source=Source.CHECKPOINT, step=trainer.step,
                                  detail=str(checkpointing.resume))
     injector = faults.FaultInjector.from_env(trainer.rank)
     if injector is not None:

@@ -41,7 +41,8 @@ from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, parse_address, reques
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.launch.ckpt_cli import SNAPSHOT
 from regrow.launch.local.nodes import ADDRESS_ENV, LocalNodes, NodesConfig
-from regrow.recovery.restore import CHECKPOINT_SOURCE, JobRestore, restore_job
+from regrow.recovery.order import JobRestore, Source
+from regrow.recovery.restore import restore_job
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPT
 from regrow.trainer.zero.layout import build_layout
@@ -265,7 +266,7 @@ def prepare(trainer: Trainer, plan: Snapshotting,
         return None
     sink = SnapshotSink(SnapshotSinkConfig(address=address, every=plan.every, timeout_s=plan.timeout_s),
                         rank=trainer.rank)
-    from_slot = restored.detail if restored is not None and restored.source != CHECKPOINT_SOURCE else None
+    from_slot = restored.detail if restored is not None and restored.source is not Source.CHECKPOINT else None
     sink.attach(trainer.shard_state(), restored_from=from_slot)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and persists(address, plan.timeout_s):
         # What the persisted manifests record as the run's config (the snapshot process cannot know it).

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from regrow.checkpoint.universal.format import Chunk
-from regrow.checkpoint.universal.reshard import restore_trainer
 from regrow.checkpoint.universal.writer import CheckpointWriter, PendingSave, WriterConfig
 from regrow.comm.world import World
+from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPTConfig

@@ -75,7 +75,8 @@ def neighbor_recovery_run(world: World, config: PipelineTrainerConfig, failures:
 
     Returns this rank's losses (and, with ``baseline``, those of the same run without failures), and per failure the
     weights and gradient norm every surviving stage had at that step and the lost stage's rebuilt weights."""
-    from regrow.recovery.policy import Availability, recover_stage
+    from regrow.recovery.order import Availability
+    from regrow.recovery.stage_heal import recover_stage
 
     baseline_losses = [r.loss for r in PipelineTrainer(config, world).run()] if baseline else []
     trainer = PipelineTrainer(config, world)

@@ -8,8 +8,9 @@ import signal
 
 import torch
 
-from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig, restore_from_node
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.comm.world import World
+from regrow.recovery.from_snapshots import restore_from_node
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.state import ShardState
 

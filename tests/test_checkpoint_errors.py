@@ -18,9 +18,9 @@ from regrow.checkpoint.universal.format import (
     CorruptCheckpoint,
     UnsupportedFormatVersion,
 )
-from regrow.checkpoint.universal.reshard import restore_trainer
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.launch.local.spawn import run_local
+from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.tests import ckpt_workers as cw
 from regrow.trainer.loop import Trainer
 from regrow.trainer.models import GPTConfig

@@ -160,8 +160,8 @@ def test_files_hold_whole_blocks_for_codes_and_exact_numel_for_fp32(saved) -> No
 def test_whole_model_fp32_export_and_import_round_trip(saved, tmp_path) -> None:
     """``read_whole`` dequantizes 8-bit moments; ``write_whole`` writes a checkpoint (fp32 state) that reads back
     bit-identically and that a job with 8-bit state loads."""
-    from regrow.checkpoint.universal.reshard import restore_trainer
     from regrow.checkpoint.universal.whole import read_whole, write_whole
+    from regrow.recovery.from_checkpoint import restore_trainer
     from regrow.trainer.loop import Trainer
 
     exported = read_whole(saved["path8"])

@@ -14,8 +14,8 @@ import torch
 
 from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig
 from regrow.checkpoint.universal import storage, verify
-from regrow.checkpoint.universal.reshard import restore_trainer
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
+from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.tests import ckpt_workers as cw
 from regrow.trainer.loop import Trainer
 

@@ -22,7 +22,8 @@ from regrow.recovery.neighbor import (
     param_sources,
     plan_rebuild,
 )
-from regrow.recovery.policy import Availability, RecoveryImpossible, Source, decide, log_decision
+from regrow.recovery.order import Availability, RecoveryImpossible, Source, decide
+from regrow.recovery.stage_heal import log_decision
 from regrow.tests import pipeline_workers as w
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig

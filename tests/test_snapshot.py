@@ -23,13 +23,10 @@ from regrow.checkpoint.snapshot.protocol import (
     SnapshotProcessLost,
     parse_address,
 )
-from regrow.checkpoint.snapshot.sink import (
-    SnapshotRestoreError,
-    SnapshotSink,
-    SnapshotSinkConfig,
-    restore_from_node,
-)
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.launch.local.spawn import WorkerFailed, run_local
+from regrow.recovery.from_snapshots import restore_from_node
+from regrow.recovery.order import SnapshotRestoreError
 from regrow.tests import snapshot_workers as w
 from regrow.tests.test_trainer import tiny_config
 from regrow.trainer.loop import Trainer

@@ -31,10 +31,10 @@ from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import MANIFEST_NAME, PARTS_DIR, rank_file, temp_dir_name
-from regrow.checkpoint.universal.reshard import restore_trainer
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.launch.chaos.faults import corrupt_newest_snapshot
 from regrow.launch.local.spawn import run_local
+from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.tests import ckpt_workers as cw
 from regrow.tests import persist_workers as pw
 from regrow.trainer.loop import Trainer

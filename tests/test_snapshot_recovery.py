@@ -11,7 +11,7 @@ import torch
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient
 from regrow.launch.chaos.faults import corrupt_segment
 from regrow.launch.local.spawn import WorkerFailed, run_local
-from regrow.recovery.restore import CHECKPOINT_SOURCE, CODED_SOURCE, SLOTS_SOURCE
+from regrow.recovery.order import Source
 from regrow.tests import recovery_workers as rw
 from regrow.tests import snapshot_workers as w
 from regrow.tests.test_snapshot_ec import Group
@@ -55,7 +55,7 @@ def test_corrupt_slots_fall_back_to_the_erasure_coded_buffer(group: Group) -> No
     assert corrupt_slots(group, 0) == [2, 3]
     results = run_local(rw.straight_and_job_restored, 2, config, group.addresses, backend="gloo", timeout_s=180,
                         env=env)
-    assert [r["source"] for r in results] == [CODED_SOURCE, SLOTS_SOURCE]
+    assert [r["source"] for r in results] == [Source.ERASURE, Source.SNAPSHOT]
     assert any("payload checksum mismatch" in reason for reason in results[0]["passed_over"])
     for result in results:
         assert_bit_identical(result, 3)
@@ -75,6 +75,6 @@ def test_without_any_snapshot_the_checkpoint_is_used_and_its_absence_is_named(gr
     run_local(rw.save_at, 2, config, str(tmp_path), 2, backend="gloo", timeout_s=120)
     results = run_local(rw.straight_and_job_restored, 2, config, group.addresses, str(tmp_path), backend="gloo",
                         timeout_s=180, env=env)
-    assert [r["source"] for r in results] == [CHECKPOINT_SOURCE, CHECKPOINT_SOURCE]
+    assert [r["source"] for r in results] == [Source.CHECKPOINT, Source.CHECKPOINT]
     for result in results:
         assert_bit_identical(result, 2)

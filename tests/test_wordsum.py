@@ -16,13 +16,9 @@ import torch
 
 from regrow.checkpoint.hostcopy import HostCopier
 from regrow.checkpoint.snapshot import segment as seg
-from regrow.checkpoint.snapshot.sink import (
-    SnapshotSink,
-    SnapshotSinkConfig,
-    restore_from_node,
-    state_from_snapshot,
-)
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig, state_from_snapshot
 from regrow.checkpoint.snapshot.wordsum import EMPTY, MASK, Digest, assemble, combine, digest
+from regrow.recovery.from_snapshots import restore_from_node
 from regrow.tests.test_snapshot import node, token  # noqa: F401 (fixtures)
 from regrow.tests.test_trainer import tiny_config
 from regrow.trainer.loop import Trainer

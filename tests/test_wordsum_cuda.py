@@ -150,7 +150,7 @@ def test_sink_seals_with_gpu_digests(node, token) -> None:  # noqa: F811
 def test_read_slot_verifies_on_the_gpu_and_detects_corruption(node, token) -> None:  # noqa: F811
     """A slot read for a CUDA trainer is verified on the GPU and yields the same tensors, on the GPU; a flipped
     payload byte is caught there as it is on the host."""
-    from regrow.recovery.restore import read_slot
+    from regrow.checkpoint.snapshot.read import read_slot
 
     base = Trainer(tiny_config(steps=1)).shard_state()
     state = dataclasses.replace(base, step=4, tensors={name: t.cuda() + 4 for name, t in base.tensors.items()})

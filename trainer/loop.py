@@ -28,6 +28,7 @@ from regrow.trainer.data import DataConfig, DataCursor, Sampler
 from regrow.trainer.log import log_line
 from regrow.trainer.models import GPT, GPTConfig
 from regrow.trainer.state import RngState, ShardState, StateSink
+from regrow.trainer.zero.layout import FlatLayout
 from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
 
 
@@ -124,6 +125,7 @@ class Trainer(RewindableStep):
 
     Contract: every rank constructs it with the same config and calls :meth:`run` (or :meth:`train_step`) the same
     number of times. Sinks see ``before_optimizer_step()`` and ``after_step(state)`` around every optimizer step.
+    It is a ``state.Restorable``: recovery restores it through that contract alone.
     """
 
     def __init__(self, config: TrainerConfig, world: World | None = None, sinks: Sequence[StateSink] = (), *,
@@ -167,6 +169,23 @@ class Trainer(RewindableStep):
         random.seed(per_rank)
         np.random.seed(per_rank % 2**32)
         return GPT(self.config.model).to(self.device)
+
+    @property
+    def layout(self) -> FlatLayout:
+        """The flat layout of this rank's optimizer shard (``state.Restorable``)."""
+        return self.optimizer.layout
+
+    def at_initial_state(self) -> bool:
+        """No optimizer update has begun since this trainer was built or reset (``state.Restorable``)."""
+        return self.step == 0 and self.optimizer.step_count == 0
+
+    def gather_parameters(self) -> None:
+        """All-gathers the working parameters from every rank's shard (collective; ``state.Restorable``)."""
+        self.optimizer.gather_parameters()
+
+    def run_config(self) -> dict:
+        """``config.to_dict()``: what a checkpoint records as the run's settings (``state.Restorable``)."""
+        return self.config.to_dict()
 
     def reset_to_initial_state(self) -> None:
         """Builds the seeded initial model and a new optimizer (a replacement built ``for_restore`` that turns out

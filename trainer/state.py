@@ -13,16 +13,24 @@ learning rate is a function of the step.
 - ``rng``: every random generator a rank draws from (torch CPU, each CUDA device, Python, NumPy).
 - ``data_cursor``: the sampler's position (``DataCursor.to_dict()``), taken at the step boundary.
 - ``tokens_seen``: tokens consumed by all ranks so far (for logs and throughput).
+
+Both directions have a contract here. Saving flows one way: the trainer hands every new state to its
+:class:`StateSink` objects. Restoring flows back one way too: the checkpoint tier only *produces* states (read
+from a snapshot, resharded from a universal checkpoint), and the recovery tier hands the chosen one to a
+:class:`Restorable`, the training object. Neither tier calls into a trainer class.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from regrow.trainer.zero.layout import FlatLayout
 
 
 @dataclass
@@ -88,3 +96,61 @@ class StateSink(Protocol):
     def after_step(self, state: ShardState) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Restorable(Protocol):
+    """A training object that recovery can restore: regrow's ``Trainer`` and ``PipelineTrainer`` satisfy it.
+
+    The recovery tier (``regrow.recovery``) is its only caller: it picks a source, has the checkpoint tier produce
+    this rank's :class:`ShardState` at :attr:`layout`, and hands it over. Every rank of the job calls the collective
+    methods together, in the same order; the attributes describe this rank at its current step boundary.
+    """
+
+    rank: int
+    """This rank in the job's default process group."""
+    world_size: int
+    """Ranks in the job's default process group."""
+    step: int
+    """Optimizer steps completed at the current step boundary."""
+    initialized: bool
+    """The weights hold a real state (False only for an object built to be restored, before its restore)."""
+    device: torch.device
+    """Where the working parameters live (a snapshot read for a CUDA rank is verified on that GPU)."""
+    timeout_s: float
+    """Limit of the collectives a restore runs besides :meth:`restore` (the ranks' agreement on a source)."""
+
+    @property
+    def layout(self) -> FlatLayout:
+        """The flat layout of this rank's optimizer shard: :meth:`restore` takes states of this layout only (a
+        universal checkpoint is resharded to it while it is read)."""
+        ...
+
+    def restore(self, state: ShardState) -> None:
+        """Resumes from ``state`` (this rank's shard at :attr:`layout`), its step, data cursor, generators and
+        lineage included. Collective: it ends with the all-gather of the working parameters."""
+        ...
+
+    def gather_parameters(self) -> None:
+        """The collective part of :meth:`restore` without a new state: a rank that keeps its state joins the
+        all-gather of the working parameters that the restoring ranks' :meth:`restore` ends with."""
+        ...
+
+    def at_initial_state(self) -> bool:
+        """True while no optimizer update has begun since the object was built (or reset) at step 0: it holds
+        step 0's seeded state, or would once :meth:`reset_to_initial_state` builds it (when not ``initialized``)."""
+        ...
+
+    def reset_to_initial_state(self) -> None:
+        """Builds the seeded initial state of step 0 (for an object built to be restored that turns out to need
+        step 0's state, which no snapshot holds). Not collective."""
+        ...
+
+    def start_lineage(self) -> str:
+        """Starts and returns a new lineage id, the same on every rank (collective): the states trained from a
+        restored step on are told apart from the failed run's states of the same step numbers."""
+        ...
+
+    def run_config(self) -> dict:
+        """The run's settings as a JSON-able dict (what a checkpoint records, and what a resume compares)."""
+        ...

@@ -1,7 +1,6 @@
-"""The rank side of in-memory snapshots: a ``StateSink`` that snapshots every step into the node's shared memory,
-and the restore of a restarted rank from it.
+"""The rank side of in-memory snapshots: a ``StateSink`` that snapshots every step into the node's shared memory.
 
-:class:`SnapshotSink` attaches to the node's snapshot process (``memory.py``), maps its rank's two segments and
+:class:`SnapshotSink` attaches to the node's snapshot process (``checkpoint/node/``), maps its rank's two segments and
 alternates between them. ``after_step(state)`` of step N clears the ``complete`` flag of the segment that does NOT
 hold the newest snapshot, writes the metadata (step, RNG states, data cursor, tokens seen, layout, tensor table) and
 starts the copy of the shard tensors into it with ``hostcopy.HostCopier`` (its ``allocate`` returns tensors that
@@ -15,7 +14,8 @@ offset, sets the ``complete`` flag last and sends COMMIT, all during that forwar
 ``before_optimizer_step()`` waits for the copy (on GPU only the compute stream waits). The newest complete snapshot
 is never overwritten, so one always exists.
 
-:func:`restore_from_node` is the restore of a rank process that crashed (the node and its snapshot process live).
+Reading a snapshot back is ``read.py``'s (and :func:`state_from_snapshot`'s, here); which one a job restores is the
+recovery tier's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import ctypes
 import itertools
 import json
 import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,14 +34,10 @@ from regrow.checkpoint.rng import decode_rng, encode_rng
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot import wordsum
 from regrow.checkpoint.snapshot.protocol import SnapshotClient, SnapshotProcessLost
-from regrow.comm import collectives
 from regrow.trainer.checks import require_ints
 from regrow.trainer.log import log_line
-from regrow.trainer.loop import Trainer
 from regrow.trainer.state import ShardState
 from regrow.trainer.zero.layout import FlatLayout
-
-FALLBACK = "checkpoint.reshard.restore_trainer (the universal checkpoint)"
 
 
 @dataclass(kw_only=True)
@@ -404,104 +399,10 @@ class SnapshotSink:
         self.sealed_steps.append(pending.step)
 
 
-# -------------------------------------------------------------------- restore of a crashed rank
-class SnapshotRestoreError(RuntimeError):
-    """No usable in-memory snapshot for this restore; the message names the fallback."""
-
-
-@dataclass
-class SnapshotRestore:
-    """What :func:`restore_from_node` restored: the step, the slot, and why newer slots were passed over."""
-
-    step: int
-    slot: int
-    path: str
-    skipped: list[str]
-    seconds: float
-
-
-def _local_candidates(client: SnapshotClient, rank: int) -> tuple[list[dict], list[str]]:
-    """Slots that verify on this rank (re-checked here, not trusted from the process), newest first; and why the
-    others do not."""
-    reply = client.request({"op": "latest", "rank": rank})
-    good, skipped = [], []
-    for slot in sorted(reply["slots"], key=lambda s: -1 if s["step"] is None else s["step"], reverse=True):
-        if slot["status"] != "ok":
-            skipped.append(f"slot {slot['slot']} (step {slot['step']}): {slot['status']}")
-            continue
-        good.append(slot)
-    return good, skipped
-
-
-def _agree_step(trainer: Trainer, steps: list[int]) -> int:
-    """The newest step every rank holds a good snapshot of (-1: none). Collective when the world has > 1 rank."""
-    newest = max(steps, default=-1)
-    if trainer.world_size == 1:
-        return newest
-    flag = torch.tensor([newest], dtype=torch.int64)
-    collectives.all_reduce(flag, group=None, timeout_s=trainer.config.optim.timeout_s,
-                           op=torch.distributed.ReduceOp.MIN)
-    agreed = int(flag.item())
-    missing = torch.tensor([0 if agreed in steps or agreed < 0 else 1], dtype=torch.int64)
-    collectives.all_reduce(missing, group=None, timeout_s=trainer.config.optim.timeout_s,
-                           op=torch.distributed.ReduceOp.MAX)
-    return agreed if not int(missing.item()) else -1
-
-
-def restore_from_node(trainer: Trainer, address: str, *, token: str | None = None,
-                      timeout_s: float = 60.0, log: bool = True) -> SnapshotRestore:
-    """Restores ``trainer`` from this node's snapshot process after its rank process crashed.
-
-    Collective when the world has several ranks: every rank calls it, and all restore the same step (the newest one
-    every rank holds a verified snapshot of: a rank killed mid-seal may lack the very newest). Each candidate is
-    verified by checksum in this process; a corrupt newest slot is passed over for the other, and a log line says
-    which slot was used and why. Raises :class:`SnapshotRestoreError` naming the fallback when no common good
-    snapshot exists, and ``SnapshotProcessLost`` when the process cannot be reached.
-    """
-    started = time.perf_counter()
-    client = SnapshotClient(address, token=token, timeout_s=timeout_s)
-    try:
-        good, skipped = _local_candidates(client, trainer.rank)
-        states: dict[int, tuple[dict, ShardState]] = {}
-        for slot in good:
-            buffer = seg.open_segment(slot["path"], writable=False)
-            try:
-                snapshot = seg.verify(buffer, rank=trainer.rank)
-                try:
-                    states[snapshot.step] = (slot, state_from_snapshot(snapshot))
-                finally:
-                    snapshot.payload.release()
-            except seg.SegmentError as error:  # changed since the snapshot process looked
-                skipped.append(f"slot {slot['slot']} (step {slot['step']}): {error}")
-            finally:
-                buffer.close()
-    finally:
-        client.close()
-    step = _agree_step(trainer, list(states))
-    if step < 0:
-        reasons = "; ".join(skipped) or "no snapshot was ever sealed"
-        raise SnapshotRestoreError(f"rank {trainer.rank}: no in-memory snapshot every rank holds ({reasons}); "
-                                   f"restore from {FALLBACK} instead")
-    slot, state = states[step]
-    skipped += [f"slot {s['slot']} (step {s['step']}): newer than what every rank holds (step {step})"
-                for s, _ in states.values() if s["step"] > step]
-    trainer.restore(state)
-    result = SnapshotRestore(step=step, slot=slot["slot"], path=slot["path"], skipped=skipped,
-                             seconds=time.perf_counter() - started)
-    if log:
-        passed = f"; passed over {'; '.join(skipped)}" if skipped else ""
-        log_line(trainer.rank, step, f"snapshot: restored step {step} from slot {slot['slot']} ({slot['path']}) "
-                                     f"in {result.seconds:.2f} s{passed}")
-    return result
-
-
 __all__ = [
     "SnapshotProcessLost",
-    "SnapshotRestore",
-    "SnapshotRestoreError",
     "SnapshotSink",
     "SnapshotSinkConfig",
-    "restore_from_node",
     "state_from_snapshot",
     "state_meta",
     "tensor_table",

@@ -14,7 +14,8 @@ The stage does not appear in the shard at all (stages 1 and 2 keep the same shar
 that belong to no parameter (padding) are zero, and 8-bit padding holds the zero code of its map, as after any step.
 
 Verification before anything is used: every rank checks the manifest and every file's size, then the crc32 of every
-stored chunk it reads; the ranks agree (one all-reduce) and either all load or all move to the next candidate.
+stored chunk it reads. Which checkpoint the ranks load (and the fall back to an older one when ``latest`` does not
+verify) is ``load.py``'s; this module reads one checkpoint into one rank's :class:`ShardState`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import bisect
 import json
 import os
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,13 +45,9 @@ from regrow.checkpoint.universal.format import (
     KindSpec,
     Manifest,
     TensorEntry,
-    UnsupportedFormatVersion,
     shard_key,
 )
 from regrow.checkpoint.universal.pieces import ParamPiece, rank_pieces
-from regrow.comm import collectives
-from regrow.trainer.log import log_line
-from regrow.trainer.loop import Trainer
 from regrow.trainer.state import RngState, ShardState
 from regrow.trainer.zero import quant
 from regrow.trainer.zero.layout import FlatLayout
@@ -240,115 +236,3 @@ def load_state(ckpt: Path, layout: FlatLayout, rank: int) -> tuple[ShardState, M
                        rng=load_rng(ckpt, manifest, rank), data_cursor=dict(manifest.data_cursor),
                        tokens_seen=manifest.tokens_seen, extra={"bytes_read": bytes_read})
     return state, manifest
-
-
-# ---------------------------------------------------------------------------------------------------- the trainer
-
-
-@dataclass
-class RestoreReport:
-    """Which checkpoint a restore used, and which ones it passed over (with the reason)."""
-
-    path: Path
-    step: int
-    saved_world_size: int
-    bytes_read: int
-    """Bytes this rank read from tensor files: about its share of the checkpoint, never whole files."""
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-
-_OK, _CORRUPT, _FATAL = 0, 1, 2
-
-
-def sources(source: str | Path, root: str | Path | None) -> tuple[list[Path], bool]:
-    """The checkpoints to try for ``source`` and whether it named one explicitly (no fallback then).
-
-    ``"latest"`` (needs ``root``) or a checkpoint root: the one ``latest`` names, then older ones as fallbacks.
-    A ``step_*`` directory: that one only.
-    """
-    if str(source) == "latest":
-        if root is None:
-            raise CheckpointError("resume from 'latest' needs the checkpoint root (e.g. --ckpt-dir DIR)")
-        return verify.candidates(Path(root)), False
-    path = Path(source)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if verify.is_root(path):
-        return verify.candidates(path), False
-    return [path], True
-
-
-def restore_trainer(trainer: Trainer, source: str | Path, *, root: str | Path | None = None) -> RestoreReport:
-    """Resumes ``trainer`` from a checkpoint at its own layout (any world size, stage or state bits).
-
-    Collective: every rank calls it with the same arguments. ``source`` is ``"latest"`` (with ``root``), a root or
-    one ``step_*`` directory (see :func:`sources`). When the checkpoint ``latest`` names does not verify, the newest
-    one that does is loaded instead, and a log line says so.
-    """
-    paths, explicit = sources(source, root)
-    layout = trainer.optimizer.layout
-    skipped: list[tuple[Path, str]] = []
-    for path in paths:
-        status, state, manifest, error = _try_load(path, layout, trainer.rank)
-        if trainer.world_size > 1:
-            flag = torch.tensor([status], dtype=torch.int32)
-            collectives.all_reduce(flag, group=None, timeout_s=trainer.config.optim.timeout_s,
-                                   op=torch.distributed.ReduceOp.MAX)
-            worst = int(flag.item())
-        else:
-            worst = status
-        if worst == _OK:
-            assert state is not None and manifest is not None
-            trainer.restore(state)
-            _log_restore(trainer, path, manifest, skipped)
-            return RestoreReport(path=path, step=manifest.step, saved_world_size=manifest.world_size,
-                                 bytes_read=state.extra["bytes_read"], skipped=skipped)
-        reason = str(error) if error else "another rank found it corrupt (see that rank's log)"
-        if worst == _FATAL or explicit:
-            if error is not None:
-                raise error
-            raise CheckpointError(f"checkpoint {path} could not be loaded on another rank (see that rank's log)")
-        if error is not None:
-            log_line(trainer.rank, trainer.step, f"checkpoint {path.name} does not verify: {reason}")
-        skipped.append((path, reason))
-    raise CorruptCheckpoint(str(root or source), [f"{p.name}: {why.splitlines()[0]}" for p, why in skipped]
-                            + ["no checkpoint verifies; nothing was loaded"])
-
-
-def _try_load(path: Path, layout: FlatLayout, rank: int
-              ) -> tuple[int, ShardState | None, Manifest | None, BaseException | None]:
-    try:
-        state, manifest = load_state(path, layout, rank)
-        return _OK, state, manifest, None
-    except CorruptCheckpoint as error:
-        return _CORRUPT, None, None, error
-    except (UnsupportedFormatVersion, CheckpointMismatch, CheckpointError) as error:
-        return _FATAL, None, None, error
-    except OSError as error:  # e.g. a file vanished between listing and reading: treat like damage
-        return _CORRUPT, None, None, CorruptCheckpoint(str(path), [f"{type(error).__name__}: {error}"])
-    except Exception as error:  # anything else must not leave the other ranks waiting in the all-reduce
-        return _FATAL, None, None, error
-
-
-def _log_restore(trainer: Trainer, path: Path, manifest: Manifest, skipped: list[tuple[Path, str]]) -> None:
-    if trainer.rank != 0:
-        return
-    if skipped:
-        names = ", ".join(p.name for p, _ in skipped)
-        log_line(0, manifest.step, f"checkpoint: {names} did not verify; fell back to {path.name}")
-    changed = _config_changes(manifest.config, trainer.config.to_dict())
-    note = f"; config changes: {', '.join(changed)}" if changed else ""
-    log_line(0, manifest.step, f"resumed from {path} (saved at world size {manifest.world_size}, now "
-                               f"{trainer.world_size}){note}")
-
-
-def _config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs between two nested config dicts."""
-    changes = []
-    for key in sorted(set(saved) | set(now)):
-        old, new = saved.get(key), now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += _config_changes(old, new, f"{prefix}{key}.")
-        elif old != new and not (isinstance(old, list) and isinstance(new, tuple) and old == list(new)):
-            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
-    return changes

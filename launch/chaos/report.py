@@ -36,7 +36,7 @@ from regrow.launch.chaos.faults import Fault
 from regrow.launch.local.nodes import HealReport
 from regrow.launch.local.spawn import WorkerFailed
 from regrow.launch.local.watchdog import RankHung, read_beat
-from regrow.recovery.restore import JobRestore
+from regrow.recovery.order import JobRestore, Source
 from regrow.trainer.loop import StepResult
 
 RUN_DIR_ENV = "REGROW_RUN_DIR"
@@ -182,7 +182,7 @@ def _recovery(recorder: Recorder, attempt: Attempt) -> dict[str, Any]:
     for rank, record in sorted(restores.items()):
         sources.setdefault(record["source"], []).append(rank)
     if not restores:
-        sources = {"none: restarted from step 0" if restored == 0 else "checkpoint": sorted(beats)}
+        sources = {"none: restarted from step 0" if restored == 0 else Source.CHECKPOINT.value: sorted(beats)}
     resumed = max(b["start_time"] for b in beats.values())
     out.update(recovered=True, restored_step=restored,
                steps_lost=None if failed_step is None else max(0, failed_step - restored),

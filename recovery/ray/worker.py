@@ -27,15 +27,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from regrow.checkpoint.snapshot.sink import SnapshotRestoreError, SnapshotSink, SnapshotSinkConfig
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.checkpoint.universal.format import CheckpointError
-from regrow.checkpoint.universal.reshard import restore_trainer
 from regrow.comm import abort
 from regrow.comm.world import WorldConfig, destroy_world, init_world
-from regrow.recovery.policy import RecoveryImpossible
+from regrow.recovery.from_checkpoint import restore_trainer
+from regrow.recovery.order import JobRestore, RecoveryImpossible, SnapshotRestoreError, Source
 from regrow.recovery.ray import gpu_warm_up
-from regrow.recovery.restore import CHECKPOINT_SOURCE, KEPT_SOURCE, JobRestore, restore_job
-from regrow.recovery.stage_heal import heal_lost_stage
+from regrow.recovery.restore import restore_job
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.pipeline.config import PipelineTrainerConfig
@@ -168,7 +167,7 @@ class Worker:
         self._fresh = False
         attaching = time.monotonic()
         trainer.sinks.clear()
-        if restored is not None and restored.source == KEPT_SOURCE and self.sink is not None \
+        if restored is not None and restored.source is Source.KEPT and self.sink is not None \
                 and self.sink.config.address == self.address:
             trainer.sinks.append(self.sink)  # flushed by _kept_step: it goes on from the kept step
         else:
@@ -179,32 +178,23 @@ class Worker:
         attach_s = time.monotonic() - attaching
         if restored is None:
             return {"rank": self.rank, "step": trainer.step, "source": None, "attach_s": attach_s}
-        return {"rank": self.rank, "step": restored.step, "source": restored.source, "seconds": restored.seconds,
-                "detail": restored.detail, "attach_s": attach_s}
+        return {"rank": self.rank, "step": restored.step, "source": restored.source.value,
+                "seconds": restored.seconds, "detail": restored.detail, "attach_s": attach_s}
 
     def _restore(self, trainer: Trainer | PipelineTrainer, lost_ranks: tuple[int, ...], reshard: bool) -> JobRestore:
         if reshard:
             loaded = restore_trainer(trainer, "latest", root=self.spec.ckpt_dir)
-            return JobRestore(source=CHECKPOINT_SOURCE, step=loaded.step, detail=str(loaded.path),
+            return JobRestore(source=Source.CHECKPOINT, step=loaded.step, detail=str(loaded.path),
                               lineage=trainer.start_lineage())
         kept_step = self._kept_step()
         if isinstance(trainer, PipelineTrainer):
-            return self._restore_stage(trainer, kept_step, lost_ranks)
+            # A pipeline's stages are not restored from a universal checkpoint here: its snapshots (when on), else
+            # its lost stage rebuilt from the neighbours.
+            address = self.address if self.spec.snapshot_every else None
+            return restore_job(trainer, address, timeout_s=self.spec.timeout_s, kept_step=kept_step,
+                               lost_ranks=lost_ranks)
         return restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s,
                            kept_step=kept_step)
-
-    def _restore_stage(self, trainer: PipelineTrainer, kept_step: int | None, lost_ranks: tuple[int, ...]
-                       ) -> JobRestore:
-        """A pipeline's recovery order: the snapshots (when on), else the lost stage from its neighbours (pipeline
-        stages are not restored from a universal checkpoint here)."""
-        if self.spec.snapshot_every and self.address is not None:
-            try:
-                return restore_job(trainer, self.address, timeout_s=self.spec.timeout_s, kept_step=kept_step)
-            except SnapshotRestoreError as error:  # no rank restored anything: the same verdict on every rank
-                log_line(self.rank, trainer.step, f"recovery: no snapshot serves every rank ({error}); rebuilding "
-                                                  f"the lost stage from its neighbours")
-        healed = heal_lost_stage(trainer, kept_step=kept_step, lost_ranks=lost_ranks)
-        return JobRestore(source=healed.source, step=healed.step, detail=healed.detail)
 
     def _kept_step(self) -> int | None:
         """The step this survivor keeps its state at (None: it must restore). Rewinds the step the failure
@@ -232,7 +222,7 @@ class Worker:
         if self.sink is None:
             self.sink = SnapshotSink(SnapshotSinkConfig(address=self.address, every=self.spec.snapshot_every,
                                                         timeout_s=self.spec.timeout_s), rank=self.rank)
-        kept = restored.detail if restored is not None and restored.source != CHECKPOINT_SOURCE else None
+        kept = restored.detail if restored is not None and restored.source is not Source.CHECKPOINT else None
         self.sink.attach(trainer.shard_state(), restored_from=kept)
         trainer.sinks.append(self.sink)
 

@@ -15,6 +15,7 @@ its sends, sums shared gradients, then the mean loss is all-reduced and the ZeRO
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -37,6 +38,7 @@ from regrow.trainer.pipeline.p2p import Transfers, activation_tag, gradient_tag
 from regrow.trainer.pipeline.schedule import FORWARD, build_schedule, routes
 from regrow.trainer.pipeline.shared import norm_skip, shared_params, stage_roles, sum_shared_grads
 from regrow.trainer.state import RngState, ShardState, StateSink
+from regrow.trainer.zero.layout import FlatLayout
 from regrow.trainer.zero.optimizer import ZeroOptimizer
 
 __all__ = ["PipelineConfig", "PipelineTrainer", "PipelineTrainerConfig"]
@@ -245,6 +247,33 @@ class PipelineTrainer(RewindableStep):
             extra={"pp_stage": self.stage, "pp_size": self.n_stages, "lr_scale": self.lr_scale,
                    "optimizer_steps": self.optimizer.step_count, "lineage": self.lineage},
         )
+
+    @property
+    def layout(self) -> FlatLayout:
+        """The flat layout of this rank's shard of its stage (``state.Restorable``)."""
+        return self.optimizer.layout
+
+    def at_initial_state(self) -> bool:
+        """No optimizer update has begun since this stage was built or reset (``state.Restorable``)."""
+        return self.step == 0 and self.optimizer.step_count == 0
+
+    def gather_parameters(self) -> None:
+        """All-gathers the stage's working parameters from its data-parallel group's shards (collective over that
+        group, as :meth:`restore` is; ``state.Restorable``)."""
+        self.optimizer.gather_parameters()
+
+    def run_config(self) -> dict:
+        """The config as a dict (``state.Restorable``)."""
+        return dataclasses.asdict(self.config)
+
+    def reset_to_initial_state(self) -> None:
+        """Builds this stage's seeded initial state and a new optimizer, at step 0 of the data (``state.Restorable``;
+        a stage is always built initialized, so recovery does not need it today). Not collective."""
+        self.module = self.build_stage()
+        self.optimizer = self._new_optimizer()
+        self.sampler.load_state(DataCursor(epoch=0, index=0))
+        self.step, self.tokens_seen, self.lr_scale, self._boundary = 0, 0, 1.0, None
+        self.stage_grad_norm = float("nan")
 
     def start_lineage(self) -> str:
         """As ``Trainer.start_lineage``: a new lineage id agreed by every rank of every stage. Collective over the
