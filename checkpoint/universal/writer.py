@@ -116,7 +116,9 @@ class CheckpointWriter:
     ``TrainerConfig.to_dict()``) is stored in the manifest. The writer's own collectives (training thread only) use
     CPU tensors, so ``group`` needs a CPU backend (regrow's ``World`` has "cpu:gloo,cuda:nccl"). ``timeout_s``
     bounds each of them and the wait for a host copy. ``copier`` makes the host copies and ``pwrite`` does every
-    positional file write (tests pass failing ones).
+    positional file write (tests pass failing ones). ``io_fault`` is called with the step before this rank writes
+    its part of a save, in the persist thread; an exception it raises fails that save as a write error would (the
+    fault injector's ``fail-ckpt``).
     """
 
     Config = WriterConfig
@@ -132,6 +134,7 @@ class CheckpointWriter:
         copier: HostCopier | None = None,
         pwrite: storage.PWrite = os.pwrite,
         timeout_s: float = 300.0,
+        io_fault: Callable[[int], None] | None = None,
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         self.config = config
@@ -148,9 +151,7 @@ class CheckpointWriter:
         """Every save step's outcome on this rank, in the order they were decided (a skip at once, a save when its
         persist ends)."""
         self._inflight: PendingSave | None = None
-        self.io_fault: Callable[[int], None] | None = None
-        """Fault-injection hook (``launch/chaos/faults.py``'s ``fail-ckpt``): called by the persist thread with the step
-        before this rank writes its part; an exception it raises fails the save exactly as an I/O error would."""
+        self._io_fault = io_fault
         self.session = _agree_session(self.rank, self.world_size, group, timeout_s)
         if self.rank == 0:
             removed = storage.clean_temporaries(self.root)
@@ -231,8 +232,8 @@ class CheckpointWriter:
         part, error = Part(), None
         try:
             save.copy.wait_host(self.timeout_s)
-            if self.io_fault is not None:
-                self.io_fault(save.step)
+            if self._io_fault is not None:
+                self._io_fault(save.step)
             part.chunks = self.write_shard(save)
             part.rng = self.write_rng(save)
         except BaseException as caught:  # any failure is this save's failure, never the training's
