@@ -196,7 +196,7 @@ class Persister:
         if not token:
             raise ValueError("the persist session needs the job's token")
         # Imported here, not at the top: torch (through the writer) is needed only when persistence is on.
-        from regrow.checkpoint.universal import writer  # noqa: F401
+        from regrow.checkpoint.universal import commit, part_writer  # noqa: F401
 
         self.config = config
         self.root = Path(config.persist_dir)
@@ -368,7 +368,7 @@ class Persister:
         of rank 0 stops waiting for their parts at once instead of at ``commit_timeout_s`` (it accepts any error
         marker of the session: a node that abandons or skips a step has no fingerprint to give)."""
         from regrow.checkpoint.universal.format import temp_dir_name
-        from regrow.checkpoint.universal.writer import Part, PartWriter
+        from regrow.checkpoint.universal.part_writer import Part, PartWriter
 
         session = persist_session(self._token, step)
         temp = self.root / temp_dir_name(step, session)
@@ -383,6 +383,7 @@ class Persister:
         """Writes every local rank's part from its private copy; the holder of rank 0 then commits."""
         # torch-side imports, see __init__.
         from regrow.checkpoint.snapshot.sink import state_from_snapshot
+        from regrow.checkpoint.universal.commit import SaveTarget, build_manifest, commit_save
         from regrow.checkpoint.universal.format import (
             MANIFEST_NAME,
             PARTS_DIR,
@@ -390,13 +391,7 @@ class Persister:
             step_dir_name,
             temp_dir_name,
         )
-        from regrow.checkpoint.universal.writer import (
-            PartWriter,
-            SaveTarget,
-            build_manifest,
-            commit_save,
-            write_part,
-        )
+        from regrow.checkpoint.universal.part_writer import PartWriter, write_part
 
         final = self.root / step_dir_name(step)
         if _manifest_session(final / MANIFEST_NAME) == session:

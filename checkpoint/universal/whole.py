@@ -1,6 +1,6 @@
 """Whole-model fp32 views of a universal checkpoint: export (8-bit state dequantized) and import (a checkpoint
 written from whole tensors). This is the bridge for converters (``regrow ckpt convert`` with
-``checkpoint/universal/deepspeed.py``'s ``FullState``) and for inspecting state outside regrow.
+``checkpoint/universal/deepspeed/``'s ``FullState``) and for inspecting state outside regrow.
 
 Both run in one process and read or write whole files; for loading into a training job use ``reshard.py``, which
 reads only each rank's ranges.

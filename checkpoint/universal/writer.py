@@ -18,57 +18,35 @@ same process group. So ``root`` must be a directory every rank sees (one node's 
 A failed write (disk full, I/O error, a rank that never writes its marker) is logged and recorded in ``results``;
 the temporary directory is removed and ``latest`` keeps naming the last good checkpoint.
 
-The file work needs no process group and is shared with the snapshot process, which persists the node's snapshots
-in the same format (``snapshot_persist.py``): :class:`PartWriter` writes one rank's part (byte ranges, RNG files,
-marker) and :func:`commit_save` is the commit by the holder of rank 0 (wait for markers, manifest, rename,
-``latest``, purge). :class:`CheckpointWriter` adds the host copies, the session agreement and the skip decisions,
-which use collectives.
+The file work needs no process group and is shared with the node's snapshot process, which persists the node's
+snapshots in the same format (``checkpoint/node/persist.py``): ``part_writer.PartWriter`` writes one rank's part
+(byte ranges, RNG files, marker) and ``commit.commit_save`` is the commit by the holder of rank 0 (wait for markers,
+manifest, rename, ``latest``, purge). :class:`CheckpointWriter` adds the host copies, the session agreement and the
+skip decisions, which use collectives.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import shutil
 import threading
 import time
-import zlib
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from regrow.checkpoint.hostcopy import HostCopier, HostCopy
-from regrow.checkpoint.rng import encode_rng
 from regrow.checkpoint.universal import storage
-from regrow.checkpoint.universal.format import (
-    KINDS_BY_BITS,
-    MANIFEST_NAME,
-    PARTS_DIR,
-    RNG_DIR,
-    Chunk,
-    FileEntry,
-    Manifest,
-    ParamEntry,
-    RngEntry,
-    TensorEntry,
-    rank_file,
-    shard_key,
-    step_dir_name,
-    temp_dir_name,
-    tensor_file,
-)
-from regrow.checkpoint.universal.pieces import rank_pieces
+from regrow.checkpoint.universal.commit import SaveResult, SaveTarget, build_manifest, commit_save
+from regrow.checkpoint.universal.format import Chunk, Manifest, RngEntry, step_dir_name, temp_dir_name
+from regrow.checkpoint.universal.part_writer import Part, PartWriter
 from regrow.comm import collectives
 from regrow.trainer.checks import require_ints
 from regrow.trainer.log import log_line
 from regrow.trainer.state import RngState, ShardState
-from regrow.trainer.zero import quant
-from regrow.trainer.zero.layout import FlatLayout
 
 WHEN_BUSY = ("skip", "wait")
 
@@ -113,23 +91,6 @@ class WriterConfig:
 
 
 @dataclass
-class SaveResult:
-    """What became of one save step on this rank.
-
-    ``status``: "committed" (rank 0: the checkpoint is in place and ``latest`` names it), "written" (another rank:
-    its part is on disk; rank 0 commits), "failed" (``error`` says why; nothing replaced the last good checkpoint)
-    or "skipped" (the previous save was still persisting).
-    """
-
-    step: int
-    status: str
-    path: str | None = None
-    seconds: float = 0.0
-    nbytes: int = 0
-    error: str | None = None
-
-
-@dataclass
 class PendingSave:
     """One save in flight: the state's small values, the host copy of its tensors, the persist thread. Passed to
     the overridable ``write_*`` methods of :class:`CheckpointWriter`."""
@@ -146,241 +107,6 @@ class PendingSave:
     mutation_pending: bool = True
 
 
-@dataclass
-class Part:
-    """What one rank wrote: chunk checksums per file and its RNG files (the content of its marker)."""
-
-    chunks: dict[str, list[Chunk]] = field(default_factory=dict)
-    rng: RngEntry | None = None
-
-
-# -------------------------------------------------------------------- writing one rank's part (no process group)
-RangeWriter = Callable[[Path, torch.Tensor, int], list[Chunk]]
-"""``(path, source, offset) -> chunks``: writes one byte range of a tensor file (``PartWriter.write_range``'s
-signature, so a ``CheckpointWriter`` subclass can intercept every range)."""
-
-
-@dataclass(frozen=True)
-class PartWriter:
-    """Writes one rank's part of a save into the save's temporary directory: tensor byte ranges, RNG files, the
-    marker. Files only, no process group and no state of its own, so the checkpoint writer (one rank's thread) and
-    the snapshot process (several ranks of a node, from their sealed snapshots) write byte-identical parts."""
-
-    chunk_bytes: int = 1 << 20
-    """Largest byte range covered by one checksum (``WriterConfig.chunk_bytes``)."""
-    fsync: bool = True
-    pwrite: storage.PWrite = os.pwrite
-
-    def write_shard(self, temp: Path, layout: dict, rank: int, tensors: Mapping[str, torch.Tensor],
-                    write_range: RangeWriter | None = None) -> dict[str, list[Chunk]]:
-        """Writes ``rank``'s byte ranges of every parameter file its shard covers under ``temp``; returns their
-        checksums. ``tensors`` are the rank's shard tensors keyed ``"<group>/<what>"`` (``ShardState.tensors``)
-        at ``layout`` (``FlatLayout.to_dict()``); ``write_range`` defaults to :meth:`write_range`."""
-        write_range = write_range or self.write_range
-        flat = FlatLayout.from_dict(layout)
-        bits = {group.kind.name: group.kind.bits for group in flat.groups}
-        written: dict[str, list[Chunk]] = {}
-        for piece in rank_pieces(flat, rank):
-            for kind in KINDS_BY_BITS[bits[piece.group]]:
-                name = tensor_file(piece.param, kind)
-                start, stop = piece.shard_span(kind)
-                source = tensors[f"{piece.group}/{shard_key(kind)}"][start:stop]
-                first, _ = piece.file_span(kind)
-                written[name] = write_range(temp / name, source, first * kind.itemsize)
-        return written
-
-    def write_range(self, path: Path, source: torch.Tensor, offset: int) -> list[Chunk]:
-        """Writes ``source``'s bytes at byte ``offset`` of ``path`` (created if needed, never truncated: other
-        ranks write other ranges of the same file), fsyncs, and returns one checksummed chunk per ``chunk_bytes``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = memoryview(source.numpy()).cast("B")
-        chunks = []
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            for begin in range(0, len(data), self.chunk_bytes):
-                piece = data[begin : begin + self.chunk_bytes]
-                storage.pwrite_all(fd, piece, offset + begin, self.pwrite)
-                chunks.append(Chunk(offset=offset + begin, length=len(piece), crc32=zlib.crc32(piece)))
-            if self.fsync:
-                os.fdatasync(fd)  # data and the size needed to read it back; other metadata need not be durable
-        finally:
-            os.close(fd)
-        return chunks
-
-    def write_rng(self, temp: Path, rank: int, rng: RngState) -> RngEntry:
-        """Writes ``rng/rank_XXXXX.json`` and ``.bin`` (``rank``'s generators) under ``temp``; returns their entry."""
-        meta, blob = encode_rng(rng)
-        entries = []
-        for suffix, data in ((".json", json.dumps(meta).encode()), (".bin", blob)):
-            name = f"{RNG_DIR}/{rank_file(rank, suffix)}"
-            path = temp / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                storage.pwrite_all(fd, memoryview(data), 0, self.pwrite)
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            entries.append(FileEntry(file=name, nbytes=len(data), crc32=zlib.crc32(data)))
-        return RngEntry(rank=rank, json=entries[0], bin=entries[1])
-
-    def write_marker(self, temp: Path, *, rank: int, step: int, session: str, part: Part, error: str | None,
-                     extra: dict | None = None) -> None:
-        """Drops ``parts/rank_XXXXX.json`` under ``temp``: ``rank`` is done with the save (``error`` None) or gave
-        it up. ``extra`` adds keys the committer may check (never ones of the base marker)."""
-        marker = {
-            "rank": rank,
-            "step": step,
-            "session": session,
-            "error": error,
-            "chunks": {name: [[c.offset, c.length, c.crc32] for c in chunks] for name, chunks in part.chunks.items()},
-            "rng": asdict(part.rng) if part.rng else None,
-            **(extra or {}),
-        }
-        folder = temp / PARTS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        storage.write_file_atomic(folder / rank_file(rank, ".json"), json.dumps(marker).encode(), fsync=self.fsync)
-
-
-def write_part(parts: PartWriter, temp: Path, state: ShardState, *, session: str,
-               write_range: RangeWriter | None = None, marker_extra: dict | None = None) -> tuple[Part, str | None]:
-    """Writes ``state.rank``'s whole part of the save of ``state.step`` under ``temp`` and its marker (also when
-    writing failed: the marker then carries the error, so the committer stops waiting). Returns the part and the
-    error (None on success); never raises for a write failure."""
-    part, error = Part(), None
-    try:
-        part.chunks = parts.write_shard(temp, state.layout, state.rank, state.tensors, write_range)
-        part.rng = parts.write_rng(temp, state.rank, state.rng)
-    except BaseException as caught:  # noqa: BLE001 (any failure is this save's failure, never the caller's)
-        error = f"{type(caught).__name__}: {caught}"
-    try:
-        parts.write_marker(temp, rank=state.rank, step=state.step, session=session, part=part, error=error,
-                           extra=marker_extra)
-    except BaseException as caught:  # noqa: BLE001 (the committer then times out waiting for this rank)
-        error = error or f"writing the marker failed: {type(caught).__name__}: {caught}"
-    return part, error
-
-
-# -------------------------------------------------------------------- committing a save (no process group)
-@dataclass(frozen=True)
-class SaveTarget:
-    """One save as every process taking part sees it: where, which step, which session, how many ranks."""
-
-    root: Path
-    step: int
-    session: str
-    world_size: int
-
-    @property
-    def temp(self) -> Path:
-        return self.root / temp_dir_name(self.step, self.session)
-
-
-def wait_for_markers(target: SaveTarget, timeout_s: float, *, accept: Callable[[dict], bool] | None = None
-                     ) -> tuple[dict[int, dict], list[int]]:
-    """Polls the filesystem for every rank's marker of ``target`` (its session and step, and ``accept``ed) for up
-    to ``timeout_s``; returns the markers found and the ranks still missing. No collectives: files only."""
-    deadline = time.monotonic() + timeout_s
-    markers: dict[int, dict] = {}
-    while True:
-        for rank in range(target.world_size):
-            if rank not in markers:
-                path = target.temp / PARTS_DIR / rank_file(rank, ".json")
-                if path.is_file():
-                    data = json.loads(path.read_text())
-                    if (data.get("session") == target.session and data.get("step") == target.step
-                            and (accept is None or accept(data))):
-                        markers[rank] = data
-        missing = [r for r in range(target.world_size) if r not in markers]
-        if not missing or time.monotonic() > deadline:
-            return markers, missing
-        time.sleep(0.02)
-
-
-def build_manifest(target: SaveTarget, markers: dict[int, dict], *, layout: dict, data_cursor: dict[str, int],
-                   tokens_seen: int, run_config: dict) -> Manifest:
-    """The manifest of the save from the layout and every rank's chunks; raises if any byte of any file was
-    written by no rank (or twice)."""
-    flat = FlatLayout.from_dict(layout)
-    chunks: dict[str, list[Chunk]] = {}
-    for marker in markers.values():
-        for name, entries in marker["chunks"].items():
-            chunks.setdefault(name, []).extend(Chunk(*entry) for entry in entries)
-    params, tensors, gaps = [], [], []
-    for group in flat.groups:
-        for slot in group.params:
-            params.append(ParamEntry(name=slot.name, shape=list(slot.shape), state_bits=group.kind.bits,
-                                     weight_decay=group.kind.decay))
-            for kind in KINDS_BY_BITS[group.kind.bits]:
-                name = tensor_file(slot.name, kind)
-                nbytes = kind.count(slot.numel) * kind.itemsize
-                found = sorted(chunks.get(name, []), key=lambda c: c.offset)
-                position = 0
-                for chunk in found:
-                    if chunk.offset != position:
-                        gaps.append(f"{name}: bytes {position}-{chunk.offset} written by no rank or twice")
-                    position = max(position, chunk.end)
-                if position != nbytes:
-                    gaps.append(f"{name}: bytes {position}-{nbytes} written by no rank")
-                tensors.append(TensorEntry(param=slot.name, kind=kind.name, file=name, dtype=kind.dtype,
-                                           shape=kind.shape(slot.shape), nbytes=nbytes, chunks=found))
-    if gaps:
-        raise RuntimeError("the ranks' parts do not cover every file: " + "; ".join(gaps[:10]))
-    rng = []
-    for rank in sorted(markers):
-        entry = markers[rank]["rng"]
-        rng.append(RngEntry(rank=rank, json=FileEntry(**entry["json"]), bin=FileEntry(**entry["bin"])))
-    return Manifest(
-        step=target.step, tokens_seen=tokens_seen, data_cursor=data_cursor, world_size=target.world_size,
-        layout=layout, config=run_config, params=params, tensors=tensors, rng=rng,
-        code_map_version=quant.CODE_MAP_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
-        writer={"session": target.session, "torch": torch.__version__},
-    )
-
-
-@dataclass
-class Committed:
-    """What :func:`commit_save` did: the result, and on success the manifest and the checkpoints purged."""
-
-    result: SaveResult
-    manifest: Manifest | None = None
-    purged: list[Path] = field(default_factory=list)
-
-
-def commit_save(target: SaveTarget, manifest_of: Callable[[dict[int, dict]], Manifest], *, keep_last: int, timeout_s: float, fsync: bool, started: float,
-                accept: Callable[[dict], bool] | None = None) -> Committed:
-    """The commit by the holder of rank 0: waits up to ``timeout_s`` for every rank's marker; when all are there
-    without errors, writes the manifest (``manifest_of(markers)``), removes ``parts/``, fsyncs, renames the
-    temporary directory to ``step_<step>``, flips ``latest`` and purges down to ``keep_last``. Any failure (a
-    rank's error, a missing marker, an I/O error) removes the temporary directory and leaves ``latest`` alone.
-    The committer's own part's error reaches it through its own marker, like every rank's. Never raises."""
-    markers, missing = wait_for_markers(target, timeout_s, accept=accept)
-    errors = [f"rank {r}: {m['error']}" for r, m in sorted(markers.items()) if m.get("error")]
-    if missing:
-        errors.append(f"ranks {missing} wrote no part within {timeout_s} s")
-    try:
-        if errors:
-            raise RuntimeError("; ".join(errors))
-        manifest = manifest_of(markers)
-        storage.write_file_atomic(target.temp / MANIFEST_NAME, manifest.to_json().encode(), fsync=fsync)
-        shutil.rmtree(target.temp / PARTS_DIR)
-        if fsync:
-            for folder, _, _ in os.walk(target.temp, topdown=False):
-                storage.fsync_dir(Path(folder))
-        final = target.root / step_dir_name(target.step)
-        storage.commit_dir(target.temp, final, fsync=fsync)
-        storage.write_latest(target.root, final.name, fsync=fsync)
-    except BaseException as caught:  # noqa: BLE001 (a failed commit is reported, never raised)
-        shutil.rmtree(target.temp, ignore_errors=True)
-        return Committed(SaveResult(step=target.step, status="failed", error=str(caught) if errors else
-                                    f"{type(caught).__name__}: {caught}"))
-    purged = storage.purge(target.root, keep_last, protect=[final])
-    result = SaveResult(step=target.step, status="committed", path=str(final),
-                        seconds=time.perf_counter() - started, nbytes=manifest.nbytes())
-    return Committed(result, manifest, purged)
-
-
 class CheckpointWriter:
     """Saves universal checkpoints of the trainer's shard state in the background; satisfies ``StateSink``.
 
@@ -389,7 +115,10 @@ class CheckpointWriter:
     before every optimizer step, ``after_step(state)`` after it, ``close()`` at the end). ``run_config`` (e.g.
     ``TrainerConfig.to_dict()``) is stored in the manifest. The writer's own collectives (training thread only) use
     CPU tensors, so ``group`` needs a CPU backend (regrow's ``World`` has "cpu:gloo,cuda:nccl"). ``timeout_s``
-    bounds each of them and the wait for a host copy.
+    bounds each of them and the wait for a host copy. ``copier`` makes the host copies and ``pwrite`` does every
+    positional file write (tests pass failing ones). ``io_fault`` is called with the step before this rank writes
+    its part of a save, in the persist thread; an exception it raises fails that save as a write error would (the
+    fault injector's ``fail-ckpt``).
     """
 
     Config = WriterConfig
@@ -405,6 +134,7 @@ class CheckpointWriter:
         copier: HostCopier | None = None,
         pwrite: storage.PWrite = os.pwrite,
         timeout_s: float = 300.0,
+        io_fault: Callable[[int], None] | None = None,
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         self.config = config
@@ -421,10 +151,8 @@ class CheckpointWriter:
         """Every save step's outcome on this rank, in the order they were decided (a skip at once, a save when its
         persist ends)."""
         self._inflight: PendingSave | None = None
-        self.io_fault: Callable[[int], None] | None = None
-        """Fault-injection hook (``launch/chaos/faults.py``'s ``fail-ckpt``): called by the persist thread with the step
-        before this rank writes its part; an exception it raises fails the save exactly as an I/O error would."""
-        self.session = self._agree_session()
+        self._io_fault = io_fault
+        self.session = _agree_session(self.rank, self.world_size, group, timeout_s)
         if self.rank == 0:
             removed = storage.clean_temporaries(self.root)
             if removed and config.log:
@@ -466,7 +194,7 @@ class CheckpointWriter:
             self.wait(self.config.commit_timeout_s + self.timeout_s)
             busy = False
         if self.world_size > 1 and when_busy == "skip":
-            busy = self._any_rank(busy)
+            busy = _any_rank(busy, self.group, self.timeout_s)
         copy = None if busy else self.copier.start(state.tensors)
         if copy is None:
             previous = self._inflight.step if self._inflight else "?"
@@ -504,8 +232,8 @@ class CheckpointWriter:
         part, error = Part(), None
         try:
             save.copy.wait_host(self.timeout_s)
-            if self.io_fault is not None:
-                self.io_fault(save.step)
+            if self._io_fault is not None:
+                self._io_fault(save.step)
             part.chunks = self.write_shard(save)
             part.rng = self.write_rng(save)
         except BaseException as caught:  # any failure is this save's failure, never the training's
@@ -575,25 +303,28 @@ class CheckpointWriter:
                               tokens_seen=save.tokens_seen, run_config=self.run_config)
 
     # ---------------------------------------------------------------- helpers
-    def _agree_session(self) -> str:
-        """A random id shared by every rank of this run (one all-reduce at construction): it names this run's
-        temporaries and markers, so leftovers of a crashed run are never mistaken for this run's."""
-        value = secrets.randbits(62) if self.rank == 0 else 0
-        if self.world_size > 1:
-            tensor = torch.tensor([value], dtype=torch.int64)
-            collectives.all_reduce(tensor, group=self.group, timeout_s=self.timeout_s)
-            value = int(tensor.item())
-        return f"{value:016x}"
-
-    def _any_rank(self, flag: bool) -> bool:
-        """True when ``flag`` is set on any rank (one small all-reduce on a CPU tensor, from the training thread)."""
-        tensor = torch.tensor([int(flag)], dtype=torch.int32)
-        collectives.all_reduce(tensor, group=self.group, timeout_s=self.timeout_s, op=dist.ReduceOp.MAX)
-        return bool(tensor.item())
-
     def _log(self, step: int, text: str, *, everyone: bool) -> None:
+        """A ``[rank r, step s] checkpoint ...`` line when logging is on: on every rank, or on rank 0 only."""
         if self.config.log and (everyone or self.rank == 0):
             log_line(self.rank, step, text)
+
+
+def _agree_session(rank: int, world_size: int, group: dist.ProcessGroup | None, timeout_s: float) -> str:
+    """A random id shared by every rank of this run (one all-reduce at construction): it names this run's
+    temporaries and markers, so leftovers of a crashed run are never mistaken for this run's."""
+    value = secrets.randbits(62) if rank == 0 else 0
+    if world_size > 1:
+        tensor = torch.tensor([value], dtype=torch.int64)
+        collectives.all_reduce(tensor, group=group, timeout_s=timeout_s)
+        value = int(tensor.item())
+    return f"{value:016x}"
+
+
+def _any_rank(flag: bool, group: dist.ProcessGroup | None, timeout_s: float) -> bool:
+    """True when ``flag`` is set on any rank (one small all-reduce on a CPU tensor, from the training thread)."""
+    tensor = torch.tensor([int(flag)], dtype=torch.int32)
+    collectives.all_reduce(tensor, group=group, timeout_s=timeout_s, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def _part_bytes(part: Part) -> int:

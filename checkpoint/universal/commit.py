@@ -1,0 +1,179 @@
+"""Committing a universal checkpoint save, by the holder of rank 0: wait for every rank's marker, build and write the
+manifest, rename the temporary directory into place, flip ``latest``, purge (docs/checkpoint-format.md, "Writing").
+
+Files only, no process group, like the part writing (``part_writer.py``): the asynchronous ``CheckpointWriter``
+(rank 0's persist thread) and the node's snapshot process (``checkpoint/node/persist.py``) commit through
+:func:`commit_save`. A checkpoint counts once its manifest is in place under ``step_<step>``; until then ``latest``
+names the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from regrow.checkpoint.universal import storage
+from regrow.checkpoint.universal.format import (
+    KINDS_BY_BITS,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    Chunk,
+    FileEntry,
+    Manifest,
+    ParamEntry,
+    RngEntry,
+    TensorEntry,
+    rank_file,
+    step_dir_name,
+    temp_dir_name,
+    tensor_file,
+)
+from regrow.trainer.zero import quant
+from regrow.trainer.zero.layout import FlatLayout
+
+
+@dataclass
+class SaveResult:
+    """What became of one save step on this rank.
+
+    ``status``: "committed" (rank 0: the checkpoint is in place and ``latest`` names it), "written" (another rank:
+    its part is on disk; rank 0 commits), "failed" (``error`` says why; nothing replaced the last good checkpoint)
+    or "skipped" (the previous save was still persisting).
+    """
+
+    step: int
+    status: str
+    path: str | None = None
+    seconds: float = 0.0
+    nbytes: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SaveTarget:
+    """One save as every process taking part sees it: where, which step, which session, how many ranks."""
+
+    root: Path
+    step: int
+    session: str
+    world_size: int
+
+    @property
+    def temp(self) -> Path:
+        """The save's temporary directory (``.tmp_step_<step>.<session>`` under ``root``): parts and markers."""
+        return self.root / temp_dir_name(self.step, self.session)
+
+
+def wait_for_markers(target: SaveTarget, timeout_s: float, *, accept: Callable[[dict], bool] | None = None
+                     ) -> tuple[dict[int, dict], list[int]]:
+    """Polls the filesystem for every rank's marker of ``target`` (its session and step, and ``accept``ed) for up
+    to ``timeout_s``; returns the markers found and the ranks still missing. No collectives: files only."""
+    deadline = time.monotonic() + timeout_s
+    markers: dict[int, dict] = {}
+    while True:
+        for rank in range(target.world_size):
+            if rank not in markers:
+                path = target.temp / PARTS_DIR / rank_file(rank, ".json")
+                if path.is_file():
+                    data = json.loads(path.read_text())
+                    if (data.get("session") == target.session and data.get("step") == target.step
+                            and (accept is None or accept(data))):
+                        markers[rank] = data
+        missing = [r for r in range(target.world_size) if r not in markers]
+        if not missing or time.monotonic() > deadline:
+            return markers, missing
+        time.sleep(0.02)
+
+
+def build_manifest(target: SaveTarget, markers: dict[int, dict], *, layout: dict, data_cursor: dict[str, int],
+                   tokens_seen: int, run_config: dict) -> Manifest:
+    """The manifest of the save from the layout and every rank's chunks; raises if any byte of any file was
+    written by no rank (or twice)."""
+    flat = FlatLayout.from_dict(layout)
+    chunks: dict[str, list[Chunk]] = {}
+    for marker in markers.values():
+        for name, entries in marker["chunks"].items():
+            chunks.setdefault(name, []).extend(Chunk(*entry) for entry in entries)
+    params, tensors, gaps = [], [], []
+    for group in flat.groups:
+        for slot in group.params:
+            params.append(ParamEntry(name=slot.name, shape=list(slot.shape), state_bits=group.kind.bits,
+                                     weight_decay=group.kind.decay))
+            for kind in KINDS_BY_BITS[group.kind.bits]:
+                name = tensor_file(slot.name, kind)
+                nbytes = kind.count(slot.numel) * kind.itemsize
+                found = sorted(chunks.get(name, []), key=lambda c: c.offset)
+                position = 0
+                for chunk in found:
+                    if chunk.offset != position:
+                        gaps.append(f"{name}: bytes {position}-{chunk.offset} written by no rank or twice")
+                    position = max(position, chunk.end)
+                if position != nbytes:
+                    gaps.append(f"{name}: bytes {position}-{nbytes} written by no rank")
+                tensors.append(TensorEntry(param=slot.name, kind=kind.name, file=name, dtype=kind.dtype,
+                                           shape=kind.shape(slot.shape), nbytes=nbytes, chunks=found))
+    if gaps:
+        raise RuntimeError("the ranks' parts do not cover every file: " + "; ".join(gaps[:10]))
+    rng = []
+    for rank in sorted(markers):
+        entry = markers[rank]["rng"]
+        rng.append(RngEntry(rank=rank, json=FileEntry(**entry["json"]), bin=FileEntry(**entry["bin"])))
+    return Manifest(
+        step=target.step, tokens_seen=tokens_seen, data_cursor=data_cursor, world_size=target.world_size,
+        layout=layout, config=run_config, params=params, tensors=tensors, rng=rng,
+        code_map_version=quant.CODE_MAP_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
+        writer={"session": target.session, "torch": torch.__version__},
+    )
+
+
+@dataclass
+class Committed:
+    """What :func:`commit_save` did: the result, and on success the manifest and the checkpoints purged."""
+
+    result: SaveResult
+    manifest: Manifest | None = None
+    purged: list[Path] = field(default_factory=list)
+
+
+def commit_save(target: SaveTarget, manifest_of: Callable[[dict[int, dict]], Manifest], *, keep_last: int,
+                timeout_s: float, fsync: bool, started: float,
+                accept: Callable[[dict], bool] | None = None) -> Committed:
+    """The commit by the holder of rank 0: waits up to ``timeout_s`` for every rank's marker; when all are there
+    without errors, writes the manifest (``manifest_of(markers)``), removes ``parts/``, fsyncs, renames the
+    temporary directory to ``step_<step>``, flips ``latest`` and purges down to ``keep_last``. Any failure (a
+    rank's error, a missing marker, an I/O error) removes the temporary directory and leaves ``latest`` alone.
+    The committer's own part's error reaches it through its own marker, like every rank's. ``accept`` further
+    filters the markers that count; ``started`` (``time.perf_counter()`` when the save began) times the result.
+    Never raises."""
+    markers, missing = wait_for_markers(target, timeout_s, accept=accept)
+    errors = [f"rank {r}: {m['error']}" for r, m in sorted(markers.items()) if m.get("error")]
+    if missing:
+        errors.append(f"ranks {missing} wrote no part within {timeout_s} s")
+    try:
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        manifest = manifest_of(markers)
+        storage.write_file_atomic(target.temp / MANIFEST_NAME, manifest.to_json().encode(), fsync=fsync)
+        shutil.rmtree(target.temp / PARTS_DIR)
+        if fsync:
+            for folder, _, _ in os.walk(target.temp, topdown=False):
+                storage.fsync_dir(Path(folder))
+        final = target.root / step_dir_name(target.step)
+        storage.commit_dir(target.temp, final, fsync=fsync)
+        storage.write_latest(target.root, final.name, fsync=fsync)
+    except BaseException as caught:  # noqa: BLE001 (a failed commit is reported, never raised)
+        shutil.rmtree(target.temp, ignore_errors=True)
+        return Committed(SaveResult(step=target.step, status="failed", error=str(caught) if errors else
+                                    f"{type(caught).__name__}: {caught}"))
+    purged = storage.purge(target.root, keep_last, protect=[final])
+    result = SaveResult(step=target.step, status="committed", path=str(final),
+                        seconds=time.perf_counter() - started, nbytes=manifest.nbytes())
+    return Committed(result, manifest, purged)

@@ -1,0 +1,182 @@
+"""Reading DeepSpeed ZeRO stage 1 or 2 checkpoints: every parameter reassembled from its fragments in the ranks'
+flat fp32 partitions (``[bf16_]zero_pp_rank_<dp>_mp_rank_00_optim_states.pt``, one per data-parallel rank), with
+the shapes and the data-parallel size from ``mp_rank_00_model_states.pt``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regrow.checkpoint.universal.deepspeed.errors import DeepSpeedCheckpointError, UnsupportedCheckpointError
+from regrow.checkpoint.universal.deepspeed.full_state import KINDS, FullState, adam_step, hyper_of
+from regrow.checkpoint.universal.deepspeed.layout import (
+    MODEL_STATES,
+    OPTIM_STATES,
+    PIPELINE_LAYER,
+    ZERO3_MODEL_STATES,
+    model_layout,
+)
+from regrow.checkpoint.universal.deepspeed.unpickling import safe_load
+
+
+def read_zero(folder: Path) -> FullState:
+    """The :class:`FullState` of the ZeRO-1/2 tag folder ``folder``: every parameter reassembled from its fragments
+    in each rank's flat partition. Raises :class:`UnsupportedCheckpointError` for ZeRO-3, pipeline- or
+    model-parallel files, :class:`DeepSpeedCheckpointError` for missing, partial or inconsistent ones."""
+    names = sorted(p.name for p in folder.iterdir())
+    for name in names:
+        if PIPELINE_LAYER.match(name):
+            raise UnsupportedCheckpointError(f"{folder / name} is a pipeline-parallel layer file; pipeline-parallel "
+                                             "DeepSpeed checkpoints are not supported yet")
+        if ZERO3_MODEL_STATES.match(name):
+            raise UnsupportedCheckpointError(f"{folder / name}: per-rank model states are written only by ZeRO "
+                                             "stage 3; ZeRO-3 checkpoints are not supported yet (stages 1 and 2 are)")
+    model_files = [n for n in names if n.startswith("mp_rank_") and n.endswith("_model_states.pt")]
+    if model_files and model_files != [MODEL_STATES]:
+        raise UnsupportedCheckpointError(f"{folder} holds {model_files}: model-parallel (tensor or pipeline) "
+                                         "DeepSpeed checkpoints are not supported yet; only mp_rank_00 is read")
+    if not model_files:
+        optim_files = [folder / n for n in names if OPTIM_STATES.match(n)]
+        if optim_files:  # the optimizer file may tell why (e.g. ZeRO-3 writes no mp_rank_00 file)
+            _optimizer_dict(safe_load(optim_files[0]), optim_files[0])
+        raise DeepSpeedCheckpointError(f"{folder / MODEL_STATES} is missing; it names the parameters, their shapes "
+                                       "and the data-parallel size (copy it from the saving run)")
+    model_path = folder / MODEL_STATES
+    model = safe_load(model_path)
+    shapes, dp_size = model_layout(model, model_path)
+    optim_paths = _optim_paths(folder, dp_size, model_path)
+    optims = [_optimizer_dict(safe_load(p), p) for p in optim_paths]
+
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
+    steps: dict[int, set[str]] = {}
+    for osd, optim_path in zip(optims, optim_paths):  # in rank order: see the reassembly below
+        where = str(optim_path)
+        groups = _partition_groups(osd, where, len(shapes), dp_size)
+        for index, (group_shapes, (fp32, moments, step, mapping)) in enumerate(zip(shapes, groups)):
+            steps.setdefault(step, set()).add(optim_path.name)
+            for name, address in mapping.items():
+                if name not in group_shapes:
+                    raise DeepSpeedCheckpointError(f"{where}: param_slice_mappings[{index}] has {name!r}, which "
+                                                   f"param_shapes[{index}] of {model_path} does not list")
+                start, numel = int(address.start), int(address.numel)
+                if start < 0 or numel < 0 or start + numel > fp32.numel():
+                    raise DeepSpeedCheckpointError(f"{where}: fragment of {name} [{start}, {start + numel}) lies "
+                                                   f"outside the {fp32.numel()}-element partition of group {index}")
+                slot = pieces.setdefault(name, {kind: [] for kind in KINDS})
+                slot["master"].append(fp32.narrow(0, start, numel))
+                for kind in ("exp_avg", "exp_avg_sq"):
+                    slot[kind].append(moments[kind].narrow(0, start, numel))
+    if len(steps) != 1:
+        detail = ", ".join(f"{s} in {sorted(files)}" for s, files in sorted(steps.items()))
+        raise DeepSpeedCheckpointError(f"the optimizer files of {folder} disagree on the Adam step: {detail}")
+
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for index, group_shapes in enumerate(shapes):
+        for name, shape in group_shapes.items():
+            # A parameter occupies one contiguous range of the group's flat buffer, and rank r owns the r-th
+            # contiguous partition of it, so the parameter's fragments in rank order are the parameter in order.
+            slot = pieces.get(name)
+            have = sum(t.numel() for t in slot["master"]) if slot else 0
+            if have != math.prod(shape):
+                raise DeepSpeedCheckpointError(
+                    f"{folder}: the fragments of {name} (group {index}) cover {have} of its {math.prod(shape)} "
+                    f"elements across {len(optim_paths)} optimizer files; the files come from different saves or "
+                    "one is truncated")
+            params[name] = {kind: torch.cat(slot[kind]).view(shape) for kind in KINDS}
+    zero_stage = {int(o.get("zero_stage", 0)) for o in optims}
+    precision = "bf16-" if optim_paths[0].name.startswith("bf16_") else ""
+    source = f"deepspeed-{precision}zero{zero_stage.pop()}" if len(zero_stage) == 1 else "deepspeed-zero"
+    hyper = hyper_of(_torch_param_groups(optims[0]), [list(s) for s in shapes])
+    return FullState(step=next(iter(steps)), params=params, hyper=hyper, source=source)
+
+
+def _optim_paths(folder: Path, dp_size: int, model_path: Path) -> list[Path]:
+    """Every data-parallel rank's optimizer file in ``folder``, in rank order; exactly ``dp_size`` of one kind
+    (plain or ``bf16_``), as ``model_path`` records."""
+    found: dict[tuple[str, int], Path] = {}
+    for p in folder.iterdir():
+        match = OPTIM_STATES.match(p.name)
+        if match:
+            if match.group(3) != "00":
+                raise UnsupportedCheckpointError(f"{p}: model-parallel rank {match.group(3)}; model-parallel "
+                                                 "DeepSpeed checkpoints are not supported yet")
+            found[(match.group(1) or "", int(match.group(2)))] = p
+    prefixes = sorted({prefix for prefix, _ in found})
+    if len(prefixes) > 1:
+        raise DeepSpeedCheckpointError(f"{folder} mixes bf16_ and plain ZeRO optimizer files; keep one save's files")
+    prefix = prefixes[0] if prefixes else ""
+    missing = [folder / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(dp_size)
+               if (prefix, r) not in found]
+    if missing:
+        raise DeepSpeedCheckpointError(
+            f"missing optimizer state file(s) {', '.join(map(str, missing))}: {model_path} says the checkpoint "
+            f"has dp_world_size={dp_size}, one optimizer file per data-parallel rank; copy every rank's file")
+    extra = sorted(r for _, r in found if r >= dp_size)
+    if extra:
+        raise DeepSpeedCheckpointError(f"{folder} has optimizer files for ranks {extra}, but {model_path} says "
+                                       f"dp_world_size={dp_size}; the files come from different saves")
+    return [found[(prefix, r)] for r in range(dp_size)]
+
+
+def _optimizer_dict(data: Any, path: Path) -> dict:
+    """The ``optimizer_state_dict`` of one rank's optimizer file, checked to be ZeRO stage 1 or 2 with the keys the
+    reassembly reads."""
+    osd = data.get("optimizer_state_dict") if isinstance(data, dict) else None
+    if not isinstance(osd, dict):
+        raise DeepSpeedCheckpointError(f"{path} has no optimizer_state_dict; not a DeepSpeed optimizer file")
+    stage = osd.get("zero_stage")
+    if stage is not None and int(stage) not in (1, 2):
+        raise UnsupportedCheckpointError(f"{path} says zero_stage={int(stage)}: ZeRO stage {int(stage)} checkpoints "
+                                         "are not supported yet (stages 1 and 2 are)")
+    for key in ("single_partition_of_fp32_groups", "base_optimizer_state", "param_slice_mappings"):
+        if key not in osd:
+            raise DeepSpeedCheckpointError(f"{path}: optimizer_state_dict lacks {key!r} (keys: {sorted(osd)}); "
+                                           "it was written by a DeepSpeed without per-parameter slice mappings")
+    return osd
+
+
+def _partition_groups(osd: dict, where: str, n_groups: int, dp_size: int
+                      ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor], int, Mapping[str, Any]]]:
+    """Per param group of one rank's file: (fp32 partition, {exp_avg, exp_avg_sq}, step, name -> fragment)."""
+    fp32_groups = osd["single_partition_of_fp32_groups"]
+    mappings = osd["param_slice_mappings"]
+    base = osd["base_optimizer_state"]
+    # Rigid checkpoints (the default) hold torch's optimizer.state_dict(), one flat "parameter" per group; elastic
+    # ones (zero_optimization.elastic_checkpoint) hold a list of per-group states and the step separately.
+    states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
+    counts = osd.get("partition_count")
+    if counts is not None and any(int(c) != dp_size for c in (counts if isinstance(counts, list) else [counts])):
+        raise UnsupportedCheckpointError(f"{where}: partition_count={counts} differs from dp_world_size={dp_size}; "
+                                         "hierarchical or expert partitioning is not supported yet")
+    if not (len(fp32_groups) == len(mappings) == n_groups):
+        raise DeepSpeedCheckpointError(f"{where}: {len(fp32_groups)} fp32 partitions and {len(mappings)} slice "
+                                       f"mappings, but the model states list {n_groups} param groups")
+    groups = []
+    for index in range(n_groups):
+        state = states.get(index)
+        if not isinstance(state, dict) or not {"exp_avg", "exp_avg_sq"} <= set(state):
+            keys = sorted(state) if isinstance(state, dict) else state
+            raise UnsupportedCheckpointError(f"{where}: optimizer state of group {index} has keys {keys}; only "
+                                             "Adam/AdamW state (exp_avg, exp_avg_sq) is supported")
+        fp32 = fp32_groups[index].detach().reshape(-1).float()
+        moments = {kind: state[kind].detach().reshape(-1).float() for kind in ("exp_avg", "exp_avg_sq")}
+        if any(m.numel() < fp32.numel() for m in moments.values()):
+            raise DeepSpeedCheckpointError(f"{where}: the moments of group {index} are shorter than its fp32 "
+                                           f"partition ({fp32.numel()} elements)")
+        step = state.get("step", osd.get("base_optimizer_state_step"))
+        if step is None:
+            raise DeepSpeedCheckpointError(f"{where}: no Adam step in the optimizer state of group {index}")
+        groups.append((fp32, moments, adam_step(step, where), mappings[index]))
+    return groups
+
+
+def _torch_param_groups(osd: dict) -> list[dict] | None:
+    """The optimizer's param groups (with their hyper-parameters) that one rank's optimizer file holds, if any."""
+    base = osd.get("base_optimizer_state")
+    if isinstance(base, dict) and isinstance(base.get("param_groups"), list):
+        return base["param_groups"]
+    return osd.get("param_groups")

@@ -1,0 +1,153 @@
+"""Writing one rank's part of a universal checkpoint save: its byte ranges of the per-parameter files, its RNG files,
+and the marker that tells the committer it is done (docs/checkpoint-format.md, "Writing").
+
+Files only, no process group: the asynchronous ``CheckpointWriter`` (one rank's persist thread, ``writer.py``) and
+the node's snapshot process (several ranks of a node, from their sealed snapshots, ``checkpoint/node/persist.py``)
+both write through :class:`PartWriter`, so their parts are byte-identical. The commit of a save by the holder of
+rank 0 is ``commit.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from regrow.checkpoint.rng import encode_rng
+from regrow.checkpoint.universal import storage
+from regrow.checkpoint.universal.format import (
+    KINDS_BY_BITS,
+    PARTS_DIR,
+    RNG_DIR,
+    Chunk,
+    FileEntry,
+    RngEntry,
+    rank_file,
+    shard_key,
+    tensor_file,
+)
+from regrow.checkpoint.universal.pieces import rank_pieces
+from regrow.trainer.state import RngState, ShardState
+from regrow.trainer.zero.layout import FlatLayout
+
+
+@dataclass
+class Part:
+    """What one rank wrote: chunk checksums per file and its RNG files (the content of its marker)."""
+
+    chunks: dict[str, list[Chunk]] = field(default_factory=dict)
+    rng: RngEntry | None = None
+
+
+RangeWriter = Callable[[Path, torch.Tensor, int], list[Chunk]]
+"""``(path, source, offset) -> chunks``: writes one byte range of a tensor file (``PartWriter.write_range``'s
+signature, so a ``CheckpointWriter`` subclass can intercept every range)."""
+
+
+@dataclass(frozen=True)
+class PartWriter:
+    """Writes one rank's part of a save into the save's temporary directory: tensor byte ranges, RNG files, the
+    marker. Files only, no process group and no state of its own, so the checkpoint writer (one rank's thread) and
+    the snapshot process (several ranks of a node, from their sealed snapshots) write byte-identical parts."""
+
+    chunk_bytes: int = 1 << 20
+    """Largest byte range covered by one checksum (``WriterConfig.chunk_bytes``)."""
+    fsync: bool = True
+    """fsync every file written (``WriterConfig.fsync``)."""
+    pwrite: storage.PWrite = os.pwrite
+    """The positional write used for every file (``os.pwrite``; tests pass one that fails)."""
+
+    def write_shard(self, temp: Path, layout: dict, rank: int, tensors: Mapping[str, torch.Tensor],
+                    write_range: RangeWriter | None = None) -> dict[str, list[Chunk]]:
+        """Writes ``rank``'s byte ranges of every parameter file its shard covers under ``temp``; returns their
+        checksums. ``tensors`` are the rank's shard tensors keyed ``"<group>/<what>"`` (``ShardState.tensors``)
+        at ``layout`` (``FlatLayout.to_dict()``); ``write_range`` defaults to :meth:`write_range`."""
+        write_range = write_range or self.write_range
+        flat = FlatLayout.from_dict(layout)
+        bits = {group.kind.name: group.kind.bits for group in flat.groups}
+        written: dict[str, list[Chunk]] = {}
+        for piece in rank_pieces(flat, rank):
+            for kind in KINDS_BY_BITS[bits[piece.group]]:
+                name = tensor_file(piece.param, kind)
+                start, stop = piece.shard_span(kind)
+                source = tensors[f"{piece.group}/{shard_key(kind)}"][start:stop]
+                first, _ = piece.file_span(kind)
+                written[name] = write_range(temp / name, source, first * kind.itemsize)
+        return written
+
+    def write_range(self, path: Path, source: torch.Tensor, offset: int) -> list[Chunk]:
+        """Writes ``source``'s bytes at byte ``offset`` of ``path`` (created if needed, never truncated: other
+        ranks write other ranges of the same file), fsyncs, and returns one checksummed chunk per ``chunk_bytes``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = memoryview(source.numpy()).cast("B")
+        chunks = []
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for begin in range(0, len(data), self.chunk_bytes):
+                piece = data[begin : begin + self.chunk_bytes]
+                storage.pwrite_all(fd, piece, offset + begin, self.pwrite)
+                chunks.append(Chunk(offset=offset + begin, length=len(piece), crc32=zlib.crc32(piece)))
+            if self.fsync:
+                os.fdatasync(fd)  # data and the size needed to read it back; other metadata need not be durable
+        finally:
+            os.close(fd)
+        return chunks
+
+    def write_rng(self, temp: Path, rank: int, rng: RngState) -> RngEntry:
+        """Writes ``rng/rank_XXXXX.json`` and ``.bin`` (``rank``'s generators) under ``temp``; returns their entry."""
+        meta, blob = encode_rng(rng)
+        entries = []
+        for suffix, data in ((".json", json.dumps(meta).encode()), (".bin", blob)):
+            name = f"{RNG_DIR}/{rank_file(rank, suffix)}"
+            path = temp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                storage.pwrite_all(fd, memoryview(data), 0, self.pwrite)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            entries.append(FileEntry(file=name, nbytes=len(data), crc32=zlib.crc32(data)))
+        return RngEntry(rank=rank, json=entries[0], bin=entries[1])
+
+    def write_marker(self, temp: Path, *, rank: int, step: int, session: str, part: Part, error: str | None,
+                     extra: dict | None = None) -> None:
+        """Drops ``parts/rank_XXXXX.json`` under ``temp``: ``rank`` is done with the save (``error`` None) or gave
+        it up. ``extra`` adds keys the committer may check (never ones of the base marker)."""
+        marker = {
+            "rank": rank,
+            "step": step,
+            "session": session,
+            "error": error,
+            "chunks": {name: [[c.offset, c.length, c.crc32] for c in chunks] for name, chunks in part.chunks.items()},
+            "rng": asdict(part.rng) if part.rng else None,
+            **(extra or {}),
+        }
+        folder = temp / PARTS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        storage.write_file_atomic(folder / rank_file(rank, ".json"), json.dumps(marker).encode(), fsync=self.fsync)
+
+
+def write_part(parts: PartWriter, temp: Path, state: ShardState, *, session: str,
+               write_range: RangeWriter | None = None, marker_extra: dict | None = None) -> tuple[Part, str | None]:
+    """Writes ``state.rank``'s whole part of the save of ``state.step`` under ``temp`` and its marker (also when
+    writing failed: the marker then carries the error, so the committer stops waiting). Returns the part and the
+    error (None on success); never raises for a write failure."""
+    part, error = Part(), None
+    try:
+        part.chunks = parts.write_shard(temp, state.layout, state.rank, state.tensors, write_range)
+        part.rng = parts.write_rng(temp, state.rank, state.rng)
+    except BaseException as caught:  # noqa: BLE001 (any failure is this save's failure, never the caller's)
+        error = f"{type(caught).__name__}: {caught}"
+    try:
+        parts.write_marker(temp, rank=state.rank, step=state.step, session=session, part=part, error=error,
+                           extra=marker_extra)
+    except BaseException as caught:  # noqa: BLE001 (the committer then times out waiting for this rank)
+        error = error or f"writing the marker failed: {type(caught).__name__}: {caught}"
+    return part, error
