@@ -22,6 +22,7 @@ import torch
 
 from regrow.comm import collectives
 from regrow.comm.world import World
+from regrow.trainer import sink_calls
 from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.checks import require_ints
 from regrow.trainer.data import DataConfig, DataCursor, Sampler
@@ -208,7 +209,7 @@ class Trainer(RewindableStep):
             x, y = self.sampler.next_micro_batch()
             loss = self.model(x.to(self.device), y.to(self.device)) / accum
             if micro == 0:
-                self._after_forward()
+                sink_calls.after_forward(self.sinks)
             loss.backward()
             loss_sum += loss.detach().float()
         loss_value = self._mean_over_ranks(loss_sum)
@@ -216,26 +217,15 @@ class Trainer(RewindableStep):
             raise NonFiniteLossError(step, loss_value)
         lr = learning_rate(self.config, step)
         self.optimizer.set_lr(lr)
-        for sink in self.sinks:
-            sink.before_optimizer_step()
+        sink_calls.before_optimizer_step(self.sinks)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.step = step
         tokens = self.config.data.global_batch * self.config.data.seq_len
         self.tokens_seen += tokens
-        if self.sinks:
-            state = self.shard_state()
-            for sink in self.sinks:
-                sink.after_step(state)
+        sink_calls.after_step(self.sinks, self.shard_state)
         elapsed = time.perf_counter() - started
         return StepResult(step, loss_value, lr, self.optimizer.last_grad_norm, tokens / elapsed)
-
-    def _after_forward(self) -> None:
-        """The sinks' optional ``after_forward`` hook (see ``state.StateSink``)."""
-        for sink in self.sinks:
-            hook = getattr(sink, "after_forward", None)
-            if hook is not None:
-                hook()
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.world_size > 1:
@@ -267,8 +257,7 @@ class Trainer(RewindableStep):
         finally:
             if progress:
                 progress.close()
-            for sink in self.sinks:
-                sink.close()
+            sink_calls.close(self.sinks)
         return self.history
 
     def _report(self, result: StepResult, progress: "_ProgressBar | None") -> None:

@@ -27,6 +27,7 @@ import torch
 from regrow.comm import collectives
 from regrow.comm.topology import Topology
 from regrow.comm.world import World
+from regrow.trainer import sink_calls
 from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.data import DataCursor, Sampler
 from regrow.trainer.log import log_line
@@ -203,18 +204,14 @@ class PipelineTrainer(RewindableStep):
             raise NonFiniteLossError(step, loss)
         lr = learning_rate(self.config.train, step) * self.lr_scale
         self.optimizer.set_lr(lr)
-        for sink in self.sinks:
-            sink.before_optimizer_step()
+        sink_calls.before_optimizer_step(self.sinks)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.stage_grad_norm = self.optimizer.last_group_grad_norm * self.optimizer.last_clip_coefficient
         self.step = step
         tokens = self.config.train.data.global_batch * self.config.train.data.seq_len
         self.tokens_seen += tokens
-        if self.sinks:
-            state = self.shard_state()
-            for sink in self.sinks:
-                sink.after_step(state)
+        sink_calls.after_step(self.sinks, self.shard_state)
         return StepResult(step, loss, lr, self.optimizer.last_grad_norm, tokens / (time.perf_counter() - started))
 
     def run(self) -> list[StepResult]:
@@ -228,8 +225,7 @@ class PipelineTrainer(RewindableStep):
                     log_line(self.rank, result.step, f"loss {result.loss:.4f} lr {result.lr:.2e} "
                              f"grad_norm {result.grad_norm:.3f} tokens/s {result.tokens_per_s:,.0f}")
         finally:
-            for sink in self.sinks:
-                sink.close()
+            sink_calls.close(self.sinks)
         return self.history
 
     # ---------------------------------------------------------------- state and recovery
@@ -267,8 +263,7 @@ class PipelineTrainer(RewindableStep):
         return dataclasses.asdict(self.config)
 
     def reset_to_initial_state(self) -> None:
-        """Builds this stage's seeded initial state and a new optimizer, at step 0 of the data (``state.Restorable``;
-        a stage is always built initialized, so recovery does not need it today). Not collective."""
+        """This stage's seeded initial state, a new optimizer, step 0 of the data (``state.Restorable``)."""
         self.module = self.build_stage()
         self.optimizer = self._new_optimizer()
         self.sampler.load_state(DataCursor(epoch=0, index=0))
