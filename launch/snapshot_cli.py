@@ -44,9 +44,9 @@ from regrow.launch.local.nodes import ADDRESS_ENV, LocalNodes, NodesConfig
 from regrow.recovery.restore import CHECKPOINT_SOURCE, JobRestore, restore_job
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPT
+from regrow.trainer.zero.codes import BLOCK_SIZE
 from regrow.trainer.zero.layout import build_layout
 from regrow.trainer.zero.optimizer import _state_kind_rule
-from regrow.trainer.zero.quant import BLOCK_SIZE
 
 META_ESTIMATE = 1 << 20
 """Metadata room assumed per segment when sizing ``/dev/shm`` before the ranks attach (the real room, twice the

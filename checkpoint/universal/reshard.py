@@ -6,8 +6,8 @@ new shard (``pieces.rank_pieces`` of the new layout) and reads exactly those byt
 
 - fp32 master and fp32 moments: copied bit for bit;
 - 8-bit -> 8-bit: the codes (padding codes of the last block included) and block scales are copied bit for bit;
-- 8-bit -> fp32: dequantized (``quant.dequantize_blockwise``, signed map for the first moment);
-- fp32 -> 8-bit: quantized per parameter block (``quant.quantize_blockwise``): blocks start at the parameter's start
+- 8-bit -> fp32: dequantized (``codes.dequantize_blockwise``, signed map for the first moment);
+- fp32 -> 8-bit: quantized per parameter block (``codes.quantize_blockwise``): blocks start at the parameter's start
   at every layout, so a rank quantizing its range produces exactly the blocks a whole-parameter quantization would.
 
 The stage does not appear in the shard at all (stages 1 and 2 keep the same shard), so it is free to change. Elements
@@ -53,7 +53,13 @@ from regrow.comm import collectives
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import Trainer
 from regrow.trainer.state import RngState, ShardState
-from regrow.trainer.zero import quant
+from regrow.trainer.zero.codes import (
+    CODE_MAP_VERSION,
+    dequantize_blockwise,
+    dynamic_code_map,
+    new_state_8bit,
+    quantize_blockwise,
+)
 from regrow.trainer.zero.layout import FlatLayout
 
 # (fp32 kind, codes kind, scales kind, signed code map) per Adam moment.
@@ -162,16 +168,16 @@ class ParamReader:
                 self.read_into(piece, kind, shard(kind))
             return
         for fp32, codes, scales, signed in MOMENTS:
-            code_map = quant.dynamic_code_map(signed)
+            code_map = dynamic_code_map(signed)
             if source_bits == 8:  # 8-bit -> fp32: dequantize whole blocks, keep the parameter's elements
-                values = quant.dequantize_blockwise(self.read(piece, codes), self.read(piece, scales), code_map)
+                values = dequantize_blockwise(self.read(piece, codes), self.read(piece, scales), code_map)
                 start, stop = piece.shard_span(fp32)
                 shard(fp32)[start:stop] = values[: stop - start]
             else:  # fp32 -> 8-bit: quantize whole blocks (zeros beyond the parameter's end, as in training)
                 values = torch.zeros(piece.length, dtype=torch.float32)
                 stored = self.read(piece, fp32)
                 values[: stored.numel()] = stored
-                new_codes, new_scales = quant.quantize_blockwise(values, code_map)
+                new_codes, new_scales = quantize_blockwise(values, code_map)
                 for kind, data in ((codes, new_codes), (scales, new_scales)):
                     start, stop = piece.shard_span(kind)
                     shard(kind)[start:stop] = data
@@ -184,7 +190,7 @@ def empty_shard(layout: FlatLayout) -> dict[str, torch.Tensor]:
         n, name = group.shard_numel, group.kind.name
         tensors[f"{name}/master"] = torch.zeros(n, dtype=torch.float32)
         if group.kind.bits == 8:
-            m_codes, m_scales, v_codes, v_scales = quant.new_state_8bit(n)
+            m_codes, m_scales, v_codes, v_scales = new_state_8bit(n)
             tensors.update({f"{name}/exp_avg_codes": m_codes, f"{name}/exp_avg_scales": m_scales,
                             f"{name}/exp_avg_sq_codes": v_codes, f"{name}/exp_avg_sq_scales": v_scales})
         else:
@@ -201,10 +207,10 @@ def load_shard(ckpt: Path, manifest: Manifest, layout: FlatLayout, rank: int) ->
     checksum, :class:`CheckpointError` for 8-bit codes of an unknown code map.
     """
     check_model(manifest, layout, str(ckpt))
-    if any(p.state_bits == 8 for p in manifest.params) and manifest.code_map_version != quant.CODE_MAP_VERSION:
+    if any(p.state_bits == 8 for p in manifest.params) and manifest.code_map_version != CODE_MAP_VERSION:
         raise CheckpointError(
             f"checkpoint {ckpt} stores 8-bit state of code map {manifest.code_map_version!r}, but this regrow uses "
-            f"{quant.CODE_MAP_VERSION!r}: load it with the regrow version that wrote it and convert it to fp32 state"
+            f"{CODE_MAP_VERSION!r}: load it with the regrow version that wrote it and convert it to fp32 state"
         )
     loader = ParamReader(ckpt, manifest)
     tensors = empty_shard(layout)

@@ -19,7 +19,7 @@ from regrow.checkpoint.universal.pieces import ParamPiece
 from regrow.checkpoint.universal.reshard import MOMENTS, ParamReader, empty_shard
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.trainer.state import RngState, ShardState
-from regrow.trainer.zero import quant
+from regrow.trainer.zero.codes import dequantize_blockwise, dynamic_code_map
 from regrow.trainer.zero.layout import BLOCK_SIZE, StateKind, build_layout, round_up
 
 WHOLE_KINDS = ("master", "exp_avg", "exp_avg_sq")
@@ -50,8 +50,8 @@ def read_whole(ckpt: str | Path) -> WholeState:
         kinds = {"master": loader.read(piece, MASTER)}
         for fp32, codes, scales, signed in MOMENTS:
             if param.state_bits == 8:
-                values = quant.dequantize_blockwise(loader.read(piece, codes), loader.read(piece, scales),
-                                                    quant.dynamic_code_map(signed))
+                values = dequantize_blockwise(loader.read(piece, codes), loader.read(piece, scales),
+                                              dynamic_code_map(signed))
                 kinds[fp32.name] = values[: param.numel]
             else:
                 kinds[fp32.name] = loader.read(piece, fp32)

@@ -67,7 +67,7 @@ from regrow.comm import collectives
 from regrow.trainer.checks import require_ints
 from regrow.trainer.log import log_line
 from regrow.trainer.state import RngState, ShardState
-from regrow.trainer.zero import quant
+from regrow.trainer.zero.codes import CODE_MAP_VERSION
 from regrow.trainer.zero.layout import FlatLayout
 
 WHEN_BUSY = ("skip", "wait")
@@ -334,7 +334,7 @@ def build_manifest(target: SaveTarget, markers: dict[int, dict], *, layout: dict
     return Manifest(
         step=target.step, tokens_seen=tokens_seen, data_cursor=data_cursor, world_size=target.world_size,
         layout=layout, config=run_config, params=params, tensors=tensors, rng=rng,
-        code_map_version=quant.CODE_MAP_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
+        code_map_version=CODE_MAP_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
         writer={"session": target.session, "torch": torch.__version__},
     )
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from regrow.comm import collectives
-from regrow.trainer.zero import quant
+from regrow.trainer.zero import adamw, codes
 from regrow.trainer.zero.layout import FlatLayout, GroupLayout, ParamSlot, StateKind, build_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,7 +110,7 @@ class _GroupShard:
         if layout.kind.bits == 8:
             for moment in ("exp_avg", "exp_avg_sq"):
                 self.state[f"{moment}_codes"] = torch.zeros(n, dtype=torch.uint8, device=device)
-                self.state[f"{moment}_scales"] = torch.zeros(n // quant.BLOCK_SIZE, dtype=torch.float32, device=device)
+                self.state[f"{moment}_scales"] = torch.zeros(n // codes.BLOCK_SIZE, dtype=torch.float32, device=device)
         else:
             self.state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=device)
             self.state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=device)
@@ -132,7 +132,7 @@ class _GroupShard:
         per 256-element block (pieces are block-aligned)."""
         out = []
         for key, tensor in self.state.items():
-            per = quant.BLOCK_SIZE if key.endswith("_scales") else 1
+            per = codes.BLOCK_SIZE if key.endswith("_scales") else 1
             out.append(tensor[local_start // per : (local_start + length) // per])
         return out
 
@@ -282,7 +282,7 @@ class ZeroOptimizer:
         beta1, beta2 = self.config.betas
         for shard in self._shards:
             decay = self.config.weight_decay if shard.layout.kind.decay else 0.0
-            update = quant.adamw8bit_step if shard.layout.kind.bits == 8 else quant.adamw32bit_step
+            update = adamw.adamw8bit_step if shard.layout.kind.bits == 8 else adamw.adamw32bit_step
             # One call per bucket piece, so the new working parameters land directly in the flat buffer.
             for flat_start, local_start, length in shard.pieces:
                 update(
