@@ -45,8 +45,8 @@ from regrow.recovery.restore import CHECKPOINT_SOURCE, JobRestore, restore_job
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPT
 from regrow.trainer.zero.codes import BLOCK_SIZE
+from regrow.trainer.zero.config import state_kind_rule
 from regrow.trainer.zero.layout import build_layout
-from regrow.trainer.zero.optimizer import _state_kind_rule
 
 META_ESTIMATE = 1 << 20
 """Metadata room assumed per segment when sizing ``/dev/shm`` before the ranks attach (the real room, twice the
@@ -183,7 +183,7 @@ def snapshot_bytes(config: TrainerConfig, world_size: int) -> int:
         torch.manual_seed(config.seed)
         model = GPT(config.model)
     layout = build_layout(model.named_parameters(), world_size=world_size, bucket_numel=config.optim.bucket_numel,
-                          kind_of=_state_kind_rule(model, config.optim))
+                          kind_of=state_kind_rule(model, config.optim))
     table = []
     for group in layout.groups:
         n, name = group.shard_numel, group.kind.name
