@@ -53,14 +53,9 @@ from regrow.comm import collectives
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import Trainer
 from regrow.trainer.state import RngState, ShardState
-from regrow.trainer.zero.codes import (
-    CODE_MAP_VERSION,
-    dequantize_blockwise,
-    dynamic_code_map,
-    new_state_8bit,
-    quantize_blockwise,
-)
+from regrow.trainer.zero.codes import CODE_MAP_VERSION, dequantize_blockwise, dynamic_code_map, quantize_blockwise
 from regrow.trainer.zero.layout import FlatLayout
+from regrow.trainer.zero.shard import empty_shard
 
 # (fp32 kind, codes kind, scales kind, signed code map) per Adam moment.
 MOMENTS = ((EXP_AVG, EXP_AVG_CODES, EXP_AVG_SCALES, True), (EXP_AVG_SQ, EXP_AVG_SQ_CODES, EXP_AVG_SQ_SCALES, False))
@@ -159,7 +154,7 @@ class ParamReader:
 
     def fill(self, piece: ParamPiece, target_bits: int, tensors: dict[str, torch.Tensor]) -> None:
         def shard(kind: KindSpec) -> torch.Tensor:
-            return tensors[f"{piece.group}/{shard_key(kind)}"]
+            return tensors[shard_key(piece.group, kind)]
 
         self.read_into(piece, MASTER, shard(MASTER))
         source_bits = self.source_bits[piece.param]
@@ -181,22 +176,6 @@ class ParamReader:
                 for kind, data in ((codes, new_codes), (scales, new_scales)):
                     start, stop = piece.shard_span(kind)
                     shard(kind)[start:stop] = data
-
-
-def empty_shard(layout: FlatLayout) -> dict[str, torch.Tensor]:
-    """Zero shard tensors of one rank, keyed like ``ZeroOptimizer.shard_tensors()`` (8-bit codes at the zero code)."""
-    tensors = {}
-    for group in layout.groups:
-        n, name = group.shard_numel, group.kind.name
-        tensors[f"{name}/master"] = torch.zeros(n, dtype=torch.float32)
-        if group.kind.bits == 8:
-            m_codes, m_scales, v_codes, v_scales = new_state_8bit(n)
-            tensors.update({f"{name}/exp_avg_codes": m_codes, f"{name}/exp_avg_scales": m_scales,
-                            f"{name}/exp_avg_sq_codes": v_codes, f"{name}/exp_avg_sq_scales": v_scales})
-        else:
-            tensors[f"{name}/exp_avg"] = torch.zeros(n, dtype=torch.float32)
-            tensors[f"{name}/exp_avg_sq"] = torch.zeros(n, dtype=torch.float32)
-    return tensors
 
 
 def load_shard(ckpt: Path, manifest: Manifest, layout: FlatLayout, rank: int) -> tuple[dict[str, torch.Tensor], int]:
