@@ -82,7 +82,7 @@ from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPT, GPTConfig
-from regrow.trainer.zero.optimizer import ZeroConfig
+from regrow.trainer.zero.config import ZeroConfig
 
 IMPLS = ("regrow", "deepspeed", "fsdp2", "regrow-load")
 

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from regrow.trainer.zero import quant
-from regrow.trainer.zero.quant import BLOCK_SIZE
+from regrow.trainer.zero import adamw, codes
+from regrow.trainer.zero.codes import BLOCK_SIZE
 
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 
@@ -78,25 +78,25 @@ def _time_cpu(step: Callable[[int], None], warmup: int, iters: int) -> float:
 def _regrow_8bit(numel: int, device: str, grad_dtype: torch.dtype, with_out: bool) -> Callable[[int], None]:
     param = torch.randn(numel, device=device)
     grad = (torch.randn(numel, device=device) * 1e-3).to(grad_dtype)
-    state = quant.new_state_8bit(numel, device)
+    state = codes.new_state_8bit(numel, device)
     out = torch.empty(numel, dtype=torch.bfloat16, device=device) if with_out else None
-    return lambda i: quant.adamw8bit_step(param, grad, *state, step=i, param_out=out, **HYPER)
+    return lambda i: adamw.adamw8bit_step(param, grad, *state, step=i, param_out=out, **HYPER)
 
 
 def _regrow_8bit_config(numel: int, rows: int, warps: int) -> Callable[[int], None]:
     """The Triton kernel launched directly with a given tile (for the sweep): bf16 gradient, bf16 copy."""
-    from regrow.trainer.zero import adamw_triton as quant_triton
+    from regrow.trainer.zero import adamw_triton
 
     device = torch.device("cuda")
     param = torch.randn(numel, device=device)
     grad = (torch.randn(numel, device=device) * 1e-3).to(torch.bfloat16)
-    state = quant.new_state_8bit(numel, device)
+    state = codes.new_state_8bit(numel, device)
     out = torch.empty(numel, dtype=torch.bfloat16, device=device)
-    tables_m, tables_v = quant.state_tables(True, device), quant.state_tables(False, device)
+    tables_m, tables_v = codes.state_tables(True, device), codes.state_tables(False, device)
 
     def step(i: int) -> None:
-        k = quant.adam_scalars(step=i, grad_scale=1.0, **HYPER)
-        quant_triton.adamw8bit_step_cuda(
+        k = adamw.adam_scalars(step=i, grad_scale=1.0, **HYPER)
+        adamw_triton.adamw8bit_step_cuda(
             param, grad, *state, k, tables_m, tables_v, out, rows=rows, num_warps=warps
         )
 
@@ -107,7 +107,7 @@ def _regrow_32bit(numel: int, device: str) -> Callable[[int], None]:
     param = torch.randn(numel, device=device)
     grad = torch.randn(numel, device=device) * 1e-3
     m, v = torch.zeros_like(param), torch.zeros_like(param)
-    return lambda i: quant.adamw32bit_step(param, grad, m, v, step=i, **HYPER)
+    return lambda i: adamw.adamw32bit_step(param, grad, m, v, step=i, **HYPER)
 
 
 def _torch_adamw(numel: int, device: str, *, fused: bool) -> Callable[[int], None]:
@@ -169,15 +169,15 @@ def _copy_ms(numel: int, warmup: int, iters: int) -> float:
 
 def _inspect_kernel(ptx_path: str | None) -> dict[str, object]:
     """Registers, spills and instruction counts of the compiled Triton kernel (default tile); optionally its PTX."""
-    from regrow.trainer.zero import adamw_triton as quant_triton
+    from regrow.trainer.zero import adamw_triton
 
     n = 64 * BLOCK_SIZE
     device = torch.device("cuda")
-    state = quant.new_state_8bit(n, device)
-    handle = quant_triton.adamw8bit_step_cuda(
+    state = codes.new_state_8bit(n, device)
+    handle = adamw_triton.adamw8bit_step_cuda(
         torch.randn(n, device=device), torch.randn(n, device=device).bfloat16(), *state,
-        quant.adam_scalars(step=1, grad_scale=1.0, **HYPER), quant.state_tables(True, device),
-        quant.state_tables(False, device), torch.empty(n, dtype=torch.bfloat16, device=device),
+        adamw.adam_scalars(step=1, grad_scale=1.0, **HYPER), codes.state_tables(True, device),
+        codes.state_tables(False, device), torch.empty(n, dtype=torch.bfloat16, device=device),
     )  # fmt: skip
     ptx = handle.asm.get("ptx", "")
     if ptx_path:
@@ -206,7 +206,7 @@ def _agreement(numel: int) -> dict[str, float]:
     """
     g = torch.Generator().manual_seed(0)
     param = torch.randn(numel, generator=g)
-    state = quant.new_state_8bit(numel)
+    state = codes.new_state_8bit(numel)
     figures: dict[str, float] = {}
     for step in (1, 2):
         magnitude = torch.pow(10.0, torch.randint(-8, 1, (numel,), generator=g).float())
@@ -217,8 +217,8 @@ def _agreement(numel: int) -> dict[str, float]:
         out_gpu = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
         out_cpu = torch.empty(numel, dtype=torch.bfloat16)
         hyper = {**HYPER, "grad_scale": 0.75 if step == 2 else 1.0}
-        quant.adamw8bit_step(gpu[0], gpu[1], *gpu[2:], step=step, param_out=out_gpu, **hyper)
-        quant.adamw8bit_step(param, grad, *state, step=step, param_out=out_cpu, **hyper)
+        adamw.adamw8bit_step(gpu[0], gpu[1], *gpu[2:], step=step, param_out=out_gpu, **hyper)
+        adamw.adamw8bit_step(param, grad, *state, step=step, param_out=out_cpu, **hyper)
         torch.cuda.synchronize()
         p_gpu, m_codes, m_scales, v_codes, v_scales = (t.cpu() for t in (gpu[0], *gpu[2:]))
         code_diff = torch.maximum(

@@ -147,7 +147,7 @@ from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.models import GPTConfig
 from regrow.trainer.state import ShardState, StateSink
-from regrow.trainer.zero.optimizer import ZeroConfig
+from regrow.trainer.zero.config import ZeroConfig
 
 
 def log(text: str) -> None:

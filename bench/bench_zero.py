@@ -137,7 +137,8 @@ def fused_adamw(model: nn.Module) -> torch.optim.AdamW:
 
 
 def build_regrow(model: nn.Module, device: torch.device, state_bits: int) -> Runner:
-    from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
+    from regrow.trainer.zero.config import ZeroConfig
+    from regrow.trainer.zero.optimizer import ZeroOptimizer
 
     config = ZeroConfig(
         stage=2,

@@ -37,7 +37,7 @@ from regrow.recovery.order import Source
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
 from regrow.trainer.models import GPTConfig
-from regrow.trainer.zero.optimizer import ZeroConfig
+from regrow.trainer.zero.config import ZeroConfig
 
 
 class ConfigErrors(ValueError):

@@ -45,9 +45,9 @@ from regrow.recovery.order import JobRestore, Source
 from regrow.recovery.restore import restore_job
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPT
+from regrow.trainer.zero.config import state_kind_rule
 from regrow.trainer.zero.layout import build_layout
-from regrow.trainer.zero.optimizer import _state_kind_rule
-from regrow.trainer.zero.quant import BLOCK_SIZE
+from regrow.trainer.zero.shard import shard_table
 
 META_ESTIMATE = 1 << 20
 """Metadata room assumed per segment when sizing ``/dev/shm`` before the ranks attach (the real room, twice the
@@ -184,17 +184,9 @@ def snapshot_bytes(config: TrainerConfig, world_size: int) -> int:
         torch.manual_seed(config.seed)
         model = GPT(config.model)
     layout = build_layout(model.named_parameters(), world_size=world_size, bucket_numel=config.optim.bucket_numel,
-                          kind_of=_state_kind_rule(model, config.optim))
-    table = []
-    for group in layout.groups:
-        n, name = group.shard_numel, group.kind.name
-        table.append({"name": f"{name}/master", "dtype": "float32", "shape": [n]})
-        if group.kind.bits == 8:
-            for moment in ("exp_avg", "exp_avg_sq"):
-                table.append({"name": f"{name}/{moment}_codes", "dtype": "uint8", "shape": [n]})
-                table.append({"name": f"{name}/{moment}_scales", "dtype": "float32", "shape": [n // BLOCK_SIZE]})
-        else:
-            table += [{"name": f"{name}/{m}", "dtype": "float32", "shape": [n]} for m in ("exp_avg", "exp_avg_sq")]
+                          kind_of=state_kind_rule(model, config.optim))
+    table = [{"name": key, "dtype": str(spec.dtype).removeprefix("torch."), "shape": list(spec.shape)}
+             for key, spec in shard_table(layout).items()]
     _, payload = seg.plan_tensors(table)
     return 2 * seg.segment_bytes(META_ESTIMATE, payload)
 

@@ -17,8 +17,9 @@ from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPTConfig
+from regrow.trainer.zero.config import ZeroConfig
 from regrow.trainer.zero.layout import BLOCK_SIZE, FlatLayout, round_up
-from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
+from regrow.trainer.zero.optimizer import ZeroOptimizer
 
 GLOBAL_BATCH = 12  # divisible by 1, 2, 3 and 4: one micro-batch per rank at every world size the tests use
 

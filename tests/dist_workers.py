@@ -9,7 +9,8 @@ import torch
 from regrow.comm.world import World
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.models import GPT, GPTConfig
-from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
+from regrow.trainer.zero.config import ZeroConfig
+from regrow.trainer.zero.optimizer import ZeroOptimizer
 
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT:

@@ -14,7 +14,7 @@ import torch
 
 from regrow.launch.local.spawn import run_local
 from regrow.tests import ckpt_workers as cw
-from regrow.trainer.zero import quant
+from regrow.trainer.zero import codes as quant
 from regrow.trainer.zero.layout import BLOCK_SIZE, round_up
 
 SAVE_AT = 3

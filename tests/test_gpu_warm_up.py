@@ -14,7 +14,7 @@ from regrow.recovery.ray import gpu_warm_up
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.models import GPTConfig
-from regrow.trainer.zero.optimizer import ZeroConfig
+from regrow.trainer.zero.config import ZeroConfig
 
 
 def config(param_dtype: str | None) -> TrainerConfig:

@@ -29,7 +29,7 @@ from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.models import GPTConfig
 from regrow.trainer.pipeline.trainer import PipelineConfig, PipelineTrainerConfig
-from regrow.trainer.zero.optimizer import ZeroConfig
+from regrow.trainer.zero.config import ZeroConfig
 
 LOSS_MARGIN = 0.1
 """Nats the run with a lost stage may be above the same run without one at the end. Both runs see the same batches,

@@ -14,7 +14,8 @@ from regrow.trainer.models import GPT, GPTConfig, GPTStage, stage_blocks
 from regrow.trainer.pipeline.schedule import BACKWARD, FORWARD, build_schedule, routes, swapped_route
 from regrow.trainer.pipeline.shared import norm_skip, shared_params, stage_roles
 from regrow.trainer.pipeline.trainer import PipelineConfig, PipelineTrainerConfig
-from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
+from regrow.trainer.zero.config import ZeroConfig
+from regrow.trainer.zero.optimizer import ZeroOptimizer
 
 # eps = 1e-4 for the same reason as in test_zero.py: it keeps Adam from amplifying last-bit differences.
 F32 = ZeroConfig(stage=1, state_bits=32, lr=1e-2, eps=1e-4, max_grad_norm=1.0)

@@ -1,4 +1,4 @@
-"""Tests of trainer/zero/quant.py on the CPU: exact block-wise quantization and the fused 8-bit / 32-bit AdamW steps."""
+"""Tests of trainer/zero/codes.py and adamw.py on the CPU: exact block-wise quantization and the fused 8-bit / 32-bit AdamW steps."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from regrow.trainer.zero import quant
-from regrow.trainer.zero.quant import (
+from regrow.trainer.zero import adamw, codes
+from regrow.trainer.zero.adamw import adamw8bit_step, adamw32bit_step
+from regrow.trainer.zero.codes import (
     BLOCK_SIZE,
     CODE_MAP_VERSION,
-    adamw8bit_step,
-    adamw32bit_step,
     dequantize_blockwise,
     dynamic_code_map,
     nearest_code_reference,
@@ -123,10 +122,10 @@ def test_round_trip_is_exact_nearest_code(kind: str, signed: bool) -> None:
 @pytest.mark.parametrize("signed", [True, False])
 def test_every_threshold_and_lookup_key_is_exact(signed: bool) -> None:
     """Both formulations (CPU: folded sign thresholds; GPU kernel: plain table + sign bit) on every boundary."""
-    tables = quant.state_tables(signed, CPU)
+    tables = codes.state_tables(signed, CPU)
     thr = tables.thresholds[:-1]
-    smallest, largest = quant._key_ranges()
-    bits_smallest, bits_largest = quant._bits_key_ranges()
+    smallest, largest = codes._key_ranges()
+    bits_smallest, bits_largest = codes._bits_key_ranges()
     probes = [
         thr,
         torch.nextafter(thr, torch.full_like(thr, -2.0)),
@@ -142,8 +141,8 @@ def test_every_threshold_and_lookup_key_is_exact(signed: bool) -> None:
     ]
     xn = torch.cat(probes).clamp(-1, 1).contiguous()
     reference = nearest_code_reference(xn, tables.code)
-    assert torch.equal(quant._nearest_index(xn, tables).long(), reference)
-    assert torch.equal(quant._nearest_index_gpu_formulation(xn, tables).long(), reference)
+    assert torch.equal(codes._nearest_index(xn, tables).long(), reference)
+    assert torch.equal(codes._nearest_index_gpu_formulation(xn, tables).long(), reference)
 
 
 def _representable_midpoints(code: torch.Tensor) -> list[tuple[int, float]]:
@@ -164,8 +163,8 @@ def test_ties_go_to_the_smaller_magnitude(signed: bool) -> None:
     assert ties, "the map should have exactly representable midpoints"
     xn = torch.tensor([mid for _, mid in ties], dtype=torch.float32)
     expected = torch.tensor([i if mid > 0 else i + 1 for i, mid in ties])
-    tables = quant.state_tables(signed, CPU)
-    assert torch.equal(quant._nearest_index(xn, tables).long(), expected)
+    tables = codes.state_tables(signed, CPU)
+    assert torch.equal(codes._nearest_index(xn, tables).long(), expected)
     assert torch.equal(nearest_code_reference(xn, code), expected)
 
 
@@ -202,7 +201,7 @@ def test_cpu_square_root_is_correctly_rounded() -> None:
     g = _gen(13)
     x = torch.rand(1 << 16, generator=g) * torch.pow(10.0, torch.randint(-40, 30, (1 << 16,), generator=g).float())
     expected = x.double().sqrt().float()  # rounding the fp64 root to fp32 is the correctly rounded fp32 root
-    assert torch.equal(quant._sqrt_rn(x.clone()), expected)
+    assert torch.equal(adamw._sqrt_rn(x.clone()), expected)
 
 
 def _least_squares(n_features: int = 1024, n_samples: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,7 +337,7 @@ def test_weight_decay_is_decoupled(bits: int) -> None:
     p = param.clone()
     zero_state = new_state_8bit(n) if bits == 8 else (torch.zeros(n), torch.zeros(n))
     step_fn(p, torch.zeros(n), *zero_state, step=1, **HYPER)
-    assert torch.equal(p, param * quant._f32(1 - HYPER["lr"] * HYPER["weight_decay"])), "zero gradient: decay only"
+    assert torch.equal(p, param * adamw._f32(1 - HYPER["lr"] * HYPER["weight_decay"])), "zero gradient: decay only"
 
 
 @pytest.mark.parametrize("bits", [8, 32])
@@ -347,7 +346,7 @@ def test_grad_scale_equals_scaling_the_gradient_first(bits: int) -> None:
     problem = _random_problem(n, seed=10)
     scale = 0.3712
     outputs = []
-    for grad, grad_scale in ((problem["grad"], scale), (problem["grad"] * quant._f32(scale), 1.0)):
+    for grad, grad_scale in ((problem["grad"], scale), (problem["grad"] * adamw._f32(scale), 1.0)):
         p = problem["param"].clone()
         state = new_state_8bit(n) if bits == 8 else (torch.zeros(n), torch.zeros(n))
         step = adamw8bit_step if bits == 8 else adamw32bit_step

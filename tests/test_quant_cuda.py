@@ -1,4 +1,4 @@
-"""GPU tests of trainer/zero/quant.py: the Triton 8-bit AdamW kernel against the CPU path, and the 32-bit step on CUDA.
+"""GPU tests of trainer/zero/adamw.py and adamw_triton.py: the Triton 8-bit AdamW kernel against the CPU path, and the 32-bit step on CUDA.
 
 Skipped where CUDA or triton is missing (the CPU development machine). Agreement figures are printed (run with -s).
 """
@@ -10,8 +10,9 @@ import importlib.util
 import pytest
 import torch
 
-from regrow.trainer.zero import quant
-from regrow.trainer.zero.quant import BLOCK_SIZE, adamw8bit_step, adamw32bit_step, new_state_8bit
+from regrow.trainer.zero import adamw, codes
+from regrow.trainer.zero.adamw import adamw8bit_step, adamw32bit_step
+from regrow.trainer.zero.codes import BLOCK_SIZE, new_state_8bit
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("triton") is None, reason="needs CUDA and triton"
@@ -84,8 +85,8 @@ def test_triton_result_does_not_depend_on_tile_shape() -> None:
     g = torch.Generator().manual_seed(2)
     param = torch.randn(n, generator=g).cuda()
     grad = _gradient(n, g, torch.bfloat16, (-6, 0)).cuda()
-    k = quant.adam_scalars(step=4, grad_scale=0.5, **HYPER)
-    tables = quant.state_tables(True, param.device), quant.state_tables(False, param.device)
+    k = adamw.adam_scalars(step=4, grad_scale=0.5, **HYPER)
+    tables = codes.state_tables(True, param.device), codes.state_tables(False, param.device)
     start_state = (  # nonzero state, so that dequantization matters
         torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8),
         torch.rand(n // BLOCK_SIZE, generator=g) * 1e-3,

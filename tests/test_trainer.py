@@ -13,7 +13,7 @@ from regrow.tests import dist_workers as w
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import NonFiniteLossError, Trainer, TrainerConfig
 from regrow.trainer.models import GPTConfig
-from regrow.trainer.zero.optimizer import ZeroConfig
+from regrow.trainer.zero.config import ZeroConfig
 
 
 def tiny_config(**overrides) -> TrainerConfig:

@@ -7,8 +7,9 @@ import torch
 
 from regrow.launch.local.spawn import run_local
 from regrow.tests import dist_workers as w
+from regrow.trainer.zero.config import ZeroConfig
 from regrow.trainer.zero.layout import FlatLayout
-from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
+from regrow.trainer.zero.optimizer import ZeroOptimizer
 
 STEPS, GLOBAL_BATCH = 4, 12
 # eps = 1e-4 (not 1e-8): Adam divides by sqrt(v) + eps, so where a gradient is near eps an absolute rounding error d

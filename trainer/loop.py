@@ -29,8 +29,9 @@ from regrow.trainer.data import DataConfig, DataCursor, Sampler
 from regrow.trainer.log import log_line
 from regrow.trainer.models import GPT, GPTConfig
 from regrow.trainer.state import RngState, ShardState, StateSink
+from regrow.trainer.zero.config import ZeroConfig
 from regrow.trainer.zero.layout import FlatLayout
-from regrow.trainer.zero.optimizer import ZeroConfig, ZeroOptimizer
+from regrow.trainer.zero.optimizer import ZeroOptimizer
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -36,7 +36,7 @@ from regrow.checkpoint.universal.format import (
     temp_dir_name,
     tensor_file,
 )
-from regrow.trainer.zero import quant
+from regrow.trainer.zero.codes import CODE_MAP_VERSION
 from regrow.trainer.zero.layout import FlatLayout
 
 
@@ -129,7 +129,7 @@ def build_manifest(target: SaveTarget, markers: dict[int, dict], *, layout: dict
     return Manifest(
         step=target.step, tokens_seen=tokens_seen, data_cursor=data_cursor, world_size=target.world_size,
         layout=layout, config=run_config, params=params, tensors=tensors, rng=rng,
-        code_map_version=quant.CODE_MAP_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
+        code_map_version=CODE_MAP_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
         writer={"session": target.session, "torch": torch.__version__},
     )
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from regrow.trainer.zero import shard as zero_shard
 from regrow.trainer.zero.layout import BLOCK_SIZE, round_up
 
 FORMAT_VERSION = 1
@@ -151,13 +152,14 @@ KINDS_BY_BITS: dict[int, tuple[KindSpec, ...]] = {
 }
 KINDS = {k.name: k for kinds in KINDS_BY_BITS.values() for k in kinds}
 
-# ZeroOptimizer.shard_tensors() names its tensors "<group>/<what>"; <what> <-> file kind:
-_SHARD_KEY_OF_KIND = {k.name: k.name.replace(".", "_") for k in KINDS.values()}
+# A file kind names the same tensor as the <what> of a shard key, with a dot for the schema's underscore.
+_SHARD_NAME_OF_KIND = {k.name: k.name.replace(".", "_") for k in KINDS.values()}
 
 
-def shard_key(kind: KindSpec) -> str:
-    """The ``<what>`` of ``ZeroOptimizer.shard_tensors()`` holding ``kind`` (``exp_avg.codes`` -> ``exp_avg_codes``)."""
-    return _SHARD_KEY_OF_KIND[kind.name]
+def shard_key(group: str, kind: KindSpec) -> str:
+    """The key of ``ZeroOptimizer.shard_tensors()`` holding ``kind`` of ``group`` (file kind ``exp_avg.codes`` is
+    the shard's ``exp_avg_codes``)."""
+    return zero_shard.shard_key(group, _SHARD_NAME_OF_KIND[kind.name])
 
 
 def param_dir(name: str) -> str:

@@ -75,7 +75,7 @@ class PartWriter:
             for kind in KINDS_BY_BITS[bits[piece.group]]:
                 name = tensor_file(piece.param, kind)
                 start, stop = piece.shard_span(kind)
-                source = tensors[f"{piece.group}/{shard_key(kind)}"][start:stop]
+                source = tensors[shard_key(piece.group, kind)][start:stop]
                 first, _ = piece.file_span(kind)
                 written[name] = write_range(temp / name, source, first * kind.itemsize)
         return written

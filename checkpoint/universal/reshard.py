@@ -6,8 +6,8 @@ new shard (``pieces.rank_pieces`` of the new layout) and reads exactly those byt
 
 - fp32 master and fp32 moments: copied bit for bit;
 - 8-bit -> 8-bit: the codes (padding codes of the last block included) and block scales are copied bit for bit;
-- 8-bit -> fp32: dequantized (``quant.dequantize_blockwise``, signed map for the first moment);
-- fp32 -> 8-bit: quantized per parameter block (``quant.quantize_blockwise``): blocks start at the parameter's start
+- 8-bit -> fp32: dequantized (``codes.dequantize_blockwise``, signed map for the first moment);
+- fp32 -> 8-bit: quantized per parameter block (``codes.quantize_blockwise``): blocks start at the parameter's start
   at every layout, so a rank quantizing its range produces exactly the blocks a whole-parameter quantization would.
 
 The stage does not appear in the shard at all (stages 1 and 2 keep the same shard), so it is free to change. Elements
@@ -49,8 +49,9 @@ from regrow.checkpoint.universal.format import (
 )
 from regrow.checkpoint.universal.pieces import ParamPiece, rank_pieces
 from regrow.trainer.state import RngState, ShardState
-from regrow.trainer.zero import quant
+from regrow.trainer.zero.codes import CODE_MAP_VERSION, dequantize_blockwise, dynamic_code_map, quantize_blockwise
 from regrow.trainer.zero.layout import FlatLayout
+from regrow.trainer.zero.shard import empty_shard
 
 # (fp32 kind, codes kind, scales kind, signed code map) per Adam moment.
 MOMENTS = ((EXP_AVG, EXP_AVG_CODES, EXP_AVG_SCALES, True), (EXP_AVG_SQ, EXP_AVG_SQ_CODES, EXP_AVG_SQ_SCALES, False))
@@ -149,7 +150,7 @@ class ParamReader:
 
     def fill(self, piece: ParamPiece, target_bits: int, tensors: dict[str, torch.Tensor]) -> None:
         def shard(kind: KindSpec) -> torch.Tensor:
-            return tensors[f"{piece.group}/{shard_key(kind)}"]
+            return tensors[shard_key(piece.group, kind)]
 
         self.read_into(piece, MASTER, shard(MASTER))
         source_bits = self.source_bits[piece.param]
@@ -158,35 +159,19 @@ class ParamReader:
                 self.read_into(piece, kind, shard(kind))
             return
         for fp32, codes, scales, signed in MOMENTS:
-            code_map = quant.dynamic_code_map(signed)
+            code_map = dynamic_code_map(signed)
             if source_bits == 8:  # 8-bit -> fp32: dequantize whole blocks, keep the parameter's elements
-                values = quant.dequantize_blockwise(self.read(piece, codes), self.read(piece, scales), code_map)
+                values = dequantize_blockwise(self.read(piece, codes), self.read(piece, scales), code_map)
                 start, stop = piece.shard_span(fp32)
                 shard(fp32)[start:stop] = values[: stop - start]
             else:  # fp32 -> 8-bit: quantize whole blocks (zeros beyond the parameter's end, as in training)
                 values = torch.zeros(piece.length, dtype=torch.float32)
                 stored = self.read(piece, fp32)
                 values[: stored.numel()] = stored
-                new_codes, new_scales = quant.quantize_blockwise(values, code_map)
+                new_codes, new_scales = quantize_blockwise(values, code_map)
                 for kind, data in ((codes, new_codes), (scales, new_scales)):
                     start, stop = piece.shard_span(kind)
                     shard(kind)[start:stop] = data
-
-
-def empty_shard(layout: FlatLayout) -> dict[str, torch.Tensor]:
-    """Zero shard tensors of one rank, keyed like ``ZeroOptimizer.shard_tensors()`` (8-bit codes at the zero code)."""
-    tensors = {}
-    for group in layout.groups:
-        n, name = group.shard_numel, group.kind.name
-        tensors[f"{name}/master"] = torch.zeros(n, dtype=torch.float32)
-        if group.kind.bits == 8:
-            m_codes, m_scales, v_codes, v_scales = quant.new_state_8bit(n)
-            tensors.update({f"{name}/exp_avg_codes": m_codes, f"{name}/exp_avg_scales": m_scales,
-                            f"{name}/exp_avg_sq_codes": v_codes, f"{name}/exp_avg_sq_scales": v_scales})
-        else:
-            tensors[f"{name}/exp_avg"] = torch.zeros(n, dtype=torch.float32)
-            tensors[f"{name}/exp_avg_sq"] = torch.zeros(n, dtype=torch.float32)
-    return tensors
 
 
 def load_shard(ckpt: Path, manifest: Manifest, layout: FlatLayout, rank: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -197,10 +182,10 @@ def load_shard(ckpt: Path, manifest: Manifest, layout: FlatLayout, rank: int) ->
     checksum, :class:`CheckpointError` for 8-bit codes of an unknown code map.
     """
     check_model(manifest, layout, str(ckpt))
-    if any(p.state_bits == 8 for p in manifest.params) and manifest.code_map_version != quant.CODE_MAP_VERSION:
+    if any(p.state_bits == 8 for p in manifest.params) and manifest.code_map_version != CODE_MAP_VERSION:
         raise CheckpointError(
             f"checkpoint {ckpt} stores 8-bit state of code map {manifest.code_map_version!r}, but this regrow uses "
-            f"{quant.CODE_MAP_VERSION!r}: load it with the regrow version that wrote it and convert it to fp32 state"
+            f"{CODE_MAP_VERSION!r}: load it with the regrow version that wrote it and convert it to fp32 state"
         )
     loader = ParamReader(ckpt, manifest)
     tensors = empty_shard(layout)

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from regrow.checkpoint.universal import verify
-from regrow.checkpoint.universal.format import EXP_AVG, EXP_AVG_SQ, MASTER, step_dir_name
+from regrow.checkpoint.universal.format import EXP_AVG, EXP_AVG_SQ, MASTER, shard_key, step_dir_name
 from regrow.checkpoint.universal.pieces import ParamPiece
-from regrow.checkpoint.universal.reshard import MOMENTS, ParamReader, empty_shard
+from regrow.checkpoint.universal.reshard import MOMENTS, ParamReader
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.trainer.state import RngState, ShardState
-from regrow.trainer.zero import quant
+from regrow.trainer.zero.codes import dequantize_blockwise, dynamic_code_map
 from regrow.trainer.zero.layout import BLOCK_SIZE, StateKind, build_layout, round_up
+from regrow.trainer.zero.shard import empty_shard
 
 WHOLE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -50,8 +51,8 @@ def read_whole(ckpt: str | Path) -> WholeState:
         kinds = {"master": loader.read(piece, MASTER)}
         for fp32, codes, scales, signed in MOMENTS:
             if param.state_bits == 8:
-                values = quant.dequantize_blockwise(loader.read(piece, codes), loader.read(piece, scales),
-                                                    quant.dynamic_code_map(signed))
+                values = dequantize_blockwise(loader.read(piece, codes), loader.read(piece, scales),
+                                              dynamic_code_map(signed))
                 kinds[fp32.name] = values[: param.numel]
             else:
                 kinds[fp32.name] = loader.read(piece, fp32)
@@ -77,7 +78,7 @@ def write_whole(root: str | Path, state: WholeState, *, keep_last: int = 2) -> P
         for slot in group.params:
             for kind in (MASTER, EXP_AVG, EXP_AVG_SQ):
                 source = state.params[slot.name][kind.name].detach().to(torch.float32).reshape(-1)
-                tensors[f"{group.kind.name}/{kind.name}"][slot.offset : slot.offset + slot.numel] = source
+                tensors[shard_key(group.kind.name, kind)][slot.offset : slot.offset + slot.numel] = source
     writer = CheckpointWriter(WriterConfig(root=str(root), keep_last=keep_last, log=False), rank=0, world_size=1,
                               run_config=state.config)
     writer.save(ShardState(step=state.step, tensors=tensors, layout=layout.to_dict(), rank=0, rng=RngState.capture(),

@@ -27,7 +27,7 @@ from regrow.checkpoint.snapshot import wordsum
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.models import GPT
 from regrow.trainer.pipeline.config import PipelineTrainerConfig
-from regrow.trainer.zero.optimizer import DTYPES
+from regrow.trainer.zero.config import DTYPES
 
 
 def start(config: TrainerConfig | PipelineTrainerConfig) -> threading.Thread:

@@ -41,6 +41,7 @@ from regrow.trainer.pipeline.shared import norm_skip, shared_params, stage_roles
 from regrow.trainer.state import RngState, ShardState, StateSink
 from regrow.trainer.zero.layout import FlatLayout
 from regrow.trainer.zero.optimizer import ZeroOptimizer
+from regrow.trainer.zero.shard import MASTER, shard_key
 
 __all__ = ["PipelineConfig", "PipelineTrainer", "PipelineTrainerConfig"]
 
@@ -304,7 +305,7 @@ class PipelineTrainer(RewindableStep):
         """This stage's fp32 master weights by local name (new tensors). Collective over the stage's DP group."""
         weights = {}
         for group in self.optimizer.layout.groups:
-            full = self.optimizer.gather_full(f"{group.kind.name}/master")
+            full = self.optimizer.gather_full(shard_key(group.kind.name, MASTER))
             for slot in group.params:
                 weights[slot.name] = full[slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
         return weights

@@ -1,4 +1,4 @@
-"""The fused 8-bit AdamW step as one Triton kernel (CUDA only; imported lazily by ``quant.adamw8bit_step``).
+"""The fused 8-bit AdamW step as one Triton kernel (CUDA only; imported lazily by ``adamw.adamw8bit_step``).
 
 One program handles ``rows`` quantization blocks of 256 elements as a [rows, 256] tile: it reads the gradient, the
 parameter and the two code/scale pairs once, updates in registers, reduces each row to its new absolute maximum, and
@@ -7,7 +7,7 @@ gradients and a bf16 copy.
 
 Nearest code without a search: a 6400-entry uint8 table indexed by the sign, exponent and top 7 mantissa bits of
 ``xn`` gives the code index of the smallest value sharing those bits, and one comparison with the exact threshold at
-that index finishes the job (see ``quant._build_lut``, which proves per key that one comparison is enough). Per
+that index finishes the job (see ``codes._build_lut``, which proves per key that one comparison is enough). Per
 element and per moment that is three small gathers (code, table, threshold), all cached in L1.
 
 Bitwise agreement with the CPU path: every floating-point operation is an explicitly rounded PTX instruction
@@ -22,14 +22,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from regrow.trainer.zero.quant import (
+from regrow.trainer.zero.adamw import AdamScalars
+from regrow.trainer.zero.codes import (
     BLOCK_SIZE,
     LUT_EXP_LO,
     LUT_HALF,
     LUT_MANT_BITS,
     LUT_MAX_MAGNITUDE,
     LUT_MIN_MAGNITUDE,
-    AdamScalars,
     CodeTables,
 )
 
@@ -86,7 +86,8 @@ def _nearest_code(
     MAG_MIN: tl.constexpr,
     MAG_MAX: tl.constexpr,
 ):
-    """Exact nearest code index of ``xn`` (quant's tie and sign rules): ``quant._nearest_index_gpu_formulation``."""
+    """Exact nearest code index of ``xn`` under the tie and sign rules of ``codes.py``; the same algorithm, step for
+    step, as ``codes._nearest_index_gpu_formulation``."""
     magnitude = tl.minimum(tl.maximum(tl.abs(xn), MAG_MIN), MAG_MAX)
     key = (magnitude.to(tl.int32, bitcast=True) >> KEY_SHIFT) - KEY_BASE + tl.where(xn < 0, KEY_HALF, 0)
     low = tl.load(lut_ptr + key).to(tl.int32)
@@ -178,7 +179,7 @@ def adamw8bit_step_cuda(
     rows: int = DEFAULT_ROWS,
     num_warps: int = DEFAULT_WARPS,
 ) -> object:
-    """Launches the kernel; arguments already validated by ``quant.adamw8bit_step`` (same contract).
+    """Launches the kernel; arguments already validated by ``adamw.adamw8bit_step`` (same contract).
 
     ``rows`` (blocks per program, a power of two) and ``num_warps`` only change speed, never results. Returns
     Triton's handle of the compiled kernel (its ``asm`` and register counts are what the benchmark inspects).

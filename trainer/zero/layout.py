@@ -18,7 +18,8 @@ from typing import Callable, Iterable
 
 import torch
 
-BLOCK_SIZE = 256
+from regrow.trainer.zero.codes import BLOCK_SIZE  # a parameter starts on a quantization block's boundary
+
 LAYOUT_VERSION = 1
 
 

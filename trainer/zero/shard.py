@@ -1,0 +1,216 @@
+"""One rank's shard of the ZeRO optimizer: the names of its tensors, and the buffers of each group.
+
+The shard schema, used by every module that stores or rebuilds a shard (snapshots, universal checkpoints, the
+launcher sizing snapshot segments): a rank's tensors are keyed ``"<group>/<what>"`` (:func:`shard_key`), where
+``<group>`` is the group's ``StateKind.name`` and ``<what>`` is :data:`MASTER` (the fp32 master weights) followed by
+the group's optimizer state, :data:`STATE_NAMES` of its state bits. :func:`shard_table` gives the dtype and shape of
+every tensor of a layout in that order (the order of ``ZeroOptimizer.shard_tensors()``); :func:`empty_shard` builds
+them as zeros.
+
+:class:`GroupShard` holds this rank's buffers of one group and runs the AdamW update over them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from regrow.trainer.zero.adamw import adamw8bit_step, adamw32bit_step
+from regrow.trainer.zero.codes import BLOCK_SIZE, zero_code
+from regrow.trainer.zero.layout import FlatLayout, GroupLayout, ParamSlot
+
+MASTER = "master"
+"""The fp32 master weights of a group's shard."""
+
+STATE_NAMES: dict[int, tuple[str, ...]] = {
+    32: ("exp_avg", "exp_avg_sq"),
+    8: ("exp_avg_codes", "exp_avg_scales", "exp_avg_sq_codes", "exp_avg_sq_scales"),
+}
+"""The optimizer state of a group per state bits, in the order the AdamW updates take it: Adam's first moment, then
+its second; 8-bit state as uint8 codes (one per element, names ending ``_codes``) and fp32 block scales (one per
+256-element block, names ending ``_scales``); fp32 state as one value per element."""
+
+_CODE_MAP_SIGNED = {"exp_avg_codes": True, "exp_avg_sq_codes": False}
+"""Which code map each codes tensor indexes (``codes.dynamic_code_map(signed)``)."""
+
+
+class TensorSpec(NamedTuple):
+    """The dtype and shape of one shard tensor."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def shard_key(group: str, what: str) -> str:
+    """The key of tensor ``what`` (:data:`MASTER` or a name of :data:`STATE_NAMES`) of group ``group``."""
+    return f"{group}/{what}"
+
+
+def split_shard_key(key: str) -> tuple[str, str]:
+    """``(group, what)`` of a key made by :func:`shard_key`."""
+    group, _, what = key.partition("/")
+    return group, what
+
+
+def elements_per_value(what: str) -> int:
+    """How many shard elements one value of tensor ``what`` stands for: 256 for block scales, else 1."""
+    return BLOCK_SIZE if what.endswith("_scales") else 1
+
+
+def group_table(group: GroupLayout) -> dict[str, TensorSpec]:
+    """``what`` -> dtype and shape of one rank's shard of ``group`` (the same on every rank), master first."""
+    n = group.shard_numel
+    table = {MASTER: TensorSpec(torch.float32, (n,))}
+    for what in STATE_NAMES[group.kind.bits]:
+        dtype = torch.uint8 if what.endswith("_codes") else torch.float32
+        table[what] = TensorSpec(dtype, (n // elements_per_value(what),))
+    return table
+
+
+def shard_table(layout: FlatLayout) -> dict[str, TensorSpec]:
+    """Key -> dtype and shape of every tensor of one rank's shard of ``layout``, in ``shard_tensors()`` order."""
+    return {
+        shard_key(group.kind.name, what): spec for group in layout.groups for what, spec in group_table(group).items()
+    }
+
+
+def empty_shard(layout: FlatLayout, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Zero shard tensors of one rank of ``layout``, keyed as :func:`shard_table`; 8-bit codes hold the zero code of
+    their map, so every value reads back as exactly zero (as after any step)."""
+    tensors = {}
+    for key, spec in shard_table(layout).items():
+        what = split_shard_key(key)[1]
+        fill = zero_code(_CODE_MAP_SIGNED[what]) if what in _CODE_MAP_SIGNED else 0
+        tensors[key] = torch.full(spec.shape, fill, dtype=spec.dtype, device=device)
+    return tensors
+
+
+class GroupShard:
+    """This rank's buffers for one group: the full flat working parameters, and its shard of the fp32 master
+    weights, the fp32 gradient (reduced into by the optimizer's reducer) and the optimizer state.
+
+    ``norm_skip`` names parameters whose gradients do not count towards the clipping norm (see
+    :meth:`add_grad_squares`).
+    """
+
+    def __init__(
+        self,
+        layout: GroupLayout,
+        rank: int,
+        device: torch.device,
+        param_dtype: torch.dtype,
+        norm_skip: frozenset[str] = frozenset(),
+    ) -> None:
+        self.layout = layout
+        self.pieces = layout.shard_pieces(rank)
+        self.flat_params = torch.zeros(layout.numel, dtype=param_dtype, device=device)
+        table = group_table(layout)
+        self.master = torch.zeros(table[MASTER].shape, dtype=torch.float32, device=device)
+        self.grad = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
+        # Codes start as byte 0 rather than the zero code: with a scale of 0 every code reads back as zero.
+        self.state: dict[str, torch.Tensor] = {
+            what: torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+            for what, spec in table.items()
+            if what != MASTER
+        }
+        self._norm_ranges = _counted_ranges(layout, self.pieces, norm_skip)
+
+    @property
+    def name(self) -> str:
+        return self.layout.kind.name
+
+    def adopt_parameters(self, params: dict[str, torch.nn.Parameter]) -> None:
+        """Copies the group's parameters into the flat buffer, takes the fp32 master shard from them, and makes
+        each parameter a view of the buffer (so the all-gather after each step updates the model in place)."""
+        full32 = torch.zeros(self.layout.numel, dtype=torch.float32, device=self.flat_params.device)
+        for slot in self.layout.params:
+            full32[slot.offset : slot.offset + slot.numel] = params[slot.name].detach().reshape(-1)
+        self.master.copy_(self.shard_of(full32))
+        self.flat_params.copy_(full32)
+        for slot in self.layout.params:
+            params[slot.name].data = self.param_view(slot)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The master weights and optimizer state, keyed by :func:`shard_key` (the live buffers)."""
+        named = {MASTER: self.master, **self.state}
+        return {shard_key(self.name, what): tensor for what, tensor in named.items()}
+
+    def param_view(self, slot: ParamSlot) -> torch.Tensor:
+        return self.flat_params[slot.offset : slot.offset + slot.numel].view(slot.shape)
+
+    def owned_params(self, flat_start: int, length: int) -> torch.Tensor:
+        """This rank's slice of one bucket of the working parameters: the update writes it, the all-gather sends it
+        in place (no separate low-precision shard buffer: it would cost 2 bytes per parameter / world size)."""
+        return self.flat_params[flat_start : flat_start + length]
+
+    def state_slices(self, local_start: int, length: int) -> list[torch.Tensor]:
+        """The optimizer state of shard elements ``[local_start, local_start + length)``; block scales are sliced
+        per 256-element block (pieces are block-aligned)."""
+        out = []
+        for what, tensor in self.state.items():
+            per = elements_per_value(what)
+            out.append(tensor[local_start // per : (local_start + length) // per])
+        return out
+
+    def write_owned_params(self) -> None:
+        """Casts the master shard into this rank's slices of the working parameters."""
+        for flat_start, local_start, length in self.pieces:
+            self.owned_params(flat_start, length).copy_(self.master[local_start : local_start + length])
+
+    def shard_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a full flat tensor of the group, as a new contiguous tensor."""
+        return torch.cat([flat[start : start + length] for start, _, length in self.pieces])
+
+    def add_grad_squares(self, squares: torch.Tensor) -> None:
+        """Adds the squared L2 norm of the gradient shard, in fp64, into ``squares`` (one fp64 element), leaving out
+        the parameters of ``norm_skip``."""
+        if self._norm_ranges is None:
+            squares += torch.linalg.vector_norm(self.grad, dtype=torch.float64).square()
+            return
+        for start, length in self._norm_ranges:
+            squares += torch.linalg.vector_norm(self.grad[start : start + length], dtype=torch.float64).square()
+
+    def adamw_step(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int) -> None:
+        """One AdamW update of the master shard from the gradient shard (already reduced and clipped), writing the
+        new working parameters into this rank's slices of ``flat_params``. Weight decay applies only to a group of
+        decayed parameters."""
+        update = adamw8bit_step if self.layout.kind.bits == 8 else adamw32bit_step
+        decay = weight_decay if self.layout.kind.decay else 0.0
+        # One call per bucket piece, so the new working parameters land directly in the flat buffer.
+        for flat_start, local_start, length in self.pieces:
+            update(
+                self.master[local_start : local_start + length],
+                self.grad[local_start : local_start + length],
+                *self.state_slices(local_start, length),
+                lr=lr,
+                beta1=betas[0],
+                beta2=betas[1],
+                eps=eps,
+                weight_decay=decay,
+                step=step,
+                param_out=self.owned_params(flat_start, length),
+            )
+
+
+def _counted_ranges(
+    layout: GroupLayout, pieces: list[tuple[int, int, int]], skip: frozenset[str]
+) -> list[tuple[int, int]] | None:
+    """The ``(local_start, length)`` ranges of a gradient shard that count towards the clipping norm: everything
+    but the elements of parameters in ``skip``; None (the whole shard) when nothing is skipped."""
+    skipped = [(s.offset, s.offset + s.numel) for s in layout.params if s.name in skip]
+    if not skipped:
+        return None
+    ranges: list[tuple[int, int]] = []
+    for flat_start, local_start, length in pieces:
+        cursor, end = flat_start, flat_start + length
+        for lo, hi in sorted(skipped):
+            lo, hi = max(lo, cursor), min(hi, end)
+            if lo >= hi:
+                continue
+            if lo > cursor:
+                ranges.append((local_start + cursor - flat_start, lo - cursor))
+            cursor = hi
+        if cursor < end:
+            ranges.append((local_start + cursor - flat_start, end - cursor))
+    return ranges
