@@ -1,7 +1,7 @@
 """Erasure coding between the snapshot processes of a group, and the rebuild of a lost node from its peers.
 
 Each snapshot process is node ``i`` of a group of n (``ec_group_size``) tolerating p losses (``ec_parity``); the
-placement is :class:`regrow.checkpoint.node.erasure.GroupCode`'s rotating parity. A node's buffer is its local ranks'
+placement is :class:`regrow.checkpoint.node.erasure.RotatingParity`'s rotating parity. A node's buffer is its local ranks'
 sealed segments of one step (``snapshot_ec_buffer``). Steps are agreed without a coordinator, and a round of step
 s completes on a node once every member has announced s. An idle process starts a round of the newest step a peer
 has announced that all its local ranks have committed too (joining that peer's round), or else of its own newest
@@ -39,7 +39,6 @@ the peer that failed and leave the others working.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
@@ -50,7 +49,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from regrow.checkpoint.node import coded_buffer as ecbuf
-from regrow.checkpoint.node.erasure import Buffer, ErasureConfig, Geometry, GroupCode, NotRecoverable, ParityPiece
+from regrow.checkpoint.node.erasure import Buffer, ErasureCodingConfig, Geometry, NotRecoverable, ParityPiece
+from regrow.checkpoint.node.group_code import GroupCode
 from regrow.checkpoint.snapshot.protocol import ProtocolError, SnapshotClient, SnapshotProcessLost
 
 KEEP_COMPLETE = 2
@@ -60,54 +60,6 @@ LOG_EVERY_S = 60.0
 
 def log(text: str) -> None:
     print(f"[snapshot process] erasure coding: {text}", flush=True)
-
-
-@dataclass(kw_only=True)
-class ErasureCodingConfig:
-    """Erasure coding of the node's snapshots across a group of snapshot processes. Off when ``ec_group_size``
-    is 0. Validated on construction; errors name the field."""
-
-    ec_group_size: int = 0
-    """n: snapshot processes (nodes) per group; 0 turns erasure coding off."""
-    ec_parity: int = 1
-    """p: nodes of a group that may be lost at once; 1 <= ec_parity < ec_group_size."""
-    chunk_bytes: int = 2 * 2**20
-    """Coding chunk per block (1-4 MiB)."""
-    threads: int = 0
-    """Coding threads; 0: os.cpu_count(), at most 8 (the ranks' own threads share these cores)."""
-    pack_threads: int = 4
-    """Threads that copy the held slots into the node's buffer at the start of a round."""
-    min_interval_s: float = 0.0
-    """Pause between the end of a round and the start of the next (trades coding load for freshness)."""
-    peer_timeout_s: float = 30.0
-    """Limit of every blocking call to a peer (connect, request, waiting for a round's pieces)."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.ec_group_size, int) or self.ec_group_size < 0 or self.ec_group_size == 1:
-            problems.append(f"ec_group_size={self.ec_group_size!r} must be 0 (off) or >= 2")
-        if self.ec_group_size and not (isinstance(self.ec_parity, int) and 1 <= self.ec_parity < self.ec_group_size):
-            problems.append(f"ec_parity={self.ec_parity!r} must satisfy 1 <= ec_parity < ec_group_size="
-                            f"{self.ec_group_size}")
-        if not 1 <= self.chunk_bytes:
-            problems.append(f"chunk_bytes={self.chunk_bytes!r} must be >= 1")
-        if not self.peer_timeout_s > 0:
-            problems.append(f"peer_timeout_s={self.peer_timeout_s!r} must be > 0")
-        if not (isinstance(self.pack_threads, int) and self.pack_threads >= 1):
-            problems.append(f"pack_threads={self.pack_threads!r} must be an int >= 1")
-        if not self.min_interval_s >= 0:
-            problems.append(f"min_interval_s={self.min_interval_s!r} must be >= 0")
-        if problems:
-            raise ValueError("invalid ErasureCodingConfig: " + "; ".join(problems))
-
-    @property
-    def enabled(self) -> bool:
-        return self.ec_group_size > 0
-
-    def code(self) -> GroupCode:
-        threads = self.threads or min(8, os.cpu_count() or 1)
-        return GroupCode(ErasureConfig(group_size=self.ec_group_size, parity=self.ec_parity,
-                                       chunk_bytes=self.chunk_bytes, threads=threads))
 
 
 class _Superseded(Exception):
@@ -160,7 +112,7 @@ class PeerCoding:
 
     def __init__(self, config: ErasureCodingConfig, token: str, node_segments: ecbuf.NodeSegments) -> None:
         self.config = config
-        self.code = config.code()
+        self.code = GroupCode(config)
         self._token = token
         self._segments = node_segments
         self.node: int | None = None

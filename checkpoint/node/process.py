@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from regrow.checkpoint.node.coded_buffer import BufferError, RebuiltSegment, SealedSegment
-from regrow.checkpoint.node.erasure import ErasureError
-from regrow.checkpoint.node.peers import ErasureCodingConfig, PeerCoding
+from regrow.checkpoint.node.erasure import ErasureCodingConfig, ErasureError
+from regrow.checkpoint.node.peers import PeerCoding
 from regrow.checkpoint.node.persist import PersistConfig, Persister
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, ProtocolError, parse_address, recv_message, send_message
