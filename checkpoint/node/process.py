@@ -9,7 +9,7 @@ snapshot byte ever crosses the socket between ranks and this process. The protoc
 and docs/snapshot-protocol.md. With erasure coding on (``erasure.ec_group_size``), this process also encodes its
 ranks' committed snapshots with its group's peers and can rebuild a lost node's segments (``snapshot_peers.py``).
 With persistence on (``persist.persist_every``), it writes its ranks' parts of a universal checkpoint every
-``persist_every`` steps from their sealed snapshots (``snapshot_persist.py``), so the ranks need no checkpoint writer.
+``persist_every`` steps from their sealed snapshots (``persist.py``), so the ranks need no checkpoint writer.
 
 Space is checked before anything is created (``os.statvfs``) and reserved with ``posix_fallocate``, so a
 ``/dev/shm`` that is too small fails at start-up (``expected_bytes``) or at ATTACH, never in the middle of a run.
@@ -39,13 +39,12 @@ from pathlib import Path
 from regrow.checkpoint.node.coded_buffer import BufferError, RebuiltSegment, SealedSegment
 from regrow.checkpoint.node.erasure import ErasureCodingConfig, ErasureError
 from regrow.checkpoint.node.peers import PeerCoding
-from regrow.checkpoint.node.persist import PersistConfig, Persister
+from regrow.checkpoint.node.persist import PERSIST_HOLDER, PersistConfig
+from regrow.checkpoint.node.persister import Persister
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, ProtocolError, parse_address, recv_message, send_message
 
 SLOTS = 2
-PERSIST_HOLDER = "persist"
-"""The name under which the persister holds the slots it copies (``SnapshotServer.hold``)."""
 
 
 def log(text: str, *, rank: int | None = None, step: int | None = None) -> None:
@@ -417,7 +416,7 @@ class SnapshotServer:
     def _offer_persist(self, step: int) -> None:
         """Hands ``step`` to the persister when it is a persist step and every attached rank has committed it.
         Offered even if a slot could not be held (a rank was already past the step at its first COMMIT): the
-        persister's copy is checked seqlock style (``snapshot_persist.copy_sealed``), so a slot rewritten under
+        persister's copy is checked seqlock style (``slot_copy.copy_sealed``), so a slot rewritten under
         it abandons the step and nothing torn is written."""
         if not self._persist_step(step):
             return
