@@ -16,11 +16,8 @@ import pytest
 import torch
 
 from regrow.checkpoint.node.persist import PersistConfig, persist_session
-from regrow.checkpoint.node.process import (
-    SnapshotProcessConfig,
-    SnapshotServer,
-    start_snapshot_process,
-)
+from regrow.checkpoint.node.process import SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.node.server import SnapshotServer
 from regrow.checkpoint.node.slot_copy import SlotOverwritten, copy_sealed
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient

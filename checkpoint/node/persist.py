@@ -18,7 +18,7 @@ down waits for it.
 
 **The race with the ranks.** A rank overwrites the slot holding step s when it snapshots step s + 2 (two slots,
 alternating), possibly while this process still reads s. The snapshot process holds every rank's slot of s from
-the first COMMIT of s until the copy is done (``SnapshotServer._hold_for_persist``), so normally no rank writes it;
+the first COMMIT of s until the copy is done (``persister.PersistFeed``), so normally no rank writes it;
 a rank already past s at that first COMMIT cannot be held, and for that case ``slot_copy.copy_sealed`` copies the whole
 slot into private memory first (several threads: the window is about two training steps) and accepts the copy only
 if the slot's header is unchanged and still sealed afterwards, seqlock style: the rank's ``begin`` clears ``complete``
@@ -54,7 +54,7 @@ from pathlib import Path
 from regrow.trainer.checks import require_ints
 
 PERSIST_HOLDER = "persist"
-"""The name under which the persister holds the slots it copies (``SnapshotServer.hold``)."""
+"""The name under which the persister holds the slots it copies (``SlotTable.hold``)."""
 
 
 @dataclass(kw_only=True)

@@ -1,4 +1,4 @@
-"""The snapshot process's persist thread (:class:`Persister`).
+"""The snapshot process's persist thread (:class:`Persister`) and what feeds it steps (:class:`PersistFeed`).
 
 persist.py describes the whole design: which step is persisted, the race with the ranks, coordination between
 nodes. The persister copies each local rank's slot into private memory (``slot_copy.py``) and writes the copies
@@ -13,9 +13,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from regrow.checkpoint.node.persist import PersistConfig, PersistResult, persist_session
+from regrow.checkpoint.node.persist import (
+    PERSIST_HOLDER,
+    PersistConfig,
+    PersistResult,
+    persist_session,
+)
 from regrow.checkpoint.node.persist_write import StepWriter
 from regrow.checkpoint.node.slot_copy import SlotOverwritten, copy_sealed
+from regrow.checkpoint.node.slots import SlotTable
 from regrow.checkpoint.snapshot import segment as seg
 
 RESULTS_KEPT = 64
@@ -43,7 +49,8 @@ class Persister:
         self.root = Path(config.persist_dir)
         self.root.mkdir(parents=True, exist_ok=True)
         self.run_config: dict = {}
-        """Stored in every manifest (``TrainerConfig.to_dict()``; the ``run_config`` op sets it)."""
+        """Stored in every manifest (``TrainerConfig.to_dict()``; the ``run_config`` op sets it:
+        :meth:`set_run_config`)."""
         self.copy_hook = copy_hook
         self._release = release or (lambda step: None)
         """Called with the step once its slots are copied (or not taken): the server then lets the sinks reuse
@@ -62,6 +69,10 @@ class Persister:
         self._thread.start()
 
     # ---------------------------------------------------------------- called by the server
+    def set_run_config(self, config: dict) -> None:
+        """The run's config, recorded in the manifests of the steps persisted from now on."""
+        self.run_config = config
+
     @property
     def last_step(self) -> int:
         """The run's last step, from the run config (0 while none was sent: then no step is treated as last)."""
@@ -198,3 +209,47 @@ class Persister:
     def _write(self, step: int, session: str, snapshots: dict[int, seg.Snapshot], started: float) -> PersistResult:
         """Writes every local rank's part from its private copy; the holder of rank 0 then commits."""
         return self._writer.write(step, session, snapshots, started, run_config=self.run_config)
+
+
+class PersistFeed:
+    """Hands the persister its steps from the ranks' COMMITs: holds every local rank's slot of a persist step from
+    its first COMMIT until the persister has copied it, and offers the step once every attached rank has committed
+    it. Called on the COMMITs' connection threads."""
+
+    def __init__(self, persister: Persister, slots: SlotTable) -> None:
+        self._persister = persister
+        self._slots = slots
+        self._lock = threading.Lock()
+        self._held_step: int | None = None  # the persist step whose slots were last held for the persister
+
+    def hold_at_first_commit(self, step: int) -> None:
+        """At the first COMMIT of a persist step, holds every rank's slot of it until the persister has copied it
+        (the ranks that COMMIT it later are held at their COMMIT, whose reply tells their sink). Holding only once
+        all ranks had committed lost the step whenever one rank's COMMIT came a step late (a loaded machine): by
+        then another rank was past it and its slot could not be held any more. Not while a persist runs: its
+        offer would be skipped, and taking the holder's holds would drop the ones its copy may still need."""
+        if not self._persister.eligible(step) or not self._persister.idle:
+            return
+        with self._lock:  # the ranks' COMMITs arrive on their own threads: one of them takes the hold
+            if step == self._held_step:
+                return
+            self._held_step = step
+        self._slots.hold(PERSIST_HOLDER, step)
+
+    def offer(self, step: int) -> None:
+        """Hands ``step`` to the persister when it is a persist step and every attached rank has committed it.
+        Offered even if a slot could not be held (a rank was already past the step at its first COMMIT): the
+        persister's copy is checked seqlock style (``slot_copy.copy_sealed``), so a slot rewritten under it
+        abandons the step and nothing torn is written."""
+        if not self._persister.eligible(step):
+            return
+        slots = self._slots.committed_paths(step)
+        if slots is not None:  # else a rank's COMMIT of the step comes later (and offers it then)
+            self._persister.offer(step, slots)
+
+    def rolled_back(self, step: int) -> None:
+        """A local rank went back to ``step``: the steps after it are re-run, their slots held and offered again."""
+        with self._lock:
+            if self._held_step is not None and self._held_step > step:
+                self._held_step = None  # the re-run step's slots are held again
+        self._persister.rolled_back(step)
