@@ -1,4 +1,4 @@
-"""Encode throughput of :class:`regrow.checkpoint.node.erasure.GroupCode` against its anchors on this machine::
+"""Encode throughput of :class:`regrow.checkpoint.node.group_code.GroupCode` against its anchors on this machine::
 
     .venv/bin/python bench/bench_erasure.py --size-mib 256 --groups 4:1 4:2 8:2
 
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import zfec
 
-from regrow.checkpoint.node.erasure import ErasureConfig, GroupCode
+from regrow.checkpoint.node.erasure import ErasureCodingConfig
+from regrow.checkpoint.node.group_code import GroupCode
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,10 @@ def make_buffers(n: int, size: int, padded: int, seed: int) -> list[np.ndarray]:
 
 
 def bench_group(n: int, p: int, size: int, chunk: int, threads: int, repeat: int) -> list[Row]:
-    code = GroupCode(ErasureConfig(group_size=n, parity=p, chunk_bytes=chunk, threads=threads))
-    single = GroupCode(ErasureConfig(group_size=n, parity=p, chunk_bytes=chunk, threads=1))
+    # threads 0 means every core here (ErasureCodingConfig's own 0 caps at 8, for the snapshot process)
+    code = GroupCode(ErasureCodingConfig(ec_group_size=n, ec_parity=p, chunk_bytes=chunk,
+                                         threads=threads or os.cpu_count() or 1))
+    single = GroupCode(ErasureCodingConfig(ec_group_size=n, ec_parity=p, chunk_bytes=chunk, threads=1))
     k = n - p
     geo = code.geometry([size] * n)
     piece = geo.piece_bytes
@@ -129,8 +132,8 @@ def main() -> None:
     parser.add_argument("--size-mib", type=float, default=256.0, help="snapshot bytes per node, in MiB")
     parser.add_argument("--groups", type=parse_group, nargs="+", default=[(4, 1), (4, 2), (8, 2)],
                         help="groups to measure, as n:p")
-    parser.add_argument("--chunk-mib", type=float, default=2.0, help="ErasureConfig.chunk_bytes, in MiB")
-    parser.add_argument("--threads", type=int, default=0, help="ErasureConfig.threads (0 = os.cpu_count())")
+    parser.add_argument("--chunk-mib", type=float, default=2.0, help="ErasureCodingConfig.chunk_bytes, in MiB")
+    parser.add_argument("--threads", type=int, default=0, help="ErasureCodingConfig.threads (0 = os.cpu_count())")
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per method; the fastest is kept")
     args = parser.parse_args()
     size = int(args.size_mib * 2**20)

@@ -44,7 +44,7 @@ from bench_checkpoint import barrier_timed, max_over_ranks, regrow_trainer, sync
 from bench_snapshot import windows
 from bench_zero import emit_result, init_distributed, result_header
 
-from regrow.checkpoint.node.peers import ErasureCodingConfig
+from regrow.checkpoint.node.erasure import ErasureCodingConfig
 from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from regrow.checkpoint.node import erasure
-from regrow.checkpoint.node.erasure import ErasureConfig, GroupCode, NotRecoverable, ParityPiece
+from regrow.checkpoint.node.erasure import ErasureCodingConfig, NotRecoverable, ParityPiece
+from regrow.checkpoint.node.group_code import GroupCode
 
 CHUNK = 4096
 
@@ -21,7 +22,7 @@ def _buffers(n: int, seed: int, base: int = 50_000) -> list[np.ndarray]:
 
 
 def _code(n: int, p: int, chunk: int = CHUNK, threads: int = 2) -> GroupCode:
-    return GroupCode(ErasureConfig(group_size=n, parity=p, chunk_bytes=chunk, threads=threads))
+    return GroupCode(ErasureCodingConfig(ec_group_size=n, ec_parity=p, chunk_bytes=chunk, threads=threads))
 
 
 def _survivors(buffers: list[np.ndarray], parity: dict[int, list[ParityPiece]], lost: tuple[int, ...]
@@ -186,15 +187,15 @@ def test_single_thread_matches_threaded() -> None:
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    ({"group_size": 4, "parity": 0}, "parity"),
-    ({"group_size": 4, "parity": 4}, "parity"),
-    ({"group_size": 1, "parity": 1}, "group_size"),
-    ({"group_size": 4, "parity": 1, "chunk_bytes": 0}, "chunk_bytes"),
-    ({"group_size": 4, "parity": 1, "threads": -1}, "threads"),
+    ({"ec_group_size": 4, "ec_parity": 0}, "parity"),
+    ({"ec_group_size": 4, "ec_parity": 4}, "parity"),
+    ({"ec_group_size": 1, "ec_parity": 1}, "group_size"),
+    ({"ec_group_size": 4, "ec_parity": 1, "chunk_bytes": 0}, "chunk_bytes"),
+    ({"ec_group_size": 4, "ec_parity": 1, "threads": -1}, "threads"),
 ])
 def test_config_validation_names_field(kwargs: dict[str, int], field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        ErasureConfig(**kwargs)
+        ErasureCodingConfig(**kwargs)
 
 
 def test_argument_errors_name_the_argument() -> None:
@@ -216,6 +217,6 @@ def test_megabyte_buffers_default_chunks() -> None:
     rng = np.random.default_rng(12)
     buffers = [rng.integers(0, 256, size, dtype=np.uint8) for size in (9_000_001, 7_654_321, 8_388_608, 123)]
     for p in (1, 2):
-        code = GroupCode(ErasureConfig(group_size=4, parity=p))
+        code = GroupCode(ErasureCodingConfig(ec_group_size=4, ec_parity=p))
         parity = code.encode(buffers)
         _assert_rebuilds(code, buffers, parity, tuple(range(p)))

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from regrow.checkpoint.node import coded_buffer as ecbuf
-from regrow.checkpoint.node.peers import ErasureCodingConfig, PeerCoding
+from regrow.checkpoint.node.erasure import ErasureCodingConfig
+from regrow.checkpoint.node.peers import PeerCoding
 from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, ProtocolError, SnapshotClient

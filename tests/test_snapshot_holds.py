@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from regrow.checkpoint.node.persist import PersistConfig
-from regrow.checkpoint.node.process import SnapshotProcessConfig, SnapshotServer
+from regrow.checkpoint.node.process import SnapshotProcessConfig
+from regrow.checkpoint.node.server import SnapshotServer
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot.sink import SnapshotSink
 

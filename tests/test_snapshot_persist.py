@@ -15,17 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from regrow.checkpoint.node.persist import (
-    PersistConfig,
-    SlotOverwritten,
-    copy_sealed,
-    persist_session,
-)
-from regrow.checkpoint.node.process import (
-    SnapshotProcessConfig,
-    SnapshotServer,
-    start_snapshot_process,
-)
+from regrow.checkpoint.node.persist import PersistConfig, persist_session
+from regrow.checkpoint.node.process import SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.node.server import SnapshotServer
+from regrow.checkpoint.node.slot_copy import SlotOverwritten, copy_sealed
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig

@@ -1,8 +1,33 @@
-"""``python -m regrow.checkpoint.node``: runs one node's snapshot process (see ``process.py`` and
-docs/snapshot-protocol.md)."""
+"""``python -m regrow.checkpoint.node``: runs one node's snapshot process (``process.py`` says what it is, its
+arguments are ``process.config_from_command_line``'s; the protocol is docs/snapshot-protocol.md)."""
 
+from __future__ import annotations
+
+import os
+import signal
 import sys
 
-from regrow.checkpoint.node.process import main
+from regrow.checkpoint.node.process import config_from_command_line
+from regrow.checkpoint.node.server import SnapshotServer
+from regrow.checkpoint.node.shm import ShmSpaceError
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 
-sys.exit(main())
+
+def main(argv: list[str] | None = None) -> int:
+    """Serves until SHUTDOWN, SIGTERM or SIGINT (then removes the segments); prints ``READY host:port job ID pid
+    P`` once it listens. Returns 2 (the reason on stderr) when it cannot start."""
+    try:
+        config = config_from_command_line(argv)
+        server = SnapshotServer(config, os.environ.get(TOKEN_ENV, ""))
+    except (ValueError, TypeError, ShmSpaceError, OSError) as error:
+        print(f"[snapshot process] cannot start: {error}", file=sys.stderr, flush=True)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    signal.signal(signal.SIGINT, lambda *_: server.shutdown())  # Ctrl-C: remove the segments too
+    print(f"READY {server.address} job {server.job} pid {os.getpid()}", flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

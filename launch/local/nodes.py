@@ -20,7 +20,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from regrow.checkpoint.node.peers import ErasureCodingConfig
+from regrow.checkpoint.node.erasure import ErasureCodingConfig
 from regrow.checkpoint.node.persist import PersistConfig
 from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot.protocol import (

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from regrow.checkpoint.node.peers import ErasureCodingConfig
+from regrow.checkpoint.node.erasure import ErasureCodingConfig
 from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot.protocol import (
     TOKEN_ENV,
