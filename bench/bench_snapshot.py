@@ -20,7 +20,7 @@ Then, with the last snapshot sealed:
 
 - ``d2h_gbps``: one synchronous copy of the whole shard into the snapshot segment (pinned by cudaHostRegister
   when the sink registered it: ``registered``): the copy's floor, to set against the step time;
-- ``verify_gbps``: ``snapshot_segment.verify`` of the newest segment on this rank, on the host: the WordSum-128 of
+- ``verify_gbps``: ``checkpoint.snapshot.segment.verify`` of the newest segment on this rank, on the host: the WordSum-128 of
   the payload (numpy on ``crc.default_threads()`` threads) and the CRC32 of the metadata, which is what every
   restore pays per slot. The per-step seal does not do this: on CUDA with triton it digests the source tensors on
   the GPU (next figure), and it reads no payload byte on the host;

@@ -6,13 +6,13 @@ and re-form its process group. What that does depends on the backend:
 
 - **NCCL**: ``torch.distributed.distributed_c10d._abort_process_group()`` aborts the communicators, and a collective
   blocked in the training thread returns with an error (measured on the GPU host: 0.55 s, CUDA stays usable, GPU
-  tensors intact; DESIGN.md "Survivors keep their state").
+  tensors intact; docs/architecture.md, "Survivors keep their state").
 - **gloo**: aborting does not wake a thread blocked in a gloo collective (measured here: the all-reduce stayed
   blocked after the abort returned), and gloo's reduce-scatter work never reports completion before ``wait``, so it
   cannot be polled either. It needs nothing: a gloo collective fails at once when a peer it exchanges data with
   closes its connections ("Connection closed by peer", measured: 0.02 s after the kill). In a ring only the dead
   rank's neighbours exchange data with it, so a survivor leaves its group as soon as its collective fails
-  (``recovery.worker``), and the failure spreads around the ring within milliseconds (measured with 4 Ray workers:
+  (``recovery.ray.worker``), and the failure spreads around the ring within milliseconds (measured with 4 Ray workers:
   the last survivor returned 0.03 s after the death, against its 30 s timeout before). The coordinator ends a hung
   peer by killing its process.
 

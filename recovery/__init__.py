@@ -1,13 +1,21 @@
-"""Failure handling: decide which source restores lost state, and restore it.
+"""Failure handling: which source restores lost state, and restoring it through the training object's contract
+(``trainer.state.Restorable``).
 
-- ``policy.py``: :func:`~regrow.recovery.policy.decide`, a pure function from what survived (``Availability``) to
-  a source in DESIGN.md's order (local snapshot -> erasure-coded rebuild -> neighbour rebuild of a pipeline stage
-  -> universal checkpoint), with the reason; ``recover_stage`` logs it and applies a neighbour rebuild.
+- ``order.py``: the recovery order, one name per source (``Source``: kept in memory, node snapshot, erasure-coded
+  rebuild, neighbour rebuild, universal checkpoint) and :func:`~regrow.recovery.order.plan`, a pure function from
+  what may serve (``Availability``) to the sources worth trying, best first, with the reasons;
+- ``restore.py``: :func:`~regrow.recovery.restore.restore_job`, the collective restore every launcher and the Ray
+  worker call: it plans the sources from the job's settings and walks them;
+- ``from_snapshots.py``, ``from_checkpoint.py``, ``stage_heal.py``: the sources' collective attempts (survivors,
+  node slots, coded buffers; the universal checkpoint; a pipeline stage rebuilt from its neighbours);
+- ``agreement.py``: the small collectives by which the ranks agree during a restore;
 - ``neighbor.py``: CheckFree (an intermediate stage averaged from its two neighbours, weighted by their gradient
-  norms) and CheckFree+ (an edge stage copied from its neighbour), over point-to-point sends.
+  norms) and CheckFree+ (an edge stage copied from its neighbour), over point-to-point sends;
 - ``ray/``: the Ray coordinator that starts the workers and the snapshot processes, watches them, and heals a
   failure (abort the survivors, replace, re-form the group, restore) or shrinks the job (elastic mode), one module
   per part (listed in ``ray/__init__.py``); the Ray actor hosting one rank (``ray/worker.py``) and what its GPU
   runs ahead of its first step (``ray/gpu_warm_up.py``).
-- ``stage_heal.py``: a pipeline's lost stage rebuilt from its neighbours under the coordinator.
+
+Modules here import the checkpoint tier and the trainer; ``ray/`` builds on the rest of the tier, never the other
+way round.
 """

@@ -67,7 +67,7 @@ class NodeRebuild:
                 f"node {me}: no step is held complete by the {n - p} nodes a rebuild needs (group of {n}, parity "
                 f"{p}; holders per step {dict((s, sorted(h)) for s, h in holders.items())}; unreachable: "
                 f"{unreachable or 'none'}): more than {p} nodes of the group are lost, recovery needs the disk "
-                f"checkpoint (checkpoint.reshard.restore_trainer)")
+                f"checkpoint (recovery.from_checkpoint.restore_trainer)")
         step = usable[0]
         survivors = sorted(holders[step])
         lost = sorted(set(range(n)) - set(survivors))

@@ -60,7 +60,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 def default_threads() -> int:
     """Threads per checksum: this process's share of the cores it may use (``LOCAL_WORLD_SIZE`` ranks share the
-    host; torchrun and ``launch.spawn`` set it), at most 8: on the 4-GPU host 16 threads per rank checksummed
+    host; torchrun and ``launch.local.spawn`` set it), at most 8: on the 4-GPU host 16 threads per rank checksummed
     faster (19.4 vs 14.2 GB/s) but slowed training more (snapshot overhead 34% vs 21% of a step)."""
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, len(os.sched_getaffinity(0)) // ranks_here))

@@ -152,7 +152,7 @@ class SnapshotClient:
                 raise SnapshotProcessLost(
                     f"lost the snapshot process at {self.address} during {message.get('op')!r}: {error}. If it "
                     f"crashed, the snapshots it held are gone: restart it (start_snapshot_process) and restore "
-                    f"from the universal checkpoint (checkpoint.reshard.restore_trainer)") from error
+                    f"from the universal checkpoint (recovery.from_checkpoint.restore_trainer)") from error
         if not reply.get("ok"):
             raise ProtocolError(f"snapshot process at {self.address} refused {message.get('op')!r}: "
                                 f"{reply.get('error')}")

@@ -28,7 +28,7 @@ It is NOT cryptographic: anyone can forge a payload with a given digest, and ran
 unnoticed with probability about 2^-64 at best. It guards against torn or stray writes, not against an adversary.
 Checkpoint files keep CRC32 (``crc.py``).
 
-This module does not import torch (the snapshot process imports ``snapshot_segment``, which uses it, and must start
+This module does not import torch (the snapshot process imports ``segment.py``, which uses it, and must start
 fast); the CUDA kernel is in ``wordsum_triton.py``.
 """
 

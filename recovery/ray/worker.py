@@ -7,7 +7,7 @@ its training thread is blocked inside a collective: it aborts the communicators 
 training call returns with an error, and the worker keeps its process, its CUDA context and its Trainer. After the
 coordinator has formed the next generation, the survivors keep their state (a survivor goes back to the boundary
 of the step the failure interrupted: ``trainer.boundary``), only the replacements restore that step from their
-node's snapshot process (``checkpoint.snapshot_recovery.restore_job``, which falls back to every rank restoring
+node's snapshot process (``recovery.restore.restore_job``, which falls back to every rank restoring
 the newest common step when that is impossible), and training goes on.
 
 Contract: ``join`` before anything else and after every failure (it forms generation ``g`` of the process group

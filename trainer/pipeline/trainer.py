@@ -4,9 +4,9 @@ Rank ``r`` of ``world_size`` holds stage ``pp = r % S`` of data-parallel replica
 (``comm.topology``). Each stage is a :class:`~regrow.trainer.models.GPTStage` (its blocks; the embedding on the first
 stage, the final norm and LM head on the last) with its own :class:`ZeroOptimizer` sharded over the stage's
 data-parallel group. Activations and their gradients travel point-to-point between neighbouring stages of a replica
-(:mod:`pipeline_p2p`) in the order :mod:`pipeline_schedule` computes. Gradient clipping uses the global norm (each
+(``p2p.py``) in the order ``schedule.py`` computes. Gradient clipping uses the global norm (each
 stage's squared norm summed over the pipeline); the tied embedding/head copies are summed as in
-:mod:`pipeline_shared`. See docs/pipeline.md.
+``shared.py``. See docs/pipeline.md.
 
 One step, top to bottom (:meth:`PipelineTrainer.train_step`): every rank draws its replica's micro-batches, runs its
 schedule (forward: receive or embed, blocks, send or loss; backward: receive or loss, backward, send), waits for
