@@ -46,6 +46,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,9 @@ from regrow.checkpoint.snapshot.sink import (
 )
 from regrow.launch.snapshot_cli import snapshot_bytes
 from regrow.trainer.loop import Trainer
+
+if TYPE_CHECKING:
+    from regrow.checkpoint.snapshot.sink import _Segment
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,10 +158,23 @@ def start_node_process(args: argparse.Namespace, trainer: Trainer, local_ranks: 
     return process, holder[0]
 
 
+def newest_sealed(sink: SnapshotSink) -> _Segment:
+    """The sink's mapped segment holding its newest sealed snapshot. The sink must still be attached: ``close()``
+    and ``detach()`` unmap the segments (``sink.segments`` is then empty)."""
+    best = None
+    for segment in sink.segments:
+        header = seg.read_header(segment.buffer)
+        if header.complete == seg.COMPLETE and (best is None or header.step > best[1]):
+            best = (segment, header.step)
+    assert best is not None, "no sealed snapshot in the sink's mapped segments"
+    return best[0]
+
+
 def d2h_gbps(sink: SnapshotSink, trainer: Trainer) -> tuple[float, bool]:
     """GB/s of one synchronous copy of the shard into the sink's segment views (what the side stream does), and
-    whether the segment is cudaHostRegistered."""
-    segment = sink.segments[0]
+    whether the segment is cudaHostRegistered. The copy goes into the newest sealed segment, over the very bytes
+    its snapshot holds (no step ran since it was taken), so that both slots still verify afterwards."""
+    segment = newest_sealed(sink)
     sources = trainer.optimizer.shard_tensors()
     on_cuda = trainer.device.type == "cuda"
     targets = {name: segment.allocate(name, t.shape, t.dtype, on_cuda) for name, t in sources.items()}
@@ -173,17 +190,12 @@ def d2h_gbps(sink: SnapshotSink, trainer: Trainer) -> tuple[float, bool]:
 def verify_gbps(sink: SnapshotSink) -> tuple[float, int]:
     """GB/s of verifying (WordSum-128 of the payload, CRC32 of the metadata) this rank's newest sealed segment on the
     host, and its payload bytes."""
-    best = None
-    for segment in sink.segments:
-        header = seg.read_header(segment.buffer)
-        if header.complete == seg.COMPLETE and (best is None or header.step > best[1]):
-            best = (segment, header.step)
-    assert best is not None, "no sealed snapshot to verify"
+    segment = newest_sealed(sink)
     start = time.perf_counter()
-    snapshot = seg.verify(best[0].buffer, rank=sink.rank)
+    snapshot = seg.verify(segment.buffer, rank=sink.rank)
     seconds = time.perf_counter() - start
     snapshot.payload.release()
-    return best[0].payload_bytes / seconds / 1e9, best[0].payload_bytes
+    return segment.payload_bytes / seconds / 1e9, segment.payload_bytes
 
 
 def digest_gpu_s(trainer: Trainer) -> float | None:
@@ -222,10 +234,11 @@ def run(args: argparse.Namespace) -> dict:
         for _ in range(args.warmup):  # the first snapshots map and register the segments
             trainer.train_step()
         off, on = paired_windows(args, trainer, sink)
-        sink.close()  # seals the last snapshot
+        sink.flush()  # seals the last snapshot; the segments stay mapped for the two measurements below
         trainer.sinks.remove(sink)
         copy_gbps, registered = d2h_gbps(sink, trainer)
         host_gbps, payload = verify_gbps(sink)
+        sink.close()  # unmaps the segments (and unregisters them from CUDA)
         gpu_s = digest_gpu_s(trainer)
         steps_before = trainer.step
         restored = {}
