@@ -5,7 +5,7 @@ Blagoev et al. 2025, at small scale on CPU)::
     .venv/bin/python bench/bench_checkfree.py --stages 4 --steps 600 --failure-every 125 --seed 0 --out-dir DIR
 
 Protocol. The real :class:`PipelineTrainer` trains a GPT cut into ``--stages`` stages (DP 1, one gloo process per
-stage, spawned by ``launch.spawn.run_local``) on the embedded byte corpus, with the same seed, data order and
+stage, spawned by ``launch.local.spawn.run_local``) on the embedded byte corpus, with the same seed, data order and
 failure schedule for every strategy. Five runs, one after the other, each in fresh processes:
 
 - ``fault-free``: no failure; its validation loss at ``--target-frac`` of ``--steps`` becomes the target;
@@ -20,8 +20,8 @@ failure schedule for every strategy. Five runs, one after the other, each in fre
   masters, Adam moments, RNG, data cursor) to ``--out-dir`` and fsyncs it, blocking, as DeepSpeed's pipeline
   engine does; a failure rolls every stage back to the last checkpoint (``torch.load`` + ``PipelineTrainer
   .restore``), and the lost steps are trained again;
-- ``snapshot``: a real node snapshot process (``checkpoint.memory``) and a ``SnapshotSink`` on every rank take an
-  in-memory snapshot after every step (copy + checksum on a thread, overlapping the next step); on a failure the
+- ``snapshot``: a real node snapshot process (``checkpoint.node.process``) and a ``SnapshotSink`` on every rank take
+  an in-memory snapshot after every step (copy + checksum on a thread, overlapping the next step); on a failure the
   lost rank reads its newest sealed slot, the ranks agree on the newest step every rank holds (as
   ``restore_job`` does), and ranks not at that step restore it; a new sink re-attaches to the segments. This models
   a crashed rank process whose node (and snapshot process) survived, or a node loss within erasure-code parity

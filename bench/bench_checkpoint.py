@@ -329,8 +329,8 @@ def _model_and_batches(args: argparse.Namespace, rank: int, device: torch.device
     config = GPTConfig.preset(args.preset)
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
-    batches = make_batches(count=steps_drawn(args), micro_batch=args.micro_batch, config=config, seed=args.seed, rank=rank,
-                           device=device)
+    batches = make_batches(count=steps_drawn(args), micro_batch=args.micro_batch, config=config, seed=args.seed,
+                           rank=rank, device=device)
     return model, iter(batches)
 
 

@@ -18,12 +18,13 @@ is synchronised only at its ends (maximum over ranks). ``overhead`` = median win
 without - 1.
 Then, with the last snapshot sealed:
 
-- ``d2h_gbps``: one synchronous copy of the whole shard into the snapshot segment (pinned by cudaHostRegister
-  when the sink registered it: ``registered``): the copy's floor, to set against the step time;
-- ``verify_gbps``: ``snapshot_segment.verify`` of the newest segment on this rank, on the host: the WordSum-128 of
-  the payload (numpy on ``crc.default_threads()`` threads) and the CRC32 of the metadata, which is what every
-  restore pays per slot. The per-step seal does not do this: on CUDA with triton it digests the source tensors on
-  the GPU (next figure), and it reads no payload byte on the host;
+- ``d2h_gbps``: one synchronous copy of the whole shard into the newest sealed segment, over the bytes it already
+  holds (pinned by cudaHostRegister when the sink registered it: ``registered``): the copy's floor, to set against
+  the step time;
+- ``verify_gbps``: ``checkpoint.snapshot.segment.verify`` of the newest segment on this rank, on the host: the
+  WordSum-128 of the payload (numpy on ``crc.default_threads()`` threads) and the CRC32 of the metadata, which is
+  what every restore pays per slot. The per-step seal does not do this: on CUDA with triton it digests the source
+  tensors on the GPU (next figure), and it reads no payload byte on the host;
 - ``digest_gpu_ms``: ``wordsum_triton.digest_cuda`` of every shard tensor, one after the other on the current
   stream, device synchronised before and after (slowest rank; Triton's launches included, which the seal pays on
   the training thread in ``after_step``), and ``digest_gpu_gbps_min`` the slowest rank's throughput: the seal's

@@ -18,7 +18,7 @@ rounds node 0 completed during the timed phase.
 
 Then the node loss: the sinks are closed and the newest step's encode awaited; the snapshot process of the last
 node is SIGKILLed (t0), a replacement started by that node's first rank, the group told, ``ec_rebuild`` sent
-(``rebuild_s``), and every rank runs ``checkpoint.snapshot_recovery.restore_job`` against its node (``restore_s``:
+(``rebuild_s``), and every rank runs ``recovery.restore.restore_job`` against its node (``restore_s``:
 verify slots, agree on the step, roll back to the rebuilt step where a slot no longer holds it, load the state).
 ``node_loss_to_restored_s`` is t0 to the end of the restore on every rank. In a real node loss the lost node's
 ranks also restart (process, CUDA, NCCL, ``Trainer``: ``rebuild_s`` of ``bench_snapshot.py``); the survivors keep
