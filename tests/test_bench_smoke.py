@@ -246,10 +246,12 @@ def test_ray_runner_heals_a_killed_worker_and_restarts_the_baseline(tmp_path: Pa
     [result] = outcome.records("ray_recovery.jsonl")
     assert_all_ok([result], 1)
     [failure] = result["regrow"]["failures"]
-    # A snapshot every step: the step the job had reached when the worker died (the kill lands at or just after
-    # kill_step) comes back, and no step is trained again.
-    assert failure["restored_step"] == failure["reached_step"] >= failure["kill_step"]
-    assert failure["redone_steps"] == 0
+    # A snapshot every step, from memory: the step the job had reached when the worker died (the kill lands at or
+    # just after kill_step) comes back, or the one before it when the kill caught the killed rank's newest snapshot
+    # being sealed; at most that one step is trained again.
+    assert failure["reached_step"] >= failure["kill_step"]
+    assert failure["reached_step"] - 1 <= failure["restored_step"] <= failure["reached_step"]
+    assert failure["redone_steps"] <= 1 and "snapshot" in failure["sources"]
     assert result["restart"]["restored_step"] == 11
     for phase in ("regrow", "baseline", "restart"):
         assert (outcome.out / "logs" / f"ray_recovery_{phase}.events.jsonl").is_file()
