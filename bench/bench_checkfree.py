@@ -20,8 +20,8 @@ failure schedule for every strategy. Five runs, one after the other, each in fre
   masters, Adam moments, RNG, data cursor) to ``--out-dir`` and fsyncs it, blocking, as DeepSpeed's pipeline
   engine does; a failure rolls every stage back to the last checkpoint (``torch.load`` + ``PipelineTrainer
   .restore``), and the lost steps are trained again;
-- ``snapshot``: a real node snapshot process (``checkpoint.node``) and a ``SnapshotSink`` on every rank take an
-  in-memory snapshot after every step (copy + checksum on a thread, overlapping the next step); on a failure the
+- ``snapshot``: a real node snapshot process (``checkpoint.node.process``) and a ``SnapshotSink`` on every rank take
+  an in-memory snapshot after every step (copy + checksum on a thread, overlapping the next step); on a failure the
   lost rank reads its newest sealed slot, the ranks agree on the newest step every rank holds (as
   ``restore_job`` does), and ranks not at that step restore it; a new sink re-attaches to the segments. This models
   a crashed rank process whose node (and snapshot process) survived, or a node loss within erasure-code parity
@@ -95,7 +95,7 @@ from regrow.trainer.pipeline.trainer import (
     PipelineTrainerConfig,
 )
 from regrow.trainer.state import ShardState
-from regrow.trainer.zero.config import ZeroConfig
+from regrow.trainer.zero.optimizer import ZeroConfig
 
 STRATEGIES = ("fault-free", "checkfree", "checkfree-plus", "checkpoint", "snapshot")
 LABELS = {"fault-free": "fault-free (reference)", "checkfree": "(a) CheckFree", "checkfree-plus": "(b) CheckFree+",

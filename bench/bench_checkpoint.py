@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-fsync", action="store_true", help="regrow: skip fsync (DeepSpeed and DCP do not fsync)")
     parser.add_argument("--json", default=None, help="file to append the result line to (rank 0)")
     args = parser.parse_args(argv)
-    for name in ("micro_batch", "baseline_steps", "saves", "max_steps_during"):
+    for name in ("micro_batch", "baseline_steps", "saves", "max_steps_during", "window"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -329,13 +329,20 @@ def _model_and_batches(args: argparse.Namespace, rank: int, device: torch.device
     config = GPTConfig.preset(args.preset)
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
-    count = args.warmup + args.baseline_steps + args.saves * (args.max_steps_during + 2) + 2
-    batches = make_batches(count=count, micro_batch=args.micro_batch, config=config, seed=args.seed, rank=rank,
-                           device=device)
+    batches = make_batches(count=steps_drawn(args), micro_batch=args.micro_batch, config=config, seed=args.seed,
+                           rank=rank, device=device)
     return model, iter(batches)
 
 
 # ---------------------------------------------------------------------------------------------------- protocol
+
+
+def steps_drawn(args: argparse.Namespace) -> int:
+    """The most training steps :func:`measure_training` runs, hence the batches a job on random tokens needs: the
+    warm-up, the steps timed alone, then per save three windows without it, the window it starts in, and the
+    windows run while it persists (whole windows, up to ``--max-steps-during`` steps rounded up to one)."""
+    during = -(-args.max_steps_during // args.window) * args.window
+    return args.warmup + args.baseline_steps + args.saves * (4 * args.window + during)
 
 
 def _window(job: Job, steps: int, save_index: int | None, busy: list[Callable[[], bool]]) -> None:

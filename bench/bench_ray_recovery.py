@@ -1,9 +1,9 @@
 """What a failure costs a Ray-coordinated job: regrow (in-memory snapshot every step, survivors healed in place)
 against a DeepSpeed-style baseline (universal checkpoint every ``--save-every`` steps, whole-job restart from disk).
 
-One driver process (``bench/run_gpu_ray.sh`` runs it) starts a one-node Ray instance
-(``ray.init(num_gpus=N, num_cpus=..., include_dashboard=False)``) and runs three jobs of ``--workers`` ``Worker``
-actors through ``regrow.recovery.ray.coordinator.Coordinator``, one after the other::
+One driver process (``bench/run_gpu_ray.sh`` runs it) starts a one-node Ray instance of its own
+(``ray.init(address="local", num_gpus=N, num_cpus=..., include_dashboard=False)``) and runs three jobs of
+``--workers`` ``Worker`` actors through ``regrow.recovery.ray.coordinator.Coordinator``, one after the other::
 
     python bench/bench_ray_recovery.py --workers 4 --json out.jsonl --markdown out.md
 
@@ -752,7 +752,9 @@ def run(args: argparse.Namespace) -> dict:
         cpus = max(os.cpu_count() or 1, args.workers + 1)
         log(f"ray.init(num_gpus={args.workers if cuda else 0}, num_cpus={cpus})")
         # A small object store: this bench passes only small objects, and /dev/shm is the snapshot processes'.
-        ray.init(num_gpus=args.workers if cuda else 0, num_cpus=cpus, include_dashboard=False,
+        # address="local": an instance of its own, never one already running on the host (without it, ray.init
+        # joins the host's running cluster, which refuses num_cpus / num_gpus).
+        ray.init(address="local", num_gpus=args.workers if cuda else 0, num_cpus=cpus, include_dashboard=False,
                  object_store_memory=1 << 30, log_to_driver=not args.quiet_workers)
         signal.signal(signal.SIGTERM, terminate)  # ray.init installed its own
         result["ray_init_s"] = r3(time.monotonic() - started)

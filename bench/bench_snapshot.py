@@ -18,12 +18,13 @@ is synchronised only at its ends (maximum over ranks). ``overhead`` = median win
 without - 1.
 Then, with the last snapshot sealed:
 
-- ``d2h_gbps``: one synchronous copy of the whole shard into the snapshot segment (pinned by cudaHostRegister
-  when the sink registered it: ``registered``): the copy's floor, to set against the step time;
-- ``verify_gbps``: ``checkpoint.snapshot.segment.verify`` of the newest segment on this rank, on the host: the WordSum-128 of
-  the payload (numpy on ``crc.default_threads()`` threads) and the CRC32 of the metadata, which is what every
-  restore pays per slot. The per-step seal does not do this: on CUDA with triton it digests the source tensors on
-  the GPU (next figure), and it reads no payload byte on the host;
+- ``d2h_gbps``: one synchronous copy of the whole shard into the newest sealed segment, over the bytes it already
+  holds (pinned by cudaHostRegister when the sink registered it: ``registered``): the copy's floor, to set against
+  the step time;
+- ``verify_gbps``: ``checkpoint.snapshot.segment.verify`` of the newest segment on this rank, on the host: the
+  WordSum-128 of the payload (numpy on ``crc.default_threads()`` threads) and the CRC32 of the metadata, which is
+  what every restore pays per slot. The per-step seal does not do this: on CUDA with triton it digests the source
+  tensors on the GPU (next figure), and it reads no payload byte on the host;
 - ``digest_gpu_ms``: ``wordsum_triton.digest_cuda`` of every shard tensor, one after the other on the current
   stream, device synchronised before and after (slowest rank; Triton's launches included, which the seal pays on
   the training thread in ``after_step``), and ``digest_gpu_gbps_min`` the slowest rank's throughput: the seal's
@@ -46,6 +47,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -62,6 +64,9 @@ from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.launch.snapshot_cli import snapshot_bytes
 from regrow.recovery.from_snapshots import restore_from_node
 from regrow.trainer.loop import Trainer
+
+if TYPE_CHECKING:
+    from regrow.checkpoint.snapshot.sink import _Segment
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,10 +156,23 @@ def start_node_process(args: argparse.Namespace, trainer: Trainer, local_ranks: 
     return process, holder[0]
 
 
+def newest_sealed(sink: SnapshotSink) -> _Segment:
+    """The sink's mapped segment holding its newest sealed snapshot. The sink must still be attached: ``close()``
+    and ``detach()`` unmap the segments (``sink.segments`` is then empty)."""
+    best = None
+    for segment in sink.segments:
+        header = seg.read_header(segment.buffer)
+        if header.complete == seg.COMPLETE and (best is None or header.step > best[1]):
+            best = (segment, header.step)
+    assert best is not None, "no sealed snapshot in the sink's mapped segments"
+    return best[0]
+
+
 def d2h_gbps(sink: SnapshotSink, trainer: Trainer) -> tuple[float, bool]:
     """GB/s of one synchronous copy of the shard into the sink's segment views (what the side stream does), and
-    whether the segment is cudaHostRegistered."""
-    segment = sink.segments[0]
+    whether the segment is cudaHostRegistered. The copy goes into the newest sealed segment, over the very bytes
+    its snapshot holds (no step ran since it was taken), so that both slots still verify afterwards."""
+    segment = newest_sealed(sink)
     sources = trainer.optimizer.shard_tensors()
     on_cuda = trainer.device.type == "cuda"
     targets = {name: segment.allocate(name, t.shape, t.dtype, on_cuda) for name, t in sources.items()}
@@ -170,17 +188,12 @@ def d2h_gbps(sink: SnapshotSink, trainer: Trainer) -> tuple[float, bool]:
 def verify_gbps(sink: SnapshotSink) -> tuple[float, int]:
     """GB/s of verifying (WordSum-128 of the payload, CRC32 of the metadata) this rank's newest sealed segment on the
     host, and its payload bytes."""
-    best = None
-    for segment in sink.segments:
-        header = seg.read_header(segment.buffer)
-        if header.complete == seg.COMPLETE and (best is None or header.step > best[1]):
-            best = (segment, header.step)
-    assert best is not None, "no sealed snapshot to verify"
+    segment = newest_sealed(sink)
     start = time.perf_counter()
-    snapshot = seg.verify(best[0].buffer, rank=sink.rank)
+    snapshot = seg.verify(segment.buffer, rank=sink.rank)
     seconds = time.perf_counter() - start
     snapshot.payload.release()
-    return best[0].payload_bytes / seconds / 1e9, best[0].payload_bytes
+    return segment.payload_bytes / seconds / 1e9, segment.payload_bytes
 
 
 def digest_gpu_s(trainer: Trainer) -> float | None:
@@ -219,10 +232,11 @@ def run(args: argparse.Namespace) -> dict:
         for _ in range(args.warmup):  # the first snapshots map and register the segments
             trainer.train_step()
         off, on = paired_windows(args, trainer, sink)
-        sink.close()  # seals the last snapshot
+        sink.flush()  # seals the last snapshot; the segments stay mapped for the two measurements below
         trainer.sinks.remove(sink)
         copy_gbps, registered = d2h_gbps(sink, trainer)
         host_gbps, payload = verify_gbps(sink)
+        sink.close()  # unmaps the segments (and unregisters them from CUDA)
         gpu_s = digest_gpu_s(trainer)
         steps_before = trainer.step
         restored = {}
