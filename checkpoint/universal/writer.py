@@ -405,7 +405,10 @@ class CheckpointWriter:
         copier: HostCopier | None = None,
         pwrite: storage.PWrite = os.pwrite,
         timeout_s: float = 300.0,
+        io_fault: Callable[[int], None] | None = None,
     ) -> None:
+        """``io_fault`` (fault injection, e.g. ``fail-ckpt``): called by the persist thread with the step before this
+        rank writes its part of a save; an exception it raises fails that save exactly as an I/O error would."""
         distributed = dist.is_available() and dist.is_initialized()
         self.config = config
         self.rank = rank if rank is not None else (dist.get_rank(group) if distributed else 0)
@@ -421,9 +424,7 @@ class CheckpointWriter:
         """Every save step's outcome on this rank, in the order they were decided (a skip at once, a save when its
         persist ends)."""
         self._inflight: PendingSave | None = None
-        self.io_fault: Callable[[int], None] | None = None
-        """Fault-injection hook (``launch/chaos/faults.py``'s ``fail-ckpt``): called by the persist thread with the step
-        before this rank writes its part; an exception it raises fails the save exactly as an I/O error would."""
+        self._io_fault = io_fault
         self.session = self._agree_session()
         if self.rank == 0:
             removed = storage.clean_temporaries(self.root)
@@ -504,8 +505,8 @@ class CheckpointWriter:
         part, error = Part(), None
         try:
             save.copy.wait_host(self.timeout_s)
-            if self.io_fault is not None:
-                self.io_fault(save.step)
+            if self._io_fault is not None:
+                self._io_fault(save.step)
             part.chunks = self.write_shard(save)
             part.rng = self.write_rng(save)
         except BaseException as caught:  # any failure is this save's failure, never the training's
