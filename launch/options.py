@@ -282,9 +282,14 @@ DEMO = RunOptions(command="demo", train=TrainOptions(steps=400), launch=LaunchOp
 """``regrow demo``'s defaults: 2 CPU ranks on 2 simulated nodes whose snapshot processes erasure-code each other,
 restarted up to twice, with the progress watchdog on. Sized to finish in about 3 minutes on a 2-core machine (4
 ranks took over 4)."""
-DEMO_FAULTS = ("kill-rank:0@150", "kill-node:1@300")
-"""``regrow demo``'s plan when none is given: rank 0 is killed, then node 1 (its rank and its snapshot process),
-and the run recovers from both."""
+DEMO_FAULTS = (("kill-rank", 0, 3 / 8), ("kill-node", 1, 3 / 4))
+"""``regrow demo``'s plan when none is given, as (kind, target, fraction of the run): rank 0 is killed, then node 1
+(its rank and its snapshot process), and the run recovers from both; at steps 150 and 300 of the default 400."""
+
+
+def demo_faults(steps: int) -> list[str]:
+    """:data:`DEMO_FAULTS` placed in a run of ``steps`` steps."""
+    return [f"{kind}:{target}@{max(1, round(steps * fraction))}" for kind, target, fraction in DEMO_FAULTS]
 
 
 def with_demo_rules(options: RunOptions) -> RunOptions:
@@ -294,5 +299,5 @@ def with_demo_rules(options: RunOptions) -> RunOptions:
     if not train.eval_every:
         train = dataclasses.replace(train, eval_every=max(1, train.steps // 10))
     if not faults.given:
-        faults = dataclasses.replace(faults, faults=list(DEMO_FAULTS))
+        faults = dataclasses.replace(faults, faults=demo_faults(train.steps))
     return dataclasses.replace(options, train=train, faults=faults)
