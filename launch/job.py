@@ -9,7 +9,9 @@ torchrun) cannot honour, a ``--resume`` source that does not exist, a CUDA devic
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +22,8 @@ from regrow.launch.chaos.plan import Fault, build_plan, plan_problems
 from regrow.launch.local.nodes import NodesConfig
 from regrow.launch.options import RunOptions
 from regrow.trainer.loop import TrainerConfig
+
+T = TypeVar("T")
 
 
 class ConfigErrors(ValueError):
@@ -74,22 +78,22 @@ def build_job(options: RunOptions) -> Job:
 def _trainer_config(options: RunOptions, problems: list[str]) -> TrainerConfig | None:
     """The trainer's config, with the problems of each of its parts (model, data, optimizer) added to
     ``problems``; None when one of them has any."""
-    train, parts = options.train, []
-    for make in (train.model_config, lambda: train.data_config(parts[0]), train.optim_config):
-        try:
-            parts.append(make())
-        except (ValueError, TypeError) as error:
-            problems.append(str(error))
-            parts.append(None)
-    model, data, optim = parts
-    ranks = options.launch.nproc
+    train, ranks = options.train, options.launch.nproc
+    model = _attempt(train.model_config, problems)
+    data = _attempt(lambda: train.data_config(model), problems)
+    optim = _attempt(train.optim_config, problems)
     if data and ranks >= 1 and train.global_batch % (train.micro_batch * ranks):
         problems.append(f"--global-batch={train.global_batch} is not divisible by --micro-batch x --nproc = "
                         f"{train.micro_batch} x {ranks}; choose a multiple of {train.micro_batch * ranks}")
     if not (model and data and optim):
         return None
+    return _attempt(lambda: train.trainer_config(model, data, optim), problems)
+
+
+def _attempt(make: Callable[[], T], problems: list[str]) -> T | None:
+    """``make()``, or None with its ValueError or TypeError (a config naming its bad field) added to ``problems``."""
     try:
-        return train.trainer_config(model, data, optim)
+        return make()
     except (ValueError, TypeError) as error:
         problems.append(str(error))
         return None
