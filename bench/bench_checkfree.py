@@ -95,7 +95,7 @@ from regrow.trainer.pipeline.trainer import (
     PipelineTrainerConfig,
 )
 from regrow.trainer.state import ShardState
-from regrow.trainer.zero.optimizer import ZeroConfig
+from regrow.trainer.zero.config import ZeroConfig
 
 STRATEGIES = ("fault-free", "checkfree", "checkfree-plus", "checkpoint", "snapshot")
 LABELS = {"fault-free": "fault-free (reference)", "checkfree": "(a) CheckFree", "checkfree-plus": "(b) CheckFree+",

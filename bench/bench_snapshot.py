@@ -6,7 +6,7 @@ One torchrun per measurement set (``bench/run_gpu_snapshot.sh`` runs it)::
         torchrun --standalone --nproc_per_node=4 bench/bench_snapshot.py --preset 350m --json out.jsonl
 
 The process with ``LOCAL_RANK`` 0 starts the node's snapshot process (``start_snapshot_process``, sized with
-``launch.snapshot_cli.snapshot_bytes``; the token comes from the environment, never argv) and shares its address
+``launch.local.shm.snapshot_bytes``; the token comes from the environment, never argv) and shares its address
 over the process group. regrow's ``Trainer`` trains the GPT (``--preset``) with ZeRO-2, 8-bit Adam state and bf16
 working parameters, micro-batch ``--micro-batch`` per GPU, as in ``bench_checkpoint.py``.
 
@@ -61,7 +61,7 @@ from regrow.checkpoint.node.process import SnapshotProcessConfig, start_snapshot
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
-from regrow.launch.snapshot_cli import snapshot_bytes
+from regrow.launch.local.shm import snapshot_bytes
 from regrow.recovery.from_snapshots import restore_from_node
 from regrow.trainer.loop import Trainer
 

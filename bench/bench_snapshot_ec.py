@@ -48,7 +48,7 @@ from regrow.checkpoint.node.erasure import ErasureCodingConfig
 from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
-from regrow.launch.snapshot_cli import snapshot_bytes
+from regrow.launch.local.shm import snapshot_bytes
 from regrow.recovery.restore import restore_job
 
 

@@ -1,8 +1,9 @@
-"""The checkpoint side of the command line: ``regrow ckpt inspect|verify|convert`` and the checkpoint flags of
-``regrow train`` (``--save-every``, ``--ckpt-dir``, ``--keep-last``, ``--resume``).
+"""``regrow ckpt inspect|verify|convert``: what a universal checkpoint holds, whether it verifies, and conversion
+from and to DeepSpeed. (The checkpoint flags of ``regrow train`` are ``options.CheckpointOptions``.)
 
 Sub-commands of ``regrow ckpt`` are entries of :data:`COMMANDS` (name -> help, argument set-up, run function);
-``convert`` bridges to DeepSpeed through ``checkpoint/universal/deepspeed.py``'s ``FullState`` and ``checkpoint/universal/whole.py``.
+``convert`` bridges to DeepSpeed through ``checkpoint/universal/deepspeed.py``'s ``FullState`` and
+``checkpoint/universal/whole.py``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,6 @@ from pathlib import Path
 
 from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import CheckpointError, UnsupportedFormatVersion
-from regrow.checkpoint.universal.load import sources
-from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
-from regrow.recovery.from_checkpoint import restore_trainer
-from regrow.trainer.loop import Trainer
-
-SNAPSHOT = "snapshot"
-"""``--resume snapshot``: restore from the node's snapshot process (``launch/snapshot_cli.py``), not a directory."""
 
 
 @dataclass(frozen=True)
@@ -31,9 +25,6 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-
-
-# ---------------------------------------------------------------------------------------------------- regrow ckpt ...
 
 
 def inspect_checkpoint(args: argparse.Namespace) -> int:
@@ -164,73 +155,3 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     return COMMANDS[args.ckpt_command].run(args)
-
-
-# ---------------------------------------------------------------------------------------------------- regrow train
-
-
-@dataclass(kw_only=True)
-class Checkpointing:
-    """The checkpoint settings of one ``regrow train`` run."""
-
-    ckpt_dir: str | None = None
-    """Checkpoint root (``--ckpt-dir``)."""
-    save_every: int = 0
-    """Save every this many steps (``--save-every``; 0: never)."""
-    keep_last: int = 2
-    """Checkpoints kept (``--keep-last``, >= 2)."""
-    resume: str | None = None
-    """``latest``, a root or a ``step_*`` directory to resume from (``--resume``; ``--resume snapshot`` is
-    ``snapshot_cli``'s, which falls back to ``latest`` of ``ckpt_dir`` itself)."""
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Checkpointing | None":
-        resume = getattr(args, "resume", None)
-        plan = cls(ckpt_dir=getattr(args, "ckpt_dir", None), save_every=getattr(args, "save_every", 0),
-                   keep_last=getattr(args, "keep_last", 2), resume=None if resume == SNAPSHOT else resume)
-        return plan if plan.save_every or plan.resume else None
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
-    parser.add_argument("--ckpt-dir", default=None, help="checkpoint root, visible to every rank")
-    parser.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (>= 2)")
-    parser.add_argument("--resume", default=None, metavar="DIR|latest|snapshot",
-                        help="resume from a checkpoint directory, a root, 'latest' of --ckpt-dir, or 'snapshot': the "
-                             "node's in-memory snapshots, falling back to 'latest' of --ckpt-dir")
-
-
-def train_argument_problems(args: argparse.Namespace) -> list[str]:
-    """Every problem with the checkpoint flags (reported together with the other argument problems)."""
-    problems = []
-    save_every, ckpt_dir = getattr(args, "save_every", 0), getattr(args, "ckpt_dir", None)
-    keep_last, resume = getattr(args, "keep_last", 2), getattr(args, "resume", None)
-    if save_every < 0:
-        problems.append(f"--save-every={save_every} must be >= 0 (0 disables saving)")
-    if save_every and not ckpt_dir:
-        problems.append(f"--save-every={save_every} needs --ckpt-dir DIR (where to write the checkpoints)")
-    if keep_last < 2:
-        problems.append(f"--keep-last={keep_last} must be >= 2 (one good checkpoint must survive the next save)")
-    if resume and resume != SNAPSHOT:  # the snapshot flags are checked by snapshot_cli
-        try:
-            sources(resume, ckpt_dir)
-        except CheckpointError as error:
-            problems.append(f"--resume={resume}: {error}")
-    return problems
-
-
-def prepare(trainer: Trainer, plan: Checkpointing) -> CheckpointWriter | None:
-    """Resumes ``trainer`` if asked, then attaches a writer if saving is on. Collective (every rank calls it)."""
-    if plan.resume:
-        restore_trainer(trainer, plan.resume, root=plan.ckpt_dir)
-    if not plan.save_every:
-        return None
-    assert plan.ckpt_dir is not None
-    writer = CheckpointWriter(
-        WriterConfig(root=plan.ckpt_dir, save_every=plan.save_every, keep_last=plan.keep_last,
-                     final_step=trainer.config.steps),
-        rank=trainer.rank, world_size=trainer.world_size, run_config=trainer.config.to_dict(),
-        timeout_s=trainer.config.optim.timeout_s,
-    )
-    trainer.sinks.append(writer)
-    return writer

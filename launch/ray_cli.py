@@ -10,71 +10,40 @@ per node, forms the process group, watches, heals, and writes every event to ``-
 
 from __future__ import annotations
 
-import argparse
 import functools
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
 
 from regrow.checkpoint.snapshot.protocol import ProtocolError
-from regrow.launch.chaos import faults
+from regrow.launch.chaos.injector import FaultInjector
+from regrow.launch.chaos.plan import plan_env
+from regrow.launch.job import Job
 from regrow.recovery.ray.coordinator import Coordinator, CoordinatorConfig, CoordinatorError
 from regrow.recovery.ray.worker import WorkerSpec
-from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.state import StateSink
 
 DEFAULT_HANG_TIMEOUT_S = 120.0
 """A rank with no finished step for this long is declared hung (``--hang-timeout`` overrides it)."""
 
 
-def fault_sinks(rank: int) -> list[StateSink]:
-    """The fault injector of the plan in ``REGROW_FAULTS`` (run inside each worker; Ray sends this function by
-    reference)."""
-    injector = faults.FaultInjector.from_env(rank)
-    return [injector] if injector is not None else []
-
-
 def job_sinks(rank: int, *, ckpt_dir: str | None, save_every: int, final_step: int) -> list[StateSink]:
-    """A ``CheckpointWriter`` saving every ``save_every`` steps and at ``final_step`` under ``ckpt_dir`` (its world
-    size is the process group's, so it follows an elastic shrink), then the fault injector."""
+    """Each worker's sinks after its snapshot sink (run inside the worker; Ray sends this function by reference): a
+    ``CheckpointWriter`` saving every ``save_every`` steps and at ``final_step`` under ``ckpt_dir`` (its world size
+    is the process group's, so it follows an elastic shrink), then the fault injector of the plan in
+    ``REGROW_FAULTS``."""
     from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 
-    writer = ([CheckpointWriter(WriterConfig(root=ckpt_dir, save_every=save_every, final_step=final_step), rank=rank)]
-              if ckpt_dir and save_every else [])
-    return writer + fault_sinks(rank)
-
-
-def add_parser(commands: argparse._SubParsersAction,
-               add_training_arguments: Callable[..., None]) -> None:
-    """The ``regrow ray`` sub-command (training flags as ``regrow train``'s)."""
-    ray = commands.add_parser("ray", help="train on a Ray cluster with automatic recovery")
-    add_training_arguments(ray, steps=200, nproc=2)
-    ray.add_argument("--address", default="local",
-                     help="'local' (start Ray on this machine), 'auto' (the cluster this machine belongs to), or "
-                          "host:port of a Ray cluster")
-    ray.add_argument("--workers", type=int, default=2, help="ranks, one Ray actor each")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0)
-    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="1 on GPU clusters (NCCL); 0: CPU (gloo)")
-    ray.add_argument("--ranks-per-node", type=int, default=0,
-                     help="place exactly N consecutive ranks per node (needed for --ec-group-size; 0: Ray decides)")
-    ray.add_argument("--snapshot-every", type=int, default=1,
-                     help="in-memory snapshot every N steps (0: off; 1: nothing re-done after a failure; a larger N "
-                          "trades re-done steps for cheaper training: docs/architecture.md, 'How often to "
-                          "snapshot')")
-    ray.add_argument("--ec-group-size", type=int, default=0, help="erasure-code snapshots across N nodes (0: off)")
-    ray.add_argument("--ec-parity", type=int, default=1)
-    ray.add_argument("--ckpt-dir", default=None, help="universal checkpoints: the last restore source")
-    ray.add_argument("--save-every", type=int, default=0, help="save a universal checkpoint every N steps (0: never)")
-    ray.add_argument("--elastic-wait", type=float, default=0.0,
-                     help="elastic mode: seconds to wait for a lost rank's replacement before going on with fewer "
-                          "ranks, resharded from the last checkpoint of --ckpt-dir (0: off)")
-    ray.add_argument("--standby", type=int, default=0,
-                     help="standby workers per node, started ahead of need: a lost rank is taken over by its node's "
-                          "standby (1.7 s to resume on 4 GPUs, against 5.5-7.3 s with a new actor; 0: off)")
-    ray.add_argument("--resources-timeout", type=float, default=300.0,
-                     help="seconds to wait for a worker's resources before giving up")
-    ray.add_argument("--events", default=None, help="JSONL file of every event (failures, restores, ...)")
+    injector = FaultInjector.from_env(rank)
+    sinks: list[StateSink] = []
+    if ckpt_dir and save_every:
+        io_fault = injector.checkpoint_fault if injector is not None and injector.fails_checkpoints else None
+        writer = CheckpointWriter(WriterConfig(root=ckpt_dir, save_every=save_every, final_step=final_step),
+                                  rank=rank, io_fault=io_fault)
+        if injector is not None:
+            injector.watch_saves(writer)
+        sinks.append(writer)
+    return sinks + ([injector] if injector is not None else [])
 
 
 def connect(address: str) -> None:
@@ -105,30 +74,33 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
                                f"`ray start --head` and pass its address, or use --address local") from error
 
 
-def run(args: argparse.Namespace, config: TrainerConfig) -> int:
+def run(job: Job) -> int:
     """Runs the job; returns the exit code."""
     import ray
 
-    plan, _ = faults.plan_from_args(args)
-    unsupported = sorted({fault.kind for fault in plan} - {"kill-rank", "hang-rank", "slow-rank"})
+    options, config = job.options, job.config
+    unsupported = sorted({fault.kind for fault in job.plan} - {"kill-rank", "hang-rank", "slow-rank"})
     if unsupported:
         print(f"regrow ray: fault kinds {unsupported} run under the local launcher only; on Ray, lose a node by "
               f"stopping it (`ray stop` on that machine)", file=sys.stderr)
         return 2
+    cluster, checkpoint = options.ray, options.checkpoint
     try:
-        connect(args.address)
+        connect(cluster.address)
         coordinator_config = CoordinatorConfig(
-            workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-            ranks_per_node=args.ranks_per_node, ec_group_size=args.ec_group_size, ec_parity=args.ec_parity,
-            hang_timeout_s=args.hang_timeout or DEFAULT_HANG_TIMEOUT_S, resources_timeout_s=args.resources_timeout,
-            max_restarts=max(args.max_restarts, len(plan)), events_path=args.events,
-            elastic_wait_s=args.elastic_wait, standby_per_node=args.standby)
-        sinks = functools.partial(job_sinks, ckpt_dir=args.ckpt_dir, save_every=args.save_every,
+            workers=cluster.workers, cpus_per_worker=cluster.cpus_per_worker, gpus_per_worker=cluster.gpus_per_worker,
+            ranks_per_node=cluster.ranks_per_node, ec_group_size=cluster.ec_group_size, ec_parity=cluster.ec_parity,
+            hang_timeout_s=options.faults.hang_timeout_s or DEFAULT_HANG_TIMEOUT_S,
+            resources_timeout_s=cluster.resources_timeout_s,
+            max_restarts=max(options.launch.max_restarts, len(job.plan)), events_path=cluster.events,
+            elastic_wait_s=cluster.elastic_wait_s, standby_per_node=cluster.standby)
+        sinks = functools.partial(job_sinks, ckpt_dir=checkpoint.ckpt_dir, save_every=checkpoint.save_every,
                                   final_step=config.steps)
-        spec = WorkerSpec(config=config, world_size=args.workers, device="cuda" if args.gpus_per_worker else "cpu",
-                          snapshot_every=args.snapshot_every, ckpt_dir=args.ckpt_dir, extra_sinks=sinks)
+        spec = WorkerSpec(config=config, world_size=cluster.workers,
+                          device="cuda" if cluster.gpus_per_worker else "cpu", snapshot_every=cluster.snapshot_every,
+                          ckpt_dir=checkpoint.ckpt_dir, extra_sinks=sinks)
         with tempfile.TemporaryDirectory(prefix="regrow-faults-") as fired:
-            outcome = Coordinator(coordinator_config, spec, env=faults.plan_env(plan, fired)).run(config.steps)
+            outcome = Coordinator(coordinator_config, spec, env=plan_env(job.plan, fired)).run(config.steps)
     except (CoordinatorError, ProtocolError, ValueError) as error:
         print(f"regrow ray: {error}", file=sys.stderr)
         return 1

@@ -3,10 +3,10 @@
 Two entry points share this module:
 
 - ``python -m regrow.launch.torchrun [regrow train flags]`` is **the worker** torchrun starts on every rank. It takes
-  the training flags of ``regrow train`` and runs the rank through ``launch.cli.train_rank``. Unlike ``regrow
+  the training flags of ``regrow train`` and runs the rank through ``launch.rank.train_rank``. Unlike ``regrow
   train``, it **always resumes** when the job holds a state: when any rank's node snapshot process holds a snapshot
   (slot or erasure-coded buffer) or ``--ckpt-dir`` has a ``latest``, every rank restores one common step through
-  ``checkpoint.snapshot_recovery.restore_job`` (snapshot slots, then coded buffers, then ``latest`` of
+  ``recovery.restore.restore_job`` (snapshot slots, then coded buffers, then ``latest`` of
   ``--ckpt-dir``); when nothing holds a state it starts from step 0 (or from ``--resume DIR``, a checkpoint to start
   the job from). This is what makes ``torchrun --max-restarts N`` recover: after a failure the agent kills and
   restarts every local worker, and the restarted workers find the snapshots their predecessors left.
@@ -17,7 +17,7 @@ Two entry points share this module:
   in its environment (``REGROW_SNAPSHOT_TOKEN``, ``REGROW_SNAPSHOT_ADDRESS``: the worker's ``--snapshot-address``
   defaults to the latter), and stops the snapshot process when the command ends, however it ends, removing its
   segments. The snapshot process is started *before* torchrun because torchrun kills a restarted worker's whole
-  session (``launch/snapshot_cli.py``); it outlives every restart and dies with the helper. It also sets
+  session (``launch/run.py``); it outlives every restart and dies with the helper. It also sets
   ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun unless already set: by default torchrun's agent shares its
   rendezvous store with the workers, and restarted workers can then read their predecessors' connection keys and
   fail to connect ("Connection refused", pytorch/pytorch#135712); with the store not shared, every restart gets a
@@ -33,7 +33,7 @@ consequence: a snapshot process and a ``--ckpt-dir`` belong to one job; a new jo
 ``--job``) and an empty ``--ckpt-dir``.
 
 Faults for tests and demos: the ``regrow train --fault`` flag is the local launcher's. Under torchrun, export the
-plan for the torchrun process itself (``REGROW_FAULTS`` and ``REGROW_FAULTS_DIR``, see ``faults.plan_env``; the
+plan for the torchrun process itself (``REGROW_FAULTS`` and ``REGROW_FAULTS_DIR``, see ``chaos.plan.plan_env``; the
 directory must outlive the workers); torchrun passes its environment on to every worker, whose ``train_rank``
 attaches the same ``FaultInjector``, and a fault fires once across restarts.
 """
@@ -58,24 +58,24 @@ from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, ProtocolError, Snapsh
 from regrow.checkpoint.universal import storage
 from regrow.comm import collectives
 from regrow.comm.world import World, WorldConfig, destroy_world, init_world
-from regrow.launch import ckpt_cli, cli, snapshot_cli
+from regrow.launch.job import ConfigErrors, Job, build_job
 from regrow.launch.local.nodes import ADDRESS_ENV
-from regrow.trainer.loop import StepResult, TrainerConfig
+from regrow.launch.options import RESUME_SNAPSHOT, CheckpointOptions, RunOptions, SnapshotOptions
+from regrow.launch.parser import parse_options
+from regrow.launch.rank import RankWork, train_rank
+from regrow.launch.train_cli import demo_table
+from regrow.trainer.loop import StepResult
 
 PROG = "python -m regrow.launch.torchrun"
 RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
 UNSHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 """Read by torchrun's agent: "1" gives every rendezvous round (every restart) a fresh store for the workers."""
-IMPLIED_RESUME = ("snapshot", "latest")
+IMPLIED_RESUME = (RESUME_SNAPSHOT, "latest")
 """``--resume`` values the worker implies on every start (it restores from the snapshots, then ``latest``)."""
 
 
 def log(text: str) -> None:
     print(f"[torchrun worker] {text}", flush=True)
-
-
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def restart_count() -> int:
@@ -86,26 +86,36 @@ def restart_count() -> int:
 # ---------------------------------------------------------------------------------------------------- the worker
 
 
-def parse_worker_args(argv: Sequence[str]) -> argparse.Namespace:
+def parse_worker_options(argv: Sequence[str]) -> RunOptions:
     """``regrow train``'s flags, parsed by ``regrow train``'s own parser (the same names, defaults, help and
-    checks, whatever flags it grows)."""
+    checks, whatever flags it grows), with what this worker implies on every start: the node helper's snapshot
+    process when ``--snapshot-address`` is not given, and no ``--resume snapshot|latest`` (every start resumes
+    from the snapshots, then ``latest``: nothing left to ask for)."""
     if any(arg in ("-h", "--help") for arg in argv):
         print(f"{PROG} [regrow train flags]: the rank torchrun starts. It trains like `regrow train` and, on every "
               "start, restores from the node's snapshot process, then --ckpt-dir, when they hold this job's state. "
               f"`{PROG} node -- torchrun ...` starts the node's snapshot process first. The flags:\n", flush=True)
-    return cli.parser().parse_args(["train", *argv])
+    options = parse_options(["train", *argv])
+    snapshot, checkpoint = options.snapshot, options.checkpoint
+    if snapshot.address is None:
+        snapshot = dataclasses.replace(snapshot, address=os.environ.get(ADDRESS_ENV))  # set by the node helper
+    if snapshot.resume or checkpoint.resume in IMPLIED_RESUME:
+        snapshot = dataclasses.replace(snapshot, resume=False)
+        checkpoint = dataclasses.replace(checkpoint, resume=None)
+    return dataclasses.replace(options, snapshot=snapshot, checkpoint=checkpoint)
 
 
-def worker_problems(args: argparse.Namespace) -> list[str]:
-    """The problems specific to running as torchrun's worker (``cli.build_config`` reports the others)."""
+def worker_problems(options: RunOptions) -> list[str]:
+    """The problems specific to running as torchrun's worker (``job.build_job`` reports the others)."""
     problems = []
-    if not under_torchrun():
+    if not options.launch.torchrun:
         problems.append(f"{PROG} is the worker torchrun starts (RANK and WORLD_SIZE are not set): run it as "
                         f"`torchrun --nproc-per-node N --max-restarts R -m regrow.launch.torchrun ...` (see "
                         "launch/examples/single_node.sh), or use `regrow train` for the local launcher")
-    if args.max_restarts:
-        problems.append(f"--max-restarts={args.max_restarts} is the local launcher's flag; under torchrun, give it "
-                        f"to torchrun (`torchrun --max-restarts {args.max_restarts} -m regrow.launch.torchrun ...`)")
+    restarts = options.launch.max_restarts
+    if restarts:
+        problems.append(f"--max-restarts={restarts} is the local launcher's flag; under torchrun, give it "
+                        f"to torchrun (`torchrun --max-restarts {restarts} -m regrow.launch.torchrun ...`)")
     return problems
 
 
@@ -157,9 +167,9 @@ def job_holds_state(world: World, mine: Holdings, timeout_s: float) -> bool:
     return bool(flag.item())
 
 
-def resumed_plans(holds_state: bool, *, checkpointing: ckpt_cli.Checkpointing | None,
-                  snapshotting: snapshot_cli.Snapshotting | None, start_from: str | None, ckpt_dir: str | None
-                  ) -> tuple[ckpt_cli.Checkpointing | None, snapshot_cli.Snapshotting | None]:
+def resumed_plans(holds_state: bool, *, checkpointing: CheckpointOptions | None,
+                  snapshotting: SnapshotOptions | None, start_from: str | None, ckpt_dir: str | None
+                  ) -> tuple[CheckpointOptions | None, SnapshotOptions | None]:
     """The checkpoint and snapshot settings of this start: restore through the snapshot process (which falls back to
     ``latest`` of ``ckpt_dir``) when the job holds a state and snapshots are on; ``latest`` of ``ckpt_dir`` when
     they are off; else ``start_from`` (``--resume DIR``) or step 0. Exactly one of the two restores at most."""
@@ -173,20 +183,20 @@ def resumed_plans(holds_state: bool, *, checkpointing: ckpt_cli.Checkpointing | 
     if resume is None:
         checkpointing = dataclasses.replace(checkpointing, resume=None) if checkpointing else None
     else:
-        checkpointing = dataclasses.replace(checkpointing or ckpt_cli.Checkpointing(ckpt_dir=ckpt_dir), resume=resume)
+        checkpointing = dataclasses.replace(checkpointing or CheckpointOptions(ckpt_dir=ckpt_dir), resume=resume)
     return checkpointing, snapshotting
 
 
-def run_worker(args: argparse.Namespace, config: TrainerConfig) -> list[StepResult]:
+def run_worker(job: Job) -> list[StepResult]:
     """One rank's run under torchrun: join the job, decide with the other ranks whether to restore, train."""
-    snapshotting = snapshot_cli.Snapshotting.from_args(args)
-    if snapshotting is None and args.snapshot_address is not None:  # restore-only: no new snapshots are taken
-        snapshotting = snapshot_cli.Snapshotting(address=args.snapshot_address, ckpt_dir=args.ckpt_dir)
-    checkpointing = ckpt_cli.Checkpointing.from_args(args)
-    world = init_world(config=WorldConfig(backend=cli.backend_for(args.device), timeout_s=config.optim.timeout_s))
+    options, config = job.options, job.config
+    work = RankWork.of(config, options.checkpoint, options.snapshot)
+    address, ckpt_dir = options.snapshot.address, options.checkpoint.ckpt_dir
+    # With an address but no snapshots, the worker still restores from what the snapshot process holds.
+    snapshotting = work.snapshot or (options.snapshot if address is not None else None)
+    world = init_world(config=WorldConfig(backend=options.launch.backend, timeout_s=config.optim.timeout_s))
     try:
-        timeout_s = snapshotting.timeout_s if snapshotting else 60.0
-        mine = local_holdings(world.rank, args.snapshot_address, args.ckpt_dir, timeout_s)
+        mine = local_holdings(world.rank, address, ckpt_dir, options.snapshot.timeout_s)
         holds = job_holds_state(world, mine, config.optim.timeout_s)
         count = restart_count()
         if world.rank == 0:
@@ -195,9 +205,9 @@ def run_worker(args: argparse.Namespace, config: TrainerConfig) -> list[StepResu
                 log(f"warning: torchrun shares its rendezvous store with the workers, so its restarts may fail to "
                     f"connect (pytorch/pytorch#135712); export {UNSHARED_STORE_ENV}=1 for torchrun (`{PROG} node` "
                     "does)")
-        checkpointing, snapshotting = resumed_plans(holds, checkpointing=checkpointing, snapshotting=snapshotting,
-                                                    start_from=args.resume, ckpt_dir=args.ckpt_dir)
-        return cli.train_rank(world, config, checkpointing, snapshotting)
+        checkpointing, snapshotting = resumed_plans(holds, checkpointing=work.checkpoint, snapshotting=snapshotting,
+                                                    start_from=options.checkpoint.resume, ckpt_dir=ckpt_dir)
+        return train_rank(world, RankWork(config=config, checkpoint=checkpointing, snapshot=snapshotting))
     finally:
         destroy_world()
 
@@ -215,27 +225,20 @@ def _start_line(holds: bool, count: int, mine: Holdings) -> str:
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
-    args = parse_worker_args(argv)
-    if args.snapshot_address is None:
-        args.snapshot_address = os.environ.get(ADDRESS_ENV)  # set by the node helper
-    if args.resume in IMPLIED_RESUME:
-        args.resume = None  # every start resumes from the snapshots, then latest: nothing left to ask for
-    problems = worker_problems(args)
-    if under_torchrun():
-        args.nproc = int(os.environ["WORLD_SIZE"])  # torchrun decided the number of ranks
+    options = parse_worker_options(argv)
+    problems = worker_problems(options)
     try:
-        config = cli.build_config(args)
-    except cli.ConfigErrors as error:
-        problems += str(error).splitlines()[1:]
-        config = None
+        job = build_job(options)
+    except ConfigErrors as error:
+        problems += error.problems
+        job = None
     if problems:
-        lines = [p.strip().removeprefix("- ") for p in problems]
-        print(f"{PROG}: invalid arguments:\n  - " + "\n  - ".join(lines), file=sys.stderr)
+        print(f"{PROG}: invalid arguments:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 2
-    assert config is not None
-    history = run_worker(args, config)
-    if args.eval_every and int(os.environ.get("RANK", "0")) == 0:
-        print("\n" + cli.demo_table(history))
+    assert job is not None
+    history = run_worker(job)
+    if job.config.eval_every and int(os.environ.get("RANK", "0")) == 0:
+        print("\n" + demo_table(history))
     return 0
 
 
@@ -258,7 +261,8 @@ def node_parser() -> argparse.ArgumentParser:
                              "--snapshot-every; 0: off). On several nodes: the same --persist-dir (a shared "
                              f"filesystem) and the same exported {TOKEN_ENV} on every node")
     parser.add_argument("--persist-dir", default="", metavar="DIR", help="where --persist-every writes")
-    parser.add_argument("--keep-last", type=int, default=2, help="persisted checkpoints to keep (>= 2)")
+    parser.add_argument("--keep-last", type=int, default=CheckpointOptions().keep_last,
+                        help="persisted checkpoints to keep (>= 2)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run, e.g. torchrun ...")
     return parser
 

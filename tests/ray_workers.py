@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from regrow.launch.chaos.faults import FaultInjector
+from regrow.launch.chaos.injector import FaultInjector
 from regrow.trainer.state import ShardState, StateSink
 
 HANG_ENV = "REGROW_TEST_HANG"

@@ -14,8 +14,12 @@ from pathlib import Path
 import pytest
 
 from regrow.launch import cli
-from regrow.launch.chaos import faults
+from regrow.launch.chaos import plan as faults
 from regrow.launch.chaos import report as chaos
+from regrow.launch.chaos.recorder import Recorder
+from regrow.launch.job import build_job
+from regrow.launch.parser import parse_options
+from regrow.launch.run import run_training
 from regrow.trainer.loop import StepResult
 
 STEPS = 12
@@ -32,14 +36,9 @@ def chaos_run(tmp: Path, name: str, *extra: str, fault: tuple[str, ...] = (), re
         argv += ["--save-every", str(STEPS)]
     for item in fault:
         argv += ["--fault", item]
-    args = cli.parser().parse_args(argv)
-    config = cli.build_config(args)
-    plan, _ = faults.plan_from_args(args)
-    launch = cli.Launch(nproc=2, timeout_s=args.timeout, max_restarts=args.max_restarts, faults=plan,
-                        hang_timeout_s=args.hang_timeout)
-    recorder = chaos.Recorder(plan, hang_timeout_s=args.hang_timeout)
-    history = cli.run_training(config, launch, cli.ckpt_cli.Checkpointing.from_args(args),
-                               cli.snapshot_cli.Snapshotting.from_args(args), recorder=recorder)
+    job = build_job(parse_options(argv))
+    recorder = Recorder(job.plan)
+    history = run_training(job, recorder=recorder)
     return history, chaos.build_report(recorder, history)
 
 

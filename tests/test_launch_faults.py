@@ -15,8 +15,11 @@ import pytest
 
 from regrow.checkpoint.universal import storage
 from regrow.launch import cli
-from regrow.launch.chaos import faults
+from regrow.launch.chaos import plan as faults
+from regrow.launch.job import build_job
 from regrow.launch.local.spawn import WorkerFailed
+from regrow.launch.parser import parse_options
+from regrow.launch.run import run_training
 from regrow.trainer.loop import StepResult
 
 
@@ -34,12 +37,7 @@ def train(tmp: Path, name: str, nproc: int, steps: int, *extra: str, fault: tupl
         del argv[index: index + 2]
     for item in fault:
         argv += ["--fault", item]
-    args = cli.parser().parse_args(argv)
-    config = cli.build_config(args)
-    launch = cli.Launch(nproc=nproc, timeout_s=args.timeout, max_restarts=args.max_restarts,
-                        faults=[faults.Fault.parse(text) for text in args.fault])
-    return cli.run_training(config, launch, cli.ckpt_cli.Checkpointing.from_args(args),
-                            cli.snapshot_cli.Snapshotting.from_args(args))
+    return run_training(build_job(parse_options(argv)))
 
 
 def tensor_files(root: Path) -> dict[str, bytes]:

@@ -19,7 +19,8 @@ import torch
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from regrow.launch.chaos import faults  # noqa: E402
+from regrow.launch.chaos import plan as faults  # noqa: E402
+from regrow.launch.chaos import records  # noqa: E402
 from regrow.recovery.ray.coordinator import Coordinator, CoordinatorConfig, CoordinatorError  # noqa: E402
 from regrow.recovery.ray.worker import WorkerSpec  # noqa: E402
 from regrow.tests import ray_workers  # noqa: E402
@@ -251,7 +252,7 @@ def test_seeded_random_fault_soak_loses_no_data(cluster, reference, tmp_path) ->
     assert 2 <= len(plan) <= 4, plan  # the draw this seed gives; a change of random_plan shows here
     coordinator, _ = coordinated(tmp_path, "soak", env=faults.plan_env(plan, str(fired)))
     assert_same(run(coordinator), reference)
-    assert sorted(faults.fired(str(fired))) == list(range(len(plan)))
+    assert sorted(records.fired(str(fired))) == list(range(len(plan)))
     restored = [e for e in events(tmp_path, "soak") if e["event"] == "restored"]
     assert len(restored) >= 1 and all(set(e["sources"]) <= {"kept in memory", "snapshot"} for e in restored)
 

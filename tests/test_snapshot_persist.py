@@ -25,7 +25,7 @@ from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import MANIFEST_NAME, PARTS_DIR, rank_file, temp_dir_name
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
-from regrow.launch.chaos.faults import corrupt_newest_snapshot
+from regrow.launch.chaos.injector import corrupt_newest_snapshot
 from regrow.launch.local.spawn import run_local
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.tests import ckpt_workers as cw

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotClient
-from regrow.launch.chaos.faults import corrupt_segment
+from regrow.launch.chaos.injector import corrupt_segment
 from regrow.launch.local.spawn import WorkerFailed, run_local
 from regrow.recovery.order import Source
 from regrow.tests import recovery_workers as rw

@@ -23,9 +23,10 @@ import pytest
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import MANIFEST_NAME
-from regrow.launch import ckpt_cli, snapshot_cli, torchrun
-from regrow.launch.chaos import faults
+from regrow.launch import torchrun
+from regrow.launch.chaos import plan as faults
 from regrow.launch.local.nodes import ADDRESS_ENV
+from regrow.launch.options import CheckpointOptions, SnapshotOptions
 
 STEPS = 8
 KILL_STEP = 5
@@ -203,9 +204,9 @@ def test_worker_outside_torchrun_names_the_fix(monkeypatch, capsys) -> None:
     (True, True, "/ckpt/step_5", (None, True)),      # ... never over the job's own state
 ])
 def test_each_start_restores_from_exactly_one_source(holds, snapshots, start_from, expected) -> None:
-    snapshotting = snapshot_cli.Snapshotting(every=1, address="127.0.0.1:1") if snapshots else None
+    snapshotting = SnapshotOptions(every=1, address="127.0.0.1:1") if snapshots else None
     checkpointing, snapshotting = torchrun.resumed_plans(
-        holds, checkpointing=ckpt_cli.Checkpointing(ckpt_dir="/ckpt", save_every=4), snapshotting=snapshotting,
+        holds, checkpointing=CheckpointOptions(ckpt_dir="/ckpt", save_every=4), snapshotting=snapshotting,
         start_from=start_from, ckpt_dir="/ckpt")
     assert checkpointing is not None and checkpointing.save_every == 4
     assert (checkpointing.resume, snapshotting.resume if snapshotting else None) == expected

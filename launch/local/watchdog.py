@@ -45,6 +45,17 @@ def read_beat(path: Path) -> dict | None:
         return None
 
 
+def read_beats(directory: str | Path) -> dict[int, dict[int, dict]]:
+    """Attempt -> rank -> that rank's last beat, of every heartbeat file in ``directory``."""
+    beats: dict[int, dict[int, dict]] = {}
+    for path in Path(directory).glob("heartbeat-a*-r*.json"):
+        _, attempt, rank = path.stem.split("-")
+        beat = read_beat(path)
+        if beat is not None:
+            beats.setdefault(int(attempt[1:]), {})[int(rank[1:])] = beat
+    return beats
+
+
 class Heartbeat:
     """The rank side: writes this rank's progress (a ``StateSink``; list it LAST, so that its "optimizer" beat
     means every other sink, a fault injector included, let the step through). Construct it once the trainer is

@@ -1,0 +1,238 @@
+"""Fault plans: which fault hits which rank or node at which step, and whether a run can show it.
+
+A fault plan is a list of :class:`Fault`, from the command line (``--fault kill-rank:1@5 --fault kill-node:0@9``),
+from a JSON file (``--fault-plan plan.json``), or drawn at random (``--fault-mtbf SECONDS --fault-seed N``,
+:func:`random_plan`); :func:`build_plan` puts the three together. It is validated against the run before anything
+starts (:func:`plan_problems`: a rank, node or step that does not exist, or a fault the run's settings cannot show,
+is rejected with the reason and the fix). The launcher hands the plan to every rank in ``REGROW_FAULTS`` (JSON,
+:func:`plan_env`) together with the directory where the ranks record each fault as it fires (``REGROW_FAULTS_DIR``,
+``records.py``); the ranks act on it through ``injector.FaultInjector``.
+
+The kinds (``docs/chaos.md`` has the table of how each is detected and recovered):
+
+- ``kill-rank:R@S``: rank R SIGKILLs itself in step S.
+- ``kill-node:N@S``: every rank of node N SIGKILLs the node's snapshot process, then itself: the node's memory is
+  lost, as when a machine dies.
+- ``hang-rank:R@S``: rank R blocks forever in step S, before its optimizer step's collectives; only the launcher's
+  progress watchdog (``--hang-timeout``) notices.
+- ``slow-rank:R@S[-E][xF]``: a straggler: in steps S..E (default S+4) rank R sleeps F times (default 2) its own
+  last step time before the optimizer step. Nothing fails.
+- ``corrupt-snapshot:R@S``: in step S rank R flips a byte of its newest sealed snapshot and SIGKILLs itself; the
+  restore must find the checksum mismatch and fall back.
+- ``fail-ckpt:R@S``: rank R's checkpoint writer fails writing the save of step S with an injected I/O error; the
+  save is given up and training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+FAULTS_ENV = "REGROW_FAULTS"
+"""The plan, as a JSON list of :meth:`Fault.to_dict` objects, in every rank's environment."""
+FAULTS_DIR_ENV = "REGROW_FAULTS_DIR"
+"""The directory where the ranks record each fault as fired; it must outlive the ranks (``records.py``)."""
+KINDS = ("kill-rank", "kill-node", "hang-rank", "slow-rank", "corrupt-snapshot", "fail-ckpt")
+NODE_KINDS = ("kill-node",)
+"""Kinds whose target is a node; every other kind targets a rank."""
+CRASH_KINDS = ("kill-rank", "kill-node", "hang-rank", "corrupt-snapshot")
+"""Kinds that end the attempt (the launcher must restart the job to recover)."""
+SLOW_STEPS = 5
+"""Steps a ``slow-rank`` fault lasts when the plan gives no end step."""
+SLOW_FACTOR = 2.0
+"""Step-time multiple a ``slow-rank`` rank sleeps when the plan gives no factor."""
+_SYNTAX = re.compile(r"^(?P<kind>[a-z-]+):(?P<target>\d+)@(?P<step>\d+)(?:-(?P<until>\d+))?(?:x(?P<factor>[0-9.]+))?$")
+EXAMPLES = "kill-rank:1@5, kill-node:0@9, hang-rank:1@4, slow-rank:0@3-7x2.5, corrupt-snapshot:1@6, fail-ckpt:0@10"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault: ``kind`` (one of :data:`KINDS`) hits rank or node ``target`` in step ``step``. ``until`` and
+    ``factor`` belong to ``slow-rank`` only (0: the defaults, ``step + SLOW_STEPS - 1`` and :data:`SLOW_FACTOR`)."""
+
+    kind: str
+    target: int
+    step: int
+    until: int = 0
+    factor: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        """``"kill-rank:1@5"`` -> ``Fault("kill-rank", 1, 5)``; ``"slow-rank:0@3-7x2.5"`` adds ``until=7,
+        factor=2.5``. The error shows the expected form."""
+        match = _SYNTAX.match(text.strip())
+        if match is None or match["kind"] not in KINDS:
+            raise ValueError(f"--fault {text!r}: expected KIND:TARGET@STEP with KIND one of {', '.join(KINDS)} "
+                             f"(e.g. {EXAMPLES})")
+        extra = match["until"] is not None or match["factor"] is not None
+        if extra and match["kind"] != "slow-rank":
+            raise ValueError(f"--fault {text!r}: a step range -E and a factor xF belong to slow-rank only")
+        try:
+            factor = float(match["factor"]) if match["factor"] is not None else 0.0
+        except ValueError:
+            raise ValueError(f"--fault {text!r}: the factor after 'x' must be a number (e.g. slow-rank:0@3x2.5)")
+        return cls(kind=match["kind"], target=int(match["target"]), step=int(match["step"]),
+                   until=int(match["until"]) if match["until"] is not None else 0, factor=factor)
+
+    @classmethod
+    def from_dict(cls, item: dict) -> Fault:
+        """The inverse of :meth:`to_dict`; unknown keys are an error naming the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(item) - known)
+        if unknown:
+            raise ValueError(f"fault {item}: unknown keys {unknown} (known: {sorted(known)})")
+        return cls(**item)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``kind``, ``target``, ``step``, plus ``until``/``factor`` when set (so a plain kill stays three keys)."""
+        out: dict[str, Any] = {"kind": self.kind, "target": self.target, "step": self.step}
+        if self.until:
+            out["until"] = self.until
+        if self.factor:
+            out["factor"] = self.factor
+        return out
+
+    @property
+    def last_step(self) -> int:
+        """The last step a ``slow-rank`` fault slows (the fault's step for every other kind)."""
+        if self.kind != "slow-rank":
+            return self.step
+        return self.until or self.step + SLOW_STEPS - 1
+
+    @property
+    def slow_factor(self) -> float:
+        return self.factor or SLOW_FACTOR
+
+    @property
+    def target_kind(self) -> str:
+        return "node" if self.kind in NODE_KINDS else "rank"
+
+    def __str__(self) -> str:
+        text = f"{self.kind}:{self.target}@{self.step}"
+        if self.until:
+            text += f"-{self.until}"
+        if self.factor:
+            text += f"x{self.factor:g}"
+        return text
+
+
+def plan_problems(faults: list[Fault], *, ranks: int, nodes: int, steps: int, snapshot_every: int | None = None,
+                  save_every: int | None = None, hang_timeout_s: float | None = None) -> list[str]:
+    """Every reason the plan cannot run against a job of ``ranks`` ranks on ``nodes`` nodes training ``steps``
+    steps (empty: it can). Given the run's ``snapshot_every``, ``save_every`` and ``hang_timeout_s``, also checks
+    that each fault can show: a corrupt snapshot needs snapshots, a failed checkpoint write a save at that step, a
+    hang the progress watchdog."""
+    problems = []
+    for fault in faults:
+        what = fault.target_kind
+        limit = ranks if what == "rank" else nodes
+        if not 0 <= fault.target < limit:
+            problems.append(f"--fault {fault}: there is no {what} {fault.target} (the job has {limit} {what}s, "
+                            f"0..{limit - 1})")
+        if not 1 <= fault.step <= steps:
+            problems.append(f"--fault {fault}: step {fault.step} is outside the run (steps 1..{steps})")
+        if fault.kind == "slow-rank":
+            if fault.until and fault.until < fault.step:
+                problems.append(f"--fault {fault}: the last slowed step {fault.until} is before the first")
+            if fault.factor and fault.factor <= 0:
+                problems.append(f"--fault {fault}: the factor must be > 0")
+        if fault.kind == "corrupt-snapshot" and snapshot_every is not None and not snapshot_every:
+            problems.append(f"--fault {fault}: there is no snapshot to corrupt; add --snapshot-every 1")
+        if fault.kind == "fail-ckpt" and save_every is not None and (
+                not save_every or (fault.step % save_every and fault.step != steps)):
+            problems.append(f"--fault {fault}: no checkpoint is saved at step {fault.step} (--save-every="
+                            f"{save_every}); pick a multiple of --save-every, or set --save-every and --ckpt-dir")
+        if fault.kind == "hang-rank" and hang_timeout_s is not None and not hang_timeout_s > 0:
+            problems.append(f"--fault {fault}: nothing would notice the hang; add --hang-timeout SECONDS (the "
+                            f"launcher's progress watchdog) and --max-restarts")
+    return problems
+
+
+def load_plan(path: str) -> list[Fault]:
+    """Reads a JSON plan: a list (or ``{"faults": [...]}``) of fault strings (``"kill-rank:1@5"``) or objects
+    (``{"kind": "kill-rank", "target": 1, "step": 5}``). Errors name the file and the item."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--fault-plan {path}: cannot read it as JSON: {error}") from error
+    items = data.get("faults") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise ValueError(f"--fault-plan {path}: expected a JSON list of faults, or an object with a 'faults' list")  # noqa: TRY004 (a bad file, reported with the other argument problems)
+    plan = []
+    for index, item in enumerate(items):
+        try:
+            plan.append(Fault.parse(item) if isinstance(item, str) else Fault.from_dict(item))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"--fault-plan {path}, item {index}: {error}") from error
+    return plan
+
+
+def random_plan(mtbf_s: float, seed: int, *, step_s: float, ranks: int, nodes: int, steps: int,
+                node_faults: bool) -> list[Fault]:
+    """Crash faults with exponentially distributed gaps of mean ``mtbf_s`` seconds, placed at steps assuming a step
+    takes ``step_s`` seconds; ``kill-node`` or ``kill-rank`` at random (``kill-node`` only when ``node_faults``:
+    the run can rebuild a node), the target uniform. Deterministic in ``seed``. Faults are at least 2 steps apart
+    (one recovery at a time) and never at step 1 of the run."""
+    if not mtbf_s > 0 or not step_s > 0:
+        raise ValueError(f"--fault-mtbf={mtbf_s} and --fault-step-seconds={step_s} must be > 0")
+    draw = random.Random(seed)
+    plan, at = [], 1
+    while True:
+        at += max(2, round(draw.expovariate(1.0 / mtbf_s) / step_s))
+        if at > steps:
+            return plan
+        if node_faults and draw.random() < 0.5:
+            plan.append(Fault("kill-node", draw.randrange(nodes), at))
+        else:
+            plan.append(Fault("kill-rank", draw.randrange(ranks), at))
+
+
+def build_plan(texts: Sequence[str], *, plan_file: str | None, mtbf_s: float, seed: int, step_s: float, ranks: int,
+               nodes: int, node_faults: bool, steps: int, max_restarts: int) -> tuple[list[Fault], list[str]]:
+    """A run's whole plan: the ``texts`` (``--fault`` items), then ``plan_file``'s faults, then the ones
+    ``mtbf_s``/``seed`` draw (:func:`random_plan`, when ``mtbf_s`` is set); and every problem found building it,
+    a random plan needing more than ``max_restarts`` restarts included (the caller validates the plan against
+    the run with :func:`plan_problems`). Deterministic: the launcher and the report rebuild the same plan."""
+    plan: list[Fault] = []
+    problems: list[str] = []
+    for text in texts:
+        try:
+            plan.append(Fault.parse(text))
+        except ValueError as error:
+            problems.append(str(error))
+    if plan_file:
+        try:
+            plan += load_plan(plan_file)
+        except ValueError as error:
+            problems.append(str(error))
+    if mtbf_s:
+        try:
+            drawn = random_plan(mtbf_s, seed, step_s=step_s, ranks=ranks, nodes=nodes, steps=steps,
+                                node_faults=node_faults)
+        except ValueError as error:
+            problems.append(str(error))
+            drawn = []
+        if len(drawn) > max_restarts:
+            problems.append(f"--fault-mtbf {mtbf_s:g} --fault-seed {seed} draws {len(drawn)} faults "
+                            f"({', '.join(map(str, drawn))}) but --max-restarts={max_restarts}; give "
+                            f"--max-restarts {len(drawn)} or a longer --fault-mtbf")
+        plan += drawn
+    return plan, problems
+
+
+def plan_env(faults: list[Fault], fired_dir: str) -> dict[str, str]:
+    """The environment that carries ``faults`` to the ranks, with the directory where they record them fired."""
+    return {FAULTS_ENV: json.dumps([f.to_dict() for f in faults]), FAULTS_DIR_ENV: fired_dir} if faults else {}
+
+
+def plan_from_env(environ: dict[str, str]) -> tuple[list[Fault], str] | None:
+    """The plan and the fired-records directory :func:`plan_env` put in ``environ`` (None: no plan)."""
+    text = environ.get(FAULTS_ENV)
+    if not text:
+        return None
+    return [Fault.from_dict(item) for item in json.loads(text)], environ[FAULTS_DIR_ENV]

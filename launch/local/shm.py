@@ -1,0 +1,32 @@
+"""How much shared memory the ranks' snapshots take: what the local launcher tells each node's snapshot process to
+expect, so that a ``/dev/shm`` too small fails at start-up with the fix rather than in the middle of a run."""
+
+from __future__ import annotations
+
+import torch
+
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.trainer.loop import TrainerConfig
+from regrow.trainer.models import GPT
+from regrow.trainer.zero.config import state_kind_rule
+from regrow.trainer.zero.layout import build_layout
+from regrow.trainer.zero.shard import shard_table
+
+META_ESTIMATE = 1 << 20
+"""Metadata room assumed per segment when sizing ``/dev/shm`` before the ranks attach (the real room, twice the
+metadata plus 64 KiB, is far smaller for any model regrow trains)."""
+
+
+def snapshot_bytes(config: TrainerConfig, world_size: int) -> int:
+    """Shared-memory bytes one rank's two snapshot segments take: the shard tensors (fp32 master, 8-bit codes and
+    block scales or fp32 moments) as the optimizer lays them out for ``world_size`` ranks, plus metadata room.
+    Built from a model on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        torch.manual_seed(config.seed)
+        model = GPT(config.model)
+    layout = build_layout(model.named_parameters(), world_size=world_size, bucket_numel=config.optim.bucket_numel,
+                          kind_of=state_kind_rule(model, config.optim))
+    table = [{"name": key, "dtype": str(spec.dtype).removeprefix("torch."), "shape": list(spec.shape)}
+             for key, spec in shard_table(layout).items()]
+    _, payload = seg.plan_tensors(table)
+    return 2 * seg.segment_bytes(META_ESTIMATE, payload)

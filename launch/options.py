@@ -1,0 +1,303 @@
+"""The typed options of ``regrow train``, ``chaos``, ``demo`` and ``ray``: one dataclass per concern, every default
+stated here once (the parser, ``parser.py``, takes its defaults from these), each field naming its flag.
+
+A part's ``problems()`` lists what is wrong with its own values, each problem naming the flag; the checks that need
+several parts or the environment are ``job.py``'s, which reports every problem of a command line at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from regrow.checkpoint.snapshot.protocol import parse_address
+from regrow.recovery.order import Source
+from regrow.trainer.data import DataConfig
+from regrow.trainer.loop import TrainerConfig
+from regrow.trainer.models import GPTConfig
+from regrow.trainer.zero.config import ZeroConfig
+
+RESUME_SNAPSHOT = Source.SNAPSHOT.value
+"""``--resume snapshot``: restore from the node's snapshot process (falling back to ``latest`` of ``--ckpt-dir``)."""
+
+
+@dataclass(kw_only=True)
+class TrainOptions:
+    """What is trained and how: the model, the data, the optimizer, the schedule, the logs."""
+
+    preset: str = "small"
+    """Model size (``--preset``): tiny, small, 350m, 1.3b."""
+    seq_len: int = 0
+    """Sequence length (``--seq-len``; 0: the preset's)."""
+    steps: int = 200
+    """Optimizer steps (``--steps``)."""
+    warmup_steps: int = 20
+    """Steps of learning-rate warm-up (``--warmup-steps``)."""
+    global_batch: int = 32
+    """Sequences per step over all ranks (``--global-batch``)."""
+    micro_batch: int = 8
+    """Sequences per rank per forward/backward (``--micro-batch``)."""
+    stage: int = 2
+    """ZeRO stage, 1 or 2 (``--stage``)."""
+    state_bits: int = 8
+    """Optimizer state bits, 8 or 32 (``--state-bits``)."""
+    lr: float = 3e-3
+    """Peak learning rate (``--lr``)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (``--max-grad-norm``; 0 disables clipping)."""
+    param_dtype: str | None = None
+    """Working parameter dtype, bfloat16, float16 or float32 (``--param-dtype``; None: the model's)."""
+    seed: int = 0
+    """Model initialisation seed (``--seed``)."""
+    data_seed: int = 0
+    """Data order seed (``--data-seed``)."""
+    log_every: int = 10
+    """Log a line every this many steps (``--log-every``)."""
+    eval_every: int = 0
+    """Evaluate every this many steps (``--eval-every``; 0: never)."""
+    metrics: str | None = None
+    """JSONL metrics file written by rank 0 (``--metrics``)."""
+
+    def model_config(self) -> GPTConfig:
+        """The preset's model, at ``seq_len`` when given; ValueError naming the field otherwise."""
+        return GPTConfig.preset(self.preset, **({"seq_len": self.seq_len} if self.seq_len else {}))
+
+    def data_config(self, model: GPTConfig | None) -> DataConfig:
+        """The sampler's config (its sequence length is the model's unless ``seq_len`` is given)."""
+        seq_len = self.seq_len or (model.seq_len if model else 128)
+        return DataConfig(seq_len=seq_len, micro_batch=self.micro_batch, global_batch=self.global_batch,
+                          seed=self.data_seed)
+
+    def optim_config(self) -> ZeroConfig:
+        return ZeroConfig(stage=self.stage, state_bits=self.state_bits, lr=self.lr,
+                          max_grad_norm=self.max_grad_norm, param_dtype=self.param_dtype)
+
+    def trainer_config(self, model: GPTConfig, data: DataConfig, optim: ZeroConfig) -> TrainerConfig:
+        return TrainerConfig(model=model, data=data, optim=optim, steps=self.steps, warmup_steps=self.warmup_steps,
+                             seed=self.seed, log_every=self.log_every, eval_every=self.eval_every,
+                             metrics_path=self.metrics)
+
+
+@dataclass(kw_only=True)
+class LaunchOptions:
+    """How many ranks run where, for how long, restarted how often."""
+
+    nproc: int = 2
+    """Ranks (``--nproc``): local processes to spawn; torchrun's world size under torchrun, ``--workers`` on Ray."""
+    device: str = "cpu"
+    """Where ranks compute (``--device``): auto, cpu or cuda."""
+    timeout_s: float = 3600.0
+    """Seconds before the whole run is aborted (``--timeout``)."""
+    max_restarts: int = 0
+    """Restarts of the ranks after a failure (``--max-restarts``; the local launcher's and Ray's)."""
+    torchrun: bool = False
+    """Started by torchrun (``RANK`` and ``WORLD_SIZE`` set): this process is one rank of torchrun's job."""
+
+    @property
+    def backend(self) -> str:
+        """The process-group backend for :attr:`device`: gloo on CPU, NCCL on CUDA (with gloo for CPU tensors)."""
+        return "gloo" if self.device == "cpu" else "nccl" if self.device == "cuda" else "auto"
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.nproc < 1:
+            problems.append(f"--nproc={self.nproc} must be >= 1")
+        if self.max_restarts < 0:
+            problems.append(f"--max-restarts={self.max_restarts} must be >= 0")
+        return problems
+
+
+@dataclass(kw_only=True)
+class FaultOptions:
+    """The fault plan of a run (``docs/chaos.md``), the progress watchdog, and where the fault report goes."""
+
+    faults: list[str] = field(default_factory=list)
+    """Faults as ``KIND:TARGET@STEP`` (``--fault``, repeatable)."""
+    plan_file: str | None = None
+    """A JSON fault plan (``--fault-plan``)."""
+    mtbf_s: float = 0.0
+    """Mean time between random kill-rank/kill-node faults (``--fault-mtbf``; 0: none drawn)."""
+    seed: int = 0
+    """Seed of the random faults (``--fault-seed``)."""
+    step_seconds: float = 1.0
+    """Seconds a step takes, to place the random faults at steps (``--fault-step-seconds``)."""
+    hang_timeout_s: float = 0.0
+    """Kill and restart the job when a rank makes no progress for this long (``--hang-timeout``; 0: off)."""
+    report: str | None = None
+    """Where the fault report is written as JSON (``--report``; None: next to ``--metrics``, if given)."""
+    reference: bool = False
+    """Also run the training without faults and compare (``regrow chaos --reference``)."""
+
+    @property
+    def given(self) -> bool:
+        """Whether any fault flag was given (a plan may still turn out empty, e.g. a random draw of none)."""
+        return bool(self.faults or self.plan_file or self.mtbf_s)
+
+    def problems(self) -> list[str]:
+        if self.hang_timeout_s < 0:
+            return [f"--hang-timeout={self.hang_timeout_s} must be >= 0 (0: no progress watchdog)"]
+        return []
+
+
+@dataclass(kw_only=True)
+class CheckpointOptions:
+    """The universal checkpoints of a run: where, how often, how many kept, and what to resume from."""
+
+    ckpt_dir: str | None = None
+    """Checkpoint root, visible to every rank (``--ckpt-dir``)."""
+    save_every: int = 0
+    """Save every this many steps, and at the last step (``--save-every``; 0: never)."""
+    keep_last: int = 2
+    """Checkpoints kept (``--keep-last``, >= 2), by the ranks' writer or the snapshot processes persisting."""
+    resume: str | None = None
+    """A ``step_*`` directory, a root or ``latest`` of ``ckpt_dir`` to resume from (``--resume``; ``--resume
+    snapshot`` is :attr:`SnapshotOptions.resume`)."""
+
+    @property
+    def active(self) -> bool:
+        """Whether the ranks save or restore a checkpoint at all."""
+        return bool(self.save_every or self.resume)
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.save_every < 0:
+            problems.append(f"--save-every={self.save_every} must be >= 0 (0 disables saving)")
+        if self.save_every and not self.ckpt_dir:
+            problems.append(f"--save-every={self.save_every} needs --ckpt-dir DIR (where to write the checkpoints)")
+        if self.keep_last < 2:
+            problems.append(f"--keep-last={self.keep_last} must be >= 2 (one good checkpoint must survive the next "
+                            "save)")
+        return problems
+
+
+@dataclass(kw_only=True)
+class SnapshotOptions:
+    """The in-memory snapshots of a run (no secrets: the token stays in the environment), and the local launcher's
+    simulated nodes whose snapshot processes hold them (``launch/run.py`` says who owns those processes)."""
+
+    every: int = 0
+    """Snapshot every this many steps (``--snapshot-every``; 0: never)."""
+    address: str | None = None
+    """An already running snapshot process to use (``--snapshot-address``); None: the local launcher starts one."""
+    resume: bool = False
+    """Restore from the node's snapshot process first (``--resume snapshot``)."""
+    ckpt_dir: str | None = None
+    """Checkpoint root whose ``latest`` is the fallback when no snapshot can be restored (``--ckpt-dir``)."""
+    shm_dir: str = "/dev/shm"
+    """Where a snapshot process started by the launcher keeps its segments (``--snapshot-shm-dir``)."""
+    timeout_s: float = 60.0
+    """Seconds any request to the snapshot process may take."""
+    nodes: int = 1
+    """Simulated nodes of the local launcher, each with its own snapshot process (``--nodes``)."""
+    ec_group_size: int = 0
+    """Nodes per erasure-coding group (``--ec-group-size``; 0: off)."""
+    ec_parity: int = 1
+    """Nodes of a group that may be lost at once (``--ec-parity``)."""
+    persist_every: int = 0
+    """The snapshot processes write a universal checkpoint under ``ckpt_dir`` every this many steps from the ranks'
+    snapshots, at no cost to the ranks (``--persist-every``; 0: off)."""
+
+    @property
+    def active(self) -> bool:
+        """Whether the ranks take or restore snapshots at all."""
+        return bool(self.every or self.resume)
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.every < 0:
+            problems.append(f"--snapshot-every={self.every} must be >= 0 (0 disables in-memory snapshots)")
+        if self.address is not None:
+            try:
+                parse_address(self.address)
+            except ValueError as error:
+                problems.append(f"--snapshot-address: {error}")
+        if self.persist_every < 0:
+            problems.append(f"--persist-every={self.persist_every} must be >= 0 (0: off)")
+        return problems
+
+
+@dataclass(kw_only=True)
+class RayOptions:
+    """``regrow ray``'s cluster, placement and recovery settings (``recovery/ray/coordinator.py`` runs them)."""
+
+    address: str = "local"
+    """'local' (start Ray on this machine), 'auto' (this machine's cluster), or host:port (``--address``)."""
+    workers: int = 2
+    """Ranks, one Ray actor each (``--workers``)."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker (``--cpus-per-worker``)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker (``--gpus-per-worker``; 1 on GPU clusters, NCCL; 0: CPU, gloo)."""
+    ranks_per_node: int = 0
+    """Exactly this many consecutive ranks per node (``--ranks-per-node``; 0: Ray decides)."""
+    snapshot_every: int = 1
+    """In-memory snapshot every this many steps (``--snapshot-every``; 0: off)."""
+    ec_group_size: int = 0
+    """Erasure-code the snapshots across this many nodes (``--ec-group-size``; 0: off)."""
+    ec_parity: int = 1
+    """Nodes of a group that may be lost at once (``--ec-parity``)."""
+    elastic_wait_s: float = 0.0
+    """Seconds to wait for a lost rank's replacement before going on with fewer ranks (``--elastic-wait``; 0:
+    off)."""
+    standby: int = 0
+    """Standby workers per node, started ahead of need (``--standby``)."""
+    resources_timeout_s: float = 300.0
+    """Seconds to wait for a worker's resources (``--resources-timeout``)."""
+    events: str | None = None
+    """JSONL file of every event (``--events``)."""
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """Everything one ``regrow train|chaos|demo|ray`` command line asks for (``job.build_job`` validates it)."""
+
+    command: str
+    """The sub-command: train, chaos, demo or ray."""
+    train: TrainOptions = field(default_factory=TrainOptions)
+    launch: LaunchOptions = field(default_factory=LaunchOptions)
+    faults: FaultOptions = field(default_factory=FaultOptions)
+    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
+    snapshot: SnapshotOptions = field(default_factory=SnapshotOptions)
+    ray: RayOptions = field(default_factory=RayOptions)
+    """Used by ``regrow ray`` only."""
+
+    @property
+    def snapshot_every(self) -> int:
+        """How often the ranks snapshot: Ray's own ``--snapshot-every`` under ``regrow ray``."""
+        return self.ray.snapshot_every if self.command == "ray" else self.snapshot.every
+
+    def report_path(self) -> Path | None:
+        """``--report FILE``, else ``<metrics stem>-report.json`` next to ``--metrics``, else None."""
+        if self.faults.report:
+            return Path(self.faults.report)
+        if self.train.metrics:
+            metrics = Path(self.train.metrics)
+            return metrics.with_name(metrics.stem + "-report.json")
+        return None
+
+
+DEMO = RunOptions(command="demo", train=TrainOptions(steps=400), launch=LaunchOptions(max_restarts=2),
+                  snapshot=SnapshotOptions(every=1, nodes=2, ec_group_size=2), faults=FaultOptions(hang_timeout_s=60.0))
+"""``regrow demo``'s defaults: 2 CPU ranks on 2 simulated nodes whose snapshot processes erasure-code each other,
+restarted up to twice, with the progress watchdog on. Sized to finish in about 3 minutes on a 2-core machine (4
+ranks took over 4)."""
+DEMO_FAULTS = (("kill-rank", 0, 3 / 8), ("kill-node", 1, 3 / 4))
+"""``regrow demo``'s plan when none is given, as (kind, target, fraction of the run): rank 0 is killed, then node 1
+(its rank and its snapshot process), and the run recovers from both; at steps 150 and 300 of the default 400."""
+
+
+def demo_faults(steps: int) -> list[str]:
+    """:data:`DEMO_FAULTS` placed in a run of ``steps`` steps."""
+    return [f"{kind}:{target}@{max(1, round(steps * fraction))}" for kind, target, fraction in DEMO_FAULTS]
+
+
+def with_demo_rules(options: RunOptions) -> RunOptions:
+    """What ``regrow demo`` fills in that its user did not choose: an evaluation every tenth of the run (the loss
+    table), and :data:`DEMO_FAULTS` when no fault flag was given."""
+    train, faults = options.train, options.faults
+    if not train.eval_every:
+        train = dataclasses.replace(train, eval_every=max(1, train.steps // 10))
+    if not faults.given:
+        faults = dataclasses.replace(faults, faults=demo_faults(train.steps))
+    return dataclasses.replace(options, train=train, faults=faults)

@@ -1,0 +1,141 @@
+"""One rank's whole run, the entry point of every process the local launcher spawns or torchrun starts:
+:func:`train_rank` restores (from the node's snapshots, else a checkpoint), attaches the snapshot sink, the fault
+injector, the checkpoint writer and the heartbeat, then trains.
+
+The sinks run in this order after each step: the snapshot sink first, then the checkpoint writer, then the fault
+injector (so that a fault fires while the snapshot of the previous step is still in flight), and the heartbeat
+last (its beat before the optimizer step means every other sink let the step through).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from regrow.checkpoint.snapshot.protocol import request_once
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
+from regrow.checkpoint.universal import storage
+from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
+from regrow.comm.world import World
+from regrow.launch.chaos.injector import FaultInjector
+from regrow.launch.chaos.records import RestoreLog
+from regrow.launch.local.attempts import ATTEMPT_ENV, RUN_DIR_ENV
+from regrow.launch.local.nodes import ADDRESS_ENV
+from regrow.launch.local.watchdog import Heartbeat
+from regrow.launch.options import CheckpointOptions, SnapshotOptions
+from regrow.recovery.from_checkpoint import restore_trainer
+from regrow.recovery.order import JobRestore, Source
+from regrow.recovery.restore import restore_job
+from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankWork:
+    """What every rank of an attempt runs (picklable: the local launcher sends it to each spawned rank)."""
+
+    config: TrainerConfig
+    checkpoint: CheckpointOptions | None = None
+    """The checkpoint side (None: the ranks neither save nor restore a checkpoint)."""
+    snapshot: SnapshotOptions | None = None
+    """The snapshot side (None: the ranks neither snapshot nor restore a snapshot)."""
+
+    @classmethod
+    def of(cls, config: TrainerConfig, checkpoint: CheckpointOptions, snapshot: SnapshotOptions) -> RankWork:
+        """The work of a run's first attempt: each side that is active."""
+        return cls(config=config, checkpoint=checkpoint if checkpoint.active else None,
+                   snapshot=snapshot if snapshot.active else None)
+
+    def after_failure(self) -> RankWork:
+        """The work of the attempt after a failure (once the nodes are healed): resume from the snapshots (which
+        fall back to ``latest`` of the checkpoint root), or from ``latest`` when snapshots are off, or from step 0
+        when nothing was saved."""
+        if self.snapshot is not None and self.snapshot.every:
+            return dataclasses.replace(self, snapshot=dataclasses.replace(self.snapshot, resume=True))
+        checkpoint = self.checkpoint
+        if checkpoint is not None and checkpoint.ckpt_dir and storage.read_latest(Path(checkpoint.ckpt_dir)):
+            return dataclasses.replace(self, checkpoint=dataclasses.replace(checkpoint, resume="latest"))
+        print("[launcher] no snapshot or checkpoint to resume from: the next attempt starts from step 0", flush=True)
+        return self
+
+
+def train_rank(world: World, work: RankWork) -> list[StepResult]:
+    """One rank's whole run (see the module docstring). Collective: every rank of the job calls it. The launcher's
+    run directory and attempt come from the environment (``REGROW_RUN_DIR``, ``REGROW_ATTEMPT``): when given, the
+    rank records its restores and heartbeats there."""
+    trainer = Trainer(work.config, world)
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    attempt = int(os.environ.get(ATTEMPT_ENV, "0"))
+    restores = RestoreLog(run_dir, attempt=attempt, rank=trainer.rank) if run_dir else None
+    snapshot_sink = None
+    if work.snapshot is not None:
+        snapshot_sink = restore_and_attach_snapshots(trainer, work.snapshot,
+                                                     restores.restored if restores is not None else None)
+    if work.checkpoint is not None and work.checkpoint.resume:
+        restore_trainer(trainer, work.checkpoint.resume, root=work.checkpoint.ckpt_dir)
+        if restores is not None:
+            restores.restored_checkpoint(trainer.step, work.checkpoint.resume)
+    injector = FaultInjector.from_env(trainer.rank, snapshot_sink=snapshot_sink)
+    writer = None
+    if work.checkpoint is not None:
+        io_fault = injector.checkpoint_fault if injector is not None and injector.fails_checkpoints else None
+        writer = attach_writer(trainer, work.checkpoint, io_fault=io_fault)
+    if injector is not None:
+        if writer is not None:
+            injector.watch_saves(writer)
+        trainer.sinks.append(injector)
+    if run_dir:
+        trainer.sinks.append(Heartbeat(run_dir, rank=trainer.rank, attempt=attempt, step=trainer.step))
+    return trainer.run()
+
+
+def restore_and_attach_snapshots(trainer: Trainer, options: SnapshotOptions,
+                                 on_restore: Callable[[JobRestore], None] | None = None) -> SnapshotSink | None:
+    """Restores ``trainer`` if ``options.resume``, then attaches a :class:`SnapshotSink` if snapshots are on
+    (attaching now, so a full ``/dev/shm`` fails before the first step). Collective. The address comes from the
+    launcher (``REGROW_SNAPSHOT_ADDRESS``) or ``--snapshot-address``; the token from ``REGROW_SNAPSHOT_TOKEN``.
+    ``on_restore`` is given the restore's result (source, step, what was passed over), e.g. for the fault report."""
+    address = options.address or os.environ.get(ADDRESS_ENV)
+    if address is None:
+        raise RuntimeError(f"{ADDRESS_ENV} is not set: the launcher sets it when --snapshot-every or --resume "
+                           "snapshot is given (under torchrun, pass --snapshot-address)")
+    restored = restore_job(trainer, address, ckpt_root=options.ckpt_dir, timeout_s=options.timeout_s) \
+        if options.resume else None
+    if restored is not None and on_restore is not None:
+        on_restore(restored)
+    if not options.every:
+        return None
+    sink = SnapshotSink(SnapshotSinkConfig(address=address, every=options.every, timeout_s=options.timeout_s),
+                        rank=trainer.rank)
+    from_slot = restored.detail if restored is not None and restored.source is not Source.CHECKPOINT else None
+    sink.attach(trainer.shard_state(), restored_from=from_slot)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and persists(address, options.timeout_s):
+        # What the persisted manifests record as the run's config (the snapshot process cannot know it).
+        request_once(address, {"op": "run_config", "config": trainer.config.to_dict()}, timeout_s=options.timeout_s)
+    trainer.sinks.append(sink)
+    return sink
+
+
+def persists(address: str, timeout_s: float) -> bool:
+    """Whether the snapshot process at ``address`` persists checkpoints (``--persist-every`` of the local launcher,
+    or of the torchrun node helper that started it)."""
+    return bool(request_once(address, {"op": "persisted"}, timeout_s=timeout_s).get("enabled"))
+
+
+def attach_writer(trainer: Trainer, options: CheckpointOptions,
+                  io_fault: Callable[[int], None] | None = None) -> CheckpointWriter | None:
+    """Attaches a :class:`CheckpointWriter` when saving is on (``io_fault``: its fault-injection hook). Collective
+    (the ranks agree on the writer's session)."""
+    if not options.save_every:
+        return None
+    assert options.ckpt_dir is not None
+    writer = CheckpointWriter(
+        WriterConfig(root=options.ckpt_dir, save_every=options.save_every, keep_last=options.keep_last,
+                     final_step=trainer.config.steps),
+        rank=trainer.rank, world_size=trainer.world_size, run_config=trainer.config.to_dict(),
+        timeout_s=trainer.config.optim.timeout_s, io_fault=io_fault,
+    )
+    trainer.sinks.append(writer)
+    return writer
