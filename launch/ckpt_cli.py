@@ -115,7 +115,8 @@ def _adam_groups(state: "whole.WholeState") -> dict:  # noqa: F821 (imported laz
     optim = state.config.get("optim", {})
     decay = [name for name, kinds in state.params.items() if kinds["master"].ndim >= 2]
     flat = [name for name, kinds in state.params.items() if kinds["master"].ndim < 2]
-    common = {"lr": optim.get("lr", 3e-4), "betas": list(optim.get("betas", (0.9, 0.95))), "eps": optim.get("eps", 1e-8)}
+    common = {"lr": optim.get("lr", 3e-4), "betas": list(optim.get("betas", (0.9, 0.95))),
+              "eps": optim.get("eps", 1e-8)}
     groups = [{"params": decay, **common, "weight_decay": optim.get("weight_decay", 0.1)},
               {"params": flat, **common, "weight_decay": 0.0}]
     return {"param_groups": [g for g in groups if g["params"]]}

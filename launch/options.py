@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from regrow.checkpoint.snapshot.protocol import parse_address
+from regrow.checkpoint.universal.storage import KEEP_LAST
 from regrow.recovery.order import Source
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
@@ -148,7 +149,7 @@ class CheckpointOptions:
     """Checkpoint root, visible to every rank (``--ckpt-dir``)."""
     save_every: int = 0
     """Save every this many steps, and at the last step (``--save-every``; 0: never)."""
-    keep_last: int = 2
+    keep_last: int = KEEP_LAST
     """Checkpoints kept (``--keep-last``, >= 2), by the ranks' writer or the snapshot processes persisting."""
     resume: str | None = None
     """A ``step_*`` directory, a root or ``latest`` of ``ckpt_dir`` to resume from (``--resume``; ``--resume
@@ -165,9 +166,9 @@ class CheckpointOptions:
             problems.append(f"--save-every={self.save_every} must be >= 0 (0 disables saving)")
         if self.save_every and not self.ckpt_dir:
             problems.append(f"--save-every={self.save_every} needs --ckpt-dir DIR (where to write the checkpoints)")
-        if self.keep_last < 2:
-            problems.append(f"--keep-last={self.keep_last} must be >= 2 (one good checkpoint must survive the next "
-                            "save)")
+        if self.keep_last < KEEP_LAST:
+            problems.append(f"--keep-last={self.keep_last} must be >= {KEEP_LAST} (one good checkpoint must survive "
+                            "the next save)")
         return problems
 
 

@@ -55,7 +55,8 @@ class PeerLinks:
                 client = self._clients.pop(peer, None)
             if client is not None:
                 client.close()
-            raise ProtocolError(f"peer node {peer} at {self.addresses[peer]}: {message['op']} failed: {error}") from None
+            raise ProtocolError(f"peer node {peer} at {self.addresses[peer]}: {message['op']} failed: "
+                                f"{error}") from None
 
     def close(self) -> None:
         with self._lock:

@@ -51,6 +51,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
+from regrow.checkpoint.universal.storage import KEEP_LAST
 from regrow.trainer.checks import require_ints
 
 PERSIST_HOLDER = "persist"
@@ -68,7 +69,7 @@ class PersistConfig:
     persist_dir: str = ""
     """Checkpoint root (``step_*`` directories and ``latest``); every node's snapshot process must see the same
     directory (a shared filesystem), and no other job may write to it."""
-    keep_last: int = 2
+    keep_last: int = KEEP_LAST
     """Committed checkpoints to keep (>= 2, as ``WriterConfig.keep_last``)."""
     commit_timeout_s: float = 600.0
     """Seconds the process holding rank 0 waits for every rank's part before giving the step up."""
@@ -80,7 +81,7 @@ class PersistConfig:
     """fsync files and directories before committing."""
 
     def __post_init__(self) -> None:
-        require_ints(self, {"persist_every": 0, "keep_last": 2, "copy_threads": 1, "chunk_bytes": 1})
+        require_ints(self, {"persist_every": 0, "keep_last": KEEP_LAST, "copy_threads": 1, "chunk_bytes": 1})
         if not isinstance(self.persist_dir, str):
             raise TypeError(f"PersistConfig.persist_dir={self.persist_dir!r} must be a path (str)")
         if self.persist_every and not self.persist_dir:

@@ -133,7 +133,7 @@ class SnapshotClient:
             self._sock = socket.create_connection((host, port), timeout=timeout_s)
         except OSError as error:
             raise SnapshotProcessLost(f"cannot reach the snapshot process at {address}: {error}. Is it running? "
-                                      f"(start it with regrow.checkpoint.node.process.start_snapshot_process)") from error
+                                      f"(start it with `python -m regrow.checkpoint.node`)") from error
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request({"op": "hello", "token": token if token is not None else token_from_env()})
 

@@ -103,6 +103,6 @@ def digest_cuda(tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.
 
 
 def to_digest(result: torch.Tensor) -> Digest:
-    """The :class:`~regrow.checkpoint.snapshot.wordsum.Digest` held by a :func:`digest_cuda` result (synchronizes when the
-    result is still on the device)."""
+    """The :class:`~regrow.checkpoint.snapshot.wordsum.Digest` held by a :func:`digest_cuda` result (synchronizes
+    when the result is still on the device)."""
     return Digest.from_int64(*result.tolist())

@@ -60,7 +60,7 @@ class WriterConfig:
     a root at a time (a new writer removes the temporaries it finds there as leftovers of a crash)."""
     save_every: int = 100
     """Save after every this many optimizer steps (0: only when :meth:`CheckpointWriter.save` is called)."""
-    keep_last: int = 2
+    keep_last: int = storage.KEEP_LAST
     """Committed checkpoints to keep (>= 2, so a good one survives while the next is written); older are purged."""
     when_busy: str = "skip"
     """A save step while the previous save still persists: "skip" it (logged) or "wait" for the previous one."""
@@ -83,7 +83,7 @@ class WriterConfig:
 
         if not str(self.root):
             raise bad("root", "give the directory that holds the checkpoints")
-        require_ints(self, {"save_every": 0, "keep_last": 2, "final_step": 0, "chunk_bytes": 1})
+        require_ints(self, {"save_every": 0, "keep_last": storage.KEEP_LAST, "final_step": 0, "chunk_bytes": 1})
         if self.when_busy not in WHEN_BUSY:
             raise bad("when_busy", f"allowed values are {WHEN_BUSY}")
         if not self.commit_timeout_s > 0:

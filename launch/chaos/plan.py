@@ -162,7 +162,8 @@ def load_plan(path: str) -> list[Fault]:
         raise ValueError(f"--fault-plan {path}: cannot read it as JSON: {error}") from error
     items = data.get("faults") if isinstance(data, dict) else data
     if not isinstance(items, list):
-        raise ValueError(f"--fault-plan {path}: expected a JSON list of faults, or an object with a 'faults' list")  # noqa: TRY004 (a bad file, reported with the other argument problems)
+        # ValueError, not TypeError: a bad file is reported with the other argument problems.
+        raise ValueError(f"--fault-plan {path}: expected a JSON list of faults, or an object with a 'faults' list")
     plan = []
     for index, item in enumerate(items):
         try:

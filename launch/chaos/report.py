@@ -67,7 +67,7 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
             continue
         fired_here = {i: r for i, r in recorder.fired.items() if r.get("attempt") == attempt.index
                       and recorder.plan[i].kind in CRASH_KINDS}
-        entry: dict[str, Any] = {"attempt": attempt.index + 1, "faults": [recorder.plan[i].__str__() for i in fired_here],
+        entry: dict[str, Any] = {"attempt": attempt.index + 1, "faults": [str(recorder.plan[i]) for i in fired_here],
                                  "reason": attempt.failure["reason"], "detected_by": [attempt.failure["detected_by"]]}
         fired_at = min((r["time"] for r in fired_here.values() if "time" in r), default=None)
         entry["detect_s"] = round(attempt.failure["time"] - fired_at, 3) if fired_at is not None else None

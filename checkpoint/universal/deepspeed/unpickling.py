@@ -136,7 +136,8 @@ def _scan_globals(path: Path) -> list[str]:
                     pushed.append(None)
         except ValueError:
             break  # raw tensor bytes after the pickles, or not a pickle at all
-    return sorted(n for n in found if n not in allowed and not n.startswith("torch.") and n != "collections.OrderedDict")
+    return sorted(n for n in found
+                  if n not in allowed and not n.startswith("torch.") and n != "collections.OrderedDict")
 
 
 def _unsafe_message(path: Path, names: list[str]) -> str:
