@@ -13,6 +13,8 @@ from regrow.recovery.restore import job_availability, restore_job
 from regrow.tests.test_snapshot import token  # noqa: F401 (fixture)
 from regrow.tests.test_trainer import tiny_config
 from regrow.trainer.loop import Trainer
+from regrow.trainer.pipeline.trainer import PipelineTrainer
+from regrow.trainer.state import Restorable
 
 K, S, E, N, C = Source.KEPT, Source.SNAPSHOT, Source.ERASURE, Source.NEIGHBORS, Source.CHECKPOINT
 PIPELINE = dict(lost_stage=1, pp_size=4, lost_stages=frozenset({1}))
@@ -79,3 +81,13 @@ def test_a_jobs_restore_without_snapshots_plans_the_checkpoint(tmp_path) -> None
     restored = restore_job(fresh, None, ckpt_root=str(tmp_path), log=False)
     assert restored.planned == (K, C)
     assert (restored.source, restored.step) == (C, 2)
+
+
+def test_both_trainers_satisfy_the_restore_contract() -> None:
+    """Recovery restores through ``Restorable`` alone: a ``Trainer`` is one, and ``PipelineTrainer`` offers every
+    method and property of it (its attributes are set per rank when it is built in a process group)."""
+    assert isinstance(Trainer(tiny_config(steps=1)), Restorable)
+    methods = {"layout", "restore", "gather_parameters", "at_initial_state", "reset_to_initial_state",
+               "start_lineage", "run_config"}
+    assert methods <= {name for name in dir(Restorable) if not name.startswith("_")}
+    assert methods <= set(dir(PipelineTrainer))

@@ -28,9 +28,9 @@ from regrow.trainer.checks import require_ints
 from regrow.trainer.data import DataConfig, DataCursor, Sampler
 from regrow.trainer.log import log_line
 from regrow.trainer.models import GPT, GPTConfig
+from regrow.trainer.restorable import OptimizerBackedRestore
 from regrow.trainer.state import RngState, ShardState, StateSink
 from regrow.trainer.zero.config import ZeroConfig
-from regrow.trainer.zero.layout import FlatLayout
 from regrow.trainer.zero.optimizer import ZeroOptimizer
 
 
@@ -122,7 +122,7 @@ def agree_lineage(world_size: int, timeout_s: float) -> str:
     return f"{int(draw.item()):016x}"
 
 
-class Trainer(RewindableStep):
+class Trainer(RewindableStep, OptimizerBackedRestore):
     """Trains a GPT with the sharded optimizer on this rank of ``world`` (or alone when ``world`` is None).
 
     Contract: every rank constructs it with the same config and calls :meth:`run` (or :meth:`train_step`) the same
@@ -171,19 +171,6 @@ class Trainer(RewindableStep):
         random.seed(per_rank)
         np.random.seed(per_rank % 2**32)
         return GPT(self.config.model).to(self.device)
-
-    @property
-    def layout(self) -> FlatLayout:
-        """The flat layout of this rank's optimizer shard (``state.Restorable``)."""
-        return self.optimizer.layout
-
-    def at_initial_state(self) -> bool:
-        """No optimizer update has begun since this trainer was built or reset (``state.Restorable``)."""
-        return self.step == 0 and self.optimizer.step_count == 0
-
-    def gather_parameters(self) -> None:
-        """All-gathers the working parameters from every rank's shard (collective; ``state.Restorable``)."""
-        self.optimizer.gather_parameters()
 
     def run_config(self) -> dict:
         """``config.to_dict()``: what a checkpoint records as the run's settings (``state.Restorable``)."""

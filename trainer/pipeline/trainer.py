@@ -38,15 +38,15 @@ from regrow.trainer.pipeline.groups import PipelineGroups, create_groups
 from regrow.trainer.pipeline.p2p import Transfers, activation_tag, gradient_tag
 from regrow.trainer.pipeline.schedule import FORWARD, build_schedule, routes
 from regrow.trainer.pipeline.shared import norm_skip, shared_params, stage_roles, sum_shared_grads
+from regrow.trainer.restorable import OptimizerBackedRestore
 from regrow.trainer.state import RngState, ShardState, StateSink
-from regrow.trainer.zero.layout import FlatLayout
 from regrow.trainer.zero.optimizer import ZeroOptimizer
 from regrow.trainer.zero.shard import MASTER, shard_key
 
 __all__ = ["PipelineConfig", "PipelineTrainer", "PipelineTrainerConfig"]
 
 
-class PipelineTrainer(RewindableStep):
+class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
     """Trains one stage of one data-parallel replica; every rank of the world constructs one with the same config.
 
     Contract: construct on every rank after :func:`~regrow.comm.world.init_world` (it creates process groups, a
@@ -244,20 +244,6 @@ class PipelineTrainer(RewindableStep):
             extra={"pp_stage": self.stage, "pp_size": self.n_stages, "lr_scale": self.lr_scale,
                    "optimizer_steps": self.optimizer.step_count, "lineage": self.lineage},
         )
-
-    @property
-    def layout(self) -> FlatLayout:
-        """The flat layout of this rank's shard of its stage (``state.Restorable``)."""
-        return self.optimizer.layout
-
-    def at_initial_state(self) -> bool:
-        """No optimizer update has begun since this stage was built or reset (``state.Restorable``)."""
-        return self.step == 0 and self.optimizer.step_count == 0
-
-    def gather_parameters(self) -> None:
-        """All-gathers the stage's working parameters from its data-parallel group's shards (collective over that
-        group, as :meth:`restore` is; ``state.Restorable``)."""
-        self.optimizer.gather_parameters()
 
     def run_config(self) -> dict:
         """The config as a dict (``state.Restorable``)."""
