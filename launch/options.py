@@ -13,6 +13,7 @@ from pathlib import Path
 
 from regrow.checkpoint.snapshot.protocol import parse_address
 from regrow.checkpoint.universal.storage import KEEP_LAST
+from regrow.checkpoint.universal.writer import ON_ERROR
 from regrow.recovery.order import Source
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
@@ -154,6 +155,9 @@ class CheckpointOptions:
     resume: str | None = None
     """A ``step_*`` directory, a root or ``latest`` of ``ckpt_dir`` to resume from (``--resume``; ``--resume
     snapshot`` is :attr:`SnapshotOptions.resume`)."""
+    on_error: str = ON_ERROR[0]
+    """After a failed save: "continue" training or "stop" with the error (``--ckpt-on-error``;
+    ``WriterConfig.on_error``)."""
 
     @property
     def active(self) -> bool:
@@ -169,6 +173,8 @@ class CheckpointOptions:
         if self.keep_last < KEEP_LAST:
             problems.append(f"--keep-last={self.keep_last} must be >= {KEEP_LAST} (one good checkpoint must survive "
                             "the next save)")
+        if self.on_error not in ON_ERROR:
+            problems.append(f"--ckpt-on-error={self.on_error} is invalid: allowed values are {', '.join(ON_ERROR)}")
         return problems
 
 

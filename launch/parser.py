@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
+from regrow.checkpoint.universal.writer import ON_ERROR
 from regrow.launch import ckpt_cli
 from regrow.launch.options import (
     DEMO,
@@ -113,6 +114,9 @@ CHECKPOINTS = (
     _flag("--save-every", CheckpointOptions, "save_every", "save a checkpoint every N steps (0: never)", type=int),
     _flag("--ckpt-dir", CheckpointOptions, "ckpt_dir", "checkpoint root, visible to every rank"),
     _flag("--keep-last", CheckpointOptions, "keep_last", "checkpoints to keep (>= 2)", type=int),
+    _flag("--ckpt-on-error", CheckpointOptions, "on_error",
+          "after a failed save (latest keeps the last good checkpoint): train on, the next save trying again, or "
+          "stop with the error", choices=ON_ERROR),
     _flag("--resume", CheckpointOptions, "resume",
           "resume from a checkpoint directory, a root, 'latest' of --ckpt-dir, or 'snapshot': the node's in-memory "
           "snapshots, falling back to 'latest' of --ckpt-dir", metavar=f"DIR|latest|{RESUME_SNAPSHOT}"),

@@ -133,7 +133,7 @@ def attach_writer(trainer: Trainer, options: CheckpointOptions,
     assert options.ckpt_dir is not None
     writer = CheckpointWriter(
         WriterConfig(root=options.ckpt_dir, save_every=options.save_every, keep_last=options.keep_last,
-                     final_step=trainer.config.steps),
+                     final_step=trainer.config.steps, on_error=options.on_error),
         rank=trainer.rank, world_size=trainer.world_size, run_config=trainer.config.to_dict(),
         timeout_s=trainer.config.optim.timeout_s, io_fault=io_fault,
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from regrow.checkpoint.universal.format import Chunk
+from regrow.checkpoint.universal.format import Chunk, temp_dir_name
 from regrow.checkpoint.universal.writer import CheckpointWriter, PendingSave, WriterConfig
 from regrow.comm.world import World
 from regrow.recovery.from_checkpoint import restore_trainer
@@ -115,6 +115,33 @@ def save_then_fail_on_rank1(world: World, root: str) -> list[str]:
     trainer.train_step()
     writer.close()
     return [f"{r.step}:{r.status}:{r.error}" for r in writer.results]
+
+
+def save_into_a_blocked_root(world: World, root: str, on_error: str | None) -> dict:
+    """Saves step 2; then rank 0 puts a regular file where the saves of steps 4 and 6 must create their temporary
+    directory, so that every rank's writes of them fail with ENOTDIR (a path lookup the kernel refuses for root too,
+    unlike a ``chmod``: the tests run as root). Trains to step 6 (saving every 2 steps, ``commit_timeout_s`` 20,
+    ``on_error`` as given, the default when None). Returns every save's ``step:status:error``, the seconds from the
+    start of step 4 until its save had ended on this rank, and the step training reached."""
+    settings = {"on_error": on_error} if on_error else {}
+    trainer = Trainer(config(world.world_size, steps=6), world)
+    writer = CheckpointWriter(WriterConfig(root=root, save_every=2, final_step=6, commit_timeout_s=20, **settings),
+                              run_config=trainer.config.to_dict())
+    trainer.sinks.append(writer)
+    trainer.train_step()
+    trainer.train_step()
+    writer.wait(60)
+    if world.rank == 0:  # before step 3's all-reduce of the loss, which every rank must pass to reach step 4
+        for step in (4, 6):
+            Path(root, temp_dir_name(step, writer.session)).write_text("in the way")
+    trainer.train_step()
+    started = time.monotonic()
+    trainer.train_step()
+    writer.wait(120)
+    seconds = time.monotonic() - started
+    trainer.run()  # steps 5 and 6
+    return {"results": [f"{r.step}:{r.status}:{r.error}" for r in writer.results], "seconds": seconds,
+            "step": trainer.step}
 
 
 class SlowWriter(CheckpointWriter):

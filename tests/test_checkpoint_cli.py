@@ -1,14 +1,23 @@
-"""``regrow train --save-every/--ckpt-dir/--resume`` end to end on 2 processes, and ``regrow ckpt inspect|verify``."""
+"""``regrow train --save-every/--ckpt-dir/--resume/--ckpt-on-error`` end to end on 2 processes, and ``regrow ckpt
+inspect|verify``."""
 
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from regrow.checkpoint.universal import storage
 from regrow.launch import cli
+from regrow.launch.parser import parse_options
+from regrow.launch.rank import attach_writer
+from regrow.tests import ckpt_workers as cw
+from regrow.trainer.loop import Trainer
 
 COMMON = ["train", "--nproc", "2", "--preset", "tiny", "--global-batch", "8", "--micro-batch", "4",
           "--log-every", "1", "--timeout", "240"]
@@ -61,6 +70,43 @@ def test_checkpoint_flag_problems_are_reported_with_the_others(capsys, tmp_path)
     assert "--resume=latest: resume from 'latest' needs the checkpoint root" in err
     code = cli.main(["train", "--resume", "latest", "--ckpt-dir", str(tmp_path)])
     assert code == 2 and f"no checkpoint under {tmp_path}" in capsys.readouterr().err
+
+
+def limit_file_size() -> None:
+    """Runs in the child before ``exec``: no file of the run may grow past 64 bytes (``RLIMIT_FSIZE``, which the
+    kernel enforces for root too, unlike a ``chmod``; enough for ``tempfile``'s probe, not for a checkpoint file or
+    marker). Python ignores SIGXFSZ, so a write past it fails with EFBIG instead of killing the process."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@pytest.mark.timeout(200)
+def test_ckpt_on_error_stop_ends_regrow_train_with_the_os_error(tmp_path) -> None:
+    """``regrow train --ckpt-on-error stop`` whose ranks cannot write a checkpoint file (a file-size limit): the
+    save of step 2 fails at once on both ranks with EFBIG, training stops at step 3 with exit code 1 and one error
+    naming the checkpoint, the root and the OS's error, and nothing under the root looks like a checkpoint."""
+    root = tmp_path / "ckpt"
+    command = [sys.executable, "-m", "regrow", *COMMON, "--steps", "4", "--save-every", "2", "--ckpt-dir", str(root),
+               "--ckpt-on-error", "stop"]
+    done = subprocess.run(command, env=dict(os.environ), preexec_fn=limit_file_size, capture_output=True, text=True,
+                          timeout=180, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    for rank in (0, 1):
+        assert (f"[rank {rank}, step 2] checkpoint step_00000002 FAILED: rank {rank}: OSError: [Errno 27] File too "
+                f"large: '{root}/.tmp_step_00000002.") in done.stdout
+    assert f"CheckpointWriteError: checkpoint step_00000002 could not be written under {root}: rank" in done.stderr
+    assert "training stops at step 3 (on_error='stop'); no checkpoint was committed yet" in done.stderr
+    assert storage.read_latest(root) is None and storage.committed(root) == []
+
+
+def test_ckpt_on_error_is_checked_and_reaches_the_writer(tmp_path, capsys) -> None:
+    assert parse_options(["train"]).checkpoint.on_error == "continue"
+    options = parse_options(["train", "--save-every", "2", "--ckpt-dir", str(tmp_path), "--ckpt-on-error", "stop"])
+    assert options.checkpoint.on_error == "stop"
+    writer = attach_writer(Trainer(cw.config(1, steps=2)), options.checkpoint)
+    assert writer is not None and writer.config.on_error == "stop"
+    with pytest.raises(SystemExit):
+        parse_options(["train", "--ckpt-on-error", "abort"])
+    assert "--ckpt-on-error: invalid choice: 'abort' (choose from 'continue', 'stop')" in capsys.readouterr().err
 
 
 def test_ckpt_inspect_of_a_missing_checkpoint_fails_clearly(tmp_path, capsys) -> None:

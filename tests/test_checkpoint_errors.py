@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from regrow.checkpoint.universal import verify
+from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import (
     FORMAT_VERSION,
     CheckpointMismatch,
     CorruptCheckpoint,
     UnsupportedFormatVersion,
+    temp_dir_name,
 )
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
-from regrow.launch.local.spawn import run_local
+from regrow.launch.local.spawn import WorkerFailed, run_local
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.tests import ckpt_workers as cw
 from regrow.trainer.loop import Trainer
@@ -166,11 +167,76 @@ def test_one_rank_hitting_its_file_size_limit_fails_the_whole_save(tmp_path) -> 
     assert restore_trainer(trainer, "latest", root=tmp_path).step == 2
 
 
+def assert_only_step2_is_kept(root: Path) -> None:
+    """``latest`` still names step 2, which verifies and loads, and no directory but its own is left in ``root``."""
+    assert storage.read_latest(root) == STEP2
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [STEP2], "temporaries must be cleaned up"
+    assert verify.verify(root / STEP2).ok
+    assert restore_trainer(Trainer(cw.config(1, steps=4)), "latest", root=root).step == 2
+
+
+@pytest.mark.timeout(200)
+def test_a_root_the_os_refuses_fails_the_save_at_once_on_every_rank_and_training_goes_on(tmp_path, capfd) -> None:
+    """No rank can create the directory of the saves of steps 4 and 6 (a regular file is where it must go:
+    ENOTDIR). Each save fails within seconds on every rank, not after the 20-s commit timeout, with the OS's error
+    in every rank's result and log line; ``latest`` keeps naming step 2; the run trains to its end (the default,
+    ``on_error="continue"``)."""
+    runs = run_local(cw.save_into_a_blocked_root, 2, str(tmp_path), None, backend="gloo", timeout_s=150)
+    out = capfd.readouterr().out
+    for rank, run in enumerate(runs):
+        assert run["step"] == 6
+        assert run["seconds"] < 10, f"rank {rank}'s save of step 4 ended only after {run['seconds']:.1f} s"
+        first, *failed = run["results"]
+        assert first.startswith("2:committed" if rank == 0 else "2:written")
+        assert [r.split(":")[:2] for r in failed] == [["4", "failed"], ["6", "failed"]]
+        for result in failed:
+            assert f"failed:rank {rank}: NotADirectoryError: [Errno 20] Not a directory: '{tmp_path}" in result
+        assert (f"[rank {rank}, step 4] checkpoint step_00000004 FAILED: rank {rank}: NotADirectoryError: "
+                f"[Errno 20] Not a directory") in out
+    assert_only_step2_is_kept(tmp_path)
+
+
+@pytest.mark.timeout(200)
+def test_a_root_the_os_refuses_stops_training_at_the_next_step_when_on_error_is_stop(tmp_path) -> None:
+    """The same refused root with ``on_error="stop"``: once step 4's save has failed, training stops at step 5 with
+    one error naming the checkpoint, the root and the OS's error; ``latest`` keeps naming step 2."""
+    with pytest.raises(WorkerFailed) as failed:
+        run_local(cw.save_into_a_blocked_root, 2, str(tmp_path), "stop", backend="gloo", timeout_s=150)
+    message = str(failed.value)
+    assert f"CheckpointWriteError: checkpoint step_00000004 could not be written under {tmp_path}: rank" in message
+    assert "NotADirectoryError: [Errno 20] Not a directory" in message
+    assert f"training stops at step 5 (on_error='stop'); latest still names {STEP2}" in message
+    assert_only_step2_is_kept(tmp_path)
+
+
+def test_temporaries_of_failed_saves_are_removed_at_the_next_commit(tmp_path) -> None:
+    """Rank 0 gives a failed save up at once, so another rank may still write into its directory after rank 0 removed
+    it. After the next commit (every rank has finished every earlier save by then) rank 0 removes this run's
+    temporaries of earlier steps; another run's are left alone."""
+    trainer = fresh_trainer()
+    writer = CheckpointWriter(WriterConfig(root=str(tmp_path), save_every=2, log=False))
+    trainer.sinks.append(writer)
+    trainer.train_step()
+    trainer.train_step()
+    assert writer.wait(60).status == "committed"
+    straggler = tmp_path / temp_dir_name(3, writer.session)
+    (straggler / "params" / "wte.weight").mkdir(parents=True)
+    (straggler / "params" / "wte.weight" / "master.bin").write_bytes(b"late")
+    other_run = tmp_path / temp_dir_name(3, "0123456789abcdef")
+    other_run.mkdir()
+    trainer.train_step()
+    trainer.train_step()
+    assert writer.wait(60).status == "committed"
+    assert not straggler.exists() and other_run.exists()
+
+
 def test_writer_config_errors_name_the_field(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"WriterConfig.keep_last=1 must be an integer >= 2"):
         WriterConfig(root=str(tmp_path), keep_last=1)
     with pytest.raises(ValueError, match=r"WriterConfig.when_busy='queue' is invalid"):
         WriterConfig(root=str(tmp_path), when_busy="queue")
+    with pytest.raises(ValueError, match=r"on_error='abort' is invalid: allowed values are \('continue', 'stop'\)"):
+        WriterConfig(root=str(tmp_path), on_error="abort")
 
 
 def test_no_checkpoint_at_all_is_a_clear_error(tmp_path) -> None:

@@ -63,7 +63,12 @@ class StepWriter:
         commits, recording ``run_config`` in the manifest."""
         # torch-side imports, see the module docstring.
         from regrow.checkpoint.snapshot.sink import state_from_snapshot
-        from regrow.checkpoint.universal.commit import SaveTarget, build_manifest, commit_save
+        from regrow.checkpoint.universal.commit import (
+            SaveTarget,
+            build_manifest,
+            commit_save,
+            remove_older_temporaries,
+        )
         from regrow.checkpoint.universal.format import (
             MANIFEST_NAME,
             PARTS_DIR,
@@ -110,12 +115,13 @@ class StepWriter:
             target, lambda markers: build_manifest(target, markers, layout=layout, data_cursor=cursor,
                                                    tokens_seen=tokens, run_config=run_config),
             keep_last=self.config.keep_last, timeout_s=self.config.commit_timeout_s, fsync=self.config.fsync,
-            started=started, accept=lambda marker: marker.get("persist") == fingerprint or bool(marker.get("error")))
+            started=started, accept=lambda marker: marker.get("persist") == fingerprint or bool(marker.get("error")),
+            own_errors=errors)  # a part of its own failed: no waiting (its marker may not exist), the step fails now
         result = done.result
         if result.status != "committed":
             self._log(f"persist of step {step} FAILED: {result.error}; latest is unchanged")
             return PersistResult(step=step, status="failed", seconds=result.seconds, error=result.error)
-        removed = self._remove_older_temporaries(step)
+        removed = remove_older_temporaries(self.root, step, lambda older: persist_session(self._token, older))
         purged = f"; purged {', '.join(p.name for p in done.purged)}" if done.purged else ""
         cleaned = f"; removed {len(removed)} abandoned temporaries" if removed else ""
         self._log(f"persisted step {step} to {result.path} in {result.seconds:.2f} s{purged}{cleaned}")
@@ -131,20 +137,6 @@ class StepWriter:
         self._log(f"persisted this node's part of step {step} to {temp} in {seconds:.2f} s (the snapshot process "
                   f"holding rank 0 commits it)")
         return PersistResult(step=step, status="written", path=str(temp), seconds=seconds)
-
-    def _remove_older_temporaries(self, step: int) -> list[Path]:
-        """This job's temporaries of steps before ``step``: attempts that failed, were skipped or were abandoned on
-        some node. Another job's temporaries (other sessions) are left alone."""
-        from regrow.checkpoint.universal.format import TEMP_PREFIX, parse_step_dir_name
-
-        removed = []
-        for entry in self.root.iterdir():
-            name, _, session = entry.name.removeprefix(TEMP_PREFIX).partition(".")
-            older = parse_step_dir_name(name) if entry.name.startswith(TEMP_PREFIX) else None
-            if older is not None and older < step and session == persist_session(self._token, older):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-        return removed
 
 
 def _manifest_session(path: Path) -> str | None:

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,12 +25,14 @@ from regrow.checkpoint.universal.format import (
     KINDS_BY_BITS,
     MANIFEST_NAME,
     PARTS_DIR,
+    TEMP_PREFIX,
     Chunk,
     FileEntry,
     Manifest,
     ParamEntry,
     RngEntry,
     TensorEntry,
+    parse_step_dir_name,
     rank_file,
     step_dir_name,
     temp_dir_name,
@@ -145,14 +147,20 @@ class Committed:
 
 def commit_save(target: SaveTarget, manifest_of: Callable[[dict[int, dict]], Manifest], *, keep_last: int,
                 timeout_s: float, fsync: bool, started: float,
-                accept: Callable[[dict], bool] | None = None) -> Committed:
+                accept: Callable[[dict], bool] | None = None, own_errors: Sequence[str] = ()) -> Committed:
     """The commit by the holder of rank 0: waits up to ``timeout_s`` for every rank's marker; when all are there
     without errors, writes the manifest (``manifest_of(markers)``), removes ``parts/``, fsyncs, renames the
     temporary directory to ``step_<step>``, flips ``latest`` and purges down to ``keep_last``. Any failure (a
     rank's error, a missing marker, an I/O error) removes the temporary directory and leaves ``latest`` alone.
-    The committer's own part's error reaches it through its own marker, like every rank's. ``accept`` further
+
+    ``own_errors`` are the failures of the committer's own parts (``"rank r: ..."``, as it caught them): when there
+    are any, the save fails at once with them, without waiting for any marker (its own may never have been
+    written: a directory it cannot create). Other ranks' errors reach it through their markers. ``accept`` further
     filters the markers that count; ``started`` (``time.perf_counter()`` when the save began) times the result.
     Never raises."""
+    if own_errors:
+        shutil.rmtree(target.temp, ignore_errors=True)
+        return Committed(SaveResult(step=target.step, status="failed", error="; ".join(own_errors)))
     markers, missing = wait_for_markers(target, timeout_s, accept=accept)
     errors = [f"rank {r}: {m['error']}" for r, m in sorted(markers.items()) if m.get("error")]
     if missing:
@@ -177,3 +185,29 @@ def commit_save(target: SaveTarget, manifest_of: Callable[[dict[int, dict]], Man
     result = SaveResult(step=target.step, status="committed", path=str(final),
                         seconds=time.perf_counter() - started, nbytes=manifest.nbytes())
     return Committed(result, manifest, purged)
+
+
+def remove_older_temporaries(root: Path, step: int, session_of: Callable[[int], str]) -> list[Path]:
+    """Removes this job's temporaries of the saves before ``step`` under ``root`` (``session_of(s)``: the session
+    of step s's save), i.e. saves that failed or were given up, which a rank may have written into after the
+    committer had removed them. Call it once ``step`` is committed: every rank had then finished every earlier save
+    (a rank starts a save only after its previous one ended). Another job's temporaries are left alone. Returns what
+    was removed; never raises (what cannot be removed stays for a later call or the next writer)."""
+    removed = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name, _, session = entry.name.removeprefix(TEMP_PREFIX).partition(".")
+        older = parse_step_dir_name(name) if entry.name.startswith(TEMP_PREFIX) else None
+        if older is not None and older < step and session == session_of(older):
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError:
+                continue
+            removed.append(entry)
+    return removed

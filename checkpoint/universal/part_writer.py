@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,12 +89,13 @@ class PartWriter:
         chunks = []
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            for begin in range(0, len(data), self.chunk_bytes):
-                piece = data[begin : begin + self.chunk_bytes]
-                storage.pwrite_all(fd, piece, offset + begin, self.pwrite)
-                chunks.append(Chunk(offset=offset + begin, length=len(piece), crc32=zlib.crc32(piece)))
-            if self.fsync:
-                os.fdatasync(fd)  # data and the size needed to read it back; other metadata need not be durable
+            with _naming(path):
+                for begin in range(0, len(data), self.chunk_bytes):
+                    piece = data[begin : begin + self.chunk_bytes]
+                    storage.pwrite_all(fd, piece, offset + begin, self.pwrite)
+                    chunks.append(Chunk(offset=offset + begin, length=len(piece), crc32=zlib.crc32(piece)))
+                if self.fsync:
+                    os.fdatasync(fd)  # data and the size needed to read it back; other metadata need not be durable
         finally:
             os.close(fd)
         return chunks
@@ -108,9 +110,10 @@ class PartWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                storage.pwrite_all(fd, memoryview(data), 0, self.pwrite)
-                if self.fsync:
-                    os.fsync(fd)
+                with _naming(path):
+                    storage.pwrite_all(fd, memoryview(data), 0, self.pwrite)
+                    if self.fsync:
+                        os.fsync(fd)
             finally:
                 os.close(fd)
             entries.append(FileEntry(file=name, nbytes=len(data), crc32=zlib.crc32(data)))
@@ -132,6 +135,18 @@ class PartWriter:
         folder = temp / PARTS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         storage.write_file_atomic(folder / rank_file(rank, ".json"), json.dumps(marker).encode(), fsync=self.fsync)
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Adds ``path`` to an OS error that names no file (a failed ``pwrite`` or ``fsync`` says only "File too
+    large" or "No space left on device"), so the save's error says where; the error's class and errno are kept."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
 
 
 def write_part(parts: PartWriter, temp: Path, state: ShardState, *, session: str,

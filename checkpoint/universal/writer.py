@@ -15,8 +15,12 @@ Cross-rank coordination of a save happens on the filesystem only (markers under 
 with collectives from the background thread: those would interleave with the training thread's collectives on the
 same process group. So ``root`` must be a directory every rank sees (one node's local disk, or a shared filesystem).
 
-A failed write (disk full, I/O error, a rank that never writes its marker) is logged and recorded in ``results``;
-the temporary directory is removed and ``latest`` keeps naming the last good checkpoint.
+A failed write (disk full, I/O error, a directory that cannot be created, a rank that never writes its marker) fails
+that save only: it is logged with the error as the OS reported it and recorded in ``results``, the temporary
+directory is removed and ``latest`` keeps naming the last good checkpoint. A rank whose part fails says so in its
+marker, and rank 0 gives the save up as soon as its own part failed or it reads such a marker (the only wait left is
+for a rank that can write nothing at all, not even its marker, while rank 0 can: ``commit_timeout_s``). Training then
+goes on, or stops with :class:`CheckpointWriteError` at the next step (``on_error``).
 
 The file work needs no process group and is shared with the node's snapshot process, which persists the node's
 snapshots in the same format (``checkpoint/node/persist.py``): ``part_writer.PartWriter`` writes one rank's part
@@ -40,7 +44,13 @@ import torch.distributed as dist
 
 from regrow.checkpoint.hostcopy import HostCopier, HostCopy
 from regrow.checkpoint.universal import storage
-from regrow.checkpoint.universal.commit import SaveResult, SaveTarget, build_manifest, commit_save
+from regrow.checkpoint.universal.commit import (
+    SaveResult,
+    SaveTarget,
+    build_manifest,
+    commit_save,
+    remove_older_temporaries,
+)
 from regrow.checkpoint.universal.format import Chunk, Manifest, RngEntry, step_dir_name, temp_dir_name
 from regrow.checkpoint.universal.part_writer import Part, PartWriter
 from regrow.comm import collectives
@@ -49,6 +59,14 @@ from regrow.trainer.log import log_line
 from regrow.trainer.state import RngState, ShardState
 
 WHEN_BUSY = ("skip", "wait")
+ON_ERROR = ("continue", "stop")
+"""What training does after a save failed (``WriterConfig.on_error``, ``--ckpt-on-error``); the first is the
+default."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save failed and ``WriterConfig.on_error`` is "stop": raised in the training loop; names the checkpoint, the
+    root, the error as the OS reported it, and what ``latest`` still names."""
 
 
 @dataclass(kw_only=True)
@@ -68,7 +86,13 @@ class WriterConfig:
     """The run's last step (0: not known). It is saved too (when saving is on), and never skipped: it waits for
     the previous save, so that a finished run always ends with a checkpoint."""
     commit_timeout_s: float = 600.0
-    """Seconds rank 0 waits for the other ranks' parts before giving the save up (and that close() waits)."""
+    """Seconds rank 0 waits for the other ranks' parts before giving the save up (and that close() waits). A rank
+    whose part failed says so at once (its marker carries the error); only a rank that cannot write even its marker
+    is waited for this long."""
+    on_error: str = ON_ERROR[0]
+    """After a save failed (on any rank; ``latest`` still names the last good checkpoint): "continue" training (the
+    next save tries again) or "stop": the training loop raises :class:`CheckpointWriteError` at the first step
+    after the failure is known on this rank (or at ``close()`` for the final save)."""
     chunk_bytes: int = 1 << 20
     """Largest byte range covered by one checksum. A corrupt byte is located to within it, and a loader at another
     layout reads at most one extra chunk at each end of its range (checksums cover whole chunks)."""
@@ -86,6 +110,8 @@ class WriterConfig:
         require_ints(self, {"save_every": 0, "keep_last": storage.KEEP_LAST, "final_step": 0, "chunk_bytes": 1})
         if self.when_busy not in WHEN_BUSY:
             raise bad("when_busy", f"allowed values are {WHEN_BUSY}")
+        if self.on_error not in ON_ERROR:
+            raise bad("on_error", f"allowed values are {ON_ERROR}")
         if not self.commit_timeout_s > 0:
             raise bad("commit_timeout_s", "must be > 0")
 
@@ -112,13 +138,14 @@ class CheckpointWriter:
 
     Contract: every rank of the job constructs one (collective: the ranks agree on a session id) with the same
     config and passes it to its ``Trainer`` (or calls the three sink methods itself: ``before_optimizer_step()``
-    before every optimizer step, ``after_step(state)`` after it, ``close()`` at the end). ``run_config`` (e.g.
-    ``TrainerConfig.to_dict()``) is stored in the manifest. The writer's own collectives (training thread only) use
-    CPU tensors, so ``group`` needs a CPU backend (regrow's ``World`` has "cpu:gloo,cuda:nccl"). ``timeout_s``
-    bounds each of them and the wait for a host copy. ``copier`` makes the host copies and ``pwrite`` does every
-    positional file write (tests pass failing ones). ``io_fault`` is called with the step before this rank writes
-    its part of a save, in the persist thread; an exception it raises fails that save as a write error would (the
-    fault injector's ``fail-ckpt``).
+    before every optimizer step, ``after_step(state)`` after it, ``close()`` at the end). With ``on_error="stop"``,
+    ``after_step`` and ``close`` raise :class:`CheckpointWriteError` once a save has failed (once per failure they
+    see). ``run_config`` (e.g. ``TrainerConfig.to_dict()``) is stored in the manifest. The writer's own collectives
+    (training thread only) use CPU tensors, so ``group`` needs a CPU backend (regrow's ``World`` has
+    "cpu:gloo,cuda:nccl"). ``timeout_s`` bounds each of them and the wait for a host copy. ``copier`` makes the
+    host copies and ``pwrite`` does every positional file write (tests pass failing ones). ``io_fault`` is called
+    with the step before this rank writes its part of a save, in the persist thread; an exception it raises fails
+    that save as a write error would (the fault injector's ``fail-ckpt``).
     """
 
     Config = WriterConfig
@@ -152,6 +179,8 @@ class CheckpointWriter:
         persist ends)."""
         self._inflight: PendingSave | None = None
         self._io_fault = io_fault
+        self._results_checked = 0  # results before this index were looked at for on_error="stop"
+        self._last_step = 0
         self.session = _agree_session(self.rank, self.world_size, group, timeout_s)
         if self.rank == 0:
             removed = storage.clean_temporaries(self.root)
@@ -172,15 +201,20 @@ class CheckpointWriter:
                 pass  # the persist thread's wait_host raises the same error and records the failed save
 
     def after_step(self, state: ShardState) -> None:
-        """Call after every optimizer step; saves at multiples of ``save_every`` and at the final step."""
+        """Call after every optimizer step; saves at multiples of ``save_every`` and at the final step. With
+        ``on_error="stop"`` it first raises :class:`CheckpointWriteError` if a save failed since the last call."""
+        self._last_step = state.step
+        self._stop_if_failed()
         every = self.config.save_every
         if every and state.step > 0 and (state.step % every == 0 or state.step == self.config.final_step):
             self.save(state, when_busy="wait" if state.step == self.config.final_step else None)
 
     def close(self) -> None:
-        """Waits (up to ``commit_timeout_s``) for the save in flight; call once when training ends."""
+        """Waits (up to ``commit_timeout_s``) for the save in flight; call once when training ends. With
+        ``on_error="stop"`` it then raises :class:`CheckpointWriteError` if a save failed (the final one, say)."""
         self.before_optimizer_step()
         self.wait(self.config.commit_timeout_s + 60)
+        self._stop_if_failed()
 
     # ---------------------------------------------------------------- saving
     def save(self, state: ShardState, *, when_busy: str | None = None) -> bool:
@@ -245,7 +279,7 @@ class CheckpointWriter:
         except BaseException as caught:
             error = error or f"writing the marker failed: {type(caught).__name__}: {caught}"
         if self.rank == 0:
-            result = self._commit(save, error)
+            result = self._commit(save, error)  # at once when error: rank 0's own marker may not even exist
         elif error is None:
             result = SaveResult(step=save.step, status="written", path=str(save.temp),
                                 seconds=time.perf_counter() - save.started, nbytes=_part_bytes(part))
@@ -284,13 +318,17 @@ class CheckpointWriter:
 
     # ---------------------------------------------------------------- rank 0: commit
     def _commit(self, save: PendingSave, own_error: str | None) -> SaveResult:
-        """Rank 0: waits for every rank's marker; on success writes the manifest and commits, else cleans up."""
+        """Rank 0: gives the save up at once when its own part failed (``own_error``); else waits for every rank's
+        marker, and on success writes the manifest and commits, else cleans up. After a commit it removes this
+        run's temporaries of earlier saves that failed (a rank may have written into one after it was removed)."""
         done = commit_save(self._target(save), lambda markers: self.build_manifest(save, markers),
                            keep_last=self.config.keep_last, timeout_s=self.config.commit_timeout_s,
-                           fsync=self.config.fsync, started=save.started)
+                           fsync=self.config.fsync, started=save.started,
+                           own_errors=[f"rank {self.rank}: {own_error}"] if own_error else ())
         if done.result.status == "committed":
             assert done.manifest is not None
             final = Path(done.result.path or "")
+            remove_older_temporaries(self.root, save.step, lambda step: self.session)
             note = f"; purged {', '.join(p.name for p in done.purged)}" if done.purged else ""
             self._log(save.step, f"checkpoint {final.name} saved in {done.result.seconds:.2f} s "
                                  f"({_size(done.manifest.nbytes())}){note}", everyone=False)
@@ -303,6 +341,23 @@ class CheckpointWriter:
                               tokens_seen=save.tokens_seen, run_config=self.run_config)
 
     # ---------------------------------------------------------------- helpers
+    def _stop_if_failed(self) -> None:
+        """With ``on_error="stop"``: raises :class:`CheckpointWriteError` for the first failed save this rank has
+        recorded since the last look (the persist thread appends results; the training thread reads them here)."""
+        results = self.results[self._results_checked:]
+        self._results_checked += len(results)
+        failed = next((r for r in results if r.status == "failed"), None)
+        if failed is None or self.config.on_error != "stop":
+            return
+        latest = storage.read_latest(self.root)
+        kept = f"latest still names {latest}" if latest else "no checkpoint was committed yet"
+        then = "resume from it (--resume latest)" if latest else "start the run again"
+        raise CheckpointWriteError(
+            f"checkpoint {step_dir_name(failed.step)} could not be written under {self.root}: {failed.error}; "
+            f"training stops at step {self._last_step} (on_error='stop'); {kept}. Fix what the error names "
+            f"(space, permissions, something in the way) and {then}, or set on_error='continue' "
+            f"(--ckpt-on-error continue) to train on while the next save tries again")
+
     def _log(self, step: int, text: str, *, everyone: bool) -> None:
         """A ``[rank r, step s] checkpoint ...`` line when logging is on: on every rank, or on rank 0 only."""
         if self.config.log and (everyone or self.rank == 0):
