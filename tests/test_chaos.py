@@ -239,3 +239,20 @@ def test_the_injector_never_turns_an_unknown_kind_into_a_kill(tmp) -> None:
     assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
     assert f"{faults.FAULTS_ENV}: item 0: unknown kind 'nuke'" in done.stderr
     assert not list(fired.iterdir()), "nothing was recorded as fired"
+
+
+@pytest.mark.timeout(30)
+def test_a_plan_file_that_is_a_fifo_or_too_large_is_refused_without_waiting(tmp, capsys) -> None:
+    """``--fault-plan`` naming a FIFO used to block the launcher forever in the read; a file over 1 MiB was read
+    whole. Both are refused at once, naming the file."""
+    import os
+
+    fifo = tmp / "plan.fifo"
+    os.mkfifo(fifo)
+    large = tmp / "large-plan.json"
+    large.write_text("[" + " " * faults.MAX_PLAN_BYTES + "]")
+    argv = ["train", "--nproc", "2", "--preset", "tiny", "--steps", "4", "--global-batch", "4", "--micro-batch", "2"]
+    assert cli.main([*argv, "--fault-plan", str(fifo)]) == 2
+    assert f"--fault-plan {fifo}: cannot read it as JSON: {fifo} is not a regular file" in capsys.readouterr().err
+    assert cli.main([*argv, "--fault-plan", str(large)]) == 2
+    assert f"{large} is larger than {faults.MAX_PLAN_BYTES} bytes" in capsys.readouterr().err
