@@ -476,3 +476,16 @@ def test_a_negative_or_non_numeric_parameter_shape_is_refused(tmp_path: Path, mo
     with pytest.raises(DeepSpeedCheckpointError, match=r"param_shapes gives 'a' the shape \['six'\]"):
         import_deepspeed(folder)
 
+
+@pytest.mark.timeout(120)
+def test_a_huge_latest_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    """DeepSpeed's ``latest`` names a tag in a few bytes. A 256 MiB one (sparse: it costs no disk) used to be read
+    and decoded whole; it is refused after its first KiB, naming the file."""
+    (tmp_path / "global_step1").mkdir()
+    latest = tmp_path / "latest"
+    with open(latest, "wb") as file:
+        file.truncate(256 << 20)
+    result, err = measured_convert(tmp_path, tmp_path / "out")
+    assert result["code"] == 1, err[-2000:]
+    assert result["rss_growth_mib"] < RSS_GROWTH_BOUND_MIB, (result, err[-2000:])
+    assert f"{latest} is longer than 1024 bytes; it should hold one tag name" in err, err[-2000:]
