@@ -8,6 +8,7 @@ several parts or the environment are ``job.py``'s, which reports every problem o
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,8 @@ class LaunchOptions:
         problems = []
         if self.nproc < 1:
             problems.append(f"--nproc={self.nproc} must be >= 1")
+        if not 0 < self.timeout_s < math.inf:  # NaN fails too
+            problems.append(f"--timeout={self.timeout_s} must be a finite number of seconds > 0")
         if self.max_restarts < 0:
             problems.append(f"--max-restarts={self.max_restarts} must be >= 0")
         return problems
@@ -137,8 +140,9 @@ class FaultOptions:
         return bool(self.faults or self.plan_file or self.mtbf_s)
 
     def problems(self) -> list[str]:
-        if self.hang_timeout_s < 0:
-            return [f"--hang-timeout={self.hang_timeout_s} must be >= 0 (0: no progress watchdog)"]
+        if not 0 <= self.hang_timeout_s < math.inf:  # NaN would silently never fire
+            return [f"--hang-timeout={self.hang_timeout_s} must be a finite number of seconds >= 0 (0: no progress "
+                    "watchdog)"]
         return []
 
 

@@ -174,3 +174,85 @@ def test_fault_syntax_plans_and_draws() -> None:
     assert one == faults.random_plan(10, 7, step_s=0.5, ranks=4, nodes=2, steps=200, node_faults=False)
     assert one and {f.kind for f in one} == {"kill-rank"}
     assert all(b.step - a.step >= 2 for a, b in itertools.pairwise(one))
+
+
+HOSTILE_PLAN_ITEMS = [
+    ({"kind": "nuke", "target": 0, "step": 2}, "unknown kind 'nuke'; use one of kill-rank, kill-node, hang-rank"),
+    ({"kind": "slow-rank", "target": 0, "step": 2, "factor": float("nan")},
+     "the factor must be a finite number > 0 and <= 1000, not nan"),
+    ({"kind": "slow-rank", "target": 0, "step": 2, "factor": "2"}, "the factor must be a finite number"),
+    ({"kind": "kill-rank", "target": "1", "step": 2}, "target must be an integer >= 0 (a rank or node), not '1'"),
+    ({"kind": "kill-rank", "target": True, "step": 2}, "target must be an integer >= 0 (a rank or node), not True"),
+    ({"kind": "kill-rank", "target": 0, "step": 2.5}, "step must be an integer (a step of the run), not 2.5"),
+    ({"kind": "kill-rank", "target": 0, "step": 2, "until": 3}, "belong to slow-rank only"),
+    (7, "expected a fault string such as 'kill-rank:1@5' or an object with kind, target and step, not 7"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("item, problem", HOSTILE_PLAN_ITEMS, ids=lambda v: str(v)[:40])
+def test_a_hostile_plan_file_is_refused_before_any_rank_starts(tmp, capsys, item, problem) -> None:
+    """A plan file item the injector cannot act on as written is refused with the item and the fix, exit code 2,
+    before any rank starts. ``{"kind": "nuke"}`` used to pass and make rank 0 SIGKILL itself; a NaN factor crashed
+    the rank in ``time.sleep``; a target given as a string was a TypeError traceback; ``True`` hit rank 1."""
+    plan = tmp / "hostile-plan.json"
+    plan.write_text(json.dumps([item]))
+    code = cli.main(["train", "--nproc", "2", "--preset", "tiny", "--steps", "4", "--global-batch", "4",
+                     "--micro-batch", "2", "--fault-plan", str(plan), "--timeout", "60"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert f"--fault-plan {plan}, item 0: " in err and problem in err, err
+
+
+@pytest.mark.timeout(120)
+def test_bad_factors_on_the_command_line_are_refused_with_the_other_problems(tmp, capsys) -> None:
+    """``x`` followed by 400 nines is a float of infinity (it crashed the rank); ``x0`` was silently the default
+    factor 2. Both are refused, with the fault's text and the fix, in the same error as the other problems."""
+    infinite = "slow-rank:0@2x" + "9" * 400
+    code = cli.main(["train", "--nproc", "2", "--preset", "tiny", "--steps", "4", "--global-batch", "4",
+                     "--micro-batch", "2", "--fault", infinite, "--fault", "slow-rank:1@2x0", "--fault",
+                     "slow-rank:1@2-9", "--timeout", "60"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert f"--fault {infinite!r}: the factor must be a finite number > 0 and <= 1000, not inf" in err
+    assert "--fault 'slow-rank:1@2x0': the factor must be a finite number > 0 and <= 1000, not 0.0" in err
+    assert "slow-rank:1@2-9: the last slowed step 9 is outside the run (steps 1..4)" in err
+
+
+@pytest.mark.timeout(60)
+def test_the_injector_never_turns_an_unknown_kind_into_a_kill(tmp) -> None:
+    """A rank given a plan by hand (``REGROW_FAULTS``, not through the launcher's checks) with an unknown kind
+    stops with an error naming the variable and the kind; it used to SIGKILL itself at the planned step."""
+    import os
+    import subprocess
+    import sys
+
+    fired = tmp / "fired-unknown"
+    fired.mkdir()
+    env = {**os.environ, faults.FAULTS_ENV: json.dumps([{"kind": "nuke", "target": 0, "step": 1}]),
+           faults.FAULTS_DIR_ENV: str(fired)}
+    script = ("from regrow.launch.chaos.injector import FaultInjector\n"
+              "injector = FaultInjector.from_env(0)\n"
+              "injector.before_optimizer_step()\n"
+              "print('went on')\n")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=50)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert f"{faults.FAULTS_ENV}: item 0: unknown kind 'nuke'" in done.stderr
+    assert not list(fired.iterdir()), "nothing was recorded as fired"
+
+
+@pytest.mark.timeout(30)
+def test_a_plan_file_that_is_a_fifo_or_too_large_is_refused_without_waiting(tmp, capsys) -> None:
+    """``--fault-plan`` naming a FIFO used to block the launcher forever in the read; a file over 1 MiB was read
+    whole. Both are refused at once, naming the file."""
+    import os
+
+    fifo = tmp / "plan.fifo"
+    os.mkfifo(fifo)
+    large = tmp / "large-plan.json"
+    large.write_text("[" + " " * faults.MAX_PLAN_BYTES + "]")
+    argv = ["train", "--nproc", "2", "--preset", "tiny", "--steps", "4", "--global-batch", "4", "--micro-batch", "2"]
+    assert cli.main([*argv, "--fault-plan", str(fifo)]) == 2
+    assert f"--fault-plan {fifo}: cannot read it as JSON: {fifo} is not a regular file" in capsys.readouterr().err
+    assert cli.main([*argv, "--fault-plan", str(large)]) == 2
+    assert f"{large} is larger than {faults.MAX_PLAN_BYTES} bytes" in capsys.readouterr().err

@@ -8,11 +8,15 @@ The first DeepSpeed spawn on a fresh machine JIT-compiles DeepSpeed's CPU shared
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,7 @@ from regrow.checkpoint.universal.deepspeed import (
 )
 from regrow.launch.local.spawn import run_local
 from regrow.tests import ds_workers as w
+from regrow.tests import torch_files as tw
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -339,3 +344,148 @@ def test_cli_convert_reports_bad_input(saved: dict, tmp_path: Path, capsys: pyte
                      "--to", "universal"]) == 1
     assert "regrow ckpt convert:" in capsys.readouterr().err
     assert cli.main(["ckpt", "convert", "a", "b", "--from", "universal", "--to", "universal"]) == 2
+
+
+GIB = 1 << 30
+RSS_GROWTH_BOUND_MIB = 64
+"""What refusing a crafted file may add to the process's peak RSS (the bombs below declare 1 GiB)."""
+
+MEASURED_CONVERT = """
+import json, resource, sys, time
+from regrow.launch import cli
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.monotonic()
+code = cli.main(sys.argv[1:])
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({"code": code, "seconds": time.monotonic() - start, "rss_growth_mib": grown}))
+"""
+
+
+def measured_convert(folder: Path, out: Path) -> tuple[dict, str]:
+    """``regrow ckpt convert folder out --from deepspeed --to universal`` in a fresh process; returns its exit code,
+    seconds and peak-RSS growth over the imports (``ru_maxrss``, so a peak freed before the end still counts),
+    and its stderr."""
+    done = subprocess.run([sys.executable, "-c", MEASURED_CONVERT, "ckpt", "convert", str(folder), str(out),
+                           "--from", "deepspeed", "--to", "universal"], capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("member", ["data/0", "data.pkl"])
+def test_a_deepspeed_file_that_inflates_to_a_gib_is_refused_before_inflating(tmp_path: Path, member: str) -> None:
+    """A 1 MB model-states file whose zip member (a tensor's storage, or the pickle) inflates to 1 GiB of zeros:
+    ``regrow ckpt convert`` refuses it from the zip's central directory, naming the file, the member and the
+    limit, in well under a second and with less than RSS_GROWTH_BOUND_MIB of peak memory. It used to inflate it
+    (twice for the pickle: the unsafe-globals scan, then the load) before finding out the file was no model
+    states."""
+    folder = tmp_path / "global_step1"
+    folder.mkdir()
+    path = folder / "mp_rank_00_model_states.pt"
+    if member == "data.pkl":
+        tw.write_torch_zip(path, {"param_shapes": None}, inflating=("data.pkl", GIB))
+    else:
+        big = tw.Tensor(tw.Storage("0", GIB // 4), (GIB // 4,), (1,))
+        tw.write_torch_zip(path, {"module": {"w": big}}, inflating=("data/0", GIB))
+    assert path.stat().st_size < 2_000_000
+    result, err = measured_convert(folder, tmp_path / "out")
+    assert result["code"] == 1, err[-2000:]
+    assert result["rss_growth_mib"] < RSS_GROWTH_BOUND_MIB and result["seconds"] < 5, (result, err[-2000:])
+    assert f"{path}: zip member 'archive/{member}' declares {GIB} bytes" in err, err[-2000:]
+    assert "over the limit of 10 times its compressed size" in err
+
+
+@pytest.mark.timeout(60)
+def test_a_tensor_declaring_more_elements_than_its_storage_holds_is_refused(tmp_path: Path) -> None:
+    """A 1 KB file holding a stride-0 view of 2^28 elements over a 4-byte storage: torch loads it (a view costs
+    nothing), but the reader's reshapes and concatenations would allocate 1 GiB per copy. ``safe_load`` refuses
+    it, naming the file and where in it the tensor sits."""
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    view = tw.Tensor(tw.Storage("0", 1), (1 << 28,), (0,))
+    tw.write_torch_zip(path, {"optimizer_state_dict": {"single_partition_of_fp32_groups": [view]}},
+                       {"0": bytes(4)})
+    with pytest.raises(DeepSpeedCheckpointError, match=(
+            rf"{path}: optimizer_state_dict\.single_partition_of_fp32_groups\[0\] is a tensor of 268435456 "
+            r"elements \(1073741824 bytes\) over a storage of 4 bytes")):
+        safe_load(path)
+
+
+def deepspeed_fragment_class(monkeypatch: pytest.MonkeyPatch) -> type:
+    """A class that pickles as DeepSpeed's ``fragment_address`` does (same global name, same fields), registered
+    under DeepSpeed's module names for this test only, so that crafted files need no DeepSpeed import."""
+    module = types.ModuleType("deepspeed.utils.tensor_fragment")
+
+    @dataclasses.dataclass
+    class fragment_address:  # noqa: N801 (DeepSpeed's name)
+        numel: int
+        start: int
+
+    fragment_address.__module__ = module.__name__
+    fragment_address.__qualname__ = "fragment_address"
+    module.fragment_address = fragment_address
+    for name in ("deepspeed", "deepspeed.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return fragment_address
+
+
+def write_zero_folder(folder: Path, fragment: type, fragments: dict[str, tuple[int, int]], numel: int) -> None:
+    """A one-rank ZeRO-2 tag folder whose parameters (name -> (start, numel)) lie in one flat partition of
+    ``numel`` fp32 elements."""
+    folder.mkdir(parents=True)
+    shapes = collections.OrderedDict((name, torch.Size([n])) for name, (_, n) in fragments.items())
+    torch.save({"param_shapes": [shapes], "dp_world_size": 1}, folder / "mp_rank_00_model_states.pt")
+    state = {"step": 3, "exp_avg": torch.zeros(numel), "exp_avg_sq": torch.zeros(numel)}
+    mapping = collections.OrderedDict((name, fragment(numel=n, start=s)) for name, (s, n) in fragments.items())
+    osd = {"zero_stage": 2, "partition_count": 1, "single_partition_of_fp32_groups": [torch.arange(numel).float()],
+           "base_optimizer_state": {"state": {0: state}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
+           "param_slice_mappings": [mapping]}
+    torch.save({"optimizer_state_dict": osd}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+
+def test_parameters_whose_fragments_overlap_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed's partitions hold each parameter once. Slice mappings that point many parameters at the same
+    elements would make the reader copy the partition once per parameter (a 4 MB partition named by 1,000
+    parameters: 12 GB); they are refused naming the file, the group and both parameters. The same layout without
+    the overlap reads."""
+    fragment = deepspeed_fragment_class(monkeypatch)
+    write_zero_folder(tmp_path / "disjoint", fragment, {"a": (0, 6), "b": (6, 10)}, 16)
+    state = import_deepspeed(tmp_path / "disjoint")
+    assert torch.equal(state.params["b"]["master"], torch.arange(6, 16).float())
+    write_zero_folder(tmp_path / "aliased", fragment, {"a": (0, 16), "b": (0, 16), "c": (8, 8)}, 16)
+    with pytest.raises(DeepSpeedCheckpointError, match=(
+            r"zero_pp_rank_0_mp_rank_00_optim_states\.pt: param_slice_mappings\[0\]: the fragments of 'a' "
+            r"\[0, 16\) and 'b' \[0, 16\) overlap")):
+        import_deepspeed(tmp_path / "aliased")
+
+
+def test_a_negative_or_non_numeric_parameter_shape_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """A model-states file whose ``param_shapes`` gives a negative dimension (its product still matching the
+    fragments) or a non-number is refused naming the file and the parameter; the first was a RuntimeError
+    traceback from ``view``."""
+    fragment = deepspeed_fragment_class(monkeypatch)
+    folder = tmp_path / "negative"
+    write_zero_folder(folder, fragment, {"a": (0, 6)}, 6)
+    model_path = folder / "mp_rank_00_model_states.pt"
+    torch.save({"param_shapes": [{"a": [-2, -3]}], "dp_world_size": 1}, model_path)
+    with pytest.raises(DeepSpeedCheckpointError, match=r"param_shapes gives 'a' the shape \[-2, -3\], not a list of "
+                                                       r"whole numbers >= 0"):
+        import_deepspeed(folder)
+    torch.save({"param_shapes": [{"a": ["six"]}], "dp_world_size": 1}, model_path)
+    with pytest.raises(DeepSpeedCheckpointError, match=r"param_shapes gives 'a' the shape \['six'\]"):
+        import_deepspeed(folder)
+
+
+@pytest.mark.timeout(120)
+def test_a_huge_latest_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    """DeepSpeed's ``latest`` names a tag in a few bytes. A 256 MiB one (sparse: it costs no disk) used to be read
+    and decoded whole; it is refused after its first KiB, naming the file."""
+    (tmp_path / "global_step1").mkdir()
+    latest = tmp_path / "latest"
+    with open(latest, "wb") as file:
+        file.truncate(256 << 20)
+    result, err = measured_convert(tmp_path, tmp_path / "out")
+    assert result["code"] == 1, err[-2000:]
+    assert result["rss_growth_mib"] < RSS_GROWTH_BOUND_MIB, (result, err[-2000:])
+    assert f"{latest} is longer than 1024 bytes; it should hold one tag name" in err, err[-2000:]

@@ -175,3 +175,42 @@ def test_regrow_train_runs_under_torchrun() -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[rank 0, step 2] loss" in done.stdout
+
+
+@pytest.mark.timeout(90)
+def test_regrow_train_nproc_0_is_refused_before_anything_divides_by_it() -> None:
+    """The real command line in its own process: exit code 2 and one line naming --nproc, no traceback (before
+    the options were typed, ``--nproc 0`` was a ZeroDivisionError in the batch check)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "regrow", "train", "--nproc", "0", "--preset", "tiny",
+                           "--global-batch", "8", "--micro-batch", "2"], capture_output=True, text=True, timeout=80)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--nproc=0 must be >= 1" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("flags, problem", [
+    (["--timeout", "0"], "--timeout=0.0 must be a finite number of seconds > 0"),
+    (["--timeout", "nan"], "--timeout=nan must be a finite number of seconds > 0"),
+    (["--hang-timeout", "nan"], "--hang-timeout=nan must be a finite number of seconds >= 0 (0: no progress "
+                                "watchdog)"),
+    (["--fault-mtbf", "inf"], "--fault-mtbf=inf must be a finite number of seconds > 0"),
+    (["--fault-mtbf", "1", "--fault-step-seconds", "nan"], "--fault-step-seconds=nan must be a finite number of "
+                                                           "seconds > 0"),
+    (["--fault-mtbf", "1", "--fault-step-seconds", "1e-320", "--max-restarts", "-1"], "--max-restarts=-1 must be"),
+    (["--seed", str(2**64)], f"TrainerConfig.seed={2**64} must be < 2**64"),
+    (["--data-seed", str(2**64)], f"DataConfig.seed={2**64} must be <"),
+])
+def test_cli_refuses_values_that_would_crash_or_stall_a_run_before_it_starts(capsys, flags, problem) -> None:
+    """Each of these used to start the run or crash the command: a traceback (an infinite --fault-mtbf divided by
+    zero in the draw, a tiny --fault-step-seconds overflowed it before the other problems were listed, a seed over
+    64 bits overflowed torch's generator in the rank, a NaN --timeout), a run aborted at once (--timeout 0) or a
+    silently disabled watchdog (--hang-timeout nan)."""
+    code = cli.main(["train", "--nproc", "1", "--preset", "tiny", "--steps", "3", "--global-batch", "4",
+                     "--micro-batch", "4", *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert problem in err, err

@@ -62,6 +62,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         require_ints(self, {"seq_len": 1, "micro_batch": 1, "global_batch": 1, "seed": 0})
+        limit = 2**64 // _EPOCH_SEED_STRIDE - 1
+        if self.seed >= limit:
+            raise ValueError(f"DataConfig.seed={self.seed} must be < {limit} (each epoch's generator is seeded with "
+                             f"seed x {_EPOCH_SEED_STRIDE} + epoch, a 64-bit number)")
         frac = self.val_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
             raise ValueError(f"DataConfig.val_fraction={frac!r} must be a float in (0, 1), e.g. 0.05")

@@ -79,6 +79,8 @@ class TrainerConfig:
         require_ints(
             self, {"steps": 1, "warmup_steps": 0, "log_every": 0, "eval_every": 0, "eval_batches": 1, "seed": 0}
         )
+        if self.seed >= 2**64:
+            raise ValueError(f"TrainerConfig.seed={self.seed} must be < 2**64 (torch's generators take 64-bit seeds)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainerConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if self.data.seq_len > self.model.seq_len:

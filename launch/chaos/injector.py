@@ -166,6 +166,10 @@ class FaultInjector:
         return records.record_fired(self.fired_dir, index, record)
 
     def _fire(self, index: int, fault: Fault, step: int) -> None:
+        """Acts on a crash fault. Each kind is named: a kind without an action here is an error, never a kill
+        (``Fault`` refuses unknown kinds, so that error means a kind was added to ``plan.KINDS`` alone)."""
+        if fault.kind not in ("hang-rank", "corrupt-snapshot", "kill-node", "kill-rank"):
+            raise ValueError(f"fault {fault}: the injector has no action for kind {fault.kind!r}")
         self._record(index, fault, step)
         print(f"[rank {self.rank}, step {step}] fault: {fault} fires", flush=True)
         if fault.kind == "hang-rank":

@@ -2,11 +2,13 @@
 
 A fault plan is a list of :class:`Fault`, from the command line (``--fault kill-rank:1@5 --fault kill-node:0@9``),
 from a JSON file (``--fault-plan plan.json``), or drawn at random (``--fault-mtbf SECONDS --fault-seed N``,
-:func:`random_plan`); :func:`build_plan` puts the three together. It is validated against the run before anything
-starts (:func:`plan_problems`: a rank, node or step that does not exist, or a fault the run's settings cannot show,
-is rejected with the reason and the fix). The launcher hands the plan to every rank in ``REGROW_FAULTS`` (JSON,
-:func:`plan_env`) together with the directory where the ranks record each fault as it fires (``REGROW_FAULTS_DIR``,
-``records.py``); the ranks act on it through ``injector.FaultInjector``.
+:func:`random_plan`); :func:`build_plan` puts the three together. A :class:`Fault` checks itself when built (a
+known kind, whole-number target and steps, a finite factor), from whatever source, the ranks' ``REGROW_FAULTS``
+included; the plan is validated against the run before anything starts (:func:`plan_problems`: a rank, node or step
+that does not exist, or a fault the run's settings cannot show, is rejected with the reason and the fix). The
+launcher hands the plan to every rank in ``REGROW_FAULTS`` (JSON, :func:`plan_env`) together with the directory
+where the ranks record each fault as it fires (``REGROW_FAULTS_DIR``, ``records.py``); the ranks act on it through
+``injector.FaultInjector``.
 
 The kinds (``docs/chaos.md`` has the table of how each is detected and recovered):
 
@@ -26,11 +28,14 @@ The kinds (``docs/chaos.md`` has the table of how each is detected and recovered
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
 import re
+import reprlib
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 FAULTS_ENV = "REGROW_FAULTS"
@@ -46,54 +51,92 @@ SLOW_STEPS = 5
 """Steps a ``slow-rank`` fault lasts when the plan gives no end step."""
 SLOW_FACTOR = 2.0
 """Step-time multiple a ``slow-rank`` rank sleeps when the plan gives no factor."""
+MAX_SLOW_FACTOR = 1000.0
+"""The largest ``slow-rank`` factor: a rank 1000 times slower than its peers is a hang (``hang-rank``), and a
+bound keeps the sleep a finite number of seconds."""
+MAX_PLAN_BYTES = 1 << 20
+"""The largest ``--fault-plan`` file read (a plan of a few thousand faults is a few hundred KB)."""
 _SYNTAX = re.compile(r"^(?P<kind>[a-z-]+):(?P<target>\d+)@(?P<step>\d+)(?:-(?P<until>\d+))?(?:x(?P<factor>[0-9.]+))?$")
 EXAMPLES = "kill-rank:1@5, kill-node:0@9, hang-rank:1@4, slow-rank:0@3-7x2.5, corrupt-snapshot:1@6, fail-ckpt:0@10"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class Fault:
     """One fault: ``kind`` (one of :data:`KINDS`) hits rank or node ``target`` in step ``step``. ``until`` and
-    ``factor`` belong to ``slow-rank`` only (0: the defaults, ``step + SLOW_STEPS - 1`` and :data:`SLOW_FACTOR`)."""
+    ``factor`` belong to ``slow-rank`` only (None: the defaults, ``step + SLOW_STEPS - 1`` and :data:`SLOW_FACTOR`).
+
+    Construction checks what a fault is on its own (a known kind, integer target and steps, a finite factor in
+    ``(0, MAX_SLOW_FACTOR]``) and raises ValueError naming the field and the fix; whether it fits a run (the rank
+    exists, the step is in the run) is :func:`plan_problems`'s."""
 
     kind: str
     target: int
     step: int
-    until: int = 0
-    factor: float = 0.0
+    until: int | None = None
+    factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
+            raise ValueError(f"unknown kind {reprlib.repr(self.kind)}; use one of {', '.join(KINDS)}")
+        if not _is_int(self.target) or self.target < 0:
+            raise ValueError(f"target must be an integer >= 0 (a rank or node), not {reprlib.repr(self.target)}")
+        if not _is_int(self.step):
+            raise ValueError(f"step must be an integer (a step of the run), not {reprlib.repr(self.step)}")
+        if self.kind != "slow-rank" and (self.until is not None or self.factor is not None):
+            raise ValueError("a step range -E and a factor xF belong to slow-rank only")
+        if self.until is not None and not _is_int(self.until):
+            raise ValueError(f"until must be an integer (the last slowed step), not {reprlib.repr(self.until)}")
+        factor = self.factor
+        if factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool)
+                                   or not 0 < factor <= MAX_SLOW_FACTOR):  # NaN fails the comparison too
+            raise ValueError(f"the factor must be a finite number > 0 and <= {MAX_SLOW_FACTOR:g}, not "
+                             f"{reprlib.repr(factor)} (e.g. slow-rank:0@3x2.5)")
 
     @classmethod
     def parse(cls, text: str) -> Fault:
         """``"kill-rank:1@5"`` -> ``Fault("kill-rank", 1, 5)``; ``"slow-rank:0@3-7x2.5"`` adds ``until=7,
-        factor=2.5``. The error shows the expected form."""
+        factor=2.5``. The error quotes ``text`` and shows the expected form."""
         match = _SYNTAX.match(text.strip())
         if match is None or match["kind"] not in KINDS:
             raise ValueError(f"--fault {text!r}: expected KIND:TARGET@STEP with KIND one of {', '.join(KINDS)} "
                              f"(e.g. {EXAMPLES})")
-        extra = match["until"] is not None or match["factor"] is not None
-        if extra and match["kind"] != "slow-rank":
-            raise ValueError(f"--fault {text!r}: a step range -E and a factor xF belong to slow-rank only")
         try:
-            factor = float(match["factor"]) if match["factor"] is not None else 0.0
+            factor = float(match["factor"]) if match["factor"] is not None else None
         except ValueError:
             raise ValueError(f"--fault {text!r}: the factor after 'x' must be a number (e.g. slow-rank:0@3x2.5)")
-        return cls(kind=match["kind"], target=int(match["target"]), step=int(match["step"]),
-                   until=int(match["until"]) if match["until"] is not None else 0, factor=factor)
+        try:
+            # int() refuses more than 4,300 digits with a ValueError, named here with the fault's text.
+            return cls(kind=match["kind"], target=int(match["target"]), step=int(match["step"]),
+                       until=int(match["until"]) if match["until"] is not None else None, factor=factor)
+        except ValueError as error:
+            raise ValueError(f"--fault {text!r}: {error}") from None
 
     @classmethod
-    def from_dict(cls, item: dict) -> Fault:
-        """The inverse of :meth:`to_dict`; unknown keys are an error naming the known ones."""
+    def from_dict(cls, item: Any) -> Fault:
+        """The inverse of :meth:`to_dict`; anything but an object with ``kind``, ``target`` and ``step`` (plus
+        ``until``/``factor``), or a field of the wrong type, is a ValueError naming what is wrong."""
+        if not isinstance(item, dict):
+            raise ValueError(f"expected a fault string such as 'kill-rank:1@5' or an object with kind, target and "
+                             f"step, not {reprlib.repr(item)}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(item) - known)
+        unknown = sorted(map(str, set(item) - known))
         if unknown:
-            raise ValueError(f"fault {item}: unknown keys {unknown} (known: {sorted(known)})")
+            raise ValueError(f"fault {reprlib.repr(item)}: unknown keys {unknown} (known: {sorted(known)})")
+        missing = [name for name in ("kind", "target", "step") if name not in item]
+        if missing:
+            raise ValueError(f"fault {reprlib.repr(item)}: missing {', '.join(missing)}")
         return cls(**item)
 
     def to_dict(self) -> dict[str, Any]:
         """``kind``, ``target``, ``step``, plus ``until``/``factor`` when set (so a plain kill stays three keys)."""
         out: dict[str, Any] = {"kind": self.kind, "target": self.target, "step": self.step}
-        if self.until:
+        if self.until is not None:
             out["until"] = self.until
-        if self.factor:
+        if self.factor is not None:
             out["factor"] = self.factor
         return out
 
@@ -102,11 +145,11 @@ class Fault:
         """The last step a ``slow-rank`` fault slows (the fault's step for every other kind)."""
         if self.kind != "slow-rank":
             return self.step
-        return self.until or self.step + SLOW_STEPS - 1
+        return self.until if self.until is not None else self.step + SLOW_STEPS - 1
 
     @property
     def slow_factor(self) -> float:
-        return self.factor or SLOW_FACTOR
+        return self.factor if self.factor is not None else SLOW_FACTOR
 
     @property
     def target_kind(self) -> str:
@@ -114,9 +157,9 @@ class Fault:
 
     def __str__(self) -> str:
         text = f"{self.kind}:{self.target}@{self.step}"
-        if self.until:
+        if self.until is not None:
             text += f"-{self.until}"
-        if self.factor:
+        if self.factor is not None:
             text += f"x{self.factor:g}"
         return text
 
@@ -136,11 +179,12 @@ def plan_problems(faults: list[Fault], *, ranks: int, nodes: int, steps: int, sn
                             f"0..{limit - 1})")
         if not 1 <= fault.step <= steps:
             problems.append(f"--fault {fault}: step {fault.step} is outside the run (steps 1..{steps})")
-        if fault.kind == "slow-rank":
-            if fault.until and fault.until < fault.step:
+        if fault.kind == "slow-rank" and fault.until is not None:
+            if fault.until < fault.step:
                 problems.append(f"--fault {fault}: the last slowed step {fault.until} is before the first")
-            if fault.factor and fault.factor <= 0:
-                problems.append(f"--fault {fault}: the factor must be > 0")
+            elif fault.until > steps:
+                problems.append(f"--fault {fault}: the last slowed step {fault.until} is outside the run (steps "
+                                f"1..{steps})")
         if fault.kind == "corrupt-snapshot" and snapshot_every is not None and not snapshot_every:
             problems.append(f"--fault {fault}: there is no snapshot to corrupt; add --snapshot-every 1")
         if fault.kind == "fail-ckpt" and save_every is not None and (
@@ -153,24 +197,39 @@ def plan_problems(faults: list[Fault], *, ranks: int, nodes: int, steps: int, sn
     return problems
 
 
-def load_plan(path: str) -> list[Fault]:
+def load_plan(path: str) -> tuple[list[Fault], list[str]]:
     """Reads a JSON plan: a list (or ``{"faults": [...]}``) of fault strings (``"kill-rank:1@5"``) or objects
-    (``{"kind": "kill-rank", "target": 1, "step": 5}``). Errors name the file and the item."""
+    (``{"kind": "kill-rank", "target": 1, "step": 5}``). Returns the faults that parse and a problem per item that
+    does not (naming the file and the item). Only a regular file of at most :data:`MAX_PLAN_BYTES` is read (a FIFO
+    would block the launcher, a device would never end)."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"--fault-plan {path}: cannot read it as JSON: {error}") from error
+        text = _read_plan_file(path)
+        data = json.loads(text)
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: JSON, UTF-8 or a number over 4,300 digits
+        return [], [f"--fault-plan {path}: cannot read it as JSON: {error}"]
     items = data.get("faults") if isinstance(data, dict) else data
     if not isinstance(items, list):
-        # ValueError, not TypeError: a bad file is reported with the other argument problems.
-        raise ValueError(f"--fault-plan {path}: expected a JSON list of faults, or an object with a 'faults' list")
-    plan = []
+        return [], [f"--fault-plan {path}: expected a JSON list of faults, or an object with a 'faults' list"]
+    plan, problems = [], []
     for index, item in enumerate(items):
         try:
             plan.append(Fault.parse(item) if isinstance(item, str) else Fault.from_dict(item))
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"--fault-plan {path}, item {index}: {error}") from error
-    return plan
+        except ValueError as error:
+            problems.append(f"--fault-plan {path}, item {index}: {error}")
+    return plan, problems
+
+
+def _read_plan_file(path: str) -> str:
+    """The text of the plan file at ``path``; OSError when it is not a regular file or exceeds
+    :data:`MAX_PLAN_BYTES` (it is opened without blocking, so a FIFO is refused rather than waited on)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = file.read(MAX_PLAN_BYTES + 1)
+    if len(data) > MAX_PLAN_BYTES:
+        raise OSError(f"{path} is larger than {MAX_PLAN_BYTES} bytes, more than any plan needs")
+    return data.decode("utf-8")
 
 
 def random_plan(mtbf_s: float, seed: int, *, step_s: float, ranks: int, nodes: int, steps: int,
@@ -179,12 +238,17 @@ def random_plan(mtbf_s: float, seed: int, *, step_s: float, ranks: int, nodes: i
     takes ``step_s`` seconds; ``kill-node`` or ``kill-rank`` at random (``kill-node`` only when ``node_faults``:
     the run can rebuild a node), the target uniform. Deterministic in ``seed``. Faults are at least 2 steps apart
     (one recovery at a time) and never at step 1 of the run."""
-    if not mtbf_s > 0 or not step_s > 0:
-        raise ValueError(f"--fault-mtbf={mtbf_s} and --fault-step-seconds={step_s} must be > 0")
+    problems = [f"{flag}={value} must be a finite number of seconds > 0" for flag, value in
+                (("--fault-mtbf", mtbf_s), ("--fault-step-seconds", step_s)) if not 0 < value < math.inf]
+    if problems:
+        raise ValueError("; ".join(problems))
     draw = random.Random(seed)
     plan, at = [], 1
     while True:
-        at += max(2, round(draw.expovariate(1.0 / mtbf_s) / step_s))
+        gap = draw.expovariate(1.0 / mtbf_s) / step_s
+        if gap > steps:  # past the run; also keeps round() off an infinite gap (a tiny --fault-step-seconds)
+            return plan
+        at += max(2, round(gap))
         if at > steps:
             return plan
         if node_faults and draw.random() < 0.5:
@@ -207,10 +271,9 @@ def build_plan(texts: Sequence[str], *, plan_file: str | None, mtbf_s: float, se
         except ValueError as error:
             problems.append(str(error))
     if plan_file:
-        try:
-            plan += load_plan(plan_file)
-        except ValueError as error:
-            problems.append(str(error))
+        from_file, file_problems = load_plan(plan_file)
+        plan += from_file
+        problems += file_problems
     if mtbf_s:
         try:
             drawn = random_plan(mtbf_s, seed, step_s=step_s, ranks=ranks, nodes=nodes, steps=steps,
@@ -232,8 +295,24 @@ def plan_env(faults: list[Fault], fired_dir: str) -> dict[str, str]:
 
 
 def plan_from_env(environ: dict[str, str]) -> tuple[list[Fault], str] | None:
-    """The plan and the fired-records directory :func:`plan_env` put in ``environ`` (None: no plan)."""
+    """The plan and the fired-records directory :func:`plan_env` put in ``environ`` (None: no plan). A plan the
+    launcher did not write (set by hand) is checked like a plan file: ValueError naming :data:`FAULTS_ENV` and the
+    item, never a fault of an unknown kind."""
     text = environ.get(FAULTS_ENV)
     if not text:
         return None
-    return [Fault.from_dict(item) for item in json.loads(text)], environ[FAULTS_DIR_ENV]
+    try:
+        items = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{FAULTS_ENV}: not a JSON list of faults: {error}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{FAULTS_ENV}: expected a JSON list of faults, not {type(items).__name__}")
+    plan = []
+    for index, item in enumerate(items):
+        try:
+            plan.append(Fault.from_dict(item))
+        except ValueError as error:
+            raise ValueError(f"{FAULTS_ENV}: item {index}: {error}") from None
+    if FAULTS_DIR_ENV not in environ:
+        raise ValueError(f"{FAULTS_ENV} is set without {FAULTS_DIR_ENV} (where the ranks record fired faults)")
+    return plan, environ[FAULTS_DIR_ENV]

@@ -11,7 +11,9 @@
 
 Security: every file is read by :func:`safe_load` (``unpickling.py``): ``torch.load(weights_only=True)`` with an
 allow-list of stand-ins for the few DeepSpeed classes in these files, so reading never runs DeepSpeed code and
-DeepSpeed need not be installed. Every error is a :class:`DeepSpeedCheckpointError` (``errors.py``).
+DeepSpeed need not be installed. Memory is bounded by the files' sizes (``bounds.py``): zip members are checked
+against their compressed sizes before anything is inflated, and loaded tensors against their storages. Every error
+is a :class:`DeepSpeedCheckpointError` (``errors.py``).
 
 These are the package's public names; the modules hold the rest.
 """

@@ -3,7 +3,9 @@ checks, and the parameter layout its model-states file records."""
 
 from __future__ import annotations
 
+import operator
 import re
+import reprlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -49,5 +51,19 @@ def model_layout(model: Any, path: Path) -> tuple[list[OrderedDict[str, tuple[in
     dp_size = model.get("dp_world_size")
     if not isinstance(dp_size, int) or dp_size < 1:
         raise DeepSpeedCheckpointError(f"{path}: dp_world_size={dp_size!r} is not a positive integer")
-    groups = [OrderedDict((str(n), tuple(int(d) for d in s)) for n, s in group.items()) for group in shapes]
+    if not isinstance(shapes, list) or not all(isinstance(group, dict) for group in shapes):
+        raise DeepSpeedCheckpointError(f"{path}: param_shapes is not a list of {{name: shape}} dicts, one per group")
+    groups = [OrderedDict((str(n), _shape(n, s, path)) for n, s in group.items()) for group in shapes]
     return groups, dp_size
+
+
+def _shape(name: Any, dims: Any, path: Path) -> tuple[int, ...]:
+    """The shape ``dims`` that ``path`` records for parameter ``name``: whole numbers >= 0 (a ``torch.Size``)."""
+    try:
+        shape = tuple(operator.index(d) for d in dims)
+    except TypeError:
+        shape = None
+    if shape is None or any(d < 0 for d in shape):
+        raise DeepSpeedCheckpointError(f"{path}: param_shapes gives {reprlib.repr(name)} the shape "
+                                       f"{reprlib.repr(dims)}, not a list of whole numbers >= 0")
+    return shape

@@ -11,6 +11,9 @@ from regrow.checkpoint.universal.deepspeed.layout import checked_tag
 from regrow.checkpoint.universal.deepspeed.universal_reader import read_universal
 from regrow.checkpoint.universal.deepspeed.zero_reader import read_zero
 
+MAX_POINTER_BYTES = 1024
+"""The longest ``latest`` file read: it holds one tag name (DeepSpeed writes e.g. ``global_step1000``)."""
+
 
 def import_deepspeed(path: str | Path, tag: str | None = None) -> FullState:
     """Reads a DeepSpeed checkpoint into a :class:`FullState`.
@@ -49,7 +52,7 @@ def _resolve_folder(root: Path, tag: str | None) -> Path:
     for pointer in ("latest", "latest_universal"):
         pointer_file = root / pointer
         if pointer_file.is_file():
-            name = checked_tag(pointer_file.read_text().strip(), f"{pointer_file}")
+            name = checked_tag(_read_pointer(pointer_file), f"{pointer_file}")
             folder = root / name
             if not folder.is_dir():
                 raise DeepSpeedCheckpointError(f"{pointer_file} names tag {name!r}, but {folder} does not exist; "
@@ -57,6 +60,24 @@ def _resolve_folder(root: Path, tag: str | None) -> Path:
             return folder
     raise DeepSpeedCheckpointError(f"{root} holds no DeepSpeed checkpoint: no 'latest' or 'latest_universal' file "
                                    f"and no *_states.pt files or zero/ folder; pass tag= one of {_subdirs(root)}")
+
+
+def _read_pointer(pointer_file: Path) -> str:
+    """The tag that ``latest`` (or ``latest_universal``) names: at most :data:`MAX_POINTER_BYTES` of UTF-8 text,
+    stripped; anything longer or undecodable is :class:`DeepSpeedCheckpointError`, read no further."""
+    try:
+        with open(pointer_file, "rb") as file:
+            data = file.read(MAX_POINTER_BYTES + 1)
+    except OSError as error:
+        raise DeepSpeedCheckpointError(f"{pointer_file} cannot be read: {error}") from None
+    if len(data) > MAX_POINTER_BYTES:
+        raise DeepSpeedCheckpointError(f"{pointer_file} is longer than {MAX_POINTER_BYTES} bytes; it should hold one "
+                                       "tag name (pass tag= instead)")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise DeepSpeedCheckpointError(f"{pointer_file} is not UTF-8 text; it should hold one tag name (pass tag= "
+                                       "instead)") from None
 
 
 def _is_tag_folder(folder: Path) -> bool:

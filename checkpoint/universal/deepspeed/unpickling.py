@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from regrow.checkpoint.universal.deepspeed import bounds
 from regrow.checkpoint.universal.deepspeed.errors import DeepSpeedCheckpointError, UnsafeCheckpointError
 
 
@@ -71,9 +72,22 @@ def safe_load(path: Path) -> Any:
     Raises :class:`UnsafeCheckpointError` (naming the file and the globals) when the pickle refers to anything else
     or uses opcodes torch's restricted unpickler refuses, and :class:`DeepSpeedCheckpointError` when the file is
     missing or is not a torch file. Nothing in a refused file is executed.
+
+    Memory is bounded by the file's size (``bounds.py``): a zip member that declares more than
+    ``bounds.MAX_INFLATION`` times its compressed size is refused before anything is inflated, and a loaded tensor
+    with more bytes than its storage (an overlapping view a copy would blow up) is refused before a reader sees it.
     """
     if not path.is_file():
-        raise DeepSpeedCheckpointError(f"{path} is missing")
+        raise DeepSpeedCheckpointError(f"{path} is missing or not a regular file")
+    if bounds.is_torch_zip(path):
+        bounds.check_archive(path)
+    loaded = _load(path)
+    bounds.check_tensors(loaded, path)
+    return loaded
+
+
+def _load(path: Path) -> Any:
+    """:func:`safe_load`'s unpickling of ``path``, once its declared sizes passed (``bounds.check_archive``)."""
     # The allow-list is torch's process-wide one, extended only for the duration of this call.
     with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
         # A static scan first, so that the error names every offending global, not only the first one reached.

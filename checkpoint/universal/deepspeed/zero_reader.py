@@ -5,6 +5,7 @@ the shapes and the data-parallel size from ``mp_rank_00_model_states.pt``."""
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,14 +59,10 @@ def read_zero(folder: Path) -> FullState:
         groups = _partition_groups(osd, where, len(shapes), dp_size)
         for index, (group_shapes, (fp32, moments, step, mapping)) in enumerate(zip(shapes, groups)):
             steps.setdefault(step, set()).add(optim_path.name)
-            for name, address in mapping.items():
+            for name, (start, numel) in _fragments(mapping, where, index, fp32.numel()).items():
                 if name not in group_shapes:
                     raise DeepSpeedCheckpointError(f"{where}: param_slice_mappings[{index}] has {name!r}, which "
                                                    f"param_shapes[{index}] of {model_path} does not list")
-                start, numel = int(address.start), int(address.numel)
-                if start < 0 or numel < 0 or start + numel > fp32.numel():
-                    raise DeepSpeedCheckpointError(f"{where}: fragment of {name} [{start}, {start + numel}) lies "
-                                                   f"outside the {fp32.numel()}-element partition of group {index}")
                 slot = pieces.setdefault(name, {kind: [] for kind in KINDS})
                 slot["master"].append(fp32.narrow(0, start, numel))
                 for kind in ("exp_avg", "exp_avg_sq"):
@@ -92,6 +89,34 @@ def read_zero(folder: Path) -> FullState:
     source = f"deepspeed-{precision}zero{zero_stage.pop()}" if len(zero_stage) == 1 else "deepspeed-zero"
     hyper = hyper_of(_torch_param_groups(optims[0]), [list(s) for s in shapes])
     return FullState(step=next(iter(steps)), params=params, hyper=hyper, source=source)
+
+
+def _fragments(mapping: Any, where: str, index: int, partition: int) -> dict[str, tuple[int, int]]:
+    """``param_slice_mappings[index]`` of one rank's file as name -> (start, numel), checked to be disjoint pieces
+    of the group's ``partition``-element flat buffer, as DeepSpeed lays them out. Fragments that overlap would make
+    the reader copy the same elements once per parameter naming them (memory unbounded by the file's size)."""
+    if not isinstance(mapping, Mapping):
+        raise DeepSpeedCheckpointError(f"{where}: param_slice_mappings[{index}] is a {type(mapping).__name__}, not a "
+                                       "mapping of parameter names to fragments")
+    fragments = {}
+    for name, address in mapping.items():
+        try:
+            start, numel = operator.index(address.start), operator.index(address.numel)
+        except (AttributeError, TypeError):
+            raise DeepSpeedCheckpointError(f"{where}: param_slice_mappings[{index}][{name!r}] is not a fragment "
+                                           "address with integer start and numel") from None
+        if start < 0 or numel < 0 or start + numel > partition:
+            raise DeepSpeedCheckpointError(f"{where}: fragment of {name} [{start}, {start + numel}) lies "
+                                           f"outside the {partition}-element partition of group {index}")
+        fragments[str(name)] = (start, numel)
+    placed = sorted((start, name, numel) for name, (start, numel) in fragments.items() if numel)
+    for (start, name, numel), (next_start, next_name, next_numel) in zip(placed, placed[1:]):
+        if start + numel > next_start:
+            raise DeepSpeedCheckpointError(
+                f"{where}: param_slice_mappings[{index}]: the fragments of {name!r} [{start}, {start + numel}) and "
+                f"{next_name!r} [{next_start}, {next_start + next_numel}) overlap; DeepSpeed's partitions hold each "
+                "parameter once (the file is crafted or damaged)")
+    return fragments
 
 
 def _optim_paths(folder: Path, dp_size: int, model_path: Path) -> list[Path]:
