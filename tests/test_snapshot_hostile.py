@@ -162,6 +162,21 @@ def test_a_peer_trickling_its_hello_is_cut_at_the_handshake_deadline(start, toke
         trickle.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_hello_with_any_json_token_is_refused_as_a_wrong_token(start, token, capsys) -> None:
+    """Whatever JSON a hello's token is (a lone surrogate, other scripts, too long, not a string), the peer is told
+    why and the connection closed, without an internal error."""
+    node = start()
+    for bad in ["\ud800", "t\u00f6ken\u4e2d", token[:-1], "x" * 1025, 42, None, ["x"]]:
+        with socket.create_connection(parse_address(node.address), timeout=10) as sock:
+            sock.sendall(frame({"op": "hello", "token": bad}))
+            reply = read_reply(sock)
+            assert reply is not None and not reply["ok"], bad
+            assert "wrong token" in reply["error"] or "field 'token' must be" in reply["error"], reply
+    SnapshotClient(node.address, token=token, timeout_s=10).close()
+    assert "internal error" not in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------ bug 2: one job's segments are its own
 @pytest.mark.timeout(60)
 def test_a_job_never_removes_the_segments_of_a_job_its_name_prefixes(start, token) -> None:
@@ -345,7 +360,7 @@ def interesting(rng) -> object:
     if pick == 2:
         return rng.choice([True, False, None])
     if pick == 3:
-        return "".join(chr(rng.randrange(1, 0x2FFF)) for _ in range(rng.randrange(0, 40)))
+        return "".join(chr(rng.randrange(1, 0xE000)) for _ in range(rng.randrange(0, 40)))  # lone surrogates too
     if pick == 4:
         return "x" * rng.choice([0, 1025, 5000, 60000])
     if pick == 5:
@@ -384,9 +399,11 @@ def mutated(rng) -> dict:
 
 def garbage(rng) -> bytes:
     """Bytes that are not a well-formed frame, or a frame that is not a usable request."""
-    pick = rng.randrange(9)
+    pick = rng.randrange(10)
     if pick == 0:
         return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64)))
+    if pick == 8:
+        return frame({"op": "hello", "token": interesting(rng)})
     if pick == 1:
         return struct.pack(">I", rng.choice([0xFFFFFFFF, 1 << 30, 17 << 20, 5000])) + b"{" * rng.randrange(0, 9)
     if pick == 2:

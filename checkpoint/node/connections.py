@@ -25,6 +25,9 @@ from regrow.checkpoint.snapshot.protocol import FrameRefused, ProtocolError, rec
 
 REPLY_TIMEOUT_S = 1.0
 """How long a reply to a refused peer may take to send (it is a courtesy: the connection closes anyway)."""
+KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
+"""TCP keepalive of every connection: a peer that vanished without closing (its machine lost) is noticed within
+about two minutes, so its silent authenticated connection does not hold one of ``max_connections`` for good."""
 
 
 class Handler(Protocol):
@@ -106,9 +109,10 @@ class Connections:
             _refuse(conn, refused)
             return
         try:
+            _keep_alive(conn)
             threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
                              name=f"regrow-snapshot-conn-{peer[1]}").start()
-        except RuntimeError as error:  # no thread to be had: refuse this one, serve the others
+        except (RuntimeError, OSError) as error:  # no thread to be had: refuse this one, serve the others
             self.gate.closed(authenticated=False)
             log(f"refused a connection from {_name(peer)}: cannot start its thread ({error})")
             _refuse(conn, "the snapshot process cannot serve another connection now: try again later")
@@ -139,7 +143,9 @@ class Connections:
             self._refusals.log(f"refused connection from {_name(peer)}: no valid hello ({error})")
             _refuse(conn, f"no valid hello: {error}")
             return False
-        if not hmac.compare_digest(hello["token"].encode(), self._token):
+        # surrogatepass: JSON may carry a lone surrogate, which a strict encode would raise on (a wrong token, not
+        # an error)
+        if not hmac.compare_digest(hello["token"].encode("utf-8", "surrogatepass"), self._token):
             self._refusals.log(f"refused connection from {_name(peer)}: wrong token")
             _refuse(conn, "wrong token: connection refused")
             return False
@@ -171,6 +177,13 @@ class Connections:
                 return
             conn.settimeout(self._limits.message_timeout_s)
             _reply(conn, *self._handler.handle(request, payload))
+
+
+def _keep_alive(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in KEEPALIVE:
+        if hasattr(socket, option):  # Linux names; elsewhere the system's keepalive defaults apply
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _no_raw_before_hello(message: dict, size: int) -> None:

@@ -38,7 +38,8 @@ class ConnectionLimits:
     """Seconds an authenticated connection has for each whole message (frame and raw payload), from its first
     byte; an authenticated connection may stay silent between messages for as long as it likes."""
     max_connections: int = 64
-    """Connections served at once (ranks, the launcher, the peers of an erasure-coding group); more are refused."""
+    """Connections served at once; more are refused. Each local rank holds one, each peer of the erasure-coding
+    group one, and the launcher one now and then: keep it well above their sum."""
     max_unauthenticated: int = 8
     """Of these, connections that have not presented the token yet; more are refused at once."""
 

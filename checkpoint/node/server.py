@@ -50,11 +50,11 @@ class SnapshotServer:
         self.config = config
         self.job = config.job or secrets.token_hex(4)
         self._stop = threading.Event()
-        self._lock = JobLock.acquire(config.shm_dir, self.job)
+        self._job_lock = JobLock.acquire(config.shm_dir, self.job)
         try:
             self._start(config, token)
         except BaseException:
-            self._lock.release()
+            self._job_lock.release()
             raise
 
     def _start(self, config: SnapshotProcessConfig, token: str) -> None:
@@ -94,7 +94,7 @@ class SnapshotServer:
     def _remove_all(self) -> None:
         """Removes every segment, then releases the job's lock (the job may start again on this node)."""
         count = self.slots.remove_all()
-        self._lock.release()
+        self._job_lock.release()
         log(f"shut down; removed {count} segments")
 
     # ---------------------------------------------------------------- one request
