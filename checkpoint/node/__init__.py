@@ -5,8 +5,14 @@ The process:
 
 - ``process.py``: ``SnapshotProcessConfig``, its command line, ``start_snapshot_process`` and ``SnapshotProcess``
   (the launcher's side); ``__main__.py`` runs it (``python -m regrow.checkpoint.node``).
-- ``server.py``: ``SnapshotServer``, connections, the token check and the request dispatch.
-- ``shm.py``: the segment files under ``shm_dir`` (names, creation with reserved space, leftover removal).
+- ``server.py``: ``SnapshotServer``, the process's parts and the request dispatch.
+- ``connections.py``: ``Connections``, admission under the caps, the token check, one thread per connection.
+- ``limits.py``: ``ConnectionLimits`` and the caps on what a peer may announce or send (trust model in
+  docs/snapshot-protocol.md).
+- ``requests.py``: the table of every op's fields, types and ranges, and ``validate``.
+- ``shm.py``: the segment files under ``shm_dir`` (names parsed per job exactly, creation with reserved space,
+  leftover removal).
+- ``job_lock.py``: ``JobLock``, one live process per job and node.
 - ``slots.py``: ``SlotTable``, the attached ranks' slots: commits, holds, rebuilt segments installed.
 - ``log.py``: the process's log lines.
 

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+from regrow.checkpoint.node.job_lock import JobRunning
 from regrow.checkpoint.node.process import config_from_command_line
 from regrow.checkpoint.node.server import SnapshotServer
 from regrow.checkpoint.node.shm import ShmSpaceError
@@ -15,11 +16,12 @@ from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 
 def main(argv: list[str] | None = None) -> int:
     """Serves until SHUTDOWN, SIGTERM or SIGINT (then removes the segments); prints ``READY host:port job ID pid
-    P`` once it listens. Returns 2 (the reason on stderr) when it cannot start."""
+    P`` once it listens. Returns 2 (the reason on stderr) when it cannot start (e.g. a process of the same job
+    runs on this node: ``job_lock.JobRunning`` names it)."""
     try:
         config = config_from_command_line(argv)
         server = SnapshotServer(config, os.environ.get(TOKEN_ENV, ""))
-    except (ValueError, TypeError, ShmSpaceError, OSError) as error:
+    except (ValueError, TypeError, ShmSpaceError, OSError, JobRunning) as error:
         print(f"[snapshot process] cannot start: {error}", file=sys.stderr, flush=True)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: server.shutdown())

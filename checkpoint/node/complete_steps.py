@@ -72,6 +72,8 @@ class CompleteSteps:
         if what == "buffer":
             return {"ok": True}, held.buffer
         if what == "parity":
+            if not 0 <= index < len(held.parity):
+                raise KeyError(f"parity piece {index} of step {step} is not held here (pieces 0..{len(held.parity) - 1})")
             piece = held.parity[index]
             return {"ok": True, "piece": piece_header(piece)}, piece.data
         raise ValueError(f"ec_fetch what={what!r}: 'buffer' or 'parity'")

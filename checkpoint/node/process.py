@@ -16,7 +16,8 @@ Space is checked before anything is created and reserved (``shm.py``), so a ``/d
 start-up (``expected_bytes``) or at ATTACH, never in the middle of a run. If this process is killed, the segments
 it created are orphaned and the next snapshot process of the same job removes them (so does
 :meth:`SnapshotProcess.stop`): the snapshots are lost with it, and ranks restore from the universal checkpoint
-instead.
+instead. One process per job runs on a node at a time: it holds the job's lock (``job_lock.py``) for its life, and
+a second one started while it lives fails at start-up, naming it, instead of removing its live segments.
 
 The process itself is ``__main__.py`` serving ``server.SnapshotServer``. None of these modules imports torch
 (start-up stays fast; persistence, when on, imports it at start-up); the rank side is
@@ -36,9 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from regrow.checkpoint.node.erasure import ErasureCodingConfig
+from regrow.checkpoint.node.job_lock import JobLock
+from regrow.checkpoint.node.limits import ConnectionLimits
 from regrow.checkpoint.node.log import log
 from regrow.checkpoint.node.persist import PersistConfig
-from regrow.checkpoint.node.shm import remove_segments
+from regrow.checkpoint.node.shm import check_job, remove_segments
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, parse_address
 
 
@@ -49,15 +52,17 @@ class SnapshotProcessConfig:
     address: str = "127.0.0.1:0"
     """host:port to listen on (port 0: any free port; the chosen address is printed as ``READY host:port``)."""
     job: str = ""
-    """Names this job's segments (``regrow-snap-<job>-r<rank>-s<slot>``); empty: a random id. A restarted process
-    of the same job removes the segments a crashed one left behind."""
+    """Names this job's segments (``regrow-snap-<job>-r<rank>-s<slot>``); empty: a random id. Letters, digits,
+    ``-`` and ``_``, at most 64 (``shm.check_job``). One process per job and node runs at a time (a second one
+    fails at start-up, naming the first); a restarted process of the same job removes the segments a crashed one
+    left behind."""
     shm_dir: str = "/dev/shm"
     """Directory of the segments: a tmpfs (RAM), so the snapshots survive the ranks but not the node."""
     expected_bytes: int = 0
     """Segment bytes the job will need on this node (2 x each local rank's snapshot); checked against the free
     space at start-up so a too-small /dev/shm fails now, not at the first snapshot. 0: checked at ATTACH only."""
-    handshake_timeout_s: float = 10.0
-    """Seconds a new connection has to present the token (a silent client cannot hold a thread longer)."""
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    """Caps on connections and deadlines of their messages (before and after the token)."""
     erasure: ErasureCodingConfig = field(default_factory=ErasureCodingConfig)
     """Erasure coding with the peer snapshot processes of this node's group (off by default)."""
     persist: PersistConfig = field(default_factory=PersistConfig)
@@ -67,12 +72,13 @@ class SnapshotProcessConfig:
         parse_address(self.address)
         if not isinstance(self.expected_bytes, int) or self.expected_bytes < 0:
             raise ValueError(f"SnapshotProcessConfig.expected_bytes={self.expected_bytes!r} must be an int >= 0")
-        if not self.handshake_timeout_s > 0:
-            raise ValueError(f"SnapshotProcessConfig.handshake_timeout_s={self.handshake_timeout_s!r} must be > 0")
         if not Path(self.shm_dir).is_dir():
             raise ValueError(f"SnapshotProcessConfig.shm_dir={self.shm_dir!r} is not a directory")
-        if self.job and not self.job.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"SnapshotProcessConfig.job={self.job!r} may hold only letters, digits, '-' and '_'")
+        if self.job:
+            try:
+                check_job(self.job)
+            except ValueError as error:
+                raise ValueError(f"SnapshotProcessConfig.job: {error}") from None
 
 
 # -------------------------------------------------------------------- its command line, both ways
@@ -86,7 +92,11 @@ def command_line(config: SnapshotProcessConfig, job: str) -> list[str]:
             "--persist-every", str(config.persist.persist_every), "--persist-dir", config.persist.persist_dir,
             "--keep-last", str(config.persist.keep_last),
             "--persist-timeout-s", str(config.persist.commit_timeout_s),
-            "--persist-copy-threads", str(config.persist.copy_threads)]
+            "--persist-copy-threads", str(config.persist.copy_threads),
+            "--handshake-timeout-s", str(config.limits.handshake_timeout_s),
+            "--message-timeout-s", str(config.limits.message_timeout_s),
+            "--max-connections", str(config.limits.max_connections),
+            "--max-unauthenticated", str(config.limits.max_unauthenticated)]
 
 
 def config_from_command_line(argv: list[str] | None = None) -> SnapshotProcessConfig:
@@ -108,14 +118,25 @@ def config_from_command_line(argv: list[str] | None = None) -> SnapshotProcessCo
     parser.add_argument("--persist-timeout-s", type=float, default=600.0,
                         help="how long the process holding rank 0 waits for every rank's part")
     parser.add_argument("--persist-copy-threads", type=int, default=4, help="threads copying a slot before a persist")
+    limits = ConnectionLimits()  # the defaults, stated once
+    parser.add_argument("--handshake-timeout-s", type=float, default=limits.handshake_timeout_s,
+                        help="seconds a connection has for its whole hello")
+    parser.add_argument("--message-timeout-s", type=float, default=limits.message_timeout_s,
+                        help="seconds an authenticated connection has for each whole message")
+    parser.add_argument("--max-connections", type=int, default=limits.max_connections,
+                        help="connections served at once")
+    parser.add_argument("--max-unauthenticated", type=int, default=limits.max_unauthenticated,
+                        help="connections at once that have not presented the token yet")
     args = parser.parse_args(argv)
     erasure = ErasureCodingConfig(ec_group_size=args.ec_group_size, ec_parity=args.ec_parity,
                                   peer_timeout_s=args.ec_timeout_s)
     persist = PersistConfig(persist_every=args.persist_every, persist_dir=args.persist_dir,
                             keep_last=args.keep_last, commit_timeout_s=args.persist_timeout_s,
                             copy_threads=args.persist_copy_threads)
+    limits = ConnectionLimits(handshake_timeout_s=args.handshake_timeout_s, message_timeout_s=args.message_timeout_s,
+                              max_connections=args.max_connections, max_unauthenticated=args.max_unauthenticated)
     return SnapshotProcessConfig(address=args.address, job=args.job, shm_dir=args.shm_dir,
-                                 expected_bytes=args.expected_bytes, erasure=erasure, persist=persist)
+                                 expected_bytes=args.expected_bytes, limits=limits, erasure=erasure, persist=persist)
 
 
 @dataclass
@@ -134,7 +155,7 @@ class SnapshotProcess:
         ``timeout_s`` (default ``stop_timeout_s``); returns its exit code. A process that did not shut down
         cleanly (killed, crashed, or killed here) could not remove its segments: they are removed here, so a failed
         job leaves no /dev/shm behind (nothing could use them: a replacement of the same job would remove them as
-        leftovers)."""
+        leftovers), unless a replacement of the same job already runs (its segments are left alone)."""
         timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
         if self.process.poll() is None:
             self.process.terminate()
@@ -144,11 +165,23 @@ class SnapshotProcess:
                 self.process.kill()
                 self.process.wait(10)
         if self.process.returncode != 0:
-            removed = remove_segments(self.shm_dir, self.job)
-            if removed:
-                log(f"removed {removed} segments of job {self.job}, whose snapshot process ended with exit code "
-                    f"{self.process.returncode}")
+            self._remove_leftovers()
         return self.process.returncode
+
+    def _remove_leftovers(self) -> None:
+        """Removes the segments (and the lock file) the ended process left, unless another process of the job
+        runs on this node by now (it holds the job's lock, and those segments are its own)."""
+        lock = JobLock.try_acquire(self.shm_dir, self.job)
+        if lock is None:
+            log(f"left the segments of job {self.job} alone: another snapshot process of the job runs on this node")
+            return
+        try:
+            removed = remove_segments(self.shm_dir, self.job)
+        finally:
+            lock.release()
+        if removed:
+            log(f"removed {removed} segments of job {self.job}, whose snapshot process ended with exit code "
+                f"{self.process.returncode}")
 
 
 def start_snapshot_process(config: SnapshotProcessConfig, *, token: str, timeout_s: float = 30.0) -> SnapshotProcess:

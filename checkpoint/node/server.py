@@ -1,45 +1,63 @@
-"""The snapshot process's server: it accepts the ranks' (and the peers') connections, checks their token and
-answers the protocol (docs/snapshot-protocol.md), on one thread per connection.
+"""The snapshot process's server: it owns the process's parts and answers the protocol (docs/snapshot-protocol.md);
+its connections, their caps and the token check are ``connections.py``'s, one thread per connection.
 
-The requests are handed to the process's parts: the segment slots (``slots.py``), the erasure coding with the
-group's peers (``peers.py``, when ``erasure.ec_group_size`` > 0) and the persistence of snapshots as universal
-checkpoints (``persister.py``, when ``persist.persist_every`` > 0). The server only decides what a COMMIT or an
-ATTACH means for each of them.
+The requests are checked by ``requests.validate`` (one table of every op's fields) and handed to the process's
+parts: the segment slots (``slots.py``), the erasure coding with the group's peers (``peers.py``, when
+``erasure.ec_group_size`` > 0) and the persistence of snapshots as universal checkpoints (``persister.py``, when
+``persist.persist_every`` > 0). The server only decides what a COMMIT or an ATTACH means for each of them, and
+caps what a peer may announce or send from the size of this node's own segments (``limits.py``).
 """
 
 from __future__ import annotations
 
-import hmac
 import secrets
-import selectors
 import socket
 import threading
+import traceback
 
+from regrow.checkpoint.node.connections import Connections
 from regrow.checkpoint.node.erasure import ErasureError
+from regrow.checkpoint.node.job_lock import JobLock
+from regrow.checkpoint.node.limits import PEER_BUFFER_FACTOR, PEER_BUFFER_FLOOR, peer_buffer_limit, piece_limit
 from regrow.checkpoint.node.log import log
 from regrow.checkpoint.node.peers import PeerCoding
 from regrow.checkpoint.node.persist import PERSIST_HOLDER
 from regrow.checkpoint.node.persister import Persister, PersistFeed
 from regrow.checkpoint.node.process import SnapshotProcessConfig
+from regrow.checkpoint.node.requests import RequestError, validate
 from regrow.checkpoint.node.shm import ShmSpaceError, check_space, remove_segments
 from regrow.checkpoint.node.slots import SlotTable
-from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, ProtocolError, parse_address, recv_message, send_message
+from regrow.checkpoint.snapshot.protocol import FrameRefused, ProtocolError, check_token, parse_address
+
+EXPECTED_ERRORS = (RequestError, KeyError, TypeError, ValueError, OSError, ShmSpaceError, ErasureError,
+                   ProtocolError, TimeoutError)
+"""What a request may fail with in the normal course (a bad value, a refused step, a full /dev/shm, a peer that
+did not answer): answered ``ok: false`` with the error. Anything else is a bug: answered too, and logged with its
+traceback."""
 
 
 class SnapshotServer:
-    """Owns the segments and answers the protocol; one thread per authenticated connection, so a slow or silent
-    client never blocks another. Use :meth:`serve_forever` (returns after SHUTDOWN or :meth:`shutdown`).
+    """Owns the segments and answers the protocol. Use :meth:`serve_forever` (returns after SHUTDOWN or
+    :meth:`shutdown`).
 
-    Construction fails (before listening) when ``shm_dir`` lacks ``expected_bytes`` or ``persist_dir`` cannot be
-    created; it removes the segments a previous process of the same job left behind."""
+    Construction fails (before listening, and before touching any segment) when another snapshot process of the
+    same job runs on this node (``job_lock.JobRunning``, naming it), the token is unusable, ``shm_dir`` lacks
+    ``expected_bytes``, or ``persist_dir`` cannot be created; it removes the segments a previous process of the
+    same job left behind, and holds the job's lock until :meth:`serve_forever` returns."""
 
     def __init__(self, config: SnapshotProcessConfig, token: str) -> None:
-        if not token:
-            raise ValueError(f"the snapshot token is empty: set {TOKEN_ENV} (secrets.token_hex(32))")
+        check_token(token)
         self.config = config
         self.job = config.job or secrets.token_hex(4)
-        self._token = token.encode()
         self._stop = threading.Event()
+        self._job_lock = JobLock.acquire(config.shm_dir, self.job)
+        try:
+            self._start(config, token)
+        except BaseException:
+            self._job_lock.release()
+            raise
+
+    def _start(self, config: SnapshotProcessConfig, token: str) -> None:
         if config.expected_bytes:
             check_space(config.shm_dir, config.expected_bytes)
         removed = remove_segments(config.shm_dir, self.job)
@@ -56,20 +74,12 @@ class SnapshotServer:
         self._listener = socket.create_server((host, port))
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self.peers = PeerCoding(config.erasure, token, self.slots) if config.erasure.enabled else None
+        self._connections = Connections(self._listener, limits=config.limits, token=token, handler=self,
+                                        stop=self._stop)
 
     # ---------------------------------------------------------------- lifecycle
     def serve_forever(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._listener, selectors.EVENT_READ)
-            while not self._stop.is_set():
-                if not selector.select(timeout=0.2):
-                    continue
-                try:
-                    conn, peer = self._listener.accept()
-                except OSError:
-                    continue
-                threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
-                                 name=f"regrow-snapshot-conn-{peer[1]}").start()
+        self._connections.serve()
         self._listener.close()
         if self.peers is not None:
             self.peers.close()
@@ -82,70 +92,68 @@ class SnapshotServer:
         self._stop.set()
 
     def _remove_all(self) -> None:
+        """Removes every segment, then releases the job's lock (the job may start again on this node)."""
         count = self.slots.remove_all()
+        self._job_lock.release()
         log(f"shut down; removed {count} segments")
 
-    # ---------------------------------------------------------------- one connection
-    def _serve(self, conn: socket.socket, peer: tuple) -> None:
-        with conn:
-            conn.settimeout(self.config.handshake_timeout_s)
-            try:
-                hello, _ = recv_message(conn)
-            except (OSError, ProtocolError) as error:
-                log(f"refused connection from {peer[0]}:{peer[1]}: no valid hello ({error})")
-                return
-            if hello.get("op") != "hello" or not hmac.compare_digest(str(hello.get("token", "")).encode(),
-                                                                     self._token):
-                log(f"refused connection from {peer[0]}:{peer[1]}: wrong token")
-                self._reply(conn, {"ok": False, "error": "wrong token: connection refused"})
-                return
-            self._reply(conn, {"ok": True, "job": self.job})
-            conn.settimeout(None)  # an attached rank may stay silent for a long time between requests
-            while not self._stop.is_set():
-                try:
-                    request, payload = recv_message(conn)
-                except (OSError, ProtocolError):
-                    return
-                self._reply(conn, *self._handle(request, payload))
-
-    @staticmethod
-    def _reply(conn: socket.socket, message: dict, payload: bytes | bytearray | None = None) -> None:
-        try:
-            send_message(conn, message, payload)
-        except OSError:
-            pass  # the client went away; its thread ends at the next read
-
-    def _handle(self, request: dict, payload: bytearray | None) -> tuple[dict, bytes | bytearray | None]:
+    # ---------------------------------------------------------------- one request
+    def handle(self, request: dict, payload: bytearray | None) -> tuple[dict, bytes | bytearray | None]:
+        """The reply to one authenticated request (``connections.Handler``); never raises: a failure is answered
+        ``ok: false`` naming it, and logged."""
         op = request.get("op")
         try:
-            if op == "attach":
-                restored = request.get("step")
-                return self._attach(int(request["rank"]), request["tensors"], int(request["meta_capacity"]),
-                                    at_step=None if restored is None else int(restored),
-                                    restored_from=request.get("restored_from")), None
-            if op == "latest":  # "verify": False lists the slots by their headers (the reader verifies)
-                return self.slots.latest(int(request["rank"]), verify=bool(request.get("verify", True))), None
-            if op == "commit":
-                return self._commit(int(request["rank"]), int(request["slot"]), int(request["step"])), None
-            if op == "shutdown":
-                self.shutdown()
-                return {"ok": True}, None
-            if op == "persisted":
-                status = self.persister.status() if self.persister else {"enabled": False, "persisted": [],
-                                                                         "results": []}
-                return {"ok": True, **status}, None
-            if op == "run_config":
-                return self._run_config(request["config"]), None
-            if isinstance(op, str) and op.startswith("ec_"):
-                if self.peers is None:
-                    return {"ok": False, "error": f"{op}: erasure coding is off in this snapshot process "
-                                                  f"(start it with ec_group_size > 0)"}, None
-                return self.peers.handle(op, request, payload)
-            return {"ok": False, "error": f"unknown op {op!r} (attach, latest, commit, shutdown, persisted, "
-                                          f"run_config, ec_*)"}, None
-        except (KeyError, TypeError, ValueError, OSError, ShmSpaceError, ErasureError, ProtocolError,
-                TimeoutError) as error:
-            return {"ok": False, "error": f"{type(error).__name__}: {error}"}, None
+            reply, raw = self._dispatch(validate(request), payload)
+        except EXPECTED_ERRORS as error:
+            reply, raw = {"ok": False, "error": f"{type(error).__name__}: {error}"}, None
+        except Exception as error:  # noqa: BLE001 (a bug: answered and logged whole; the connection serves on)
+            log(f"internal error in {str(op)[:40]!r}: {type(error).__name__}: {error}\n{traceback.format_exc()}")
+            return {"ok": False, "error": f"internal error in {str(op)[:40]!r}: {type(error).__name__}: "
+                                          f"{str(error)[:1000]} (the snapshot process logged it)"}, None
+        if not reply.get("ok"):
+            log(f"refused {str(op)[:40]!r}: {reply.get('error')}")
+        return reply, raw
+
+    def check_raw(self, message: dict, size: int) -> None:
+        """Refuses (``FrameRefused``) a raw payload on any op but ``ec_piece`` with erasure coding on, and one
+        larger than a data piece of the largest node buffer a peer may announce (``limits.piece_limit``)."""
+        op = message.get("op")
+        if op != "ec_piece" or self.peers is None:
+            raise FrameRefused(f"{str(op)[:40]!r} carries no raw payload (only ec_piece does, with erasure coding "
+                               f"on), yet {size} bytes were announced")
+        node_bytes = self.slots.node_bytes()
+        k = self.config.erasure.ec_group_size - self.config.erasure.ec_parity
+        if size > (limit := piece_limit(node_bytes, k)):
+            raise FrameRefused(f"ec_piece of {size} bytes exceeds the {limit} bytes a data piece may have here: "
+                               f"{_buffer_rule(node_bytes)}")
+
+    def _dispatch(self, request: dict, payload: bytearray | None) -> tuple[dict, bytes | bytearray | None]:
+        op = request["op"]
+        if op == "attach":
+            return self._attach(request["rank"], request["tensors"], request["meta_capacity"],
+                                at_step=request.get("step"), restored_from=request.get("restored_from")), None
+        if op == "latest":  # "verify": False lists the slots by their headers (the reader verifies)
+            return self.slots.latest(request["rank"], verify=request.get("verify", True)), None
+        if op == "commit":
+            return self._commit(request["rank"], request["slot"], request["step"]), None
+        if op == "shutdown":
+            self.shutdown()
+            return {"ok": True}, None
+        if op == "persisted":
+            status = self.persister.status() if self.persister else {"enabled": False, "persisted": [],
+                                                                     "results": []}
+            return {"ok": True, **status}, None
+        if op == "run_config":
+            return self._run_config(request["config"]), None
+        if op == "hello":
+            raise RequestError("hello: this connection has already presented the token")
+        if self.peers is None:
+            return {"ok": False, "error": f"{op}: erasure coding is off in this snapshot process (start it with "
+                                          f"ec_group_size > 0)"}, None
+        if op == "ec_size" and request["size"] > (limit := peer_buffer_limit(self.slots.node_bytes())):
+            raise RequestError(f"ec_size: a node buffer of {request['size']} bytes exceeds the {limit} bytes "
+                               f"accepted here: {_buffer_rule(self.slots.node_bytes())}")
+        return self.peers.handle(op, request, payload)
 
     # ---------------------------------------------------------------- what ATTACH and COMMIT mean for each part
     def _attach(self, rank: int, table: list[dict], meta_capacity: int, *, at_step: int | None = None,
@@ -204,3 +212,10 @@ class SnapshotServer:
     def _ready_step(self) -> int | None:
         """:meth:`SlotTable.ready_step`."""
         return self.slots.ready_step()
+
+
+def _buffer_rule(node_bytes: int) -> str:
+    """Why a peer's buffer or piece is capped where it is (the fix: a group whose nodes run the same ranks)."""
+    return (f"a peer's node buffer may be at most {PEER_BUFFER_FACTOR} x this node's {node_bytes} bytes of segments, "
+            f"and at least {PEER_BUFFER_FLOOR} bytes (the nodes of a group must run the same number of ranks of "
+            f"one model)")

@@ -99,10 +99,19 @@ class SlotTable:
                     self._pending_holds[holder] = step
 
     def _create_locked(self, rank: int, table: list[dict], meta_capacity: int, size: int) -> RankSlots:
-        """Creates ``rank``'s two segments, space checked first; the caller records them."""
+        """Creates ``rank``'s two segments, space checked first; the caller records them. All or nothing: when a
+        segment cannot be created, those made before it are removed (an orphan would survive SHUTDOWN and make the
+        rank's next ATTACH fail with FileExistsError)."""
         check_space(self.shm_dir, SLOTS * size)
-        paths = [create_segment(self.shm_dir, self.job, rank=rank, slot=slot, size=size, meta_capacity=meta_capacity)
-                 for slot in range(SLOTS)]
+        paths: list[str] = []
+        try:
+            for slot in range(SLOTS):
+                paths.append(create_segment(self.shm_dir, self.job, rank=rank, slot=slot, size=size,
+                                            meta_capacity=meta_capacity))
+        except BaseException:
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
+            raise
         return RankSlots(paths=paths, table=table, meta_capacity=meta_capacity, size=size)
 
     def latest(self, rank: int, *, verify: bool = True) -> dict:
@@ -175,6 +184,12 @@ class SlotTable:
             have.held.pop(holder, None)
 
     # ---------------------------------------------------------------- what the coder and the persister read
+    def node_bytes(self) -> int:
+        """Bytes of one slot of every attached rank: the most this node's coded buffer of a step can hold, save
+        its index (what the server caps its peers' announced buffers and pieces from)."""
+        with self._lock:
+            return sum(have.size for have in self._ranks.values())
+
     def ready_step(self) -> int | None:
         """The newest step every attached rank has committed (what the group encodes next), if any."""
         with self._lock:

@@ -109,8 +109,22 @@ def segment_bytes(meta_capacity: int, payload_bytes: int) -> int:
     return _align(payload_offset(meta_capacity) + payload_bytes, PAGE)
 
 
+U32_MAX = (1 << 32) - 1
+"""Largest rank, slot and metadata capacity the header can hold (unsigned 32-bit fields)."""
+
+
+def check_header_fields(*, rank: int, slot: int, meta_capacity: int) -> None:
+    """Raises ValueError naming the first of ``rank``, ``slot`` and ``meta_capacity`` that does not fit its header
+    field (an int in [0, 2^32 - 1]): the snapshot process checks them before it creates a segment file."""
+    for name, value in (("rank", rank), ("slot", slot), ("meta_capacity", meta_capacity)):
+        if type(value) is not int or not 0 <= value <= U32_MAX:
+            raise ValueError(f"segment header field {name}={value!r} must be an int in [0, {U32_MAX}]")
+
+
 def format_empty(buffer: mmap.mmap, *, rank: int, slot: int, meta_capacity: int) -> None:
-    """Writes the header of a fresh segment (no snapshot yet: ``complete`` is 0)."""
+    """Writes the header of a fresh segment (no snapshot yet: ``complete`` is 0); the fields are checked first
+    (:func:`check_header_fields`), so a bad one leaves the buffer untouched."""
+    check_header_fields(rank=rank, slot=slot, meta_capacity=meta_capacity)
     buffer[:HEADER_BYTES] = bytes(HEADER_BYTES)
     _FIXED.pack_into(buffer, 0, MAGIC, FORMAT_VERSION, rank, slot, meta_capacity, -1, 0, 0, 0, 0, 0)
 
