@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from regrow.checkpoint.snapshot.protocol import parse_address
-from regrow.checkpoint.universal.storage import KEEP_LAST
+from regrow.checkpoint.universal import KEEP_LAST
 from regrow.checkpoint.universal.writer import ON_ERROR
 from regrow.recovery.order import Source
 from regrow.trainer.data import DataConfig

@@ -5,12 +5,15 @@
   ``checkpoint/node``; ``launch/local`` never imports ``launch/chaos``);
 - no production file over 500 lines, no class over 300 lines;
 - the recovery order's source names are spelled once (``recovery/order.py``);
-- no docstring or comment cites a file that is not in the repository.
+- no docstring or comment cites a file that is not in the repository;
+- the node's snapshot process starts without importing torch (it imports the writer only to persist).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,11 @@ def test_each_recovery_source_name_is_spelled_once(source: Source) -> None:
 def test_no_file_cites_a_document_outside_the_repository() -> None:
     citing = [module_name(p) for p in production_files() if "DESIGN.md" in p.read_text()]
     assert citing == []
+
+
+def test_the_snapshot_process_starts_without_torch() -> None:
+    """What ``python -m regrow.checkpoint.node`` imports before it serves: torch costs it about 1 s and 200 MiB."""
+    probe = ("import sys; import regrow.checkpoint.node.server, regrow.checkpoint.node.process, "
+             "regrow.checkpoint.node.persister; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"

@@ -51,7 +51,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from regrow.checkpoint.universal.storage import KEEP_LAST
+from regrow.checkpoint.universal import KEEP_LAST
 from regrow.trainer.checks import require_ints
 
 PERSIST_HOLDER = "persist"

@@ -20,11 +20,6 @@ PWrite = Callable[[int, memoryview, int], int]
 storage) can substitute it."""
 
 
-KEEP_LAST = 2
-"""Committed checkpoints a root keeps by default, and the fewest allowed: one good checkpoint must survive while the
-next is written (``WriterConfig``, ``PersistConfig``, ``write_whole`` and ``--keep-last`` take their default here)."""
-
-
 def fsync_dir(path: Path) -> None:
     """Makes the entries of directory ``path`` (files created or renamed in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from regrow.checkpoint.universal import storage, verify
+from regrow.checkpoint.universal import KEEP_LAST, verify
 from regrow.checkpoint.universal.format import EXP_AVG, EXP_AVG_SQ, MASTER, shard_key, step_dir_name
 from regrow.checkpoint.universal.pieces import ParamPiece
 from regrow.checkpoint.universal.reshard import MOMENTS, ParamReader
@@ -61,7 +61,7 @@ def read_whole(ckpt: str | Path) -> WholeState:
                       data_cursor=dict(manifest.data_cursor), config=manifest.config)
 
 
-def write_whole(root: str | Path, state: WholeState, *, keep_last: int = storage.KEEP_LAST) -> Path:
+def write_whole(root: str | Path, state: WholeState, *, keep_last: int = KEEP_LAST) -> Path:
     """Writes ``state`` as a committed checkpoint ``root/step_<step>`` (fp32 state for every parameter: a job with
     8-bit state quantizes it per parameter when it loads) and points ``latest`` at it. The RNG state stored is this
     process's (the source has none); the layout recorded is a one-rank layout of the parameters. ``root`` must not be

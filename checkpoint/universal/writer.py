@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from regrow.checkpoint.hostcopy import HostCopier, HostCopy
-from regrow.checkpoint.universal import storage
+from regrow.checkpoint.universal import KEEP_LAST, storage
 from regrow.checkpoint.universal.commit import (
     SaveResult,
     SaveTarget,
@@ -78,7 +78,7 @@ class WriterConfig:
     a root at a time (a new writer removes the temporaries it finds there as leftovers of a crash)."""
     save_every: int = 100
     """Save after every this many optimizer steps (0: only when :meth:`CheckpointWriter.save` is called)."""
-    keep_last: int = storage.KEEP_LAST
+    keep_last: int = KEEP_LAST
     """Committed checkpoints to keep (>= 2, so a good one survives while the next is written); older are purged."""
     when_busy: str = "skip"
     """A save step while the previous save still persists: "skip" it (logged) or "wait" for the previous one."""
@@ -107,7 +107,7 @@ class WriterConfig:
 
         if not str(self.root):
             raise bad("root", "give the directory that holds the checkpoints")
-        require_ints(self, {"save_every": 0, "keep_last": storage.KEEP_LAST, "final_step": 0, "chunk_bytes": 1})
+        require_ints(self, {"save_every": 0, "keep_last": KEEP_LAST, "final_step": 0, "chunk_bytes": 1})
         if self.when_busy not in WHEN_BUSY:
             raise bad("when_busy", f"allowed values are {WHEN_BUSY}")
         if self.on_error not in ON_ERROR:
