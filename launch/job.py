@@ -62,6 +62,8 @@ def build_job(options: RunOptions) -> Job:
                               snapshot_every=options.snapshot_every, save_every=options.checkpoint.save_every,
                               hang_timeout_s=faults.hang_timeout_s)
     problems += faults.problems()
+    if options.command == "ray":
+        problems += options.ray.problems()
     if plan and launch.torchrun:
         problems.append("--fault runs under the local launcher (under torchrun, kill the processes yourself)")
     if options.command == "chaos" and not plan:

@@ -258,6 +258,16 @@ class RayOptions:
     events: str | None = None
     """JSONL file of every event (``--events``)."""
 
+    def problems(self) -> list[str]:
+        """Amounts that a ``< 0`` check would let through (NaN) or that no cluster has (infinite)."""
+        amounts = {"--cpus-per-worker": self.cpus_per_worker, "--gpus-per-worker": self.gpus_per_worker,
+                   "--elastic-wait": self.elastic_wait_s}
+        problems = [f"{flag}={value!r} must be a finite number >= 0" for flag, value in amounts.items()
+                    if not 0 <= value < math.inf]
+        if not 0 < self.resources_timeout_s < math.inf:
+            problems.append(f"--resources-timeout={self.resources_timeout_s!r} must be a finite number > 0")
+        return problems
+
 
 @dataclass(kw_only=True)
 class RunOptions:

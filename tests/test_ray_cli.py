@@ -50,3 +50,13 @@ def test_regrow_ray_on_a_local_instance_heals_a_killed_rank(tmp_path) -> None:
     assert (ckpt / "latest").read_text().strip() == "step_00000006"
     kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
     assert kinds[0] == "start" and "failure_detected" in kinds and "restored" in kinds and kinds[-1] == "finished"
+
+
+@pytest.mark.parametrize("flag", ["--elastic-wait", "--cpus-per-worker", "--gpus-per-worker", "--resources-timeout"])
+def test_regrow_ray_refuses_nan_and_infinite_amounts_before_starting_ray(flag: str, capsys) -> None:
+    """NaN passes a ``< 0`` check: every amount of ``regrow ray`` must be a finite number, refused with the other
+    usage errors before Ray starts."""
+    for value in ("nan", "inf"):
+        assert cli.main(["ray", "--preset", "tiny", "--steps", "2", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag}={float(value)!r} must be a finite number" in err and "Ray instance" not in err

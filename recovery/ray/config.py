@@ -3,6 +3,7 @@ that ends a coordinated job (:class:`CoordinatorError`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from regrow.trainer.checks import require_ints
@@ -61,8 +62,8 @@ class CoordinatorConfig:
         if self.standby_per_node and (self.ranks_per_node or self.elastic_wait_s):
             raise ValueError("CoordinatorConfig.standby_per_node needs ranks_per_node=0 and elastic_wait_s=0 (a "
                              "standby takes a lost rank's place on its node, outside any placement group)")
-        if self.elastic_wait_s < 0:
-            raise ValueError(f"CoordinatorConfig.elastic_wait_s={self.elastic_wait_s!r} must be >= 0")
+        if not self.elastic_wait_s >= 0 or math.isinf(self.elastic_wait_s):  # "not >=" also refuses NaN
+            raise ValueError(f"CoordinatorConfig.elastic_wait_s={self.elastic_wait_s!r} must be >= 0 and finite")
         if self.elastic_wait_s and self.ranks_per_node:
             raise ValueError("CoordinatorConfig.elastic_wait_s needs ranks_per_node=0 (a job placed node by node, "
                              "with erasure-coding groups, cannot lose a rank without its node)")
@@ -73,7 +74,8 @@ class CoordinatorConfig:
             raise ValueError("CoordinatorConfig.ec_group_size needs ranks_per_node > 0 (erasure-coding groups are "
                              "made of nodes, so the ranks' nodes must be fixed)")
         for name in ("heartbeat_every_s", "hang_timeout_s", "resources_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"CoordinatorConfig.{name}={getattr(self, name)!r} must be > 0")
-        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
-            raise ValueError("CoordinatorConfig.cpus_per_worker and gpus_per_worker must be >= 0")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"CoordinatorConfig.{name}={getattr(self, name)!r} must be > 0 and finite")
+        for name in ("cpus_per_worker", "gpus_per_worker"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"CoordinatorConfig.{name}={getattr(self, name)!r} must be >= 0 and finite")
