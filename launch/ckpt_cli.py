@@ -49,12 +49,13 @@ def inspect_checkpoint(args: argparse.Namespace) -> int:
         print(f"regrow ckpt inspect: {error}", file=sys.stderr)
         return 1
     optim = manifest.config.get("optim")
-    stage = optim.get("stage", "?") if isinstance(optim, dict) else "?"
+    stage = optim.get("stage") if isinstance(optim, dict) else None
+    stage = stage if isinstance(stage, int) else "?"  # the config is free-form JSON: show only what it should be
     bits = {p.state_bits for p in manifest.params}
     print(f"checkpoint {target} (format version {manifest.format_version}, created {manifest.created or '?'})")
     print(f"step {manifest.step}, tokens seen {manifest.tokens_seen:,}, data cursor {manifest.data_cursor}")
-    print(f"saved by {manifest.world_size} ranks, ZeRO stage {stage!s:.20}, state bits "
-          f"{'/'.join(map(str, sorted(bits)))} per parameter, code map {manifest.code_map_version:.100}")
+    print(f"saved by {manifest.world_size} ranks, ZeRO stage {stage}, state bits "
+          f"{'/'.join(map(str, sorted(bits)))} per parameter, code map {manifest.code_map_version}")
     print(f"{len(manifest.params)} parameters, {len(manifest.tensors)} tensor files, {manifest.nbytes():,} bytes")
     print("| parameter | shape | state bits | bytes |")
     print("|---|---|---:|---:|")

@@ -4,7 +4,7 @@ A checkpoint directory is trusted to hold its owner's files and nothing more: an
 hostile (docs/checkpoint-format.md, "Trust model"). So every name a reader opens
 
 1. is a plain relative path (:func:`is_plain_path`: not absolute, no ``.`` or ``..`` component, no empty
-   component, no NUL, at most :data:`MAX_NAME_BYTES` bytes of UTF-8);
+   component, no NUL or other unprintable character, at most :data:`MAX_NAME_BYTES` bytes of UTF-8);
 2. is opened one component at a time relative to the directory, each with ``O_NOFOLLOW``: a symbolic link
    anywhere on the way (a data file, a ``params/<name>`` folder) is refused, never followed out of the directory;
 3. is opened with ``O_NONBLOCK`` (opening a FIFO returns at once instead of waiting for a writer) and kept only
@@ -49,8 +49,9 @@ class Refused(CorruptCheckpoint):
 
 def is_plain_path(name: object) -> bool:
     """True for a relative path that stays inside its directory as written: ``a/b.bin`` yes; ``/a``, ``../a``,
-    ``a/../b``, ``./a``, ``a//b``, ``a/`` and anything holding NUL or unencodable characters no."""
-    if not isinstance(name, str) or not name or "\x00" in name:
+    ``a/../b``, ``./a``, ``a//b``, ``a/`` and anything holding NUL, other unprintable characters (a name is
+    printed in reports) or unencodable ones no."""
+    if not isinstance(name, str) or not name or not name.isprintable():
         return False
     try:
         if len(name.encode("utf-8")) > MAX_NAME_BYTES:

@@ -5,7 +5,7 @@ This is the one place a manifest's fields are checked, and every reader relies o
 - the text: at most :data:`MAX_MANIFEST_BYTES` (checked by the caller before reading), UTF-8, JSON, objects and
   lists nested at most :data:`MAX_DEPTH` deep;
 - every field: present (or defaulted where the format gives a default), of its type (an integer is never a
-  boolean), in its range (sizes and offsets at most :data:`MAX_NBYTES`, a parameter at most :data:`MAX_NUMEL`
+  boolean, a string holds printable characters only), in its range (sizes and offsets at most :data:`MAX_NBYTES`, a parameter at most :data:`MAX_NUMEL`
   elements, RNG files at most :data:`MAX_RNG_BYTES`, counters at most :data:`MAX_COUNT`), and no field the
   format does not have;
 - every file name is a plain relative path (``confined.is_plain_path``): no ``..``, not absolute, no NUL;
@@ -105,10 +105,11 @@ class _Object:
         return _integer(self.get(key, default), self.name(key), minimum, maximum)
 
     def text(self, key: str, *, default: Any = _REQUIRED) -> str:
+        """A string of printable characters (names are printed in reports and by ``regrow ckpt inspect``)."""
         value = self.get(key, default)
-        if not isinstance(value, str) or len(value) > MAX_NAME_BYTES:
+        if not isinstance(value, str) or len(value) > MAX_NAME_BYTES or not value.isprintable():
             raise _FieldError(f"{self.name(key)}={_show(value)} must be a string of at most {MAX_NAME_BYTES} "
-                              "characters")
+                              "printable characters")
         return value
 
     def flag(self, key: str) -> bool:
