@@ -75,6 +75,8 @@ def _refusal(where: str, name: str, error: OSError, parent: int, component: str)
             mode = os.stat(component, dir_fd=parent, follow_symlinks=False).st_mode
         except OSError:
             mode = 0
+        if stat.S_ISREG(mode):  # a file where the path needs a directory
+            return Refused(where, name, "is a file, not a directory")
         if mode:
             return Refused(where, name, f"is {kind_of(mode)}; {ONLY_REGULAR}")
     return Refused(where, name, f"cannot be opened ({os.strerror(error.errno or 0)})")
@@ -90,9 +92,9 @@ def open_regular(directory: Path, name: str) -> Iterator[tuple[int, int]]:
     try:
         current = os.open(directory, _OPEN_DIR)
     except OSError as error:
-        raise Refused(where, name, "missing" if error.errno == errno.ENOENT else
-                      f"its directory cannot be opened ({os.strerror(error.errno or 0)})",
-                      missing=error.errno == errno.ENOENT) from None
+        missing = error.errno == errno.ENOENT
+        reason = "missing" if missing else f"is in a directory that cannot be opened ({os.strerror(error.errno or 0)})"
+        raise Refused(where, name, reason, missing=missing) from None
     parts = name.split("/")
     try:
         for depth, part in enumerate(parts):

@@ -3,7 +3,7 @@
 This is the one place a manifest's fields are checked, and every reader relies on what it guarantees:
 
 - the text: at most :data:`MAX_MANIFEST_BYTES` (checked by the caller before reading), UTF-8, JSON, objects and
-  lists nested at most :data:`MAX_DEPTH` deep;
+  lists nested at most :data:`MAX_DEPTH` deep, every object key printable;
 - every field: present (or defaulted where the format gives a default), of its type (an integer is never a
   boolean, a string holds printable characters only), in its range (sizes and offsets at most :data:`MAX_NBYTES`, a parameter at most :data:`MAX_NUMEL`
   elements, RNG files at most :data:`MAX_RNG_BYTES`, counters at most :data:`MAX_COUNT`), and no field the
@@ -81,10 +81,11 @@ class _Object:
 
     def __init__(self, data: object, path: str, fields: tuple[str, ...]) -> None:
         if not isinstance(data, dict):
-            raise _FieldError(f"{path or 'the manifest'} must be an object")
+            raise _FieldError(f"{path or 'the top level'} must be an object")
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise _FieldError(f"{self._join(path, unknown[0])} is not a field of format version {FORMAT_VERSION}")
+            raise _FieldError(f"{path or 'the top level'} has a field {_show(unknown[0])} that format version "
+                              f"{FORMAT_VERSION} does not have")
         self.data, self.path = data, path
 
     @staticmethod
@@ -286,16 +287,22 @@ def consistency_problems(manifest: Manifest) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- the text
 
 
-def _depth(data: object) -> int:
-    """How deeply JSON objects and lists nest in ``data`` (iterative: a deep document cannot exhaust the stack)."""
-    deepest, stack = 0, [(data, 1)]
+def _shape_problem(data: object) -> str | None:
+    """What is wrong with the shape of JSON document ``data`` as a whole: objects and lists nested more than
+    :data:`MAX_DEPTH` deep, or an object key that is not printable (keys of the free-form ``config`` are printed
+    when a resume reports what changed). Iterative: a deep document cannot exhaust the stack."""
+    stack = [(data, 1)]
     while stack:
         value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            deepest = max(deepest, depth)
-            if depth <= MAX_DEPTH:
-                stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
-    return deepest
+        if isinstance(value, (dict, list)) and depth > MAX_DEPTH:
+            return f"nested too deeply: more than {MAX_DEPTH} levels"
+        if isinstance(value, dict):
+            if not all(key.isprintable() for key in value):
+                return "an object key holds unprintable characters"
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+    return None
 
 
 def _decode(raw: bytes, where: str) -> object:
@@ -309,9 +316,9 @@ def _decode(raw: bytes, where: str) -> object:
         raise CorruptCheckpoint(where, [f"{MANIFEST_NAME} is not valid JSON (nested too deeply)"]) from None
     except ValueError as error:  # JSONDecodeError, or an integer literal of thousands of digits
         raise CorruptCheckpoint(where, [f"{MANIFEST_NAME} is not valid JSON ({error})"]) from None
-    if _depth(data) > MAX_DEPTH:
-        raise CorruptCheckpoint(where, [f"{MANIFEST_NAME} is not valid JSON (nested too deeply: more than "
-                                        f"{MAX_DEPTH} levels)"])
+    problem = _shape_problem(data)
+    if problem:
+        raise CorruptCheckpoint(where, [f"{MANIFEST_NAME} is not valid JSON ({problem})"])
     return data
 
 
