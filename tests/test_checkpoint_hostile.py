@@ -373,3 +373,14 @@ def test_a_damaged_latest_is_skipped_and_the_newest_good_checkpoint_loads(root, 
     code, out = ckpt_cli(capsys, "inspect", str(root))
     assert code == 0 and "step 4, tokens seen" in out
     assert_falls_back(root, STEP4, "latest", reference, capsys)
+
+
+@pytest.mark.timeout(240)
+def test_regrow_train_resume_latest_passes_over_a_damaged_latest_and_trains_on(root, capfd) -> None:
+    (root / "latest").write_bytes(b"step_00000004\x00junk\n")
+    argv = ["train", "--nproc", "1", "--preset", "tiny", "--steps", "6", "--global-batch", "12", "--micro-batch", "12",
+            "--log-every", "1", "--timeout", "120", "--ckpt-dir", str(root), "--resume", "latest"]
+    assert cli.main(argv) == 0
+    out = capfd.readouterr().out
+    assert "checkpoint latest does not verify: it does not name a step_* directory" in out
+    assert f"resumed from {root / STEP4}" in out and "[rank 0, step 6] loss" in out
