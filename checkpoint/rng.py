@@ -3,6 +3,8 @@ snapshots (segment metadata) and universal checkpoints (``rng/rank_*.json`` and 
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 
@@ -56,3 +58,16 @@ def decode_rng(meta: dict, blob: bytes) -> RngState:
             "gauss": numpy_meta["gauss"],
         },
     )
+
+
+def decode_checked(meta: object, blob: bytes) -> RngState:
+    """:func:`decode_rng` of data read from a file that may be damaged: raises ``ValueError`` (or the error of the
+    generator that refuses it) unless the torch CPU, Python and NumPy states are ones their generators accept. Each
+    is tried on a private generator; the process's own generators are left alone."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"an RNG state must be a JSON object, not {type(meta).__name__}")
+    rng = decode_rng(meta, blob)
+    torch.Generator().set_state(rng.torch_cpu)
+    random.Random().setstate(rng.python)
+    np.random.RandomState().set_state(rng.numpy)
+    return rng

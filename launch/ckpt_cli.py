@@ -9,13 +9,14 @@ Sub-commands of ``regrow ckpt`` are entries of :data:`COMMANDS` (name -> help, a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from regrow.checkpoint.universal import storage, verify
-from regrow.checkpoint.universal.format import CheckpointError, UnsupportedFormatVersion
+from regrow.checkpoint.universal.format import LATEST_NAME, CheckpointError, UnsupportedFormatVersion
 
 
 @dataclass(frozen=True)
@@ -27,20 +28,33 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
+def _newest(path: Path, command: str) -> Path:
+    """The checkpoint a command shows for ``path``: ``path`` itself, or for a root the one ``latest`` names (the
+    newest committed one, with a warning on stderr, when ``latest`` is not usable)."""
+    if not verify.is_root(path):
+        return path
+    found = verify.find_candidates(path)
+    for _, reason in found.passed_over:
+        print(f"regrow ckpt {command}: latest is not usable ({reason}); showing the newest checkpoint, "
+              f"{found.paths[0].name}", file=sys.stderr)
+    return found.paths[0]
+
+
 def inspect_checkpoint(args: argparse.Namespace) -> int:
     """Prints what a checkpoint holds (of ``latest`` when given a root); exit 1 when it cannot be read."""
-    path = Path(args.dir)
     try:
-        target = verify.candidates(path)[0] if verify.is_root(path) else path
+        target = _newest(Path(args.dir), "inspect")
         manifest = verify.read_manifest(target)
     except CheckpointError as error:
         print(f"regrow ckpt inspect: {error}", file=sys.stderr)
         return 1
-    optim = manifest.config.get("optim", {})
+    optim = manifest.config.get("optim")
+    stage = optim.get("stage") if isinstance(optim, dict) else None
+    stage = stage if isinstance(stage, int) else "?"  # the config is free-form JSON: show only what it should be
     bits = {p.state_bits for p in manifest.params}
     print(f"checkpoint {target} (format version {manifest.format_version}, created {manifest.created or '?'})")
     print(f"step {manifest.step}, tokens seen {manifest.tokens_seen:,}, data cursor {manifest.data_cursor}")
-    print(f"saved by {manifest.world_size} ranks, ZeRO stage {optim.get('stage', '?')}, state bits "
+    print(f"saved by {manifest.world_size} ranks, ZeRO stage {stage}, state bits "
           f"{'/'.join(map(str, sorted(bits)))} per parameter, code map {manifest.code_map_version}")
     print(f"{len(manifest.params)} parameters, {len(manifest.tensors)} tensor files, {manifest.nbytes():,} bytes")
     print("| parameter | shape | state bits | bytes |")
@@ -52,19 +66,23 @@ def inspect_checkpoint(args: argparse.Namespace) -> int:
 
 
 def verify_checkpoint(args: argparse.Namespace) -> int:
-    """Verifies one checkpoint, or every checkpoint of a root; exit 1 naming each bad file."""
+    """Verifies one checkpoint, or every checkpoint of a root and its ``latest``; exit 1 naming each bad file.
+    Prints pass or fail per checkpoint and the reasons; never a value computed from the bytes."""
     path = Path(args.dir)
+    bad = 0
     if verify.is_root(path):
         targets = [p for _, p in storage.committed(path)]
-        latest = storage.read_latest(path)
-        if latest and (path / latest) not in targets:
-            targets.append(path / latest)
+        pointer = storage.latest_pointer(path)
+        if pointer.name and (path / pointer.name) not in targets:
+            targets.append(path / pointer.name)
+        if pointer.problem:
+            print(f"BAD {path / LATEST_NAME}: {pointer.problem}")
+            bad += 1
     else:
         targets = [path]
-    if not targets:
+    if not targets and not bad:
         print(f"regrow ckpt verify: no checkpoint under {path}", file=sys.stderr)
         return 1
-    bad = 0
     for target in targets:
         try:
             report = verify.verify(target, checksums=not args.quick)
@@ -96,8 +114,7 @@ def convert_checkpoint(args: argparse.Namespace) -> int:
             print(f"read {full.source} checkpoint {args.src}: step {full.step}, {len(full.params)} parameters")
             out = whole.write_whole(args.dst, whole.WholeState(step=full.step, params=full.params))
         else:
-            source = Path(args.src)
-            target = verify.candidates(source)[0] if verify.is_root(source) else source
+            target = _newest(Path(args.src), "convert")
             state = whole.read_whole(target)
             print(f"read regrow checkpoint {target}: step {state.step}, {len(state.params)} parameters")
             full = deepspeed.FullState(step=state.step, params=state.params, hyper=_adam_groups(state),
@@ -112,14 +129,32 @@ def convert_checkpoint(args: argparse.Namespace) -> int:
 
 def _adam_groups(state: "whole.WholeState") -> dict:  # noqa: F821 (imported lazily above)
     """DeepSpeed's two usual AdamW groups (decay on matrices, none on vectors), with the run's hyper-parameters."""
-    optim = state.config.get("optim", {})
+    optim = state.config.get("optim")
+    optim = optim if isinstance(optim, dict) else {}
     decay = [name for name, kinds in state.params.items() if kinds["master"].ndim >= 2]
     flat = [name for name, kinds in state.params.items() if kinds["master"].ndim < 2]
-    common = {"lr": optim.get("lr", 3e-4), "betas": list(optim.get("betas", (0.9, 0.95))),
-              "eps": optim.get("eps", 1e-8)}
-    groups = [{"params": decay, **common, "weight_decay": optim.get("weight_decay", 0.1)},
+    common = {"lr": _hyper(optim, "lr", 3e-4), "betas": _hyper(optim, "betas", (0.9, 0.95)),
+              "eps": _hyper(optim, "eps", 1e-8)}
+    groups = [{"params": decay, **common, "weight_decay": _hyper(optim, "weight_decay", 0.1)},
               {"params": flat, **common, "weight_decay": 0.0}]
     return {"param_groups": [g for g in groups if g["params"]]}
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _hyper(optim: dict, key: str, default: float | tuple[float, float]) -> float | list[float]:
+    """``optim[key]`` of the run config a checkpoint recorded (``default`` when absent), checked to be a finite
+    number (or a pair of them, like ``default``): it goes into the exported optimizer state as is."""
+    value = optim.get(key, default)
+    if isinstance(default, tuple):
+        if isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(_finite, value)):
+            return list(value)
+    elif _finite(value):
+        return value
+    raise ValueError(f"the checkpoint's config.optim.{key}={str(value)[:60]} is not "
+                     f"{'a pair of finite numbers' if isinstance(default, tuple) else 'a finite number'}")
 
 
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:

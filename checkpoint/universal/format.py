@@ -79,8 +79,9 @@ def step_dir_name(step: int) -> str:
 
 
 def parse_step_dir_name(name: str) -> int | None:
-    """The step of a committed checkpoint directory name, or None for anything else (temporaries included)."""
-    match = re.fullmatch(rf"{STEP_PREFIX}(\d+)", name)
+    """The step of a committed checkpoint directory name, or None for anything else (temporaries included, and
+    names with more than 18 digits or digits other than ASCII 0-9)."""
+    match = re.fullmatch(rf"{STEP_PREFIX}([0-9]{{1,18}})", name)
     return int(match.group(1)) if match else None
 
 
@@ -236,7 +237,8 @@ class RngEntry:
 
 @dataclass
 class Manifest:
-    """Everything about a checkpoint except the tensor bytes. See ``docs/checkpoint-format.md``."""
+    """Everything about a checkpoint except the tensor bytes. See ``docs/checkpoint-format.md``; a manifest read
+    from disk comes from ``manifest_parse.parse_manifest``, which checks every field and that the entries agree."""
 
     step: int
     tokens_seen: int
@@ -256,33 +258,6 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str, where: str) -> "Manifest":
-        """Parses a manifest; a newer format version raises :class:`UnsupportedFormatVersion`, anything malformed
-        :class:`CorruptCheckpoint` (both naming ``where``)."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise CorruptCheckpoint(where, [f"{MANIFEST_NAME} is not valid JSON ({error})"]) from None
-        version = data.get("format_version") if isinstance(data, dict) else None
-        if not isinstance(version, int) or version < 1:
-            raise CorruptCheckpoint(where, [f"{MANIFEST_NAME} has no valid format_version (got {version!r})"])
-        if version > FORMAT_VERSION:
-            raise UnsupportedFormatVersion(
-                f"checkpoint {where} has format version {version}, but this regrow reads versions up to "
-                f"{FORMAT_VERSION}: upgrade regrow to load it"
-            )
-        try:
-            return cls(
-                **{k: v for k, v in data.items() if k not in ("params", "tensors", "rng")},
-                params=[ParamEntry(**p) for p in data["params"]],
-                tensors=[TensorEntry(**{**t, "chunks": [Chunk(**c) for c in t["chunks"]]}) for t in data["tensors"]],
-                rng=[RngEntry(rank=r["rank"], json=FileEntry(**r["json"]), bin=FileEntry(**r["bin"]))
-                     for r in data["rng"]],
-            )
-        except (KeyError, TypeError) as error:
-            raise CorruptCheckpoint(where, [f"{MANIFEST_NAME} is malformed: {type(error).__name__} {error}"]) from None
 
     def param(self, name: str) -> ParamEntry:
         for entry in self.params:

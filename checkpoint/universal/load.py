@@ -44,32 +44,44 @@ class LoadedCheckpoint:
     """Newer candidates passed over, with the reason."""
 
 
-def sources(source: str | Path, root: str | Path | None) -> tuple[list[Path], bool]:
-    """The checkpoints to try for ``source`` and whether it named one explicitly (no fallback then).
-
-    ``"latest"`` (needs ``root``) or a checkpoint root: the one ``latest`` names, then older ones as fallbacks.
-    A ``step_*`` directory: that one only.
-    """
+def _find(source: str | Path, root: str | Path | None) -> tuple[verify.Candidates, bool]:
+    """The candidates for ``source`` and whether it named one checkpoint explicitly (see :func:`sources`)."""
     if str(source) == "latest":
         if root is None:
             raise CheckpointError("resume from 'latest' needs the checkpoint root (e.g. --ckpt-dir DIR)")
-        return verify.candidates(Path(root)), False
+        return verify.find_candidates(Path(root)), False
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if verify.is_root(path):
-        return verify.candidates(path), False
-    return [path], True
+        return verify.find_candidates(path), False
+    return verify.Candidates(paths=[path]), True
+
+
+def sources(source: str | Path, root: str | Path | None) -> tuple[list[Path], bool]:
+    """The checkpoints to try for ``source`` and whether it named one explicitly (no fallback then).
+
+    ``"latest"`` (needs ``root``) or a checkpoint root: the one ``latest`` names, then older ones as fallbacks
+    (a ``latest`` that cannot be used is passed over). A ``step_*`` directory: that one only.
+    """
+    found, explicit = _find(source, root)
+    return found.paths, explicit
 
 
 def load_agreed(source: str | Path, *, root: str | Path | None, layout: FlatLayout, rank: int, world_size: int,
                 timeout_s: float) -> LoadedCheckpoint:
     """This rank's shard of the checkpoint every rank can load (see the module docstring). Collective: every rank
     of the default process group calls it with the same ``source`` and ``root`` and its own ``layout`` and
-    ``rank``. Raises :class:`CheckpointError` (or a subclass) when no candidate loads on every rank, on every rank."""
-    paths, explicit = sources(source, root)
-    skipped: list[tuple[Path, str]] = []
-    for path in paths:
+    ``rank``. Raises :class:`CheckpointError` (or a subclass) when no candidate loads on every rank, on every rank.
+
+    Any problem with a candidate reached by falling back (``latest`` itself included) is logged with its reason and
+    the next one is tried; a checkpoint named explicitly is refused with the reason instead."""
+    found, explicit = _find(source, root)
+    skipped: list[tuple[Path, str]] = list(found.passed_over)
+    for path, reason in skipped:
+        log_line(rank, 0, f"checkpoint {path.name} does not verify: {reason}; falling back to the newest "
+                          "checkpoint that verifies")
+    for path in found.paths:
         status, state, manifest, error = _try_load(path, layout, rank)
         worst = _worst_status(status, world_size, timeout_s)
         if worst == _OK:

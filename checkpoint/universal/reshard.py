@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import zlib
 from pathlib import Path
 
 import torch
 
-from regrow.checkpoint.rng import decode_rng
-from regrow.checkpoint.universal import verify
+from regrow.checkpoint.rng import decode_checked
+from regrow.checkpoint.universal import confined, verify
 from regrow.checkpoint.universal.format import (
     EXP_AVG,
     EXP_AVG_CODES,
@@ -72,7 +71,8 @@ def check_model(manifest: Manifest, layout: FlatLayout, where: str) -> None:
 
 
 class _VerifiedFile:
-    """Reads byte ranges of one tensor file, checking the crc32 of every stored chunk it touches."""
+    """Reads byte ranges of one tensor file (opened as ``confined.py`` allows), checking the crc32 of every stored
+    chunk it touches and that the chunks cover the whole range."""
 
     def __init__(self, ckpt: Path, entry: TensorEntry) -> None:
         self.ckpt, self.entry = ckpt, entry
@@ -81,10 +81,10 @@ class _VerifiedFile:
     def read(self, first: int, last: int, out: memoryview) -> int:
         """Bytes ``[first, last)`` into ``out`` (``last - first`` bytes); returns the bytes read from the file.
         Chunks inside the range are read in place; a chunk that sticks out is read whole into scratch (its checksum
-        covers all of it) and the overlap copied, so a rank reads at most two chunks more than its range."""
-        fd = os.open(self.ckpt / self.entry.file, os.O_RDONLY)
-        read = 0
-        try:
+        covers all of it; its length is at most the file's, which was checked) and the overlap copied, so a rank
+        reads at most two chunks more than its range."""
+        read, covered = 0, first
+        with confined.open_regular(self.ckpt, self.entry.file) as (fd, _):
             index = max(0, bisect.bisect_right(self.starts, first) - 1)
             for chunk in self.entry.chunks[index:]:
                 if chunk.offset >= last:
@@ -97,23 +97,20 @@ class _VerifiedFile:
                     self._pread_checked(fd, scratch, chunk.offset, chunk.crc32)
                     low, high = max(first, chunk.offset), min(last, chunk.end)
                     out[low - first : high - first] = scratch[low - chunk.offset : high - chunk.offset]
+                covered = chunk.end if chunk.offset <= covered else covered
                 read += chunk.length
-        finally:
-            os.close(fd)
+        if covered < last:  # never hand out bytes no chunk holds (the buffer is uninitialised memory)
+            raise CorruptCheckpoint(str(self.ckpt), [f"{self.entry.file}: bytes {covered}-{last} are in no chunk"])
         return read
 
     def _pread_checked(self, fd: int, view: memoryview, offset: int, crc: int) -> None:
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise CorruptCheckpoint(str(self.ckpt), [f"{self.entry.file}: bytes {offset}-{offset + len(view)} "
-                                                         f"are truncated (the file ends at {offset + done})"])
-            done += got
-        actual = zlib.crc32(view)
-        if actual != crc:
-            raise CorruptCheckpoint(str(self.ckpt), [(f"{self.entry.file}: bytes {offset}-{offset + len(view)} fail "
-                                                      f"their checksum (crc32 {actual:#010x}, recorded {crc:#010x})")])
+        done = confined.pread_exact(fd, view, offset)
+        if done != len(view):
+            raise CorruptCheckpoint(str(self.ckpt), [f"{self.entry.file}: bytes {offset}-{offset + len(view)} "
+                                                     f"are truncated (the file ends at {offset + done})"])
+        if zlib.crc32(view) != crc:
+            raise CorruptCheckpoint(str(self.ckpt), [f"{self.entry.file}: bytes {offset}-{offset + len(view)} fail "
+                                                     "their checksum"])
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
@@ -198,15 +195,20 @@ def load_shard(ckpt: Path, manifest: Manifest, layout: FlatLayout, rank: int) ->
 def load_rng(ckpt: Path, manifest: Manifest, rank: int) -> RngState:
     """The RNG state for ``rank``: the saving rank's own at the same world size; otherwise saving rank
     ``rank % saved world size`` (random streams cannot be split or merged across world sizes). CUDA generator
-    states are restored only for devices that exist here."""
-    entry = next(e for e in manifest.rng if e.rank == rank % len(manifest.rng))
+    states are restored only for devices that exist here. Raises :class:`CorruptCheckpoint` for files that fail
+    their checksum or do not hold a valid state."""
+    entry = manifest.rng[rank % len(manifest.rng)]  # the parser checked that entry i is saving rank i
     blobs = []
     for small in (entry.json, entry.bin):
-        data = (ckpt / small.file).read_bytes()
+        data = confined.read_small(ckpt, small.file, small.nbytes)
         if len(data) != small.nbytes or zlib.crc32(data) != small.crc32:
             raise CorruptCheckpoint(str(ckpt), [f"{small.file}: bytes 0-{small.nbytes} fail their checksum"])
         blobs.append(data)
-    rng = decode_rng(json.loads(blobs[0]), blobs[1])
+    try:
+        rng = decode_checked(json.loads(blobs[0]), blobs[1])
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError, RuntimeError) as error:
+        raise CorruptCheckpoint(str(ckpt), [f"{entry.json.file}: not a valid RNG state ({type(error).__name__})"]
+                                ) from None
     devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     rng.torch_cuda = rng.torch_cuda[:devices]
     return rng

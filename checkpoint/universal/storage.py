@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+from regrow.checkpoint.universal import confined
 from regrow.checkpoint.universal.format import LATEST_NAME, MANIFEST_NAME, TEMP_PREFIX, parse_step_dir_name
 
 PWrite = Callable[[int, memoryview, int], int]
@@ -59,24 +62,61 @@ def write_latest(root: Path, name: str, *, fsync: bool = True) -> None:
     write_file_atomic(root / LATEST_NAME, (name + "\n").encode(), fsync=fsync)
 
 
-def read_latest(root: Path) -> str | None:
-    """The directory name ``root/latest`` points at, or None when there is no pointer."""
+MAX_LATEST_BYTES = 4096
+"""Largest ``latest`` file read (it holds one directory name)."""
+
+
+@dataclass(frozen=True)
+class LatestPointer:
+    """What ``root/latest`` says: the checkpoint directory it names (None when there is no usable pointer) and,
+    when the file is there but cannot be used, why (a clause about it: ``it is a FIFO; ...``)."""
+
+    name: str | None
+    problem: str | None = None
+
+
+def latest_pointer(root: Path) -> LatestPointer:
+    """Reads ``root/latest`` without leaving ``root``: it must be a regular file (not a link, FIFO or device) of at
+    most :data:`MAX_LATEST_BYTES` holding one ``step_*`` name (ASCII digits, no path separator, surrounding
+    whitespace ignored) of a real directory of ``root`` (not a link). No file: no pointer and no problem."""
     try:
-        name = (root / LATEST_NAME).read_text().strip()
+        raw = confined.read_small(root, LATEST_NAME, MAX_LATEST_BYTES)
+    except confined.Refused as error:
+        return LatestPointer(None, None if error.missing else f"it {error.reason}")
+    try:
+        name = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        name = ""
+    if parse_step_dir_name(name) is None:
+        return LatestPointer(None, "it does not name a step_* directory (it must hold one name such as "
+                                   "step_00000123; rewrite it, or remove it to use the newest checkpoint)")
+    try:
+        mode = os.lstat(root / name).st_mode
     except FileNotFoundError:
-        return None
-    return name or None
+        return LatestPointer(None, f"it names {name}, which does not exist")
+    if not stat.S_ISDIR(mode):
+        return LatestPointer(None, f"it names {name}, which is {confined.kind_of(mode)}, not a checkpoint "
+                                   "directory of this root")
+    return LatestPointer(name)
+
+
+def read_latest(root: Path) -> str | None:
+    """The directory name ``root/latest`` points at, or None when there is no usable pointer
+    (:func:`latest_pointer` says why)."""
+    return latest_pointer(root).name
 
 
 def committed(root: Path) -> list[tuple[int, Path]]:
-    """``(step, directory)`` of every committed checkpoint under ``root`` (a ``step_*`` directory holding a
-    manifest), oldest first. Temporaries and anything else are ignored."""
+    """``(step, directory)`` of every committed checkpoint under ``root`` (a real ``step_*`` directory, not a link,
+    holding a manifest entry), oldest first. Temporaries, links and anything else are ignored."""
     found = []
     if root.is_dir():
-        for entry in root.iterdir():
-            step = parse_step_dir_name(entry.name)
-            if step is not None and (entry / MANIFEST_NAME).is_file():
-                found.append((step, entry))
+        with os.scandir(root) as entries:
+            for entry in entries:
+                step = parse_step_dir_name(entry.name)
+                manifest = os.path.join(entry.path, MANIFEST_NAME)
+                if step is not None and entry.is_dir(follow_symlinks=False) and os.path.lexists(manifest):
+                    found.append((step, Path(entry.path)))
     return sorted(found)
 
 
