@@ -153,8 +153,8 @@ def local_holdings(rank: int, address: str | None, ckpt_dir: str | None, timeout
                 pass
         finally:
             client.close()
-    latest = storage.read_latest(Path(ckpt_dir)) if ckpt_dir else None
-    return Holdings(snapshots=snapshots, checkpoint=f"{ckpt_dir}/{latest}" if latest else None)
+    newest = storage.newest_checkpoint(Path(ckpt_dir)) if ckpt_dir else None
+    return Holdings(snapshots=snapshots, checkpoint=str(newest) if newest else None)
 
 
 def job_holds_state(world: World, mine: Holdings, timeout_s: float) -> bool:

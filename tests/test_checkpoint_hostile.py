@@ -384,3 +384,14 @@ def test_regrow_train_resume_latest_passes_over_a_damaged_latest_and_trains_on(r
     out = capfd.readouterr().out
     assert "checkpoint latest does not verify: it does not name a step_* directory" in out
     assert f"resumed from {root / STEP4}" in out and "[rank 0, step 6] loss" in out
+
+
+def test_a_restart_after_a_failure_resumes_from_the_checkpoints_past_a_damaged_latest(root) -> None:
+    """The local launcher's next attempt resumes from ``latest`` whenever the root holds a committed checkpoint,
+    also when ``latest`` itself is damaged (its load passes over it), rather than starting again from step 0."""
+    from regrow.launch.options import CheckpointOptions
+    from regrow.launch.rank import RankWork
+
+    (root / "latest").write_bytes(b"step_00000004\x00")
+    work = RankWork(config=cw.config(1, steps=4), checkpoint=CheckpointOptions(ckpt_dir=str(root), save_every=2))
+    assert work.after_failure().checkpoint.resume == "latest"
