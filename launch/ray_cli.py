@@ -27,19 +27,20 @@ DEFAULT_HANG_TIMEOUT_S = 120.0
 """A rank with no finished step for this long is declared hung (``--hang-timeout`` overrides it)."""
 
 
-def job_sinks(rank: int, *, ckpt_dir: str | None, save_every: int, final_step: int) -> list[StateSink]:
+def job_sinks(rank: int, *, ckpt_dir: str | None, save_every: int, final_step: int,
+              on_error: str) -> list[StateSink]:
     """Each worker's sinks after its snapshot sink (run inside the worker; Ray sends this function by reference): a
     ``CheckpointWriter`` saving every ``save_every`` steps and at ``final_step`` under ``ckpt_dir`` (its world size
-    is the process group's, so it follows an elastic shrink), then the fault injector of the plan in
-    ``REGROW_FAULTS``."""
+    is the process group's, so it follows an elastic shrink; ``on_error``: ``--ckpt-on-error``), then the fault
+    injector of the plan in ``REGROW_FAULTS``."""
     from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 
     injector = FaultInjector.from_env(rank)
     sinks: list[StateSink] = []
     if ckpt_dir and save_every:
         io_fault = injector.checkpoint_fault if injector is not None and injector.fails_checkpoints else None
-        writer = CheckpointWriter(WriterConfig(root=ckpt_dir, save_every=save_every, final_step=final_step),
-                                  rank=rank, io_fault=io_fault)
+        writer = CheckpointWriter(WriterConfig(root=ckpt_dir, save_every=save_every, final_step=final_step,
+                                               on_error=on_error), rank=rank, io_fault=io_fault)
         if injector is not None:
             injector.watch_saves(writer)
         sinks.append(writer)
@@ -95,7 +96,7 @@ def run(job: Job) -> int:
             max_restarts=max(options.launch.max_restarts, len(job.plan)), events_path=cluster.events,
             elastic_wait_s=cluster.elastic_wait_s, standby_per_node=cluster.standby)
         sinks = functools.partial(job_sinks, ckpt_dir=checkpoint.ckpt_dir, save_every=checkpoint.save_every,
-                                  final_step=config.steps)
+                                  final_step=config.steps, on_error=checkpoint.on_error)
         spec = WorkerSpec(config=config, world_size=cluster.workers,
                           device="cuda" if cluster.gpus_per_worker else "cpu", snapshot_every=cluster.snapshot_every,
                           ckpt_dir=checkpoint.ckpt_dir, extra_sinks=sinks)

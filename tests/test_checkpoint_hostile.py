@@ -395,3 +395,13 @@ def test_a_restart_after_a_failure_resumes_from_the_checkpoints_past_a_damaged_l
     (root / "latest").write_bytes(b"step_00000004\x00")
     work = RankWork(config=cw.config(1, steps=4), checkpoint=CheckpointOptions(ckpt_dir=str(root), save_every=2))
     assert work.after_failure().checkpoint.resume == "latest"
+
+
+def test_a_data_cursor_the_sampler_cannot_take_is_damage_and_the_load_falls_back(root, reference, capsys) -> None:
+    """The cursor is checked while each rank reads, before the ranks agree on the checkpoint: one the sampler
+    cannot resume from (an extra key) makes the checkpoint damaged, so ``latest`` falls back instead of failing
+    after every rank agreed to load it."""
+    manifest_edit(lambda m: m["data_cursor"].update(shuffle=1))(root)
+    with pytest.raises(CorruptCheckpoint, match=re.escape("data_cursor: DataCursor dict must have exactly the keys")):
+        restore_fresh(root / STEP4)
+    assert_falls_back(root, STEP2, STEP4, reference, capsys)

@@ -37,6 +37,7 @@ from regrow.checkpoint.universal.format import (
     EXP_AVG_SQ_CODES,
     EXP_AVG_SQ_SCALES,
     KINDS_BY_BITS,
+    MANIFEST_NAME,
     MASTER,
     CheckpointError,
     CheckpointMismatch,
@@ -47,6 +48,7 @@ from regrow.checkpoint.universal.format import (
     shard_key,
 )
 from regrow.checkpoint.universal.pieces import ParamPiece, rank_pieces
+from regrow.trainer.data import DataCursor
 from regrow.trainer.state import RngState, ShardState
 from regrow.trainer.zero.codes import CODE_MAP_VERSION, dequantize_blockwise, dynamic_code_map, quantize_blockwise
 from regrow.trainer.zero.layout import FlatLayout
@@ -218,6 +220,10 @@ def load_state(ckpt: Path, layout: FlatLayout, rank: int) -> tuple[ShardState, M
     """A :class:`ShardState` of ``layout`` for ``rank`` from checkpoint ``ckpt``, verified as it is read
     (``extra["bytes_read"]``: bytes this rank read from tensor files)."""
     manifest = verify.require_structure(ckpt)
+    try:  # checked here, before the ranks agree on this checkpoint: a bad cursor is damage, so they fall back
+        DataCursor.from_dict(manifest.data_cursor)
+    except ValueError as error:
+        raise CorruptCheckpoint(str(ckpt), [f"{MANIFEST_NAME}: data_cursor: {error}"]) from error
     tensors, bytes_read = load_shard(ckpt, manifest, layout, rank)
     state = ShardState(step=manifest.step, tensors=tensors, layout=layout.to_dict(), rank=rank,
                        rng=load_rng(ckpt, manifest, rank), data_cursor=dict(manifest.data_cursor),
