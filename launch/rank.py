@@ -17,7 +17,7 @@ from pathlib import Path
 
 from regrow.checkpoint.snapshot.protocol import request_once
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
-from regrow.checkpoint.universal import storage
+from regrow.checkpoint.universal import verify
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.comm.world import World
 from regrow.launch.chaos.injector import FaultInjector
@@ -55,7 +55,7 @@ class RankWork:
         if self.snapshot is not None and self.snapshot.every:
             return dataclasses.replace(self, snapshot=dataclasses.replace(self.snapshot, resume=True))
         checkpoint = self.checkpoint
-        if checkpoint is not None and checkpoint.ckpt_dir and storage.newest_checkpoint(Path(checkpoint.ckpt_dir)):
+        if checkpoint is not None and checkpoint.ckpt_dir and verify.newest_candidate(Path(checkpoint.ckpt_dir)):
             return dataclasses.replace(self, checkpoint=dataclasses.replace(checkpoint, resume="latest"))
         print("[launcher] no snapshot or checkpoint to resume from: the next attempt starts from step 0", flush=True)
         return self

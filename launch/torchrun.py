@@ -55,7 +55,7 @@ import torch
 from regrow.checkpoint.node.persist import PersistConfig
 from regrow.checkpoint.node.process import SnapshotProcessConfig, start_snapshot_process
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost
-from regrow.checkpoint.universal import storage
+from regrow.checkpoint.universal import verify
 from regrow.comm import collectives
 from regrow.comm.world import World, WorldConfig, destroy_world, init_world
 from regrow.launch.job import ConfigErrors, Job, build_job
@@ -153,7 +153,7 @@ def local_holdings(rank: int, address: str | None, ckpt_dir: str | None, timeout
                 pass
         finally:
             client.close()
-    newest = storage.newest_checkpoint(Path(ckpt_dir)) if ckpt_dir else None
+    newest = verify.newest_candidate(Path(ckpt_dir)) if ckpt_dir else None
     return Holdings(snapshots=snapshots, checkpoint=str(newest) if newest else None)
 
 

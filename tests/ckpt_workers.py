@@ -34,6 +34,16 @@ def config(world_size: int, *, stage: int = 2, state_bits: int = 8, steps: int =
     )
 
 
+def write_steps_2_and_4(root: Path) -> None:
+    """Good checkpoints of steps 2 and 4 under ``root``, written by one process (what the damage tests copy)."""
+    trainer = Trainer(config(1, steps=4))
+    writer = CheckpointWriter(WriterConfig(root=str(root), save_every=2, keep_last=3, when_busy="wait"),
+                              run_config=trainer.config.to_dict())
+    trainer.sinks.append(writer)
+    trainer.run()
+    assert [r.status for r in writer.results] == ["committed", "committed"]
+
+
 def per_param_state(optimizer: ZeroOptimizer) -> dict[str, torch.Tensor]:
     """Every parameter's master weights and optimizer state, cut out of the gathered flat tensors, keyed
     ``"<param>:<what>"`` (codes include the padding codes of the last block). Collective."""

@@ -27,7 +27,6 @@ import torch
 
 import regrow
 from regrow.checkpoint.universal.format import CorruptCheckpoint
-from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.launch import cli
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.tests import ckpt_workers as cw
@@ -48,12 +47,7 @@ SECRET = bytes(range(7, 71))
 def pristine(tmp_path_factory) -> Path:
     """A root with good checkpoints of steps 2 and 4 (one process), copied by each test before it damages it."""
     root = tmp_path_factory.mktemp("pristine")
-    trainer = Trainer(cw.config(1, steps=4))
-    writer = CheckpointWriter(WriterConfig(root=str(root), save_every=2, keep_last=3, when_busy="wait"),
-                              run_config=trainer.config.to_dict())
-    trainer.sinks.append(writer)
-    trainer.run()
-    assert [r.status for r in writer.results] == ["committed", "committed"]
+    cw.write_steps_2_and_4(root)
     return root
 
 

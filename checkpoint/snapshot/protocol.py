@@ -97,13 +97,6 @@ def _recv_exact(sock: socket.socket, size: int, deadline: _Deadline) -> bytes:
     return b"".join(chunks)
 
 
-def recv_frame(sock: socket.socket, *, max_frame: int = MAX_FRAME, timeout_s: float | None = None) -> dict:
-    """Reads one frame of at most ``max_frame`` bytes, whole within ``timeout_s`` (None: each read is bounded by
-    the socket's timeout only). Raises :class:`FrameRefused` for a longer one (nothing of it read),
-    :class:`ProtocolError` for one that is not a JSON object, ``TimeoutError`` past the deadline."""
-    return _recv_frame(sock, max_frame, _Deadline(sock, timeout_s))
-
-
 def _recv_frame(sock: socket.socket, max_frame: int, deadline: _Deadline) -> dict:
     (size,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size, deadline))
     if size > max_frame:

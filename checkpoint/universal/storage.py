@@ -106,16 +106,6 @@ def read_latest(root: Path) -> str | None:
     return latest_pointer(root).name
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint a resume from ``latest`` would try first: the one ``latest`` names, else (no ``latest``, or
-    a damaged one, which the load passes over) the newest committed one; None when the root holds none."""
-    name = read_latest(root)
-    if name:
-        return root / name
-    found = committed(root)
-    return found[-1][1] if found else None
-
-
 def committed(root: Path) -> list[tuple[int, Path]]:
     """``(step, directory)`` of every committed checkpoint under ``root`` (a real ``step_*`` directory, not a link,
     holding a manifest entry), oldest first. Temporaries, links and anything else are ignored."""

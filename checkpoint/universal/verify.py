@@ -172,6 +172,15 @@ def find_candidates(root: Path) -> Candidates:
     return Candidates(paths=ordered, passed_over=passed_over)
 
 
+def newest_candidate(root: Path) -> Path | None:
+    """The checkpoint a resume from ``latest`` of ``root`` tries first (:func:`find_candidates`: the one ``latest``
+    names, else, past a missing or damaged ``latest``, the newest committed one); None when the root holds none."""
+    try:
+        return find_candidates(root).paths[0]
+    except CheckpointError:
+        return None
+
+
 def candidates(root: Path) -> list[Path]:
     """The checkpoints to try when loading ``latest`` of ``root``, best first (:func:`find_candidates`)."""
     return find_candidates(root).paths
