@@ -29,6 +29,11 @@ Healing, in order:
 Elastic mode (``elastic_wait_s``): a replacement that finds no resources in time is not waited for; the job goes
 on with fewer ranks, resharded from the latest universal checkpoint.
 
+Entry-point mode (``WorkerSpec.entry``, :meth:`Coordinator.run_entry`): the workers run the user's function
+(``entry_worker.py``) instead of regrow's trainer. Healing is the same up to step 4; then every rank, survivors
+included, calls the function again from the top, and its Guard restores. The run ends when the function has
+returned on every rank of one generation.
+
 Everything that happens is appended to an events JSONL file (``events_path``), one object per line with the time
 since start, the event and its details.
 """
@@ -40,6 +45,7 @@ from collections.abc import Callable
 
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 from regrow.recovery.ray.config import CoordinatorConfig, CoordinatorError
+from regrow.recovery.ray.entry_worker import EntryWorker
 from regrow.recovery.ray.events import EventLog
 from regrow.recovery.ray.generation import Generations
 from regrow.recovery.ray.heal import Healer
@@ -77,7 +83,7 @@ class Coordinator:
         self._stop = StopRequest()
         self._job = JobState(world_size=config.workers)
         worker_env = {**(env or {}), TOKEN_ENV: self.token}
-        worker_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Worker)
+        worker_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Worker if spec.entry is None else EntryWorker)
         job_id = secrets.token_hex(3)
         self._placement = Placement(config, self._events)
         self._hosts = SnapshotHosts(config=config, spec=spec, token=self.token, job=job_id, events=self._events)
@@ -98,11 +104,32 @@ class Coordinator:
         ``collect_parameters``). With ``resume`` the first generation restores too (the job's snapshots, else the
         latest checkpoint under ``spec.ckpt_dir``): a whole-job restart. Stops every actor it started, however it
         ends. Raises :class:`CoordinatorError`."""
-        outcome = Outcome(steps=steps, failures=0)
-        self.event("start", workers=self.config.workers, steps=steps)
+        if self.spec.entry is not None:
+            raise CoordinatorError("WorkerSpec.entry is set: the workers run its function, so call run_entry()")
         if self.config.elastic_wait_s and not self.spec.ckpt_dir:
             raise CoordinatorError("elastic mode (CoordinatorConfig.elastic_wait_s > 0) reshards from the universal "
                                    "checkpoint: give WorkerSpec.ckpt_dir and a sink that saves there")
+        return self._run(steps, resume=resume, collect=self._collect_parameters if collect_parameters else None)
+
+    def run_entry(self) -> Outcome:
+        """Entry-point mode (``spec.entry``): has every rank call the function, again in every generation formed
+        after a failure, until it has returned on every rank of one generation. The outcome's ``returns`` holds
+        each rank's return value, ``calls`` what each rank's last worker did (its calls, their errors and the
+        records they left). ``steps`` and ``history`` stay empty: the function's steps are its own. Raises
+        :class:`CoordinatorError` (also when a rank's function does not import there or returns something that is
+        not JSON)."""
+        if self.spec.entry is None:
+            raise CoordinatorError("run_entry() needs WorkerSpec.entry (the function the workers call)")
+        if self.config.elastic_wait_s:
+            raise CoordinatorError("elastic mode (CoordinatorConfig.elastic_wait_s > 0) is not available with an "
+                                   "entry point: the user's function sets its own batch and ranks")
+        return self._run(0, resume=False, collect=self._collect_returns)
+
+    def _run(self, steps: int, *, resume: bool, collect: Callable[[Outcome], None] | None) -> Outcome:
+        """The loop of :meth:`run` and :meth:`run_entry`: ``collect`` fills the outcome in once every rank is
+        done."""
+        outcome = Outcome(steps=steps, failures=0)
+        self.event("start", workers=self.config.workers, steps=steps)
         try:
             self._generations.open()
             self._placement.reserve()
@@ -112,15 +139,14 @@ class Coordinator:
             self._generations.form(resume=resume, outcome=outcome)
             while True:
                 failed = self._watch.train_until(steps, outcome)
-                if not failed:
+                if failed is None:
                     break
                 self._job.count_failure(self.config.max_restarts)
                 self._healer.heal(failed, outcome)
             self.event("finished", step=steps, failures=self.failures, seconds=round(self.elapsed(), 3))
             outcome.failures = self.failures
-            if collect_parameters:
-                outcome.parameters = self._ray.get(
-                    self._job.ranks[0].handle.parameters.options(concurrency_group=TRAIN).remote())
+            if collect is not None:
+                collect(outcome)
             return outcome
         except Stopped:
             outcome.failures, outcome.stopped = self.failures, self._stop.reason
@@ -140,13 +166,23 @@ class Coordinator:
         ``stopped`` set. Thread-safe: call it from another thread while :meth:`run` runs."""
         self._stop.request(reason)
 
+    def _collect_parameters(self, outcome: Outcome) -> None:
+        outcome.parameters = self._ray.get(
+            self._job.ranks[0].handle.parameters.options(concurrency_group=TRAIN).remote())
+
+    def _collect_returns(self, outcome: Outcome) -> None:
+        results = self._ray.get([rank.handle.results.options(concurrency_group=TRAIN).remote()
+                                 for rank in self._job.ranks])
+        outcome.returns = [result["value"] for result in results]
+        outcome.calls = [call for result in results for call in result["calls"]]
+
     def _last_step(self) -> int | None:
-        """The last step rank 0 finished, from its heartbeat (None if it does not answer)."""
+        """The last step rank 0 finished, from its heartbeat (None if it does not answer or cannot tell)."""
         try:
             beat = self._ray.get(self._job.ranks[0].heartbeat(), timeout=5.0)
         except (IndexError, self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
             return None
-        return int(beat["step"])
+        return None if beat["step"] is None else int(beat["step"])
 
     # ------------------------------------------------------------------ what others may read
     @property

@@ -55,7 +55,7 @@ class Generations:
         if errors:
             self._events.event("unrecoverable", generation=generation, error=errors[0]["error"])
             raise CoordinatorError(f"rank {errors[0]['rank']} cannot be restored: {errors[0]['error']}")
-        if resume:
+        if resume and self._spec.entry is None:  # an entry point's Guard restores inside the function
             outcome.restores.append(prepared)
             sources = sorted({str(p["source"]) for p in prepared})
             self._events.event("restored", generation=generation, step=prepared[0]["step"], sources=sources,

@@ -94,6 +94,7 @@ class Outcome:
     """What a coordinated run did."""
 
     steps: int
+    """The step trained to (0 in entry-point mode: the function's steps are its own)."""
     failures: int
     history: list[tuple[int, float]] = field(default_factory=list)
     """(step, loss) of rank 0, the steps of the last attempt at each step."""
@@ -105,4 +106,11 @@ class Outcome:
     """Why the run ended before ``steps`` when :meth:`Coordinator.stop` ended it (None: it reached ``steps``)."""
     stopped_at: int | None = None
     """The last step rank 0 finished when the run was stopped (``history`` lacks the steps of the training call
-    the stop interrupted)."""
+    the stop interrupted; None in entry-point mode)."""
+    returns: list | None = None
+    """Entry-point mode: each rank's return value (JSON values), from the generation in which the function returned
+    on every rank."""
+    calls: list[dict] = field(default_factory=list)
+    """Entry-point mode: the calls of the function made by each rank's last worker (``EntryWorker.results``: rank,
+    generation, error, seconds, and the JSON records the call left in its run directory); a worker lost on the way
+    took its own with it."""

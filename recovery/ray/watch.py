@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from regrow.recovery.ray.config import CoordinatorConfig
+from regrow.recovery.ray.config import CoordinatorConfig, CoordinatorError
 from regrow.recovery.ray.events import EventLog
 from regrow.recovery.ray.job import JobState, Outcome
 from regrow.recovery.ray.stop import StopRequest
@@ -32,9 +32,10 @@ class Watch:
         self._events = events
         self._stop = stop
 
-    def train_until(self, steps: int, outcome: Outcome) -> list[int]:
+    def train_until(self, steps: int, outcome: Outcome) -> list[int] | None:
         """Runs the training calls to step ``steps`` and watches them (polling every ``heartbeat_every_s``;
-        rank 0's finished steps go to ``outcome.history``); returns the ranks that failed (empty when done)."""
+        rank 0's finished steps go to ``outcome.history``); returns None when every call finished, else the ranks
+        whose workers died (empty when a call failed with every worker alive: the job is healed all the same)."""
         pending = {rank.train(steps): index for index, rank in enumerate(self._job.ranks)}
         while pending:
             self._stop.check()
@@ -52,6 +53,8 @@ class Watch:
                 if result["error"] is not None:
                     self._events.event("failure_detected", rank=index, how="its training step failed",
                                        detail=result["error"])
+                    if result.get("fatal"):  # e.g. an entry point that does not import there: no rerun can help
+                        raise CoordinatorError(f"rank {index}: {result['error']}")
                     return self._collect_failed(pending, set(), outcome)
             hung = self._hung(pending)
             if hung:
@@ -60,7 +63,7 @@ class Watch:
                                        how=f"no step for {self._config.hang_timeout_s} s")
                     self._ray.kill(self._job.ranks[index].handle)
                 return self._collect_failed(pending, set(hung), outcome)
-        return []
+        return None
 
     def _hung(self, pending: dict) -> list[int]:
         """Ranks still training whose last step is older than ``hang_timeout_s``."""
@@ -90,6 +93,7 @@ class Watch:
             except self._ray.exceptions.RayActorError:
                 dead.add(index)
         unwind: dict[str, dict] = {}  # per survivor: how its training call came back (Worker.train)
+        errors: dict[str, str] = {}  # and with what error: the first one read is not always the cause
         for ref, index in pending.items():
             try:
                 result = self._ray.get(ref, timeout=self._spec.timeout_s)  # a survivor reports its failed step
@@ -97,6 +101,8 @@ class Watch:
                     outcome.history += [tuple(item) for item in result["done"]]
                 if result.get("unwind"):
                     unwind[str(index)] = result["unwind"]
+                if result["error"] is not None:
+                    errors[str(index)] = result["error"]
             except self._ray.exceptions.RayActorError:
                 dead.add(index)
             except self._ray.exceptions.GetTimeoutError:
@@ -105,5 +111,5 @@ class Watch:
             if index not in dead and not ranks[index].alive():
                 dead.add(index)
         self._events.event("survivors_aborted", dead=sorted(dead), seconds=round(time.monotonic() - started, 3),
-                           unwind=unwind)
+                           unwind=unwind, errors=errors)
         return sorted(dead)

@@ -17,23 +17,20 @@ from the coordinator's store, under the prefix ``generation-g``); ``prepare`` on
 
 from __future__ import annotations
 
-import datetime
-import gc
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.checkpoint.universal.format import CheckpointError
-from regrow.comm import abort
-from regrow.comm.world import WorldConfig, destroy_world, init_world
+from regrow.comm.world import destroy_world
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.recovery.order import JobRestore, RecoveryImpossible, SnapshotRestoreError, Source
 from regrow.recovery.ray import gpu_warm_up
+from regrow.recovery.ray.entry import EntryPoint
+from regrow.recovery.ray.member import CONCURRENCY_GROUPS, CONTROL, TRAIN, GroupMember, describe_failure
 from regrow.recovery.restore import restore_job
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import Trainer, TrainerConfig
@@ -41,19 +38,19 @@ from regrow.trainer.pipeline.config import PipelineTrainerConfig
 from regrow.trainer.pipeline.trainer import PipelineTrainer
 from regrow.trainer.state import StateSink
 
-TRAIN = "train"
-CONTROL = "control"
-CONCURRENCY_GROUPS = {TRAIN: 1, CONTROL: 1}
-
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerSpec:
     """What every worker of a job is given (the rank and the environment come separately)."""
 
-    config: TrainerConfig | PipelineTrainerConfig
+    config: TrainerConfig | PipelineTrainerConfig | None = None
     """A ``PipelineTrainerConfig`` makes every worker one stage of a pipeline (``PipelineTrainer``): a lost stage is
     restored from its snapshot when snapshots are on and one serves, else rebuilt from its neighbours
-    (``recovery.stage_heal``)."""
+    (``recovery.stage_heal``). None exactly when :attr:`entry` is given."""
+    entry: EntryPoint | None = None
+    """Entry-point mode: every worker runs the user's function (``entry_worker.EntryWorker``) instead of a
+    trainer, again from the top in every generation; its Guard restores and snapshots (``snapshot_every`` and
+    ``ckpt_dir`` here must be the Guard's, so that the coordinator starts the snapshot processes it uses)."""
     world_size: int
     device: str = "cpu"
     """``cpu`` (gloo) or ``cuda`` (NCCL, with gloo for CPU tensors)."""
@@ -70,57 +67,33 @@ class WorkerSpec:
     """Builds more sinks for a rank (listed after the snapshot sink), e.g. the launcher's fault injector; a
     module-level function, so that Ray sends it by reference (recovery never imports launch)."""
 
+    def __post_init__(self) -> None:
+        if (self.config is None) == (self.entry is None):
+            raise ValueError("WorkerSpec needs exactly one of config (regrow's trainer) and entry (the user's "
+                             "function)")
 
-class Worker:
+
+class Worker(GroupMember):
     """One rank; see the module docstring. Created by the coordinator with ``ray.remote`` and the concurrency
     groups of :data:`CONCURRENCY_GROUPS` (methods are assigned to them there)."""
 
     def __init__(self, spec: WorkerSpec, rank: int, env: dict[str, str], *, standby: bool = False) -> None:
         """``standby``: a worker started ahead of need, with no rank and no GPU yet; :meth:`adopt` gives it both.
         It must not touch CUDA before then (CUDA_VISIBLE_DEVICES is read once, when CUDA starts)."""
-        os.environ.update(env)  # the fault plan, the snapshot token; LOCAL_* as torchrun would set them
-        self.spec = spec
-        self.rank = rank
-        self.world_size = spec.world_size
+        super().__init__(spec, rank, env)
+        self.spec: WorkerSpec = spec
         self.trainer: Trainer | PipelineTrainer | None = None
         self.sink: SnapshotSink | None = None
-        self.address: str | None = None
         self._fresh = True  # the trainer has not trained nor restored yet (a replacement, or the first generation)
-        self._progress = (0, time.monotonic())
-        torch.set_num_threads(max(1, int(os.environ.get("REGROW_THREADS_PER_RANK", "1"))))
-        # Everything imported so far (torch, Ray, regrow: most of the heap's objects) lives as long as the process:
-        # frozen, the full collection that leaving a failed group needs (``_leave_group``) scans only what was made
-        # since (the trainer, the groups), on the survivors' path to recovery.
-        gc.freeze()
         if spec.device == "cuda" and not standby:
             gpu_warm_up.start(spec.config)
 
-    # ------------------------------------------------------------------ control group
-    def placement(self) -> dict:
-        """Where Ray placed this actor: its node and the ids of the GPUs it was given (as text)."""
-        import ray
-
-        return {"node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
-
-    def heartbeat(self) -> dict:
-        """The last step this rank finished and how many seconds ago."""
-        step, at = self._progress
-        return {"rank": self.rank, "step": step, "seconds_since": time.monotonic() - at}
-
-    def abort(self, why: str) -> None:
-        """Makes a collective blocked in the training thread return (NCCL) and records why."""
-        abort.request_abort(why)
-
     # ------------------------------------------------------------------ train group
     def adopt(self, rank: int, gpus: list[str]) -> None:
-        """A standby takes over ``rank``, on the GPUs its lost worker used (``gpus``: their ids on this node; the
-        coordinator holds them in Ray's accounting). Call once, before :meth:`join`."""
+        """:meth:`GroupMember.adopt`, then the GPU's warm-up starts."""
+        super().adopt(rank, gpus)
         if self.spec.device == "cuda":
-            if torch.cuda.is_initialized():
-                raise RuntimeError("adopt: CUDA already started in this standby; its GPU can no longer be chosen")
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
             gpu_warm_up.start(self.spec.config)
-        self.rank = int(rank)
 
     def join(self, generation: int, store_host: str, store_port: int, snapshot_address: str | None,
              resume: bool = False, rank: int | None = None, world_size: int | None = None) -> dict:
@@ -135,13 +108,7 @@ class Worker:
             self.rank, self.world_size = int(rank), int(world_size)
             self._drop_sink()
             self.trainer, self._fresh = None, True
-        timeout = datetime.timedelta(seconds=self.spec.timeout_s)
-        store = dist.PrefixStore(f"generation-{generation}",
-                                 dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout))
-        world = init_world(rank=self.rank, world_size=self.world_size, store=store,
-                           local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                           config=WorldConfig(backend=self._backend(), timeout_s=self.spec.timeout_s))
-        abort.clear()
+        world = self._connect(generation, store_host, store_port)
         self.address = snapshot_address
         formed = time.monotonic()
         if self.trainer is None:
@@ -250,19 +217,11 @@ class Worker:
                 self.sink.flush()
         except Exception as error:  # noqa: BLE001 (any failure of the step is the coordinator's to handle)
             failed_at = time.monotonic()
-            why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            why += f" (aborted: {abort.reason()})" if abort.requested() else ""
+            why = describe_failure(error)
         if why is None:
             return {"done": done, "error": None}
-        leaving = time.monotonic()
-        self._leave_group()  # out of the except block: the traceback's frames no longer hold the groups
-        unwind = {"leave_s": round(time.monotonic() - leaving, 3)}
-        timing = abort.timing()
-        if "requested_at" in timing:
-            unwind["error_after_abort_s"] = round(failed_at - timing["requested_at"], 3)
-        if "abort_call_s" in timing:
-            unwind["abort_call_s"] = round(timing["abort_call_s"], 3)
-        return {"done": done, "error": why, "unwind": unwind}
+        # Out of the except block: the traceback's frames no longer hold the groups.
+        return {"done": done, "error": why, "unwind": self._leave_after_failure(failed_at)}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The model's parameters, on the CPU (what tests compare across runs)."""
@@ -282,29 +241,19 @@ class Worker:
                 log_line(self.rank, self.trainer.step, f"shutdown: {type(sink).__name__}.close failed: {error}")
         if self.sink is not None:
             self.sink.client.close()
-        if dist.is_initialized():
-            destroy_world()
+        destroy_world()
 
     # ------------------------------------------------------------------
     def _leave_group(self) -> None:
-        """Leaves the failed generation at once. Its connections close, so that a peer blocked in a collective
-        with this rank (not with the dead one) fails now too instead of at its timeout: with gloo in a ring, only
-        the dead rank's neighbours see its sockets close."""
+        """:meth:`GroupMember._leave_group`, a pipeline's own groups released first."""
         if isinstance(self.trainer, PipelineTrainer):
             self.trainer.release_groups()
-        gc.collect()  # a group's connections close only when nothing references it any more
-        try:
-            destroy_world()
-        except (RuntimeError, ValueError):  # an aborted group may already be gone
-            pass
+        super()._leave_group()
 
     def _trainer(self) -> Trainer | PipelineTrainer:
         if self.trainer is None:
             raise RuntimeError(f"rank {self.rank}: join() first")
         return self.trainer
-
-    def _backend(self) -> str:
-        return "gloo" if self.spec.device == "cpu" else "nccl"
 
 
 __all__ = ["CONCURRENCY_GROUPS", "CONTROL", "TRAIN", "Worker", "WorkerSpec"]
