@@ -8,6 +8,7 @@ torchrun) cannot honour, a ``--resume`` source that does not exist, a CUDA devic
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from regrow.checkpoint.universal.format import CheckpointError
 from regrow.checkpoint.universal.load import sources
 from regrow.launch.chaos.plan import Fault, build_plan, plan_problems
 from regrow.launch.local.nodes import NodesConfig
-from regrow.launch.options import RunOptions
+from regrow.launch.options import RunOptions, TrainOptions
+from regrow.recovery.ray.entry import EntryError, EntryPoint, check_entry
 from regrow.trainer.loop import TrainerConfig
 
 T = TypeVar("T")
@@ -39,7 +41,8 @@ class Job:
     """What a training command runs: its options, validated, and the trainer config and fault plan they describe."""
 
     options: RunOptions
-    config: TrainerConfig
+    config: TrainerConfig | None
+    """None under ``regrow ray --entry`` (the user's function builds its own model and data)."""
     plan: list[Fault]
     """The fault plan (``--fault``, ``--fault-plan``, ``--fault-mtbf``), in that order; empty without one."""
 
@@ -47,7 +50,8 @@ class Job:
 def build_job(options: RunOptions) -> Job:
     """Validates ``options``; raises :class:`ConfigErrors` listing every problem rather than only the first."""
     problems: list[str] = []
-    config = _trainer_config(options, problems)
+    entry = options.command == "ray" and options.ray.entry is not None
+    config = None if entry else _trainer_config(options, problems)
     launch, faults = options.launch, options.faults
     problems += launch.problems()
     if launch.device == "cuda" and not torch.cuda.is_available():
@@ -63,7 +67,7 @@ def build_job(options: RunOptions) -> Job:
                               hang_timeout_s=faults.hang_timeout_s)
     problems += faults.problems()
     if options.command == "ray":
-        problems += options.ray.problems()
+        problems += options.ray.problems() + (_entry_problems(options) if entry else [])
     if plan and launch.torchrun:
         problems.append("--fault runs under the local launcher (under torchrun, kill the processes yourself)")
     if options.command == "chaos" and not plan:
@@ -73,7 +77,7 @@ def build_job(options: RunOptions) -> Job:
     problems += _snapshot_problems(options)
     if problems:
         raise ConfigErrors(problems)
-    assert config is not None
+    assert config is not None or entry
     return Job(options=options, config=config, plan=plan)
 
 
@@ -90,6 +94,27 @@ def _trainer_config(options: RunOptions, problems: list[str]) -> TrainerConfig |
     if not (model and data and optim):
         return None
     return _attempt(lambda: train.trainer_config(model, data, optim), problems)
+
+
+def _entry_problems(options: RunOptions) -> list[str]:
+    """What is wrong with ``regrow ray --entry``: a function that does not import, is not callable or does not take
+    the arguments given (checked here, before any actor starts), training flags that would be ignored, elastic
+    mode."""
+    changed = [f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(TrainOptions)
+               if getattr(options.train, field.name) != getattr(TrainOptions(), field.name)]
+    problems = [f"--entry runs your function, which builds its own model, data and optimizer: {', '.join(changed)} "
+                "would be ignored; pass its arguments with --entry-kwargs"] if changed else []
+    if options.ray.elastic_wait_s:
+        problems.append("--elastic-wait is not available with --entry (the function sets its own batch and ranks)")
+    try:
+        arguments = options.ray.entry_arguments()
+    except ValueError:  # reported by RayOptions.problems
+        return problems
+    try:
+        check_entry(EntryPoint.for_driver(str(options.ray.entry), arguments))
+    except EntryError as error:
+        problems.append(f"--{error}")  # "--entry pkg.module:function: ..."
+    return problems
 
 
 def _attempt(make: Callable[[], T], problems: list[str]) -> T | None:

@@ -8,9 +8,11 @@ several parts or the environment are ``job.py``'s, which reports every problem o
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from regrow.checkpoint.snapshot.protocol import parse_address
 from regrow.checkpoint.universal import KEEP_LAST
@@ -257,16 +259,45 @@ class RayOptions:
     """Seconds to wait for a worker's resources (``--resources-timeout``)."""
     events: str | None = None
     """JSONL file of every event (``--events``)."""
+    entry: str | None = None
+    """The user's training loop, ``pkg.module:function``, that every worker calls instead of regrow's trainer
+    (``--entry``; ``launch/ray_entry.py``)."""
+    entry_kwargs: str | None = None
+    """Its keyword arguments as a JSON object (``--entry-kwargs``; None: none)."""
 
     def problems(self) -> list[str]:
-        """Amounts that a ``< 0`` check would let through (NaN) or that no cluster has (infinite)."""
+        """Amounts that a ``< 0`` check would let through (NaN) or that no cluster has (infinite), and entry
+        arguments that are not a JSON object."""
         amounts = {"--cpus-per-worker": self.cpus_per_worker, "--gpus-per-worker": self.gpus_per_worker,
                    "--elastic-wait": self.elastic_wait_s}
         problems = [f"{flag}={value!r} must be a finite number >= 0" for flag, value in amounts.items()
                     if not 0 <= value < math.inf]
         if not 0 < self.resources_timeout_s < math.inf:
             problems.append(f"--resources-timeout={self.resources_timeout_s!r} must be a finite number > 0")
+        if self.entry_kwargs is not None:
+            if self.entry is None:
+                problems.append("--entry-kwargs are the arguments of --entry's function: give --entry "
+                                "pkg.module:function too")
+            try:
+                self.entry_arguments()
+            except ValueError as error:
+                problems.append(str(error))
         return problems
+
+    def entry_arguments(self) -> dict[str, Any]:
+        """``--entry-kwargs`` parsed (empty without it); ValueError naming the flag when it is not a JSON
+        object."""
+        if self.entry_kwargs is None:
+            return {}
+        try:
+            parsed = json.loads(self.entry_kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--entry-kwargs={self.entry_kwargs!r} is not JSON ({error}); give a JSON object, "
+                             """e.g. '{"steps": 8}'""") from error
+        if not isinstance(parsed, dict):
+            raise ValueError(f"--entry-kwargs={self.entry_kwargs!r} must be a JSON object of keyword arguments, "
+                             f"""e.g. '{{"steps": 8}}', not a JSON {type(parsed).__name__}""")
+        return parsed
 
 
 @dataclass(kw_only=True)

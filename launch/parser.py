@@ -173,6 +173,13 @@ RAY = (
     _flag("--resources-timeout", RayOptions, "resources_timeout_s",
           "seconds to wait for a worker's resources before giving up", type=float),
     _flag("--events", RayOptions, "events", "JSONL file of every event (failures, restores, ...)"),
+    _flag("--entry", RayOptions, "entry",
+          "run your own training loop: every worker calls this function (resolved like python -m, from the current "
+          "directory) once its process group is up, and again from the top after every failure healed; its "
+          "regrow.Guard restores and snapshots (--snapshot-every, --save-every, --ckpt-dir are its settings)",
+          metavar="PKG.MODULE:FUNCTION"),
+    _flag("--entry-kwargs", RayOptions, "entry_kwargs", "the --entry function's keyword arguments, a JSON object",
+          metavar="JSON"),
 )
 
 COMMANDS: dict[str, tuple[str, RunOptions, tuple[Flag, ...]]] = {

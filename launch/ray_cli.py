@@ -1,6 +1,7 @@
 """``regrow ray``: train on a Ray cluster, one actor per rank, healed by the coordinator after failures.
 
     regrow ray --address local --workers 4 --preset tiny --steps 200          # a Ray instance on this machine
+    regrow ray --address local --workers 4 --entry examples.own_loop_ray:train   # your own loop (ray_entry.py)
     regrow ray --address auto --workers 8 --gpus-per-worker 1 --ec-group-size 2 ...   # an existing cluster
     ray job submit -- python -m regrow.launch.ray_job --workers 8 --gpus-per-worker 1 ...
 
@@ -16,6 +17,7 @@ import sys
 import tempfile
 
 from regrow.checkpoint.snapshot.protocol import ProtocolError
+from regrow.launch import ray_entry
 from regrow.launch.chaos.injector import FaultInjector
 from regrow.launch.chaos.plan import plan_env
 from regrow.launch.job import Job
@@ -95,12 +97,14 @@ def run(job: Job) -> int:
             resources_timeout_s=cluster.resources_timeout_s,
             max_restarts=max(options.launch.max_restarts, len(job.plan)), events_path=cluster.events,
             elastic_wait_s=cluster.elastic_wait_s, standby_per_node=cluster.standby)
-        sinks = functools.partial(job_sinks, ckpt_dir=checkpoint.ckpt_dir, save_every=checkpoint.save_every,
-                                  final_step=config.steps, on_error=checkpoint.on_error)
-        spec = WorkerSpec(config=config, world_size=cluster.workers,
-                          device="cuda" if cluster.gpus_per_worker else "cpu", snapshot_every=cluster.snapshot_every,
-                          ckpt_dir=checkpoint.ckpt_dir, extra_sinks=sinks)
         with tempfile.TemporaryDirectory(prefix="regrow-faults-") as fired:
+            if config is None:  # --entry: the user's function trains
+                return ray_entry.run_command(job, coordinator_config, plan_env(job.plan, fired))
+            sinks = functools.partial(job_sinks, ckpt_dir=checkpoint.ckpt_dir, save_every=checkpoint.save_every,
+                                      final_step=config.steps, on_error=checkpoint.on_error)
+            spec = WorkerSpec(config=config, world_size=cluster.workers,
+                              device="cuda" if cluster.gpus_per_worker else "cpu",
+                              snapshot_every=cluster.snapshot_every, ckpt_dir=checkpoint.ckpt_dir, extra_sinks=sinks)
             outcome = Coordinator(coordinator_config, spec, env=plan_env(job.plan, fired)).run(config.steps)
     except (CoordinatorError, ProtocolError, ValueError) as error:
         print(f"regrow ray: {error}", file=sys.stderr)

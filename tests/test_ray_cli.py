@@ -1,4 +1,5 @@
-"""``regrow ray`` from the command line: a local Ray instance with a killed rank, and an unreachable cluster."""
+"""``regrow ray`` from the command line: a local Ray instance with a killed rank (regrow's trainer, and a function of
+your own with ``--entry``), and an unreachable cluster."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ pytest.importorskip("ray")
 
 from regrow.launch import cli  # noqa: E402
 
+ENTRY = "regrow.tests.ray_entry_workers"
 SMALL = ["--workers", "2", "--preset", "tiny", "--steps", "6", "--global-batch", "4", "--micro-batch", "2",
          "--log-every", "0"]
 
@@ -60,3 +62,18 @@ def test_regrow_ray_refuses_nan_and_infinite_amounts_before_starting_ray(flag: s
         assert cli.main(["ray", "--preset", "tiny", "--steps", "2", flag, value]) == 2
         err = capsys.readouterr().err
         assert f"{flag}={float(value)!r} must be a finite number" in err and "Ray instance" not in err
+
+
+@pytest.mark.timeout(300)
+def test_regrow_ray_entry_on_a_local_instance_prints_and_reports_every_rank(tmp_path) -> None:
+    """The command line: two workers on a local Ray instance, rank 1 lost in generation 0 (--max-restarts 1)."""
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "regrow", "ray", "--address", "local", "--workers", "2",
+                           "--max-restarts", "1", "--entry", f"{ENTRY}:report_place",
+                           "--entry-kwargs", json.dumps({"steps": 2, "die": "1:0"}), "--report", str(report)],
+                          capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"{ENTRY}:report_place returned on all 2 ranks with 1 failure(s) healed" in done.stdout
+    assert "generation 1: restored step 1 (snapshot: ranks [0, 1]), 0 step(s) trained again" in done.stdout
+    written = json.loads(report.read_text())
+    assert [value["generation"] for value in written["returns"]] == [1, 1] and written["failures"] == 1

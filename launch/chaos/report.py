@@ -23,7 +23,7 @@ from regrow.recovery.order import Source
 from regrow.trainer.loop import StepResult
 
 
-def _finished_step(beat: dict) -> int:
+def finished_step(beat: dict) -> int:
     """The newest step a rank had finished at its last beat."""
     return beat["step"] - 1 if beat["phase"] == "optimizer" else beat["step"]
 
@@ -34,7 +34,7 @@ def _recovery(recorder: Recorder, attempt: Attempt) -> dict[str, Any]:
     after = attempt.index + 1
     beats = recorder.beats.get(after, {})
     restores = recorder.restores.get(after, {})
-    failed_step = max((_finished_step(b) for b in recorder.beats.get(attempt.index, {}).values()), default=None)
+    failed_step = max((finished_step(b) for b in recorder.beats.get(attempt.index, {}).values()), default=None)
     out: dict[str, Any] = {"failed_at_step": failed_step, "heal_s": attempt.heal["seconds"] if attempt.heal else 0.0,
                            "heal": attempt.heal}
     if not beats:
