@@ -1,5 +1,5 @@
 """The ``regrow`` command: ``regrow train``, ``demo`` (``train_cli.py``), ``chaos`` (``chaos_cli.py``), ``ray``
-(``ray_cli.py``) and ``ckpt ...`` (``ckpt_cli.py``).
+(``ray_cli.py``), ``run SCRIPT`` (``script_cli.py``) and ``ckpt ...`` (``ckpt_cli.py``).
 
 The command line is parsed into typed options (``parser.py``, ``options.py``) and validated as a whole before
 anything starts (``job.py``): every argument problem is reported at once, with exit code 2.
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from regrow.launch import chaos_cli, ckpt_cli, ray_cli, train_cli
+from regrow.launch import chaos_cli, ckpt_cli, ray_cli, script_cli, train_cli
 from regrow.launch.job import ConfigErrors, Job, build_job
 from regrow.launch.parser import build_parser, options_from_args
 
@@ -23,6 +23,8 @@ COMMANDS: dict[str, Callable[[Job], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return script_cli.main(args)
     if args.command == "ckpt":
         try:
             return ckpt_cli.main(args)

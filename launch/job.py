@@ -70,7 +70,7 @@ def build_job(options: RunOptions) -> Job:
         problems.append("regrow chaos needs a fault plan: --fault KIND:TARGET@STEP, --fault-plan FILE or "
                         "--fault-mtbf SECONDS")
     problems += _checkpoint_problems(options)
-    problems += _snapshot_problems(options)
+    problems += snapshot_problems(options)
     if problems:
         raise ConfigErrors(problems)
     assert config is not None
@@ -113,7 +113,7 @@ def _checkpoint_problems(options: RunOptions) -> list[str]:
     return problems
 
 
-def _snapshot_problems(options: RunOptions) -> list[str]:
+def snapshot_problems(options: RunOptions) -> list[str]:
     """The snapshot flags' problems: what the local launcher, a given snapshot process or torchrun cannot do."""
     snapshot, torchrun = options.snapshot, options.launch.torchrun
     every, address = snapshot.every, snapshot.address

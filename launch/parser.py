@@ -19,7 +19,7 @@ from typing import Any
 
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 from regrow.checkpoint.universal.writer import ON_ERROR
-from regrow.launch import ckpt_cli
+from regrow.launch import ckpt_cli, script_cli
 from regrow.launch.options import (
     DEMO,
     RESUME_SNAPSHOT,
@@ -175,6 +175,11 @@ RAY = (
     _flag("--events", RayOptions, "events", "JSONL file of every event (failures, restores, ...)"),
 )
 
+SCRIPT_FLAGS = tuple(flag for flag in TRAINING if flag.part in (LaunchOptions, FaultOptions)
+                     and flag.field not in ("mtbf_s", "seed", "step_seconds")) + \
+    tuple(flag for flag in CHECKPOINTS if flag.field != "resume") + SNAPSHOTS
+"""``regrow run``'s flags: the launcher's, the faults', the checkpoints' and the snapshots' (the script trains)."""
+
 COMMANDS: dict[str, tuple[str, RunOptions, tuple[Flag, ...]]] = {
     "train": ("train the GPT on the embedded corpus", RunOptions(command="train"),
               TRAINING + CHECKPOINTS + SNAPSHOTS),
@@ -197,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         for flag in flags:
             flag.add_to(sub, defaults)
     ckpt_cli.add_parser(commands)
+    script_cli.add_parser(commands, SCRIPT_FLAGS, RunOptions(command="run"))
     return top
 
 
