@@ -24,7 +24,7 @@ COMMANDS: dict[str, Callable[[Job], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
-        return script_cli.main(args)
+        return script_cli.main(args, options_from_args(args))
     if args.command == "ckpt":
         try:
             return ckpt_cli.main(args)

@@ -32,7 +32,6 @@ from regrow.launch.local.attempts import AttemptsConfig, run_attempts
 from regrow.launch.local.nodes import NodesConfig
 from regrow.launch.local.spawn import WorkerFailed
 from regrow.launch.options import RunOptions
-from regrow.launch.parser import options_from_args
 from regrow.launch.run import SnapshotStartError, launcher_env, node_snapshots, persist_config
 
 NO_STEP_LIMIT = 2**31 - 1
@@ -95,9 +94,9 @@ def problems_of(options: RunOptions, script: str) -> list[str]:
     return problems
 
 
-def main(args: argparse.Namespace) -> int:
-    """``regrow run`` from its parsed arguments; returns the exit code."""
-    options = options_from_args(args)
+def main(args: argparse.Namespace, options: RunOptions) -> int:
+    """``regrow run`` from its parsed arguments and their typed options (``parser.options_from_args``); returns the
+    exit code."""
     launch, faults, snapshot, checkpoint = options.launch, options.faults, options.snapshot, options.checkpoint
     problems = problems_of(options, args.script)
     plan, plan_errors = build_plan(faults.faults, plan_file=faults.plan_file, mtbf_s=0.0, seed=faults.seed,
