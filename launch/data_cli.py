@@ -36,6 +36,8 @@ READ_BYTES = 16 << 20
 """Bytes read at once from an input file (byte-level)."""
 TEXT_PIECE_BYTES = 1 << 20
 """About how much text a tokenizer is given at once (cut at a line end)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""What ``save_pretrained`` writes for a tokenizer; a directory with neither holds none."""
 PROGRESS_EVERY_BYTES = 64 << 20
 """A progress line on stderr every this many input bytes (inputs smaller than this print none)."""
 
@@ -71,6 +73,9 @@ def tokenizer_encoder(directory: str) -> Encoder:
     if not path.is_dir():
         raise PrepareError(f"--tokenizer {directory} is not a directory; pass the directory a tokenizer was saved "
                            "to with save_pretrained (tokenizer.json, tokenizer_config.json)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise PrepareError(f"--tokenizer {directory} holds none of {', '.join(TOKENIZER_FILES)}; pass the directory "
+                           "a tokenizer was saved to with save_pretrained")
     try:
         from transformers import AutoTokenizer
     except ImportError as error:
@@ -78,7 +83,8 @@ def tokenizer_encoder(directory: str) -> Encoder:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
-        raise PrepareError(f"--tokenizer {directory}: no tokenizer could be loaded from it ({error}); pass a "
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PrepareError(f"--tokenizer {directory}: no tokenizer could be loaded from it ({first_line}); pass a "
                            "directory written by save_pretrained") from error
 
     def encode(piece: bytes) -> list[int]:
@@ -126,8 +132,8 @@ class Progress:
         self.read += nbytes
         if self.enabled and self.read >= self.next:
             self.next = self.read + PROGRESS_EVERY_BYTES
-            print(f"regrow data prepare: {self.read >> 20:,} of {self.total >> 20:,} MiB read, {tokens:,} tokens",
-                  file=sys.stderr, flush=True)
+            print(f"regrow data prepare: {self.read / 2**20:,.1f} of {self.total / 2**20:,.1f} MiB read, {tokens:,} "
+                  "tokens", file=sys.stderr, flush=True)
 
 
 def write_tokens(inputs: list[Path], out: BinaryIO, encoder: Encoder, dtype: str) -> int:
