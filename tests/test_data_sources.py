@@ -237,6 +237,12 @@ def _error(config: DataConfig, **kwargs) -> str:
     return str(error.value)
 
 
+def test_one_source_at_a_time(tmp_path) -> None:
+    path = _write_bin(tmp_path / "t.bin", np.arange(400))
+    assert _error(_config([path]), dataset=_Fixed(40)).startswith("Sampler: give one source")
+    assert _error(_config([path]), corpus=torch.arange(400)).startswith("Sampler: give one source")
+
+
 def test_a_missing_token_file_is_named_with_the_fix(tmp_path) -> None:
     missing = str(tmp_path / "nope.bin")
     assert _error(_config([missing])) == (

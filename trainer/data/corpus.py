@@ -7,7 +7,8 @@ import functools
 
 import torch
 
-from regrow.trainer.data.windows import ArrayWindows, TokenArray
+from regrow.trainer.data.config import DataError
+from regrow.trainer.data.windows import TokenArray
 
 CORPUS_NAME = "the embedded corpus (pydoc_data.topics)"
 
@@ -31,11 +32,6 @@ def corpus_array(corpus: torch.Tensor | None = None) -> TokenArray:
     """``corpus`` (a 1-D integer tensor; default :func:`load_corpus`) as the single array of the windows."""
     tokens = load_corpus() if corpus is None else corpus
     if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"corpus must be a 1-D integer tensor of token ids, got {tokens.dtype} of shape "
+        raise DataError(f"corpus must be a 1-D integer tensor of token ids, got {tokens.dtype} of shape "
                          f"{tuple(tokens.shape)}")
     return TokenArray(CORPUS_NAME if corpus is None else "the given corpus", tokens.detach().cpu().numpy())
-
-
-def corpus_windows(corpus: torch.Tensor | None, seq_len: int, val_fraction: float) -> ArrayWindows:
-    """The embedded (or given) corpus's windows: one array, split and numbered as ``windows.py`` says."""
-    return ArrayWindows([corpus_array(corpus)], seq_len, val_fraction)

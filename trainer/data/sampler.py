@@ -9,9 +9,10 @@ from typing import Any, Protocol
 import torch
 
 from regrow.trainer.data.config import EPOCH_SEED_STRIDE, DataConfig, DataCursor, DataError
-from regrow.trainer.data.corpus import corpus_array, corpus_windows
+from regrow.trainer.data.corpus import corpus_array
 from regrow.trainer.data.dataset_source import DatasetWindows
 from regrow.trainer.data.token_files import check_vocabulary, open_token_files
+from regrow.trainer.data.windows import ArrayWindows
 
 
 class Windows(Protocol):
@@ -34,8 +35,8 @@ def open_windows(config: DataConfig, *, corpus: torch.Tensor | None = None, data
     """The windows the sampler draws from: ``dataset`` when given, else ``config.files``, else ``corpus`` (the
     embedded one by default). Checks everything that does not depend on the rank (DataError naming the file or field
     and the fix): the files, the ids against ``vocab_size``, a split too small for one global batch."""
-    if dataset is not None and (config.files or corpus is not None):
-        raise DataError("Sampler: give either dataset= or token files (DataConfig.files) or corpus=, not several")
+    if (dataset is not None) + bool(config.files) + (corpus is not None) > 1:
+        raise DataError("Sampler: give one source, dataset=, token files (DataConfig.files) or corpus=, not several")
     if dataset is not None:
         windows: Windows = DatasetWindows(dataset, config.seq_len, config.val_fraction, vocab_size)
         what = "training samples of the dataset"
@@ -43,9 +44,10 @@ def open_windows(config: DataConfig, *, corpus: torch.Tensor | None = None, data
         windows = open_token_files(config, vocab_size)
         what = f"training windows of seq_len={config.seq_len} in DataConfig.files ({len(config.files)} file(s))"
     else:
+        array = corpus_array(corpus)
         if vocab_size is not None:
-            check_vocabulary(corpus_array(corpus), vocab_size)
-        windows = corpus_windows(corpus, config.seq_len, config.val_fraction)
+            check_vocabulary(array, vocab_size)
+        windows = ArrayWindows([array], config.seq_len, config.val_fraction)
         what = f"training windows of seq_len={config.seq_len} in the corpus"
     if windows.num_train < config.global_batch:
         raise DataError(
