@@ -92,6 +92,26 @@ def init_world(
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
 
 
+def join_world(config: WorldConfig | None = None) -> World:
+    """The world of this process, for a user's own training script under any launcher: the process group a
+    launcher already started (``regrow run``, ``regrow ray --entry``), torchrun's ``env://`` variables (RANK set:
+    :func:`init_world`), or a single process without a process group (``python script.py``). Idempotent."""
+    config = config or WorldConfig()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        backend = str(dist.get_backend())
+        device = torch.device("cuda", local_rank % torch.cuda.device_count()) if "nccl" in backend \
+            else torch.device("cpu")
+        return World(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
+                     backend=backend)
+    if "RANK" in os.environ:
+        return init_world(config=config)
+    device = device_for(local_rank, config.backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return World(rank=0, world_size=1, local_rank=local_rank, device=device, backend=backend_string(device))
+
+
 def destroy_world() -> None:
     """Leaves the default process group; a no-op when none is initialised."""
     if dist.is_available() and dist.is_initialized():

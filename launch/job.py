@@ -3,7 +3,8 @@ them into the trainer's config and the fault plan they describe (:class:`Job`).
 
 Each option part lists its own problems (``options.py``); the checks here need several parts or the environment: a
 batch that the ranks cannot split, a fault plan the run cannot show, snapshot settings that the launcher (local or
-torchrun) cannot honour, a ``--resume`` source that does not exist, a CUDA device that is not there.
+torchrun) cannot honour, a ``--resume`` source that does not exist, a CUDA device that is not there, token files
+(``--data``) that cannot be trained on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from regrow.launch.chaos.plan import Fault, build_plan, plan_problems
 from regrow.launch.local.nodes import NodesConfig
 from regrow.launch.options import RunOptions, TrainOptions
 from regrow.recovery.ray.entry import EntryError, EntryPoint, check_entry
+from regrow.trainer.data import DataConfig, open_windows
+from regrow.trainer.data.token_files import open_token_file
 from regrow.trainer.loop import TrainerConfig
 
 T = TypeVar("T")
@@ -74,7 +77,7 @@ def build_job(options: RunOptions) -> Job:
         problems.append("regrow chaos needs a fault plan: --fault KIND:TARGET@STEP, --fault-plan FILE or "
                         "--fault-mtbf SECONDS")
     problems += _checkpoint_problems(options)
-    problems += _snapshot_problems(options)
+    problems += snapshot_problems(options)
     if problems:
         raise ConfigErrors(problems)
     assert config is not None or entry
@@ -91,6 +94,8 @@ def _trainer_config(options: RunOptions, problems: list[str]) -> TrainerConfig |
     if data and ranks >= 1 and train.global_batch % (train.micro_batch * ranks):
         problems.append(f"--global-batch={train.global_batch} is not divisible by --micro-batch x --nproc = "
                         f"{train.micro_batch} x {ranks}; choose a multiple of {train.micro_batch * ranks}")
+    if data and data.files:
+        problems += _data_problems(data, model.vocab_size if model else None)
     if not (model and data and optim):
         return None
     return _attempt(lambda: train.trainer_config(model, data, optim), problems)
@@ -117,6 +122,17 @@ def _entry_problems(options: RunOptions) -> list[str]:
     return problems
 
 
+def _data_problems(data: DataConfig, vocab_size: int | None) -> list[str]:
+    """The token files' problems, each file's (found here, in this process, rather than in every rank once
+    started), then those of the files together: the ids against the vocabulary, the split, the global batch."""
+    problems: list[str] = []
+    for path in data.files:
+        _attempt(lambda: open_token_file(path, data.token_dtype, data.seq_len), problems)
+    if not problems:
+        _attempt(lambda: open_windows(data, vocab_size=vocab_size), problems)
+    return problems
+
+
 def _attempt(make: Callable[[], T], problems: list[str]) -> T | None:
     """``make()``, or None with its ValueError or TypeError (a config naming its bad field) added to ``problems``."""
     try:
@@ -138,7 +154,7 @@ def _checkpoint_problems(options: RunOptions) -> list[str]:
     return problems
 
 
-def _snapshot_problems(options: RunOptions) -> list[str]:
+def snapshot_problems(options: RunOptions) -> list[str]:
     """The snapshot flags' problems: what the local launcher, a given snapshot process or torchrun cannot do."""
     snapshot, torchrun = options.snapshot, options.launch.torchrun
     every, address = snapshot.every, snapshot.address

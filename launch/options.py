@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,11 @@ class TrainOptions:
     """Model initialisation seed (``--seed``)."""
     data_seed: int = 0
     """Data order seed (``--data-seed``)."""
+    data: list[str] = field(default_factory=list)
+    """Token files, ``.bin`` or ``.npy`` (``--data PATH [PATH ...]``; empty: the embedded corpus)."""
+    data_dtype: str | None = None
+    """dtype of the ``.bin`` token files, uint16 or uint32 (``--data-dtype``; None: their sidecar's, else
+    uint16)."""
     log_every: int = 10
     """Log a line every this many steps (``--log-every``)."""
     eval_every: int = 0
@@ -69,10 +75,12 @@ class TrainOptions:
         return GPTConfig.preset(self.preset, **({"seq_len": self.seq_len} if self.seq_len else {}))
 
     def data_config(self, model: GPTConfig | None) -> DataConfig:
-        """The sampler's config (its sequence length is the model's unless ``seq_len`` is given)."""
+        """The sampler's config (its sequence length is the model's unless ``seq_len`` is given). The token files
+        are made absolute here, so that ranks started in other directories (Ray's workers) find them."""
         seq_len = self.seq_len or (model.seq_len if model else 128)
         return DataConfig(seq_len=seq_len, micro_batch=self.micro_batch, global_batch=self.global_batch,
-                          seed=self.data_seed)
+                          seed=self.data_seed, files=tuple(os.path.abspath(p) for p in self.data),
+                          token_dtype=self.data_dtype)
 
     def optim_config(self) -> ZeroConfig:
         return ZeroConfig(stage=self.stage, state_bits=self.state_bits, lr=self.lr,

@@ -19,7 +19,7 @@ from typing import Any
 
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 from regrow.checkpoint.universal.writer import ON_ERROR
-from regrow.launch import ckpt_cli
+from regrow.launch import ckpt_cli, data_cli, script_cli
 from regrow.launch.options import (
     DEMO,
     RESUME_SNAPSHOT,
@@ -32,6 +32,7 @@ from regrow.launch.options import (
     TrainOptions,
     with_demo_rules,
 )
+from regrow.trainer.data.config import TOKEN_DTYPES
 
 PARTS: dict[type, str] = {hint: name for name, hint in typing.get_type_hints(RunOptions).items() if name != "command"}
 """The option parts a flag may set (``TrainOptions``, ...), each with its attribute of
@@ -84,6 +85,11 @@ TRAINING = (
     _flag("--param-dtype", TrainOptions, "param_dtype", "bfloat16, float16 or float32 (default: model's)"),
     _flag("--seed", TrainOptions, "seed", "model initialisation seed", type=int),
     _flag("--data-seed", TrainOptions, "data_seed", "data order seed", type=int),
+    _flag("--data", TrainOptions, "data",
+          "token files (.bin or .npy, flat uint16/uint32 ids; `regrow data prepare` makes them) instead of the "
+          "embedded corpus; a window never spans two files (docs/data.md)", nargs="+", metavar="PATH"),
+    _flag("--data-dtype", TrainOptions, "data_dtype",
+          "dtype of the .bin token files (default: their sidecar's, else uint16)", choices=TOKEN_DTYPES),
     _flag("--log-every", TrainOptions, "log_every", type=int),
     _flag("--eval-every", TrainOptions, "eval_every", type=int),
     _flag("--metrics", TrainOptions, "metrics", "JSONL metrics file (rank 0)"),
@@ -182,8 +188,13 @@ RAY = (
           metavar="JSON"),
 )
 
+SCRIPT_FLAGS = tuple(flag for flag in TRAINING if flag.part in (LaunchOptions, FaultOptions)
+                     and flag.field not in ("mtbf_s", "seed", "step_seconds")) + \
+    tuple(flag for flag in CHECKPOINTS if flag.field != "resume") + SNAPSHOTS
+"""``regrow run``'s flags: the launcher's, the faults', the checkpoints' and the snapshots' (the script trains)."""
+
 COMMANDS: dict[str, tuple[str, RunOptions, tuple[Flag, ...]]] = {
-    "train": ("train the GPT on the embedded corpus", RunOptions(command="train"),
+    "train": ("train the GPT on the embedded corpus or on token files (--data)", RunOptions(command="train"),
               TRAINING + CHECKPOINTS + SNAPSHOTS),
     "chaos": ("regrow train under a fault plan, ending with the fault report", RunOptions(command="chaos"),
               TRAINING + CHECKPOINTS + SNAPSHOTS + CHAOS),
@@ -204,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         for flag in flags:
             flag.add_to(sub, defaults)
     ckpt_cli.add_parser(commands)
+    script_cli.add_parser(commands, SCRIPT_FLAGS, RunOptions(command="run"))
+    data_cli.add_parser(commands)
     return top
 
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from regrow.checkpoint.snapshot.protocol import request_once
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
@@ -30,6 +31,7 @@ from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.recovery.order import JobRestore, Source
 from regrow.recovery.restore import restore_job
 from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
+from regrow.trainer.state import Restorable, ShardState, StateSink
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,37 +63,55 @@ class RankWork:
         return self
 
 
+class GuardedRun(Restorable, Protocol):
+    """A training object the rank's sinks attach to: a ``Restorable`` with a list of sinks that it calls around
+    every optimizer step, and its state at the current step boundary (regrow's ``Trainer`` and the own-loop
+    ``launch.guard.Guard`` both satisfy it)."""
+
+    sinks: list[StateSink]
+
+    def shard_state(self) -> ShardState: ...
+
+
 def train_rank(world: World, work: RankWork) -> list[StepResult]:
     """One rank's whole run (see the module docstring). Collective: every rank of the job calls it. The launcher's
     run directory and attempt come from the environment (``REGROW_RUN_DIR``, ``REGROW_ATTEMPT``): when given, the
     rank records its restores and heartbeats there."""
     trainer = Trainer(work.config, world)
-    run_dir = os.environ.get(RUN_DIR_ENV)
-    attempt = int(os.environ.get(ATTEMPT_ENV, "0"))
-    restores = RestoreLog(run_dir, attempt=attempt, rank=trainer.rank) if run_dir else None
-    snapshot_sink = None
-    if work.snapshot is not None:
-        snapshot_sink = restore_and_attach_snapshots(trainer, work.snapshot,
-                                                     restores.restored if restores is not None else None)
-    if work.checkpoint is not None and work.checkpoint.resume:
-        restore_trainer(trainer, work.checkpoint.resume, root=work.checkpoint.ckpt_dir)
-        if restores is not None:
-            restores.restored_checkpoint(trainer.step, work.checkpoint.resume)
-    injector = FaultInjector.from_env(trainer.rank, snapshot_sink=snapshot_sink)
-    writer = None
-    if work.checkpoint is not None:
-        io_fault = injector.checkpoint_fault if injector is not None and injector.fails_checkpoints else None
-        writer = attach_writer(trainer, work.checkpoint, io_fault=io_fault)
-    if injector is not None:
-        if writer is not None:
-            injector.watch_saves(writer)
-        trainer.sinks.append(injector)
-    if run_dir:
-        trainer.sinks.append(Heartbeat(run_dir, rank=trainer.rank, attempt=attempt, step=trainer.step))
+    attach_rank(trainer, checkpoint=work.checkpoint, snapshot=work.snapshot, final_step=work.config.steps)
     return trainer.run()
 
 
-def restore_and_attach_snapshots(trainer: Trainer, options: SnapshotOptions,
+def attach_rank(target: GuardedRun, *, checkpoint: CheckpointOptions | None, snapshot: SnapshotOptions | None,
+                final_step: int) -> None:
+    """Restores ``target`` as ``snapshot`` and ``checkpoint`` say (``resume``), then attaches the rank's sinks in
+    the module docstring's order: the snapshot sink, the checkpoint writer (its final save at ``final_step``), the
+    fault injector of ``REGROW_FAULTS``, the heartbeat. Collective."""
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    attempt = int(os.environ.get(ATTEMPT_ENV, "0"))
+    restores = RestoreLog(run_dir, attempt=attempt, rank=target.rank) if run_dir else None
+    snapshot_sink = None
+    if snapshot is not None:
+        snapshot_sink = restore_and_attach_snapshots(target, snapshot,
+                                                     restores.restored if restores is not None else None)
+    if checkpoint is not None and checkpoint.resume:
+        restore_trainer(target, checkpoint.resume, root=checkpoint.ckpt_dir)
+        if restores is not None:
+            restores.restored_checkpoint(target.step, checkpoint.resume)
+    injector = FaultInjector.from_env(target.rank, snapshot_sink=snapshot_sink)
+    writer = None
+    if checkpoint is not None:
+        io_fault = injector.checkpoint_fault if injector is not None and injector.fails_checkpoints else None
+        writer = attach_writer(target, checkpoint, final_step=final_step, io_fault=io_fault)
+    if injector is not None:
+        if writer is not None:
+            injector.watch_saves(writer)
+        target.sinks.append(injector)
+    if run_dir:
+        target.sinks.append(Heartbeat(run_dir, rank=target.rank, attempt=attempt, step=target.step))
+
+
+def restore_and_attach_snapshots(trainer: GuardedRun, options: SnapshotOptions,
                                  on_restore: Callable[[JobRestore], None] | None = None) -> SnapshotSink | None:
     """Restores ``trainer`` if ``options.resume``, then attaches a :class:`SnapshotSink` if snapshots are on
     (attaching now, so a full ``/dev/shm`` fails before the first step). Collective. The address comes from the
@@ -113,7 +133,7 @@ def restore_and_attach_snapshots(trainer: Trainer, options: SnapshotOptions,
     sink.attach(trainer.shard_state(), restored_from=from_slot)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and persists(address, options.timeout_s):
         # What the persisted manifests record as the run's config (the snapshot process cannot know it).
-        request_once(address, {"op": "run_config", "config": trainer.config.to_dict()}, timeout_s=options.timeout_s)
+        request_once(address, {"op": "run_config", "config": trainer.run_config()}, timeout_s=options.timeout_s)
     trainer.sinks.append(sink)
     return sink
 
@@ -124,18 +144,18 @@ def persists(address: str, timeout_s: float) -> bool:
     return bool(request_once(address, {"op": "persisted"}, timeout_s=timeout_s).get("enabled"))
 
 
-def attach_writer(trainer: Trainer, options: CheckpointOptions,
+def attach_writer(trainer: GuardedRun, options: CheckpointOptions, *, final_step: int,
                   io_fault: Callable[[int], None] | None = None) -> CheckpointWriter | None:
-    """Attaches a :class:`CheckpointWriter` when saving is on (``io_fault``: its fault-injection hook). Collective
-    (the ranks agree on the writer's session)."""
+    """Attaches a :class:`CheckpointWriter` when saving is on (``final_step``: the run's last step, always saved;
+    ``io_fault``: its fault-injection hook). Collective (the ranks agree on the writer's session)."""
     if not options.save_every:
         return None
     assert options.ckpt_dir is not None
     writer = CheckpointWriter(
         WriterConfig(root=options.ckpt_dir, save_every=options.save_every, keep_last=options.keep_last,
-                     final_step=trainer.config.steps, on_error=options.on_error),
-        rank=trainer.rank, world_size=trainer.world_size, run_config=trainer.config.to_dict(),
-        timeout_s=trainer.config.optim.timeout_s, io_fault=io_fault,
+                     final_step=final_step, on_error=options.on_error),
+        rank=trainer.rank, world_size=trainer.world_size, run_config=trainer.run_config(),
+        timeout_s=trainer.timeout_s, io_fault=io_fault,
     )
     trainer.sinks.append(writer)
     return writer

@@ -38,7 +38,7 @@ from regrow.launch.job import Job
 from regrow.launch.local.attempts import AttemptsConfig, run_attempts
 from regrow.launch.local.nodes import ADDRESS_ENV, LocalNodes, NodesConfig
 from regrow.launch.local.shm import snapshot_bytes
-from regrow.launch.options import SnapshotOptions
+from regrow.launch.options import RunOptions, SnapshotOptions
 from regrow.launch.rank import RankWork, train_rank
 from regrow.trainer.loop import StepResult
 
@@ -75,15 +75,22 @@ def run_training(job: Job, *, recorder: Recorder | None = None) -> list[StepResu
 def node_layout(job: Job) -> NodesConfig | None:
     """The local launcher's node layout for ``job`` (None when it starts no snapshot process: snapshots off, or a
     running one named by ``--snapshot-address``)."""
-    snapshot, checkpoint = job.options.snapshot, job.options.checkpoint
+    snapshot = job.options.snapshot
     if not snapshot.active or snapshot.address is not None:
         return None
-    persist = PersistConfig(persist_every=snapshot.persist_every, persist_dir=snapshot.ckpt_dir or "",
-                            keep_last=checkpoint.keep_last) if snapshot.persist_every else PersistConfig()
     ranks = job.options.launch.nproc
     return NodesConfig(ranks=ranks, nodes=snapshot.nodes, ec_group_size=snapshot.ec_group_size,
                        ec_parity=snapshot.ec_parity, shm_dir=snapshot.shm_dir,
-                       bytes_per_rank=snapshot_bytes(job.config, ranks), persist=persist)
+                       bytes_per_rank=snapshot_bytes(job.config, ranks), persist=persist_config(job.options))
+
+
+def persist_config(options: RunOptions) -> PersistConfig:
+    """What the local launcher's snapshot processes persist (``--persist-every`` into ``--ckpt-dir``)."""
+    snapshot = options.snapshot
+    if not snapshot.persist_every:
+        return PersistConfig()
+    return PersistConfig(persist_every=snapshot.persist_every, persist_dir=snapshot.ckpt_dir or "",
+                         keep_last=options.checkpoint.keep_last)
 
 
 @contextlib.contextmanager

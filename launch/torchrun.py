@@ -48,19 +48,15 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-import torch
 
 from regrow.checkpoint.node.persist import PersistConfig
 from regrow.checkpoint.node.process import SnapshotProcessConfig, start_snapshot_process
-from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, ProtocolError, SnapshotClient, SnapshotProcessLost
-from regrow.checkpoint.universal import verify
-from regrow.comm import collectives
-from regrow.comm.world import World, WorldConfig, destroy_world, init_world
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
+from regrow.comm.world import WorldConfig, destroy_world, init_world
+from regrow.launch.holdings import Holdings, job_holds_state, local_holdings, resumed_plans
 from regrow.launch.job import ConfigErrors, Job, build_job
 from regrow.launch.local.nodes import ADDRESS_ENV
-from regrow.launch.options import RESUME_SNAPSHOT, CheckpointOptions, RunOptions, SnapshotOptions
+from regrow.launch.options import RESUME_SNAPSHOT, CheckpointOptions, RunOptions
 from regrow.launch.parser import parse_options
 from regrow.launch.rank import RankWork, train_rank
 from regrow.launch.train_cli import demo_table
@@ -119,74 +115,6 @@ def worker_problems(options: RunOptions) -> list[str]:
     return problems
 
 
-@dataclasses.dataclass(frozen=True)
-class Holdings:
-    """What this rank found that a restore could start from (descriptions; empty lists: nothing)."""
-
-    snapshots: list[str]
-    checkpoint: str | None
-
-    def any(self) -> bool:
-        return bool(self.snapshots or self.checkpoint)
-
-
-def local_holdings(rank: int, address: str | None, ckpt_dir: str | None, timeout_s: float) -> Holdings:
-    """What this rank's node snapshot process holds of ``rank`` (slots with a step, complete coded buffers) and the
-    ``latest`` of ``ckpt_dir``. Raises :class:`SnapshotProcessLost` naming the fix when the process is unreachable:
-    the snapshot sink could not attach to it either."""
-    snapshots: list[str] = []
-    if address is not None:
-        try:
-            client = SnapshotClient(address, timeout_s=timeout_s)
-        except SnapshotProcessLost as error:
-            raise SnapshotProcessLost(f"--snapshot-address {address}: {error}; start the node's snapshot process "
-                                      f"before torchrun (`{PROG} node -- torchrun ...`) and keep it running "
-                                      "across restarts") from error
-        try:
-            # A rank that never attached has no slots; a slot that does not verify cannot be restored either.
-            slots = client.request({"op": "latest", "rank": rank})["slots"]
-            snapshots += [f"slot {s['slot']} step {s['step']}" for s in slots if s["status"] == "ok"]
-            try:
-                complete = client.request({"op": "ec_status"})["complete"]
-                snapshots += [f"erasure-coded buffer step {step}" for step in complete]
-            except ProtocolError:  # erasure coding is off in this snapshot process
-                pass
-        finally:
-            client.close()
-    newest = verify.newest_candidate(Path(ckpt_dir)) if ckpt_dir else None
-    return Holdings(snapshots=snapshots, checkpoint=str(newest) if newest else None)
-
-
-def job_holds_state(world: World, mine: Holdings, timeout_s: float) -> bool:
-    """True when any rank found something to restore. Collective: every rank gets the same answer, so that either
-    all of them call the (collective) restore or none does."""
-    if world.world_size == 1:
-        return mine.any()
-    flag = torch.tensor([1 if mine.any() else 0], dtype=torch.int64)
-    collectives.all_reduce(flag, group=None, timeout_s=timeout_s, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def resumed_plans(holds_state: bool, *, checkpointing: CheckpointOptions | None,
-                  snapshotting: SnapshotOptions | None, start_from: str | None, ckpt_dir: str | None
-                  ) -> tuple[CheckpointOptions | None, SnapshotOptions | None]:
-    """The checkpoint and snapshot settings of this start: restore through the snapshot process (which falls back to
-    ``latest`` of ``ckpt_dir``) when the job holds a state and snapshots are on; ``latest`` of ``ckpt_dir`` when
-    they are off; else ``start_from`` (``--resume DIR``) or step 0. Exactly one of the two restores at most."""
-    if snapshotting is not None:
-        snapshotting = dataclasses.replace(snapshotting, resume=holds_state)
-    resume = None
-    if holds_state and snapshotting is None:
-        resume = "latest"
-    elif not holds_state:
-        resume = start_from
-    if resume is None:
-        checkpointing = dataclasses.replace(checkpointing, resume=None) if checkpointing else None
-    else:
-        checkpointing = dataclasses.replace(checkpointing or CheckpointOptions(ckpt_dir=ckpt_dir), resume=resume)
-    return checkpointing, snapshotting
-
-
 def run_worker(job: Job) -> list[StepResult]:
     """One rank's run under torchrun: join the job, decide with the other ranks whether to restore, train."""
     options, config = job.options, job.config
@@ -197,7 +125,7 @@ def run_worker(job: Job) -> list[StepResult]:
     world = init_world(config=WorldConfig(backend=options.launch.backend, timeout_s=config.optim.timeout_s))
     try:
         mine = local_holdings(world.rank, address, ckpt_dir, options.snapshot.timeout_s)
-        holds = job_holds_state(world, mine, config.optim.timeout_s)
+        holds = job_holds_state(world.world_size, mine, config.optim.timeout_s)
         count = restart_count()
         if world.rank == 0:
             log(_start_line(holds, count, mine))

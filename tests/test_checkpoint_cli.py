@@ -102,7 +102,7 @@ def test_ckpt_on_error_is_checked_and_reaches_the_writer(tmp_path, capsys) -> No
     assert parse_options(["train"]).checkpoint.on_error == "continue"
     options = parse_options(["train", "--save-every", "2", "--ckpt-dir", str(tmp_path), "--ckpt-on-error", "stop"])
     assert options.checkpoint.on_error == "stop"
-    writer = attach_writer(Trainer(cw.config(1, steps=2)), options.checkpoint)
+    writer = attach_writer(Trainer(cw.config(1, steps=2)), options.checkpoint, final_step=2)
     assert writer is not None and writer.config.on_error == "stop"
     with pytest.raises(SystemExit):
         parse_options(["train", "--ckpt-on-error", "abort"])

@@ -1,4 +1,4 @@
-"""Unit tests for the GPT model (trainer/models.py) and the corpus and sampler (trainer/data.py)."""
+"""Unit tests for the GPT model (trainer/models.py) and the corpus and sampler (trainer/data/)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import pytest
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import MANIFEST_NAME
-from regrow.launch import torchrun
+from regrow.launch import holdings, torchrun
 from regrow.launch.chaos import plan as faults
 from regrow.launch.local.nodes import ADDRESS_ENV
 from regrow.launch.options import CheckpointOptions, SnapshotOptions
@@ -205,7 +205,7 @@ def test_worker_outside_torchrun_names_the_fix(monkeypatch, capsys) -> None:
 ])
 def test_each_start_restores_from_exactly_one_source(holds, snapshots, start_from, expected) -> None:
     snapshotting = SnapshotOptions(every=1, address="127.0.0.1:1") if snapshots else None
-    checkpointing, snapshotting = torchrun.resumed_plans(
+    checkpointing, snapshotting = holdings.resumed_plans(
         holds, checkpointing=CheckpointOptions(ckpt_dir="/ckpt", save_every=4), snapshotting=snapshotting,
         start_from=start_from, ckpt_dir="/ckpt")
     assert checkpointing is not None and checkpointing.save_every == 4

@@ -29,7 +29,7 @@ from regrow.trainer.data import DataConfig, DataCursor, Sampler
 from regrow.trainer.log import log_line
 from regrow.trainer.models import GPT, GPTConfig
 from regrow.trainer.restorable import OptimizerBackedRestore
-from regrow.trainer.state import RngState, ShardState, StateSink
+from regrow.trainer.state import RngState, ShardState, StateSink, optimizer_tensors
 from regrow.trainer.zero.config import ZeroConfig
 from regrow.trainer.zero.optimizer import ZeroOptimizer
 
@@ -295,7 +295,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
             raise ValueError("Trainer.restore: the state was saved at another layout; reshard it first")
         self.optimizer.discard_step()  # a step a failure interrupted may have left partial gradients
         self._boundary = None
-        self.optimizer.load_shard_tensors(state.tensors, state.step)
+        self.optimizer.load_shard_tensors(optimizer_tensors(state.tensors), state.step)
         self.sampler.load_state(DataCursor.from_dict(state.data_cursor))
         state.rng.restore()
         self.step = state.step

@@ -13,6 +13,8 @@ learning rate is a function of the step.
 - ``rng``: every random generator a rank draws from (torch CPU, each CUDA device, Python, NumPy).
 - ``data_cursor``: the sampler's position (``DataCursor.to_dict()``), taken at the step boundary.
 - ``tokens_seen``: tokens consumed by all ranks so far (for logs and throughput).
+- ``extra``: small JSON values: the lineage, and ``"user"``, the JSON part of a user loop's own state (a scheduler,
+  counters) whose tensors ride in ``tensors`` under keys starting :data:`USER_PREFIX` (``launch/guard.py``).
 
 Both directions have a contract here. Saving flows one way: the trainer hands every new state to its
 :class:`StateSink` objects. Restoring flows back one way too: the checkpoint tier only *produces* states (read
@@ -31,6 +33,20 @@ import torch
 
 if TYPE_CHECKING:
     from regrow.trainer.zero.layout import FlatLayout
+
+USER_PREFIX = "user/"
+"""Keys of ``ShardState.tensors`` that hold a user loop's own tensors (an EMA copy, say), not the optimizer's shard.
+Shard keys start with a state kind's name (``trainer/zero/shard.py``), never with this."""
+
+
+def optimizer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The optimizer shard of ``tensors`` (every key not under :data:`USER_PREFIX`), in order."""
+    return {key: value for key, value in tensors.items() if not key.startswith(USER_PREFIX)}
+
+
+def user_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The user loop's tensors of ``tensors`` (keys under :data:`USER_PREFIX`), in order."""
+    return {key: value for key, value in tensors.items() if key.startswith(USER_PREFIX)}
 
 
 @dataclass

@@ -38,6 +38,7 @@ from regrow.checkpoint.universal.format import (
     temp_dir_name,
     tensor_file,
 )
+from regrow.checkpoint.universal.user_part import entry_from_marker
 from regrow.trainer.zero.codes import CODE_MAP_VERSION
 from regrow.trainer.zero.layout import FlatLayout
 
@@ -133,6 +134,7 @@ def build_manifest(target: SaveTarget, markers: dict[int, dict], *, layout: dict
         layout=layout, config=run_config, params=params, tensors=tensors, rng=rng,
         code_map_version=CODE_MAP_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
         writer={"session": target.session, "torch": torch.__version__},
+        user=entry_from_marker(markers.get(0, {}).get("user")),
     )
 
 

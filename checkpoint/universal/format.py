@@ -6,7 +6,9 @@ A checkpoint is a directory ``CKPT_ROOT/step_00000123/`` holding
   config, every parameter (name, shape, state bits) and every tensor file (parameter, kind, dtype, shape, byte size
   and the crc32 of each stored chunk), and the RNG files;
 - ``params/<parameter name>/<kind>.bin``: one raw little-endian array per parameter per state kind;
-- ``rng/rank_00000.json`` (+ ``.bin`` for tensor-valued states such as torch's CPU generator), one pair per saving rank.
+- ``rng/rank_00000.json`` (+ ``.bin`` for tensor-valued states such as torch's CPU generator), one pair per saving rank;
+- optionally ``user/state.json`` and ``user/tensor_00000.bin``, ...: a user loop's own state (``launch/guard.py``),
+  the same on every rank and written once, by rank 0 (``user_part.py``).
 
 Nothing is pickled: loading reads JSON and raw bytes only. ``docs/checkpoint-format.md`` is the prose version of
 this module; keep the two in step (and bump :data:`FORMAT_VERSION` on any incompatible change).
@@ -37,6 +39,12 @@ TEMP_PREFIX = ".tmp_"
 PARTS_DIR = "parts"
 RNG_DIR = "rng"
 PARAMS_DIR = "params"
+USER_DIR = "user"
+USER_DTYPES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int16": 2,
+               "int8": 1, "uint8": 1, "bool": 1}
+"""The dtypes a user loop's tensor may have in a checkpoint, with their item sizes (a snapshot segment's)."""
+MAX_USER_JSON_BYTES = 16 << 20
+"""Largest ``user/state.json`` (a schedule and counters take a few hundred bytes)."""
 
 if sys.byteorder != "little":  # the files are little-endian and written straight from memory
     raise ImportError("regrow checkpoints are little-endian raw arrays; this big-endian host cannot write them as is")
@@ -236,6 +244,27 @@ class RngEntry:
 
 
 @dataclass
+class UserTensorEntry:
+    """One tensor of a user loop's state: its key in ``ShardState.tensors`` (``user/...``), file, dtype, shape and
+    chunk checksums (tiling ``[0, nbytes)``)."""
+
+    key: str
+    file: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    chunks: list[Chunk]
+
+
+@dataclass
+class UserEntry:
+    """A user loop's own state: its JSON part (``ShardState.extra["user"]``) in a small file, and its tensors."""
+
+    state: FileEntry
+    tensors: list[UserTensorEntry]
+
+
+@dataclass
 class Manifest:
     """Everything about a checkpoint except the tensor bytes. See ``docs/checkpoint-format.md``; a manifest read
     from disk comes from ``manifest_parse.parse_manifest``, which checks every field and that the entries agree."""
@@ -255,9 +284,14 @@ class Manifest:
     byte_order: str = "little"
     created: str = ""
     writer: dict[str, Any] = field(default_factory=dict)
+    user: UserEntry | None = None
+    """The user loop's state (None: the run had none; every ``Trainer`` run)."""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        data = asdict(self)
+        if data["user"] is None:  # a run without user state writes exactly what earlier versions of regrow read
+            del data["user"]
+        return json.dumps(data, indent=1)
 
     def param(self, name: str) -> ParamEntry:
         for entry in self.params:

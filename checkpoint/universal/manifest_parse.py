@@ -30,6 +30,9 @@ from regrow.checkpoint.universal.format import (
     KINDS,
     KINDS_BY_BITS,
     MANIFEST_NAME,
+    MAX_USER_JSON_BYTES,
+    USER_DIR,
+    USER_DTYPES,
     Chunk,
     CorruptCheckpoint,
     FileEntry,
@@ -38,6 +41,8 @@ from regrow.checkpoint.universal.format import (
     RngEntry,
     TensorEntry,
     UnsupportedFormatVersion,
+    UserEntry,
+    UserTensorEntry,
 )
 from regrow.trainer.zero.layout import BLOCK_SIZE
 
@@ -198,12 +203,57 @@ def _rng(data: object, path: str, index: int) -> RngEntry:
                     bin=_small_file(entry.get("bin"), entry.name("bin")))
 
 
+def _user_tensor(data: object, path: str) -> UserTensorEntry:
+    entry = _Object(data, path, ("key", "file", "dtype", "shape", "nbytes", "chunks"))
+    key = entry.text("key")
+    if not key.startswith(f"{USER_DIR}/") or len(key.encode()) > MAX_NAME_BYTES:
+        raise _FieldError(f"{entry.name('key')}={_show(key)} must start with '{USER_DIR}/' and be at most "
+                          f"{MAX_NAME_BYTES} bytes")
+    file = entry.file("file")
+    if not file.startswith(f"{USER_DIR}/"):
+        raise _FieldError(f"{entry.name('file')}={_show(file)} must lie under {USER_DIR}/")
+    dtype, shape = entry.choice("dtype", tuple(USER_DTYPES)), _shape(entry, "shape")
+    nbytes = entry.integer("nbytes")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if numel * USER_DTYPES[dtype] != nbytes:
+        raise _FieldError(f"{entry.name('nbytes')}={nbytes}, but shape {shape} of {dtype} needs "
+                          f"{numel * USER_DTYPES[dtype]}")
+    chunks = [_chunk(c, f"{path}.chunks[{i}]") for i, c in enumerate(entry.items("chunks"))]
+    position = 0
+    for chunk in chunks:
+        position = chunk.end if chunk.offset == position else -1
+    if position != nbytes:
+        raise _FieldError(f"{entry.name('chunks')} do not tile the {nbytes} bytes of {file} (sorted, without gaps "
+                          "or overlaps)")
+    return UserTensorEntry(key=key, file=file, dtype=dtype, shape=shape, nbytes=nbytes, chunks=chunks)
+
+
+def _user(data: object) -> UserEntry | None:
+    """The optional user-state entry (``user_part.py``); None when the manifest has none."""
+    if data is None:
+        return None
+    entry = _Object(data, "user", ("state", "tensors"))
+    state = _Object(entry.get("state"), entry.name("state"), ("file", "nbytes", "crc32"))
+    file = state.file("file")
+    if not file.startswith(f"{USER_DIR}/"):
+        raise _FieldError(f"{state.name('file')}={_show(file)} must lie under {USER_DIR}/")
+    small = FileEntry(file=file, nbytes=state.integer("nbytes", maximum=MAX_USER_JSON_BYTES),
+                      crc32=state.integer("crc32", maximum=_CRC_LIMIT))
+    tensors = [_user_tensor(t, f"user.tensors[{i}]") for i, t in enumerate(entry.items("tensors"))]
+    keys = [t.key for t in tensors]
+    if len(set(keys)) != len(keys):
+        raise _FieldError("user.tensors names one key twice")
+    return UserEntry(state=small, tensors=tensors)
+
+
 def _counters(value: dict, name: str) -> dict[str, int]:
     return {key: _integer(count, f"{name}.{key}", 0, MAX_COUNT) for key, count in value.items()}
 
 
 _TOP = ("format_version", "step", "tokens_seen", "data_cursor", "world_size", "layout", "config", "params", "tensors",
-        "rng", "code_map_version", "block_size", "byte_order", "created", "writer")
+        "rng", "code_map_version", "block_size", "byte_order", "created", "writer", "user")
 
 
 def _manifest(data: object) -> Manifest:
@@ -220,7 +270,7 @@ def _manifest(data: object) -> Manifest:
         code_map_version=top.text("code_map_version"),
         block_size=top.choice("block_size", (BLOCK_SIZE,), default=BLOCK_SIZE),
         byte_order=top.choice("byte_order", ("little",), default="little"), created=top.text("created", default=""),
-        writer=top.mapping("writer", default={}),
+        writer=top.mapping("writer", default={}), user=_user(top.get("user", None)),
     )
 
 
@@ -265,6 +315,8 @@ def consistency_problems(manifest: Manifest) -> list[str]:
     kinds: dict[str, set[str]] = {}
     files: set[str] = set()
     named = [t.file for t in manifest.tensors] + [f.file for r in manifest.rng for f in (r.json, r.bin)]
+    if manifest.user is not None:
+        named += [manifest.user.state.file] + [t.file for t in manifest.user.tensors]
     for name in named:
         if name in files:
             problems.append(f"{MANIFEST_NAME}: {name} is named by two entries")

@@ -28,12 +28,14 @@ from regrow.checkpoint.universal.format import (
     Chunk,
     FileEntry,
     RngEntry,
+    UserEntry,
     rank_file,
     shard_key,
     tensor_file,
 )
 from regrow.checkpoint.universal.pieces import rank_pieces
-from regrow.trainer.state import RngState, ShardState
+from regrow.checkpoint.universal.user_part import marker_form, write_user_part
+from regrow.trainer.state import RngState, ShardState, user_tensors
 from regrow.trainer.zero.layout import FlatLayout
 
 
@@ -43,6 +45,8 @@ class Part:
 
     chunks: dict[str, list[Chunk]] = field(default_factory=dict)
     rng: RngEntry | None = None
+    user: UserEntry | None = None
+    """Rank 0's only: the user loop's state (``user_part.py``), when the run has one."""
 
 
 RangeWriter = Callable[[Path, torch.Tensor, int], list[Chunk]]
@@ -119,6 +123,11 @@ class PartWriter:
             entries.append(FileEntry(file=name, nbytes=len(data), crc32=zlib.crc32(data)))
         return RngEntry(rank=rank, json=entries[0], bin=entries[1])
 
+    def write_user(self, temp: Path, tree: dict, tensors: Mapping[str, torch.Tensor]) -> UserEntry:
+        """Writes the user loop's state under ``temp`` (rank 0's part only); returns its manifest entry."""
+        return write_user_part(temp, tree, tensors, chunk_bytes=self.chunk_bytes, fsync=self.fsync,
+                               pwrite=self.pwrite)
+
     def write_marker(self, temp: Path, *, rank: int, step: int, session: str, part: Part, error: str | None,
                      extra: dict | None = None) -> None:
         """Drops ``parts/rank_XXXXX.json`` under ``temp``: ``rank`` is done with the save (``error`` None) or gave
@@ -130,6 +139,7 @@ class PartWriter:
             "error": error,
             "chunks": {name: [[c.offset, c.length, c.crc32] for c in chunks] for name, chunks in part.chunks.items()},
             "rng": asdict(part.rng) if part.rng else None,
+            "user": marker_form(part.user) if part.user else None,
             **(extra or {}),
         }
         folder = temp / PARTS_DIR
@@ -149,6 +159,16 @@ def _naming(path: Path) -> Iterator[None]:
         raise
 
 
+def write_user_of(parts: PartWriter, temp: Path, rank: int, tree: dict | None,
+                  tensors: Mapping[str, torch.Tensor]) -> UserEntry | None:
+    """Rank 0 writes the user loop's state of a save (``tree``: ``ShardState.extra["user"]``, its tensors under
+    ``USER_PREFIX`` of ``tensors``); every other rank, or a run without user state, writes nothing."""
+    own = user_tensors(dict(tensors))
+    if rank != 0 or (tree is None and not own):
+        return None
+    return parts.write_user(temp, tree or {}, own)
+
+
 def write_part(parts: PartWriter, temp: Path, state: ShardState, *, session: str,
                write_range: RangeWriter | None = None, marker_extra: dict | None = None) -> tuple[Part, str | None]:
     """Writes ``state.rank``'s whole part of the save of ``state.step`` under ``temp`` and its marker (also when
@@ -158,6 +178,7 @@ def write_part(parts: PartWriter, temp: Path, state: ShardState, *, session: str
     try:
         part.chunks = parts.write_shard(temp, state.layout, state.rank, state.tensors, write_range)
         part.rng = parts.write_rng(temp, state.rank, state.rng)
+        part.user = write_user_of(parts, temp, state.rank, state.extra.get("user"), state.tensors)
     except BaseException as caught:  # noqa: BLE001 (any failure is this save's failure, never the caller's)
         error = f"{type(caught).__name__}: {caught}"
     try:

@@ -20,7 +20,6 @@ verify) is ``load.py``'s; this module reads one checkpoint into one rank's :clas
 
 from __future__ import annotations
 
-import bisect
 import json
 import zlib
 from pathlib import Path
@@ -44,10 +43,11 @@ from regrow.checkpoint.universal.format import (
     CorruptCheckpoint,
     KindSpec,
     Manifest,
-    TensorEntry,
     shard_key,
 )
 from regrow.checkpoint.universal.pieces import ParamPiece, rank_pieces
+from regrow.checkpoint.universal.user_part import load_user
+from regrow.checkpoint.universal.verified_read import VerifiedFile
 from regrow.trainer.data import DataCursor
 from regrow.trainer.state import RngState, ShardState
 from regrow.trainer.zero.codes import CODE_MAP_VERSION, dequantize_blockwise, dynamic_code_map, quantize_blockwise
@@ -72,49 +72,6 @@ def check_model(manifest: Manifest, layout: FlatLayout, where: str) -> None:
         raise CheckpointMismatch(where, problems)
 
 
-class _VerifiedFile:
-    """Reads byte ranges of one tensor file (opened as ``confined.py`` allows), checking the crc32 of every stored
-    chunk it touches and that the chunks cover the whole range."""
-
-    def __init__(self, ckpt: Path, entry: TensorEntry) -> None:
-        self.ckpt, self.entry = ckpt, entry
-        self.starts = [chunk.offset for chunk in entry.chunks]
-
-    def read(self, first: int, last: int, out: memoryview) -> int:
-        """Bytes ``[first, last)`` into ``out`` (``last - first`` bytes); returns the bytes read from the file.
-        Chunks inside the range are read in place; a chunk that sticks out is read whole into scratch (its checksum
-        covers all of it; its length is at most the file's, which was checked) and the overlap copied, so a rank
-        reads at most two chunks more than its range."""
-        read, covered = 0, first
-        with confined.open_regular(self.ckpt, self.entry.file) as (fd, _):
-            index = max(0, bisect.bisect_right(self.starts, first) - 1)
-            for chunk in self.entry.chunks[index:]:
-                if chunk.offset >= last:
-                    break
-                if chunk.offset >= first and chunk.end <= last:
-                    view = out[chunk.offset - first : chunk.end - first]
-                    self._pread_checked(fd, view, chunk.offset, chunk.crc32)
-                else:
-                    scratch = memoryview(bytearray(chunk.length))
-                    self._pread_checked(fd, scratch, chunk.offset, chunk.crc32)
-                    low, high = max(first, chunk.offset), min(last, chunk.end)
-                    out[low - first : high - first] = scratch[low - chunk.offset : high - chunk.offset]
-                covered = chunk.end if chunk.offset <= covered else covered
-                read += chunk.length
-        if covered < last:  # never hand out bytes no chunk holds (the buffer is uninitialised memory)
-            raise CorruptCheckpoint(str(self.ckpt), [f"{self.entry.file}: bytes {covered}-{last} are in no chunk"])
-        return read
-
-    def _pread_checked(self, fd: int, view: memoryview, offset: int, crc: int) -> None:
-        done = confined.pread_exact(fd, view, offset)
-        if done != len(view):
-            raise CorruptCheckpoint(str(self.ckpt), [f"{self.entry.file}: bytes {offset}-{offset + len(view)} "
-                                                     f"are truncated (the file ends at {offset + done})"])
-        if zlib.crc32(view) != crc:
-            raise CorruptCheckpoint(str(self.ckpt), [f"{self.entry.file}: bytes {offset}-{offset + len(view)} fail "
-                                                     "their checksum"])
-
-
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.numpy()).cast("B")
 
@@ -135,7 +92,7 @@ class ParamReader:
         first, last = piece.file_span(kind)
         out = torch.empty(last - first, dtype=kind.torch_dtype)
         entry = self.entries[(piece.param, kind.name)]
-        self.bytes_read += _VerifiedFile(self.ckpt, entry).read(first * kind.itemsize, last * kind.itemsize,
+        self.bytes_read += VerifiedFile(self.ckpt, entry).read(first * kind.itemsize, last * kind.itemsize,
                                                                  _bytes_of(out))
         return out
 
@@ -144,7 +101,7 @@ class ParamReader:
         first, last = piece.file_span(kind)
         start, stop = piece.shard_span(kind)
         entry = self.entries[(piece.param, kind.name)]
-        self.bytes_read += _VerifiedFile(self.ckpt, entry).read(first * kind.itemsize, last * kind.itemsize,
+        self.bytes_read += VerifiedFile(self.ckpt, entry).read(first * kind.itemsize, last * kind.itemsize,
                                                                  _bytes_of(shard[start:stop]))
 
     def fill(self, piece: ParamPiece, target_bits: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -225,7 +182,13 @@ def load_state(ckpt: Path, layout: FlatLayout, rank: int) -> tuple[ShardState, M
     except ValueError as error:
         raise CorruptCheckpoint(str(ckpt), [f"{MANIFEST_NAME}: data_cursor: {error}"]) from error
     tensors, bytes_read = load_shard(ckpt, manifest, layout, rank)
+    extra: dict = {}
+    if manifest.user is not None:  # a user loop's own state, the same for every rank (``user_part.py``)
+        extra["user"], user = load_user(ckpt, manifest)
+        tensors.update(user)
+        bytes_read += sum(t.nbytes for t in manifest.user.tensors)
+    extra["bytes_read"] = bytes_read
     state = ShardState(step=manifest.step, tensors=tensors, layout=layout.to_dict(), rank=rank,
                        rng=load_rng(ckpt, manifest, rank), data_cursor=dict(manifest.data_cursor),
-                       tokens_seen=manifest.tokens_seen, extra={"bytes_read": bytes_read})
+                       tokens_seen=manifest.tokens_seen, extra=extra)
     return state, manifest

@@ -51,6 +51,10 @@ def _listed(manifest: Manifest) -> list[tuple[str, int, list[Chunk]]]:
     files = [(t.file, t.nbytes, t.chunks) for t in manifest.tensors]
     files += [(f.file, f.nbytes, [Chunk(offset=0, length=f.nbytes, crc32=f.crc32)])
               for r in manifest.rng for f in (r.json, r.bin)]
+    if manifest.user is not None:
+        state = manifest.user.state
+        files.append((state.file, state.nbytes, [Chunk(offset=0, length=state.nbytes, crc32=state.crc32)]))
+        files += [(t.file, t.nbytes, t.chunks) for t in manifest.user.tensors]
     return files
 
 

@@ -52,7 +52,7 @@ from regrow.checkpoint.universal.commit import (
     remove_older_temporaries,
 )
 from regrow.checkpoint.universal.format import Chunk, Manifest, RngEntry, step_dir_name, temp_dir_name
-from regrow.checkpoint.universal.part_writer import Part, PartWriter
+from regrow.checkpoint.universal.part_writer import Part, PartWriter, write_user_of
 from regrow.comm import collectives
 from regrow.trainer.checks import require_ints
 from regrow.trainer.log import log_line
@@ -129,6 +129,8 @@ class PendingSave:
     copy: HostCopy
     started: float
     temp: Path
+    user: dict | None = None
+    """The user loop's JSON state (``ShardState.extra["user"]``); its tensors are in ``copy`` under ``user/``."""
     thread: threading.Thread | None = None
     mutation_pending: bool = True
 
@@ -240,7 +242,7 @@ class CheckpointWriter:
             return False
         save = PendingSave(step=state.step, layout=state.layout, rng=state.rng, data_cursor=dict(state.data_cursor),
                      tokens_seen=state.tokens_seen, copy=copy, started=time.perf_counter(),
-                     temp=self.root / temp_dir_name(state.step, self.session))
+                     temp=self.root / temp_dir_name(state.step, self.session), user=state.extra.get("user"))
         save.thread = threading.Thread(target=self._persist, args=(save,), daemon=True,
                                        name=f"regrow-ckpt-persist-step{state.step}")
         self._inflight = save
@@ -270,6 +272,7 @@ class CheckpointWriter:
                 self._io_fault(save.step)
             part.chunks = self.write_shard(save)
             part.rng = self.write_rng(save)
+            part.user = write_user_of(self._parts(), save.temp, self.rank, save.user, save.copy.buffers)
         except BaseException as caught:  # any failure is this save's failure, never the training's
             error = f"{type(caught).__name__}: {caught}"
         finally:

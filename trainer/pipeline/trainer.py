@@ -39,7 +39,7 @@ from regrow.trainer.pipeline.p2p import Transfers, activation_tag, gradient_tag
 from regrow.trainer.pipeline.schedule import FORWARD, build_schedule, routes
 from regrow.trainer.pipeline.shared import norm_skip, shared_params, stage_roles, sum_shared_grads
 from regrow.trainer.restorable import OptimizerBackedRestore
-from regrow.trainer.state import RngState, ShardState, StateSink
+from regrow.trainer.state import RngState, ShardState, StateSink, optimizer_tensors
 from regrow.trainer.zero.optimizer import ZeroOptimizer
 from regrow.trainer.zero.shard import MASTER, shard_key
 
@@ -278,7 +278,7 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
                              f"this rank holds stage {self.stage}")
         self.optimizer.discard_step()
         self._boundary = None
-        self.optimizer.load_shard_tensors(state.tensors, int(state.extra.get("optimizer_steps", state.step)))
+        self.optimizer.load_shard_tensors(optimizer_tensors(state.tensors), int(state.extra.get("optimizer_steps", state.step)))
         self.sampler.load_state(DataCursor.from_dict(state.data_cursor))
         state.rng.restore()
         self.step = state.step

@@ -18,12 +18,14 @@ update (``adamw.py``), each rank's new parameters are all-gathered into every ra
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections import OrderedDict
+from collections.abc import Callable, Collection
 from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from regrow.comm import collectives
 from regrow.trainer.zero.config import DTYPES, ZeroConfig, state_kind_rule
@@ -97,6 +99,8 @@ class ZeroOptimizer:
         self.last_grad_norm = float("nan")
         self.last_group_grad_norm = float("nan")
         self.last_clip_coefficient = 1.0
+        # An OrderedDict, not a dict: torch's RemovableHandle keeps a weak reference to it.
+        self._step_pre_hooks: OrderedDict[int, Callable[[], None]] = OrderedDict()
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -117,6 +121,14 @@ class ZeroOptimizer:
         self.norm_group = None
 
     # ---------------------------------------------------------------- the step
+    def register_step_pre_hook(self, hook: Callable[[], None]) -> RemovableHandle:
+        """Calls ``hook()`` first thing in every :meth:`step`, before the shard changes (a snapshot or checkpoint
+        copy of the previous state still in flight waits there). Returns a handle whose ``remove()`` unregisters
+        it, as torch's optimizer hooks do."""
+        handle = RemovableHandle(self._step_pre_hooks)
+        self._step_pre_hooks[handle.id] = hook
+        return handle
+
     def set_lr(self, lr: float) -> None:
         """Sets the learning rate used by the next ``step()``."""
         if not (lr >= 0 and math.isfinite(lr)):
@@ -129,6 +141,8 @@ class ZeroOptimizer:
 
         Call once per optimizer step after the last backward of the step, on every rank of the group.
         """
+        for hook in list(self._step_pre_hooks.values()):
+            hook()
         self._reducer.finish()
         coefficient = self._clip_coefficient()
         self.last_clip_coefficient = coefficient
