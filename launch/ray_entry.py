@@ -3,8 +3,8 @@
     regrow ray --address auto --workers 8 --ranks-per-node 4 --ec-group-size 2 --snapshot-every 1 \\
         --save-every 200 --ckpt-dir /shared/ckpt --entry examples.own_loop_ray:train --entry-kwargs '{"steps": 1000}'
 
-Every worker actor calls the function once its process group is up (``regrow.init_world()`` finds it), with the
-Guard's settings as JSON in ``REGROW_GUARD`` and its node's snapshot process in ``REGROW_SNAPSHOT_ADDRESS``; the
+Every worker actor calls the function once its process group is up (``regrow.join_world()`` finds it), with the
+Guard's settings as JSON in ``REGROW_GUARD`` (``GuardConfig.to_env``) and its node's snapshot process in ``REGROW_SNAPSHOT_ADDRESS``; the
 Guard the function creates restores and snapshots. After a failure the coordinator heals the job as for regrow's
 own trainer and every rank calls the function again from the top (``recovery/ray/entry_worker.py``). The run ends
 when the function has returned on every rank of one generation.
@@ -23,6 +23,7 @@ from typing import Any
 
 from regrow.launch.chaos.records import RestoreLog
 from regrow.launch.chaos.report import finished_step
+from regrow.launch.guard import GuardConfig
 from regrow.launch.job import Job
 from regrow.launch.local.attempts import ATTEMPT_ENV, RUN_DIR_ENV
 from regrow.launch.local.nodes import ADDRESS_ENV
@@ -31,9 +32,6 @@ from regrow.recovery.ray.coordinator import Coordinator, CoordinatorConfig
 from regrow.recovery.ray.entry import EntryCall, EntryPoint, check_entry
 from regrow.recovery.ray.job import Outcome
 from regrow.recovery.ray.worker import WorkerSpec
-
-GUARD_ENV = "REGROW_GUARD"
-"""The Guard's settings, a JSON object, in every worker's environment."""
 
 FRESH_START = "none: started at step 0"
 """The source of a rank whose Guard found nothing to restore."""
@@ -69,22 +67,24 @@ class EntryResult:
 
 class EntryJob:
     """The user's function on the Ray cluster ``ray`` is connected to, one worker per rank of ``config``. ``guard``:
-    the Guard's settings (``snapshot_every``, ``save_every``, ``ckpt_dir``, ``keep_last``, ``on_error``,
-    ``timeout_s``); the coordinator starts a snapshot process per node when ``snapshot_every`` > 0. ``env``: more
-    environment for every worker (e.g. a fault plan's, ``chaos.plan.plan_env``). Checks the entry point here, before
-    any actor starts (``EntryError``). :attr:`coordinator` is there to be watched or acted on (a test removes the
-    node of one of its ranks) while :meth:`run` runs."""
+    the settings of the Guard the function creates (``GuardConfig.from_env`` reads them in the workers); the
+    coordinator starts a snapshot process per node when ``guard.snapshot_every`` > 0, and each rank uses its node's
+    (so ``guard.snapshot_address`` must stay None). ``env``: more environment for every worker (e.g. a fault plan's,
+    ``chaos.plan.plan_env``). Checks the entry point here, before any actor starts (``EntryError``). The
+    :attr:`coordinator` is there to be watched or acted on (a test removes the node of one of its ranks) while
+    :meth:`run` runs."""
 
-    def __init__(self, entry: EntryPoint, config: CoordinatorConfig, *, guard: dict[str, Any], device: str = "cpu",
+    def __init__(self, entry: EntryPoint, config: CoordinatorConfig, *, guard: GuardConfig, device: str = "cpu",
                  env: dict[str, str] | None = None, log: Callable[[str], None] | None = None,
                  on_event: Callable[[dict], None] | None = None) -> None:
+        if guard.snapshot_address is not None:
+            raise ValueError(f"GuardConfig.snapshot_address={guard.snapshot_address!r}: under Ray every rank uses "
+                             "its own node's snapshot process, which the coordinator starts; leave it None")
         check_entry(entry)
-        # The workers' own limit (forming a process group) is the Guard's when it has one.
-        limits = {"timeout_s": float(guard["timeout_s"])} if guard.get("timeout_s") is not None else {}
         spec = WorkerSpec(entry=dataclasses.replace(entry, environment=call_environment), world_size=config.workers,
-                          device=device, snapshot_every=int(guard.get("snapshot_every", 0)),
-                          ckpt_dir=guard.get("ckpt_dir"), **limits)
-        self.coordinator = Coordinator(config, spec, env={**(env or {}), GUARD_ENV: json.dumps(guard)}, log=log,
+                          device=device, snapshot_every=guard.snapshot_every, ckpt_dir=guard.ckpt_dir,
+                          timeout_s=guard.timeout_s)
+        self.coordinator = Coordinator(config, spec, env={**(env or {}), **guard.to_env()}, log=log,
                                        on_event=on_event)
 
     def run(self) -> EntryResult:
@@ -134,11 +134,11 @@ def _restored(records: dict[str, Any], generation: int, rank: int) -> tuple[int 
     return None, ""
 
 
-def guard_settings(job: Job) -> dict[str, Any]:
-    """The Guard's settings of a ``regrow ray --entry`` command line (its ``timeout_s`` stays the Guard's)."""
+def guard_config(job: Job) -> GuardConfig:
+    """The Guard's settings of a ``regrow ray --entry`` command line."""
     checkpoint = job.options.checkpoint
-    return {"snapshot_every": job.options.ray.snapshot_every, "save_every": checkpoint.save_every,
-            "ckpt_dir": checkpoint.ckpt_dir, "keep_last": checkpoint.keep_last, "on_error": checkpoint.on_error}
+    return GuardConfig(snapshot_every=job.options.ray.snapshot_every, save_every=checkpoint.save_every,
+                       ckpt_dir=checkpoint.ckpt_dir, keep_last=checkpoint.keep_last, on_error=checkpoint.on_error)
 
 
 def run_command(job: Job, config: CoordinatorConfig, env: dict[str, str]) -> int:
@@ -147,7 +147,7 @@ def run_command(job: Job, config: CoordinatorConfig, env: dict[str, str]) -> int
     options = job.options
     entry = EntryPoint.for_driver(str(options.ray.entry), options.ray.entry_arguments())
     device = "cuda" if options.ray.gpus_per_worker else "cpu"
-    result = EntryJob(entry, config, guard=guard_settings(job), device=device, env=env).run()
+    result = EntryJob(entry, config, guard=guard_config(job), device=device, env=env).run()
     print(f"regrow ray: {entry.target} returned on all {len(result.returns)} ranks with {result.failures} "
           f"failure(s) healed")
     for row in result.recoveries:

@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from regrow.launch.chaos.records import RestoreLog
+from regrow.launch.guard import GUARD_ENV
 from regrow.launch.local.attempts import ATTEMPT_ENV, RUN_DIR_ENV
 from regrow.launch.local.nodes import ADDRESS_ENV
 from regrow.launch.local.watchdog import Heartbeat
-from regrow.launch.ray_entry import GUARD_ENV
 from regrow.recovery.order import JobRestore, Source
 
 

@@ -1,11 +1,12 @@
-"""``regrow ray`` from the command line: a local Ray instance with a killed rank (regrow's trainer, and a function of
-your own with ``--entry``), and an unreachable cluster."""
+"""``regrow ray`` from the command line: a local Ray instance with a killed rank (regrow's trainer, and your own loop
+with ``--entry``), and an unreachable cluster."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ pytest.importorskip("ray")
 
 from regrow.launch import cli  # noqa: E402
 
-ENTRY = "regrow.tests.ray_entry_workers"
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--workers", "2", "--preset", "tiny", "--steps", "6", "--global-batch", "4", "--micro-batch", "2",
          "--log-every", "0"]
 
@@ -65,15 +66,20 @@ def test_regrow_ray_refuses_nan_and_infinite_amounts_before_starting_ray(flag: s
 
 
 @pytest.mark.timeout(300)
-def test_regrow_ray_entry_on_a_local_instance_prints_and_reports_every_rank(tmp_path) -> None:
-    """The command line: two workers on a local Ray instance, rank 1 lost in generation 0 (--max-restarts 1)."""
+def test_regrow_ray_entry_runs_the_own_loop_example_and_heals_a_killed_rank(tmp_path) -> None:
+    """The example's command line: two workers on a local Ray instance run ``examples/own_loop_ray.py``'s loop; the
+    fault plan reaches the Guard in the function, which kills rank 1 at step 3; every rank calls the loop again and
+    restores from the snapshots; each rank's return value and the recovery are printed and reported."""
     report = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "regrow", "ray", "--address", "local", "--workers", "2",
-                           "--max-restarts", "1", "--entry", f"{ENTRY}:report_place",
-                           "--entry-kwargs", json.dumps({"steps": 2, "die": "1:0"}), "--report", str(report)],
-                          capture_output=True, text=True, timeout=280)
+                           "--snapshot-every", "1", "--max-restarts", "1", "--fault", "kill-rank:1@3",
+                           "--entry", "examples.own_loop_ray:train", "--entry-kwargs", '{"steps": 4}',
+                           "--report", str(report)], cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"{ENTRY}:report_place returned on all 2 ranks with 1 failure(s) healed" in done.stdout
-    assert "generation 1: restored step 1 (snapshot: ranks [0, 1]), 0 step(s) trained again" in done.stdout
+    assert "examples.own_loop_ray:train returned on all 2 ranks with 1 failure(s) healed" in done.stdout
     written = json.loads(report.read_text())
-    assert [value["generation"] for value in written["returns"]] == [1, 1] and written["failures"] == 1
+    assert [value["step"] for value in written["returns"]] == [4, 4] and written["failures"] == 1
+    (recovery,) = written["recoveries"]
+    assert recovery["sources"] == {"snapshot": [0, 1]} and recovery["steps_lost"] == 0, recovery
+    assert f"generation 1: restored step {recovery['restored_step']} (snapshot: ranks [0, 1]), 0 step(s) trained " \
+           "again" in done.stdout

@@ -123,13 +123,14 @@ class Coordinator:
         if self.config.elastic_wait_s:
             raise CoordinatorError("elastic mode (CoordinatorConfig.elastic_wait_s > 0) is not available with an "
                                    "entry point: the user's function sets its own batch and ranks")
-        return self._run(0, resume=False, collect=self._collect_returns)
+        return self._run(None, resume=False, collect=self._collect_returns)
 
-    def _run(self, steps: int, *, resume: bool, collect: Callable[[Outcome], None] | None) -> Outcome:
-        """The loop of :meth:`run` and :meth:`run_entry`: ``collect`` fills the outcome in once every rank is
-        done."""
-        outcome = Outcome(steps=steps, failures=0)
-        self.event("start", workers=self.config.workers, steps=steps)
+    def _run(self, steps: int | None, *, resume: bool, collect: Callable[[Outcome], None] | None) -> Outcome:
+        """The loop of :meth:`run` (to step ``steps``) and :meth:`run_entry` (``steps`` None: until the function
+        returns); ``collect`` fills the outcome in once every rank is done."""
+        outcome = Outcome(steps=steps or 0, failures=0)
+        goal = {"steps": steps} if steps is not None else {"entry": self.spec.entry.target if self.spec.entry else ""}
+        self.event("start", workers=self.config.workers, **goal)
         try:
             self._generations.open()
             self._placement.reserve()
@@ -138,12 +139,13 @@ class Coordinator:
             self._hosts.place(self._job.nodes())
             self._generations.form(resume=resume, outcome=outcome)
             while True:
-                failed = self._watch.train_until(steps, outcome)
+                failed = self._watch.train_until(steps or 0, outcome)
                 if failed is None:
                     break
                 self._job.count_failure(self.config.max_restarts)
                 self._healer.heal(failed, outcome)
-            self.event("finished", step=steps, failures=self.failures, seconds=round(self.elapsed(), 3))
+            reached = {"step": steps} if steps is not None else {}
+            self.event("finished", **reached, failures=self.failures, seconds=round(self.elapsed(), 3))
             outcome.failures = self.failures
             if collect is not None:
                 collect(outcome)
