@@ -12,7 +12,9 @@ the newest common step when that is impossible), and training goes on.
 
 Contract: ``join`` before anything else and after every failure (it forms generation ``g`` of the process group
 from the coordinator's store, under the prefix ``generation-g``); ``prepare`` once per generation (restore, sinks);
-``train(until)`` runs steps until ``trainer.step == until`` or a failure.
+``train(until)`` runs steps until ``trainer.step == until`` or a failure. What every worker actor does whatever it
+runs (its place, heartbeat and abort, adoption, joining and leaving a generation) is ``member.GroupMember``'s; the
+actor of entry-point mode, which runs a user's function instead of a trainer, is ``entry_worker.EntryWorker``.
 """
 
 from __future__ import annotations
