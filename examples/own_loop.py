@@ -55,8 +55,9 @@ class WarmupCosine:
         self.optimizer.set_lr(self.lr(self.last_step))
 
 
-def train(steps: int = 12, out: str | None = None, seq_len: int = 32) -> dict:
-    """The whole loop (also the Ray entry point). Returns the final step, loss and token count."""
+def train(steps: int = 12, out: str | None = None, seq_len: int = 32, stop_after: int = 0) -> dict:
+    """The whole loop (also the Ray entry point). ``stop_after``: leave after this step, as a preempted job would
+    (a later start with the same ``steps`` resumes from what was saved). Returns the step, loss and token count."""
     world = regrow.join_world()
     torch.manual_seed(0)
     model = build(seq_len=seq_len).to(world.device)
@@ -87,6 +88,9 @@ def train(steps: int = 12, out: str | None = None, seq_len: int = 32) -> dict:
         counters["loss"] = float(loss.item() * sampler.grad_accum)
         if out:
             _record(Path(out), world.rank, step, seen[step])
+        if step == stop_after:
+            break
+    guard.close()
     if out:
         final = {f"shard/{k}": v for k, v in optimizer.shard_tensors().items()}
         final.update({f"ema/{k}": v for k, v in ema.items()})
@@ -107,5 +111,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--out", default=None, help="write each rank's final state and window ids here")
+    parser.add_argument("--stop-after", type=int, default=0, help="leave after this step (a later run resumes)")
     args = parser.parse_args()
-    print(json.dumps(train(steps=args.steps, out=args.out)))
+    print(json.dumps(train(steps=args.steps, out=args.out, stop_after=args.stop_after)))

@@ -50,9 +50,9 @@ def run(command: list[str], env: dict[str, str], timeout_s: float = 150.0) -> st
     return done.stdout
 
 
-def regrow_run(out: Path, *flags: str) -> str:
+def regrow_run(out: Path, *flags: str, script_flags: tuple[str, ...] = ()) -> str:
     return run([sys.executable, "-m", "regrow", "run", "--nproc", "2", "--timeout", "140", *flags, str(EXAMPLE),
-                "--steps", str(STEPS), "--out", str(out)], clean_env())
+                "--steps", str(STEPS), "--out", str(out), *script_flags], clean_env())
 
 
 def final_windows(out: Path, rank: int) -> dict[int, list[int]]:
@@ -108,10 +108,14 @@ def test_own_loop_killed_rank_recovers_from_snapshots_bit_identically(reference,
 
 
 @pytest.mark.timeout(300)
-def test_own_loop_recovers_its_user_state_from_a_checkpoint(reference, tmp_path) -> None:
+def test_own_loop_relaunched_resumes_its_user_state_from_a_checkpoint(reference, tmp_path) -> None:
+    """The job stops after step 6 (preempted); a new launch of the same command resumes from the newest checkpoint
+    (6, or an earlier one when a save was skipped because the one before was still persisting) and ends as the
+    uninterrupted run."""
     ckpt = tmp_path / "ckpt"
-    out = regrow_run(tmp_path / "out", "--save-every", "2", "--ckpt-dir", str(ckpt), "--max-restarts", "1",
-                     "--fault", "kill-rank:0@7")
+    regrow_run(tmp_path / "out", "--save-every", "2", "--ckpt-dir", str(ckpt), script_flags=("--stop-after", "6"))
+    assert storage.read_latest(ckpt) in ("step_00000002", "step_00000004", "step_00000006")
+    out = regrow_run(tmp_path / "out", "--save-every", "2", "--ckpt-dir", str(ckpt))
     assert "guard: the job holds a state (checkpoint" in out and "resumed from" in out, out
     assert_same_run(tmp_path / "out", reference)
     newest = ckpt / storage.read_latest(ckpt)
