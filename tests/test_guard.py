@@ -278,3 +278,22 @@ def test_bad_input_gets_one_clear_error(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="ran 0 optimizer steps since the last step"):
         guard.step_done()
     guard.close()
+
+
+@pytest.mark.timeout(200)
+def test_the_readme_own_loop_runs_under_regrow_run(tokens, tmp_path) -> None:
+    """The README's "Your model, your data, your loop" code, as printed (only its step count lowered), trains on
+    2 ranks with snapshots from a token file."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your model, your data, your loop"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", 10)]
+    assert len(code.splitlines()) < 25 and "guard.steps(1000)" in code
+    (tmp_path / "train.py").write_text(code.replace("guard.steps(1000)", "guard.steps(3)") +
+                                       "print('final step', guard.step, counters)\n")
+    (tmp_path / "tokens.bin").write_bytes(tokens.read_bytes())
+    (tmp_path / "tokens.bin.json").write_bytes(tokens.with_name("tokens.bin.json").read_bytes())
+    done = subprocess.run([sys.executable, "-m", "regrow", "run", "--nproc", "2", "--snapshot-every", "1",
+                           "--timeout", "150", "train.py"], cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.count("final step 3 {'tokens': 1536}") == 2, done.stdout
