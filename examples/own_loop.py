@@ -55,14 +55,17 @@ class WarmupCosine:
         self.optimizer.set_lr(self.lr(self.last_step))
 
 
-def train(steps: int = 12, out: str | None = None, seq_len: int = 32) -> dict:
-    """The whole loop (also the Ray entry point). Returns the final step, loss and token count."""
+def train(steps: int = 12, out: str | None = None, seq_len: int = 32, stop_after: int = 0,
+          data: tuple[str, ...] = ()) -> dict:
+    """The whole loop (also the Ray entry point). ``data``: token files (``regrow data prepare``; default: the
+    embedded corpus). ``stop_after``: leave after this step, as a preempted job would (a later start with the same
+    ``steps`` resumes from what was saved). Returns the step, loss and token count."""
     world = regrow.join_world()
     torch.manual_seed(0)
     model = build(seq_len=seq_len).to(world.device)
     optimizer = regrow.ZeroOptimizer(model, stage=2, state_bits=8, lr=3e-3, min_8bit_numel=1024)
-    sampler = regrow.Sampler(regrow.DataConfig(seq_len=seq_len, micro_batch=2, global_batch=4),
-                             dp_rank=world.rank, dp_size=world.world_size)
+    sampler = regrow.Sampler(regrow.DataConfig(seq_len=seq_len, micro_batch=2, global_batch=4, files=tuple(data)),
+                             dp_rank=world.rank, dp_size=world.world_size, vocab_size=model.config.vocab_size)
     schedule = WarmupCosine(optimizer, peak=3e-3, warmup=3, total=steps)
     ema = {name: p.detach().float().clone() for name, p in model.named_parameters()}
     counters = {"tokens": 0, "loss": 0.0}
@@ -87,6 +90,9 @@ def train(steps: int = 12, out: str | None = None, seq_len: int = 32) -> dict:
         counters["loss"] = float(loss.item() * sampler.grad_accum)
         if out:
             _record(Path(out), world.rank, step, seen[step])
+        if step == stop_after:
+            break
+    guard.close()
     if out:
         final = {f"shard/{k}": v for k, v in optimizer.shard_tensors().items()}
         final.update({f"ema/{k}": v for k, v in ema.items()})
@@ -107,5 +113,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--out", default=None, help="write each rank's final state and window ids here")
+    parser.add_argument("--stop-after", type=int, default=0, help="leave after this step (a later run resumes)")
+    parser.add_argument("--data", nargs="*", default=[], help="token files (regrow data prepare); default: the "
+                                                               "embedded corpus")
     args = parser.parse_args()
-    print(json.dumps(train(steps=args.steps, out=args.out)))
+    print(json.dumps(train(steps=args.steps, out=args.out, stop_after=args.stop_after, data=tuple(args.data))))

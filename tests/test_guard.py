@@ -28,6 +28,7 @@ from regrow.checkpoint.universal.format import MANIFEST_NAME, CorruptCheckpoint
 from regrow.launch.chaos import plan as faults
 from regrow.launch.guard import GUARD_ENV, GuardConfig
 from regrow.launch.local.nodes import ADDRESS_ENV
+from regrow.trainer.data import load_corpus
 from regrow.trainer.user_state import UserState, UserStateError
 
 pytest.importorskip("transformers")
@@ -50,9 +51,9 @@ def run(command: list[str], env: dict[str, str], timeout_s: float = 150.0) -> st
     return done.stdout
 
 
-def regrow_run(out: Path, *flags: str) -> str:
+def regrow_run(out: Path, *flags: str, script_flags: tuple[str, ...] = ()) -> str:
     return run([sys.executable, "-m", "regrow", "run", "--nproc", "2", "--timeout", "140", *flags, str(EXAMPLE),
-                "--steps", str(STEPS), "--out", str(out)], clean_env())
+                "--steps", str(STEPS), "--out", str(out), *script_flags], clean_env())
 
 
 def final_windows(out: Path, rank: int) -> dict[int, list[int]]:
@@ -98,20 +99,40 @@ def job() -> Iterator[str]:
         leftover.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    """A token file made by ``regrow data prepare`` from text (byte-level), far more windows than the run reads."""
+    folder = tmp_path_factory.mktemp("tokens")
+    text = folder / "text.txt"
+    text.write_bytes(bytes(load_corpus()[:200_000].tolist()))
+    run([sys.executable, "-m", "regrow", "data", "prepare", str(text), "--out", str(folder / "tokens.bin")],
+        clean_env())
+    return folder / "tokens.bin"
+
+
 @pytest.mark.timeout(300)
-def test_own_loop_killed_rank_recovers_from_snapshots_bit_identically(reference, tmp_path) -> None:
-    out = regrow_run(tmp_path / "out", "--snapshot-every", "1", "--max-restarts", "1", "--fault", "kill-rank:1@6")
+def test_own_loop_on_a_token_file_killed_mid_epoch_recovers_bit_identically(tokens, tmp_path) -> None:
+    """Killed mid-epoch (6 of 10 steps of 4 windows, of the 5,937 training windows of the file): the restored
+    run draws exactly the windows of the fault-free run at every step, and ends in its state bit for bit."""
+    data = ("--data", str(tokens))
+    regrow_run(tmp_path / "reference", script_flags=data)
+    out = regrow_run(tmp_path / "out", "--snapshot-every", "1", "--max-restarts", "1", "--fault", "kill-rank:1@6",
+                     script_flags=data)
     assert "fault: kill-rank:1@6 fires" in out, out
     assert "guard: the job holds a state" in out and "restore: source snapshot" in out, out
     assert "## fault report: recovered, 1 restart(s)" in out, out
-    assert_same_run(tmp_path / "out", reference)
+    assert_same_run(tmp_path / "out", tmp_path / "reference")
 
 
 @pytest.mark.timeout(300)
-def test_own_loop_recovers_its_user_state_from_a_checkpoint(reference, tmp_path) -> None:
+def test_own_loop_relaunched_resumes_its_user_state_from_a_checkpoint(reference, tmp_path) -> None:
+    """The job stops after step 6 (preempted); a new launch of the same command resumes from the newest checkpoint
+    (6, or an earlier one when a save was skipped because the one before was still persisting) and ends as the
+    uninterrupted run."""
     ckpt = tmp_path / "ckpt"
-    out = regrow_run(tmp_path / "out", "--save-every", "2", "--ckpt-dir", str(ckpt), "--max-restarts", "1",
-                     "--fault", "kill-rank:0@7")
+    regrow_run(tmp_path / "out", "--save-every", "2", "--ckpt-dir", str(ckpt), script_flags=("--stop-after", "6"))
+    assert storage.read_latest(ckpt) in ("step_00000002", "step_00000004", "step_00000006")
+    out = regrow_run(tmp_path / "out", "--save-every", "2", "--ckpt-dir", str(ckpt))
     assert "guard: the job holds a state (checkpoint" in out and "resumed from" in out, out
     assert_same_run(tmp_path / "out", reference)
     newest = ckpt / storage.read_latest(ckpt)
@@ -257,3 +278,22 @@ def test_bad_input_gets_one_clear_error(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="ran 0 optimizer steps since the last step"):
         guard.step_done()
     guard.close()
+
+
+@pytest.mark.timeout(200)
+def test_the_readme_own_loop_runs_under_regrow_run(tokens, tmp_path) -> None:
+    """The README's "Your model, your data, your loop" code, as printed (only its step count lowered), trains on
+    2 ranks with snapshots from a token file."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your model, your data, your loop"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", 10)]
+    assert len(code.splitlines()) < 25 and "guard.steps(1000)" in code
+    (tmp_path / "train.py").write_text(code.replace("guard.steps(1000)", "guard.steps(3)") +
+                                       "print('final step', guard.step, counters)\n")
+    (tmp_path / "tokens.bin").write_bytes(tokens.read_bytes())
+    (tmp_path / "tokens.bin.json").write_bytes(tokens.with_name("tokens.bin.json").read_bytes())
+    done = subprocess.run([sys.executable, "-m", "regrow", "run", "--nproc", "2", "--snapshot-every", "1",
+                           "--timeout", "150", "train.py"], cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.count("final step 3 {'tokens': 1536}") == 2, done.stdout
