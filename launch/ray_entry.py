@@ -9,6 +9,9 @@ Guard the function creates restores and snapshots. After a failure the coordinat
 own trainer and every rank calls the function again from the top (``recovery/ray/entry_worker.py``). The run ends
 when the function has returned on every rank of one generation.
 
+The driver imports the module first, to check the function and its arguments before any actor starts: the loop
+belongs inside the function (a module that trains at import would train in the driver).
+
 :class:`EntryJob` is the Python API the command wraps; :func:`recoveries` says what each failure cost, from the
 records the Guards left (their heartbeats and restore results, as under the local launcher).
 """
