@@ -161,12 +161,21 @@ class Guard:
     # ---------------------------------------------------------------- the loop
     def steps(self, total: int) -> Iterator[int]:
         """Restores (:meth:`resume`), then yields the step numbers ``step + 1 .. total``; after each iteration's
-        body, the step's state goes to the sinks (:meth:`step_done`). Closes the Guard after the last step."""
+        body, the step's state goes to the sinks (:meth:`step_done`). Closes the Guard after the last step; a loop
+        left early (``break``, an exception) calls :meth:`close` itself when it wants the last save waited for."""
         if not self._resumed:
             self.resume(total_steps=total)
-        while self.step < total:
-            yield self.step + 1
-            self.step_done()
+        try:
+            while self.step < total:
+                yield self.step + 1
+                self.step_done()
+        except GeneratorExit:
+            # The loop was left early: a failure raised in its body (the process is usually going down, or a Ray
+            # worker reruns its entry point with new objects) or a ``break``. The hooks go at once so that nothing
+            # calls into this Guard again; its sinks are closed by :meth:`close` (a ``break`` then calls it) or
+            # dropped with it, never waited for here.
+            self._remove_hooks()
+            raise
         self.close()
 
     def resume(self, *, total_steps: int = 0) -> int:
@@ -219,9 +228,12 @@ class Guard:
         if self._closed:
             return
         self._closed = True
+        self._remove_hooks()
+        sink_calls.close(self.sinks)
+
+    def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
-        sink_calls.close(self.sinks)
 
     def _before_optimizer_step(self) -> None:
         sink_calls.before_optimizer_step(self.sinks)
