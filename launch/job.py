@@ -20,8 +20,9 @@ from regrow.checkpoint.universal.format import CheckpointError
 from regrow.checkpoint.universal.load import sources
 from regrow.launch.chaos.plan import Fault, build_plan, plan_problems
 from regrow.launch.local.nodes import NodesConfig
-from regrow.launch.options import RunOptions
+from regrow.launch.options import RunOptions, flag_wording
 from regrow.trainer.loop import TrainerConfig
+from regrow.trainer.model_factory import ModelFactory
 
 T = TypeVar("T")
 
@@ -82,6 +83,8 @@ def _trainer_config(options: RunOptions, problems: list[str]) -> TrainerConfig |
     ``problems``; None when one of them has any."""
     train, ranks = options.train, options.launch.nproc
     model = _attempt(train.model_config, problems)
+    if isinstance(model, ModelFactory) and not _builds(model, train.seed, problems):
+        model = None
     data = _attempt(lambda: train.data_config(model), problems)
     optim = _attempt(train.optim_config, problems)
     if data and ranks >= 1 and train.global_batch % (train.micro_batch * ranks):
@@ -93,12 +96,28 @@ def _trainer_config(options: RunOptions, problems: list[str]) -> TrainerConfig |
 
 
 def _attempt(make: Callable[[], T], problems: list[str]) -> T | None:
-    """``make()``, or None with its ValueError or TypeError (a config naming its bad field) added to ``problems``."""
+    """``make()``, or None with its ValueError or TypeError (a config naming its bad field, or the flag that sets
+    it) added to ``problems``."""
     try:
         return make()
     except (ValueError, TypeError) as error:
-        problems.append(str(error))
+        problems.append(flag_wording(str(error)))
         return None
+
+
+def _builds(factory: ModelFactory, seed: int, problems: list[str]) -> bool:
+    """Whether ``factory`` builds a model (on the meta device: nothing allocated), so that a factory that does not
+    import or returns no module is one problem here rather than an error in every rank; adds the problem if not."""
+    try:
+        factory.build(seed=seed, device="meta")
+        return True
+    except ValueError as error:
+        problems.append(flag_wording(str(error)))
+    except Exception as error:  # noqa: BLE001 (the user's code failed: report it with the other problems)
+        hint = " (pip install -e '.[hf]' installs transformers)" if "transformers" in str(error) else ""
+        problems.append(f"--model={factory.target}: building the model on the meta device failed with "
+                        f"{type(error).__name__}: {error}{hint}")
+    return False
 
 
 def _checkpoint_problems(options: RunOptions) -> list[str]:

@@ -39,7 +39,7 @@ def run(job: Job) -> int:
 def _run(job: Job) -> int:
     options, config = job.options, job.config
     if options.command == "demo":
-        print(f"regrow demo: training GPT '{options.train.preset}' on pydoc_data.topics with {options.launch.nproc} "
+        print(f"regrow demo: training {options.train.model_name} on pydoc_data.topics with {options.launch.nproc} "
               f"CPU processes on {options.snapshot.nodes} simulated nodes, ZeRO-{config.optim.stage}, "
               f"{config.optim.state_bits}-bit Adam state, {config.steps} steps; faults planned: "
               f"{', '.join(options.faults.faults)}", flush=True)
