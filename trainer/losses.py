@@ -101,6 +101,7 @@ def _logits_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 
 def _hf_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    y = y.contiguous()  # transformers flattens shift_labels with .view()
     output = model(input_ids=x, labels=y, shift_labels=y)
     loss = getattr(output, "loss", None)
     if loss is None:

@@ -126,7 +126,7 @@ def _differences(built: dict[str, list[int]], saved: dict[str, list[int]]) -> li
     only_built = [f"{name} only in the model" for name in built if name not in saved]
     only_saved = [f"{name} only in the checkpoint" for name in saved if name not in built]
     shapes = [f"{name}: {built[name]} in the model, {saved[name]} in the checkpoint"
-              for name in built if name in saved and built[name] != saved[name]]
+              for name in sorted(built) if name in saved and built[name] != saved[name]]
     return shapes + only_built + only_saved
 
 
