@@ -28,7 +28,8 @@ from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.losses import Loss, LossError
-from regrow.trainer.model_factory import ModelFactory, ModelFactoryError
+from regrow.trainer.model_factory import ModelFactory, ModelFactoryError, build_model, input_vocab_size
+from regrow.trainer.models import GPTConfig
 from regrow.trainer.zero.config import ZeroConfig, state_kind_rule
 from regrow.trainer.zero.optimizer import ZeroOptimizer
 
@@ -115,6 +116,9 @@ def test_a_factory_builds_the_seeded_model_pickles_and_is_stored_as_json() -> No
     assert ModelFactory(**recorded) == factory
     meta = factory.build(seed=0, device="meta")
     assert {p.device.type for p in meta.parameters()} == {"meta"}
+    assert input_vocab_size(meta) == 256 and input_vocab_size(llama(vocab_size=300)) == 300
+    assert input_vocab_size(build_model(GPTConfig.preset("tiny", vocab_size=99), seed=0, device="meta")) == 99
+    assert input_vocab_size(nn.Linear(2, 2)) is None
 
 
 # ---------------------------------------------------------------- the loss contracts

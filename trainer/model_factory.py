@@ -99,6 +99,16 @@ def model_for_restore(spec: GPTConfig | ModelFactory, *, seed: int, device: torc
     return GPT.uninitialized(spec, device)
 
 
+def input_vocab_size(model: nn.Module) -> int | None:
+    """How many token ids ``model`` takes: the rows of its input embedding (regrow's GPT's ``wte``, a Hugging Face
+    model's ``get_input_embeddings()``), or None when it has no such embedding (a token check is then left out)."""
+    if isinstance(model, GPT):
+        return model.config.vocab_size
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+
+
 def _is_json_object(value: object) -> bool:
     """True for a dict with str keys whose values JSON writes and reads back unchanged (no tuples, no NaN)."""
     if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
@@ -114,4 +124,4 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-__all__ = ["ModelFactory", "ModelFactoryError", "build_model", "model_for_restore"]
+__all__ = ["ModelFactory", "ModelFactoryError", "build_model", "input_vocab_size", "model_for_restore"]
