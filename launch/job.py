@@ -22,7 +22,9 @@ from regrow.launch.chaos.plan import Fault, build_plan, plan_problems
 from regrow.launch.local.nodes import NodesConfig
 from regrow.launch.options import RunOptions, flag_wording
 from regrow.trainer.loop import TrainerConfig
+from regrow.trainer.losses import Loss
 from regrow.trainer.model_factory import ModelFactory
+from regrow.trainer.models import GPTConfig
 
 T = TypeVar("T")
 
@@ -92,7 +94,10 @@ def _trainer_config(options: RunOptions, problems: list[str]) -> TrainerConfig |
                         f"{train.micro_batch} x {ranks}; choose a multiple of {train.micro_batch * ranks}")
     if not (model and data and optim):
         return None
-    return _attempt(lambda: train.trainer_config(model, data, optim), problems)
+    config = _attempt(lambda: train.trainer_config(model, data, optim), problems)
+    if config is not None and _attempt(lambda: Loss(config.loss, is_gpt=isinstance(model, GPTConfig)), problems):
+        return config
+    return None
 
 
 def _attempt(make: Callable[[], T], problems: list[str]) -> T | None:

@@ -262,6 +262,8 @@ def test_model_flags_problems_are_reported_with_the_others(capsys) -> None:
     assert code == 2 and "module 'no_such_models' does not import (No module named" in capsys.readouterr().err
     code = cli.main(["train", "--model", LLAMA, "--loss", "x-entropy", "--nproc", "1"])
     assert code == 2 and "--loss='x-entropy' is invalid: allowed values are 'auto'" in capsys.readouterr().err
+    code = cli.main(["train", "--model", LLAMA, "--loss", f"{FACTORIES}:no_such_loss", "--nproc", "1"])
+    assert code == 2 and f"--loss='{FACTORIES}:no_such_loss': module '{FACTORIES}' (" in capsys.readouterr().err
     code = cli.main(["train", "--model-kwargs", "{}", "--nproc", "1"])
     assert code == 2 and "--model-kwargs needs --model" in capsys.readouterr().err
 

@@ -163,8 +163,8 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         self.initialized = not for_restore
         """The weights hold a real state, the seeded initial one or a restored one (False only between a
         ``for_restore`` build and its restore)."""
-        self.model = self.build_model() if self.initialized else \
-            model_for_restore(config.model, seed=config.seed, device=self.device)
+        self.model = (self.build_model() if self.initialized
+                      else model_for_restore(config.model, seed=config.seed, device=self.device))
         self.loss = Loss(config.loss, is_gpt=isinstance(config.model, GPTConfig))
         self.optimizer = ZeroOptimizer(self.model, config.optim)
         # Built once: every step's ShardState shares it (a sink taking a snapshot every step would otherwise pay
