@@ -281,8 +281,8 @@ def logits_of(weights: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.T
 
 @pytest.mark.timeout(400)
 def test_a_hugging_face_llama_trains_resumes_at_another_world_size_and_exports(tmp_path, capfd) -> None:
-    """``regrow train --model`` from a console script's ``sys.path`` (``python -P``) on 2 ranks saves universal
-    checkpoints; ``--resume latest`` goes on at 1 rank and ends bit-identical to an uninterrupted run (a mean over 2
+    """``regrow train --model`` from a console script's ``sys.path`` (``python -P``) on 2 ranks (snapshots sized
+    from the factory's model on ``meta``) saves universal checkpoints; ``--resume latest`` goes on at 1 rank and ends bit-identical to an uninterrupted run (a mean over 2
     ranks or 2 micro-batches is the same two fp32 additions halved; the schedule's warm-up outlasts both runs, so
     --steps does not change the learning rates); ``regrow ckpt export`` writes weights (and a config.json) whose
     logits on a fixed batch are the trained model's, loaded every way a user would."""
@@ -292,10 +292,11 @@ def test_a_hugging_face_llama_trains_resumes_at_another_world_size_and_exports(t
     root, out = tmp_path / "ckpt", tmp_path / "hf"
     env = {**os.environ, "PYTHONPATH": str(REPO.parent)}
     first = subprocess.run([sys.executable, "-P", "-m", "regrow", *LLAMA_RUN, "--nproc", "2", "--steps", "6",
-                            "--save-every", "3", "--ckpt-dir", str(root)], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=240)
+                            "--save-every", "3", "--ckpt-dir", str(root), "--snapshot-every", "2"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "[rank 0, step 6] loss" in first.stdout and storage.read_latest(root) == "step_00000006"
+    assert "[rank 1, step 0] snapshot: attached to" in first.stdout
     resume = [*LLAMA_RUN, "--nproc", "1", "--steps", "9", "--save-every", "3", "--ckpt-dir", str(root)]
     assert cli.main([*resume, "--resume", "latest"]) == 0
     assert f"resumed from {root / 'step_00000006'} (saved at world size 2, now 1)" in capfd.readouterr().out
