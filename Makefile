@@ -10,7 +10,7 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)

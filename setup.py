@@ -34,7 +34,9 @@ setup(
         "ray",
         "deepspeed",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    # transformers 4.50 is the first to honour `shift_labels` in its causal-LM loss, which regrow's "hf" loss
+    # contract passes so that the model predicts exactly the sampler's targets (trainer/losses.py).
+    extras_require={"test": ["pytest", "pytest-timeout"], "hf": ["transformers>=4.50", "safetensors"]},
     entry_points={"console_scripts": ["regrow = regrow.launch.cli:main"]},
     cmdclass={"build_py": BuildPyWithoutSetup},
 )

@@ -62,7 +62,7 @@ def train(steps: int = 12, out: str | None = None, seq_len: int = 32, stop_after
     ``steps`` resumes from what was saved). Returns the step, loss and token count."""
     world = regrow.join_world()
     torch.manual_seed(0)
-    model = build(seq_len=seq_len).to(world.device)
+    model = build().to(world.device)
     optimizer = regrow.ZeroOptimizer(model, stage=2, state_bits=8, lr=3e-3, min_8bit_numel=1024)
     sampler = regrow.Sampler(regrow.DataConfig(seq_len=seq_len, micro_batch=2, global_batch=4, files=tuple(data)),
                              dp_rank=world.rank, dp_size=world.world_size, vocab_size=model.config.vocab_size)

@@ -1,5 +1,6 @@
-"""``regrow ckpt inspect|verify|convert``: what a universal checkpoint holds, whether it verifies, and conversion
-from and to DeepSpeed. (The checkpoint flags of ``regrow train`` are ``options.CheckpointOptions``.)
+"""``regrow ckpt inspect|verify|convert|export``: what a universal checkpoint holds, whether it verifies, conversion
+from and to DeepSpeed, and the model's weights as safetensors (``checkpoint/universal/export.py``). (The checkpoint
+flags of ``regrow train`` are ``options.CheckpointOptions``.)
 
 Sub-commands of ``regrow ckpt`` are entries of :data:`COMMANDS` (name -> help, argument set-up, run function);
 ``convert`` bridges to DeepSpeed through ``checkpoint/universal/deepspeed.py``'s ``FullState`` and
@@ -9,6 +10,7 @@ Sub-commands of ``regrow ckpt`` are entries of :data:`COMMANDS` (name -> help, a
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -157,6 +159,53 @@ def _hyper(optim: dict, key: str, default: float | tuple[float, float]) -> float
                      f"{'a pair of finite numbers' if isinstance(default, tuple) else 'a finite number'}")
 
 
+def export_checkpoint(args: argparse.Namespace) -> int:
+    """``regrow ckpt export CKPT OUT --to safetensors``: the consolidated weights (of ``latest`` for a root), and
+    with ``--model`` the Hugging Face ``config.json``; a summary line at the end, exit 1 naming the problem."""
+    from regrow.checkpoint.universal import export
+    from regrow.trainer.model_factory import ModelFactory
+
+    try:
+        target = _newest(Path(args.ckpt), "export")
+        model: ModelFactory | str | None = args.model
+        if args.model_kwargs is not None:
+            if args.model is None:
+                raise ValueError("--model-kwargs needs --model PKG.MODULE:FUNCTION")
+            model = ModelFactory(target=args.model, kwargs=_json_object(args.model_kwargs))
+        done = export.export_safetensors(target, Path(args.out), dtype=args.dtype, model=model)
+    except (CheckpointError, OSError, ValueError) as error:
+        print(f"regrow ckpt export: {error}", file=sys.stderr)
+        return 1
+    if done.note:
+        print(f"regrow ckpt export: {done.note}", file=sys.stderr)
+    config = f" and {done.config}" if done.config else ""
+    print(f"exported step {done.step} of {target}: {done.tensors} tensors, {done.numel:,} parameters, "
+          f"{done.nbytes:,} bytes of {args.dtype} to {done.weights}{config}")
+    return 0
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model-kwargs is not JSON ({error}); give a JSON object") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--model-kwargs={text[:80]!r} is not a JSON object")
+    return value
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ckpt", help="a regrow checkpoint (step_* directory) or a root (its latest)")
+    parser.add_argument("out", help="a .safetensors file, or a directory for model.safetensors (and config.json)")
+    parser.add_argument("--to", dest="target_format", choices=("safetensors",), required=True)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the written weights (the fp32 masters, cast; default float32)")
+    parser.add_argument("--model", default=None, metavar="PKG.MODULE:FUNCTION",
+                        help="the factory that built the model (with the kwargs the run recorded unless "
+                             "--model-kwargs is given): checks it matches and writes its Hugging Face config.json")
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON", help="the factory's keyword arguments")
+
+
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="source: a DeepSpeed save directory, or a regrow checkpoint or root")
     parser.add_argument("dst", help="destination root (regrow) or directory (DeepSpeed universal)")
@@ -178,12 +227,14 @@ COMMANDS: dict[str, Command] = {
     "inspect": Command("show step, layout, parameters and sizes", _dir_argument, inspect_checkpoint),
     "verify": Command("check every file and checksum; exit 1 naming bad files", _verify_arguments, verify_checkpoint),
     "convert": Command("DeepSpeed (ZeRO-1/2, universal) <-> regrow universal", _convert_arguments, convert_checkpoint),
+    "export": Command("the model's weights as safetensors (and a Hugging Face config.json)", _export_arguments,
+                      export_checkpoint),
 }
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Adds ``regrow ckpt <command>`` with one sub-parser per entry of :data:`COMMANDS`."""
-    ckpt = commands.add_parser("ckpt", help="inspect, verify and convert checkpoints")
+    ckpt = commands.add_parser("ckpt", help="inspect, verify, convert and export checkpoints")
     sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
     for name, command in COMMANDS.items():
         command.add_arguments(sub.add_parser(name, help=command.help))

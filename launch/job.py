@@ -16,17 +16,21 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+from torch import nn
 
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 from regrow.checkpoint.universal.format import CheckpointError
 from regrow.checkpoint.universal.load import sources
 from regrow.launch.chaos.plan import Fault, build_plan, plan_problems
 from regrow.launch.local.nodes import NodesConfig
-from regrow.launch.options import RunOptions, TrainOptions
+from regrow.launch.options import RunOptions, TrainOptions, flag_wording
 from regrow.recovery.ray.entry import EntryError, EntryPoint, check_entry
 from regrow.trainer.data import DataConfig, open_windows
 from regrow.trainer.data.token_files import open_token_file
 from regrow.trainer.loop import TrainerConfig
+from regrow.trainer.losses import Loss
+from regrow.trainer.model_factory import ModelFactory, input_vocab_size
+from regrow.trainer.models import GPTConfig
 
 T = TypeVar("T")
 
@@ -89,16 +93,24 @@ def _trainer_config(options: RunOptions, problems: list[str]) -> TrainerConfig |
     ``problems``; None when one of them has any."""
     train, ranks = options.train, options.launch.nproc
     model = _attempt(train.model_config, problems)
+    vocab_size = model.vocab_size if isinstance(model, GPTConfig) else None
+    if isinstance(model, ModelFactory):
+        built = _built(model, train.seed, problems)
+        vocab_size = input_vocab_size(built) if built is not None else None
+        model = model if built is not None else None
     data = _attempt(lambda: train.data_config(model), problems)
     optim = _attempt(train.optim_config, problems)
     if data and ranks >= 1 and train.global_batch % (train.micro_batch * ranks):
         problems.append(f"--global-batch={train.global_batch} is not divisible by --micro-batch x --nproc = "
                         f"{train.micro_batch} x {ranks}; choose a multiple of {train.micro_batch * ranks}")
     if data and data.files:
-        problems += _data_problems(data, model.vocab_size if model else None)
+        problems += _data_problems(data, vocab_size)
     if not (model and data and optim):
         return None
-    return _attempt(lambda: train.trainer_config(model, data, optim), problems)
+    config = _attempt(lambda: train.trainer_config(model, data, optim), problems)
+    if config is not None and _attempt(lambda: Loss(config.loss, is_gpt=isinstance(model, GPTConfig)), problems):
+        return config
+    return None
 
 
 def _entry_problems(options: RunOptions) -> list[str]:
@@ -134,12 +146,27 @@ def _data_problems(data: DataConfig, vocab_size: int | None) -> list[str]:
 
 
 def _attempt(make: Callable[[], T], problems: list[str]) -> T | None:
-    """``make()``, or None with its ValueError or TypeError (a config naming its bad field) added to ``problems``."""
+    """``make()``, or None with its ValueError or TypeError (a config naming its bad field, or the flag that sets
+    it) added to ``problems``."""
     try:
         return make()
     except (ValueError, TypeError) as error:
-        problems.append(str(error))
+        problems.append(flag_wording(str(error)))
         return None
+
+
+def _built(factory: ModelFactory, seed: int, problems: list[str]) -> nn.Module | None:
+    """The model ``factory`` builds on the meta device (nothing allocated), so that a factory that does not import
+    or returns no module is one problem here rather than an error in every rank; None with the problem added."""
+    try:
+        return factory.build(seed=seed, device="meta")
+    except ValueError as error:
+        problems.append(flag_wording(str(error)))
+    except Exception as error:  # noqa: BLE001 (the user's code failed: report it with the other problems)
+        hint = " (pip install -e '.[hf]' installs transformers)" if "transformers" in str(error) else ""
+        problems.append(f"--model={factory.target}: building the model on the meta device failed with "
+                        f"{type(error).__name__}: {error}{hint}")
+    return None
 
 
 def _checkpoint_problems(options: RunOptions) -> list[str]:

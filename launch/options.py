@@ -21,21 +21,32 @@ from regrow.checkpoint.universal.writer import ON_ERROR
 from regrow.recovery.order import Source
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
+from regrow.trainer.model_factory import ModelFactory
 from regrow.trainer.models import GPTConfig
 from regrow.trainer.zero.config import ZeroConfig
 
 RESUME_SNAPSHOT = Source.SNAPSHOT.value
 """``--resume snapshot``: restore from the node's snapshot process (falling back to ``latest`` of ``--ckpt-dir``)."""
+DEFAULT_PRESET = "small"
+"""The GPT trained when neither ``--preset`` nor ``--model`` is given."""
 
 
 @dataclass(kw_only=True)
 class TrainOptions:
     """What is trained and how: the model, the data, the optimizer, the schedule, the logs."""
 
-    preset: str = "small"
-    """Model size (``--preset``): tiny, small, 350m, 1.3b."""
+    preset: str | None = None
+    """regrow's GPT of this size (``--preset``): tiny, small, 350m, 1.3b; None: :data:`DEFAULT_PRESET` unless
+    ``model`` is given (giving both is an error)."""
+    model: str | None = None
+    """Your own model instead of the GPT (``--model``): a factory ``pkg.module:function`` returning an
+    ``nn.Module`` (:class:`~regrow.trainer.model_factory.ModelFactory`), found from the working directory."""
+    model_kwargs: str | None = None
+    """The factory's keyword arguments, a JSON object (``--model-kwargs``; None: none)."""
+    loss: str = "auto"
+    """The loss contract (``--loss``): auto, model, logits, hf or pkg.module:function (``TrainerConfig.loss``)."""
     seq_len: int = 0
-    """Sequence length (``--seq-len``; 0: the preset's)."""
+    """Sequence length (``--seq-len``; 0: the preset's, or the data's default with ``--model``)."""
     steps: int = 200
     """Optimizer steps (``--steps``)."""
     warmup_steps: int = 20
@@ -70,14 +81,37 @@ class TrainOptions:
     metrics: str | None = None
     """JSONL metrics file written by rank 0 (``--metrics``)."""
 
-    def model_config(self) -> GPTConfig:
-        """The preset's model, at ``seq_len`` when given; ValueError naming the field otherwise."""
-        return GPTConfig.preset(self.preset, **({"seq_len": self.seq_len} if self.seq_len else {}))
+    @property
+    def model_name(self) -> str:
+        """What is trained, in words: ``GPT 'small'`` or the factory's target."""
+        return self.model or f"GPT {self.preset or DEFAULT_PRESET!r}"
 
-    def data_config(self, model: GPTConfig | None) -> DataConfig:
-        """The sampler's config (its sequence length is the model's unless ``seq_len`` is given). The token files
-        are made absolute here, so that ranks started in other directories (Ray's workers) find them."""
-        seq_len = self.seq_len or (model.seq_len if model else 128)
+    def model_config(self) -> GPTConfig | ModelFactory:
+        """The preset's GPT, at ``seq_len`` when given, or the factory of ``model`` (not imported yet: ``job.py``
+        builds it on the meta device); ValueError naming the flag or field otherwise."""
+        if self.model is None:
+            if self.model_kwargs is not None:
+                raise ValueError("--model-kwargs needs --model PKG.MODULE:FUNCTION (the factory they are given to)")
+            overrides = {"seq_len": self.seq_len} if self.seq_len else {}
+            return GPTConfig.preset(self.preset or DEFAULT_PRESET, **overrides)
+        if self.preset is not None:
+            raise ValueError(f"--preset={self.preset} and --model={self.model} both choose the model: keep --preset "
+                             "for regrow's GPT or --model for your own")
+        try:
+            kwargs = json.loads(self.model_kwargs) if self.model_kwargs is not None else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--model-kwargs={self.model_kwargs!r} is not JSON ({error}); give a JSON object, e.g. "
+                             """'{"hidden_size": 64}'""") from None
+        try:
+            return ModelFactory(target=self.model, kwargs=kwargs)
+        except ValueError as error:
+            raise ValueError(flag_wording(str(error))) from None
+
+    def data_config(self, model: GPTConfig | ModelFactory | None) -> DataConfig:
+        """The sampler's config (its sequence length is the GPT's unless ``seq_len`` is given; a factory's model has
+        none regrow knows of, so the data's default then). The token files are made absolute here, so that ranks
+        started in other directories (Ray's workers) find them."""
+        seq_len = self.seq_len or (model.seq_len if isinstance(model, GPTConfig) else DataConfig.seq_len)
         return DataConfig(seq_len=seq_len, micro_batch=self.micro_batch, global_batch=self.global_batch,
                           seed=self.data_seed, files=tuple(os.path.abspath(p) for p in self.data),
                           token_dtype=self.data_dtype)
@@ -86,10 +120,18 @@ class TrainOptions:
         return ZeroConfig(stage=self.stage, state_bits=self.state_bits, lr=self.lr,
                           max_grad_norm=self.max_grad_norm, param_dtype=self.param_dtype)
 
-    def trainer_config(self, model: GPTConfig, data: DataConfig, optim: ZeroConfig) -> TrainerConfig:
-        return TrainerConfig(model=model, data=data, optim=optim, steps=self.steps, warmup_steps=self.warmup_steps,
-                             seed=self.seed, log_every=self.log_every, eval_every=self.eval_every,
-                             metrics_path=self.metrics)
+    def trainer_config(self, model: GPTConfig | ModelFactory, data: DataConfig, optim: ZeroConfig) -> TrainerConfig:
+        return TrainerConfig(model=model, loss=self.loss, data=data, optim=optim, steps=self.steps,
+                             warmup_steps=self.warmup_steps, seed=self.seed, log_every=self.log_every,
+                             eval_every=self.eval_every, metrics_path=self.metrics)
+
+
+def flag_wording(message: str) -> str:
+    """A config error's message with the config fields that the command line sets named by their flags."""
+    for field_name, flag in (("ModelFactory.target", "--model"), ("ModelFactory.kwargs", "--model-kwargs"),
+                             ("TrainerConfig.loss", "--loss")):
+        message = message.replace(field_name, flag)
+    return message
 
 
 @dataclass(kw_only=True)

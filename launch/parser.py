@@ -32,6 +32,7 @@ from regrow.launch.options import (
     TrainOptions,
     with_demo_rules,
 )
+from regrow.trainer.data import DataConfig
 from regrow.trainer.data.config import TOKEN_DTYPES
 
 PARTS: dict[type, str] = {hint: name for name, hint in typing.get_type_hints(RunOptions).items() if name != "command"}
@@ -72,8 +73,18 @@ def _flag(name: str, part: type, field: str, help: str | None = None, **kwargs: 
 TRAINING = (
     _flag("--nproc", LaunchOptions, "nproc", "local processes (ranks) to spawn", type=int),
     _flag("--device", LaunchOptions, "device", "where ranks compute", choices=("auto", "cpu", "cuda")),
-    _flag("--preset", TrainOptions, "preset", "model size: tiny, small, 350m, 1.3b"),
-    _flag("--seq-len", TrainOptions, "seq_len", "sequence length (default: the preset's)", type=int),
+    _flag("--preset", TrainOptions, "preset", "regrow's GPT of this size: tiny, small (the default), 350m, 1.3b"),
+    _flag("--model", TrainOptions, "model",
+          "your own model instead of --preset: a function returning an nn.Module, found from the working directory "
+          "like python -m does, e.g. examples.hf_llama:build", metavar="PKG.MODULE:FUNCTION"),
+    _flag("--model-kwargs", TrainOptions, "model_kwargs", "the --model function's keyword arguments, a JSON object",
+          metavar="JSON"),
+    _flag("--loss", TrainOptions, "loss",
+          "how a batch's loss is computed: auto (model for the GPT, logits otherwise), model (model(x, y) returns "
+          "it), logits (cross entropy of model(x)), hf (a Hugging Face causal LM's .loss), or your "
+          "pkg.module:function(model, x, y)"),
+    _flag("--seq-len", TrainOptions, "seq_len",
+          f"sequence length (default: the preset's; {DataConfig.seq_len} with --model)", type=int),
     _flag("--steps", TrainOptions, "steps", "optimizer steps", type=int),
     _flag("--warmup-steps", TrainOptions, "warmup_steps", type=int),
     _flag("--global-batch", TrainOptions, "global_batch", "sequences per step over all ranks", type=int),
@@ -194,7 +205,8 @@ SCRIPT_FLAGS = tuple(flag for flag in TRAINING if flag.part in (LaunchOptions, F
 """``regrow run``'s flags: the launcher's, the faults', the checkpoints' and the snapshots' (the script trains)."""
 
 COMMANDS: dict[str, tuple[str, RunOptions, tuple[Flag, ...]]] = {
-    "train": ("train the GPT on the embedded corpus or on token files (--data)", RunOptions(command="train"),
+    "train": ("train a model (regrow's GPT or yours: --model) on the embedded corpus or token files (--data)",
+              RunOptions(command="train"),
               TRAINING + CHECKPOINTS + SNAPSHOTS),
     "chaos": ("regrow train under a fault plan, ending with the fault report", RunOptions(command="chaos"),
               TRAINING + CHECKPOINTS + SNAPSHOTS + CHAOS),

@@ -40,7 +40,7 @@ def _run(job: Job) -> int:
     options, config = job.options, job.config
     if options.command == "demo":
         data = f"{len(options.train.data)} token file(s)" if options.train.data else "pydoc_data.topics"
-        print(f"regrow demo: training GPT '{options.train.preset}' on {data} with {options.launch.nproc} "
+        print(f"regrow demo: training {options.train.model_name} on {data} with {options.launch.nproc} "
               f"CPU processes on {options.snapshot.nodes} simulated nodes, ZeRO-{config.optim.stage}, "
               f"{config.optim.state_bits}-bit Adam state, {config.steps} steps; faults planned: "
               f"{', '.join(options.faults.faults)}", flush=True)

@@ -27,7 +27,9 @@ from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.checks import require_ints
 from regrow.trainer.data import DataConfig, DataCursor, Sampler
 from regrow.trainer.log import log_line
-from regrow.trainer.models import GPT, GPTConfig
+from regrow.trainer.losses import Loss, check_loss_name
+from regrow.trainer.model_factory import ModelFactory, build_model, input_vocab_size, model_for_restore
+from regrow.trainer.models import GPTConfig
 from regrow.trainer.restorable import OptimizerBackedRestore
 from regrow.trainer.state import RngState, ShardState, StateSink, optimizer_tensors
 from regrow.trainer.zero.config import ZeroConfig
@@ -50,8 +52,12 @@ class NonFiniteLossError(FloatingPointError):
 class TrainerConfig:
     """Everything that defines a training run. Validated on construction; errors name the field."""
 
-    model: GPTConfig = field(default_factory=lambda: GPTConfig.preset("small"))
-    """Shape of the GPT."""
+    model: GPTConfig | ModelFactory = field(default_factory=lambda: GPTConfig.preset("small"))
+    """The model: regrow's GPT of this shape, or the model a :class:`ModelFactory` builds (any ``nn.Module``)."""
+    loss: str = "auto"
+    """How a batch's loss is computed (``losses.py``): "model" (``model(x, y)`` returns it), "logits" (cross entropy
+    of ``model(x)``), "hf" (a Hugging Face causal LM's ``.loss``), "pkg.module:function" (``function(model, x,
+    y)``), or "auto": "model" for the GPT, "logits" for a factory's model."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus split and batch sizes (``global_batch`` sequences per step over all ranks)."""
     optim: ZeroConfig = field(default_factory=ZeroConfig)
@@ -83,7 +89,14 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.seed={self.seed} must be < 2**64 (torch's generators take 64-bit seeds)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainerConfig.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if self.data.seq_len > self.model.seq_len:
+        if not isinstance(self.model, (GPTConfig, ModelFactory)):
+            raise TypeError(f"TrainerConfig.model is a {type(self.model).__name__}: give a GPTConfig (regrow's GPT) "
+                            "or a ModelFactory (your own model)")
+        check_loss_name(self.loss)
+        if self.loss == "hf" and isinstance(self.model, GPTConfig):
+            raise ValueError("TrainerConfig.loss='hf' needs a Hugging Face model (a ModelFactory's); regrow's GPT "
+                             "takes loss 'model' or 'logits'")
+        if isinstance(self.model, GPTConfig) and self.data.seq_len > self.model.seq_len:
             raise ValueError(
                 f"TrainerConfig.data.seq_len={self.data.seq_len} exceeds model.seq_len={self.model.seq_len}"
             )
@@ -125,7 +138,8 @@ def agree_lineage(world_size: int, timeout_s: float) -> str:
 
 
 class Trainer(RewindableStep, OptimizerBackedRestore):
-    """Trains a GPT with the sharded optimizer on this rank of ``world`` (or alone when ``world`` is None).
+    """Trains the model of ``config.model`` (regrow's GPT or a factory's) with the sharded optimizer on this rank of
+    ``world`` (or alone when ``world`` is None).
 
     Contract: every rank constructs it with the same config and calls :meth:`run` (or :meth:`train_step`) the same
     number of times. Sinks see ``before_optimizer_step()`` and ``after_step(state)`` around every optimizer step.
@@ -134,8 +148,10 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
 
     def __init__(self, config: TrainerConfig, world: World | None = None, sinks: Sequence[StateSink] = (), *,
                  for_restore: bool = False) -> None:
-        """``for_restore``: the model's weights are left uninitialized (``GPT.uninitialized``), for a rank that
-        restores a state before its first step (a replacement); :meth:`reset_to_initial_state` initializes them."""
+        """``for_restore``: the model's weights are left uninitialized (``GPT.uninitialized``; a factory's model is
+        built seeded), for a rank that restores a state before its first step (a replacement);
+        :meth:`reset_to_initial_state` initializes them. The loss (``config.loss``) is resolved here, a user's
+        loss function imported."""
         self.config = config
         self.rank = world.rank if world else 0
         self.world_size = world.world_size if world else 1
@@ -143,11 +159,15 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         """Limit of this trainer's collectives outside the optimizer (the loss mean, a restore's agreement)."""
         self.device = world.device if world else torch.device("cpu")
         self.sinks = list(sinks)
-        self.sampler = Sampler(config.data, dp_rank=self.rank, dp_size=self.world_size)
         self.initialized = not for_restore
         """The weights hold a real state, the seeded initial one or a restored one (False only between a
         ``for_restore`` build and its restore)."""
-        self.model = self.build_model() if self.initialized else GPT.uninitialized(config.model, self.device)
+        self.model = (self.build_model() if self.initialized
+                      else model_for_restore(config.model, seed=config.seed, device=self.device))
+        self.loss = Loss(config.loss, is_gpt=isinstance(config.model, GPTConfig))
+        # The token ids are checked against the model's vocabulary once, here (a scan of the token files per start).
+        self.sampler = Sampler(config.data, dp_rank=self.rank, dp_size=self.world_size,
+                               vocab_size=input_vocab_size(self.model))
         self.optimizer = ZeroOptimizer(self.model, config.optim)
         # Built once: every step's ShardState shares it (a sink taking a snapshot every step would otherwise pay
         # about a millisecond of CPU per step for it, on the path that launches the next forward).
@@ -164,15 +184,15 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         if self._metrics:
             self._metrics.parent.mkdir(parents=True, exist_ok=True)
 
-    def build_model(self) -> GPT:
-        """Builds the model from ``config.seed`` (identical on every rank) on this rank's device, and seeds Python's
-        and NumPy's generators per rank, so that every generator a rank snapshots replays identically in a rerun
-        (user code drawing from them included)."""
-        torch.manual_seed(self.config.seed)
+    def build_model(self) -> torch.nn.Module:
+        """Builds the model from ``config.seed`` (identical on every rank) on the CPU, moves it to this rank's device,
+        and seeds Python's and NumPy's generators per rank, so that every generator a rank snapshots replays
+        identically in a rerun (user code drawing from them included)."""
+        model = build_model(self.config.model, seed=self.config.seed)
         per_rank = self.config.seed * 1_000_003 + self.rank
         random.seed(per_rank)
         np.random.seed(per_rank % 2**32)
-        return GPT(self.config.model).to(self.device)
+        return model.to(self.device)
 
     def run_config(self) -> dict:
         """``config.to_dict()``: what a checkpoint records as the run's settings (``state.Restorable``)."""
@@ -197,7 +217,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for micro in range(accum):
             x, y = self.sampler.next_micro_batch()
-            loss = self.model(x.to(self.device), y.to(self.device)) / accum
+            loss = self.loss(self.model, x.to(self.device), y.to(self.device)) / accum
             if micro == 0:
                 sink_calls.after_forward(self.sinks)
             loss.backward()
@@ -228,7 +248,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         """Mean validation loss over ``eval_batches`` fixed batches (the same on every rank; no communication)."""
         self.model.eval()
         batches = self.sampler.validation_batches(self.config.eval_batches, self.config.data.micro_batch)
-        losses = [self.model(x.to(self.device), y.to(self.device)).float().item() for x, y in batches]
+        losses = [self.loss(self.model, x.to(self.device), y.to(self.device)).float().item() for x, y in batches]
         self.model.train()
         return sum(losses) / len(losses)
 

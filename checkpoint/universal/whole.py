@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from regrow.checkpoint.universal import KEEP_LAST, verify
-from regrow.checkpoint.universal.format import EXP_AVG, EXP_AVG_SQ, MASTER, shard_key, step_dir_name
+from regrow.checkpoint.universal.format import EXP_AVG, EXP_AVG_SQ, MASTER, Manifest, shard_key, step_dir_name
 from regrow.checkpoint.universal.pieces import ParamPiece
 from regrow.checkpoint.universal.reshard import MOMENTS, ParamReader
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
@@ -59,6 +59,22 @@ def read_whole(ckpt: str | Path) -> WholeState:
         params[param.name] = {kind: value.view(param.shape) for kind, value in kinds.items()}
     return WholeState(step=manifest.step, params=params, tokens_seen=manifest.tokens_seen,
                       data_cursor=dict(manifest.data_cursor), config=manifest.config)
+
+
+def read_masters(ckpt: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """The manifest of checkpoint ``ckpt`` and every parameter's fp32 master, shaped like the parameter and in the
+    manifest's order (the model's ``named_parameters()`` order, a tied weight once): the consolidated model weights,
+    without the moments :func:`read_whole` also reads. Every byte read is checked against its checksum, and only
+    files inside ``ckpt`` are opened (``confined.py``)."""
+    ckpt = Path(ckpt)
+    manifest = verify.require_structure(ckpt)
+    loader = ParamReader(ckpt, manifest)
+    masters = {}
+    for param in manifest.params:
+        piece = ParamPiece(group="", param=param.name, numel=param.numel, shard_start=0, param_start=0,
+                           length=round_up(param.numel, BLOCK_SIZE))
+        masters[param.name] = loader.read(piece, MASTER)[: param.numel].view(param.shape)
+    return manifest, masters
 
 
 def write_whole(root: str | Path, state: WholeState, *, keep_last: int = KEEP_LAST) -> Path:

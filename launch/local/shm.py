@@ -3,11 +3,9 @@ expect, so that a ``/dev/shm`` too small fails at start-up with the fix rather t
 
 from __future__ import annotations
 
-import torch
-
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.trainer.loop import TrainerConfig
-from regrow.trainer.models import GPT
+from regrow.trainer.model_factory import build_model
 from regrow.trainer.zero.config import state_kind_rule
 from regrow.trainer.zero.layout import build_layout
 from regrow.trainer.zero.shard import shard_table
@@ -20,10 +18,8 @@ metadata plus 64 KiB, is far smaller for any model regrow trains)."""
 def snapshot_bytes(config: TrainerConfig, world_size: int) -> int:
     """Shared-memory bytes one rank's two snapshot segments take: the shard tensors (fp32 master, 8-bit codes and
     block scales or fp32 moments) as the optimizer lays them out for ``world_size`` ranks, plus metadata room.
-    Built from a model on the meta device, so nothing is allocated."""
-    with torch.device("meta"):
-        torch.manual_seed(config.seed)
-        model = GPT(config.model)
+    Built from the model on the meta device (regrow's GPT or a factory's), so nothing is allocated."""
+    model = build_model(config.model, seed=config.seed, device="meta")
     layout = build_layout(model.named_parameters(), world_size=world_size, bucket_numel=config.optim.bucket_numel,
                           kind_of=state_kind_rule(model, config.optim))
     table = [{"name": key, "dtype": str(spec.dtype).removeprefix("torch."), "shape": list(spec.shape)}

@@ -25,7 +25,7 @@ import torch
 
 from regrow.checkpoint.snapshot import wordsum
 from regrow.trainer.loop import TrainerConfig
-from regrow.trainer.models import GPT
+from regrow.trainer.models import GPT, GPTConfig
 from regrow.trainer.pipeline.config import PipelineTrainerConfig
 from regrow.trainer.zero.config import DTYPES
 
@@ -42,7 +42,9 @@ def _warm_up(config: TrainerConfig | PipelineTrainerConfig) -> None:
     try:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         warm_up_checksum(device)
-        if isinstance(config, TrainerConfig):  # a pipeline stage's shapes are its own: not warmed
+        # A pipeline stage's shapes are its own, and a factory's model is the user's (built seeded, it would draw):
+        # neither is warmed.
+        if isinstance(config, TrainerConfig) and isinstance(config.model, GPTConfig):
             warm_up_step(config, device)
     except Exception:  # noqa: BLE001 (CUDA not ready, memory short: nothing is lost but the head start)
         pass

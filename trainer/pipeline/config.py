@@ -50,6 +50,9 @@ class PipelineTrainerConfig:
     """Stage count, CheckFree+, transfer timeout."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.train.model, GPTConfig):
+            raise ValueError("PipelineTrainerConfig.train.model must be a GPTConfig: the pipeline cuts regrow's GPT "
+                             "into stages; train a factory's model (ModelFactory) with Trainer, data-parallel")
         stages, n_layer = self.pipeline.stages, self.train.model.n_layer
         if n_layer % stages:
             divisors = [d for d in range(1, n_layer + 1) if n_layer % d == 0]

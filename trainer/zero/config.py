@@ -16,6 +16,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _FP32_STATE_MODULES = (
     nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase
 )
+"""Modules whose parameters keep fp32 state, by type (subclasses included, e.g. a scaled word embedding)."""
+_NORM_CLASS_SUFFIX = "Norm"
+"""A module of another class counts as a norm when its class name ends with this (``LlamaRMSNorm``,
+``T5LayerNorm``, ``MistralRMSNorm``: models define their own) and its own parameters are all 1-D."""
 
 
 @dataclass(kw_only=True)
@@ -83,15 +87,25 @@ def state_kind_rule(model: nn.Module, config: ZeroConfig) -> Callable[[str, torc
     """The ``kind_of`` function of ``layout.build_layout`` that :class:`ZeroOptimizer` lays ``model`` out with.
 
     Per original parameter: 8-bit state only for large parameters that are not embeddings or norms (their state
-    quantizes badly and they are small or sparse); weight decay only for parameters of two or more dimensions. Public
-    so that code predicting the optimizer's layout without building one (the launcher sizing snapshot segments from
-    a model on the meta device) applies the same rule."""
-    fp32_only = {
-        id(p) for module in model.modules() if isinstance(module, _FP32_STATE_MODULES) for p in module.parameters(False)
-    }
+    quantizes badly and they are small or sparse); weight decay only for parameters of two or more dimensions.
+    Embeddings and norms are found by the module that owns the parameter, not by its name, so any model's are:
+    torch's embedding and norm classes and their subclasses, and any class named ``...Norm`` that owns only 1-D
+    parameters (the custom RMSNorms of Hugging Face models). A weight tied to an embedding (an LM head sharing the
+    embedding's tensor) is one parameter, an embedding's. Public so that code predicting the optimizer's layout
+    without building one (the launcher sizing snapshot segments from a model on the meta device) applies the same
+    rule."""
+    fp32_only = {id(p) for module in model.modules() if _keeps_fp32_state(module) for p in module.parameters(False)}
 
     def kind_of(name: str, param: torch.Tensor) -> StateKind:
         eight = config.state_bits == 8 and param.numel() >= config.min_8bit_numel and id(param) not in fp32_only
         return StateKind(bits=8 if eight else 32, decay=param.ndim >= 2)
 
     return kind_of
+
+
+def _keeps_fp32_state(module: nn.Module) -> bool:
+    """Whether ``module``'s own parameters are an embedding's or a norm's (see :func:`state_kind_rule`)."""
+    if isinstance(module, _FP32_STATE_MODULES):
+        return True
+    own = list(module.parameters(recurse=False))
+    return type(module).__name__.endswith(_NORM_CLASS_SUFFIX) and bool(own) and all(p.ndim == 1 for p in own)
