@@ -57,7 +57,7 @@ def connect(address: str) -> None:
         _probe(address)
     try:
         if address == "local":
-            ray.init(log_to_driver=False)
+            ray.init(address="local", log_to_driver=False)  # a new instance: never a cluster already running here
         else:
             ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:

@@ -25,7 +25,7 @@ from regrow.launch.options import CheckpointOptions
 from regrow.launch.parser import parse_options
 from regrow.launch.rank import attach_writer
 from regrow.recovery.from_checkpoint import restore_trainer
-from regrow.trainer.data import DataConfig
+from regrow.trainer.data import DataConfig, load_corpus
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.losses import Loss, LossError
 from regrow.trainer.model_factory import ModelFactory, ModelFactoryError, build_model, input_vocab_size
@@ -281,7 +281,8 @@ def logits_of(weights: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.T
 
 @pytest.mark.timeout(400)
 def test_a_hugging_face_llama_trains_resumes_at_another_world_size_and_exports(tmp_path, capfd) -> None:
-    """``regrow train --model`` from a console script's ``sys.path`` (``python -P``) on 2 ranks (snapshots sized
+    """``regrow train --model ... --data tokens.bin`` (a token file ``regrow data prepare`` made) from a console
+    script's ``sys.path`` (``python -P``) on 2 ranks (snapshots sized
     from the factory's model on ``meta``) saves universal checkpoints; ``--resume latest`` goes on at 1 rank and ends bit-identical to an uninterrupted run (a mean over 2
     ranks or 2 micro-batches is the same two fp32 additions halved; the schedule's warm-up outlasts both runs, so
     --steps does not change the learning rates); ``regrow ckpt export`` writes weights (and a config.json) whose
@@ -289,15 +290,19 @@ def test_a_hugging_face_llama_trains_resumes_at_another_world_size_and_exports(t
     from safetensors.torch import load_file, load_model
     from transformers import LlamaForCausalLM
 
-    root, out = tmp_path / "ckpt", tmp_path / "hf"
+    root, out, tokens = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "tokens.bin"
+    text = tmp_path / "text.txt"
+    text.write_bytes(bytes(load_corpus()[:100_000].tolist()))
+    assert cli.main(["data", "prepare", str(text), "--out", str(tokens)]) == 0  # byte-level: the Llama's 256 ids
+    llama_run = [*LLAMA_RUN, "--data", str(tokens)]
     env = {**os.environ, "PYTHONPATH": str(REPO.parent)}
-    first = subprocess.run([sys.executable, "-P", "-m", "regrow", *LLAMA_RUN, "--nproc", "2", "--steps", "6",
+    first = subprocess.run([sys.executable, "-P", "-m", "regrow", *llama_run, "--nproc", "2", "--steps", "6",
                             "--save-every", "3", "--ckpt-dir", str(root), "--snapshot-every", "2"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "[rank 0, step 6] loss" in first.stdout and storage.read_latest(root) == "step_00000006"
     assert "[rank 1, step 0] snapshot: attached to" in first.stdout
-    resume = [*LLAMA_RUN, "--nproc", "1", "--steps", "9", "--save-every", "3", "--ckpt-dir", str(root)]
+    resume = [*llama_run, "--nproc", "1", "--steps", "9", "--save-every", "3", "--ckpt-dir", str(root)]
     assert cli.main([*resume, "--resume", "latest"]) == 0
     assert f"resumed from {root / 'step_00000006'} (saved at world size 2, now 1)" in capfd.readouterr().out
 
