@@ -269,3 +269,19 @@ def test_scale_runner_chains_the_zero_runner_at_a_process_count(tmp_path: Path) 
     assert (record["impl"], record["world_size"], record["preset"]) == ("regrow8", 1, "tiny")
     assert (outcome.out / "scale-1-tiny" / "zero.md").is_file()
     assert "| 100.0% |" in outcome.stdout  # the 1-process run is its own scaling reference
+
+
+@pytest.mark.timeout(RUNNER_LIMIT_S + 60)
+def test_llama_runner_trains_the_llama_every_way(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    outcome = run_runner("run_gpu_llama.sh", tmp_path, ROUNDS="1", RUN_TIMEOUT="200")
+    assert_ran(outcome, "| round | run | status | tokens/s | vs DeepSpeed | peak GB | final loss |")
+    records = outcome.records("llama.jsonl")
+    assert_all_ok(records, 3)
+    assert [r["mode"] for r in records] == ["trainer", "guard", "deepspeed"]
+    for record in records:
+        assert record["tokens_per_s"] > 0 and record["parameters"] > 0 and record["final_loss"] > 0
+    guard, deepspeed = records[1], records[2]
+    # The same model, data, loss and learning rate from the same seed: 8-bit and fp32 Adam state give about the
+    # same loss after a few steps.
+    assert abs(guard["final_loss"] - deepspeed["final_loss"]) < 0.05
