@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "Trainer": "regrow.trainer.loop",
     "TrainerConfig": "regrow.trainer.loop",
     "GPTConfig": "regrow.trainer.models",
+    "ModelFactory": "regrow.trainer.model_factory",
     "DataConfig": "regrow.trainer.data",
     "DataCursor": "regrow.trainer.data",
     "Sampler": "regrow.trainer.data",
@@ -40,14 +41,16 @@ _EXPORTS: dict[str, str] = {
 }
 """Public name -> the module that defines it."""
 
-__all__ = ["DataConfig", "DataCursor", "GPTConfig", "Guard", "GuardConfig", "Sampler", "Stateful", "Trainer",
-           "TrainerConfig", "World", "ZeroConfig", "ZeroOptimizer", "destroy_world", "init_world", "join_world"]
+__all__ = ["DataConfig", "DataCursor", "GPTConfig", "Guard", "GuardConfig", "ModelFactory", "Sampler", "Stateful",
+           "Trainer", "TrainerConfig", "World", "ZeroConfig", "ZeroOptimizer", "destroy_world", "init_world",
+           "join_world"]
 
 if TYPE_CHECKING:
     from regrow.comm.world import World, destroy_world, init_world, join_world
     from regrow.launch.guard import Guard, GuardConfig
     from regrow.trainer.data import DataConfig, DataCursor, Sampler
     from regrow.trainer.loop import Trainer, TrainerConfig
+    from regrow.trainer.model_factory import ModelFactory
     from regrow.trainer.models import GPTConfig
     from regrow.trainer.user_state import Stateful
     from regrow.trainer.zero.config import ZeroConfig

@@ -347,7 +347,7 @@ def test_ckpt_export_refuses_a_model_that_is_not_the_checkpoints(tmp_path, capsy
     without ``--model`` the directory gets the weights and a note on how to write config.json."""
     ckpt = tmp_path / "ckpt"
     trainer = Trainer(trainer_config(ModelFactory(target=LLAMA), steps=1))
-    attach_writer(trainer, CheckpointOptions(ckpt_dir=str(ckpt), save_every=1))
+    attach_writer(trainer, CheckpointOptions(ckpt_dir=str(ckpt), save_every=1), final_step=1)
     trainer.run()  # closing the sinks commits the save of the last step
     assert storage.read_latest(ckpt) == "step_00000001"
     assert cli.main(["ckpt", "export", str(ckpt), str(tmp_path / "out"), "--to", "safetensors", "--model", LLAMA,
