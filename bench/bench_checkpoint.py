@@ -15,8 +15,8 @@ state (its product configuration), DeepSpeed ZeRO-2 and FSDP2 with ``torch.optim
 
 Protocol (``regrow``, ``deepspeed``, ``fsdp2``): ``--warmup`` untimed steps; ``--baseline-steps`` steps each timed
 alone (device synchronised before and after, maximum over ranks): their median is reported as ``baseline_ms``.
-Then ``--saves`` saves (the first is "cold": regrow allocates its pinned host buffers then, the others create their
-files). Every save is measured with windows of ``--window`` consecutive steps, the device synchronised only at the
+Then ``--saves`` saves (the first is "cold" for the others, which create their files then; regrow allocates its
+pinned host buffers at start-up, off the training thread, as ``launch/rank.attach_writer`` does). Every save is measured with windows of ``--window`` consecutive steps, the device synchronised only at the
 ends of a window (a per-step synchronisation would force the wait that regrow's lazy copy avoids, and is not what a
 training loop does):
 
@@ -190,6 +190,7 @@ def build_regrow(args: argparse.Namespace, rank: int, world_size: int, device: t
     dist.barrier()
     writer = CheckpointWriter(WriterConfig(root=str(root), save_every=0, keep_last=2, fsync=not args.no_fsync),
                               rank=rank, world_size=world_size, run_config=trainer.config.to_dict())
+    writer.prepare(trainer.shard_state())  # as launch/rank.attach_writer does: the buffers of the first save, now
     trainer.sinks.append(writer)  # before_optimizer_step() waits for the host copies of a save in flight
 
     def start_save(index: int) -> Callable[[], bool]:

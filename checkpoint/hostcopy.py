@@ -180,7 +180,8 @@ class HostCopier:
 
     Contract: call :meth:`start` on the thread that owns the tensors, right after they reach the state to copy; call
     ``wait_before_mutation()`` on that thread before changing them; release each copy when done reading it.
-    Buffers are allocated at the first use of a slot and reused while names, shapes and dtypes stay the same.
+    Buffers are allocated at the first use of a slot (or ahead of it, off the training thread: :meth:`prepare`)
+    and reused while names, shapes and dtypes stay the same.
     """
 
     Config = HostCopierConfig
@@ -192,6 +193,39 @@ class HostCopier:
         self._busy = [False] * self.config.slots
         self._lock = threading.Lock()
         self._stream: torch.cuda.Stream | None = None  # CUDA only: created on first use
+        self._preparing: threading.Thread | None = None
+        self._prepare_error: BaseException | None = None
+
+    def prepare(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Allocates every slot's buffers for tensors of these names, shapes and dtypes now, on a background thread,
+        so that the first :meth:`start` costs what later ones cost (pinning a shard's worth of host memory takes
+        about a second per few GB, and would otherwise stall the first copy on the training thread). Not
+        collective; :meth:`start` waits for it (long done by the first save of a run). A failed allocation is
+        raised by that :meth:`start`, as its own allocation failing would be."""
+        if not tensors or self._preparing is not None:
+            return
+        devices = {t.device for t in tensors.values()}
+        on_cuda = len(devices) == 1 and next(iter(devices)).type == "cuda"
+        pin = on_cuda if self.config.pin_memory is None else self.config.pin_memory
+        specs = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in tensors.items()}
+
+        def allocate_all() -> None:
+            try:
+                for slot in range(self.config.slots):
+                    self._slot_buffers(slot, specs, pin)
+            except BaseException as error:  # noqa: BLE001 (raised by the next start, on the training thread)
+                self._prepare_error = error
+
+        self._preparing = threading.Thread(target=allocate_all, daemon=True, name="regrow-hostcopy-prepare")
+        self._preparing.start()
+
+    def _wait_prepared(self) -> None:
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
+        if self._prepare_error is not None:
+            error, self._prepare_error = self._prepare_error, None
+            raise error
 
     def free_slots(self) -> int:
         with self._lock:
@@ -203,6 +237,7 @@ class HostCopier:
         docstring and :attr:`HostCopy.summaries`)."""
         if not tensors:
             raise ValueError("HostCopier.start: no tensors to copy")
+        self._wait_prepared()
         with self._lock:
             if all(self._busy):
                 return None

@@ -157,5 +157,6 @@ def attach_writer(trainer: GuardedRun, options: CheckpointOptions, *, final_step
         rank=trainer.rank, world_size=trainer.world_size, run_config=trainer.run_config(),
         timeout_s=trainer.timeout_s, io_fault=io_fault,
     )
+    writer.prepare(trainer.shard_state())  # the first save's host buffers, allocated now off the training thread
     trainer.sinks.append(writer)
     return writer

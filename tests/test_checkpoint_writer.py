@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig
+from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig, default_allocate
 from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.recovery.from_checkpoint import restore_trainer
@@ -137,3 +137,30 @@ def test_kill_9_during_a_persist_resumes_from_the_last_complete_checkpoint(tmp_p
     trainer.run()
     assert [p.name for p in sorted(root.iterdir())] == ["latest", "step_00000002", "step_00000004"]
     assert verify.verify(root / "step_00000004").ok
+
+
+def test_prepare_allocates_the_first_saves_buffers_off_the_training_thread(tmp_path) -> None:
+    """``CheckpointWriter.prepare`` (called at start-up by ``launch/rank.attach_writer``) allocates the host buffers
+    on another thread; the first save then copies into those very buffers, allocating nothing."""
+    threads: list[str] = []
+
+    def allocate(name, shape, dtype, pin):
+        threads.append(threading.current_thread().name)
+        return default_allocate(name, shape, dtype, pin)
+
+    trainer = Trainer(cw.config(1, steps=2))
+    writer = CheckpointWriter(WriterConfig(root=str(tmp_path), save_every=1, keep_last=2, final_step=2), rank=0,
+                              world_size=1, copier=HostCopier(allocate=allocate))
+    state = trainer.shard_state()
+    writer.prepare(state)
+    copy = writer.copier.start(state.tensors)
+    assert copy is not None
+    prepared = len(state.tensors)
+    assert threads == ["regrow-hostcopy-prepare"] * prepared  # every buffer, and none on the training thread
+    copy.wait_host(30)
+    assert all(torch.equal(copy.buffers[k], v) for k, v in state.tensors.items())
+    copy.release()
+    trainer.sinks.append(writer)
+    trainer.run()
+    assert threads == ["regrow-hostcopy-prepare"] * prepared  # the saves reused them
+    assert storage.read_latest(tmp_path) == "step_00000002"

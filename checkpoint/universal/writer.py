@@ -190,6 +190,11 @@ class CheckpointWriter:
                 log_line(0, 0, f"checkpoint: removed {len(removed)} leftover temporaries under {self.root} "
                                f"(saves interrupted by a crash)")
 
+    def prepare(self, state: ShardState) -> None:
+        """Allocates the host buffers (pinned on a GPU) for states like ``state`` now, off the training thread, so
+        the first save of a run stalls training no more than later ones. Call once, at start-up."""
+        self.copier.prepare(state.tensors)
+
     # ---------------------------------------------------------------- the StateSink protocol
     def before_optimizer_step(self) -> None:
         """Call right before every optimizer step: waits for the host copies of a save started after the previous
