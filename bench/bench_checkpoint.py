@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--no-fsync", action="store_true", help="regrow: skip fsync (DeepSpeed and DCP do not fsync)")
+    parser.add_argument("--cold-first-save", action="store_true",
+                        help="regrow: no start-up allocation of the host buffers (the first save allocates them on "
+                             "the training thread, as before CheckpointWriter.prepare): the anchor of the first save")
     parser.add_argument("--json", default=None, help="file to append the result line to (rank 0)")
     args = parser.parse_args(argv)
     for name in ("micro_batch", "baseline_steps", "saves", "max_steps_during", "window"):
@@ -190,7 +193,8 @@ def build_regrow(args: argparse.Namespace, rank: int, world_size: int, device: t
     dist.barrier()
     writer = CheckpointWriter(WriterConfig(root=str(root), save_every=0, keep_last=2, fsync=not args.no_fsync),
                               rank=rank, world_size=world_size, run_config=trainer.config.to_dict())
-    writer.prepare(trainer.shard_state())  # as launch/rank.attach_writer does: the buffers of the first save, now
+    if not args.cold_first_save:
+        writer.prepare(trainer.shard_state())  # as launch/rank.attach_writer does: the first save's buffers, now
     trainer.sinks.append(writer)  # before_optimizer_step() waits for the host copies of a save in flight
 
     def start_save(index: int) -> Callable[[], bool]:
@@ -210,6 +214,7 @@ def build_regrow(args: argparse.Namespace, rank: int, world_size: int, device: t
         restore_trainer(trainer, "latest", root=root)
 
     settings = {"stage": 2, "state_bits": 8, "param_dtype": "bfloat16", "fsync": not args.no_fsync,
+                "buffers_at_start_up": not args.cold_first_save,
                 "when_busy": writer.config.when_busy}
     return Job(step=trainer.train_step, start_save=start_save, finish_save=finish_save, load=load, settings=settings)
 
