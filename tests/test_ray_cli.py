@@ -80,6 +80,10 @@ def test_regrow_ray_entry_runs_the_own_loop_example_and_heals_a_killed_rank(tmp_
     written = json.loads(report.read_text())
     assert [value["step"] for value in written["returns"]] == [4, 4] and written["failures"] == 1
     (recovery,) = written["recoveries"]
-    assert recovery["sources"] == {"snapshot": [0, 1]} and recovery["steps_lost"] == 0, recovery
-    assert f"generation 1: restored step {recovery['restored_step']} (snapshot: ranks [0, 1]), 0 step(s) trained " \
-           "again" in done.stdout
+    # The kill comes before step 3's update; step 2's snapshot is sealed by its finisher thread meanwhile, so under
+    # load the newest sealed one may still be step 1's (one step trained again), as in every snapshot test.
+    lost = recovery["steps_lost"]
+    assert recovery["sources"] == {"snapshot": [0, 1]} and lost in (0, 1), recovery
+    assert recovery["restored_step"] == recovery["failed_at_step"] - lost
+    assert f"generation 1: restored step {recovery['restored_step']} (snapshot: ranks [0, 1]), {lost} step(s) " \
+           "trained again" in done.stdout
