@@ -51,9 +51,10 @@ def run(command: list[str], env: dict[str, str], timeout_s: float = 150.0) -> st
     return done.stdout
 
 
-def regrow_run(out: Path, *flags: str, script_flags: tuple[str, ...] = ()) -> str:
+def regrow_run(out: Path, tokens: Path, *flags: str, script_flags: tuple[str, ...] = ()) -> str:
+    """``regrow run`` of the example on 2 ranks, on the token file ``tokens``."""
     return run([sys.executable, "-m", "regrow", "run", "--nproc", "2", "--timeout", "140", *flags, str(EXAMPLE),
-                "--steps", str(STEPS), "--out", str(out), *script_flags], clean_env())
+                "--steps", str(STEPS), "--out", str(out), "--data", str(tokens), *script_flags], clean_env())
 
 
 def final_windows(out: Path, rank: int) -> dict[int, list[int]]:
@@ -83,20 +84,6 @@ def assert_same_run(mine: Path, reference: Path) -> None:
         assert windows == expected
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The fault-free run, 2 ranks, nothing kept."""
-    out = tmp_path_factory.mktemp("reference")
-    regrow_run(out)
-    return out
-
-
-@pytest.fixture
-def job() -> Iterator[str]:
-    name = f"guard-test-{secrets.token_hex(4)}"
-    yield name
-    for leftover in Path("/dev/shm").glob(f"regrow-snap-{name}-*"):
-        leftover.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -110,29 +97,44 @@ def tokens(tmp_path_factory) -> Path:
     return folder / "tokens.bin"
 
 
+@pytest.fixture(scope="module")
+def reference(tokens, tmp_path_factory) -> Path:
+    """The fault-free run, 2 ranks, nothing kept, on the token file."""
+    out = tmp_path_factory.mktemp("reference")
+    regrow_run(out, tokens)
+    return out
+
+
+@pytest.fixture
+def job() -> Iterator[str]:
+    name = f"guard-test-{secrets.token_hex(4)}"
+    yield name
+    for leftover in Path("/dev/shm").glob(f"regrow-snap-{name}-*"):
+        leftover.unlink(missing_ok=True)
+
+
 @pytest.mark.timeout(300)
-def test_own_loop_on_a_token_file_killed_mid_epoch_recovers_bit_identically(tokens, tmp_path) -> None:
+def test_own_loop_on_a_token_file_killed_mid_epoch_recovers_bit_identically(tokens, reference, tmp_path) -> None:
     """Killed mid-epoch (6 of 10 steps of 4 windows, of the 5,937 training windows of the file): the restored
     run draws exactly the windows of the fault-free run at every step, and ends in its state bit for bit."""
-    data = ("--data", str(tokens))
-    regrow_run(tmp_path / "reference", script_flags=data)
-    out = regrow_run(tmp_path / "out", "--snapshot-every", "1", "--max-restarts", "1", "--fault", "kill-rank:1@6",
-                     script_flags=data)
+    out = regrow_run(tmp_path / "out", tokens, "--snapshot-every", "1", "--max-restarts", "1", "--fault",
+                     "kill-rank:1@6")
     assert "fault: kill-rank:1@6 fires" in out, out
     assert "guard: the job holds a state" in out and "restore: source snapshot" in out, out
     assert "## fault report: recovered, 1 restart(s)" in out, out
-    assert_same_run(tmp_path / "out", tmp_path / "reference")
+    assert_same_run(tmp_path / "out", reference)
 
 
 @pytest.mark.timeout(300)
-def test_own_loop_relaunched_resumes_its_user_state_from_a_checkpoint(reference, tmp_path) -> None:
+def test_own_loop_relaunched_resumes_its_user_state_from_a_checkpoint(tokens, reference, tmp_path) -> None:
     """The job stops after step 6 (preempted); a new launch of the same command resumes from the newest checkpoint
     (6, or an earlier one when a save was skipped because the one before was still persisting) and ends as the
     uninterrupted run."""
     ckpt = tmp_path / "ckpt"
-    regrow_run(tmp_path / "out", "--save-every", "2", "--ckpt-dir", str(ckpt), script_flags=("--stop-after", "6"))
+    regrow_run(tmp_path / "out", tokens, "--save-every", "2", "--ckpt-dir", str(ckpt),
+               script_flags=("--stop-after", "6"))
     assert storage.read_latest(ckpt) in ("step_00000002", "step_00000004", "step_00000006")
-    out = regrow_run(tmp_path / "out", "--save-every", "2", "--ckpt-dir", str(ckpt))
+    out = regrow_run(tmp_path / "out", tokens, "--save-every", "2", "--ckpt-dir", str(ckpt))
     assert "guard: the job holds a state (checkpoint" in out and "resumed from" in out, out
     assert_same_run(tmp_path / "out", reference)
     newest = ckpt / storage.read_latest(ckpt)
@@ -143,13 +145,15 @@ def test_own_loop_relaunched_resumes_its_user_state_from_a_checkpoint(reference,
 
 
 @pytest.mark.timeout(300)
-def test_own_loop_under_torchrun_with_the_node_helper_recovers_bit_identically(reference, tmp_path, job) -> None:
+def test_own_loop_under_torchrun_with_the_node_helper_recovers_bit_identically(tokens, reference, tmp_path,
+                                                                               job) -> None:
     fired = tmp_path / "fired"
     fired.mkdir()
     env = clean_env(**faults.plan_env([faults.Fault("kill-rank", 1, 6)], str(fired)),
                     **GuardConfig(snapshot_every=1).to_env())
     out = run([sys.executable, "-m", "regrow.launch.torchrun", "node", "--job", job, "--", *TORCHRUN,
-               "--max-restarts", "1", str(EXAMPLE), "--steps", str(STEPS), "--out", str(tmp_path / "out")], env)
+               "--max-restarts", "1", str(EXAMPLE), "--steps", str(STEPS), "--out", str(tmp_path / "out"), "--data",
+               str(tokens)], env)
     assert "fault: kill-rank:1@6 fires" in out, out
     assert out.count("restore: source snapshot") == 2, out
     assert_same_run(tmp_path / "out", reference)
