@@ -51,10 +51,12 @@ def run(command: list[str], env: dict[str, str], timeout_s: float = 150.0) -> st
     return done.stdout
 
 
-def regrow_run(out: Path, tokens: Path, *flags: str, script_flags: tuple[str, ...] = ()) -> str:
-    """``regrow run`` of the example on 2 ranks, on the token file ``tokens``."""
+def regrow_run(out: Path, tokens: Path | None = None, *flags: str, script_flags: tuple[str, ...] = ()) -> str:
+    """``regrow run`` of the example on 2 ranks, on the token file ``tokens`` (None: the embedded corpus; the Ray
+    test's reference, ``tests/test_ray_entry.py``)."""
+    data = ("--data", str(tokens)) if tokens is not None else ()
     return run([sys.executable, "-m", "regrow", "run", "--nproc", "2", "--timeout", "140", *flags, str(EXAMPLE),
-                "--steps", str(STEPS), "--out", str(out), "--data", str(tokens), *script_flags], clean_env())
+                "--steps", str(STEPS), "--out", str(out), *data, *script_flags], clean_env())
 
 
 def final_windows(out: Path, rank: int) -> dict[int, list[int]]:
