@@ -125,8 +125,7 @@ class PartWriter:
 
     def write_user(self, temp: Path, tree: dict, tensors: Mapping[str, torch.Tensor]) -> UserEntry:
         """Writes the user loop's state under ``temp`` (rank 0's part only); returns its manifest entry."""
-        return write_user_part(temp, tree, tensors, chunk_bytes=self.chunk_bytes, fsync=self.fsync,
-                               pwrite=self.pwrite)
+        return write_user_part(temp, tree, tensors, self.write_range, fsync=self.fsync)
 
     def write_marker(self, temp: Path, *, rank: int, step: int, session: str, part: Part, error: str | None,
                      extra: dict | None = None) -> None:

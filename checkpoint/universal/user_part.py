@@ -10,9 +10,8 @@ name is ours. Nothing is pickled: the JSON part is parsed as JSON, the tensors a
 from __future__ import annotations
 
 import json
-import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -41,41 +40,23 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def write_user_part(temp: Path, tree: dict, tensors: Mapping[str, torch.Tensor], *, chunk_bytes: int, fsync: bool,
-                    pwrite: storage.PWrite = os.pwrite) -> UserEntry:
-    """Writes the user state (``tree`` and its host ``tensors``) under ``temp``; returns its manifest entry. Raises
-    ``ValueError`` for a tensor of a dtype the format does not store (the save then fails, naming it)."""
-    folder = temp / USER_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+def write_user_part(temp: Path, tree: dict, tensors: Mapping[str, torch.Tensor],
+                    write_range: Callable[[Path, torch.Tensor, int], list[Chunk]], *, fsync: bool) -> UserEntry:
+    """Writes the user state (``tree`` and its host ``tensors``) under ``temp`` with the part writer's
+    ``write_range`` (chunked, checksummed); returns its manifest entry. Raises ``ValueError`` for a tensor of a dtype
+    the format does not store (the save then fails, naming it)."""
+    (temp / USER_DIR).mkdir(parents=True, exist_ok=True)
     data = json.dumps(tree).encode()
-    path = temp / STATE_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        storage.pwrite_all(fd, memoryview(data), 0, pwrite)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    storage.write_file_atomic(temp / STATE_FILE, data, fsync=fsync)
     entries = []
     for index, (key, tensor) in enumerate(tensors.items()):
         name = dtype_name(tensor.dtype)
         if name not in USER_DTYPES:
             raise ValueError(f"user state tensor {key} is {name}; the checkpoint stores {sorted(USER_DTYPES)}")
-        raw = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # any dtype, as bytes
         file = tensor_file(index)
-        chunks = []
-        fd = os.open(temp / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            for begin in range(0, len(raw), chunk_bytes):
-                piece = raw[begin : begin + chunk_bytes]
-                storage.pwrite_all(fd, piece, begin, pwrite)
-                chunks.append(Chunk(offset=begin, length=len(piece), crc32=zlib.crc32(piece)))
-            if fsync:
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        entries.append(UserTensorEntry(key=key, file=file, dtype=name, shape=list(tensor.shape), nbytes=len(raw),
-                                       chunks=chunks))
+        entries.append(UserTensorEntry(key=key, file=file, dtype=name, shape=list(tensor.shape), nbytes=raw.numel(),
+                                       chunks=write_range(temp / file, raw, 0)))
     return UserEntry(state=FileEntry(file=STATE_FILE, nbytes=len(data), crc32=zlib.crc32(data)), tensors=entries)
 
 
