@@ -5,8 +5,9 @@ sink digests each shard tensor on the copy's side stream, right before copying i
 reads the payload. The result is bit-equal to ``wordsum.digest`` of the same bytes.
 
 The kernel: a grid of at most ``_PROGRAMS_PER_SM`` programs per SM, each striding over blocks of ``_BLOCK_WORDS``
-words and accumulating ``w`` and ``(i + 1) * w`` per lane in uint64 (wrapping, i.e. mod 2^64), then reducing its
-lanes and adding its two sums into the output with integer atomics. Integer addition mod 2^64 is associative and
+words and accumulating, per lane in uint64 (wrapping, i.e. mod 2^64), the sum of its words and the running sum of
+that sum (from which the position-weighted sum follows with one multiply per lane at the end: see the kernel), then
+reducing its lanes and adding its two sums into the output with integer atomics. Integer addition mod 2^64 is associative and
 commutative, so the result does not depend on the schedule: deterministic without floating point. Words are loaded
 as int32 when the tensor's first byte is 4-byte aligned (the last, partial word then read byte-wise by program 0),
 and assembled from four byte loads otherwise (a view at an odd storage offset); bytes past the end read as zero,
@@ -39,8 +40,12 @@ def _wordsum_kernel(src_ptr, out_ptr, nbytes, whole_words, iterations,
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
+    # Per lane, over the iterations t = 0 .. T-1 that read its words w_t: acc_a = sum(w_t) and, Fletcher-style,
+    # acc_f = sum of the running acc_a = sum((T - t) * w_t). Only 64-bit additions in the loop (a 64-bit multiply
+    # per word made the first version compute-bound at a fifth of the memory bandwidth); the weights are applied
+    # once per lane after it.
     acc_a = tl.zeros([BLOCK], dtype=tl.uint64)
-    acc_b = tl.zeros([BLOCK], dtype=tl.uint64)
+    acc_f = tl.zeros([BLOCK], dtype=tl.uint64)
     for iteration in range(iterations):
         index = (iteration * programs + pid).to(tl.int64) * BLOCK + lanes
         if ALIGNED:
@@ -54,9 +59,15 @@ def _wordsum_kernel(src_ptr, out_ptr, nbytes, whole_words, iterations,
                 part = tl.load(src_ptr + byte + k, mask=byte + k < nbytes, other=0)
                 word = word | (part.to(tl.uint64) << (8 * k))
         acc_a += word
-        acc_b += (index + 1).to(tl.uint64) * word
+        acc_f += acc_a
+    # Word t of a lane sits at index t * programs * BLOCK + pid * BLOCK + lane, so its weight index + 1 splits
+    # into (pid * BLOCK + lane + 1), common to the lane, plus t * programs * BLOCK; and sum(t * w_t) = T * A - F.
+    total = iterations.to(tl.uint64)
+    acc_t = total * acc_a - acc_f
+    first = (pid.to(tl.uint64) * BLOCK + lanes.to(tl.uint64) + 1)
+    stride = programs.to(tl.uint64) * BLOCK
     a = tl.sum(acc_a, axis=0)
-    b = tl.sum(acc_b, axis=0)
+    b = tl.sum(first * acc_a + stride * acc_t, axis=0)
     if ALIGNED:  # the partial last word (0 to 3 bytes, zero-padded), added once: by program 0
         k4 = tl.arange(0, 4)
         tail_byte = whole_words.to(tl.int64) * 4 + k4
