@@ -38,14 +38,14 @@ def params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
 
 
-def snapshot_then_sigkill(config: TrainerConfig, address: str, token: str, steps: int) -> None:
+def snapshot_then_sigkill(config: TrainerConfig, address: str, token: str, steps: int,
+                          copier: str = "auto") -> None:
     """Trains ``steps`` steps alone with a snapshot sink, seals the last snapshot, then kills itself (kill -9)."""
-    sink = SnapshotSink(SnapshotSinkConfig(address=address, token=token), rank=0)
+    sink = SnapshotSink(SnapshotSinkConfig(address=address, token=token, copier=copier), rank=0)
     trainer = Trainer(config, sinks=[sink])
     for _ in range(steps):
         trainer.train_step()
-    sink.before_optimizer_step()
-    sink._finish()  # sealed, so the test knows which step must survive
+    sink.flush()  # sealed, so the test knows which step must survive
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -127,7 +127,8 @@ def test_sink_seals_with_gpu_digests(node, token) -> None:  # noqa: F811
         tensors["odd/bytes"] = torch.arange(7, dtype=torch.uint8, device="cuda") + step
         return dataclasses.replace(base, step=step, tensors=tensors)
 
-    sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, every=1, log=False), rank=0)
+    sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, every=1, log=False, copier="thread"),
+                        rank=0)
     states = [state(1), state(2), state(3)]
     for current in states:
         sink.after_step(current)
@@ -154,7 +155,8 @@ def test_read_slot_verifies_on_the_gpu_and_detects_corruption(node, token) -> No
 
     base = Trainer(tiny_config(steps=1)).shard_state()
     state = dataclasses.replace(base, step=4, tensors={name: t.cuda() + 4 for name, t in base.tensors.items()})
-    sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, every=1, log=False), rank=0)
+    sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, every=1, log=False, copier="thread"),
+                        rank=0)
     sink.after_step(state)
     sink.flush()
     path = next(s.path for s in sink.segments if seg.read_header(s.buffer).step == 4)

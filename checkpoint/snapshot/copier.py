@@ -1,0 +1,321 @@
+"""The snapshot copier: a process per rank that copies the rank's shard into its snapshot segments.
+
+Why a process. Measured on one H100 (GPT 350m, 2.45 GB shard, ``bench/bench_snapshot_parts.py``): the same
+device-to-host copy costs the step 16% when the training process issues it and 1% when another process does
+(the training process's kernel launches slow down while its own copy is in flight). So on CUDA the rank only
+records an event after its optimizer step and sends one small message; this process does the rest.
+
+The rank starts it (``copier_link.CopierLink``) with one end of a socket pair, and the two speak the frames of
+``protocol.py`` (JSON, no pickle) over it:
+
+- ``attach``: the snapshot process's address and the rank, its two segment paths and tensor table, which slot
+  holds its newest sealed snapshot and which slots the snapshot process holds, and the shard tensors: on CUDA
+  their IPC handles (``cuda_ipc.export_tensor``) and two interprocess events, "ready" and "done"; on CPU the
+  shared-memory file descriptors of their storages (passed over the socket pair) and each tensor's offset (the CPU mode exists so that the protocol is tested with real
+  processes without a GPU; CPU training copies from the training process).
+- ``snap`` (step, metadata): seal the previous snapshot first (its copy has finished on the device by now, or
+  will shortly); pick the slot (never the one holding the newest sealed snapshot, nor one the snapshot process
+  holds; none left: answer ``skipped``); write the metadata (``segment.begin``); on CUDA make the copy stream
+  wait for "ready" (recorded by the rank after its optimizer step), digest each tensor (WordSum-128 on the GPU)
+  and copy it, record "done" and answer; the rank's compute stream waits for "done" before its next optimizer
+  step (a GPU-side wait). On CPU the copy runs before the answer, so the answer itself means "done".
+- a seal thread waits for the copy on the host, writes the digest and the ``complete`` flag (``segment.seal``),
+  sends COMMIT to the snapshot process, and tells the rank ``sealed`` with the slots now held.
+- ``flush``: answers once the last snapshot is sealed. ``detach``: also unmaps the segments and closes the
+  tensors.
+
+When the rank goes away (end of file on the socket), the copier exits at once without sealing what is in flight:
+a snapshot is sealed only while its rank lives, as when the rank copied itself. The copier never outlives its
+rank's socket, holds no state of its own worth keeping, and imports torch and CUDA so that the node's snapshot
+process, which holds every rank's snapshots, does not (a GPU fault cannot take the node's snapshots with it).
+
+Run as ``python -m regrow.checkpoint.snapshot.copier FD`` (FD: the inherited socket). ``REGROW_COPIER_DELAY_S``
+(CPU mode, tests only) sleeps that long before each tensor's copy, so that a test can see an optimizer step that
+did not wait.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot import wordsum
+from regrow.checkpoint.snapshot.mapped import MappedSegment
+from regrow.checkpoint.snapshot.protocol import SnapshotClient, recv_message, send_message
+
+DELAY_ENV = "REGROW_COPIER_DELAY_S"
+
+
+@dataclass
+class _InFlight:
+    segment: MappedSegment
+    step: int
+    host_done: torch.cuda.Event | None
+    """CUDA: a blocking event recorded after the copy (the seal thread sleeps on it); None on CPU (copied)."""
+    digests: dict[str, torch.Tensor] = field(default_factory=dict)
+    """CUDA: each tensor's WordSum-128, landing in pinned memory with the copy."""
+    thread: threading.Thread | None = None
+
+
+class _Sources:
+    """The rank's shard tensors as this process sees them."""
+
+    def __init__(self, message: dict, fds: list[int]) -> None:
+        self.cuda = message["device"] == "cuda"
+        self._imported = None
+        self._maps: list = []
+        if self.cuda:
+            from regrow.checkpoint.snapshot import cuda_ipc
+
+            device = int(message["device_index"])
+            torch.cuda.set_device(device)
+            self._imported = cuda_ipc.ImportedTensors(message["tensors"])
+            self.tensors = self._imported.tensors
+            self.ready = cuda_ipc.import_event(message["events"]["ready"], device)
+            self.done = cuda_ipc.import_event(message["events"]["done"], device)
+            self.stream = torch.cuda.Stream(device)
+        else:
+            import mmap
+
+            try:
+                self._maps = [mmap.mmap(fd, 0, prot=mmap.PROT_READ) for fd in fds]
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            self.tensors = {name: self._host_tensor(name, item) for name, item in message["tensors"].items()}
+
+    def _host_tensor(self, name: str, item: dict) -> torch.Tensor:
+        dtype = getattr(torch, item["dtype"])
+        shape = [int(d) for d in item["shape"]]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not numel:
+            return torch.empty(shape, dtype=dtype)
+        mapping = self._maps[int(item["fd"])]
+        begin = int(item["offset"])
+        end = begin + numel * dtype.itemsize
+        if begin < 0 or end > len(mapping):
+            raise ValueError(f"tensor {name!r}: bytes [{begin}, {end}) lie outside its shared memory of "
+                             f"{len(mapping)} bytes")
+        return _readonly_view(memoryview(mapping)[begin:end], dtype, shape)
+
+    def close(self) -> None:
+        if self._imported is not None:
+            self._imported.close()
+        self.tensors = {}
+
+
+def _readonly_view(view: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given buffer is not writable": it is only read
+        return torch.frombuffer(view, dtype=dtype).view(shape)
+
+
+class Copier:
+    """Serves one rank over ``sock`` until it goes away; see the module docstring."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self.segments: list[MappedSegment] = []
+        self.sources: _Sources | None = None
+        self.client: SnapshotClient | None = None
+        self.client_address: str | None = None
+        self.targets: dict[int, dict[str, torch.Tensor]] = {}
+        self.rank = -1
+        self.newest: int | None = None
+        self.held: frozenset[int] = frozenset()
+        self.in_flight: _InFlight | None = None
+        self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
+        self.timeout_s = 60.0
+
+    # ---------------------------------------------------------------- the loop
+    def serve(self) -> None:
+        while True:
+            try:
+                message, _ = recv_message(self.sock, timeout_s=None)
+            except (ConnectionError, EOFError, OSError):
+                return  # the rank is gone: nothing in flight is sealed
+            op = message.get("op")
+            fds: list[int] = []
+            if isinstance(message.get("fds"), int) and 0 < message["fds"] <= 1024:
+                _, fds, _, _ = socket.recv_fds(self.sock, 1, message["fds"])
+            try:
+                reply = self._dispatch(op, message, fds)
+            except Exception as error:  # noqa: BLE001 (answered to the rank, which raises it)
+                reply = {"ok": False, "re": op, "error": f"snapshot copier: {type(error).__name__}: {error}",
+                         "trace": traceback.format_exc(limit=5)}
+            self._send(reply)
+
+    def _send(self, message: dict) -> None:
+        with self._send_lock:
+            send_message(self.sock, message)
+
+    def _dispatch(self, op: str | None, message: dict, fds: list[int]) -> dict:
+        if op == "attach":
+            return self._attach(message, fds)
+        for fd in fds:  # passed with another op: not used
+            os.close(fd)
+        if op == "snap":
+            return self._snap(int(message["step"]), message["meta"])
+        if op == "flush":
+            self._finish()
+            return {"ok": True, "re": op, "newest": self.newest, "held": sorted(self.held)}
+        if op == "detach":
+            self._detach()
+            return {"ok": True, "re": op}
+        raise ValueError(f"unknown op {str(op)[:40]!r}")
+
+    # ---------------------------------------------------------------- attach / detach
+    def _attach(self, message: dict, fds: list[int]) -> dict:
+        self._detach()
+        self.rank = int(message["rank"])
+        self.timeout_s = float(message.get("timeout_s", 60.0))
+        entries = [seg.TensorEntry.from_dict(e) for e in message["entries"]]
+        self.sources = _Sources(message, fds)
+        self.segments = [MappedSegment(path, entries) for path in message["paths"]]
+        if self.sources.cuda:
+            for segment in self.segments:
+                segment.pin()
+        self.newest = message.get("newest")
+        self.held = frozenset(message.get("held", ()))
+        if self.client is None or self.client_address != message["address"]:
+            if self.client is not None:
+                self.client.close()
+            self.client = SnapshotClient(message["address"], token=message.get("token"), timeout_s=self.timeout_s)
+            self.client_address = message["address"]
+        self.targets = {segment.slot: {name: segment.allocate(name, t.shape, t.dtype, pin=False)
+                                       for name, t in self.sources.tensors.items()} for segment in self.segments}
+        return {"ok": True, "re": "attach", "pid": os.getpid()}
+
+    def _detach(self) -> None:
+        self._finish(raise_error=False)
+        if self.sources is not None and self.sources.cuda:
+            torch.cuda.synchronize()
+        for segment in self.segments:
+            segment.unpin()
+        self.segments, self.targets = [], {}
+        if self.sources is not None:
+            self.sources.close()
+            self.sources = None
+
+    # ---------------------------------------------------------------- one snapshot
+    def _target(self) -> int | None:
+        preferred = 1 - self.newest if self.newest is not None else 0
+        for slot in (preferred, 1 - preferred):
+            if slot not in self.held:
+                return slot
+        return None
+
+    def _snap(self, step: int, meta: dict) -> dict:
+        if self.sources is None:
+            raise RuntimeError("snap before attach")
+        self._finish()
+        slot = self._target()
+        if slot is None:
+            return {"ok": True, "re": "snap", "step": step, "skipped": True}
+        segment = next(s for s in self.segments if s.slot == slot)
+        seg.begin(segment.buffer, meta)
+        segment.clear_gaps()
+        targets = self.targets[slot]
+        sources = self.sources
+        if sources.cuda:
+            digest_cuda = _gpu_digest()
+            in_flight = _InFlight(segment=segment, step=step, host_done=torch.cuda.Event(blocking=True))
+            sources.stream.wait_event(sources.ready)
+            with torch.cuda.stream(sources.stream):
+                for name, source in sources.tensors.items():
+                    if digest_cuda is not None:
+                        result = digest_cuda(source)
+                        host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                        host.copy_(result, non_blocking=True)
+                        in_flight.digests[name] = host
+                    targets[name].copy_(source, non_blocking=True)
+            sources.done.record(sources.stream)
+            in_flight.host_done.record(sources.stream)
+        else:
+            for name, source in sources.tensors.items():
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+                targets[name].copy_(source)
+            in_flight = _InFlight(segment=segment, step=step, host_done=None)
+        self.in_flight = in_flight
+        in_flight.thread = threading.Thread(target=self._seal, args=(in_flight,), daemon=True,
+                                            name=f"regrow-copier-seal-step{step}")
+        in_flight.thread.start()
+        return {"ok": True, "re": "snap", "step": step, "slot": slot}
+
+    def _seal(self, in_flight: _InFlight) -> None:
+        segment = in_flight.segment
+        try:
+            if in_flight.host_done is not None:
+                in_flight.host_done.synchronize()
+            if in_flight.digests:
+                digest = wordsum.assemble((segment.entries[name].offset, wordsum.Digest.from_int64(*d.tolist()))
+                                          for name, d in in_flight.digests.items())
+            else:
+                payload = memoryview(segment.buffer)[segment.start : segment.start + segment.payload_bytes]
+                try:
+                    digest = wordsum.assemble((e.offset, wordsum.digest(payload[e.offset : e.offset + e.nbytes]))
+                                              for e in segment.entries.values() if e.nbytes)
+                finally:
+                    payload.release()
+            seg.seal(segment.buffer, step=in_flight.step, payload_bytes=segment.payload_bytes,
+                     payload_digest=digest)
+            assert self.client is not None
+            reply = self.client.request({"op": "commit", "rank": self.rank, "slot": segment.slot,
+                                         "step": in_flight.step})
+            self.held = frozenset(reply.get("held", ()))
+            self.newest = segment.slot
+            self._send({"event": "sealed", "step": in_flight.step, "slot": segment.slot, "held": sorted(self.held)})
+        except BaseException as error:  # noqa: BLE001 (told to the rank, which raises it)
+            try:
+                self._send({"event": "error", "step": in_flight.step,
+                            "error": f"snapshot copier: sealing step {in_flight.step}: {type(error).__name__}: "
+                                     f"{error}"})
+            except OSError:
+                pass
+
+    def _finish(self, *, raise_error: bool = True) -> None:
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None and in_flight.thread is not None:
+            in_flight.thread.join(self.timeout_s)
+            if in_flight.thread.is_alive() and raise_error:
+                raise TimeoutError(f"the snapshot of step {in_flight.step} was not sealed within {self.timeout_s} s")
+
+
+def _gpu_digest():
+    """``wordsum_triton.digest_cuda``, or None where triton does not import (the seal then digests on the host)."""
+    try:
+        from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda
+    except ImportError:
+        return None
+    return digest_cuda
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: python -m regrow.checkpoint.snapshot.copier FD (started by the rank's SnapshotSink)",
+              file=sys.stderr)
+        return 2
+    sock = socket.socket(fileno=int(argv[0]))
+    Copier(sock).serve()
+    # The rank is gone or detached: exit without running CUDA teardown that could wait on the GPU.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

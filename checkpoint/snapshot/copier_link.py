@@ -1,0 +1,256 @@
+"""The rank's end of its snapshot copier (``copier.py``): starts the process and exchanges its frames.
+
+:class:`CopierLink` starts ``python -m regrow.checkpoint.snapshot.copier`` with one end of a socket pair (nothing
+listens on any address) and reads what comes back: replies to its requests, in order, and two kinds of events the
+copier sends on its own, ``sealed`` (a snapshot is sealed and committed) and ``error`` (sealing failed), which are
+handed to the ``on_event`` callback as they are read. :func:`describe_tensors` turns the shard into the ATTACH
+description: CUDA IPC handles on a GPU; on CPU shared-memory file descriptors, passed over the socket pair (the
+storage is moved into shared memory in place, so the rank's tensors keep working).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import select
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from regrow.checkpoint.snapshot.protocol import recv_message, send_message
+
+EventHandler = Callable[[dict], None]
+
+
+class CopierLost(RuntimeError):
+    """The copier process exited or stopped answering; the message has its exit code."""
+
+
+def describe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict], list[int]]:
+    """Where each shard tensor lives, for the copier, and the file descriptors to pass with the description.
+    CUDA tensors: ``cuda_ipc.export_tensor`` (no descriptors). CPU tensors: their storage moves into shared
+    memory in place (``_share_fd_cpu_``; the rank's tensors keep working), and each is described by the index of
+    its storage's descriptor in the list and its byte offset in it. Raises ``cuda_ipc.IpcUnavailable`` when CUDA
+    memory cannot be exported."""
+    described: dict[str, dict] = {}
+    fds: list[int] = []
+    index_of: dict[int, int] = {}
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            raise ValueError(f"shard tensor {name!r} is not contiguous")
+        if tensor.is_cuda:
+            from regrow.checkpoint.snapshot.cuda_ipc import export_tensor
+
+            described[name] = export_tensor(tensor)
+            continue
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in index_of:
+            fd, _ = storage._share_fd_cpu_()
+            index_of[storage.data_ptr()] = len(fds)
+            fds.append(fd)
+        described[name] = {"fd": index_of[storage.data_ptr()],
+                           "offset": tensor.storage_offset() * tensor.element_size(),
+                           "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+    return described, fds
+
+
+def _package_parent() -> str:
+    import regrow
+
+    return str(Path(regrow.__file__).resolve().parent.parent)
+
+
+class CopierLink:
+    """A running copier process and the socket to it.
+
+    Contract: :meth:`request` for ops answered at once (``attach``, ``flush``, ``detach``); :meth:`send` then
+    :meth:`reply` for ``snap``, whose answer the rank reads later (before its next optimizer step); :meth:`poll`
+    reads whatever has arrived without blocking. :meth:`close` ends the process.
+    """
+
+    def __init__(self, *, on_event: EventHandler, timeout_s: float = 60.0) -> None:
+        self.on_event = on_event
+        self.timeout_s = timeout_s
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        # The copier imports regrow from wherever this process did, installed or not.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_parent(), env.get("PYTHONPATH")) if p)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "regrow.checkpoint.snapshot.copier", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self.sock = ours
+        self._replies: collections.deque[dict] = collections.deque()
+
+    def send(self, message: dict) -> None:
+        try:
+            send_message(self.sock, message)
+        except OSError as error:
+            raise self._lost(f"sending {message.get('op')!r}: {error}") from error
+
+    def request(self, message: dict, fds: list[int] | None = None) -> dict:
+        """Sends ``message`` (and ``fds``, right after it, as ``message["fds"]`` announces) and returns the
+        reply."""
+        if fds:
+            message = dict(message, fds=len(fds))
+        self.send(message)
+        if fds:
+            try:
+                socket.send_fds(self.sock, [b"F"], fds)
+            except OSError as error:
+                raise self._lost(f"passing {len(fds)} descriptors: {error}") from error
+        return self.reply(message["op"])
+
+    def reply(self, op: str) -> dict:
+        """The next reply (events read meanwhile go to ``on_event``); raises the copier's error if it failed."""
+        while not self._replies:
+            self._read_one(self.timeout_s)
+        reply = self._replies.popleft()
+        if reply.get("re") != op:
+            raise CopierLost(f"snapshot copier answered {reply.get('re')!r} where {op!r} was expected")
+        if not reply.get("ok"):
+            raise RuntimeError(reply.get("error", f"snapshot copier: {op} failed"))
+        return reply
+
+    def poll(self) -> None:
+        """Reads every message already arrived, without blocking."""
+        while select.select([self.sock], [], [], 0)[0]:
+            self._read_one(self.timeout_s)
+
+    def _read_one(self, timeout_s: float) -> None:
+        try:
+            message, _ = recv_message(self.sock, timeout_s=timeout_s)
+        except (OSError, EOFError) as error:
+            raise self._lost(str(error) or type(error).__name__) from error
+        if "event" in message:
+            self.on_event(message)
+        else:
+            self._replies.append(message)
+
+    def _lost(self, what: str) -> CopierLost:
+        code = self.process.poll()
+        state = f"exited with code {code}" if code is not None else "still running"
+        return CopierLost(f"snapshot copier (pid {self.process.pid}, {state}): {what}")
+
+    def close(self) -> None:
+        """Closes the socket (the copier exits on its end of file) and reaps the process."""
+        try:
+            self.sock.close()
+        finally:
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class CopierWriter:
+    """The rank's side of snapshots written by its copier process: what :class:`SnapshotSink` delegates to when it
+    does not copy itself.
+
+    Contract (training thread only): :meth:`attach` after the sink's ATTACH; :meth:`start` right after an optimizer
+    step (records "ready" on the current stream on CUDA and sends ``snap``); :meth:`wait_before_mutation` before the
+    next optimizer step (reads the answer; on CUDA the current stream waits for "done", on CPU the answer means the
+    copy is done); :meth:`flush` returns once the last snapshot is sealed. Sealed steps, skipped steps, the newest
+    slot and the held slots are reported through ``on_sealed(step, slot, held)`` and ``on_skipped(step)``; a
+    sealing error is raised by the next call.
+    """
+
+    def __init__(self, *, rank: int, address: str, token: str | None, timeout_s: float,
+                 on_sealed: Callable[[int, int, frozenset[int]], None], on_skipped: Callable[[int], None]) -> None:
+        self.rank = rank
+        self.address = address
+        self.token = token
+        self.timeout_s = timeout_s
+        self.on_sealed = on_sealed
+        self.on_skipped = on_skipped
+        self.link = CopierLink(on_event=self._on_event, timeout_s=timeout_s)
+        self._error: str | None = None
+        self._awaiting: int | None = None  # the step whose "snap" answer is not read yet
+        self._cuda = False
+        self._ready: torch.cuda.Event | None = None
+        self._done: torch.cuda.Event | None = None
+        self.attached = False
+
+    def _on_event(self, event: dict) -> None:
+        if event.get("event") == "sealed":
+            self.on_sealed(int(event["step"]), int(event["slot"]), frozenset(event.get("held", ())))
+        elif event.get("event") == "error":
+            self._error = str(event.get("error"))
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(error)
+
+    def attach(self, tensors: dict[str, torch.Tensor], *, paths: list[str], entries: list[dict],
+               newest: int | None, held: frozenset[int]) -> None:
+        """Hands the copier the segments and the shard (raises ``cuda_ipc.IpcUnavailable`` when the shard's
+        memory cannot be shared: the sink then copies itself)."""
+        self.flush()
+        devices = {t.device for t in tensors.values()}
+        if len(devices) != 1:
+            raise ValueError(f"shard tensors on several devices: {sorted(map(str, devices))}")
+        device = devices.pop()
+        self._cuda = device.type == "cuda"
+        described, fds = describe_tensors(tensors)
+        message = {"op": "attach", "rank": self.rank, "address": self.address, "token": self.token,
+                   "timeout_s": self.timeout_s, "paths": paths, "entries": entries, "newest": newest,
+                   "held": sorted(held), "device": device.type, "tensors": described}
+        if self._cuda:
+            from regrow.checkpoint.snapshot.cuda_ipc import export_event
+
+            message["device_index"] = device.index
+            if self._ready is None:
+                self._ready = torch.cuda.Event(interprocess=True)
+                self._done = torch.cuda.Event(interprocess=True)
+            message["events"] = {"ready": export_event(self._ready), "done": export_event(self._done)}
+        self.link.request(message, fds)
+        self.attached = True
+
+    def start(self, step: int, meta: dict) -> None:
+        self.link.poll()
+        self._raise_if_failed()
+        self.wait_before_mutation()  # two snapshots without an optimizer step in between
+        if self._cuda:
+            assert self._ready is not None
+            self._ready.record(torch.cuda.current_stream())
+        self.link.send({"op": "snap", "step": step, "meta": meta})
+        self._awaiting = step
+
+    def wait_before_mutation(self) -> None:
+        if self._awaiting is None:
+            return
+        step, self._awaiting = self._awaiting, None
+        reply = self.link.reply("snap")
+        if reply.get("skipped"):
+            self.on_skipped(step)
+        elif self._cuda:
+            assert self._done is not None
+            torch.cuda.current_stream().wait_event(self._done)
+
+    def flush(self) -> None:
+        self.wait_before_mutation()
+        if self.attached:
+            self.link.request({"op": "flush"})
+        self._raise_if_failed()
+
+    def detach(self) -> None:
+        """Unmaps the copier's segments (it stays running for a later :meth:`attach`)."""
+        self.wait_before_mutation()
+        if self.attached:
+            self.attached = False
+            self.link.request({"op": "detach"})
+
+    def close(self) -> None:
+        try:
+            if self.link.process.poll() is None and self.attached:
+                self.detach()
+        finally:
+            self.link.close()

@@ -1,0 +1,176 @@
+"""The snapshot copier process (``checkpoint/snapshot/copier.py``), exercised on CPU with real processes: a real
+snapshot process, a real copier child and a real ``Trainer``. On CPU the shard's storage moves into shared memory
+and the copier copies from it; the protocol (ATTACH, SNAP, the answer the next optimizer step waits for, the seal
+thread's COMMIT) is the one the CUDA path uses, where the waits are GPU events instead
+(``tests/test_wordsum_cuda.py`` runs it on a GPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot.copier import DELAY_ENV
+from regrow.checkpoint.snapshot.copier_link import CopierLink
+from regrow.checkpoint.snapshot.protocol import SnapshotClient
+from regrow.checkpoint.snapshot.read import read_slot
+from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
+from regrow.recovery.from_snapshots import restore_from_node
+from regrow.tests import snapshot_workers as w
+from regrow.tests.test_trainer import tiny_config
+from regrow.trainer.loop import Trainer
+from regrow.trainer.models import GPTConfig
+from regrow.trainer.state import ShardState
+
+
+@pytest.fixture
+def token() -> str:
+    return secrets.token_hex(32)
+
+
+@pytest.fixture
+def node(token: str) -> Iterator[SnapshotProcess]:
+    process = start_snapshot_process(SnapshotProcessConfig(), token=token)
+    try:
+        yield process
+    finally:
+        process.stop()
+        for leftover in Path("/dev/shm").glob(f"regrow-snap-{process.job}-*"):
+            leftover.unlink()
+
+
+def same_state(a: ShardState, b: ShardState) -> None:
+    """Every tensor bit for bit, and the step, cursor, tokens seen and RNG states."""
+    assert (a.step, a.data_cursor, a.tokens_seen) == (b.step, b.data_cursor, b.tokens_seen)
+    assert list(a.tensors) == list(b.tensors)
+    for name in a.tensors:
+        assert torch.equal(a.tensors[name].view(torch.uint8), b.tensors[name].view(torch.uint8)), name
+    assert torch.equal(a.rng.torch_cpu, b.rng.torch_cpu) and a.rng.python == b.rng.python
+
+
+def reference_states(config, steps: int) -> dict[int, ShardState]:
+    trainer = Trainer(config)
+    states = {}
+    for _ in range(steps):
+        trainer.train_step()
+        state = trainer.shard_state()
+        states[state.step] = ShardState(step=state.step, tensors={k: v.clone() for k, v in state.tensors.items()},
+                                        layout=state.layout, rank=state.rank, rng=state.rng,
+                                        data_cursor=dict(state.data_cursor), tokens_seen=state.tokens_seen)
+    return states
+
+
+def slot_states(node: SnapshotProcess, token: str) -> dict[int, ShardState]:
+    client = SnapshotClient(node.address, token=token)
+    try:
+        slots = client.request({"op": "latest", "rank": 0})["slots"]
+    finally:
+        client.close()
+    states = {}
+    for slot in slots:
+        passed_over: list[str] = []
+        state = read_slot(slot["path"], 0, passed_over)
+        assert state is not None, passed_over
+        states[state.step] = state
+    return states
+
+
+@pytest.mark.timeout(180)
+def test_copier_process_snapshots_equal_the_training_state_and_restore_bit_identically(node, token) -> None:
+    # Dropout draws random numbers every step: a restore that lost the RNG state would diverge.
+    config = tiny_config(steps=6, model=dataclasses.replace(GPTConfig.preset("tiny"), dropout=0.1))
+    sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, copier="process", log=False), rank=0)
+    trainer = Trainer(config, sinks=[sink])
+    for _ in range(4):
+        trainer.train_step()
+    sink.flush()
+    assert sink.sealed_steps == [1, 2, 3, 4] and sink.skipped_steps == []
+    assert sink.segments == []  # the copier maps the segments, not the training process
+    reference = reference_states(config, 6)
+    held = slot_states(node, token)
+    assert sorted(held) == [3, 4]
+    for step, state in held.items():
+        same_state(state, reference[step])
+
+    fresh = Trainer(config)
+    assert restore_from_node(fresh, node.address, token=token).step == 4
+    for _ in range(2):
+        fresh.train_step()
+    same_state(fresh.shard_state(), reference[6])
+    sink.close()
+
+
+@pytest.mark.timeout(180)
+def test_the_next_update_waits_for_the_copy_and_no_snapshot_mixes_two_steps(node, token, monkeypatch) -> None:
+    """The copier sleeps before each tensor's copy, so a whole copy takes far longer than a step of the tiny
+    model: an optimizer step that did not wait for it would change tensors not yet copied, and the snapshot
+    would hold some tensors of step N and some of step N+1."""
+    monkeypatch.setenv(DELAY_ENV, "0.05")
+    config = tiny_config(steps=5)
+    sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, copier="process", log=False), rank=0)
+    trainer = Trainer(config, sinks=[sink])
+    assert len(trainer.shard_state().tensors) >= 4  # the delays add up to several steps' time
+    for _ in range(5):
+        trainer.train_step()
+    sink.close()
+    assert sink.sealed_steps == [1, 2, 3, 4, 5]
+    reference = reference_states(config, 5)
+    held = slot_states(node, token)
+    assert sorted(held) == [4, 5]
+    for step, state in held.items():
+        same_state(state, reference[step])
+
+
+@pytest.mark.timeout(120)
+def test_snapshot_of_a_copier_survives_kill_9_of_its_rank(node, token) -> None:
+    config = tiny_config(steps=6)
+    rank = mp.get_context("spawn").Process(target=w.snapshot_then_sigkill,
+                                           args=(config, node.address, token, 3, "process"))
+    rank.start()
+    rank.join(90)
+    if rank.is_alive():
+        rank.kill()
+    assert rank.exitcode == -signal.SIGKILL
+    reference = Trainer(config)
+    straight = [r.loss for r in reference.run()]
+    restored = Trainer(config)
+    assert restore_from_node(restored, node.address, token=token).step == 3
+    assert [r.loss for r in restored.run()] == straight[3:]
+    same_state(restored.shard_state(), reference.shard_state())
+
+
+@pytest.mark.timeout(60)
+def test_copier_exits_when_its_rank_goes_away() -> None:
+    events: list[dict] = []
+    link = CopierLink(on_event=events.append, timeout_s=30)
+    pid = link.process.pid
+    link.sock.shutdown(socket.SHUT_RDWR)  # as the kernel does when the rank dies
+    deadline = time.monotonic() + 30
+    while link.process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert link.process.returncode == 0, f"copier {pid} still running or failed"
+    link.close()
+    assert events == []
+
+
+@pytest.mark.timeout(60)
+def test_copier_refuses_a_snap_before_attach_and_an_unknown_op() -> None:
+    link = CopierLink(on_event=lambda event: None, timeout_s=30)
+    try:
+        with pytest.raises(RuntimeError, match="snap before attach"):
+            link.request({"op": "snap", "step": 1, "meta": {}})
+        with pytest.raises(RuntimeError, match="unknown op 'format-disk'"):
+            link.request({"op": "format-disk"})
+        assert link.process.poll() is None  # it answered and serves on
+    finally:
+        link.close()
+    assert link.process.returncode == 0
