@@ -16,7 +16,17 @@ the phase's sink, alternating (so that the machine's drift falls on both), after
   at ``after_step`` (overlapping the forward), waited for before the optimizer step, nothing else;
 - ``copy_bwd``: the same copies started at ``after_forward`` (overlapping the backward only), as the sink does;
 - ``copy_bwd_digest``: ``copy_bwd`` plus the per-tensor GPU digest on the copy's side stream;
-- ``snapshot``: the full ``SnapshotSink`` (metadata, GPU digest, seal on a thread, COMMIT).
+- ``snapshot``: the full ``SnapshotSink`` (metadata, GPU digest, seal on a thread, COMMIT);
+- ``ipc``: the copy issued by another process (CUDA only): a child process opens CUDA IPC handles of the shard
+  tensors and of two interprocess events; after each optimizer step this rank records "ready" and sends one
+  message; the child makes its stream wait for "ready", copies the shard into its own pinned buffers, records
+  "done" and answers; before the next optimizer step this rank reads the answer and makes its stream wait for
+  "done" (a GPU-side wait). The copy overlaps the whole next forward and backward;
+- ``ipc_bwd``: the same, the message sent once the forward is queued (overlapping the backward only);
+- ``ipc_digest``: ``ipc`` plus the GPU digest of each tensor, computed by this rank on a side stream;
+- ``ipc_digest_child``: ``ipc`` with the digest computed by the child, on its stream, before its copy;
+- ``copy_thread``: the copy of ``copy`` issued by another thread of this process, on its own stream, at
+  ``after_step`` (is it the issuing thread or the issuing process that slows the forward?).
 
 ``--parts`` picks the phases (default all, in this order); ``--numa-bind local|remote`` binds each rank's CPUs to
 its GPU's NUMA node or to another one first (``numa_placement.py``; a no-op on a host of one node).
@@ -112,7 +122,141 @@ def _gpu_digest(name: str, source):
     return digest_cuda(source)
 
 
-PARTS = ("state", "copy", "copy_bwd", "copy_bwd_digest", "snapshot")
+class IpcCopy:
+    """The copy made by a child process through CUDA IPC (see the module docstring's ``ipc`` phases)."""
+
+    def __init__(self, state: ShardState, *, after_forward: bool, digest: bool, child_digest: bool = False) -> None:
+        import torch
+        import torch.multiprocessing as mp
+
+        self.torch = torch
+        self.ready = torch.cuda.Event(interprocess=True)
+        self.done = torch.cuda.Event(interprocess=True)
+        context = mp.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_ipc_copier, args=(child, dict(state.tensors), self.ready, self.done,
+                                                                 child_digest), daemon=True)
+        self.process.start()
+        assert self.conn.recv() == "up"
+        self.defer = after_forward
+        self.digest = digest
+        self.side = torch.cuda.Stream() if digest else None
+        self.queued: int | None = None  # a step whose "ready" is recorded, message not yet sent
+        self.sent = False
+
+    def after_step(self, state: ShardState) -> None:
+        torch = self.torch
+        self.ready.record(torch.cuda.current_stream())
+        if self.digest:
+            self.side.wait_event(self.ready)
+            with torch.cuda.stream(self.side):
+                for source in state.tensors.values():
+                    result = _gpu_digest("", source)
+                    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                    host.copy_(result, non_blocking=True)
+        self.queued = state.step
+        if not self.defer:
+            self.after_forward()
+
+    def after_forward(self) -> None:
+        if self.queued is not None:
+            self.conn.send(self.queued)
+            self.queued = None
+            self.sent = True
+
+    def before_optimizer_step(self) -> None:
+        self.after_forward()
+        if self.sent:
+            assert self.conn.recv() == "recorded"
+            self.torch.cuda.current_stream().wait_event(self.done)
+            self.sent = False
+
+    def flush(self) -> None:
+        self.before_optimizer_step()
+
+    def close(self) -> None:
+        self.flush()
+        self.conn.send(None)
+        self.process.join(30)
+
+
+def _ipc_copier(conn, tensors: dict, ready, done, digest: bool) -> None:
+    """The child of :class:`IpcCopy`: copies the shard into two alternating pinned buffers of its own."""
+    import torch
+
+    device = next(iter(tensors.values())).device
+    torch.cuda.set_device(device)
+    stream = torch.cuda.Stream(device)
+    buffers = [{name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in tensors.items()}
+               for _ in range(2)]
+    conn.send("up")
+    turn = 0
+    while conn.recv() is not None:
+        stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            for name, source in tensors.items():
+                if digest:
+                    result = _gpu_digest(name, source)
+                    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                    host.copy_(result, non_blocking=True)
+                buffers[turn][name].copy_(source, non_blocking=True)
+        done.record(stream)
+        conn.send("recorded")
+        turn = 1 - turn
+    stream.synchronize()
+
+
+class ThreadCopy:
+    """The copy of ``copy`` issued by a thread of this process on its own stream (``copy_thread``)."""
+
+    def __init__(self) -> None:
+        import queue
+
+        import torch
+
+        self.torch = torch
+        self.requests: queue.Queue = queue.Queue()
+        self.replies: queue.Queue = queue.Queue()
+        self.ready = torch.cuda.Event()
+        self.sent = False
+        threading.Thread(target=self._serve, daemon=True, name="bench-copy-thread").start()
+
+    def _serve(self) -> None:
+        torch = self.torch
+        stream = torch.cuda.Stream()
+        buffers: list[dict] = [{}, {}]
+        turn = 0
+        while (tensors := self.requests.get()) is not None:
+            stream.wait_event(self.ready)
+            with torch.cuda.stream(stream):
+                for name, source in tensors.items():
+                    if name not in buffers[turn]:
+                        buffers[turn][name] = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+                    buffers[turn][name].copy_(source, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            self.replies.put(done)
+            turn = 1 - turn
+
+    def after_step(self, state: ShardState) -> None:
+        self.ready.record()
+        self.requests.put(dict(state.tensors))
+        self.sent = True
+
+    def before_optimizer_step(self) -> None:
+        if self.sent:
+            self.torch.cuda.current_stream().wait_event(self.replies.get())
+            self.sent = False
+
+    flush = before_optimizer_step
+
+    def close(self) -> None:
+        self.flush()
+        self.requests.put(None)
+
+
+PARTS = ("state", "copy", "copy_bwd", "copy_bwd_digest", "snapshot", "ipc", "ipc_bwd", "ipc_digest",
+         "ipc_digest_child", "copy_thread")
 
 
 def start_poller(hz: float, work_us: float) -> threading.Event:
@@ -164,6 +308,11 @@ def run() -> dict:
             snapshot = SnapshotSink(SnapshotSinkConfig(address=address, every=1, log=False), rank=rank)
             snapshot.attach(trainer.shard_state())
             return snapshot
+        if name.startswith("ipc"):
+            return IpcCopy(trainer.shard_state(), after_forward=name == "ipc_bwd", digest=name == "ipc_digest",
+                           child_digest=name == "ipc_digest_child")
+        if name == "copy_thread":
+            return ThreadCopy()
         return CopyOnly(after_forward=name != "copy", digest=name == "copy_bwd_digest" and args.device == "cuda")
 
     try:

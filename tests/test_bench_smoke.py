@@ -212,6 +212,18 @@ def test_snapshot_runner_restores_the_step_it_snapshotted(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(RUNNER_LIMIT_S + 60)
+def test_train_snapshot_runner_times_regrow_train_with_and_without_snapshots(tmp_path: Path) -> None:
+    outcome = run_runner("run_gpu_train_snapshot.sh", tmp_path, PAIRS="1", STEPS="4", FROM="2", RUN_TIMEOUT="200")
+    assert_ran(outcome, "| run | median tokens/s per run |")
+    records = outcome.records("train_snapshot.jsonl")
+    assert_all_ok(records, 2)
+    assert [r["mode"] for r in records] == ["off", "on"]
+    assert all(r["steps_counted"] == 3 and r["median_tokens_per_s"] > 0 for r in records)
+    summary = json.loads((outcome.out / "train_snapshot_summary.json").read_text())
+    assert summary["off"] == [records[0]["median_tokens_per_s"]] and "change" in summary
+
+
+@pytest.mark.timeout(RUNNER_LIMIT_S + 60)
 def test_snapshot_ec_runner_restores_a_lost_node_from_the_code(tmp_path: Path) -> None:
     outcome = run_runner("run_gpu_snapshot_ec.sh", tmp_path, WINDOWS="1", MICRO_BATCH="2", RUN_TIMEOUT="200",
                          EXTRA="--warmup 1 --window 2")
