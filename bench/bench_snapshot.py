@@ -66,7 +66,7 @@ from regrow.recovery.from_snapshots import restore_from_node
 from regrow.trainer.loop import Trainer
 
 if TYPE_CHECKING:
-    from regrow.checkpoint.snapshot.sink import _Segment
+    from regrow.checkpoint.snapshot.mapped import MappedSegment
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,11 +156,20 @@ def start_node_process(args: argparse.Namespace, trainer: Trainer, local_ranks: 
     return process, holder[0]
 
 
-def newest_sealed(sink: SnapshotSink) -> _Segment:
-    """The sink's mapped segment holding its newest sealed snapshot. The sink must still be attached: ``close()``
-    and ``detach()`` unmap the segments (``sink.segments`` is then empty)."""
+def newest_sealed(sink: SnapshotSink, trainer: Trainer) -> MappedSegment:
+    """The segment holding the sink's newest sealed snapshot: one the sink maps (it copies itself), else mapped
+    here from the snapshot process's list (the rank's copier process writes them). The sink must still be
+    attached: ``close()`` and ``detach()`` unmap the segments."""
+    from regrow.checkpoint.snapshot.mapped import MappedSegment
+    from regrow.checkpoint.snapshot.sink import tensor_table
+
+    segments = sink.segments
+    if not segments:
+        entries, _ = seg.plan_tensors(tensor_table(trainer.optimizer.shard_tensors()))
+        slots = sink.client.request({"op": "latest", "rank": sink.rank, "verify": False})["slots"]
+        segments = [MappedSegment(s["path"], entries) for s in slots]
     best = None
-    for segment in sink.segments:
+    for segment in segments:
         header = seg.read_header(segment.buffer)
         if header.complete == seg.COMPLETE and (best is None or header.step > best[1]):
             best = (segment, header.step)
@@ -172,7 +181,7 @@ def d2h_gbps(sink: SnapshotSink, trainer: Trainer) -> tuple[float, bool]:
     """GB/s of one synchronous copy of the shard into the sink's segment views (what the side stream does), and
     whether the segment is cudaHostRegistered. The copy goes into the newest sealed segment, over the very bytes
     its snapshot holds (no step ran since it was taken), so that both slots still verify afterwards."""
-    segment = newest_sealed(sink)
+    segment = newest_sealed(sink, trainer)
     sources = trainer.optimizer.shard_tensors()
     on_cuda = trainer.device.type == "cuda"
     targets = {name: segment.allocate(name, t.shape, t.dtype, on_cuda) for name, t in sources.items()}
@@ -182,13 +191,16 @@ def d2h_gbps(sink: SnapshotSink, trainer: Trainer) -> tuple[float, bool]:
     for name, source in sources.items():
         targets[name].copy_(source, non_blocking=on_cuda)
     sync(trainer.device)
-    return nbytes / (time.perf_counter() - start) / 1e9, bool(getattr(segment, "_pinned", False))
+    gbps, registered = nbytes / (time.perf_counter() - start) / 1e9, bool(getattr(segment, "_pinned", False))
+    if segment not in sink.segments:
+        segment.unpin()  # mapped here for this measurement only
+    return gbps, registered
 
 
-def verify_gbps(sink: SnapshotSink) -> tuple[float, int]:
+def verify_gbps(sink: SnapshotSink, trainer: Trainer) -> tuple[float, int]:
     """GB/s of verifying (WordSum-128 of the payload, CRC32 of the metadata) this rank's newest sealed segment on the
     host, and its payload bytes."""
-    segment = newest_sealed(sink)
+    segment = newest_sealed(sink, trainer)
     start = time.perf_counter()
     snapshot = seg.verify(segment.buffer, rank=sink.rank)
     seconds = time.perf_counter() - start
@@ -235,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
         sink.flush()  # seals the last snapshot; the segments stay mapped for the two measurements below
         trainer.sinks.remove(sink)
         copy_gbps, registered = d2h_gbps(sink, trainer)
-        host_gbps, payload = verify_gbps(sink)
+        host_gbps, payload = verify_gbps(sink, trainer)
         sink.close()  # unmaps the segments (and unregisters them from CUDA)
         gpu_s = digest_gpu_s(trainer)
         steps_before = trainer.step
