@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import secrets
@@ -259,10 +260,11 @@ def test_snapshot_survives_kill_9_of_its_rank(node, token) -> None:
         assert torch.equal(a, b)
 
 
-def test_lost_snapshot_process_is_reported_and_a_restart_drops_its_memory(token, capsys) -> None:
+@pytest.mark.parametrize("copier", ["thread", "process"])
+def test_lost_snapshot_process_is_reported_and_a_restart_drops_its_memory(token, capsys, copier: str) -> None:
     first = start_snapshot_process(SnapshotProcessConfig(), token=token)
     config = tiny_config(steps=4)
-    sink = SnapshotSink(SnapshotSinkConfig(address=first.address, token=token, timeout_s=5), rank=0)
+    sink = SnapshotSink(SnapshotSinkConfig(address=first.address, token=token, timeout_s=5, copier=copier), rank=0)
     trainer = Trainer(config, sinks=[sink])
     trainer.train_step()
     first.process.send_signal(signal.SIGKILL)
@@ -270,6 +272,8 @@ def test_lost_snapshot_process_is_reported_and_a_restart_drops_its_memory(token,
     with pytest.raises(SnapshotProcessLost, match="restart it"):
         trainer.train_step()
         trainer.train_step()
+    with contextlib.suppress(SnapshotProcessLost):  # ends the copier process (its rank's end of the socket)
+        sink.close()
     assert list(Path("/dev/shm").glob(f"regrow-snap-{first.job}-*")), "a killed process leaves its segments"
     second = start_snapshot_process(SnapshotProcessConfig(job=first.job), token=token)
     try:

@@ -16,8 +16,8 @@ The rank starts it (``copier_link.CopierLink``) with one end of a socket pair, a
 - ``snap`` (step, metadata): seal the previous snapshot first (its copy has finished on the device by now, or
   will shortly); pick the slot (never the one holding the newest sealed snapshot, nor one the snapshot process
   holds; none left: answer ``skipped``); write the metadata (``segment.begin``); on CUDA make the copy stream
-  wait for "ready" (recorded by the rank after its optimizer step), digest each tensor (WordSum-128 on the GPU)
-  and copy it, record "done" and answer; the rank's compute stream waits for "done" before its next optimizer
+  wait for "ready" (recorded by the rank once its side stream has computed each tensor's WordSum-128 into a
+  small shared tensor, after its optimizer step), copy those digests and every tensor, record "done" and answer; the rank's compute stream waits for "done" before its next optimizer
   step (a GPU-side wait). On CPU the copy runs before the answer, so the answer itself means "done".
 - a seal thread waits for the copy on the host, writes the digest and the ``complete`` flag (``segment.seal``),
   sends COMMIT to the snapshot process, and tells the rank ``sealed`` with the slots now held.
@@ -48,6 +48,7 @@ import torch
 
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot import wordsum
+from regrow.checkpoint.snapshot.copier_link import DIGESTS
 from regrow.checkpoint.snapshot.mapped import MappedSegment
 from regrow.checkpoint.snapshot.protocol import SnapshotClient, recv_message, send_message
 
@@ -72,13 +73,18 @@ class _Sources:
         self.cuda = message["device"] == "cuda"
         self._imported = None
         self._maps: list = []
+        self.digests: torch.Tensor | None = None
+        """CUDA: the rank's per-tensor WordSum-128s of the state "ready" marks (rows in tensor order)."""
         if self.cuda:
             from regrow.checkpoint.snapshot import cuda_ipc
 
             device = int(message["device_index"])
             torch.cuda.set_device(device)
             self._imported = cuda_ipc.ImportedTensors(message["tensors"])
-            self.tensors = self._imported.tensors
+            self.tensors = dict(self._imported.tensors)
+            self.digests = self.tensors.pop(DIGESTS, None)
+            if self.digests is not None and tuple(self.digests.shape) != (len(self.tensors), 2):
+                raise ValueError(f"{DIGESTS}: shape {tuple(self.digests.shape)}, expected ({len(self.tensors)}, 2)")
             self.ready = cuda_ipc.import_event(message["events"]["ready"], device)
             self.done = cuda_ipc.import_event(message["events"]["done"], device)
             self.stream = torch.cuda.Stream(device)
@@ -231,10 +237,15 @@ class Copier:
         targets = self.targets[slot]
         sources = self.sources
         if sources.cuda:
-            digest_cuda = _gpu_digest()
+            # The rank digests (its "digests" rows); only where it cannot does this process, at a price.
+            digest_cuda = _gpu_digest() if sources.digests is None else None
             in_flight = _InFlight(segment=segment, step=step, host_done=torch.cuda.Event(blocking=True))
             sources.stream.wait_event(sources.ready)
             with torch.cuda.stream(sources.stream):
+                if sources.digests is not None:
+                    rows = torch.empty(sources.digests.shape, dtype=torch.int64, pin_memory=True)
+                    rows.copy_(sources.digests, non_blocking=True)
+                    in_flight.digests = dict(zip(sources.tensors, rows.unbind(0), strict=True))
                 for name, source in sources.tensors.items():
                     if digest_cuda is not None:
                         result = digest_cuda(source)
@@ -281,7 +292,7 @@ class Copier:
             self._send({"event": "sealed", "step": in_flight.step, "slot": segment.slot, "held": sorted(self.held)})
         except BaseException as error:  # noqa: BLE001 (told to the rank, which raises it)
             try:
-                self._send({"event": "error", "step": in_flight.step,
+                self._send({"event": "error", "step": in_flight.step, "kind": type(error).__name__,
                             "error": f"snapshot copier: sealing step {in_flight.step}: {type(error).__name__}: "
                                      f"{error}"})
             except OSError:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from regrow.checkpoint.snapshot.protocol import recv_message, send_message
+from regrow.checkpoint.snapshot.protocol import SnapshotProcessLost, recv_message, send_message
 
 EventHandler = Callable[[dict], None]
 
@@ -56,6 +56,19 @@ def describe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict],
                            "offset": tensor.storage_offset() * tensor.element_size(),
                            "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
     return described, fds
+
+
+DIGESTS = "__digests__"
+"""The name under which the per-tensor digests travel with the shard tensors at ATTACH (CUDA)."""
+
+
+def _gpu_digest():
+    """``wordsum_triton.digest_cuda``, or None where triton does not import."""
+    try:
+        from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda
+    except ImportError:
+        return None
+    return digest_cuda
 
 
 def _package_parent() -> str:
@@ -171,23 +184,27 @@ class CopierWriter:
         self.on_sealed = on_sealed
         self.on_skipped = on_skipped
         self.link = CopierLink(on_event=self._on_event, timeout_s=timeout_s)
-        self._error: str | None = None
+        self._error: tuple[str, str] | None = None  # (kind, message) of a failed seal
         self._awaiting: int | None = None  # the step whose "snap" answer is not read yet
         self._cuda = False
         self._ready: torch.cuda.Event | None = None
         self._done: torch.cuda.Event | None = None
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._digests: torch.Tensor | None = None  # CUDA: one WordSum-128 per shard tensor, shared with the copier
+        self._digest_stream: torch.cuda.Stream | None = None
         self.attached = False
 
     def _on_event(self, event: dict) -> None:
         if event.get("event") == "sealed":
             self.on_sealed(int(event["step"]), int(event["slot"]), frozenset(event.get("held", ())))
         elif event.get("event") == "error":
-            self._error = str(event.get("error"))
+            self._error = (str(event.get("kind")), str(event.get("error")))
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(error)
+            (kind, message), self._error = self._error, None
+            # The recovery tier tells a lost snapshot process from other failures by its type.
+            raise SnapshotProcessLost(message) if kind == SnapshotProcessLost.__name__ else RuntimeError(message)
 
     def attach(self, tensors: dict[str, torch.Tensor], *, paths: list[str], entries: list[dict],
                newest: int | None, held: frozenset[int]) -> None:
@@ -199,6 +216,14 @@ class CopierWriter:
             raise ValueError(f"shard tensors on several devices: {sorted(map(str, devices))}")
         device = devices.pop()
         self._cuda = device.type == "cuda"
+        self._tensors = dict(tensors)
+        self._digests = self._digest_stream = None
+        if self._cuda and _gpu_digest() is not None:
+            # Computed here, on a side stream, not by the copier: kernels of another process's CUDA context
+            # time-slice the GPU with this one's (measured: +7.9% of the step against +1.5% without them).
+            self._digests = torch.zeros((len(tensors), 2), dtype=torch.int64, device=device)
+            self._digest_stream = torch.cuda.Stream(device)
+            tensors = {**tensors, DIGESTS: self._digests}
         described, fds = describe_tensors(tensors)
         message = {"op": "attach", "rank": self.rank, "address": self.address, "token": self.token,
                    "timeout_s": self.timeout_s, "paths": paths, "entries": entries, "newest": newest,
@@ -220,7 +245,17 @@ class CopierWriter:
         self.wait_before_mutation()  # two snapshots without an optimizer step in between
         if self._cuda:
             assert self._ready is not None
-            self._ready.record(torch.cuda.current_stream())
+            compute = torch.cuda.current_stream()
+            if self._digests is not None and self._digest_stream is not None:
+                digest_cuda = _gpu_digest()
+                self._digest_stream.wait_stream(compute)  # the state after the optimizer step
+                with torch.cuda.stream(self._digest_stream):
+                    self._digests.zero_()
+                    for row, tensor in enumerate(self._tensors.values()):
+                        digest_cuda(tensor, out=self._digests[row])
+                self._ready.record(self._digest_stream)
+            else:
+                self._ready.record(compute)
         self.link.send({"op": "snap", "step": step, "meta": meta})
         self._awaiting = step
 

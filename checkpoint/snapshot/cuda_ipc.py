@@ -32,7 +32,8 @@ class IpcUnavailable(RuntimeError):
 
 
 class _Handle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
+    # Unsigned bytes, not c_char: a c_char array reads back as a string cut at its first zero byte.
+    _fields_ = [("reserved", ctypes.c_ubyte * IPC_HANDLE_BYTES)]
 
 
 @functools.cache
@@ -90,7 +91,7 @@ def export_tensor(tensor: torch.Tensor) -> dict:
         except IpcUnavailable as error:
             raise IpcUnavailable(f"{error}: memory mapped by the caching allocator's expandable segments "
                                  f"(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) cannot be shared") from None
-    return {"handle": _b64(bytes(handle.reserved).ljust(IPC_HANDLE_BYTES, b"\0")), "offset": pointer - base.value,
+    return {"handle": _b64(bytes(handle.reserved)), "offset": pointer - base.value,
             "allocation_bytes": size.value, "device": tensor.device.index,
             "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
 
@@ -152,7 +153,7 @@ class ImportedTensors:
         if allocation is None:
             pointer = ctypes.c_uint64()
             with torch.cuda.device(device):
-                _check(_driver().cuIpcOpenMemHandle_v2(ctypes.byref(pointer), _Handle(handle),
+                _check(_driver().cuIpcOpenMemHandle_v2(ctypes.byref(pointer), _Handle.from_buffer_copy(handle),
                                                        _LAZY_ENABLE_PEER_ACCESS), f"cuIpcOpenMemHandle of {name!r}")
             allocation = self._allocations[handle] = _Allocation(pointer.value, size)
         if not nbytes:
