@@ -174,3 +174,31 @@ def test_copier_refuses_a_snap_before_attach_and_an_unknown_op() -> None:
     finally:
         link.close()
     assert link.process.returncode == 0
+
+
+@pytest.mark.timeout(120)
+def test_auto_falls_back_to_copying_in_the_training_process_when_the_copier_cannot_attach(node, token, capsys,
+                                                                                         monkeypatch) -> None:
+    """A copier that refuses the shard (here: its description names a shared-memory descriptor it was not
+    given, as a driver refusing a CUDA IPC handle would) costs nothing but a log line under ``copier="auto"``."""
+    from regrow.checkpoint.snapshot import copier_link
+    from regrow.checkpoint.snapshot import sink as sink_module
+
+    real = copier_link.describe_tensors
+
+    def broken(tensors):
+        described, fds = real(tensors)
+        return {name: dict(item, fd=len(fds) + 5) for name, item in described.items()}, fds
+
+    monkeypatch.setattr(copier_link, "describe_tensors", broken)
+    monkeypatch.setattr(sink_module, "uses_copier", lambda config, on_cuda: True)  # as "auto" on CUDA
+    config = tiny_config(steps=3)
+    sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, copier="auto"), rank=0)
+    trainer = Trainer(config, sinks=[sink])
+    for _ in range(3):
+        trainer.train_step()
+    sink.close()
+    assert "the copier process cannot take the shard" in capsys.readouterr().out
+    assert sink.sealed_steps == [1, 2, 3]
+    reference = reference_states(config, 3)
+    same_state(slot_states(node, token)[3], reference[3])

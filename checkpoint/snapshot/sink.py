@@ -21,6 +21,7 @@ recovery tier's.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 from dataclasses import dataclass, field
@@ -73,6 +74,11 @@ class SnapshotSinkConfig:
             raise ValueError(f"SnapshotSinkConfig.timeout_s={self.timeout_s!r} must be > 0")
         if self.copier not in COPIERS:
             raise ValueError(f"SnapshotSinkConfig.copier={self.copier!r} must be one of {', '.join(COPIERS)}")
+
+
+def uses_copier(config: SnapshotSinkConfig, *, on_cuda: bool) -> bool:
+    """Whether a shard on CUDA (or not) is copied by the copier process under ``config.copier``."""
+    return config.copier == "process" or (config.copier == "auto" and on_cuda)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -161,7 +167,7 @@ class SnapshotSink:
         self._entries: dict[str, seg.TensorEntry] = {}
         # The copier process, started now when it will be used, so that its start overlaps the model's build.
         self._writer: CopierWriter | None = None
-        if config.copier == "process" or (config.copier == "auto" and torch.cuda.is_available()):
+        if uses_copier(config, on_cuda=torch.cuda.is_available()):
             self._writer = CopierWriter(rank=rank, address=config.address, token=config.token,
                                         timeout_s=config.timeout_s, on_sealed=self._on_sealed,
                                         on_skipped=self.skipped_steps.append)
@@ -184,7 +190,7 @@ class SnapshotSink:
         self._held = frozenset(reply.get("held", ()))
         self._entries = {e.name: e for e in entries}
         on_cuda = any(t.is_cuda for t in state.tensors.values())
-        if self._writer is not None and self.config.copier == "auto" and not on_cuda:
+        if self._writer is not None and not uses_copier(self.config, on_cuda=on_cuda):
             self._writer.close()  # a CPU shard: the training process copies (see SnapshotSinkConfig.copier)
             self._writer = None
         same = self._writer is None and [s.path for s in self.segments] == reply["paths"] and all(
@@ -215,20 +221,21 @@ class SnapshotSink:
                                             f"{reply['segment_bytes'] / 2**20:.1f} MiB){found}")
 
     def _attach_writer(self, state: ShardState, paths: list[str], entries: list[seg.TensorEntry]) -> None:
-        """Hands the segments and the shard to the copier process; where CUDA IPC cannot share the shard, says
-        why and copies from this process instead."""
-        from regrow.checkpoint.snapshot.cuda_ipc import IpcUnavailable
-
+        """Hands the segments and the shard to the copier process. With ``copier="auto"``, a copier that cannot
+        take them (CUDA IPC unavailable for this memory, a driver that refuses the handles, a copier that failed
+        to start) is reported and this process copies instead; with ``copier="process"`` it is raised."""
         assert self._writer is not None
         try:
             self._writer.attach(state.tensors, paths=paths, entries=[e.to_dict() for e in entries],
                                 newest=self._newest, held=self._held)
-        except IpcUnavailable as error:
+        except Exception as error:
             if self.config.copier == "process":
                 raise
-            log_line(self.rank, state.step, f"snapshot: the copier process cannot share the shard ({error}); "
-                                            f"copying from the training process instead")
-            self._writer.close()
+            log_line(self.rank, state.step, f"snapshot: the copier process cannot take the shard "
+                                            f"({type(error).__name__}: {error}); copying from the training "
+                                            f"process instead")
+            with contextlib.suppress(Exception):
+                self._writer.close()
             self._writer = None
             self.segments = [MappedSegment(path, entries) for path in paths]
             self._copiers = [HostCopier(HostCopierConfig(slots=1), allocate=s.allocate) for s in self.segments]
