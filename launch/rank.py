@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from regrow.checkpoint.snapshot.copier_link import prestart_copier
 from regrow.checkpoint.snapshot.protocol import request_once
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.checkpoint.universal import verify
@@ -77,6 +78,8 @@ def train_rank(world: World, work: RankWork) -> list[StepResult]:
     """One rank's whole run (see the module docstring). Collective: every rank of the job calls it. The launcher's
     run directory and attempt come from the environment (``REGROW_RUN_DIR``, ``REGROW_ATTEMPT``): when given, the
     rank records its restores and heartbeats there."""
+    if work.snapshot is not None and work.snapshot.every:
+        prestart_copier(world.device)  # the snapshot copier's start overlaps the model build (CUDA only)
     trainer = Trainer(work.config, world)
     attach_rank(trainer, checkpoint=work.checkpoint, snapshot=work.snapshot, final_step=work.config.steps)
     return trainer.run()

@@ -202,3 +202,21 @@ def test_auto_falls_back_to_copying_in_the_training_process_when_the_copier_cann
     assert sink.sealed_steps == [1, 2, 3]
     reference = reference_states(config, 3)
     same_state(slot_states(node, token)[3], reference[3])
+
+
+@pytest.mark.timeout(60)
+def test_a_prestarted_copier_is_adopted_by_the_next_writer() -> None:
+    """``prestart_copier`` (CUDA devices only) leaves a running copier for the next writer, which takes it
+    instead of starting one; a dead one is replaced."""
+    from regrow.checkpoint.snapshot import copier_link
+
+    copier_link.prestart_copier(torch.device("cpu"))
+    assert copier_link._prestarted is None, "nothing to prestart for a CPU rank"
+    waiting = copier_link._prestarted = CopierLink(on_event=lambda event: None)
+    adopted = copier_link._adopt(print, 30.0)
+    assert adopted is waiting and adopted.on_event is print and copier_link._prestarted is None
+    adopted.close()
+    copier_link._prestarted = adopted  # exited: not adopted
+    fresh = copier_link._adopt(print, 30.0)
+    assert fresh is not adopted and fresh.process.poll() is None
+    fresh.close()

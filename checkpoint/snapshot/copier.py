@@ -29,7 +29,8 @@ a snapshot is sealed only while its rank lives, as when the rank copied itself. 
 rank's socket, holds no state of its own worth keeping, and imports torch and CUDA so that the node's snapshot
 process, which holds every rank's snapshots, does not (a GPU fault cannot take the node's snapshots with it).
 
-Run as ``python -m regrow.checkpoint.snapshot.copier FD`` (FD: the inherited socket). ``REGROW_COPIER_DELAY_S``
+Run as ``python -m regrow.checkpoint.snapshot.copier FD [CUDA_DEVICE]`` (FD: the inherited socket; CUDA_DEVICE:
+the rank's device, whose context is then made at start-up). ``REGROW_COPIER_DELAY_S``
 (CPU mode, tests only) sleeps that long before each tensor's copy, so that a test can see an optimizer step that
 did not wait.
 """
@@ -317,11 +318,14 @@ def _gpu_digest():
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m regrow.checkpoint.snapshot.copier FD (started by the rank's SnapshotSink)",
-              file=sys.stderr)
+    if len(argv) not in (1, 2) or not all(a.isdigit() for a in argv):
+        print("usage: python -m regrow.checkpoint.snapshot.copier FD [CUDA_DEVICE] (started by the rank's "
+              "SnapshotSink)", file=sys.stderr)
         return 2
     sock = socket.socket(fileno=int(argv[0]))
+    if len(argv) == 2:
+        # The rank's device is known: its CUDA context is made now, while the rank builds its model, not at ATTACH.
+        torch.cuda.set_device(int(argv[1]))
     Copier(sock).serve()
     # The rank is gone or detached: exit without running CUDA teardown that could wait on the GPU.
     sys.stdout.flush()

@@ -85,17 +85,19 @@ class CopierLink:
     reads whatever has arrived without blocking. :meth:`close` ends the process.
     """
 
-    def __init__(self, *, on_event: EventHandler, timeout_s: float = 60.0) -> None:
+    def __init__(self, *, on_event: EventHandler, timeout_s: float = 60.0, device: int | None = None) -> None:
+        """Starts the copier; ``device``: the rank's CUDA device, whose context the copier then makes at once."""
         self.on_event = on_event
         self.timeout_s = timeout_s
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         # The copier imports regrow from wherever this process did, installed or not.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_parent(), env.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-m", "regrow.checkpoint.snapshot.copier", str(theirs.fileno())]
+        if device is not None:
+            argv.append(str(device))
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "regrow.checkpoint.snapshot.copier", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         self.sock = ours
@@ -163,6 +165,30 @@ class CopierLink:
                 self.process.wait()
 
 
+_prestarted: CopierLink | None = None
+
+
+def prestart_copier(device: torch.device) -> None:
+    """Starts this rank's copier process now, for the :class:`SnapshotSink` made later to adopt, so that the
+    copier's start (importing torch, making its CUDA context: seconds) overlaps the rank's model build and restore
+    instead of delaying its first snapshot. CUDA devices only; a no-op when one is already waiting."""
+    global _prestarted
+    if device.type == "cuda" and _prestarted is None:
+        _prestarted = CopierLink(on_event=lambda event: None, device=device.index)
+
+
+def _adopt(on_event: EventHandler, timeout_s: float) -> CopierLink:
+    """The prestarted copier if one is waiting and alive, else a new one."""
+    global _prestarted
+    link, _prestarted = _prestarted, None
+    if link is not None and link.process.poll() is None:
+        link.on_event, link.timeout_s = on_event, timeout_s
+        return link
+    if link is not None:
+        link.close()
+    return CopierLink(on_event=on_event, timeout_s=timeout_s)
+
+
 class CopierWriter:
     """The rank's side of snapshots written by its copier process: what :class:`SnapshotSink` delegates to when it
     does not copy itself.
@@ -183,7 +209,7 @@ class CopierWriter:
         self.timeout_s = timeout_s
         self.on_sealed = on_sealed
         self.on_skipped = on_skipped
-        self.link = CopierLink(on_event=self._on_event, timeout_s=timeout_s)
+        self.link = _adopt(self._on_event, timeout_s)
         self._error: tuple[str, str] | None = None  # (kind, message) of a failed seal
         self._awaiting: int | None = None  # the step whose "snap" answer is not read yet
         self._cuda = False

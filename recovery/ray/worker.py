@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from regrow.checkpoint.snapshot.copier_link import prestart_copier
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.checkpoint.universal.format import CheckpointError
 from regrow.comm.world import destroy_world
@@ -115,6 +116,8 @@ class Worker(GroupMember):
         formed = time.monotonic()
         if self.trainer is None:
             config = self.spec.config
+            if self.spec.snapshot_every and self.sink is None:
+                prestart_copier(world.device)  # its start overlaps the trainer's build
             self.trainer = (PipelineTrainer(config, world) if isinstance(config, PipelineTrainerConfig)
                             else Trainer(config, world, for_restore=resume))
         elif isinstance(self.trainer, PipelineTrainer):
