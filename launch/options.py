@@ -146,6 +146,8 @@ class LaunchOptions:
     """Seconds before the whole run is aborted (``--timeout``)."""
     max_restarts: int = 0
     """Restarts of the ranks after a failure (``--max-restarts``; the local launcher's and Ray's)."""
+    warm_restarts: bool = False
+    """Keep a warm standby process per rank for the next attempt (``--warm-restarts``; local launcher)."""
     torchrun: bool = False
     """Started by torchrun (``RANK`` and ``WORLD_SIZE`` set): this process is one rank of torchrun's job."""
 
@@ -162,6 +164,8 @@ class LaunchOptions:
             problems.append(f"--timeout={self.timeout_s} must be a finite number of seconds > 0")
         if self.max_restarts < 0:
             problems.append(f"--max-restarts={self.max_restarts} must be >= 0")
+        if self.warm_restarts and self.max_restarts < 1:
+            problems.append("--warm-restarts needs --max-restarts >= 1 (standby ranks take over a restart)")
         return problems
 
 

@@ -107,6 +107,9 @@ TRAINING = (
     _flag("--timeout", LaunchOptions, "timeout_s", "seconds before the whole run is aborted", type=float),
     _flag("--max-restarts", LaunchOptions, "max_restarts",
           "restart the ranks this many times after a failure (local launcher)", type=int),
+    _flag("--warm-restarts", LaunchOptions, "warm_restarts",
+          "keep a warm standby process per rank (imports done, CUDA context and snapshot copier started) that "
+          "takes over the next restart (local launcher; about 1 GB of GPU memory per rank)", action="store_true"),
     _flag("--fault", FaultOptions, "faults",
           "inject a fault: kill-rank:R@S, kill-node:N@S, hang-rank:R@S, slow-rank:R@S[-E][xF], corrupt-snapshot:R@S "
           "or fail-ckpt:R@S (repeatable; with --max-restarts to recover; see docs/chaos.md)",

@@ -51,6 +51,20 @@ class RankWork:
         return cls(config=config, checkpoint=checkpoint if checkpoint.active else None,
                    snapshot=snapshot if snapshot.active else None)
 
+    def warm_up(self, local_rank: int) -> None:
+        """A standby rank's preparation (``--warm-restarts``): the trainer's imports, the CUDA context of the device
+        this local rank will use, and its snapshot copier, started with that device."""
+        import torch
+
+        from regrow.trainer import loop  # noqa: F401 (imported now: the model, optimizer and data modules)
+
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+            torch.zeros(1, device=device)  # the context, made now
+            if self.snapshot is not None and self.snapshot.every:
+                prestart_copier(device)
+
     def after_failure(self) -> RankWork:
         """The work of the attempt after a failure (once the nodes are healed): resume from the snapshots (which
         fall back to ``latest`` of the checkpoint root), or from ``latest`` when snapshots are off, or from step 0

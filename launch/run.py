@@ -64,7 +64,8 @@ def run_training(job: Job, *, recorder: Recorder | None = None) -> list[StepResu
             destroy_world()
     config = AttemptsConfig(nproc=options.launch.nproc, backend=options.launch.backend,
                             timeout_s=options.launch.timeout_s, max_restarts=options.launch.max_restarts,
-                            hang_timeout_s=options.faults.hang_timeout_s)
+                            hang_timeout_s=options.faults.hang_timeout_s,
+                            warm_restarts=options.launch.warm_restarts)
     with node_snapshots(node_layout(job), options.snapshot) as nodes, \
             tempfile.TemporaryDirectory(prefix="regrow-run-") as run_dir:
         # The run directory is also where the ranks record the faults they fire.

@@ -15,6 +15,7 @@ from typing import Protocol, Self, TypeVar
 from regrow.comm.world import World
 from regrow.launch.local.nodes import HealReport, LocalNodes
 from regrow.launch.local.spawn import WorkerFailed, run_local
+from regrow.launch.local.warm import WarmPool
 from regrow.launch.local.watchdog import Watchdog
 
 ATTEMPT_ENV = "REGROW_ATTEMPT"
@@ -29,6 +30,11 @@ class Restartable(Protocol):
     def after_failure(self) -> Self:
         """The work of the attempt after a failed one (e.g. resuming from what the failed one saved); called once
         the nodes are healed, when no rank runs."""
+        ...
+
+    def warm_up(self, local_rank: int) -> None:
+        """What a standby process for ``local_rank`` does before it is needed (``warm_restarts``): imports, its
+        device's CUDA context, and the like. Runs alongside the attempt before it."""
         ...
 
 
@@ -65,6 +71,9 @@ class AttemptsConfig:
     """Attempts after the first one failed (0: a failure ends the run)."""
     hang_timeout_s: float
     """Kill and restart the job when a running rank makes no progress for this long (0: no watchdog)."""
+    warm_restarts: bool = False
+    """Keep a warm standby process per rank (``warm.WarmPool``) for the next attempt, started while the current one
+    runs, so a restart skips the interpreter's start, the imports and the CUDA context."""
 
 
 W = TypeVar("W", bound=Restartable)
@@ -83,16 +92,22 @@ def run_attempts(entry: Callable[[World, W], T], work: W, config: AttemptsConfig
     if observer is not None or config.hang_timeout_s > 0:
         env[RUN_DIR_ENV] = run_dir
     attempt = 0
+    standby: WarmPool | None = None
     try:
         while True:
             watchdog = Watchdog(run_dir, attempt=attempt, world_size=config.nproc,
                                 timeout_s=config.hang_timeout_s) if config.hang_timeout_s > 0 else None
             if observer is not None:
                 observer.begin(attempt)
+            current, standby = standby, None
+            if config.warm_restarts and attempt < config.max_restarts:
+                # Warmed up while this attempt runs; takes over the next one if this one fails.
+                standby = WarmPool(config.nproc, getattr(work, "warm_up", None))
             try:
                 result = run_local(entry, config.nproc, work, backend=config.backend, timeout_s=config.timeout_s,
                                    env={**env, ATTEMPT_ENV: str(attempt)},
-                                   rank_envs=nodes.rank_envs() if nodes else None, watchdog=watchdog)[0]
+                                   rank_envs=nodes.rank_envs() if nodes else None, watchdog=watchdog,
+                                   standby=current)[0]
                 if observer is not None:
                     observer.finished(attempt)
                 return result
@@ -111,5 +126,7 @@ def run_attempts(entry: Callable[[World, W], T], work: W, config: AttemptsConfig
                 if observer is not None:
                     observer.healed(attempt - 1, heal)
     finally:
+        if standby is not None:
+            standby.close()
         if observer is not None:
             observer.collect(run_dir)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from regrow.comm.world import WorldConfig, destroy_world, init_world
+from regrow.launch.local.warm import WarmPool
 
 
 class WorkerFailed(RuntimeError):
@@ -48,7 +49,8 @@ class _Job:
     rank_envs: tuple[dict[str, str], ...]
 
 
-def _child(rank: int, job: _Job, results: Connection) -> None:
+def rank_child(rank: int, job: _Job, results: Connection) -> None:
+    """One rank of ``job``: its environment, the process group, ``job.entry``, the result sent to the launcher."""
     # What torchrun would set: code that sizes its thread pools per rank (e.g. checkpoint.crc) reads it.
     os.environ.update({"LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(job.world_size), **job.env,
                        **(job.rank_envs[rank] if job.rank_envs else {})})
@@ -80,6 +82,7 @@ def run_local(
     env: dict[str, str] | None = None,
     rank_envs: Sequence[dict[str, str]] | None = None,
     watchdog: Callable[[list[int]], None] | None = None,
+    standby: WarmPool | None = None,
 ) -> list[Any]:
     """Calls ``entry(world, *args)`` on ``world_size`` new processes; returns their results in rank order.
 
@@ -87,7 +90,8 @@ def run_local(
     environment and ``rank_envs[r]`` (if given) to rank r's, after it (e.g. each simulated node's snapshot process).
     Raises :class:`WorkerFailed` if any rank fails or the whole run exceeds ``timeout_s`` seconds. ``watchdog``
     (e.g. ``launch.watchdog.Watchdog``) is called about twice a second with the ranks still running; the
-    :class:`WorkerFailed` it raises (a hung rank) stops the run like a failed rank does.
+    :class:`WorkerFailed` it raises (a hung rank) stops the run like a failed rank does. ``standby``: warm processes
+    (``warm.WarmPool``, one per rank) that take the ranks instead of new ones, when all of them are alive.
     """
     if world_size < 1:
         raise ValueError(f"run_local: world_size={world_size} must be >= 1")
@@ -95,18 +99,17 @@ def run_local(
         raise ValueError(f"run_local: {len(rank_envs)} rank_envs for world_size={world_size}")
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     store = dist.TCPStore("127.0.0.1", 0, world_size + 1, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
-    # One pipe per rank, not a multiprocessing.Queue: a Queue's named semaphores stay in /dev/shm when this process
-    # is killed together with its resource tracker (a test killing a whole run's process group did exactly that).
-    pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
     job = _Job(entry, args, world_size, store.port, backend, timeout_s, threads, env or {}, tuple(rank_envs or ()))
-    procs = [ctx.Process(target=_child, args=(rank, job, pipes[rank][1]), daemon=True) for rank in range(world_size)]
-    for p in procs:
-        p.start()
-    for _, sender in pipes:
-        sender.close()  # the children hold the sending ends; EOF then means a child is gone
+    if standby is not None and standby.world_size == world_size and standby.alive():
+        procs, receivers = standby.take(job)
+        print(f"[launcher] {world_size} warm standby rank(s) take over", flush=True)
+    else:
+        if standby is not None:
+            standby.close()
+            print("[launcher] a standby rank is gone: this attempt starts cold", flush=True)
+        procs, receivers = _spawn(job)
     try:
-        return _collect(procs, [receiver for receiver, _ in pipes], time.monotonic() + timeout_s, watchdog)
+        return _collect(procs, receivers, time.monotonic() + timeout_s, watchdog)
     except WorkerFailed as error:
         error.exitcodes = {rank: p.exitcode for rank, p in enumerate(procs) if p.exitcode is not None}
         raise
@@ -115,9 +118,24 @@ def run_local(
             if p.is_alive():
                 p.kill()
             p.join(timeout=10)
-        for receiver, _ in pipes:
+        for receiver in receivers:
             receiver.close()
         del store
+
+
+def _spawn(job: _Job) -> tuple[list, list[Connection]]:
+    """New processes for every rank of ``job``, and the connections their results arrive on."""
+    ctx = mp.get_context("spawn")
+    # One pipe per rank, not a multiprocessing.Queue: a Queue's named semaphores stay in /dev/shm when this process
+    # is killed together with its resource tracker (a test killing a whole run's process group did exactly that).
+    pipes = [ctx.Pipe(duplex=False) for _ in range(job.world_size)]
+    procs = [ctx.Process(target=rank_child, args=(rank, job, pipes[rank][1]), daemon=True)
+             for rank in range(job.world_size)]
+    for p in procs:
+        p.start()
+    for _, sender in pipes:
+        sender.close()  # the children hold the sending ends; EOF then means a child is gone
+    return procs, [receiver for receiver, _ in pipes]
 
 
 def _collect(procs: list, receivers: list[Connection], deadline: float,
