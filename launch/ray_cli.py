@@ -87,6 +87,10 @@ def run(job: Job) -> int:
         print(f"regrow ray: fault kinds {unsupported} run under the local launcher only; on Ray, lose a node by "
               f"stopping it (`ray stop` on that machine)", file=sys.stderr)
         return 2
+    if options.launch.warm_restarts:
+        print("regrow ray: --warm-restarts is the local launcher's; on Ray, --standby N keeps warm workers that take "
+              "over a lost rank", file=sys.stderr)
+        return 2
     cluster, checkpoint = options.ray, options.checkpoint
     try:
         connect(cluster.address)

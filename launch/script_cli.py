@@ -49,6 +49,18 @@ class ScriptWork:
         """The same script: its Guard finds what the failed attempt left and restores it."""
         return self
 
+    def warm_up(self, local_rank: int) -> None:
+        """A standby rank's preparation (``--warm-restarts``): torch and regrow imported, the CUDA context of the
+        device this local rank will use made. The script itself runs only once the standby takes over."""
+        import torch
+
+        import regrow.launch.guard  # noqa: F401 (the Guard's imports: the optimizer, the snapshot sink, recovery)
+
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+            torch.zeros(1, device=device)
+
 
 class ScriptFailed(RuntimeError):
     """The script exited with a non-zero code."""
@@ -123,7 +135,8 @@ def main(args: argparse.Namespace, options: RunOptions) -> int:
     work = ScriptWork(path=str(Path(args.script)), args=tuple(args.script_args))
     recorder = Recorder(plan) if plan else None
     config = AttemptsConfig(nproc=launch.nproc, backend=launch.backend, timeout_s=launch.timeout_s,
-                            max_restarts=launch.max_restarts, hang_timeout_s=faults.hang_timeout_s)
+                            max_restarts=launch.max_restarts, hang_timeout_s=faults.hang_timeout_s,
+                            warm_restarts=launch.warm_restarts)
     try:
         with node_snapshots(_node_layout(options), snapshot) as nodes, \
                 tempfile.TemporaryDirectory(prefix="regrow-run-") as run_dir:

@@ -38,3 +38,10 @@ def test_warm_restarts_without_restarts_is_refused(capsys) -> None:
     code = cli.main(["train", "--nproc", "2", "--preset", "tiny", "--steps", "2", "--warm-restarts"])
     assert code == 2
     assert "--warm-restarts needs --max-restarts >= 1" in capsys.readouterr().err
+
+
+def test_warm_restarts_is_refused_on_ray_which_has_standby_workers(capsys) -> None:
+    code = cli.main(["ray", "--address", "local", "--workers", "2", "--preset", "tiny", "--steps", "2",
+                     "--max-restarts", "1", "--warm-restarts"])
+    assert code == 2
+    assert "--warm-restarts is the local launcher's; on Ray, --standby N" in capsys.readouterr().err
