@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from regrow.checkpoint.snapshot.protocol import SnapshotProcessLost, recv_message, send_message
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotProcessLost, recv_message, send_message
 
 EventHandler = Callable[[dict], None]
 
@@ -251,7 +251,10 @@ class CopierWriter:
             self._digest_stream = torch.cuda.Stream(device)
             tensors = {**tensors, DIGESTS: self._digests}
         described, fds = describe_tensors(tensors)
-        message = {"op": "attach", "rank": self.rank, "address": self.address, "token": self.token,
+        # Resolved here, not in the copier: a copier started ahead of need (a standby rank's) has the environment
+        # of before the launcher gave this rank its token.
+        token = self.token or os.environ.get(TOKEN_ENV)
+        message = {"op": "attach", "rank": self.rank, "address": self.address, "token": token,
                    "timeout_s": self.timeout_s, "paths": paths, "entries": entries, "newest": newest,
                    "held": sorted(held), "device": device.type, "tensors": described}
         if self._cuda:
