@@ -4,21 +4,19 @@ and the copier copies from it; the protocol (ATTACH, SNAP, the answer the next o
 thread's COMMIT) is the one the CUDA path uses, where the waits are GPU events instead
 (``tests/test_wordsum_cuda.py`` runs it on a GPU)."""
 
+# ruff: noqa: F811 (the node and token fixtures are imported from test_snapshot and named as parameters)
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import secrets
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
-from regrow.checkpoint.node.process import SnapshotProcess, SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.node.process import SnapshotProcess
 from regrow.checkpoint.snapshot.copier import DELAY_ENV
 from regrow.checkpoint.snapshot.copier_link import CopierLink
 from regrow.checkpoint.snapshot.protocol import SnapshotClient
@@ -26,26 +24,11 @@ from regrow.checkpoint.snapshot.read import read_slot
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.recovery.from_snapshots import restore_from_node
 from regrow.tests import snapshot_workers as w
+from regrow.tests.test_snapshot import node, token  # noqa: F401 (fixtures)
 from regrow.tests.test_trainer import tiny_config
 from regrow.trainer.loop import Trainer
 from regrow.trainer.models import GPTConfig
 from regrow.trainer.state import ShardState
-
-
-@pytest.fixture
-def token() -> str:
-    return secrets.token_hex(32)
-
-
-@pytest.fixture
-def node(token: str) -> Iterator[SnapshotProcess]:
-    process = start_snapshot_process(SnapshotProcessConfig(), token=token)
-    try:
-        yield process
-    finally:
-        process.stop()
-        for leftover in Path("/dev/shm").glob(f"regrow-snap-{process.job}-*"):
-            leftover.unlink()
 
 
 def same_state(a: ShardState, b: ShardState) -> None:
