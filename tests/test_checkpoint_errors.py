@@ -239,3 +239,40 @@ def test_no_checkpoint_at_all_is_a_clear_error(tmp_path) -> None:
 
     with pytest.raises(CheckpointError, match="no checkpoint under"):
         restore_trainer(fresh_trainer(), "latest", root=tmp_path)
+
+
+@pytest.mark.parametrize("name", ["rng/rank_00000.bin", "rng/rank_00000.json"])
+def test_a_flipped_byte_in_an_rng_file_is_named_by_verify_and_never_restored(root, capsys, name: str) -> None:
+    """The random-number states are part of the state: a corrupted one must fail verification (by checksum, its
+    size unchanged) and the restore, never be loaded."""
+    path = root / STEP4 / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = verify.verify(root / STEP4)
+    assert report.problems == [f"{name}: bytes 0-{len(data)} fail their checksum"]
+    with pytest.raises(CorruptCheckpoint, match=f"{name}: bytes 0-{len(data)} fail their checksum"):
+        restore_trainer(fresh_trainer(), root / STEP4)
+    assert_falls_back_to_step2(root, capsys)
+
+
+def test_a_range_read_checks_the_whole_chunk_it_cuts_into(root) -> None:
+    """A rank whose byte range ends or starts inside a stored chunk (another world size's layout) reads that chunk
+    whole and checks its crc32: a flipped byte in the part of the chunk outside the range is still caught, so no
+    rank loads a chunk that fails its checksum."""
+    from regrow.checkpoint.universal.verified_read import VerifiedFile
+
+    manifest = verify.read_manifest(root / STEP4)
+    entry = next(t for t in manifest.tensors if t.file == f"params/{BIG}/master.bin")
+    first_chunk = entry.chunks[0]
+    assert first_chunk.length > 2048, "the test needs a chunk longer than the ranges it reads"
+    out = memoryview(bytearray(100))
+    VerifiedFile(root / STEP4, entry).read(100, 200, out)  # intact: reads
+    path = root / STEP4 / entry.file
+    data = bytearray(path.read_bytes())
+    data[first_chunk.length - 10] ^= 0x04  # inside chunk 0, outside [100, 200)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match=f"{entry.file}: bytes 0-{first_chunk.length} fail their checksum"):
+        VerifiedFile(root / STEP4, entry).read(100, 200, out)
+    with pytest.raises(CorruptCheckpoint, match="fail their checksum"):  # a range ending inside it, from before
+        VerifiedFile(root / STEP4, entry).read(0, 50, memoryview(bytearray(50)))

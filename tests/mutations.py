@@ -1,0 +1,125 @@
+"""Mutation check: does the suite see small, deliberate breakages of the production code?
+
+Each mutation replaces one exact piece of text in one file of a temporary copy of the repository, then runs the
+test files that should catch it; a mutation is "caught" when those tests fail. The list holds the breakages a
+review found the suite blind to (issue "Tests that can fail") and a few it always caught, as a control::
+
+    python tests/mutations.py                 # every mutation, a report line each; exit 1 if one is missed
+    python tests/mutations.py --only rng      # the mutations whose name contains "rng"
+    python tests/mutations.py --list
+
+A mutation whose text is no longer found fails the check too (the code moved: update the mutation). It runs
+``python -m pytest -x -q`` with this interpreter, in the copy, with the copy first on ``PYTHONPATH`` (the copy
+is imported as ``regrow``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    """Test files (or node ids) that must fail."""
+
+
+MUTATIONS = (
+    Mutation("trainer-restore-skips-rng", "trainer/loop.py",
+             "        state.rng.restore()\n        self.step = state.step",
+             "        self.step = state.step",
+             ("tests/test_snapshot_copier.py::test_copier_process_snapshots_equal_the_training_state_and_restore_"
+              "bit_identically",)),
+    Mutation("verify-skips-rng-crc", "checkpoint/universal/verify.py",
+             "    found = (_checksum_problem(ckpt, name, chunks) for name, _, chunks in _listed(manifest))",
+             "    found = (_checksum_problem(ckpt, name, chunks) for name, _, chunks in _listed(manifest)\n"
+             "             if not name.startswith(\"rng/\"))",
+             ("tests/test_checkpoint_errors.py",)),
+    Mutation("range-read-skips-overlap-crc", "checkpoint/universal/verified_read.py",
+             "                    scratch = memoryview(bytearray(chunk.length))\n"
+             "                    self._pread_checked(fd, scratch, chunk.offset, chunk.crc32)",
+             "                    scratch = memoryview(bytearray(chunk.length))\n"
+             "                    confined.pread_exact(fd, scratch, chunk.offset)",
+             ("tests/test_checkpoint_errors.py",)),
+    Mutation("goodput-leaves-out-snapshot-cost", "bench/ray_goodput.py",
+             "    lost_s = downtime_s + redone_s + cost_s",
+             "    lost_s = downtime_s + redone_s",
+             ("tests/test_bench_goodput.py",)),
+    Mutation("copier-answers-before-copying", "checkpoint/snapshot/copier.py",
+             "            for name, source in sources.tensors.items():\n"
+             "                if self.delay_s:\n"
+             "                    time.sleep(self.delay_s)\n"
+             "                targets[name].copy_(source)\n",
+             "            def copy_all() -> None:\n"
+             "                for name, source in sources.tensors.items():\n"
+             "                    if self.delay_s:\n"
+             "                        time.sleep(self.delay_s)\n"
+             "                    targets[name].copy_(source)\n"
+             "            threading.Thread(target=copy_all).start()\n",
+             ("tests/test_snapshot_copier.py::test_the_next_update_waits_for_the_copy_and_no_snapshot_mixes_two_"
+              "steps",)),
+)
+
+
+def run_one(mutation: Mutation, timeout_s: float) -> tuple[str, float]:
+    """("caught" | "MISSED" | "not applicable: ...", seconds)."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="regrow-mutant-") as scratch:
+        copy = Path(scratch) / "regrow"
+        shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "__pycache__",
+                                                                   ".whl", "bench-out"))
+        target = copy / mutation.file
+        text = target.read_text()
+        if text.count(mutation.old) != 1:
+            return f"not applicable: the text to replace occurs {text.count(mutation.old)} times", 0.0
+        target.write_text(text.replace(mutation.old, mutation.new))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (scratch, os.environ.get("PYTHONPATH")) if p))
+        try:
+            result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                     *mutation.tests], cwd=copy, env=env, capture_output=True, text=True,
+                                    timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return "caught (the tests timed out)", time.monotonic() - started
+        if result.returncode == 5:
+            return "not applicable: no tests ran", time.monotonic() - started
+        return ("caught" if result.returncode != 0 else "MISSED"), time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="run the mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation's tests")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.only in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.file} -> {' '.join(m.tests)}")
+        return 0
+    if not chosen:
+        parser.error(f"--only={args.only!r} matches no mutation (see --list)")
+    missed = 0
+    for mutation in chosen:
+        outcome, seconds = run_one(mutation, args.timeout)
+        missed += not outcome.startswith("caught")
+        print(f"{mutation.name:40s} {outcome} ({seconds:.0f} s)", flush=True)
+    print(f"{len(chosen) - missed} of {len(chosen)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
