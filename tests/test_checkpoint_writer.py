@@ -17,6 +17,7 @@ from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.tests import ckpt_workers as cw
+from regrow.tests.fingerprint import assert_same_state, frozen
 from regrow.trainer.loop import Trainer
 
 
@@ -66,6 +67,7 @@ def test_persist_runs_in_the_background_and_the_step_loop_never_waits(tmp_path, 
     trainer.train_step()
     trainer.train_step()
     at_step2 = cw.params_of(trainer)
+    state2 = frozen(trainer.shard_state())
     trainer.train_step()  # returns although step 2's persist is blocked
     assert writer.busy() and writer.persist_threads and writer.persist_threads[0] != threading.get_ident()
     trainer.train_step()
@@ -78,6 +80,7 @@ def test_persist_runs_in_the_background_and_the_step_loop_never_waits(tmp_path, 
     restore_trainer(restored, tmp_path / "step_00000002")
     for name, value in at_step2.items():
         assert torch.equal(cw.params_of(restored)[name], value), name
+    assert_same_state(restored.shard_state(), state2)  # the optimizer state, cursor and generators too
     for _ in range(2):  # steps 5..8: saves 6 and 8 (each waited for, so that none is skipped), purges 2
         trainer.train_step()
         trainer.train_step()

@@ -24,6 +24,7 @@ from regrow.checkpoint.snapshot.read import read_slot
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.recovery.from_snapshots import restore_from_node
 from regrow.tests import snapshot_workers as w
+from regrow.tests.fingerprint import assert_same_state, frozen
 from regrow.tests.test_snapshot import node, token  # noqa: F401 (fixtures)
 from regrow.tests.test_trainer import tiny_config
 from regrow.trainer.loop import Trainer
@@ -31,24 +32,13 @@ from regrow.trainer.models import GPTConfig
 from regrow.trainer.state import ShardState
 
 
-def same_state(a: ShardState, b: ShardState) -> None:
-    """Every tensor bit for bit, and the step, cursor, tokens seen and RNG states."""
-    assert (a.step, a.data_cursor, a.tokens_seen) == (b.step, b.data_cursor, b.tokens_seen)
-    assert list(a.tensors) == list(b.tensors)
-    for name in a.tensors:
-        assert torch.equal(a.tensors[name].view(torch.uint8), b.tensors[name].view(torch.uint8)), name
-    assert torch.equal(a.rng.torch_cpu, b.rng.torch_cpu) and a.rng.python == b.rng.python
-
-
 def reference_states(config, steps: int) -> dict[int, ShardState]:
     trainer = Trainer(config)
     states = {}
     for _ in range(steps):
         trainer.train_step()
-        state = trainer.shard_state()
-        states[state.step] = ShardState(step=state.step, tensors={k: v.clone() for k, v in state.tensors.items()},
-                                        layout=state.layout, rank=state.rank, rng=state.rng,
-                                        data_cursor=dict(state.data_cursor), tokens_seen=state.tokens_seen)
+        state = frozen(trainer.shard_state())
+        states[state.step] = state
     return states
 
 
@@ -82,13 +72,13 @@ def test_copier_process_snapshots_equal_the_training_state_and_restore_bit_ident
     held = slot_states(node, token)
     assert sorted(held) == [3, 4]
     for step, state in held.items():
-        same_state(state, reference[step])
+        assert_same_state(state, reference[step])
 
     fresh = Trainer(config)
     assert restore_from_node(fresh, node.address, token=token).step == 4
     for _ in range(2):
         fresh.train_step()
-    same_state(fresh.shard_state(), reference[6])
+    assert_same_state(fresh.shard_state(), reference[6])
     sink.close()
 
 
@@ -110,7 +100,7 @@ def test_the_next_update_waits_for_the_copy_and_no_snapshot_mixes_two_steps(node
     held = slot_states(node, token)
     assert sorted(held) == [4, 5]
     for step, state in held.items():
-        same_state(state, reference[step])
+        assert_same_state(state, reference[step])
 
 
 @pytest.mark.timeout(120)
@@ -128,7 +118,7 @@ def test_snapshot_of_a_copier_survives_kill_9_of_its_rank(node, token) -> None:
     restored = Trainer(config)
     assert restore_from_node(restored, node.address, token=token).step == 3
     assert [r.loss for r in restored.run()] == straight[3:]
-    same_state(restored.shard_state(), reference.shard_state())
+    assert_same_state(restored.shard_state(), reference.shard_state())
 
 
 @pytest.mark.timeout(60)
@@ -184,7 +174,7 @@ def test_auto_falls_back_to_copying_in_the_training_process_when_the_copier_cann
     assert "the copier process cannot take the shard" in capsys.readouterr().out
     assert sink.sealed_steps == [1, 2, 3]
     reference = reference_states(config, 3)
-    same_state(slot_states(node, token)[3], reference[3])
+    assert_same_state(slot_states(node, token)[3], reference[3])
 
 
 @pytest.mark.timeout(60)
