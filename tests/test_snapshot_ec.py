@@ -226,7 +226,10 @@ def test_a_newer_snapshot_supersedes_an_encode_still_running(make_group) -> None
     step 2 completes on both once node 1 has it."""
     group = make_group(2, 1)
     write_step(group, 0, 1)
-    time.sleep(0.3)  # node 0's round of step 1 is now waiting for node 1's size
+    deadline = time.monotonic() + 30  # a condition, not a sleep: node 0's round of step 1 has started
+    while group.request(0, {"op": "ec_status"})["round"] != 1:
+        assert time.monotonic() < deadline, "node 0 never started its round of step 1"
+        time.sleep(0.01)
     write_step(group, 0, 2)
     write_step(group, 1, 2)
     group.wait_encoded(2)
