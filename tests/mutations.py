@@ -72,6 +72,10 @@ MUTATIONS = (
              "            threading.Thread(target=copy_all).start()\n",
              ("tests/test_snapshot_copier.py::test_the_next_update_waits_for_the_copy_and_no_snapshot_mixes_two_"
               "steps",)),
+    Mutation("copier-ignores-moved-tensors", "checkpoint/snapshot/sink.py",
+             "        elif not self._writer.shares(state.tensors):",
+             "        elif False:",
+             ("tests/test_snapshot_copier.py::test_tensors_that_move_are_shared_again_then_copied_here",)),
 )
 
 

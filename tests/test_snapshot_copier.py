@@ -193,3 +193,29 @@ def test_a_prestarted_copier_is_adopted_by_the_next_writer() -> None:
     fresh = copier_link._adopt(print, 30.0)
     assert fresh is not adopted and fresh.process.poll() is None
     fresh.close()
+
+
+@pytest.mark.timeout(120)
+def test_tensors_that_move_are_shared_again_then_copied_here(node, token, capsys) -> None:
+    """The copier reads the memory shared at ATTACH. A state whose tensors are new objects every step (a user loop
+    rebuilding its state) is shared again, and after MAX_RESHARES the sink copies from this process: every snapshot
+    holds its own step's values either way."""
+    from regrow.checkpoint.snapshot.sink import MAX_RESHARES
+
+    base = Trainer(tiny_config(steps=1)).shard_state()
+    sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, copier="process"), rank=0)
+    steps = MAX_RESHARES + 3
+    states = {}
+    for step in range(1, steps + 1):
+        tensors = {name: torch.full_like(t, step) for name, t in base.tensors.items()}  # new memory every step
+        states[step] = dataclasses.replace(base, step=step, tensors=tensors)
+        sink.after_step(states[step])
+        sink.before_optimizer_step()
+    sink.close()
+    assert sink.sealed_steps == list(range(1, steps + 1))
+    held = slot_states(node, token)
+    assert sorted(held) == [steps - 1, steps]
+    for step, state in held.items():
+        for name, tensor in state.tensors.items():
+            assert torch.equal(tensor, states[step].tensors[name]), (step, name)
+    assert "copying from the training process instead" in capsys.readouterr().out

@@ -58,6 +58,10 @@ def describe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict],
     return described, fds
 
 
+def _signature(tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    return [(name, t.data_ptr(), t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+
+
 DIGESTS = "__digests__"
 """The name under which the per-tensor digests travel with the shard tensors at ATTACH (CUDA)."""
 
@@ -216,6 +220,7 @@ class CopierWriter:
         self._ready: torch.cuda.Event | None = None
         self._done: torch.cuda.Event | None = None
         self._tensors: dict[str, torch.Tensor] = {}
+        self._shared: list[tuple] = []
         self._digests: torch.Tensor | None = None  # CUDA: one WordSum-128 per shard tensor, shared with the copier
         self._digest_stream: torch.cuda.Stream | None = None
         self.attached = False
@@ -243,6 +248,7 @@ class CopierWriter:
         device = devices.pop()
         self._cuda = device.type == "cuda"
         self._tensors = dict(tensors)
+        self._shared = _signature(tensors)
         self._digests = self._digest_stream = None
         if self._cuda and _gpu_digest() is not None:
             # Computed here, on a side stream, not by the copier: kernels of another process's CUDA context
@@ -267,6 +273,11 @@ class CopierWriter:
             message["events"] = {"ready": export_event(self._ready), "done": export_event(self._done)}
         self.link.request(message, fds)
         self.attached = True
+
+    def shares(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether ``tensors`` are the very memory shared at :meth:`attach` (same names, addresses, dtypes, shapes):
+        the copier reads that memory, so a tensor that moved must be shared again first."""
+        return _signature(tensors) == self._shared
 
     def start(self, step: int, meta: dict) -> None:
         self.link.poll()

@@ -41,6 +41,8 @@ from regrow.trainer.state import ShardState
 from regrow.trainer.zero.layout import FlatLayout
 
 COPIERS = ("auto", "process", "thread")
+MAX_RESHARES = 3
+"""Times the shard's tensors may move (and be shared with the copier again) before the sink copies itself."""
 
 
 @dataclass(kw_only=True)
@@ -165,6 +167,8 @@ class SnapshotSink:
         self.sealed_steps: list[int] = []
         """Steps whose snapshot this sink sealed and committed, in order."""
         self._entries: dict[str, seg.TensorEntry] = {}
+        self._paths: list[str] = []
+        self._reshared = 0  # times the shard's tensors moved and were shared with the copier again
         # The copier process, started now when it will be used, so that its start overlaps the model's build.
         self._writer: CopierWriter | None = None
         if uses_copier(config, on_cuda=torch.cuda.is_available()):
@@ -189,6 +193,7 @@ class SnapshotSink:
                                      "meta_capacity": 2 * meta_size + self.config.meta_headroom})
         self._held = frozenset(reply.get("held", ()))
         self._entries = {e.name: e for e in entries}
+        self._paths = list(reply["paths"])
         on_cuda = any(t.is_cuda for t in state.tensors.values())
         if self._writer is not None and not uses_copier(self.config, on_cuda=on_cuda):
             self._writer.close()  # a CPU shard: the training process copies (see SnapshotSinkConfig.copier)
@@ -220,6 +225,37 @@ class SnapshotSink:
                                             f"({'existing' if reply['reused'] else 'new'} segments of "
                                             f"{reply['segment_bytes'] / 2**20:.1f} MiB){found}")
 
+    def _snapshot_by_copier(self, state: ShardState) -> bool:
+        """Hands step ``state.step`` to the copier process; False when this sink copies it itself from now on."""
+        assert self._writer is not None
+        if not self._writer.attached:
+            self.attach(state)
+        elif not self._writer.shares(state.tensors):
+            # The copier reads the memory shared at ATTACH. A tensor that moved (say, a user loop's state rebuilt
+            # every step) is shared again; one that keeps moving makes this process copy instead.
+            self._reshared += 1
+            if self._reshared > MAX_RESHARES:
+                self._copy_here(state, f"the shard's tensors moved {self._reshared} times (a user loop's state "
+                                       f"rebuilt every step?), and the copier reads fixed memory")
+            else:
+                self.attach(state)
+        if self._writer is None:
+            return False
+        entries = [self._entries[name] for name in state.tensors]
+        self._writer.start(state.step, state_meta(state, entries))
+        return True
+
+    def _copy_here(self, state: ShardState, why: str) -> None:
+        """Closes the copier and copies from this process from now on, saying why."""
+        log_line(self.rank, state.step, f"snapshot: {why}; copying from the training process instead")
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+        entries = sorted(self._entries.values(), key=lambda e: e.offset)
+        self.segments = [MappedSegment(path, entries) for path in self._paths]
+        self._copiers = [HostCopier(HostCopierConfig(slots=1), allocate=s.allocate) for s in self.segments]
+
     def _attach_writer(self, state: ShardState, paths: list[str], entries: list[seg.TensorEntry]) -> None:
         """Hands the segments and the shard to the copier process. With ``copier="auto"``, a copier that cannot
         take them (CUDA IPC unavailable for this memory, a driver that refuses the handles, a copier that failed
@@ -231,14 +267,7 @@ class SnapshotSink:
         except Exception as error:
             if self.config.copier == "process":
                 raise
-            log_line(self.rank, state.step, f"snapshot: the copier process cannot take the shard "
-                                            f"({type(error).__name__}: {error}); copying from the training "
-                                            f"process instead")
-            with contextlib.suppress(Exception):
-                self._writer.close()
-            self._writer = None
-            self.segments = [MappedSegment(path, entries) for path in paths]
-            self._copiers = [HostCopier(HostCopierConfig(slots=1), allocate=s.allocate) for s in self.segments]
+            self._copy_here(state, f"the copier process cannot take the shard ({type(error).__name__}: {error})")
 
     # ---------------------------------------------------------------- the StateSink protocol
     def after_step(self, state: ShardState) -> None:
@@ -248,13 +277,8 @@ class SnapshotSink:
         launches slowed down), against 2% when it overlapped the backward."""
         if state.step % self.config.every:
             return
-        if self._writer is not None:
-            if not self._writer.attached:
-                self.attach(state)
-            if self._writer is not None:  # (attach may have fallen back to copying here)
-                entries = [self._entries[name] for name in state.tensors]
-                self._writer.start(state.step, state_meta(state, entries))
-                return
+        if self._writer is not None and self._snapshot_by_copier(state):
+            return
         self.after_forward()  # a snapshot still deferred (no step ran in between) is started, then finished
         self._finish()
         if not self.segments:
