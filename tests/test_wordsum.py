@@ -16,6 +16,7 @@ import torch
 
 from regrow.checkpoint.hostcopy import HostCopier
 from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot import sink as sink_module
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig, state_from_snapshot
 from regrow.checkpoint.snapshot.wordsum import EMPTY, MASK, Digest, assemble, combine, digest
 from regrow.recovery.from_snapshots import restore_from_node
@@ -243,7 +244,7 @@ def _host_stand_in(name: str, source: torch.Tensor) -> torch.Tensor:
 
 
 def test_sink_seals_from_per_tensor_digests_and_restores(node, token, monkeypatch) -> None:  # noqa: F811
-    monkeypatch.setattr(SnapshotSink, "_gpu_digest", lambda self, state: _host_stand_in)
+    monkeypatch.setattr(sink_module, "gpu_summarize", lambda state, rank, log: _host_stand_in)
     config = tiny_config(steps=3)
     sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, every=1, log=False), rank=0)
     trainer = Trainer(config, sinks=[sink])
@@ -260,7 +261,7 @@ def test_sink_seals_from_per_tensor_digests_and_restores(node, token, monkeypatc
 def test_sink_clears_dirty_gaps_between_odd_sized_tensors(node, token, monkeypatch) -> None:  # noqa: F811
     """Tensors of odd byte sizes leave alignment gaps; stray bytes there must not break the assembled digest
     (which covers the tensors only), and odd sizes must digest with their zero padding."""
-    monkeypatch.setattr(SnapshotSink, "_gpu_digest", lambda self, state: _host_stand_in)
+    monkeypatch.setattr(sink_module, "gpu_summarize", lambda state, rank, log: _host_stand_in)
     base = Trainer(tiny_config(steps=1)).shard_state()
 
     def state(step: int) -> ShardState:

@@ -146,6 +146,30 @@ class _Pending:
     error: BaseException | None = field(default=None)
 
 
+def gpu_summarize(state: ShardState, rank: int, *, log: bool) -> Summarize | None:
+    """``wordsum_triton.digest_cuda`` as HostCopier's ``summarize`` when the shard is on CUDA and triton imports;
+    None otherwise (the finisher then digests on the host, and says so once when on CUDA)."""
+    if not any(t.is_cuda for t in state.tensors.values()):
+        return None
+    try:  # triton is only installed where CUDA is
+        from regrow.checkpoint.snapshot import wordsum_triton
+    except ImportError as error:
+        if log:
+            log_line(rank, state.step, f"snapshot: triton is not importable ({error}): the payload checksum runs "
+                                       f"on the host after each copy, slowing training; install triton to compute "
+                                       f"it on the GPU")
+        return None
+    return lambda name, source: wordsum_triton.digest_cuda(source)
+
+
+def _assemble_gpu_digests(pending: _Pending) -> wordsum.Digest:
+    """The payload digest from the per-tensor GPU digests (int64 pairs, landed with the copy): no payload byte is
+    read."""
+    entries = pending.segment.entries
+    return wordsum.assemble((entries[name].offset, wordsum.Digest.from_int64(*result.tolist()))
+                            for name, result in pending.copy.summaries.items())
+
+
 class SnapshotSink:
     """Snapshots this rank's shard into the node's shared memory every ``every`` steps; satisfies ``StateSink``.
 
@@ -214,7 +238,7 @@ class SnapshotSink:
             self.segments = [MappedSegment(path, entries) for path in reply["paths"]]
             # One single-slot copier per segment: which segment a copy goes to is this sink's choice (alternation).
             self._copiers = [HostCopier(HostCopierConfig(slots=1), allocate=s.allocate) for s in self.segments]
-        self._summarize = self._gpu_digest(state)
+        self._summarize = gpu_summarize(state, self.rank, log=self.config.log)
         # Headers only: which slot to keep is decided by step; whoever restores from it verifies it.
         slots = self.client.request({"op": "latest", "rank": self.rank, "verify": False})["slots"]
         # A slot may hold a step past ``state.step`` from the run that crashed, or one from another history at the
@@ -379,26 +403,11 @@ class SnapshotSink:
         self.segments, self._copiers = [], []
 
     # ---------------------------------------------------------------- sealing
-    def _gpu_digest(self, state: ShardState) -> Summarize | None:
-        """``wordsum_triton.digest_cuda`` as HostCopier's ``summarize`` when the shard is on CUDA and triton
-        imports; None otherwise (the finisher then digests on the host, and says so once when on CUDA)."""
-        if not any(t.is_cuda for t in state.tensors.values()):
-            return None
-        try:  # triton is only installed where CUDA is
-            from regrow.checkpoint.snapshot import wordsum_triton
-        except ImportError as error:
-            if self.config.log:
-                log_line(self.rank, state.step, f"snapshot: triton is not importable ({error}): the payload "
-                                                f"checksum runs on the host after each copy, slowing training; "
-                                                f"install triton to compute it on the GPU")
-            return None
-        return lambda name, source: wordsum_triton.digest_cuda(source)
-
     def _seal(self, pending: _Pending) -> None:
         try:
             if pending.gpu_digests:
                 pending.copy.wait_host(self.config.timeout_s)
-                payload_digest = self._assemble_gpu_digests(pending)
+                payload_digest = _assemble_gpu_digests(pending)
             else:
                 payload_digest = self._host_digest(pending)
                 pending.copy.wait_host(self.config.timeout_s)
@@ -411,14 +420,6 @@ class SnapshotSink:
             pending.error = error
         finally:
             pending.copy.release()
-
-    @staticmethod
-    def _assemble_gpu_digests(pending: _Pending) -> wordsum.Digest:
-        """The payload digest from the per-tensor GPU digests (int64 pairs, landed with the copy): no payload byte
-        is read."""
-        entries = pending.segment.entries
-        return wordsum.assemble((entries[name].offset, wordsum.Digest.from_int64(*result.tolist()))
-                                for name, result in pending.copy.summaries.items())
 
     def _host_digest(self, pending: _Pending) -> wordsum.Digest:
         """The payload digest on the host, tensor by tensor as each copy lands, so that digesting the first tensors
