@@ -90,9 +90,10 @@ def test_ckpt_on_error_stop_ends_regrow_train_with_the_os_error(tmp_path) -> Non
     done = subprocess.run(command, env=dict(os.environ), preexec_fn=limit_file_size, capture_output=True, text=True,
                           timeout=180, check=False)
     assert done.returncode == 1, done.stdout + done.stderr
-    for rank in (0, 1):
-        assert (f"[rank {rank}, step 2] checkpoint step_00000002 FAILED: rank {rank}: OSError: [Errno 27] File too "
-                f"large: '{root}/.tmp_step_00000002.") in done.stdout
+    # Rank 0's failure stops the job; rank 1's own line is printed only if its persist thread hit the limit before
+    # the launcher stopped it (under load it may not have), so only rank 0's is required.
+    assert (f"[rank 0, step 2] checkpoint step_00000002 FAILED: rank 0: OSError: [Errno 27] File too "
+            f"large: '{root}/.tmp_step_00000002.") in done.stdout
     assert f"CheckpointWriteError: checkpoint step_00000002 could not be written under {root}: rank" in done.stderr
     assert "training stops at step 3 (on_error='stop'); no checkpoint was committed yet" in done.stderr
     assert storage.read_latest(root) is None and storage.committed(root) == []
