@@ -295,7 +295,7 @@ def test_the_readme_own_loop_runs_under_regrow_run(tokens, tmp_path) -> None:
     code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", 10)]
     assert len(code.splitlines()) < 25 and "guard.steps(1000)" in code
     (tmp_path / "train.py").write_text(code.replace("guard.steps(1000)", "guard.steps(3)") +
-                                       "print('final step', guard.step, counters)\n")
+                                       "print(f'final step {guard.step} {counters}')\n")
     (tmp_path / "tokens.bin").write_bytes(tokens.read_bytes())
     (tmp_path / "tokens.bin.json").write_bytes(tokens.with_name("tokens.bin.json").read_bytes())
     done = subprocess.run([sys.executable, "-m", "regrow", "run", "--nproc", "2", "--snapshot-every", "1",
