@@ -49,7 +49,7 @@ import torch
 
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot import wordsum
-from regrow.checkpoint.snapshot.copier_link import DIGESTS
+from regrow.checkpoint.snapshot.copier_link import DIGESTS, gpu_digest_kernel
 from regrow.checkpoint.snapshot.mapped import MappedSegment
 from regrow.checkpoint.snapshot.protocol import SnapshotClient, recv_message, send_message
 
@@ -239,7 +239,7 @@ class Copier:
         sources = self.sources
         if sources.cuda:
             # The rank digests (its "digests" rows); only where it cannot does this process, at a price.
-            digest_cuda = _gpu_digest() if sources.digests is None else None
+            digest_cuda = gpu_digest_kernel() if sources.digests is None else None
             in_flight = _InFlight(segment=segment, step=step, host_done=torch.cuda.Event(blocking=True))
             sources.stream.wait_event(sources.ready)
             with torch.cuda.stream(sources.stream):
@@ -305,15 +305,6 @@ class Copier:
             in_flight.thread.join(self.timeout_s)
             if in_flight.thread.is_alive() and raise_error:
                 raise TimeoutError(f"the snapshot of step {in_flight.step} was not sealed within {self.timeout_s} s")
-
-
-def _gpu_digest():
-    """``wordsum_triton.digest_cuda``, or None where triton does not import (the seal then digests on the host)."""
-    try:
-        from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda
-    except ImportError:
-        return None
-    return digest_cuda
 
 
 def main(argv: list[str] | None = None) -> int:
