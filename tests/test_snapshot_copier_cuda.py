@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -79,3 +80,30 @@ def test_copier_snapshot_reads_back_on_the_gpu(node, token) -> None:  # noqa: F8
     for name, tensor in state.tensors.items():
         assert torch.equal(on_gpu.tensors[name], tensor), name
     sink.close()
+
+
+def test_a_read_only_slot_mapping_registers_for_the_restore_copy(tmp_path) -> None:
+    """A restore registers the slot's read-only mapping with CUDA for its copy (``host_register.registered``); the
+    restore's 2.4 GB pageable copy took 1.2 s on an H100 host."""
+    import mmap
+
+    from regrow.checkpoint.snapshot.host_register import registered
+
+    path = tmp_path / "slot"
+    data = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8)
+    path.write_bytes(data.numpy().tobytes())
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            host = torch.frombuffer(mapping, dtype=torch.uint8)
+        device = torch.empty_like(host, device="cuda")
+        with registered(host, read_only=True) as pinned:
+            device.copy_(host, non_blocking=pinned)
+            torch.cuda.synchronize()
+        assert pinned, "cudaHostRegister(read-only) refused the mapping"
+        assert torch.equal(device.cpu(), data)
+        del host
+    finally:
+        mapping.close()

@@ -12,6 +12,7 @@ import itertools
 
 import torch
 
+from regrow.checkpoint.snapshot import host_register
 from regrow.checkpoint.snapshot import segment as seg
 
 
@@ -61,16 +62,14 @@ class MappedSegment:
         """Unregisters the mapping from CUDA. Required before the mapping goes: a later mapping of the same
         address would otherwise fail to register ("already registered") in this process."""
         if self._pinned:
-            address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
-            torch.cuda.cudart().cudaHostUnregister(address)
+            host_register.unregister(ctypes.addressof(ctypes.c_char.from_buffer(self.buffer)))
             self._pinned = False
 
     def pin(self) -> None:
         """Registers the mapping with CUDA (CUDA only): registered pinned memory makes the side-stream copies fast
         and asynchronous. Idempotent."""
         if not self._pinned:
-            address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
-            code = torch.cuda.cudart().cudaHostRegister(address, len(self.buffer), 0)
-            if int(code) != 0:
+            code = host_register.register(ctypes.addressof(ctypes.c_char.from_buffer(self.buffer)), len(self.buffer))
+            if code != 0:
                 raise RuntimeError(f"cudaHostRegister of snapshot segment {self.path} failed with error {code}")
             self._pinned = True
