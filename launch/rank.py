@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from regrow.launch.options import CheckpointOptions, SnapshotOptions
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.recovery.order import JobRestore, Source
 from regrow.recovery.restore import restore_job
+from regrow.trainer.log import log_line
 from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
 from regrow.trainer.state import Restorable, ShardState, StateSink
 
@@ -65,6 +67,12 @@ class RankWork:
             if self.snapshot is not None and self.snapshot.every:
                 prestart_copier(device)
 
+    @property
+    def restores(self) -> bool:
+        """Whether the ranks restore a state before their first step (a resume from snapshots or a checkpoint)."""
+        return bool((self.snapshot is not None and self.snapshot.resume)
+                    or (self.checkpoint is not None and self.checkpoint.resume))
+
     def after_failure(self) -> RankWork:
         """The work of the attempt after a failure (once the nodes are healed): resume from the snapshots (which
         fall back to ``latest`` of the checkpoint root), or from ``latest`` when snapshots are off, or from step 0
@@ -92,10 +100,17 @@ def train_rank(world: World, work: RankWork) -> list[StepResult]:
     """One rank's whole run (see the module docstring). Collective: every rank of the job calls it. The launcher's
     run directory and attempt come from the environment (``REGROW_RUN_DIR``, ``REGROW_ATTEMPT``): when given, the
     rank records its restores and heartbeats there."""
+    started = time.perf_counter()
     if work.snapshot is not None and work.snapshot.every:
         prestart_copier(world.device)  # the snapshot copier's start overlaps the model build (CUDA only)
-    trainer = Trainer(work.config, world)
+    # A rank that restores skips the seeded initialization, which it would overwrite: for the 350m preset that
+    # initialization (on the CPU, then moved) was most of a restart's time after the restore itself.
+    trainer = Trainer(work.config, world, for_restore=work.restores)
+    built = time.perf_counter()
     attach_rank(trainer, checkpoint=work.checkpoint, snapshot=work.snapshot, final_step=work.config.steps)
+    if work.restores:
+        log_line(trainer.rank, trainer.step, f"ready to train in {time.perf_counter() - started:.2f} s (trainer "
+                                             f"built in {built - started:.2f} s, then restored and attached)")
     return trainer.run()
 
 
