@@ -76,6 +76,18 @@ def test_non_contiguous_and_large() -> None:
     assert gpu_digest(big) == host_digest(big)
 
 
+@pytest.mark.parametrize("max_programs", [1, 3, 16])
+def test_a_capped_grid_gives_the_same_digest(max_programs: int) -> None:
+    """The rank's side digest runs on a few SMs (``copier_link.SMS_PER_DIGEST_PROGRAM``): same bytes, same digest."""
+    from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda, to_digest
+
+    tensor = torch.randint(-(2**31), 2**31 - 1, ((8 << 20) + 5,), dtype=torch.int32, device="cuda")
+    for view in (tensor, tensor.view(torch.uint8)[3:-2]):
+        assert to_digest(digest_cuda(view, max_programs=max_programs).cpu()) == host_digest(view), max_programs
+    with pytest.raises(ValueError, match="max_programs=0 must be >= 1"):
+        digest_cuda(tensor, max_programs=0)
+
+
 def test_out_argument_is_checked() -> None:
     from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda
 

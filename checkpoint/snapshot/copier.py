@@ -10,15 +10,17 @@ The rank starts it (``copier_link.CopierLink``) with one end of a socket pair, a
 
 - ``attach``: the snapshot process's address and the rank, its two segment paths and tensor table, which slot
   holds its newest sealed snapshot and which slots the snapshot process holds, and the shard tensors: on CUDA
-  their IPC handles (``cuda_ipc.export_tensor``) and two interprocess events, "ready" and "done"; on CPU the
+  their IPC handles (``cuda_ipc.export_tensor``) and interprocess events, "ready", "digested" and "done"; on CPU the
   shared-memory file descriptors of their storages (passed over the socket pair) and each tensor's offset (the CPU mode exists so that the protocol is tested with real
   processes without a GPU; CPU training copies from the training process).
 - ``snap`` (step, metadata): seal the previous snapshot first (its copy has finished on the device by now, or
   will shortly); pick the slot (never the one holding the newest sealed snapshot, nor one the snapshot process
   holds; none left: answer ``skipped``); write the metadata (``segment.begin``); on CUDA make the copy stream
-  wait for "ready" (recorded by the rank once its side stream has computed each tensor's WordSum-128 into a
-  small shared tensor, after its optimizer step), copy those digests and every tensor, record "done" and answer; the rank's compute stream waits for "done" before its next optimizer
-  step (a GPU-side wait). On CPU the copy runs before the answer, so the answer itself means "done".
+  wait for "ready" (recorded by the rank right after its optimizer step) and copy every tensor; then wait for
+  "digested" (recorded by the rank's side stream once it has computed each tensor's WordSum-128 into a small
+  shared tensor, beside the copy), copy those digests, record "done" and answer. The rank's compute stream waits
+  for "done" before its next optimizer step (a GPU-side wait). On CPU the copy runs before the answer, so the
+  answer itself means "done".
 - a seal thread waits for the copy on the host, writes the digest and the ``complete`` flag (``segment.seal``),
   sends COMMIT to the snapshot process, and tells the rank ``sealed`` with the slots now held.
 - ``flush``: answers once the last snapshot is sealed. ``detach``: also unmaps the segments and closes the
@@ -76,6 +78,8 @@ class _Sources:
         self._maps: list = []
         self.digests: torch.Tensor | None = None
         """CUDA: the rank's per-tensor WordSum-128s of the state "ready" marks (rows in tensor order)."""
+        self.digested = None
+        """CUDA: the rank's event that says :attr:`digests` holds the digests of that state."""
         if self.cuda:
             from regrow.checkpoint.snapshot import cuda_ipc
 
@@ -86,8 +90,12 @@ class _Sources:
             self.digests = self.tensors.pop(DIGESTS, None)
             if self.digests is not None and tuple(self.digests.shape) != (len(self.tensors), 2):
                 raise ValueError(f"{DIGESTS}: shape {tuple(self.digests.shape)}, expected ({len(self.tensors)}, 2)")
-            self.ready = cuda_ipc.import_event(message["events"]["ready"], device)
-            self.done = cuda_ipc.import_event(message["events"]["done"], device)
+            events = message["events"]
+            if (self.digests is not None) != ("digested" in events):
+                raise ValueError(f"attach: the {DIGESTS} tensor and the 'digested' event come together")
+            self.ready = cuda_ipc.import_event(events["ready"], device)
+            self.digested = cuda_ipc.import_event(events["digested"], device) if self.digests is not None else None
+            self.done = cuda_ipc.import_event(events["done"], device)
             self.stream = torch.cuda.Stream(device)
         else:
             import mmap
@@ -243,10 +251,6 @@ class Copier:
             in_flight = _InFlight(segment=segment, step=step, host_done=torch.cuda.Event(blocking=True))
             sources.stream.wait_event(sources.ready)
             with torch.cuda.stream(sources.stream):
-                if sources.digests is not None:
-                    rows = torch.empty(sources.digests.shape, dtype=torch.int64, pin_memory=True)
-                    rows.copy_(sources.digests, non_blocking=True)
-                    in_flight.digests = dict(zip(sources.tensors, rows.unbind(0), strict=True))
                 for name, source in sources.tensors.items():
                     if digest_cuda is not None:
                         result = digest_cuda(source)
@@ -254,6 +258,14 @@ class Copier:
                         host.copy_(result, non_blocking=True)
                         in_flight.digests[name] = host
                     targets[name].copy_(source, non_blocking=True)
+                if sources.digests is not None:
+                    # The rank digests the same state beside this copy; its rows are read once it is done, and
+                    # "done" (recorded after) keeps the rank from starting the next digest before that.
+                    assert sources.digested is not None
+                    sources.stream.wait_event(sources.digested)
+                    rows = torch.empty(sources.digests.shape, dtype=torch.int64, pin_memory=True)
+                    rows.copy_(sources.digests, non_blocking=True)
+                    in_flight.digests = dict(zip(sources.tensors, rows.unbind(0), strict=True))
             sources.done.record(sources.stream)
             in_flight.host_done.record(sources.stream)
         else:

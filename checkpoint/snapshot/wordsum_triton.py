@@ -81,17 +81,23 @@ def _wordsum_kernel(src_ptr, out_ptr, nbytes, whole_words, iterations,
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int) -> int:
+    """The streaming multiprocessors of CUDA device ``device_index``."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def digest_cuda(tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def digest_cuda(tensor: torch.Tensor, out: torch.Tensor | None = None, *, max_programs: int | None = None
+                ) -> torch.Tensor:
     """Enqueues the WordSum-128 of ``tensor``'s bytes (its elements in row-major order, as a host copy holds them)
     on the current CUDA stream and returns ``out``: an int64 device tensor ``[A, B]`` holding the two uint64 words'
     bit patterns (:func:`to_digest` reads it). Never synchronizes the CPU.
 
     ``out``, when given, must be a zeroed int64 CUDA tensor of 2 elements on ``tensor``'s device: the kernel adds
-    into it. A non-contiguous ``tensor`` is first made contiguous (a copy on the current stream)."""
+    into it. A non-contiguous ``tensor`` is first made contiguous (a copy on the current stream). ``max_programs``
+    caps the grid (default: enough programs to fill the GPU): a digest running beside training kernels takes
+    fewer SMs from them, and longer. The result does not depend on it."""
+    if max_programs is not None and max_programs < 1:
+        raise ValueError(f"digest_cuda: max_programs={max_programs} must be >= 1 (or None: fill the GPU)")
     if out is None:
         out = torch.zeros(2, dtype=torch.int64, device=tensor.device)
     elif out.dtype != torch.int64 or out.numel() != 2 or out.device != tensor.device:
@@ -105,8 +111,8 @@ def digest_cuda(tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     aligned = source.data_ptr() % 4 == 0
     whole_words = nbytes // 4 if aligned else total_words
     blocks = triton.cdiv(total_words, _BLOCK_WORDS)
-    sm_count = _sm_count(source.device.index) if source.is_cuda else 1  # not CUDA: Triton's CPU interpreter
-    programs = min(blocks, _PROGRAMS_PER_SM * sm_count)
+    sms = sm_count(source.device.index) if source.is_cuda else 1  # not CUDA: Triton's CPU interpreter
+    programs = min(blocks, _PROGRAMS_PER_SM * sms, max_programs or blocks)
     iterations = triton.cdiv(blocks, programs)
     _wordsum_kernel[(programs,)](source, out, nbytes, whole_words, iterations,
                                  BLOCK=_BLOCK_WORDS, ALIGNED=aligned, num_warps=_WARPS)
