@@ -309,3 +309,15 @@ def test_llama_runner_trains_the_llama_every_way(tmp_path: Path) -> None:
     # The same model, data, loss and learning rate from the same seed: 8-bit and fp32 Adam state give about the
     # same loss after a few steps.
     assert abs(guard["final_loss"] - deepspeed["final_loss"]) < 0.05
+
+
+@pytest.mark.timeout(120)
+def test_digest_bench_measures_the_host_digest(tmp_path: Path) -> None:
+    """``bench/bench_digest.py`` has no runner: its CPU mode (the host digest's GB/s) is run directly."""
+    out = tmp_path / "digest.jsonl"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_digest.py"), "--device", "cpu", "--gb", "0.01",
+                           "--repeats", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    [result] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["device"] == "cpu" and result["bytes"] == 10**7 and result["host_gbps"] > 0
+    assert f"RESULT {json.dumps(result)}" in done.stdout
