@@ -29,6 +29,7 @@ from regrow.launch.local.attempts import ATTEMPT_ENV, RUN_DIR_ENV
 from regrow.launch.local.nodes import ADDRESS_ENV
 from regrow.launch.local.watchdog import Heartbeat
 from regrow.launch.options import CheckpointOptions, SnapshotOptions
+from regrow.recovery import gpu_warm_up
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.recovery.order import JobRestore, Source
 from regrow.recovery.restore import restore_job
@@ -55,7 +56,8 @@ class RankWork:
 
     def warm_up(self, local_rank: int) -> None:
         """A standby rank's preparation (``--warm-restarts``): the trainer's imports, the CUDA context of the device
-        this local rank will use, and its snapshot copier, started with that device."""
+        this local rank will use, its snapshot copier, started with that device, and the kernels of a restore and a
+        first step (``recovery.gpu_warm_up``)."""
         import torch
 
         from regrow.trainer import loop  # noqa: F401 (imported now: the model, optimizer and data modules)
@@ -66,6 +68,10 @@ class RankWork:
             torch.zeros(1, device=device)  # the context, made now
             if self.snapshot is not None and self.snapshot.every:
                 prestart_copier(device)
+            try:  # the checksum kernel the restore runs and the first step's kernels (0.5 s of that step, cold)
+                gpu_warm_up.warm_up_device(self.config, device)
+            except Exception as error:  # noqa: BLE001 (best effort: the first step pays as before)
+                print(f"[launcher] standby for rank {local_rank}: GPU kernel warm-up failed ({error})", flush=True)
 
     @property
     def restores(self) -> bool:

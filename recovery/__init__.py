@@ -13,8 +13,9 @@
   norms) and CheckFree+ (an edge stage copied from its neighbour), over point-to-point sends;
 - ``ray/``: the Ray coordinator that starts the workers and the snapshot processes, watches them, and heals a
   failure (abort the survivors, replace, re-form the group, restore) or shrinks the job (elastic mode), one module
-  per part (listed in ``ray/__init__.py``); the Ray actor hosting one rank (``ray/worker.py``) and what its GPU
-  runs ahead of its first step (``ray/gpu_warm_up.py``).
+  per part (listed in ``ray/__init__.py``), among them the Ray actor hosting one rank (``ray/worker.py``);
+- ``gpu_warm_up.py``: what a replacement rank's GPU runs ahead of its first step (a Ray worker's, a local
+  standby's).
 
 Modules here import the checkpoint tier and the trainer; ``ray/`` builds on the rest of the tier, never the other
 way round.

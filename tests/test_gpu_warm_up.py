@@ -1,4 +1,4 @@
-"""The GPU warm-up of a worker (recovery/ray/gpu_warm_up.py) runs while a restore may set the random generators: it must
+"""The GPU warm-up of a worker (recovery/gpu_warm_up.py) runs while a restore may set the random generators: it must
 draw from none of them, and build nothing the trainer shares."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from regrow.recovery.ray import gpu_warm_up
+from regrow.recovery import gpu_warm_up
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.models import GPTConfig

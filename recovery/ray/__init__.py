@@ -13,8 +13,8 @@
   ``heal.py``: the dead ranks replaced and the next generation formed, or the job shrunk in elastic mode.
 - ``job.py``: the state those parts share (each rank's worker, the generation, the world size, failures) and the
   run's ``Outcome``; ``events.py``: the event log (text, callback, JSONL); ``stop.py``: ending a run early.
-- ``worker.py``: the ``Worker`` actor hosting one rank (train and control threads); ``gpu_warm_up.py``: what a
-  worker's GPU runs ahead of its first step; ``member.py``: what every worker actor does whatever it runs (its
+- ``worker.py``: the ``Worker`` actor hosting one rank (train and control threads; its GPU warm-up is
+  ``recovery/gpu_warm_up.py``); ``member.py``: what every worker actor does whatever it runs (its
   place, heartbeat and abort, joining and leaving a generation).
 - ``entry.py``, ``entry_worker.py``: entry-point mode, a user's function (``module:function``) and the
   ``EntryWorker`` actor that calls it again from the top in every generation.

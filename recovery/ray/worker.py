@@ -29,9 +29,9 @@ from regrow.checkpoint.snapshot.copier_link import prestart_copier
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.checkpoint.universal.format import CheckpointError
 from regrow.comm.world import destroy_world
+from regrow.recovery import gpu_warm_up
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.recovery.order import JobRestore, RecoveryImpossible, SnapshotRestoreError, Source
-from regrow.recovery.ray import gpu_warm_up
 from regrow.recovery.ray.entry import EntryPoint
 from regrow.recovery.ray.member import CONCURRENCY_GROUPS, CONTROL, TRAIN, GroupMember, describe_failure
 from regrow.recovery.restore import restore_job

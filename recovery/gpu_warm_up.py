@@ -1,4 +1,5 @@
-"""Warms a worker's GPU while its job forms: the kernels of the first training step are loaded before that step.
+"""Warms a rank's GPU before it is needed: the kernels of the first training step are loaded before that step (a
+Ray worker while its job forms, a standby rank of the local launcher while it waits).
 
 A process's first step on a GPU loads every kernel it launches (CUDA loads modules lazily) and creates the cuBLAS
 handles and workspaces; a replacement's restore also loads the snapshot checksum kernel (its first launch in a
@@ -40,14 +41,19 @@ def start(config: TrainerConfig | PipelineTrainerConfig) -> threading.Thread:
 
 def _warm_up(config: TrainerConfig | PipelineTrainerConfig) -> None:
     try:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        warm_up_checksum(device)
-        # A pipeline stage's shapes are its own, and a factory's model is the user's (built seeded, it would draw):
-        # neither is warmed.
-        if isinstance(config, TrainerConfig) and isinstance(config.model, GPTConfig):
-            warm_up_step(config, device)
+        warm_up_device(config, torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     except Exception:  # noqa: BLE001 (CUDA not ready, memory short: nothing is lost but the head start)
         pass
+
+
+def warm_up_device(config: TrainerConfig | PipelineTrainerConfig, device: torch.device) -> None:
+    """The whole warm-up, on the calling thread: the checksum kernel, then (regrow's GPT only) one step's kernels.
+    Raises what fails (the callers treat it as best effort)."""
+    warm_up_checksum(device)
+    # A pipeline stage's shapes are its own, and a factory's model is the user's (built seeded, it would draw):
+    # neither is warmed.
+    if isinstance(config, TrainerConfig) and isinstance(config.model, GPTConfig):
+        warm_up_step(config, device)
 
 
 def warm_up_checksum(device: torch.device) -> None:
@@ -72,4 +78,4 @@ def warm_up_step(config: TrainerConfig, device: torch.device) -> None:
     model(tokens, tokens).backward()
 
 
-__all__ = ["start", "warm_up_checksum", "warm_up_step"]
+__all__ = ["start", "warm_up_checksum", "warm_up_device", "warm_up_step"]
