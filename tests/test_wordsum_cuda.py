@@ -78,7 +78,7 @@ def test_non_contiguous_and_large() -> None:
 
 @pytest.mark.parametrize("max_programs", [1, 3, 16])
 def test_a_capped_grid_gives_the_same_digest(max_programs: int) -> None:
-    """The rank's side digest runs on a few SMs (``copier_link.SMS_PER_DIGEST_PROGRAM``): same bytes, same digest."""
+    """``bench_digest.py`` measures capped grids: same bytes, same digest."""
     from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda, to_digest
 
     tensor = torch.randint(-(2**31), 2**31 - 1, ((8 << 20) + 5,), dtype=torch.int32, device="cuda")

@@ -64,10 +64,6 @@ def _signature(tensors: dict[str, torch.Tensor]) -> list[tuple]:
 
 DIGESTS = "__digests__"
 """The name under which the per-tensor digests travel with the shard tensors at ATTACH (CUDA)."""
-SMS_PER_DIGEST_PROGRAM = 8
-"""The rank's side digest runs one program per this many SMs (16 on an H100), not a full grid: it reads the whole
-shard beside the forward and backward, and only has to end before the next optimizer step (a full grid ends in about
-a millisecond but takes every SM from the training kernels meanwhile)."""
 
 
 def gpu_digest_kernel():
@@ -224,7 +220,6 @@ class CopierWriter:
         self._ready: torch.cuda.Event | None = None
         self._digested: torch.cuda.Event | None = None
         self._done: torch.cuda.Event | None = None
-        self._digest_programs: int | None = None
         self._tensors: dict[str, torch.Tensor] = {}
         self._shared: list[tuple] = []
         self._digests: torch.Tensor | None = None  # CUDA: one WordSum-128 per shard tensor, shared with the copier
@@ -257,13 +252,10 @@ class CopierWriter:
         self._shared = _signature(tensors)
         self._digests = self._digest_stream = None
         if self._cuda and gpu_digest_kernel() is not None:
-            from regrow.checkpoint.snapshot.wordsum_triton import sm_count
-
             # Computed here, on a side stream, not by the copier: kernels of another process's CUDA context
             # time-slice the GPU with this one's (measured: +7.9% of the step against +1.5% without them).
             self._digests = torch.zeros((len(tensors), 2), dtype=torch.int64, device=device)
             self._digest_stream = torch.cuda.Stream(device)
-            self._digest_programs = max(1, sm_count(device.index) // SMS_PER_DIGEST_PROGRAM)
             tensors = {**tensors, DIGESTS: self._digests}
         described, fds = describe_tensors(tensors)
         # Resolved here, not in the copier: a copier started ahead of need (a standby rank's) has the environment
@@ -299,9 +291,12 @@ class CopierWriter:
         if self._cuda:
             assert self._ready is not None and self._digested is not None
             compute = torch.cuda.current_stream()
-            # The copy starts at once; the digest runs beside it, slower, on a few SMs. Both read the state after
-            # the optimizer step, which nothing changes before the next one, and that waits for "done": the
-            # copier records it after its copy and after "digested" (it reads the digests then).
+            # The copy starts at once and the digest runs beside it. Both read the state after the optimizer step,
+            # which nothing changes before the next one, and that waits for "done": the copier records it after
+            # its copy and after "digested" (it reads the digests then). The digest fills the GPU: it ends in about
+            # a millisecond (2.4 GB on an H100). Capped to a few SMs it ran longer beside the training kernels and
+            # cost them more (bench_digest.py: matmuls 0.4% slower beside the full grid, 8-10% beside 8 or 16
+            # programs; a snapshot every step 8.1% with 16 programs).
             self._ready.record(compute)
             if self._digests is not None and self._digest_stream is not None:
                 digest_cuda = gpu_digest_kernel()
@@ -309,7 +304,7 @@ class CopierWriter:
                 with torch.cuda.stream(self._digest_stream):
                     self._digests.zero_()
                     for row, tensor in enumerate(self._tensors.values()):
-                        digest_cuda(tensor, out=self._digests[row], max_programs=self._digest_programs)
+                        digest_cuda(tensor, out=self._digests[row])
                 self._digested.record(self._digest_stream)
         self.link.send({"op": "snap", "step": step, "meta": meta})
         self._awaiting = step

@@ -94,8 +94,8 @@ def digest_cuda(tensor: torch.Tensor, out: torch.Tensor | None = None, *, max_pr
 
     ``out``, when given, must be a zeroed int64 CUDA tensor of 2 elements on ``tensor``'s device: the kernel adds
     into it. A non-contiguous ``tensor`` is first made contiguous (a copy on the current stream). ``max_programs``
-    caps the grid (default: enough programs to fill the GPU): a digest running beside training kernels takes
-    fewer SMs from them, and longer. The result does not depend on it."""
+    caps the grid (default: enough programs to fill the GPU; ``bench/bench_digest.py`` measures caps: beside
+    training kernels a capped digest runs longer and costs them more). The result does not depend on it."""
     if max_programs is not None and max_programs < 1:
         raise ValueError(f"digest_cuda: max_programs={max_programs} must be >= 1 (or None: fill the GPU)")
     if out is None:
