@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from regrow.checkpoint.snapshot.protocol import ProtocolError, SnapshotClient, SnapshotProcessLost
+from regrow.checkpoint.snapshot.protocol import SnapshotClient, SnapshotProcessLost
 from regrow.checkpoint.universal import verify
 from regrow.comm import collectives
 from regrow.launch.options import CheckpointOptions, SnapshotOptions
@@ -49,11 +49,8 @@ def local_holdings(rank: int, address: str | None, ckpt_dir: str | None, timeout
             # A rank that never attached has no slots; a slot that does not verify cannot be restored either.
             slots = client.request({"op": "latest", "rank": rank})["slots"]
             snapshots += [f"slot {s['slot']} step {s['step']}" for s in slots if s["status"] == "ok"]
-            try:
-                complete = client.request({"op": "ec_status"})["complete"]
-                snapshots += [f"erasure-coded buffer step {step}" for step in complete]
-            except ProtocolError:  # erasure coding is off in this snapshot process
-                pass
+            complete = client.request({"op": "ec_status"})["complete"]  # [] when erasure coding is off
+            snapshots += [f"erasure-coded buffer step {step}" for step in complete]
         finally:
             client.close()
     newest = verify.newest_candidate(Path(ckpt_dir)) if ckpt_dir else None

@@ -50,10 +50,7 @@ class NodeView:
 
     def coded_steps(self) -> list[int]:
         """Steps this node holds complete erasure-coding buffers of (empty when erasure coding is off)."""
-        try:
-            return [int(step) for step in self.client.request({"op": "ec_status"})["complete"]]
-        except ProtocolError:  # erasure coding off in this snapshot process
-            return []
+        return [int(step) for step in self.client.request({"op": "ec_status"})["complete"]]
 
     def rollback(self, step: int) -> str:
         """Has the node write this rank's snapshot of ``step`` back from its coded buffer; returns the slot path."""

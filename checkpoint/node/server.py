@@ -147,6 +147,8 @@ class SnapshotServer:
             return self._run_config(request["config"]), None
         if op == "hello":
             raise RequestError("hello: this connection has already presented the token")
+        if self.peers is None and op == "ec_status":  # every restore asks; "off" is an answer, not a refusal
+            return {"ok": True, "enabled": False, "complete": []}, None
         if self.peers is None:
             return {"ok": False, "error": f"{op}: erasure coding is off in this snapshot process (start it with "
                                           f"ec_group_size > 0)"}, None
