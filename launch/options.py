@@ -43,6 +43,8 @@ class TrainOptions:
     ``nn.Module`` (:class:`~regrow.trainer.model_factory.ModelFactory`), found from the working directory."""
     model_kwargs: str | None = None
     """The factory's keyword arguments, a JSON object (``--model-kwargs``; None: none)."""
+    dropout: float | None = None
+    """Dropout probability of regrow's GPT (``--dropout``; None: the preset's, 0). Not for ``--model``."""
     loss: str = "auto"
     """The loss contract (``--loss``): auto, model, logits, hf or pkg.module:function (``TrainerConfig.loss``)."""
     seq_len: int = 0
@@ -92,11 +94,19 @@ class TrainOptions:
         if self.model is None:
             if self.model_kwargs is not None:
                 raise ValueError("--model-kwargs needs --model PKG.MODULE:FUNCTION (the factory they are given to)")
-            overrides = {"seq_len": self.seq_len} if self.seq_len else {}
-            return GPTConfig.preset(self.preset or DEFAULT_PRESET, **overrides)
+            overrides: dict = {"seq_len": self.seq_len} if self.seq_len else {}
+            if self.dropout is not None:
+                overrides["dropout"] = self.dropout
+            try:
+                return GPTConfig.preset(self.preset or DEFAULT_PRESET, **overrides)
+            except ValueError as error:
+                raise ValueError(flag_wording(str(error))) from None
         if self.preset is not None:
             raise ValueError(f"--preset={self.preset} and --model={self.model} both choose the model: keep --preset "
                              "for regrow's GPT or --model for your own")
+        if self.dropout is not None:
+            raise ValueError(f"--dropout={self.dropout} sets regrow's GPT's dropout, not --model's: give your model's "
+                             "dropout in --model-kwargs")
         try:
             kwargs = json.loads(self.model_kwargs) if self.model_kwargs is not None else {}
         except json.JSONDecodeError as error:
@@ -129,7 +139,8 @@ class TrainOptions:
 def flag_wording(message: str) -> str:
     """A config error's message with the config fields that the command line sets named by their flags."""
     for field_name, flag in (("ModelFactory.target", "--model"), ("ModelFactory.kwargs", "--model-kwargs"),
-                             ("TrainerConfig.loss", "--loss")):
+                             ("TrainerConfig.loss", "--loss"), ("GPTConfig.dropout", "--dropout"),
+                             ("GPTConfig.seq_len", "--seq-len")):
         message = message.replace(field_name, flag)
     return message
 

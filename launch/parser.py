@@ -79,6 +79,8 @@ TRAINING = (
           "like python -m does, e.g. examples.hf_llama:build", metavar="PKG.MODULE:FUNCTION"),
     _flag("--model-kwargs", TrainOptions, "model_kwargs", "the --model function's keyword arguments, a JSON object",
           metavar="JSON"),
+    _flag("--dropout", TrainOptions, "dropout", "dropout probability of regrow's GPT, in [0, 1) (default: the "
+          "preset's, 0)", type=float),
     _flag("--loss", TrainOptions, "loss",
           "how a batch's loss is computed: auto (model for the GPT, logits otherwise), model (model(x, y) returns "
           "it), logits (cross entropy of model(x)), hf (a Hugging Face causal LM's .loss), or your "

@@ -266,6 +266,18 @@ def test_model_flags_problems_are_reported_with_the_others(capsys) -> None:
     assert code == 2 and f"--loss='{FACTORIES}:no_such_loss': module '{FACTORIES}' (" in capsys.readouterr().err
     code = cli.main(["train", "--model-kwargs", "{}", "--nproc", "1"])
     assert code == 2 and "--model-kwargs needs --model" in capsys.readouterr().err
+    code = cli.main(["train", "--preset", "tiny", "--dropout", "1.5", "--nproc", "1"])
+    assert code == 2 and "--dropout=1.5 must be a float in [0, 1)" in capsys.readouterr().err
+    code = cli.main(["train", "--model", LLAMA, "--dropout", "0.1", "--nproc", "1"])
+    assert code == 2 and "--dropout=0.1 sets regrow's GPT's dropout, not --model's" in capsys.readouterr().err
+
+
+def test_dropout_flag_reaches_the_gpt() -> None:
+    from regrow.launch.job import build_job
+    from regrow.launch.parser import parse_options
+
+    assert build_job(parse_options(["train", "--preset", "tiny", "--dropout", "0.1"])).config.model.dropout == 0.1
+    assert build_job(parse_options(["train", "--preset", "tiny"])).config.model.dropout == 0.0
 
 
 LLAMA_RUN = ["train", "--model", LLAMA, "--loss", "hf", "--global-batch", "8", "--micro-batch", "4", "--seq-len", "32",
