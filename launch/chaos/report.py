@@ -121,20 +121,29 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
     return report
 
 
-def tensor_files(root: Path) -> dict[str, bytes] | None:
-    """Every tensor file of ``latest`` under ``root`` (the manifest differs in its creation time only); None when
+MANIFEST_VOLATILE = ("created", "writer")
+"""Manifest fields that say when and by which process a checkpoint was written, not what it holds."""
+
+
+def checkpoint_contents(root: Path) -> dict[str, bytes | dict] | None:
+    """What the checkpoint ``latest`` under ``root`` holds: every file's bytes, the manifest as JSON without its
+    :data:`MANIFEST_VOLATILE` fields (its step, tokens seen, data cursor, layout and file table stay in); None when
     there is no checkpoint."""
     name = storage.read_latest(root)
     if not name:
         return None
     latest = root / name
-    return {str(p.relative_to(latest)): p.read_bytes() for p in sorted(latest.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+    contents: dict[str, bytes | dict] = {str(p.relative_to(latest)): p.read_bytes() for p in sorted(latest.rglob("*"))
+                                         if p.is_file() and p.name != "manifest.json"}
+    manifest = json.loads((latest / "manifest.json").read_text())
+    contents["manifest.json"] = {k: v for k, v in manifest.items() if k not in MANIFEST_VOLATILE}
+    return contents
 
 
 def same_checkpoint(root: str, other: str) -> bool | None:
-    """Whether the latest checkpoints of two roots hold byte-identical tensor files (None: one has none)."""
-    mine, theirs = tensor_files(Path(root)), tensor_files(Path(other))
+    """Whether the latest checkpoints of two roots hold the same state: byte-identical files and the same manifest
+    but for when and by whom it was written (None: one has none)."""
+    mine, theirs = checkpoint_contents(Path(root)), checkpoint_contents(Path(other))
     if mine is None or theirs is None:
         return None
     return mine == theirs
