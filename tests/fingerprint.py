@@ -1,12 +1,18 @@
 """One full-state comparison for the tests that claim "bit-identical": every shard tensor byte for byte (fp32
 masters, 8-bit codes and scales or fp32 moments, a user loop's tensors), the step, the data cursor, the tokens
-seen and every random generator's state. A restore that loses any of them fails :func:`assert_same_state`."""
+seen and every random generator's state. A restore that loses any of them fails :func:`assert_same_state`; a run
+whose final checkpoint differs from the fault-free run's in any file or manifest field fails
+:func:`assert_same_checkpoint`."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from regrow.checkpoint.universal import storage
 from regrow.trainer.state import ShardState
 
 
@@ -42,3 +48,30 @@ def _same_numpy(a: dict, b: dict) -> None:
             assert np.array_equal(a[key], b[key]), f"NumPy's generator ({key})"
         else:
             assert a[key] == b[key], f"NumPy's generator ({key})"
+
+
+WRITTEN_BY = ("created", "writer")
+"""The manifest fields that say when and by which process a checkpoint was written."""
+
+
+def checkpoint_fingerprint(root: Path) -> dict[str, object]:
+    """The checkpoint ``latest`` under ``root``: every file's bytes, and the manifest's fields (step, tokens seen,
+    data cursor, layout, file table with CRCs, config) but :data:`WRITTEN_BY`."""
+    latest = root / storage.read_latest(root)
+    found: dict[str, object] = {str(p.relative_to(latest)): p.read_bytes() for p in sorted(latest.rglob("*"))
+                                if p.is_file() and p.name != "manifest.json"}
+    manifest = json.loads((latest / "manifest.json").read_text())
+    found["manifest.json"] = {k: v for k, v in manifest.items() if k not in WRITTEN_BY}
+    return found
+
+
+def assert_same_checkpoint(root: Path, reference: Path) -> None:
+    """The latest checkpoints under ``root`` and ``reference`` hold the same state (see :func:`checkpoint_fingerprint`),
+    naming the first files or manifest fields that differ."""
+    mine, theirs = checkpoint_fingerprint(root), checkpoint_fingerprint(reference)
+    assert mine.keys() == theirs.keys() and len(mine) > 1, sorted(set(mine) ^ set(theirs))
+    different = [path for path in mine if path != "manifest.json" and mine[path] != theirs[path]]
+    assert not different, f"final state differs from the uninterrupted run in {different[:5]}"
+    fields = [k for k in {**mine["manifest.json"], **theirs["manifest.json"]}  # type: ignore[dict-item]
+              if mine["manifest.json"].get(k) != theirs["manifest.json"].get(k)]  # type: ignore[union-attr]
+    assert not fields, f"final manifests differ in {fields}"

@@ -20,6 +20,7 @@ from regrow.launch.chaos.recorder import Recorder
 from regrow.launch.job import build_job
 from regrow.launch.parser import parse_options
 from regrow.launch.run import run_training
+from regrow.tests.fingerprint import assert_same_checkpoint
 from regrow.trainer.loop import StepResult
 
 STEPS = 12
@@ -29,9 +30,10 @@ def chaos_run(tmp: Path, name: str, *extra: str, fault: tuple[str, ...] = (), re
               ) -> tuple[list[StepResult], dict]:
     """``regrow train`` of the tiny GPT on 2 ranks under ``fault`` (saving under ``tmp/name`` at the last step and
     wherever ``extra`` says); returns the last attempt's history and the fault report."""
-    argv = ["train", "--nproc", "2", "--preset", "tiny", "--steps", str(STEPS), "--global-batch", "4",
-            "--micro-batch", "2", "--lr", "1e-2", "--warmup-steps", "2", "--log-every", "4", "--ckpt-dir",
-            str(tmp / name), "--timeout", "240", "--max-restarts", str(restarts), *extra]
+    # Dropout draws from torch's generator every step: a restore that lost it would change the run.
+    argv = ["train", "--nproc", "2", "--preset", "tiny", "--dropout", "0.1", "--steps", str(STEPS),
+            "--global-batch", "4", "--micro-batch", "2", "--lr", "1e-2", "--warmup-steps", "2", "--log-every", "4",
+            "--ckpt-dir", str(tmp / name), "--timeout", "240", "--max-restarts", str(restarts), *extra]
     if "--save-every" not in extra:
         argv += ["--save-every", str(STEPS)]
     for item in fault:
@@ -61,6 +63,7 @@ def assert_same_run(tmp: Path, history: list[StepResult], reference: list[StepRe
     assert history and history[-1].step == STEPS
     assert all(r.loss == losses[r.step] for r in history), "losses differ after the restore"
     assert chaos.same_checkpoint(str(tmp / name), str(tmp / "reference")) is True
+    assert_same_checkpoint(tmp / name, tmp / "reference")
 
 
 @pytest.mark.timeout(240)

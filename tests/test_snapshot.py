@@ -201,15 +201,17 @@ def test_sink_alternates_and_corrupt_newest_falls_back(node, token, capsys) -> N
     buffer[start + 10] ^= 0xFF
     buffer.close()
 
+    # The generators are the process's: the reference runs its steps 5-6 before the restore sets them to step 4's.
     reference = Trainer(config)
     for _ in range(4):
         reference.train_step()
+    expected = [reference.train_step().loss for _ in range(2)]
     fresh = Trainer(config)
     report = restore_from_node(fresh, node.address, token=token)
     assert (report.step, report.slot) == (4, slots[4]["slot"])
     assert "payload checksum mismatch" in report.skipped[0]
     assert "restored step 4 from slot" in capsys.readouterr().out
-    assert [fresh.train_step().loss for _ in range(2)] == [reference.train_step().loss for _ in range(2)]
+    assert [fresh.train_step().loss for _ in range(2)] == expected
 
     buffer = seg.open_segment(slots[4]["path"], writable=True)
     buffer[start + 10] ^= 0xFF

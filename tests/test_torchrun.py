@@ -27,11 +27,13 @@ from regrow.launch import holdings, torchrun
 from regrow.launch.chaos import plan as faults
 from regrow.launch.local.nodes import ADDRESS_ENV
 from regrow.launch.options import CheckpointOptions, SnapshotOptions
+from regrow.tests.fingerprint import assert_same_checkpoint
 
 STEPS = 8
 KILL_STEP = 5
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-WORKER = ["-m", "regrow.launch.torchrun", "--preset", "tiny", "--steps", str(STEPS), "--global-batch", "4",
+WORKER = ["-m", "regrow.launch.torchrun", "--preset", "tiny", "--dropout", "0.1", "--steps", str(STEPS),
+          "--global-batch", "4",
           "--micro-batch", "2", "--lr", "1e-2", "--warmup-steps", "2", "--log-every", "1", "--timeout", "120",
           "--save-every", str(STEPS)]
 
@@ -99,11 +101,6 @@ def step_files(step: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != MANIFEST_NAME}
 
 
-def tensor_files(root: Path) -> dict[str, bytes]:
-    """Every tensor file of ``latest`` under ``root``."""
-    return step_files(root / storage.read_latest(root))
-
-
 @pytest.mark.timeout(240)
 def test_torchrun_restarts_a_killed_rank_and_it_restores_from_the_snapshot_process(started, job, tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, ADDRESS_ENV, faults.FAULTS_ENV)}
@@ -127,10 +124,7 @@ def test_torchrun_restarts_a_killed_rank_and_it_restores_from_the_snapshot_proce
     assert "[node] snapshot process stopped (exit code 0)" in out, out
     assert not list(Path("/dev/shm").glob(f"regrow-snap-{job}-*"))
 
-    mine, theirs = tensor_files(tmp_path / "faulted"), tensor_files(tmp_path / "reference")
-    assert mine.keys() == theirs.keys() and mine
-    different = [path for path in mine if mine[path] != theirs[path]]
-    assert not different, f"final state differs from the uninterrupted run in {different[:5]}"
+    assert_same_checkpoint(tmp_path / "faulted", tmp_path / "reference")
 
 
 @pytest.mark.timeout(240)
