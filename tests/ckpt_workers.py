@@ -201,3 +201,22 @@ class GatedWriter(CheckpointWriter):
         if not self.gate.wait(60):
             raise TimeoutError("the test never opened the gate")
         return super().write_shard(save)
+
+
+def load_damaged(world: World, paths: list[str]) -> list[dict]:
+    """Tries to restore each (damaged) checkpoint step directory into a fresh trainer at this world size; returns,
+    per path, the error this rank saw (``None``: it loaded) and whether the trainer's state was left as built (no
+    tensor of a failed restore reached it)."""
+    results = []
+    for path in paths:
+        trainer = Trainer(config(world.world_size), world)
+        before = {k: v.clone() for k, v in trainer.optimizer.shard_tensors().items()}
+        error = None
+        try:
+            restore_trainer(trainer, path)
+        except Exception as failure:  # noqa: BLE001 (what each rank saw is the result)
+            error = f"{type(failure).__name__}: {failure}"
+        untouched = trainer.step == 0 and all(torch.equal(before[k], v)
+                                              for k, v in trainer.optimizer.shard_tensors().items())
+        results.append({"error": error, "untouched": untouched})
+    return results

@@ -7,11 +7,14 @@ matmul, and with it the last bits of every gradient.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from regrow.checkpoint.universal import verify
 from regrow.launch.local.spawn import run_local
 from regrow.tests import ckpt_workers as cw
 from regrow.trainer.zero import codes as quant
@@ -192,3 +195,60 @@ def test_each_rank_reads_about_its_share_only(saved, loaded, world_size: int) ->
     by_rank = loaded[world_size][0]["bytes_by_rank"]
     assert total <= sum(by_rank) <= 1.1 * total
     assert max(by_rank) <= 1.15 * total / world_size  # measured: 1.06 at world 3, 1.004 at world 4
+
+
+BIG_PARAM = "blocks.0.mlp.fc.weight"  # 16384 elements: 16 chunks of 4096 bytes in its master file
+DAMAGE = {  # case: (file in the step directory, which byte to flip: an offset, or -1 for the last)
+    "master, first byte": (f"params/{BIG_PARAM}/master.bin", 0),
+    "master, middle chunk": (f"params/{BIG_PARAM}/master.bin", 7 * 4096 + 1234),
+    "master, last byte": (f"params/{BIG_PARAM}/master.bin", -1),
+    "8-bit codes": (f"params/{BIG_PARAM}/exp_avg.codes.bin", 5000),
+    "8-bit scales": (f"params/{BIG_PARAM}/exp_avg_sq.scales.bin", 17),
+    "rank 1's generators": ("rng/rank_00001.bin", 100),
+    "rank 0's generator JSON": ("rng/rank_00000.json", 40),
+}
+
+
+@pytest.fixture(scope="module")
+def damaged(saved, tmp_path_factory) -> dict[str, str]:
+    """One copy of the world-2 checkpoint per case of :data:`DAMAGE`, with that one byte flipped, plus a copy whose
+    manifest records a wrong CRC for one master chunk."""
+    base = tmp_path_factory.mktemp("damaged")
+    paths = {}
+    for case, (name, offset) in DAMAGE.items():
+        step = Path(shutil.copytree(saved["path8"], base / case.replace(" ", "_").replace(",", "").replace("'", "")))
+        data = bytearray((step / name).read_bytes())
+        data[offset] ^= 0x20
+        (step / name).write_bytes(bytes(data))
+        paths[case] = str(step)
+    step = Path(shutil.copytree(saved["path8"], base / "manifest_crc"))
+    manifest = json.loads((step / "manifest.json").read_text())
+    entry = next(t for t in manifest["tensors"] if t["file"] == f"params/{BIG_PARAM}/master.bin")
+    entry["chunks"][3]["crc32"] ^= 1
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    paths["a chunk's CRC in the manifest"] = str(step)
+    return paths
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_one_flipped_byte_anywhere_is_detected_at_any_world_size_and_nothing_loads(saved, damaged,
+                                                                                  world_size: int) -> None:
+    """Saved at world 2; loaded at world 1 and at world 3, whose rank ranges cut through the files' 4096-byte
+    chunks. Every damaged copy fails on every rank, the failure names the damaged file, and no rank's trainer took
+    any of it. The one exception is a file the load does not read: at world 1 rank 1's generators (a rank of
+    world 1 takes rank 0's); that copy loads, and ``regrow ckpt verify`` names the file."""
+    cases = sorted(damaged)
+    ranks = spawn_all(cw.load_damaged, world_size, [damaged[case] for case in cases])
+    files = {**{case: name for case, (name, _) in DAMAGE.items()},
+             "a chunk's CRC in the manifest": f"params/{BIG_PARAM}/master.bin"}
+    for index, case in enumerate(cases):
+        seen = [rank[index] for rank in ranks]
+        problems = verify.verify(Path(damaged[case])).problems
+        assert len(problems) == 1 and problems[0].startswith(f"{files[case]}: "), (case, problems)
+        if world_size == 1 and case == "rank 1's generators":
+            assert all(r["error"] is None for r in seen), (case, seen)
+            continue
+        assert all(r["error"] is not None for r in seen), (case, seen)
+        assert all(r["untouched"] for r in seen), (case, seen)
+        assert any(files[case] in r["error"] for r in seen), (case, seen)
