@@ -44,6 +44,14 @@ MUTATIONS = (
              "        self.step = state.step",
              ("tests/test_snapshot_copier.py::test_copier_process_snapshots_equal_the_training_state_and_restore_"
               "bit_identically",)),
+    Mutation("trainer-restore-skips-rng-under-the-launcher", "trainer/loop.py",
+             "        state.rng.restore()\n        self.step = state.step",
+             "        self.step = state.step",
+             ("tests/test_chaos.py::test_a_kill_and_a_hang_are_recovered_and_reported",)),
+    Mutation("trainer-restore-forgets-tokens-seen", "trainer/loop.py",
+             "        self.tokens_seen = state.tokens_seen\n",
+             "        self.tokens_seen = 0\n",
+             ("tests/test_launch_faults.py::test_each_node_lost_in_turn_and_a_rank_killed_continue_bit_identically",)),
     Mutation("verify-skips-rng-crc", "checkpoint/universal/verify.py",
              "    found = (_checksum_problem(ckpt, name, chunks) for name, _, chunks in _listed(manifest))",
              "    found = (_checksum_problem(ckpt, name, chunks) for name, _, chunks in _listed(manifest)\n"
