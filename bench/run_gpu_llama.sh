@@ -5,7 +5,7 @@
 # the three modes alternating within each, one process per run.
 #
 # Usage (from anywhere; it works in the repository root):
-#   bench/run_gpu_llama.sh                # GPU host: needs the carried wheels with transformers (device-wheels --hf)
+#   bench/run_gpu_llama.sh                # GPU host: needs transformers among the carried wheels
 #   bench/run_gpu_llama.sh --device cpu   # smoke test without a GPU: a tiny Llama, seq 64, a few steps
 # Environment: OUT (results folder, default ./bench-out), PYTHON, ROUNDS, STEPS, WARMUP, RUN_TIMEOUT (seconds per
 # run, default 300), MODES (default "trainer guard deepspeed").
