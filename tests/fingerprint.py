@@ -6,13 +6,12 @@ whose final checkpoint differs from the fault-free run's in any file or manifest
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from regrow.checkpoint.universal import storage
+from regrow.launch.chaos.report import checkpoint_contents
 from regrow.trainer.state import ShardState
 
 
@@ -50,25 +49,11 @@ def _same_numpy(a: dict, b: dict) -> None:
             assert a[key] == b[key], f"NumPy's generator ({key})"
 
 
-WRITTEN_BY = ("created", "writer")
-"""The manifest fields that say when and by which process a checkpoint was written."""
-
-
-def checkpoint_fingerprint(root: Path) -> dict[str, object]:
-    """The checkpoint ``latest`` under ``root``: every file's bytes, and the manifest's fields (step, tokens seen,
-    data cursor, layout, file table with CRCs, config) but :data:`WRITTEN_BY`."""
-    latest = root / storage.read_latest(root)
-    found: dict[str, object] = {str(p.relative_to(latest)): p.read_bytes() for p in sorted(latest.rglob("*"))
-                                if p.is_file() and p.name != "manifest.json"}
-    manifest = json.loads((latest / "manifest.json").read_text())
-    found["manifest.json"] = {k: v for k, v in manifest.items() if k not in WRITTEN_BY}
-    return found
-
-
 def assert_same_checkpoint(root: Path, reference: Path) -> None:
-    """The latest checkpoints under ``root`` and ``reference`` hold the same state (see :func:`checkpoint_fingerprint`),
-    naming the first files or manifest fields that differ."""
-    mine, theirs = checkpoint_fingerprint(root), checkpoint_fingerprint(reference)
+    """The latest checkpoints under ``root`` and ``reference`` hold the same state (``report.checkpoint_contents``:
+    every file, and the manifest but for when and by whom it was written), naming the files or fields that differ."""
+    mine, theirs = checkpoint_contents(root), checkpoint_contents(reference)
+    assert mine is not None and theirs is not None, "no checkpoint to compare"
     assert mine.keys() == theirs.keys() and len(mine) > 1, sorted(set(mine) ^ set(theirs))
     different = [path for path in mine if path != "manifest.json" and mine[path] != theirs[path]]
     assert not different, f"final state differs from the uninterrupted run in {different[:5]}"
