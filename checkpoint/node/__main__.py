@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from regrow.checkpoint.node.job_lock import JobRunning
 from regrow.checkpoint.node.process import config_from_command_line
@@ -14,13 +15,14 @@ from regrow.checkpoint.node.shm import ShmSpaceError
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, round_hook: Callable[[int], None] | None = None) -> int:
     """Serves until SHUTDOWN, SIGTERM or SIGINT (then removes the segments); prints ``READY host:port job ID pid
     P`` once it listens. Returns 2 (the reason on stderr) when it cannot start (e.g. a process of the same job
-    runs on this node: ``job_lock.JobRunning`` names it)."""
+    runs on this node: ``job_lock.JobRunning`` names it). ``round_hook``: the erasure-coding rounds' hook
+    (``PeerCoding``; the fault injector's ``launch/chaos/node_faults.py`` passes one)."""
     try:
         config = config_from_command_line(argv)
-        server = SnapshotServer(config, os.environ.get(TOKEN_ENV, ""))
+        server = SnapshotServer(config, os.environ.get(TOKEN_ENV, ""), round_hook=round_hook)
     except (ValueError, TypeError, ShmSpaceError, OSError, JobRunning) as error:
         print(f"[snapshot process] cannot start: {error}", file=sys.stderr, flush=True)
         return 2

@@ -63,8 +63,12 @@ class PeerCoding:
     Thread-safe: ops arrive on the server's connection threads, rounds run on one coding thread. Lock order: this
     object's condition, then the segments' lock (the coding thread holds slots while it waits)."""
 
-    def __init__(self, config: ErasureCodingConfig, token: str, node_segments: ecbuf.NodeSegments) -> None:
+    def __init__(self, config: ErasureCodingConfig, token: str, node_segments: ecbuf.NodeSegments, *,
+                 round_hook: Callable[[int], None] | None = None) -> None:
+        """``round_hook(step)`` runs on the coding thread in every round, once the sizes are exchanged and before
+        this node sends its pieces (the peers then wait for them): fault injection kills the process there."""
         self.config = config
+        self._round_hook = round_hook
         self.code = GroupCode(config)
         self._segments = node_segments
         self._links = PeerLinks(token, timeout_s=config.peer_timeout_s)
@@ -289,6 +293,8 @@ class PeerCoding:
             self._wait(step, lambda: len(box.sizes) == n,
                        lambda: f"the sizes of nodes {sorted(set(range(n)) - set(box.sizes))}")
             geo = code.geometry([box.sizes[i] for i in range(n)])
+        if self._round_hook is not None:
+            self._round_hook(step)
         for piece in range(code.k):
             data = code.data_piece(buffer, piece, geo)
             for holder in code.placement()[code.stripe_of(me, piece)].parity_nodes:

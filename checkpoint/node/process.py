@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,13 +185,17 @@ class SnapshotProcess:
                 f"{self.process.returncode}")
 
 
-def start_snapshot_process(config: SnapshotProcessConfig, *, token: str, timeout_s: float = 30.0) -> SnapshotProcess:
+def start_snapshot_process(config: SnapshotProcessConfig, *, token: str, timeout_s: float = 30.0,
+                           module: str = "regrow.checkpoint.node", env: Mapping[str, str] | None = None
+                           ) -> SnapshotProcess:
     """Starts ``python -m regrow.checkpoint.node`` with ``config`` and the job's ``token`` (passed in the
     environment, never on the command line where ``ps`` shows it); returns once it listens. Raises RuntimeError
-    with its output if it fails to start (e.g. /dev/shm too small for ``expected_bytes``)."""
+    with its output if it fails to start (e.g. /dev/shm too small for ``expected_bytes``). ``module`` runs
+    instead when given (one that takes the same arguments: the fault injector's ``regrow.launch.chaos.
+    node_faults``), with ``env`` added to its environment."""
     job = config.job or secrets.token_hex(4)
-    command = [sys.executable, "-m", "regrow.checkpoint.node", *command_line(config, job)]
-    env = dict(os.environ, **{TOKEN_ENV: token})
+    command = [sys.executable, "-m", module, *command_line(config, job)]
+    env = dict(os.environ, **(env or {}), **{TOKEN_ENV: token})
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout_s
     lines: list[str] = []

@@ -14,6 +14,7 @@ import secrets
 import socket
 import threading
 import traceback
+from collections.abc import Callable
 
 from regrow.checkpoint.node.connections import Connections
 from regrow.checkpoint.node.erasure import ErasureError
@@ -45,19 +46,21 @@ class SnapshotServer:
     ``expected_bytes``, or ``persist_dir`` cannot be created; it removes the segments a previous process of the
     same job left behind, and holds the job's lock until :meth:`serve_forever` returns."""
 
-    def __init__(self, config: SnapshotProcessConfig, token: str) -> None:
+    def __init__(self, config: SnapshotProcessConfig, token: str, *,
+                 round_hook: Callable[[int], None] | None = None) -> None:
+        """``round_hook``: the erasure-coding rounds' (``PeerCoding``), for fault injection."""
         check_token(token)
         self.config = config
         self.job = config.job or secrets.token_hex(4)
         self._stop = threading.Event()
         self._job_lock = JobLock.acquire(config.shm_dir, self.job)
         try:
-            self._start(config, token)
+            self._start(config, token, round_hook)
         except BaseException:
             self._job_lock.release()
             raise
 
-    def _start(self, config: SnapshotProcessConfig, token: str) -> None:
+    def _start(self, config: SnapshotProcessConfig, token: str, round_hook: Callable[[int], None] | None) -> None:
         if config.expected_bytes:
             check_space(config.shm_dir, config.expected_bytes)
         removed = remove_segments(config.shm_dir, self.job)
@@ -73,7 +76,8 @@ class SnapshotServer:
         host, port = parse_address(config.address)
         self._listener = socket.create_server((host, port))
         self.address = f"{host}:{self._listener.getsockname()[1]}"
-        self.peers = PeerCoding(config.erasure, token, self.slots) if config.erasure.enabled else None
+        self.peers = (PeerCoding(config.erasure, token, self.slots, round_hook=round_hook)
+                      if config.erasure.enabled else None)
         self._connections = Connections(self._listener, limits=config.limits, token=token, handler=self,
                                         stop=self._stop)
 

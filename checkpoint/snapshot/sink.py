@@ -31,9 +31,12 @@ import base64
 import contextlib
 import json
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig, HostCopy, Summarize
 from regrow.checkpoint.rng import decode_rng, encode_rng
@@ -200,12 +203,27 @@ class SnapshotSink:
         self._entries: dict[str, seg.TensorEntry] = {}
         self._paths: list[str] = []
         self._reshared = 0  # times the shard's tensors moved and were shared with the copier again
+        # An OrderedDict: torch's RemovableHandle keeps a weak reference to it.
+        self._copy_hooks: OrderedDict[int, Callable[[int], None]] = OrderedDict()
         # The copier process, started now when it will be used, so that its start overlaps the model's build.
         self._writer: CopierWriter | None = None
         if uses_copier(config, on_cuda=torch.cuda.is_available()):
             self._writer = CopierWriter(rank=rank, address=config.address, token=config.token,
                                         timeout_s=config.timeout_s, on_sealed=self._on_sealed,
                                         on_skipped=self.skipped_steps.append)
+
+    def register_copy_hook(self, hook: Callable[[int], None]) -> RemovableHandle:
+        """Calls ``hook(step)`` while the snapshot of ``step`` is being copied: copying here, from the finisher
+        thread as it starts (the slot's metadata written and its ``complete`` flag cleared, the payload not yet
+        sealed); with the copier process, from the training thread right after handing the snapshot over. Fault
+        injection kills a rank there. Returns a handle whose ``remove()`` unregisters it."""
+        handle = RemovableHandle(self._copy_hooks)
+        self._copy_hooks[handle.id] = hook
+        return handle
+
+    def _copying(self, step: int) -> None:
+        for hook in list(self._copy_hooks.values()):
+            hook(step)
 
     def _on_sealed(self, step: int, slot: int, held: frozenset[int]) -> None:
         self._newest, self._held = slot, held
@@ -310,6 +328,7 @@ class SnapshotSink:
         if state.step % self.config.every:
             return
         if self._writer is not None and self._snapshot_by_copier(state):
+            self._copying(state.step)
             return
         self.after_forward()  # a snapshot still deferred (no step ran in between) is started, then finished
         self._finish()
@@ -405,6 +424,7 @@ class SnapshotSink:
     # ---------------------------------------------------------------- sealing
     def _seal(self, pending: _Pending) -> None:
         try:
+            self._copying(pending.step)
             if pending.gpu_digests:
                 pending.copy.wait_host(self.config.timeout_s)
                 payload_digest = _assemble_gpu_digests(pending)

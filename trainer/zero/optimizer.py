@@ -99,8 +99,10 @@ class ZeroOptimizer:
         self.last_grad_norm = float("nan")
         self.last_group_grad_norm = float("nan")
         self.last_clip_coefficient = 1.0
-        # An OrderedDict, not a dict: torch's RemovableHandle keeps a weak reference to it.
+        # OrderedDicts, not dicts: torch's RemovableHandle keeps a weak reference to them.
         self._step_pre_hooks: OrderedDict[int, Callable[[], None]] = OrderedDict()
+        self._update_pre_hooks: OrderedDict[int, Callable[[], None]] = OrderedDict()
+        self._gather_pre_hooks: OrderedDict[int, Callable[[], None]] = OrderedDict()
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -125,9 +127,17 @@ class ZeroOptimizer:
         """Calls ``hook()`` first thing in every :meth:`step`, before the shard changes (a snapshot or checkpoint
         copy of the previous state still in flight waits there). Returns a handle whose ``remove()`` unregisters
         it, as torch's optimizer hooks do."""
-        handle = RemovableHandle(self._step_pre_hooks)
-        self._step_pre_hooks[handle.id] = hook
-        return handle
+        return _register(self._step_pre_hooks, hook)
+
+    def register_update_pre_hook(self, hook: Callable[[], None]) -> RemovableHandle:
+        """Calls ``hook()`` in every :meth:`step` once the gradients are reduced and the clipping norm agreed, right
+        before this rank updates its shard (fault injection kills a rank there). Returns a removable handle."""
+        return _register(self._update_pre_hooks, hook)
+
+    def register_gather_pre_hook(self, hook: Callable[[], None]) -> RemovableHandle:
+        """Calls ``hook()`` in every :meth:`step` after this rank updated its shard, right before the parameter
+        all-gather (the other ranks may already wait inside it). Returns a removable handle."""
+        return _register(self._gather_pre_hooks, hook)
 
     def set_lr(self, lr: float) -> None:
         """Sets the learning rate used by the next ``step()``."""
@@ -152,9 +162,13 @@ class ZeroOptimizer:
             for shard in self._shards:
                 shard.grad.mul_(coefficient)
         self.step_count += 1
+        for hook in list(self._update_pre_hooks.values()):
+            hook()
         for shard in self._shards:
             shard.adamw_step(lr=self.lr, betas=self.config.betas, eps=self.config.eps,
                              weight_decay=self.config.weight_decay, step=self.step_count)
+        for hook in list(self._gather_pre_hooks.values()):
+            hook()
         self._gather_parameters()
 
     def discard_step(self) -> None:
@@ -239,6 +253,12 @@ class ZeroOptimizer:
         group_name = split_shard_key(key)[0]
         index = [s.name for s in self._shards].index(group_name)
         return self._comm.all_gather_full(self._shards[index].layout, self.shard_tensors()[key])
+
+
+def _register(hooks: OrderedDict[int, Callable[[], None]], hook: Callable[[], None]) -> RemovableHandle:
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    return handle
 
 
 def _check_same_shard(tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
