@@ -71,10 +71,14 @@ def build_job(options: RunOptions) -> Job:
     problems += plan_errors
     problems += plan_problems(plan, ranks=launch.nproc, nodes=options.snapshot.nodes, steps=options.train.steps,
                               snapshot_every=options.snapshot_every, save_every=options.checkpoint.save_every,
-                              hang_timeout_s=faults.hang_timeout_s)
+                              hang_timeout_s=faults.hang_timeout_s,
+                              erasure_coding=bool(options.snapshot_every) and options.snapshot.ec_group_size > 1)
     problems += faults.problems()
     if options.command == "ray":
         problems += options.ray.problems() + (_entry_problems(options) if entry else [])
+    if options.command == "ray":
+        problems += [f"--fault {fault}: a kill at a moment runs under the local launcher (regrow train, chaos or "
+                     f"run); under regrow ray, drop :{fault.moment}" for fault in plan if fault.moment is not None]
     if plan and launch.torchrun:
         problems.append("--fault runs under the local launcher (under torchrun, kill the processes yourself)")
     if options.command == "chaos" and not plan:

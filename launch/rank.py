@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from regrow.checkpoint.snapshot.copier_link import prestart_copier
 from regrow.checkpoint.snapshot.protocol import request_once
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
@@ -36,6 +38,7 @@ from regrow.recovery.restore import restore_job
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
 from regrow.trainer.state import Restorable, ShardState, StateSink
+from regrow.trainer.zero.optimizer import ZeroOptimizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +101,8 @@ class GuardedRun(Restorable, Protocol):
     ``launch.guard.Guard`` both satisfy it)."""
 
     sinks: list[StateSink]
+    model: torch.nn.Module
+    optimizer: ZeroOptimizer
 
     def shard_state(self) -> ShardState: ...
 
@@ -136,7 +141,9 @@ def attach_rank(target: GuardedRun, *, checkpoint: CheckpointOptions | None, sna
         restore_trainer(target, checkpoint.resume, root=checkpoint.ckpt_dir)
         if restores is not None:
             restores.restored_checkpoint(target.step, checkpoint.resume)
-    injector = FaultInjector.from_env(target.rank, snapshot_sink=snapshot_sink)
+    injector = FaultInjector.from_env(target.rank, snapshot_sink=snapshot_sink, step=target.step)
+    if injector is not None and injector.needs_training_hooks:
+        injector.arm(target.model, target.optimizer)
     writer = None
     if checkpoint is not None:
         io_fault = injector.checkpoint_fault if injector is not None and injector.fails_checkpoints else None

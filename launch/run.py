@@ -29,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 from regrow.checkpoint.node.persist import PersistConfig
 from regrow.comm.world import WorldConfig, destroy_world, init_world
-from regrow.launch.chaos.plan import plan_env
+from regrow.launch.chaos.plan import NODE_FAULTS_MODULE, Fault, plan_env
 from regrow.launch.chaos.recorder import Recorder
 from regrow.launch.job import Job
 from regrow.launch.local.attempts import AttemptsConfig, run_attempts
@@ -66,8 +67,8 @@ def run_training(job: Job, *, recorder: Recorder | None = None) -> list[StepResu
                             timeout_s=options.launch.timeout_s, max_restarts=options.launch.max_restarts,
                             hang_timeout_s=options.faults.hang_timeout_s,
                             warm_restarts=options.launch.warm_restarts)
-    with node_snapshots(node_layout(job), options.snapshot) as nodes, \
-            tempfile.TemporaryDirectory(prefix="regrow-run-") as run_dir:
+    with tempfile.TemporaryDirectory(prefix="regrow-run-") as run_dir, \
+            node_snapshots(node_layout(job), options.snapshot, **node_fault_entry(job.plan, run_dir)) as nodes:
         # The run directory is also where the ranks record the faults they fire.
         env = {**launcher_env(options.snapshot), **plan_env(job.plan, run_dir)}
         return run_attempts(train_rank, work, config, run_dir=run_dir, env=env, nodes=nodes, observer=recorder)
@@ -85,6 +86,14 @@ def node_layout(job: Job) -> NodesConfig | None:
                        bytes_per_rank=snapshot_bytes(job.config, ranks), persist=persist_config(job.options))
 
 
+def node_fault_entry(plan: list[Fault], run_dir: str) -> dict[str, Any]:
+    """How the snapshot processes start under ``plan``: through the fault injector's entry, with the plan, when a
+    kill strikes inside one of them (``kill-node:N@S:ec``); as usual otherwise (no arguments)."""
+    if not any(fault.moment == "ec" for fault in plan):
+        return {}
+    return {"module": NODE_FAULTS_MODULE, "env": plan_env(plan, run_dir)}
+
+
 def persist_config(options: RunOptions) -> PersistConfig:
     """What the local launcher's snapshot processes persist (``--persist-every`` into ``--ckpt-dir``)."""
     snapshot = options.snapshot
@@ -95,17 +104,19 @@ def persist_config(options: RunOptions) -> PersistConfig:
 
 
 @contextlib.contextmanager
-def node_snapshots(layout: NodesConfig | None, snapshot: SnapshotOptions) -> Iterator[LocalNodes | None]:
+def node_snapshots(layout: NodesConfig | None, snapshot: SnapshotOptions, *, module: str | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[LocalNodes | None]:
     """The local launcher's side: starts one snapshot process per node of ``layout``, erasure-coding groups
     formed, before any rank starts, and stops them on exit however the run ends. Yields None when ``layout`` is
     None (the ranks then get the address of ``--snapshot-address``, if any, from :func:`launcher_env`).
+    ``module`` and ``env``: how the processes start (``LocalNodes``; :func:`node_fault_entry`).
 
     A ``/dev/shm`` too small for the ranks' snapshots fails here, with the snapshot process's error."""
     if layout is None:
         yield None
         return
     try:
-        nodes = LocalNodes(layout).__enter__()
+        nodes = LocalNodes(layout, module=module, env=env).__enter__()
     except RuntimeError as error:
         raise SnapshotStartError(f"--snapshot-every={snapshot.every}: {error}\n(or lower --nproc, or drop "
                                  "--snapshot-every)") from error

@@ -32,7 +32,7 @@ from regrow.launch.local.attempts import AttemptsConfig, run_attempts
 from regrow.launch.local.nodes import NodesConfig
 from regrow.launch.local.spawn import WorkerFailed
 from regrow.launch.options import RunOptions
-from regrow.launch.run import SnapshotStartError, launcher_env, node_snapshots, persist_config
+from regrow.launch.run import SnapshotStartError, launcher_env, node_fault_entry, node_snapshots, persist_config
 
 NO_STEP_LIMIT = 2**31 - 1
 """The launcher does not know how many steps a script runs: a fault's step is checked against this only."""
@@ -117,7 +117,8 @@ def main(args: argparse.Namespace, options: RunOptions) -> int:
                                    steps=NO_STEP_LIMIT, max_restarts=launch.max_restarts)
     problems += plan_errors + plan_problems(plan, ranks=launch.nproc, nodes=snapshot.nodes, steps=NO_STEP_LIMIT,
                                             snapshot_every=snapshot.every, save_every=checkpoint.save_every,
-                                            hang_timeout_s=faults.hang_timeout_s)
+                                            hang_timeout_s=faults.hang_timeout_s,
+                                            erasure_coding=bool(snapshot.every) and snapshot.ec_group_size > 1)
     if faults.mtbf_s:
         problems.append("--fault-mtbf needs the run's length in steps, which regrow run does not know; list the "
                         "faults with --fault or --fault-plan")
@@ -138,8 +139,8 @@ def main(args: argparse.Namespace, options: RunOptions) -> int:
                             max_restarts=launch.max_restarts, hang_timeout_s=faults.hang_timeout_s,
                             warm_restarts=launch.warm_restarts)
     try:
-        with node_snapshots(_node_layout(options), snapshot) as nodes, \
-                tempfile.TemporaryDirectory(prefix="regrow-run-") as run_dir:
+        with tempfile.TemporaryDirectory(prefix="regrow-run-") as run_dir, \
+                node_snapshots(_node_layout(options), snapshot, **node_fault_entry(plan, run_dir)) as nodes:
             env = {**launcher_env(snapshot), **plan_env(plan, run_dir), **guard.to_env()}
             run_attempts(run_script, work, config, run_dir=run_dir, env=env, nodes=nodes, observer=recorder)
     except (WorkerFailed, SnapshotStartError) as error:

@@ -16,6 +16,8 @@ import pytest
 
 from regrow.launch import cli
 from regrow.launch.chaos import plan as faults
+from regrow.launch.chaos.recorder import Recorder
+from regrow.launch.chaos.report import build_report
 from regrow.launch.job import build_job
 from regrow.launch.local.spawn import WorkerFailed
 from regrow.launch.parser import parse_options
@@ -25,9 +27,9 @@ from regrow.trainer.loop import StepResult
 
 
 def train(tmp: Path, name: str, nproc: int, steps: int, *extra: str, fault: tuple[str, ...] = (),
-          restarts: int = 0) -> list[StepResult]:
+          restarts: int = 0, recorder: Recorder | None = None) -> list[StepResult]:
     """``regrow train`` of the tiny GPT saving a checkpoint under ``tmp/name`` at the last step (and wherever
-    ``extra`` says); returns the last attempt's history."""
+    ``extra`` says); returns the last attempt's history. ``recorder`` records the attempts for a fault report."""
     # Dropout draws from torch's generator every step: a restore that lost it would change the run.
     argv = ["train", "--nproc", str(nproc), "--preset", "tiny", "--dropout", "0.1", "--steps", str(steps),
             "--global-batch", str(2 * nproc), "--micro-batch", "2", "--lr", "1e-2", "--warmup-steps", "2",
@@ -40,7 +42,7 @@ def train(tmp: Path, name: str, nproc: int, steps: int, *extra: str, fault: tupl
         del argv[index: index + 2]
     for item in fault:
         argv += ["--fault", item]
-    return run_training(build_job(parse_options(argv)))
+    return run_training(build_job(parse_options(argv)), recorder=recorder)
 
 
 def assert_resumed_from_a_scheduled_save(out: str, history: list[StepResult], scheduled: range, saved: str) -> None:
@@ -131,6 +133,61 @@ def test_snapshot_processes_persist_the_checkpoints_and_a_lost_group_resumes_fro
     assert_same_run(tmp, history, reference4, "persisted")
 
 
+MOMENT_PLAN = ("kill-node:1@2:ec", "kill-rank:1@6:forward", "kill-rank:2@7:backward", "kill-rank:3@8:update",
+               "kill-rank:0@9:all-gather", "kill-rank:1@10:snapshot-copy", "kill-rank:2@10:persist")
+"""A kill at each moment of a step where state is half changed, one restart each: ``ec`` first (the ranks of the
+lost node fail only at their next request to its snapshot process, a few steps later), ``persist`` at the save of
+step 10 (--save-every 2), which is written while step 11 runs, after the snapshot copy of step 9 was interrupted."""
+
+
+def restorable_steps(fault: str, fired_step: int, out: str) -> set[int]:
+    """The steps a restart after ``fault`` (fired at ``fired_step``) may restore, derived from what the moment
+    interrupted, not from the restore code.
+
+    - A kill inside step S (forward, backward, update, all-gather): the killed rank finished step S-1, but its
+      snapshot of S-1 may not be sealed yet (the seal runs beside step S): S-2 or S-1.
+    - ``snapshot-copy`` in step S: the killed rank's snapshot of S-1 was being copied, never sealed, and the newest
+      step every rank holds is S-2.
+    - ``persist``: fired as the save of step T (``fired_step``) starts its write, while step T+1 runs: T-1 or T
+      (the half-written save is never loaded).
+    - ``ec``: the node's snapshots are gone, the rebuild from its group restores the step the launcher logged."""
+    moment = fault.rsplit(":", 1)[1]
+    step = int(fault.split("@")[1].split(":")[0])
+    if moment == "snapshot-copy":
+        return {step - 2}
+    if moment == "persist":
+        return {fired_step - 1, fired_step}
+    if moment == "ec":
+        return {int(rebuilt) for rebuilt in re.findall(r"node 1: ranks \[2, 3\] rebuilt at step (\d+)", out)}
+    return {step - 2, step - 1}
+
+
+@pytest.mark.timeout(600)
+def test_kills_at_every_dangerous_moment_of_a_step_continue_bit_identically(tmp, reference4, capfd) -> None:
+    """A kill in the middle of the forward and of the backward (ZeRO-2 reductions in flight), between the
+    gradient reduction and the update, before the parameter all-gather (the other ranks wait inside it), while a
+    snapshot is copied, while a checkpoint is written, and a node lost inside an erasure-coding round: each fires
+    once, each restart restores a step its moment allows, and the run ends bit-identical to the reference."""
+    recorder = Recorder([faults.Fault.parse(text) for text in MOMENT_PLAN])
+    history = train(tmp, "moments", 4, 12, "--snapshot-every", "1", "--nodes", "2", "--ec-group-size", "2",
+                    "--ec-parity", "1", "--save-every", "2", fault=MOMENT_PLAN, restarts=len(MOMENT_PLAN),
+                    recorder=recorder)
+    out = capfd.readouterr().out
+    report = build_report(recorder, history)
+    fired = {item["fault"]: item for item in report["faults"]}
+    assert sorted(fired) == sorted(MOMENT_PLAN) and all(item["fired"] for item in fired.values()), fired
+    assert "fires in the erasure-coding round of step" in out and "node 1: ranks [2, 3] rebuilt at step" in out
+    assert report["restarts"] == len(report["failures"]) <= len(MOMENT_PLAN)
+    for failure in report["failures"]:
+        # Two faults may end one attempt (the ec kill's ranks fail late on a loaded machine): the restore then
+        # satisfies the one that allows the oldest step.
+        allowed = [restorable_steps(f, fired[f]["step"], out) for f in failure["faults"]]
+        assert allowed and all(allowed), failure
+        restored = failure["restored_step"]
+        assert restored in set.union(*allowed) and restored <= min(map(max, allowed)), (failure, allowed)
+    assert_same_run(tmp, history, reference4, "moments")
+
+
 def test_fault_plans_and_node_layouts_are_checked_before_anything_starts(capsys) -> None:
     code = cli.main(["train", "--nproc", "4", "--preset", "tiny", "--steps", "5", "--global-batch", "8",
                      "--micro-batch", "2", "--fault", "kill-rank:4@2", "--fault", "kill-node:1@9", "--fault",
@@ -153,3 +210,27 @@ def test_fault_parse_round_trips() -> None:
     assert (fault.kind, fault.target, fault.step, str(fault)) == ("kill-node", 3, 17, "kill-node:3@17")
     assert json.loads(faults.plan_env([fault], "/x")[faults.FAULTS_ENV]) == [
         {"kind": "kill-node", "target": 3, "step": 17}]
+    at_moment = faults.Fault.parse("kill-rank:1@5:all-gather")
+    assert (at_moment.moment, str(at_moment)) == ("all-gather", "kill-rank:1@5:all-gather")
+    assert faults.Fault.from_dict(at_moment.to_dict()) == at_moment
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("kill-rank:1@5:sideways", "unknown moment 'sideways'; use one of snapshot-copy, forward, backward"),
+    ("kill-rank:1@5:ec", "the moment ec belongs to kill-node"),
+    ("slow-rank:1@5:forward", "a moment belongs to kill-rank and kill-node only, not slow-rank"),
+])
+def test_a_moment_is_checked_with_the_fault(text, error) -> None:
+    with pytest.raises(ValueError, match=re.escape(error)):
+        faults.Fault.parse(text)
+
+
+def test_a_kill_at_a_moment_the_run_never_reaches_is_refused_before_anything_starts(capsys) -> None:
+    code = cli.main(["train", "--nproc", "2", "--preset", "tiny", "--steps", "6", "--global-batch", "4",
+                     "--micro-batch", "2", "--snapshot-every", "2", "--fault", "kill-rank:0@4:snapshot-copy",
+                     "--fault", "kill-rank:1@3:persist", "--fault", "kill-node:0@3:ec"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "kill-rank:0@4:snapshot-copy: no snapshot is copied during step 4 (--snapshot-every=2" in err
+    assert "kill-rank:1@3:persist: no checkpoint is written; set --save-every and --ckpt-dir" in err
+    assert "kill-node:0@3:ec: no erasure-coding round runs" in err

@@ -3,10 +3,15 @@ steps, and the acts it uses (killing a process and waiting for it, flipping a by
 
 The injector is a ``StateSink`` that runs right before the optimizer step of the target step: listed after the
 snapshot sink, it fires while the snapshot of the previous step is still being copied and sealed, the hardest
-moment for the snapshots (the older buffer must be complete). It gets what it acts through by its constructor (the
-snapshot sink, whose in-flight snapshot ``corrupt-snapshot`` waits for) and by :meth:`FaultInjector.watch_saves`
-(the checkpoint writer, whose outcome ``fail-ckpt`` records); the writer in turn is built with
-:meth:`FaultInjector.checkpoint_fault` as its ``io_fault`` hook. Each fault is recorded as fired before it acts
+moment for the snapshots (the older buffer must be complete). A kill at another moment of the step (``plan.MOMENTS``)
+fires from a hook: the snapshot sink's copy hook (``snapshot-copy``), a forward hook on the model's middle leaf
+module (``forward``), a gradient hook on its middle parameter (``backward``), the optimizer's update and gather
+pre-hooks (``update``, ``all-gather``, installed by :meth:`FaultInjector.arm`) and the checkpoint writer's
+``io_fault`` hook (``persist``); ``ec`` is the snapshot process's own (``node_faults.py``). It gets what it acts
+through by its constructor (the snapshot sink, whose in-flight snapshot ``corrupt-snapshot`` waits for), by
+:meth:`FaultInjector.arm` (the model and optimizer) and by :meth:`FaultInjector.watch_saves` (the checkpoint writer,
+whose outcome ``fail-ckpt`` records); the writer in turn is built with :meth:`FaultInjector.checkpoint_fault` as its
+``io_fault`` hook. Each fault is recorded as fired before it acts
 (``records.py``), so the ranks of a restarted attempt drop it: it happens once although the run replays steps.
 """
 
@@ -19,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot.protocol import SnapshotClient
 from regrow.checkpoint.snapshot.sink import SnapshotSink
@@ -29,6 +36,10 @@ from regrow.launch.chaos.plan import Fault, plan_from_env
 from regrow.launch.local.attempts import ATTEMPT_ENV
 from regrow.launch.local.nodes import ADDRESS_ENV, NODE_ENV, PID_ENV
 from regrow.trainer.state import ShardState
+from regrow.trainer.zero.optimizer import ZeroOptimizer
+
+TRAINING_MOMENTS = ("forward", "backward", "update", "all-gather")
+"""Moments reached through the model's and the optimizer's hooks (:meth:`FaultInjector.arm`)."""
 
 
 def kill_pid(pid: int) -> None:
@@ -92,9 +103,10 @@ class FaultInjector:
     Built from the environment the launcher set by :meth:`from_env` (None when it gave no plan)."""
 
     def __init__(self, faults: list[Fault], fired_dir: str, *, rank: int, node: int, snapshot_pid: int | None,
-                 attempt: int = 0, snapshot_sink: SnapshotSink | None = None) -> None:
+                 attempt: int = 0, snapshot_sink: SnapshotSink | None = None, step: int = 0) -> None:
         """``snapshot_pid``: this rank's node snapshot process (what ``kill-node`` kills); ``snapshot_sink``: this
-        rank's, whose snapshot in flight ``corrupt-snapshot`` waits for (None: snapshots are off)."""
+        rank's, whose snapshot in flight ``corrupt-snapshot`` waits for and whose copies ``snapshot-copy`` kills
+        interrupt (None: snapshots are off); ``step``: the step the rank trains from (its restored step)."""
         self.fired_dir = Path(fired_dir)
         # Faults fired in an earlier attempt stay fired; within this attempt every rank a fault hits acts on it.
         done = set(records.fired(fired_dir))
@@ -103,19 +115,25 @@ class FaultInjector:
         self.node = node
         self.snapshot_pid = snapshot_pid
         self.attempt = attempt
-        self.last_step = 0
+        self.last_step = step
         self._snapshot_sink = snapshot_sink
+        self._hooks: list[Any] = []  # handles of the hooks arm() installed
         self._step_started = time.perf_counter()
         self._step_seconds = 0.0
         self._slept: dict[int, float] = {}
-        self._armed = {i: f for i, f in self.faults.items() if f.kind == "fail-ckpt" and self._hits(f)}
+        self._armed = {i: f for i, f in self.faults.items() if self._hits(f) and (
+            f.kind == "fail-ckpt" or f.moment == "persist")}
         self._failed_at: dict[int, int] = {}
         self._writer: CheckpointWriter | None = None
+        if snapshot_sink is not None and self._moment_faults("snapshot-copy"):
+            self._hooks.append(snapshot_sink.register_copy_hook(self._snapshot_copying))
 
     @classmethod
-    def from_env(cls, rank: int, *, snapshot_sink: SnapshotSink | None = None) -> FaultInjector | None:
+    def from_env(cls, rank: int, *, snapshot_sink: SnapshotSink | None = None, step: int = 0
+                 ) -> FaultInjector | None:
         """The injector of the plan in this process's environment (``plan.plan_env``; the launcher's attempt,
-        this rank's node and its snapshot process too), or None when there is no plan."""
+        this rank's node and its snapshot process too), or None when there is no plan. ``step``: the step the rank
+        trains from."""
         planned = plan_from_env(dict(os.environ))
         if planned is None:
             return None
@@ -123,13 +141,36 @@ class FaultInjector:
         pid = os.environ.get(PID_ENV)
         return cls(faults, fired_dir, rank=rank, node=int(os.environ.get(NODE_ENV, "0")),
                    snapshot_pid=int(pid) if pid else None, attempt=int(os.environ.get(ATTEMPT_ENV, "0")),
-                   snapshot_sink=snapshot_sink)
+                   snapshot_sink=snapshot_sink, step=step)
 
     @property
     def fails_checkpoints(self) -> bool:
-        """Whether a ``fail-ckpt`` fault of the plan hits this rank: build its writer with :meth:`checkpoint_fault`
-        as the ``io_fault`` hook, then call :meth:`watch_saves`."""
+        """Whether a ``fail-ckpt`` fault or a kill while persisting hits this rank: build its writer with
+        :meth:`checkpoint_fault` as the ``io_fault`` hook, then call :meth:`watch_saves`."""
         return bool(self._armed)
+
+    @property
+    def needs_training_hooks(self) -> bool:
+        """Whether a kill of this rank strikes inside the forward, the backward or the optimizer step: call
+        :meth:`arm` with the model and the optimizer."""
+        return any(self._moment_faults(moment) for moment in TRAINING_MOMENTS)
+
+    def arm(self, model: torch.nn.Module, optimizer: ZeroOptimizer) -> None:
+        """Installs the hooks of the kills that strike inside the step (:data:`TRAINING_MOMENTS`): in the middle of
+        the forward (after the middle leaf module, in the order ``modules()`` lists them), of the backward (when
+        the middle trainable parameter's gradient is computed), between the reduction and the update, and
+        between the update and the parameter all-gather. :meth:`close` removes them."""
+        if self._moment_faults("forward"):
+            leaves = [module for module in model.modules() if next(module.children(), None) is None]
+            self._hooks.append(leaves[len(leaves) // 2].register_forward_hook(
+                lambda *_: self._at_moment("forward")))
+        if self._moment_faults("backward"):
+            params = [param for param in model.parameters() if param.requires_grad]
+            self._hooks.append(params[len(params) // 2].register_hook(self._in_backward))
+        if self._moment_faults("update"):
+            self._hooks.append(optimizer.register_update_pre_hook(lambda: self._at_moment("update")))
+        if self._moment_faults("all-gather"):
+            self._hooks.append(optimizer.register_gather_pre_hook(lambda: self._at_moment("all-gather")))
 
     def watch_saves(self, writer: CheckpointWriter) -> None:
         """Follows ``writer``'s save results (and its root's ``latest``) to record how each injected write
@@ -150,15 +191,36 @@ class FaultInjector:
             if fault.kind == "slow-rank":
                 if fault.step <= step <= fault.last_step and self._hits(fault):
                     self._slow(index, fault, step)
-            elif fault.kind != "fail-ckpt" and fault.step == step and self._hits(fault):
+            elif fault.kind != "fail-ckpt" and fault.moment is None and fault.step == step and self._hits(fault):
                 self._fire(index, fault, step)
 
     def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         self._note_failed_saves()
 
     # ------------------------------------------------------------------
     def _hits(self, fault: Fault) -> bool:
         return fault.target == (self.node if fault.target_kind == "node" else self.rank)
+
+    def _moment_faults(self, moment: str) -> dict[int, Fault]:
+        """The faults not yet fired that kill this rank at ``moment``."""
+        return {i: f for i, f in self.faults.items() if f.moment == moment and self._hits(f)}
+
+    def _at_moment(self, moment: str, step: int | None = None) -> None:
+        """Fires the kill planned at ``moment`` of ``step`` (default: the step running now), if any."""
+        step = self.last_step + 1 if step is None else step
+        for index, fault in self._moment_faults(moment).items():
+            if fault.step == step:
+                self._fire(index, fault, step)
+
+    def _in_backward(self, grad: torch.Tensor) -> None:
+        self._at_moment("backward")
+
+    def _snapshot_copying(self, snapshot_step: int) -> None:
+        """The snapshot sink's copy hook: the snapshot of ``snapshot_step`` is being copied during the next step."""
+        self._at_moment("snapshot-copy", snapshot_step + 1)
 
     def _record(self, index: int, fault: Fault, step: int) -> bool:
         """Records ``fault`` as fired (first rank only); returns False when another rank already did."""
@@ -166,8 +228,9 @@ class FaultInjector:
         return records.record_fired(self.fired_dir, index, record)
 
     def _fire(self, index: int, fault: Fault, step: int) -> None:
-        """Acts on a crash fault. Each kind is named: a kind without an action here is an error, never a kill
-        (``Fault`` refuses unknown kinds, so that error means a kind was added to ``plan.KINDS`` alone)."""
+        """Acts on a crash fault (from the training thread, or from the thread of a hook: a kill ends the whole
+        process). Each kind is named: a kind without an action here is an error, never a kill (``Fault`` refuses
+        unknown kinds, so that error means a kind was added to ``plan.KINDS`` alone)."""
         if fault.kind not in ("hang-rank", "corrupt-snapshot", "kill-node", "kill-rank"):
             raise ValueError(f"fault {fault}: the injector has no action for kind {fault.kind!r}")
         self._record(index, fault, step)
@@ -217,8 +280,11 @@ class FaultInjector:
     # ------------------------------------------------------------------ fail-ckpt
     def checkpoint_fault(self, step: int) -> None:
         """The writer's ``io_fault`` hook (its persist thread): fails this rank's part of the first save it writes
-        at or after a planned step with an I/O error, as a full or failing disk would."""
+        at or after a planned step with an I/O error, as a full or failing disk would; a kill planned ``persist``
+        kills the rank there instead, as it starts writing its part."""
         for index, fault in list(self._armed.items()):
+            if fault.moment == "persist" and fault.step <= step:
+                self._fire(index, fault, step)
             if fault.step <= step and index not in self._failed_at:
                 self._failed_at[index] = step
                 self._record(index, fault, step)

@@ -23,6 +23,16 @@ The kinds (``docs/chaos.md`` has the table of how each is detected and recovered
   restore must find the checksum mismatch and fall back.
 - ``fail-ckpt:R@S``: rank R's checkpoint writer fails writing the save of step S with an injected I/O error; the
   save is given up and training goes on.
+
+A kill (``kill-rank`` or ``kill-node``) strikes right before step S's optimizer step unless it names a moment,
+``kill-rank:R@S:MOMENT`` (:data:`MOMENTS`, in the order a step meets them): ``snapshot-copy`` while the snapshot of
+step S-1 is being copied into its slot (its metadata written, its payload not yet sealed), ``forward`` in the middle
+of step S's first forward, ``backward`` in the middle of its first backward (ZeRO-2 reductions in flight),
+``update`` between the gradient reduction and the update of the shard, ``all-gather`` after this rank's update and
+before its parameter all-gather (the other ranks wait inside it), ``persist`` as the checkpoint writer starts
+writing the first save at or after step S (in its background thread), and, for ``kill-node`` only, ``ec``: node N's
+snapshot process dies in its first erasure-coding round of a step at or after S, between exchanging the buffer sizes
+and sending its pieces (``node_faults.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ from typing import Any
 
 FAULTS_ENV = "REGROW_FAULTS"
 """The plan, as a JSON list of :meth:`Fault.to_dict` objects, in every rank's environment."""
+NODE_FAULTS_MODULE = "regrow.launch.chaos.node_faults"
+"""The snapshot process's entry under a plan that kills inside it (``node_faults.py``)."""
 FAULTS_DIR_ENV = "REGROW_FAULTS_DIR"
 """The directory where the ranks record each fault as fired; it must outlive the ranks (``records.py``)."""
 KINDS = ("kill-rank", "kill-node", "hang-rank", "slow-rank", "corrupt-snapshot", "fail-ckpt")
@@ -56,8 +68,14 @@ MAX_SLOW_FACTOR = 1000.0
 bound keeps the sleep a finite number of seconds."""
 MAX_PLAN_BYTES = 1 << 20
 """The largest ``--fault-plan`` file read (a plan of a few thousand faults is a few hundred KB)."""
-_SYNTAX = re.compile(r"^(?P<kind>[a-z-]+):(?P<target>\d+)@(?P<step>\d+)(?:-(?P<until>\d+))?(?:x(?P<factor>[0-9.]+))?$")
-EXAMPLES = "kill-rank:1@5, kill-node:0@9, hang-rank:1@4, slow-rank:0@3-7x2.5, corrupt-snapshot:1@6, fail-ckpt:0@10"
+_SYNTAX = re.compile(r"^(?P<kind>[a-z-]+):(?P<target>\d+)@(?P<step>\d+)(?:-(?P<until>\d+))?(?:x(?P<factor>[0-9.]+))?"
+                     r"(?::(?P<moment>[a-z-]+))?$")
+MOMENTS = ("snapshot-copy", "forward", "backward", "update", "all-gather", "persist", "ec")
+"""Where in a step a kill may strike besides its default, right before the optimizer step (module docstring)."""
+MOMENT_KINDS = ("kill-rank", "kill-node")
+"""Kinds that take a moment; ``ec`` is ``kill-node``'s only (the snapshot process runs the round)."""
+EXAMPLES = ("kill-rank:1@5, kill-node:0@9, kill-rank:1@5:backward, hang-rank:1@4, slow-rank:0@3-7x2.5, "
+            "corrupt-snapshot:1@6, fail-ckpt:0@10")
 
 
 def _is_int(value: Any) -> bool:
@@ -67,7 +85,8 @@ def _is_int(value: Any) -> bool:
 @dataclass(frozen=True)
 class Fault:
     """One fault: ``kind`` (one of :data:`KINDS`) hits rank or node ``target`` in step ``step``. ``until`` and
-    ``factor`` belong to ``slow-rank`` only (None: the defaults, ``step + SLOW_STEPS - 1`` and :data:`SLOW_FACTOR`).
+    ``factor`` belong to ``slow-rank`` only (None: the defaults, ``step + SLOW_STEPS - 1`` and :data:`SLOW_FACTOR`);
+    ``moment`` to the kills (:data:`MOMENTS`; None: right before the optimizer step).
 
     Construction checks what a fault is on its own (a known kind, integer target and steps, a finite factor in
     ``(0, MAX_SLOW_FACTOR]``) and raises ValueError naming the field and the fix; whether it fits a run (the rank
@@ -78,6 +97,7 @@ class Fault:
     step: int
     until: int | None = None
     factor: float | None = None
+    moment: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in KINDS:
@@ -95,15 +115,24 @@ class Fault:
                                    or not 0 < factor <= MAX_SLOW_FACTOR):  # NaN fails the comparison too
             raise ValueError(f"the factor must be a finite number > 0 and <= {MAX_SLOW_FACTOR:g}, not "
                              f"{reprlib.repr(factor)} (e.g. slow-rank:0@3x2.5)")
+        if self.moment is not None:
+            if self.kind not in MOMENT_KINDS:
+                raise ValueError(f"a moment belongs to {' and '.join(MOMENT_KINDS)} only, not {self.kind}")
+            if not isinstance(self.moment, str) or self.moment not in MOMENTS:
+                raise ValueError(f"unknown moment {reprlib.repr(self.moment)}; use one of {', '.join(MOMENTS)} "
+                                 f"(e.g. kill-rank:1@5:backward), or none for right before the optimizer step")
+            if self.moment == "ec" and self.kind != "kill-node":
+                raise ValueError("the moment ec belongs to kill-node (a node's snapshot process runs the round)")
 
     @classmethod
     def parse(cls, text: str) -> Fault:
         """``"kill-rank:1@5"`` -> ``Fault("kill-rank", 1, 5)``; ``"slow-rank:0@3-7x2.5"`` adds ``until=7,
-        factor=2.5``. The error quotes ``text`` and shows the expected form."""
+        factor=2.5``; ``"kill-rank:1@5:backward"`` adds ``moment="backward"``. The error quotes ``text`` and shows
+        the expected form."""
         match = _SYNTAX.match(text.strip())
         if match is None or match["kind"] not in KINDS:
-            raise ValueError(f"--fault {text!r}: expected KIND:TARGET@STEP with KIND one of {', '.join(KINDS)} "
-                             f"(e.g. {EXAMPLES})")
+            raise ValueError(f"--fault {text!r}: expected KIND:TARGET@STEP[:MOMENT] with KIND one of "
+                             f"{', '.join(KINDS)} (e.g. {EXAMPLES})")
         try:
             factor = float(match["factor"]) if match["factor"] is not None else None
         except ValueError:
@@ -111,7 +140,8 @@ class Fault:
         try:
             # int() refuses more than 4,300 digits with a ValueError, named here with the fault's text.
             return cls(kind=match["kind"], target=int(match["target"]), step=int(match["step"]),
-                       until=int(match["until"]) if match["until"] is not None else None, factor=factor)
+                       until=int(match["until"]) if match["until"] is not None else None, factor=factor,
+                       moment=match["moment"])
         except ValueError as error:
             raise ValueError(f"--fault {text!r}: {error}") from None
 
@@ -132,12 +162,15 @@ class Fault:
         return cls(**item)
 
     def to_dict(self) -> dict[str, Any]:
-        """``kind``, ``target``, ``step``, plus ``until``/``factor`` when set (so a plain kill stays three keys)."""
+        """``kind``, ``target``, ``step``, plus ``until``/``factor``/``moment`` when set (so a plain kill stays three
+        keys)."""
         out: dict[str, Any] = {"kind": self.kind, "target": self.target, "step": self.step}
         if self.until is not None:
             out["until"] = self.until
         if self.factor is not None:
             out["factor"] = self.factor
+        if self.moment is not None:
+            out["moment"] = self.moment
         return out
 
     @property
@@ -161,15 +194,19 @@ class Fault:
             text += f"-{self.until}"
         if self.factor is not None:
             text += f"x{self.factor:g}"
+        if self.moment is not None:
+            text += f":{self.moment}"
         return text
 
 
 def plan_problems(faults: list[Fault], *, ranks: int, nodes: int, steps: int, snapshot_every: int | None = None,
-                  save_every: int | None = None, hang_timeout_s: float | None = None) -> list[str]:
+                  save_every: int | None = None, hang_timeout_s: float | None = None,
+                  erasure_coding: bool | None = None) -> list[str]:
     """Every reason the plan cannot run against a job of ``ranks`` ranks on ``nodes`` nodes training ``steps``
-    steps (empty: it can). Given the run's ``snapshot_every``, ``save_every`` and ``hang_timeout_s``, also checks
-    that each fault can show: a corrupt snapshot needs snapshots, a failed checkpoint write a save at that step, a
-    hang the progress watchdog."""
+    steps (empty: it can). Given the run's ``snapshot_every``, ``save_every``, ``hang_timeout_s`` and whether its
+    nodes are in ``erasure_coding`` groups, also checks that each fault can show: a corrupt snapshot needs
+    snapshots, a failed checkpoint write a save at that step, a hang the progress watchdog, a kill at a moment
+    the thing it interrupts (a snapshot copy, a save, an erasure-coding round)."""
     problems = []
     for fault in faults:
         what = fault.target_kind
@@ -194,7 +231,26 @@ def plan_problems(faults: list[Fault], *, ranks: int, nodes: int, steps: int, sn
         if fault.kind == "hang-rank" and hang_timeout_s is not None and not hang_timeout_s > 0:
             problems.append(f"--fault {fault}: nothing would notice the hang; add --hang-timeout SECONDS (the "
                             f"launcher's progress watchdog) and --max-restarts")
+        problems += _moment_problems(fault, snapshot_every, save_every, erasure_coding)
     return problems
+
+
+def _moment_problems(fault: Fault, snapshot_every: int | None, save_every: int | None,
+                     erasure_coding: bool | None) -> list[str]:
+    """Why ``fault``'s moment never comes in a run with these settings (None: not known, not checked)."""
+    if fault.moment == "snapshot-copy" and snapshot_every is not None:
+        if not snapshot_every:
+            return [f"--fault {fault}: there is no snapshot copy to interrupt; add --snapshot-every 1"]
+        if fault.step < 2 or (fault.step - 1) % snapshot_every:
+            return [f"--fault {fault}: no snapshot is copied during step {fault.step} (--snapshot-every="
+                    f"{snapshot_every}: the copy of a snapshot of step N runs in step N+1); pick a step just after "
+                    f"a snapshot step"]
+    if fault.moment == "persist" and save_every is not None and not save_every:
+        return [f"--fault {fault}: no checkpoint is written; set --save-every and --ckpt-dir"]
+    if fault.moment == "ec" and erasure_coding is not None and not erasure_coding:
+        return [f"--fault {fault}: no erasure-coding round runs; add --snapshot-every 1, --nodes and "
+                f"--ec-group-size"]
+    return []
 
 
 def load_plan(path: str) -> tuple[list[Fault], list[str]]:

@@ -74,6 +74,15 @@ class Recorder:
         self.details = records.details(run_dir)
         self.beats = read_beats(run_dir)
         self.restores = records.restores(run_dir)
+        for record in self.fired.values():
+            if "attempt" not in record and "time" in record:  # a snapshot process's: it outlives the attempts
+                record["attempt"] = self.attempt_at(record["time"])
+
+    def attempt_at(self, when: float) -> int | None:
+        """The attempt that was running at wall time ``when`` (the last one started by then; None: before the
+        first)."""
+        started = [attempt.index for attempt in self.attempts if attempt.started <= when]
+        return started[-1] if started else None
 
 
 def detection(error: WorkerFailed) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from regrow.checkpoint.node.erasure import ErasureCodingConfig
@@ -112,8 +113,14 @@ class LocalNodes:
     """The snapshot processes of the local launcher's nodes; see the module docstring. Use as a context manager
     (every process it started is stopped on exit, removing its segments)."""
 
-    def __init__(self, config: NodesConfig) -> None:
+    def __init__(self, config: NodesConfig, *, module: str | None = None, env: Mapping[str, str] | None = None
+                 ) -> None:
+        """``module``: what runs each node's snapshot process instead of ``regrow.checkpoint.node`` (the same
+        arguments; the fault injector's ``regrow.launch.chaos.node_faults``), with ``env`` added to its environment;
+        every node's process also gets its node in ``REGROW_NODE``."""
         self.config = config
+        self.module = module
+        self.env = dict(env or {})
         self.token = secrets.token_hex(32)
         self.base = secrets.token_hex(3)
         self.processes: list[SnapshotProcess] = []
@@ -143,7 +150,8 @@ class LocalNodes:
         expected = self.config.ranks_per_node * self.config.bytes_per_rank
         process = start_snapshot_process(
             SnapshotProcessConfig(job=f"{self.base}-n{node}", shm_dir=self.config.shm_dir, expected_bytes=expected,
-                                  erasure=erasure, persist=self.config.persist), token=self.token)
+                                  erasure=erasure, persist=self.config.persist), token=self.token,
+            **({"module": self.module} if self.module else {}), env={**self.env, NODE_ENV: str(node)})
         coding = (f", erasure-coding group {self.config.group_of(node)} with parity {self.config.ec_parity}"
                   if self.config.ec_group_size else "")
         log(f"node {node}: snapshot process at {process.address} (pid {process.process.pid}), "
