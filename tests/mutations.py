@@ -84,6 +84,11 @@ MUTATIONS = (
              "            threading.Thread(target=copy_all).start()\n",
              ("tests/test_snapshot_copier.py::test_the_next_update_waits_for_the_copy_and_no_snapshot_mixes_two_"
               "steps",)),
+    Mutation("manifest-checksum-unchecked", "checkpoint/universal/manifest_parse.py",
+             "    problem = _checksum_problem(data, recorded, version)\n",
+             "    problem = None\n",
+             ("tests/test_checkpoint_reshard.py::test_one_flipped_byte_anywhere_is_detected_at_any_world_size_and_"
+              "nothing_loads",)),
     Mutation("copier-ignores-moved-tensors", "checkpoint/snapshot/sink.py",
              "        elif not self._writer.shares(state.tensors):",
              "        elif False:",

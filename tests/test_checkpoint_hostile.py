@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import regrow
-from regrow.checkpoint.universal.format import CorruptCheckpoint
+from regrow.checkpoint.universal.format import CorruptCheckpoint, sealed_manifest_json
 from regrow.launch import cli
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.tests import ckpt_workers as cw
@@ -95,10 +95,12 @@ def assert_never_read(canary: Path, *outputs: str) -> None:
 
 
 def edit_manifest(ckpt: Path, edit: Callable[[dict], None]) -> None:
+    """Applies ``edit`` to the manifest and writes it back with a matching checksum: the manifest a buggy or
+    hostile writer would leave, which the field checks (not the checksum) must refuse."""
     path = ckpt / "manifest.json"
     manifest = json.loads(path.read_text())
     edit(manifest)
-    path.write_text(json.dumps(manifest, indent=1))
+    path.write_text(sealed_manifest_json(manifest))
 
 
 def tensor_of(manifest: dict, param: str, kind: str) -> dict:

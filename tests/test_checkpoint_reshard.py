@@ -8,13 +8,16 @@ matmul, and with it the last bits of every gradient.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from regrow.checkpoint.universal import verify
+from regrow.checkpoint.universal.format import sealed_manifest_json
 from regrow.launch.local.spawn import run_local
 from regrow.tests import ckpt_workers as cw
 from regrow.trainer.zero import codes as quant
@@ -198,7 +201,20 @@ def test_each_rank_reads_about_its_share_only(saved, loaded, world_size: int) ->
 
 
 BIG_PARAM = "blocks.0.mlp.fc.weight"  # 16384 elements: 16 chunks of 4096 bytes in its master file
-DAMAGE = {  # case: (file in the step directory, which byte to flip: an offset, or -1 for the last)
+def digit_of(field: str) -> Callable[[bytes], int]:
+    """The offset of the last digit of ``field``'s value in a manifest's text (``"step": 4`` -> the ``4``)."""
+    def offset(text: bytes) -> int:
+        match = re.search(rb'"%s": *(\d+)' % field.encode(), text)
+        assert match, field
+        return match.end(1) - 1
+    return offset
+
+
+DAMAGE = {  # case: (file in the step directory, which byte to flip: an offset, -1 for the last, or a function of the
+    # file's bytes); a flipped digit stays a number, so only the manifest's own checksum can tell
+    "manifest step": ("manifest.json", digit_of("step")),
+    "manifest tokens seen": ("manifest.json", digit_of("tokens_seen")),
+    "manifest data cursor": ("manifest.json", digit_of("index")),
     "master, first byte": (f"params/{BIG_PARAM}/master.bin", 0),
     "master, middle chunk": (f"params/{BIG_PARAM}/master.bin", 7 * 4096 + 1234),
     "master, last byte": (f"params/{BIG_PARAM}/master.bin", -1),
@@ -218,14 +234,15 @@ def damaged(saved, tmp_path_factory) -> dict[str, str]:
     for case, (name, offset) in DAMAGE.items():
         step = Path(shutil.copytree(saved["path8"], base / case.replace(" ", "_").replace(",", "").replace("'", "")))
         data = bytearray((step / name).read_bytes())
-        data[offset] ^= 0x20
+        at = offset(bytes(data)) if callable(offset) else offset
+        data[at] ^= 0x01 if name == "manifest.json" else 0x20  # 0x01 keeps a digit a digit ("4" -> "5")
         (step / name).write_bytes(bytes(data))
         paths[case] = str(step)
     step = Path(shutil.copytree(saved["path8"], base / "manifest_crc"))
     manifest = json.loads((step / "manifest.json").read_text())
     entry = next(t for t in manifest["tensors"] if t["file"] == f"params/{BIG_PARAM}/master.bin")
     entry["chunks"][3]["crc32"] ^= 1
-    (step / "manifest.json").write_text(json.dumps(manifest))
+    (step / "manifest.json").write_text(sealed_manifest_json(manifest))  # sums right: the chunk's check must tell
     paths["a chunk's CRC in the manifest"] = str(step)
     return paths
 

@@ -24,7 +24,7 @@ from torch import nn
 import regrow
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 from regrow.checkpoint.universal import storage, verify
-from regrow.checkpoint.universal.format import MANIFEST_NAME, CorruptCheckpoint
+from regrow.checkpoint.universal.format import MANIFEST_NAME, CorruptCheckpoint, sealed_manifest_json
 from regrow.launch.chaos import plan as faults
 from regrow.launch.guard import GUARD_ENV, GuardConfig
 from regrow.launch.local.nodes import ADDRESS_ENV
@@ -251,7 +251,7 @@ def test_a_hostile_user_entry_is_refused_naming_the_field(tmp_path, change, prob
     newest = tmp_path / storage.read_latest(tmp_path)
     data = json.loads((newest / MANIFEST_NAME).read_text())
     change(data["user"])
-    (newest / MANIFEST_NAME).write_text(json.dumps(data))
+    (newest / MANIFEST_NAME).write_text(sealed_manifest_json(data))  # the checksum agrees: the fields must not
     with pytest.raises(CorruptCheckpoint, match="manifest.json") as error:
         verify.read_manifest(newest)
     assert problem in str(error.value)

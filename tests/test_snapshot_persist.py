@@ -26,6 +26,7 @@ from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import MANIFEST_NAME, PARTS_DIR, rank_file, temp_dir_name
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.launch.chaos.injector import corrupt_newest_snapshot
+from regrow.launch.chaos.report import MANIFEST_VOLATILE
 from regrow.launch.local.spawn import run_local
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.tests import ckpt_workers as cw
@@ -102,8 +103,8 @@ def assert_same_checkpoint(persisted: Path, reference: Path) -> None:
     """File for file the same bytes; the same manifest except the time and the writer's session."""
     ours, theirs = (json.loads((d / MANIFEST_NAME).read_text()) for d in (persisted, reference))
     for manifest in (ours, theirs):
-        manifest.pop("created")
-        manifest.pop("writer")
+        for volatile in MANIFEST_VOLATILE:
+            manifest.pop(volatile)
     assert ours == theirs
     assert tensor_files(persisted) == tensor_files(reference)
     assert verify.verify(persisted).ok

@@ -25,6 +25,7 @@ from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import MANIFEST_NAME
 from regrow.launch import holdings, torchrun
 from regrow.launch.chaos import plan as faults
+from regrow.launch.chaos.report import MANIFEST_VOLATILE
 from regrow.launch.local.nodes import ADDRESS_ENV
 from regrow.launch.options import CheckpointOptions, SnapshotOptions
 from regrow.tests.fingerprint import assert_same_checkpoint
@@ -143,8 +144,8 @@ def test_node_helper_persists_the_checkpoints_the_ranks_writer_would(started, jo
     assert latest in ("step_00000004", "step_00000008"), out
     ours, theirs = (json.loads((root / latest / MANIFEST_NAME).read_text()) for root in (persisted, own))
     for manifest in (ours, theirs):
-        manifest.pop("created")
-        manifest.pop("writer")
+        for volatile in MANIFEST_VOLATILE:
+            manifest.pop(volatile)
     assert ours == theirs
     assert step_files(persisted / latest) == step_files(own / latest)
     assert verify.verify(persisted / latest).ok

@@ -4,7 +4,9 @@ A checkpoint is a directory ``CKPT_ROOT/step_00000123/`` holding
 
 - ``manifest.json``: format version, step, tokens seen, data cursor, the layout that produced it, the trainer
   config, every parameter (name, shape, state bits) and every tensor file (parameter, kind, dtype, shape, byte size
-  and the crc32 of each stored chunk), and the RNG files;
+  and the crc32 of each stored chunk), the RNG files, and (from version 2) its own ``checksum``
+  (:func:`manifest_checksum`), so that a flipped digit of the step or the data cursor is caught like a flipped
+  tensor byte;
 - ``params/<parameter name>/<kind>.bin``: one raw little-endian array per parameter per state kind;
 - ``rng/rank_00000.json`` (+ ``.bin`` for tensor-valued states such as torch's CPU generator), one pair per saving rank;
 - optionally ``user/state.json`` and ``user/tensor_00000.bin``, ...: a user loop's own state (``launch/guard.py``),
@@ -20,6 +22,7 @@ import json
 import re
 import sys
 import urllib.parse
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,8 +32,12 @@ import torch
 from regrow.trainer.zero import shard as zero_shard
 from regrow.trainer.zero.layout import BLOCK_SIZE, round_up
 
-FORMAT_VERSION = 1
-"""The newest manifest version this code writes and reads. Older versions stay readable; newer ones are refused."""
+FORMAT_VERSION = 2
+"""The newest manifest version this code writes and reads. Older versions stay readable; newer ones are refused.
+2: the manifest records its own checksum (1 had none)."""
+CHECKSUMMED_SINCE = 2
+"""The first format version whose manifests carry ``checksum``; from it on, a manifest without one is corrupt."""
+CHECKSUM_FIELD = "checksum"
 MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "latest"
 STEP_PREFIX = "step_"
@@ -288,10 +295,11 @@ class Manifest:
     """The user loop's state (None: the run had none; every ``Trainer`` run)."""
 
     def to_json(self) -> str:
+        """The manifest as written: its fields and, from :data:`CHECKSUMMED_SINCE` on, their checksum."""
         data = asdict(self)
-        if data["user"] is None:  # a run without user state writes exactly what earlier versions of regrow read
+        if data["user"] is None:  # a run without user state writes no user field, as earlier versions did
             del data["user"]
-        return json.dumps(data, indent=1)
+        return sealed_manifest_json(data) if self.format_version >= CHECKSUMMED_SINCE else json.dumps(data, indent=1)
 
     def param(self, name: str) -> ParamEntry:
         for entry in self.params:
@@ -308,6 +316,21 @@ class Manifest:
     def nbytes(self) -> int:
         """Bytes of tensor data (what the checkpoint costs on disk, give or take the small files)."""
         return sum(t.nbytes for t in self.tensors)
+
+
+def manifest_checksum(data: dict[str, Any]) -> str:
+    """The checksum of a manifest's fields (``data`` without :data:`CHECKSUM_FIELD`): the CRC32 of their canonical
+    JSON (keys sorted, no spaces), as 8 hex digits. Independent of how the file is indented; any changed value,
+    a flipped digit of the step included, changes it."""
+    fields = {key: value for key, value in data.items() if key != CHECKSUM_FIELD}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return f"{zlib.crc32(canonical.encode()):08x}"
+
+
+def sealed_manifest_json(data: dict[str, Any]) -> str:
+    """``data`` (a manifest's fields) as the text of ``manifest.json`` with its checksum, replacing any it had."""
+    return json.dumps({**{k: v for k, v in data.items() if k != CHECKSUM_FIELD},
+                       CHECKSUM_FIELD: manifest_checksum(data)}, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------------- RNG states

@@ -26,6 +26,8 @@ from typing import Any
 
 from regrow.checkpoint.universal.confined import MAX_NAME_BYTES, is_plain_path
 from regrow.checkpoint.universal.format import (
+    CHECKSUM_FIELD,
+    CHECKSUMMED_SINCE,
     FORMAT_VERSION,
     KINDS,
     KINDS_BY_BITS,
@@ -43,6 +45,7 @@ from regrow.checkpoint.universal.format import (
     UnsupportedFormatVersion,
     UserEntry,
     UserTensorEntry,
+    manifest_checksum,
 )
 from regrow.trainer.zero.layout import BLOCK_SIZE
 
@@ -386,6 +389,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             f"checkpoint {where} has format version {version}, but this regrow reads versions up to "
             f"{FORMAT_VERSION}: upgrade regrow to load it"
         )
+    recorded = data.pop(CHECKSUM_FIELD, None)
     try:
         manifest = _manifest(data)
     except _FieldError as error:
@@ -393,7 +397,27 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     problems = consistency_problems(manifest)
     if problems:
         raise CorruptCheckpoint(where, problems)
+    # Checked last: a field that is wrong on its own is named by what is wrong with it; the checksum catches the
+    # changes that still read as a valid manifest (a flipped digit of the step, the data cursor, a chunk's CRC).
+    problem = _checksum_problem(data, recorded, version)
+    if problem:
+        raise CorruptCheckpoint(where, [problem])
     return manifest
+
+
+def _checksum_problem(data: dict, recorded: object, version: int) -> str | None:
+    """Why the manifest's fields ``data`` do not match its ``recorded`` checksum (None: they do, or the format
+    predates checksums)."""
+    if recorded is None:
+        if version < CHECKSUMMED_SINCE:
+            return None
+        return (f"{MANIFEST_NAME}: {CHECKSUM_FIELD} is missing (format version {version} records one): the file was "
+                f"rewritten by something other than regrow")
+    found = manifest_checksum(data)
+    if recorded != found:
+        return (f"{MANIFEST_NAME}: {CHECKSUM_FIELD} mismatch (the fields sum to {found}, the file records "
+                f"{_show(recorded)}): the manifest changed after it was written (a flipped byte, or an edit)")
+    return None
 
 
 __all__ = ["MAX_COUNT", "MAX_DEPTH", "MAX_MANIFEST_BYTES", "MAX_NBYTES", "MAX_NUMEL", "MAX_RNG_BYTES", "consistency_problems",

@@ -121,8 +121,9 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
     return report
 
 
-MANIFEST_VOLATILE = ("created", "writer")
-"""Manifest fields that say when and by which process a checkpoint was written, not what it holds."""
+MANIFEST_VOLATILE = ("created", "writer", "checksum")
+"""Manifest fields that say when and by which process a checkpoint was written, not what it holds (the checksum
+covers those two as well)."""
 
 
 def checkpoint_contents(root: Path) -> dict[str, bytes | dict] | None:
