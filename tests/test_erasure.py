@@ -151,6 +151,33 @@ def test_corrupt_survivor_data_skipped_when_spare() -> None:
     assert rebuilt[lost].tobytes() == original[lost].tobytes()
 
 
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("what", ["parity", "survivor data"])
+def test_a_flipped_byte_in_a_piece_the_rebuild_reads_is_refused_never_rebuilt(what: str, where: str) -> None:
+    """The erasure-coded side of the corruption matrix: one byte flipped at the start, middle or end of the parity
+    piece or of a surviving node's data piece that rebuilding node 2 needs (n=4, p=1: no spare to fall back on).
+    The decode refuses, naming the stripe and chunk; it never hands back wrong bytes as the lost node's."""
+    code = _code(4, 1)
+    buffers = [b.copy() for b in _buffers(4, seed=11)]
+    parity = code.encode(buffers)
+    lost = 2
+    stripe = code.placement()[code.stripe_of(lost, 0)]
+    if what == "parity":
+        target = next(x for x in parity[stripe.parity_nodes[0]] if x.stripe == stripe.index).data
+        base, size = 0, len(target)
+    else:
+        victim = next(slot for slot in stripe.data if slot.node != lost)
+        target = buffers[victim.node]
+        piece_bytes = code.geometry([b.size for b in buffers]).piece_bytes
+        base = victim.piece * piece_bytes
+        size = min(piece_bytes, target.size - base)
+    assert size > 0
+    target[base + {"first": 0, "middle": size // 2, "last": size - 1}[where]] ^= 0x40
+    data, held = _survivors(buffers, parity, (lost,))
+    with pytest.raises(NotRecoverable, match=f"stripe {stripe.index} chunk"):
+        code.decode([lost], data, held)
+
+
 def test_chunking_invariance() -> None:
     buffers = _buffers(5, seed=8)
     results = []

@@ -91,6 +91,47 @@ def test_segment_header_round_trip(tmp_path) -> None:
     assert seg.inspect(str(path), rank=2)["status"] == "segment belongs to rank 3, not 2"
 
 
+SEGMENT_DAMAGE = {  # case: the byte to flip, from the sealed header (offsets of segment._FIXED)
+    "magic": lambda h: 0,
+    "format version": lambda h: 8,
+    "rank": lambda h: 12,
+    "slot": lambda h: 16,
+    "metadata room": lambda h: 20,
+    "header step": lambda h: 24,
+    "payload size": lambda h: 32,
+    "metadata size": lambda h: 40,
+    "metadata checksum": lambda h: 44,
+    "payload checksum": lambda h: 48,
+    "complete flag": lambda h: 64,
+    "header checksum": lambda h: 68,
+    "metadata, first byte": lambda h: seg.HEADER_BYTES,
+    "metadata, middle": lambda h: seg.HEADER_BYTES + h.meta_bytes // 2,
+    "metadata, last byte": lambda h: seg.HEADER_BYTES + h.meta_bytes - 1,
+    "payload, first byte": lambda h: seg.payload_offset(h.meta_capacity),
+    "payload, middle": lambda h: seg.payload_offset(h.meta_capacity) + h.payload_bytes // 2,
+    "payload, last byte": lambda h: seg.payload_offset(h.meta_capacity) + h.payload_bytes - 1,
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEGMENT_DAMAGE))
+def test_one_flipped_byte_anywhere_in_a_sealed_snapshot_is_detected(tmp_path, case: str) -> None:
+    """The snapshot side of the corruption matrix: one byte flipped in any header field, the metadata or the
+    payload of a sealed segment, and the segment is never read as a snapshot (what the snapshot process lists
+    for a restore: ``inspect``)."""
+    path = tmp_path / "segment"
+    _, payload = seg.plan_tensors(TABLE)
+    path.write_bytes(bytes(seg.segment_bytes(4096, payload)))
+    buffer = seg.open_segment(str(path), writable=True)
+    seg.format_empty(buffer, rank=1, slot=0, meta_capacity=4096)
+    buffer.close()
+    write_snapshot(str(path), step=7, fill=5)
+    assert seg.inspect(str(path), rank=1)["status"] == "ok"
+    data = bytearray(path.read_bytes())
+    data[SEGMENT_DAMAGE[case](seg.read_header(bytes(data)))] ^= 0x04
+    path.write_bytes(bytes(data))
+    assert seg.inspect(str(path), rank=1)["status"] != "ok"
+
+
 # ------------------------------------------------------------------------ the snapshot process
 def test_interrupted_snapshot_is_not_latest_and_segments_are_private(node, token) -> None:
     client, paths = attach(node, token)

@@ -2,15 +2,17 @@
 
 A segment holds at most one shard snapshot of one rank::
 
-    [0, 128)                    fixed header (little-endian, see ``_FIXED``; ``complete`` at 64)
+    [0, 128)                    fixed header (little-endian, see ``_FIXED``; ``complete`` at 64, the header's own
+                                CRC32 at 68)
     [128, 128 + meta_capacity)  the snapshot's JSON metadata (tensor table, step, RNG, data cursor, layout)
     [payload_offset, end)       the payload: every shard tensor's raw bytes at the offsets of the tensor table,
                                 the gaps between tensors zero
 
 The fixed header holds the magic, the format version, rank, slot, the metadata capacity, the step, the payload and
 metadata sizes, a CRC32 of the metadata, the WordSum-128 of the payload (``wordsum.py``: the rank computes it on the
-GPU from the source tensors, so it never reads the payload back) and the ``complete`` word, alone on the header's
-second cache line. A writer clears ``complete`` first, writes the payload and metadata, then the sizes and
+GPU from the source tensors, so it never reads the payload back), the ``complete`` word, alone on the header's
+second cache line, and a CRC32 of the first 64 bytes (every field above), written by :func:`seal` with them: a
+flipped bit in a field the two checksums do not cover (the slot, the metadata room) is caught too. A writer clears ``complete`` first, writes the payload and metadata, then the sizes and
 checksums, and sets ``complete`` LAST (:func:`begin` and :func:`seal`), so a writer killed anywhere in between
 leaves a segment that :func:`inspect` reports as incomplete, never as a snapshot. ``complete`` is a distinctive word
 rather than 1, so stray bytes are not mistaken for it.
@@ -31,9 +33,9 @@ from dataclasses import dataclass
 from regrow.checkpoint.snapshot import wordsum
 
 MAGIC = b"RGSNAP\x00\x01"
-FORMAT_VERSION = 2
-"""2: WordSum-128 payload checksum, 128-byte header. 1 (CRC32 of the payload, 64-byte header) is not read: segments
-live in /dev/shm only, never across an upgrade."""
+FORMAT_VERSION = 3
+"""3: the header's own CRC32. 2 (WordSum-128 payload checksum, 128-byte header) and 1 (CRC32 of the payload, 64-byte
+header) are not read: segments live in /dev/shm only, never across an upgrade."""
 COMPLETE = 0x600DF00D
 """The value of the ``complete`` word of a sealed snapshot."""
 
@@ -46,6 +48,8 @@ _META_BYTES_AT = 40
 """Byte offset of ``meta_bytes`` in ``_FIXED`` (:func:`begin` writes it with the metadata)."""
 _COMPLETE_AT = 64
 """Byte offset of the ``complete`` word (after ``_FIXED``, written on its own)."""
+_HEADER_CRC_AT = 68
+"""Byte offset of the CRC32 of ``_FIXED``'s 64 bytes (written by :func:`seal`, before ``complete``)."""
 HEADER_BYTES = 128
 PAGE = 4096
 TENSOR_ALIGN = 64
@@ -198,6 +202,7 @@ def seal(buffer: mmap.mmap, *, step: int, payload_bytes: int, payload_digest: wo
         view.release()
     _FIXED.pack_into(buffer, 0, MAGIC, FORMAT_VERSION, header.rank, header.slot, header.meta_capacity, step,
                      payload_bytes, header.meta_bytes, meta_crc, payload_digest.a, payload_digest.b)
+    struct.pack_into("<I", buffer, _HEADER_CRC_AT, zlib.crc32(buffer[: _FIXED.size]))
     struct.pack_into("<I", buffer, _COMPLETE_AT, COMPLETE)
 
 
@@ -240,6 +245,10 @@ def verify(buffer: mmap.mmap | bytes, *, rank: int | None = None,
         raise SegmentError(f"segment belongs to rank {header.rank}, not {rank}")
     if header.complete != COMPLETE:
         raise SegmentError("incomplete (no snapshot sealed, or its writer stopped before the complete flag)")
+    (header_crc,) = struct.unpack_from("<I", buffer, _HEADER_CRC_AT)
+    if zlib.crc32(bytes(buffer[: _FIXED.size])) != header_crc:
+        raise SegmentError(f"corrupt: header checksum mismatch (step {header.step} as read; a header field changed "
+                           f"after the seal)")
     start = payload_offset(header.meta_capacity)
     if header.meta_bytes > header.meta_capacity or start + header.payload_bytes > len(buffer):
         raise SegmentError("corrupt: sizes in the header exceed the segment")
