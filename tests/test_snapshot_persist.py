@@ -41,6 +41,17 @@ def token() -> str:
     return secrets.token_hex(32)
 
 
+def wait_for_output(capfd: pytest.CaptureFixture, line: str, timeout_s: float = 60.0) -> str:
+    """Everything printed (by this process's threads too) until ``line`` appears; raises after ``timeout_s``."""
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    while line not in seen:
+        assert time.monotonic() < deadline, f"{line!r} never printed; printed:\n{seen}"
+        seen += capfd.readouterr().out
+        time.sleep(0.01)
+    return seen
+
+
 class InProcessNode:
     """A SnapshotServer served on a thread of the test process, so a test can reach its persister (hooks);
     shut down and its segments removed by :meth:`close`."""
@@ -318,7 +329,7 @@ def test_two_nodes_persist_what_the_checkpoint_writer_saves(tmp_path, token) -> 
 
 # ------------------------------------------------------------------------ a step re-run after a rollback
 @pytest.mark.timeout(300)
-def test_a_step_re_run_after_a_rollback_is_persisted_from_its_own_lineage_only(tmp_path, token) -> None:
+def test_a_step_re_run_after_a_rollback_is_persisted_from_its_own_lineage_only(tmp_path, token, capfd) -> None:
     """Two nodes of one rank. Node 1 persisted its part of step 4, node 0 did not (its copy failed), then rank 0's
     snapshot of step 4 turns out corrupt: the job restores step 3 and re-runs step 4 in a new lineage. Node 0 must
     not commit step 4 with node 1's part of the abandoned run: it waits for node 1's part of the re-run (held back
@@ -365,7 +376,9 @@ def test_a_step_re_run_after_a_rollback_is_persisted_from_its_own_lineage_only(t
         lineages = {r["lineage"] for r in results} | {r["trainer_lineage"] for r in results}
         assert len(lineages) == 1 and "" not in lineages
         assert copying.wait(60), "node 1 never persisted the re-run step 4"
-        time.sleep(1.0)  # node 0 has written rank 0's part of the re-run and found node 1's of the abandoned run
+        # Node 0 has written rank 0's part of the re-run and passed over node 1's part of the abandoned run: an
+        # order the log shows, not a time.
+        wait_for_output(capfd, "persist of step 4: the part of rank 1 on disk is from another run of the step")
         assert len(nodes[0].outcomes(4)) == 1, "node 0 committed without node 1's part of the re-run"
         assert not (root / "step_00000004").exists()
         proceed.set()

@@ -115,7 +115,7 @@ class StepWriter:
             target, lambda markers: build_manifest(target, markers, layout=layout, data_cursor=cursor,
                                                    tokens_seen=tokens, run_config=run_config),
             keep_last=self.config.keep_last, timeout_s=self.config.commit_timeout_s, fsync=self.config.fsync,
-            started=started, accept=lambda marker: marker.get("persist") == fingerprint or bool(marker.get("error")),
+            started=started, accept=self._accepts(step, fingerprint),
             own_errors=errors)  # a part of its own failed: no waiting (its marker may not exist), the step fails now
         result = done.result
         if result.status != "committed":
@@ -126,6 +126,24 @@ class StepWriter:
         cleaned = f"; removed {len(removed)} abandoned temporaries" if removed else ""
         self._log(f"persisted step {step} to {result.path} in {result.seconds:.2f} s{purged}{cleaned}")
         return PersistResult(step=step, status="committed", path=result.path, seconds=result.seconds)
+
+    def _accepts(self, step: int, fingerprint: dict | None) -> Callable[[dict], bool]:
+        """Which markers of ``step`` count: those of the same run as this node's parts (``fingerprint``: lineage,
+        data cursor, tokens seen), or an error. A part left by a rolled-back run of the step is passed over, and
+        said so once per rank (the commit then waits for that rank's part of the re-run)."""
+        passed_over: set[object] = set()
+
+        def accept(marker: dict) -> bool:
+            if marker.get("persist") == fingerprint or bool(marker.get("error")):
+                return True
+            rank = marker.get("rank")
+            if rank not in passed_over:
+                passed_over.add(rank)
+                self._log(f"persist of step {step}: the part of rank {rank} on disk is from another run of the step "
+                          f"(one rolled back); waiting for its part of this run")
+            return False
+
+        return accept
 
     def _written(self, step: int, temp: Path, errors: list[str], started: float) -> PersistResult:
         """The outcome on a node that does not hold rank 0 (its parts and markers are written; rank 0 commits)."""
