@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import torch
 
@@ -135,3 +137,11 @@ def sleep_forever(world: World) -> None:
     import time
 
     time.sleep(3600)
+
+
+def launcher_view(world: World, key: str) -> tuple[str | None, str, bool]:
+    """What a rank sees of its launcher: environment variable ``key``, the working directory, whether the
+    launcher's import path is its own; and a line on stdout and stderr."""
+    print(f"rank {world.rank} writes to the launcher's stdout", flush=True)
+    print(f"rank {world.rank} writes to the launcher's stderr", file=sys.stderr, flush=True)
+    return os.environ.get(key), os.getcwd(), "launcher-only-path" in sys.path

@@ -89,6 +89,11 @@ MUTATIONS = (
              "    problem = None\n",
              ("tests/test_checkpoint_reshard.py::test_one_flipped_byte_anywhere_is_detected_at_any_world_size_and_"
               "nothing_loads",)),
+    Mutation("forked-rank-keeps-the-servers-environment", "launch/local/spawn.py",
+             "    os.environ.update({**job.launcher_env, ",
+             "    os.environ.update({",
+             ("tests/test_comm.py::test_a_rank_sees_the_launchers_environment_directory_and_output_as_they_are_when_"
+              "it_starts",)),
     Mutation("copier-ignores-moved-tensors", "checkpoint/snapshot/sink.py",
              "        elif not self._writer.shares(state.tensors):",
              "        elif False:",

@@ -66,3 +66,21 @@ def test_hung_ranks_are_killed_at_the_deadline() -> None:
     with pytest.raises(WorkerFailed, match="did not finish before the deadline"):
         run_local(w.sleep_forever, 2, backend="gloo", timeout_s=8)
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_sees_the_launchers_environment_directory_and_output_as_they_are_when_it_starts(
+        tmp_path, monkeypatch, capfd) -> None:
+    """Ranks fork from a server started at the first launch: what changed in the launcher since (an environment
+    variable, the directory, the import path, where stdout goes) must still reach them, as it reaches spawned ranks."""
+    run_local(w.launcher_view, 2, "X", backend="gloo", timeout_s=60)  # the fork server is up from here on
+    capfd.readouterr()
+    monkeypatch.setenv("REGROW_TEST_LATE", "set after the first launch")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend("launcher-only-path")
+    views = run_local(w.launcher_view, 2, "REGROW_TEST_LATE", backend="gloo", timeout_s=60)
+    assert views == [("set after the first launch", str(tmp_path), True)] * 2
+    captured = capfd.readouterr()
+    for rank in range(2):
+        assert f"rank {rank} writes to the launcher's stdout" in captured.out
+        assert f"rank {rank} writes to the launcher's stderr" in captured.err

@@ -177,7 +177,7 @@ def _segment(tmp_path, name: str = "segment") -> tuple[mmap.mmap, list[seg.Tenso
 
 
 def test_header_layout() -> None:
-    assert seg.HEADER_BYTES == 128 and seg.FORMAT_VERSION == 2
+    assert seg.HEADER_BYTES == 128 and seg.FORMAT_VERSION == 3
     assert seg.payload_offset(1024) % seg.PAGE == 0
 
 
@@ -202,15 +202,16 @@ def test_seal_with_assembled_tensor_digests_verifies(tmp_path) -> None:
     buffer.close()
 
 
-def test_version_1_segment_is_reported_unsupported(tmp_path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_segment_version_is_reported_unsupported(tmp_path, version: int) -> None:
     buffer, _, payload = _segment(tmp_path)
     seg.seal(buffer, step=3, payload_bytes=payload)
-    struct.pack_into("<I", buffer, 8, 1)
-    with pytest.raises(seg.SegmentError, match="unsupported snapshot segment format version 1: this regrow reads "
-                                               "only version 2.*restore from the disk checkpoint"):
+    struct.pack_into("<I", buffer, 8, version)
+    with pytest.raises(seg.SegmentError, match=f"unsupported snapshot segment format version {version}: this regrow "
+                                               "reads only version 3.*restore from the disk checkpoint"):
         seg.verify(buffer)
     buffer.close()
-    assert "unsupported snapshot segment format version 1" in seg.inspect(str(tmp_path / "segment"))["status"]
+    assert f"unsupported snapshot segment format version {version}" in seg.inspect(str(tmp_path / "segment"))["status"]
 
 
 # ------------------------------------------------------------------------ HostCopier's summarize hook
