@@ -187,6 +187,24 @@ def _spawn(job: _Job) -> tuple[list, list[Connection]]:
     return procs, [receiver for receiver, _ in pipes]
 
 
+SETTLE_S = 2.0
+"""After the first failure, how long the launcher lets the other ranks end on their own before naming the cause."""
+
+
+def _root_cause(procs: list, failure: WorkerFailed) -> WorkerFailed:
+    """The failure to report, once the other ranks have ended or :data:`SETTLE_S` passed: a rank killed by a signal
+    when there is one (the peers that lost it fail as fast as it dies, and the first news to arrive may be theirs;
+    a forked rank's exit code even comes through the fork server, a moment later), else ``failure``."""
+    deadline = time.monotonic() + SETTLE_S
+    while (alive := [p for p in procs if p.exitcode is None]) and (left := deadline - time.monotonic()) > 0:
+        wait([p.sentinel for p in alive], timeout=left)
+    killed = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode is not None and p.exitcode < 0]
+    if killed:
+        rank, code = killed[0]
+        return WorkerFailed(f"rank {rank} exited with code {code} without a result")
+    return failure
+
+
 def _collect(procs: list, receivers: list[Connection], deadline: float,
              watchdog: Callable[[list[int]], None] | None = None) -> list[Any]:
     values: dict[int, Any] = {}
@@ -200,9 +218,10 @@ def _collect(procs: list, receivers: list[Connection], deadline: float,
                 ok, value = pickle.loads(receiver.recv_bytes())
             except EOFError:
                 procs[rank].join(timeout=5)
-                raise WorkerFailed(f"rank {rank} exited with code {procs[rank].exitcode} without a result") from None
+                raise _root_cause(procs, WorkerFailed(f"rank {rank} exited with code {procs[rank].exitcode} "
+                                                      f"without a result")) from None
             if not ok:
-                raise WorkerFailed(f"rank {rank} failed:\n{value}")
+                raise _root_cause(procs, WorkerFailed(f"rank {rank} failed:\n{value}"))
             values[rank] = value
         if pending and not ready and time.monotonic() > deadline:
             raise WorkerFailed(f"ranks {sorted(pending)} did not finish before the deadline")
