@@ -321,3 +321,15 @@ def test_digest_bench_measures_the_host_digest(tmp_path: Path) -> None:
     [result] = [json.loads(line) for line in out.read_text().splitlines()]
     assert result["device"] == "cpu" and result["bytes"] == 10**7 and result["host_gbps"] > 0
     assert f"RESULT {json.dumps(result)}" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_rank_start_bench_times_spawned_and_forked_ranks(tmp_path: Path) -> None:
+    """``bench/bench_rank_start.py`` has no runner either: it runs as is, on the CPU."""
+    out = tmp_path / "start.jsonl"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_rank_start.py"), "--ranks", "2", "--repeats",
+                           "1", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    [result] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["ranks"] == 2
+    assert all(result[method]["median_s"] > 0 for method in ("spawn", "forkserver"))
