@@ -23,6 +23,8 @@ the phase's sink, alternating (so that the machine's drift falls on both), after
   "done" and answers; before the next optimizer step this rank reads the answer and makes its stream wait for
   "done" (a GPU-side wait). The copy overlaps the whole next forward and backward;
 - ``ipc_bwd``: the same, the message sent once the forward is queued (overlapping the backward only);
+- ``ipc_noop``: ``ipc`` without the copy: the child only waits for "ready" and records "done" (what the two
+  processes' events and messages cost by themselves);
 - ``ipc_digest``: ``ipc`` plus the GPU digest of each tensor, computed by this rank on a side stream;
 - ``ipc_digest_child``: ``ipc`` with the digest computed by the child, on its stream, before its copy;
 - ``copy_thread``: the copy of ``copy`` issued by another thread of this process, on its own stream, at
@@ -35,7 +37,9 @@ Python, as a Ray actor's control calls (heartbeats, the bench's progress polls) 
 sets how soon a thread waiting for the GIL makes its holder give it up: a diagnostic of why a snapshot every step
 costs more under Ray than under torchrun (the sink's seal thread competes for the GIL with the training thread).
 Rank 0 prints ``RESULT {json}`` with each phase's median step time and its overhead over its paired windows without
-a sink, and where each rank was placed.
+a sink, and where each rank was placed; the ``ipc`` phases also report ``copy_ms_<phase>``, the median GPU time of
+the child's copy (CUDA events around it on its stream): the copy is hidden while it is shorter than the time from
+one optimizer step to the next.
 """
 
 from __future__ import annotations
@@ -125,7 +129,8 @@ def _gpu_digest(name: str, source):
 class IpcCopy:
     """The copy made by a child process through CUDA IPC (see the module docstring's ``ipc`` phases)."""
 
-    def __init__(self, state: ShardState, *, after_forward: bool, digest: bool, child_digest: bool = False) -> None:
+    def __init__(self, state: ShardState, *, after_forward: bool, digest: bool, child_digest: bool = False,
+                 copy: bool = True) -> None:
         import torch
         import torch.multiprocessing as mp
 
@@ -135,7 +140,8 @@ class IpcCopy:
         context = mp.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_ipc_copier, args=(child, dict(state.tensors), self.ready, self.done,
-                                                                 child_digest), daemon=True)
+                                                                 child_digest, copy), daemon=True)
+        self.copy_ms: float | None = None
         self.process.start()
         assert self.conn.recv() == "up"
         self.defer = after_forward
@@ -177,11 +183,14 @@ class IpcCopy:
     def close(self) -> None:
         self.flush()
         self.conn.send(None)
+        timings = self.conn.recv()
+        self.copy_ms = statistics.median(timings) if timings else None
         self.process.join(30)
 
 
-def _ipc_copier(conn, tensors: dict, ready, done, digest: bool) -> None:
-    """The child of :class:`IpcCopy`: copies the shard into two alternating pinned buffers of its own."""
+def _ipc_copier(conn, tensors: dict, ready, done, digest: bool, copy: bool) -> None:
+    """The child of :class:`IpcCopy`: copies the shard into two alternating pinned buffers of its own, timing each
+    copy on its stream; sends the timings (ms) when told to stop."""
     import torch
 
     device = next(iter(tensors.values())).device
@@ -191,19 +200,30 @@ def _ipc_copier(conn, tensors: dict, ready, done, digest: bool) -> None:
                for _ in range(2)]
     conn.send("up")
     turn = 0
+    timings: list[float] = []
+    timed: tuple | None = None
     while conn.recv() is not None:
         stream.wait_event(ready)
+        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began.record(stream)
         with torch.cuda.stream(stream):
             for name, source in tensors.items():
                 if digest:
                     result = _gpu_digest(name, source)
                     host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
                     host.copy_(result, non_blocking=True)
-                buffers[turn][name].copy_(source, non_blocking=True)
+                if copy:
+                    buffers[turn][name].copy_(source, non_blocking=True)
+        ended.record(stream)
         done.record(stream)
         conn.send("recorded")
+        if timed is not None:  # the previous copy: long finished by the time the rank sends the next message
+            timed[1].synchronize()
+            timings.append(timed[0].elapsed_time(timed[1]))
+        timed = (began, ended)
         turn = 1 - turn
     stream.synchronize()
+    conn.send(timings)
 
 
 class ThreadCopy:
@@ -255,7 +275,7 @@ class ThreadCopy:
         self.requests.put(None)
 
 
-PARTS = ("state", "copy", "copy_bwd", "copy_bwd_digest", "snapshot", "ipc", "ipc_bwd", "ipc_digest",
+PARTS = ("state", "copy", "copy_bwd", "copy_bwd_digest", "snapshot", "ipc", "ipc_bwd", "ipc_noop", "ipc_digest",
          "ipc_digest_child", "copy_thread")
 
 
@@ -291,6 +311,7 @@ def run() -> dict:
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
     poller = start_poller(args.poll_hz, args.poll_work_us) if args.poll_hz else None
     phases: dict[str, tuple[list[float], list[float]]] = {}
+    copy_ms: dict[str, float] = {}
 
     def phase(name: str, sink) -> None:
         trainer.sinks.append(sink)
@@ -300,6 +321,8 @@ def run() -> dict:
         sink.close()
         trainer.sinks.remove(sink)
         phases[name] = (off, on)
+        if getattr(sink, "copy_ms", None) is not None:
+            copy_ms[name] = sink.copy_ms
 
     def sink_of(name: str):
         if name == "state":
@@ -310,7 +333,7 @@ def run() -> dict:
             return snapshot
         if name.startswith("ipc"):
             return IpcCopy(trainer.shard_state(), after_forward=name == "ipc_bwd", digest=name == "ipc_digest",
-                           child_digest=name == "ipc_digest_child")
+                           child_digest=name == "ipc_digest_child", copy=name != "ipc_noop")
         if name == "copy_thread":
             return ThreadCopy()
         return CopyOnly(after_forward=name != "copy", digest=name == "copy_bwd_digest" and args.device == "cuda")
@@ -331,6 +354,8 @@ def run() -> dict:
         figures[f"step_ms_{name}"] = round(ms_on, 2)
         figures[f"step_ms_{name}_off"] = round(ms_off, 2)
         figures[f"overhead_{name}"] = round(ms_on / ms_off - 1, 4)
+        if name in copy_ms:
+            figures[f"copy_ms_{name}"] = round(copy_ms[name], 2)
     return {"bench": "snapshot_parts", **result_header(args, world_size, device), "window": args.window,
             "numa_bind": args.numa_bind, "placements": placements, "poll_hz": args.poll_hz,
             "poll_work_us": args.poll_work_us, "switch_interval_ms": args.switch_interval_ms, **figures,
