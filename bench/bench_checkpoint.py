@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--no-fsync", action="store_true", help="regrow: skip fsync (DeepSpeed and DCP do not fsync)")
+    parser.add_argument("--chunk-mib", type=int, default=None,
+                        help="regrow: WriterConfig.chunk_bytes in MiB (bytes per checksum and per write; default the "
+                             "writer's)")
     parser.add_argument("--cold-first-save", action="store_true",
                         help="regrow: no start-up allocation of the host buffers (the first save allocates them on "
                              "the training thread, as before CheckpointWriter.prepare): the anchor of the first save")
@@ -191,7 +194,9 @@ def build_regrow(args: argparse.Namespace, rank: int, world_size: int, device: t
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)
     dist.barrier()
-    writer = CheckpointWriter(WriterConfig(root=str(root), save_every=0, keep_last=2, fsync=not args.no_fsync),
+    chunk = {"chunk_bytes": args.chunk_mib << 20} if args.chunk_mib else {}
+    writer = CheckpointWriter(WriterConfig(root=str(root), save_every=0, keep_last=2, fsync=not args.no_fsync,
+                                           **chunk),
                               rank=rank, world_size=world_size, run_config=trainer.config.to_dict())
     if not args.cold_first_save:
         writer.prepare(trainer.shard_state())  # as launch/rank.attach_writer does: the first save's buffers, now
