@@ -63,8 +63,8 @@ def test_update_digests_equal_the_host_digest_and_change_no_result(blocks: int) 
     sums = torch.full((blocks, 6), -1, dtype=torch.int64, device="cuda")  # every entry must be written
     adamw8bit_step(digested[0], digested[1], *digested[2:], step=2, row_digests=sums, **HYPER)
     adamw8bit_step(plain[0], plain[1], *plain[2:], step=2, **HYPER)
-    for with_digest, without in zip(digested, plain, strict=True):
-        assert torch.equal(with_digest, without), "computing the digest changed the update"
+    for with_digest, without in zip(digested, plain, strict=True):  # bit patterns: the gradient holds NaN
+        assert torch.equal(with_digest.view(torch.uint8), without.view(torch.uint8)), "the digest changed the update"
     out = torch.full((5, 2), 7, dtype=torch.int64, device="cuda")  # combine zeroes it first
     combine_row_digests(sums, digested[3], digested[5], out)
     for row, tensor in enumerate(_shard(digested)):
