@@ -23,6 +23,8 @@ the phase's sink, alternating (so that the machine's drift falls on both), after
   "done" and answers; before the next optimizer step this rank reads the answer and makes its stream wait for
   "done" (a GPU-side wait). The copy overlaps the whole next forward and backward;
 - ``ipc_bwd``: the same, the message sent once the forward is queued (overlapping the backward only);
+- ``ipc_shm``: ``ipc`` into two mapped ``/dev/shm`` files registered with CUDA (``cudaHostRegister``), as the
+  copier's segments are, instead of memory that CUDA allocated pinned;
 - ``ipc_noop``: ``ipc`` without the copy: the child only waits for "ready" and records "done" (what the two
   processes' events and messages cost by themselves);
 - ``ipc_digest``: ``ipc`` plus the GPU digest of each tensor, computed by this rank on a side stream;
@@ -130,7 +132,7 @@ class IpcCopy:
     """The copy made by a child process through CUDA IPC (see the module docstring's ``ipc`` phases)."""
 
     def __init__(self, state: ShardState, *, after_forward: bool, digest: bool, child_digest: bool = False,
-                 copy: bool = True) -> None:
+                 copy: bool = True, shm: bool = False) -> None:
         import torch
         import torch.multiprocessing as mp
 
@@ -140,7 +142,7 @@ class IpcCopy:
         context = mp.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_ipc_copier, args=(child, dict(state.tensors), self.ready, self.done,
-                                                                 child_digest, copy), daemon=True)
+                                                                 child_digest, copy, shm), daemon=True)
         self.copy_ms: float | None = None
         self.process.start()
         assert self.conn.recv() == "up"
@@ -188,16 +190,20 @@ class IpcCopy:
         self.process.join(30)
 
 
-def _ipc_copier(conn, tensors: dict, ready, done, digest: bool, copy: bool) -> None:
-    """The child of :class:`IpcCopy`: copies the shard into two alternating pinned buffers of its own, timing each
-    copy on its stream; sends the timings (ms) when told to stop."""
+def _ipc_copier(conn, tensors: dict, ready, done, digest: bool, copy: bool, shm: bool) -> None:
+    """The child of :class:`IpcCopy`: copies the shard into two alternating pinned buffers of its own (or mapped
+    ``/dev/shm`` files registered with CUDA), timing each copy on its stream; sends the timings (ms) when told to
+    stop."""
     import torch
 
     device = next(iter(tensors.values())).device
     torch.cuda.set_device(device)
     stream = torch.cuda.Stream(device)
-    buffers = [{name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in tensors.items()}
-               for _ in range(2)]
+    if shm:
+        buffers = [_registered_shm(tensors, turn) for turn in range(2)]
+    else:
+        buffers = [{name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for name, t in tensors.items()}
+                   for _ in range(2)]
     conn.send("up")
     turn = 0
     timings: list[float] = []
@@ -224,6 +230,41 @@ def _ipc_copier(conn, tensors: dict, ready, done, digest: bool, copy: bool) -> N
         turn = 1 - turn
     stream.synchronize()
     conn.send(timings)
+
+
+def _registered_shm(tensors: dict, turn: int) -> dict:
+    """Views of one ``/dev/shm`` file mapped and registered with CUDA, one per tensor at 64-byte aligned offsets
+    (as a snapshot segment lays them out); the file is unlinked at once (the mapping keeps it)."""
+    import mmap
+    import os
+
+    import torch
+
+    from regrow.checkpoint.snapshot import host_register
+
+    offsets, total = {}, 0
+    for name, tensor in tensors.items():
+        offsets[name] = total
+        total += -(-tensor.numel() * tensor.element_size() // 64) * 64
+    path = f"/dev/shm/bench-parts-{os.getpid()}-{turn}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, total)
+        mapping = mmap.mmap(fd, total)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)
+    whole.fill_(0)  # faults every page in, as the snapshot process's segments are before use
+    code = host_register.register(whole.data_ptr(), total)
+    if code != 0:
+        raise RuntimeError(f"cudaHostRegister of {path} failed with CUDA error {code}")
+    views = {}
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        views[name] = whole[offsets[name] : offsets[name] + nbytes].view(tensor.dtype).view(tensor.shape)
+    views["__mapping__"] = mapping  # kept alive with the views
+    return views
 
 
 class ThreadCopy:
@@ -275,8 +316,8 @@ class ThreadCopy:
         self.requests.put(None)
 
 
-PARTS = ("state", "copy", "copy_bwd", "copy_bwd_digest", "snapshot", "ipc", "ipc_bwd", "ipc_noop", "ipc_digest",
-         "ipc_digest_child", "copy_thread")
+PARTS = ("state", "copy", "copy_bwd", "copy_bwd_digest", "snapshot", "ipc", "ipc_bwd", "ipc_shm", "ipc_noop",
+         "ipc_digest", "ipc_digest_child", "copy_thread")
 
 
 def start_poller(hz: float, work_us: float) -> threading.Event:
@@ -333,7 +374,7 @@ def run() -> dict:
             return snapshot
         if name.startswith("ipc"):
             return IpcCopy(trainer.shard_state(), after_forward=name == "ipc_bwd", digest=name == "ipc_digest",
-                           child_digest=name == "ipc_digest_child", copy=name != "ipc_noop")
+                           child_digest=name == "ipc_digest_child", copy=name != "ipc_noop", shm=name == "ipc_shm")
         if name == "copy_thread":
             return ThreadCopy()
         return CopyOnly(after_forward=name != "copy", digest=name == "copy_bwd_digest" and args.device == "cuda")
