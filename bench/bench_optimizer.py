@@ -75,36 +75,12 @@ def _time_cpu(step: Callable[[int], None], warmup: int, iters: int) -> float:
 # ---------------------------------------------------------------------------------------------------- the contenders
 
 
-def _regrow_8bit(numel: int, device: str, grad_dtype: torch.dtype, with_out: bool, digest: str = "none"
-                 ) -> Callable[[int], None]:
-    """The 8-bit step; ``digest`` (CUDA): ``"fused"`` also digests the new shard on the way (per-block sums, then
-    ``combine_row_digests``), ``"kernel"`` runs the snapshot's digest kernel over the five tensors after the step
-    (what a snapshot every step did before)."""
+def _regrow_8bit(numel: int, device: str, grad_dtype: torch.dtype, with_out: bool) -> Callable[[int], None]:
     param = torch.randn(numel, device=device)
     grad = (torch.randn(numel, device=device) * 1e-3).to(grad_dtype)
     state = codes.new_state_8bit(numel, device)
     out = torch.empty(numel, dtype=torch.bfloat16, device=device) if with_out else None
-    if digest == "none":
-        return lambda i: adamw.adamw8bit_step(param, grad, *state, step=i, param_out=out, **HYPER)
-    digests = torch.zeros((5, 2), dtype=torch.int64, device=device)
-    sums = torch.zeros((numel // BLOCK_SIZE, 6), dtype=torch.int64, device=device)
-    if digest == "fused":
-        from regrow.trainer.zero.adamw_triton import combine_row_digests
-
-        def fused(i: int) -> None:
-            adamw.adamw8bit_step(param, grad, *state, step=i, param_out=out, row_digests=sums, **HYPER)
-            combine_row_digests(sums, state[1], state[3], digests)
-
-        return fused
-    from regrow.checkpoint.snapshot.wordsum_triton import digest_cuda
-
-    def separate(i: int) -> None:
-        adamw.adamw8bit_step(param, grad, *state, step=i, param_out=out, **HYPER)
-        digests.zero_()
-        for row, tensor in enumerate((param, *state)):
-            digest_cuda(tensor, out=digests[row])
-
-    return separate
+    return lambda i: adamw.adamw8bit_step(param, grad, *state, step=i, param_out=out, **HYPER)
 
 
 def _regrow_8bit_config(numel: int, rows: int, warps: int) -> Callable[[int], None]:
@@ -273,10 +249,6 @@ def run_cuda(args: argparse.Namespace) -> dict[str, object]:
     rows = [
         Row(name="regrow 8-bit (Triton, bf16 grad, bf16 param_out)", ms_per_step=None,
             state_bytes_per_param=2 + 8 / 256, traffic_bytes_per_param=2 + 8 + 2 + 4),
-        Row(name="regrow 8-bit + the snapshot digest on the way (row_digests)", ms_per_step=None,
-            state_bytes_per_param=2 + 8 / 256, traffic_bytes_per_param=2 + 8 + 2 + 4 + 48 / 256),
-        Row(name="regrow 8-bit, then the digest kernel over the shard", ms_per_step=None,
-            state_bytes_per_param=2 + 8 / 256, traffic_bytes_per_param=2 + 8 + 2 + 4 + 6),
         Row(name="bitsandbytes AdamW8bit (fp32 grad)", ms_per_step=None, state_bytes_per_param=2 + 8 / 256,
             traffic_bytes_per_param=4 + 8 + 4),
         Row(name="torch AdamW fused (fp32 grad)", ms_per_step=None, state_bytes_per_param=8,
@@ -286,8 +258,6 @@ def run_cuda(args: argparse.Namespace) -> dict[str, object]:
     ]  # fmt: skip
     makers = [
         lambda: _regrow_8bit(numel, "cuda", torch.bfloat16, with_out=True),
-        lambda: _regrow_8bit(numel, "cuda", torch.bfloat16, with_out=True, digest="fused"),
-        lambda: _regrow_8bit(numel, "cuda", torch.bfloat16, with_out=True, digest="kernel"),
         lambda: _bnb_adamw8bit(numel, "cuda"),
         lambda: _torch_adamw(numel, "cuda", fused=True),
         lambda: _regrow_32bit(numel, "cuda"),
@@ -296,7 +266,7 @@ def run_cuda(args: argparse.Namespace) -> dict[str, object]:
         row.ms_per_step, row.note = _measure(make, _time_cuda, args.warmup, args.iters)
         print(f"  {row.name}: {row.ms_per_step} ms {row.note}", flush=True)
     agreement = _agreement(_blocks(args.check_numel))
-    print(_table(rows, numel, baseline=3))
+    print(_table(rows, numel, baseline=1))
     print("\nTriton vs CPU path, one step from identical inputs each (bf16 grads over 9 decades, NaN/Inf, param_out):")
     for key, value in agreement.items():
         print(f"  {key}: {value:.7g}")

@@ -250,8 +250,7 @@ class Guard:
         cursor = self.sampler.state() if self.sampler is not None else DataCursor(epoch=0, index=0)
         return ShardState(step=self.step, tensors={**self.optimizer.shard_tensors(), **tensors}, layout=self._layout,
                           rank=self.rank, rng=RngState.capture(), data_cursor=cursor.to_dict(),
-                          tokens_seen=self.tokens_seen, extra={"lineage": self.lineage, "user": tree},
-                          digests=self.optimizer.shard_digests())
+                          tokens_seen=self.tokens_seen, extra={"lineage": self.lineage, "user": tree})
 
     # ---------------------------------------------------------------- the Restorable contract
     @property

@@ -289,27 +289,3 @@ def test_sink_clears_dirty_gaps_between_odd_sized_tensors(node, token, monkeypat
         for name, tensor in state(step).tensors.items():
             if name != "odd/half":  # random per call
                 assert torch.equal(restored.tensors[name], tensor), name
-
-
-def test_a_device_digest_serves_only_the_tensor_it_was_made_for() -> None:
-    """``ShardState.digests`` (the 8-bit update's digests on CUDA): a state rebuilt with other tensors, as
-    ``dataclasses.replace`` does, must not hand a consumer the old tensor's digest."""
-    from regrow.trainer.state import TensorDigest
-
-    base = Trainer(tiny_config(steps=1)).shard_state()
-    key = next(iter(base.tensors))
-    value = as_int64(digest(base.tensors[key].numpy().tobytes()))
-    state = dataclasses.replace(base, digests={key: TensorDigest(base.tensors[key], value)})
-    assert state.digest_of(key) is value
-    assert all(state.digest_of(other) is None for other in state.tensors if other != key)
-    moved = dataclasses.replace(state, tensors={name: t.clone() for name, t in state.tensors.items()})
-    assert moved.digest_of(key) is None
-
-
-def test_cpu_updates_make_no_digests() -> None:
-    """Only the CUDA 8-bit kernel digests as it writes; on the CPU the sink digests on the host, as before."""
-    trainer = Trainer(tiny_config(steps=2))
-    trainer.train_step()
-    assert trainer.shard_state().digests == {}
-    trainer.train_step()
-    assert trainer.shard_state().digests == {}

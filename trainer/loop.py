@@ -300,7 +300,6 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
             data_cursor=self.sampler.state().to_dict(),
             tokens_seen=self.tokens_seen,
             extra={"lineage": self.lineage},
-            digests=self.optimizer.shard_digests(),
         )
 
     def start_lineage(self) -> str:

@@ -13,9 +13,6 @@ learning rate is a function of the step.
 - ``rng``: every random generator a rank draws from (torch CPU, each CUDA device, Python, NumPy).
 - ``data_cursor``: the sampler's position (``DataCursor.to_dict()``), taken at the step boundary.
 - ``tokens_seen``: tokens consumed by all ranks so far (for logs and throughput).
-- ``digests``: optional WordSum-128 checksums of some of ``tensors``, computed on their device where their bytes were
-  last written (the 8-bit update kernel): a consumer that checksums the shard (the snapshot sink) takes them instead
-  of reading those tensors again. Each names the tensor object it was computed for (:meth:`ShardState.digest_of`).
 - ``extra``: small JSON values: the lineage, and ``"user"``, the JSON part of a user loop's own state (a scheduler,
   counters) whose tensors ride in ``tensors`` under keys starting :data:`USER_PREFIX` (``launch/guard.py``).
 
@@ -29,7 +26,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -50,17 +47,6 @@ def optimizer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def user_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The user loop's tensors of ``tensors`` (keys under :data:`USER_PREFIX`), in order."""
     return {key: value for key, value in tensors.items() if key.startswith(USER_PREFIX)}
-
-
-class TensorDigest(NamedTuple):
-    """The WordSum-128 of one shard tensor's bytes (defined in ``checkpoint/snapshot/wordsum.py``), on its device."""
-
-    source: torch.Tensor
-    """The tensor digested: the very object held in ``ShardState.tensors``."""
-    value: torch.Tensor
-    """An int64 tensor ``[A, B]`` on ``source``'s device holding the two uint64 words' bit patterns. It is written
-    on the stream that wrote ``source`` (read it on that stream, or after it) and holds while ``source`` does: until
-    the next optimizer step."""
 
 
 @dataclass
@@ -102,13 +88,6 @@ class ShardState:
     data_cursor: dict[str, int]
     tokens_seen: int
     extra: dict = field(default_factory=dict)
-    digests: dict[str, TensorDigest] = field(default_factory=dict)
-
-    def digest_of(self, name: str) -> torch.Tensor | None:
-        """The device digest of ``tensors[name]`` when one was computed for that very tensor, else None (a state
-        rebuilt with other tensors, ``dataclasses.replace`` say, keeps no stale digest)."""
-        known = self.digests.get(name)
-        return known.value if known is not None and known.source is self.tensors.get(name) else None
 
     def nbytes(self) -> int:
         """Bytes of tensor data in the shard (what a snapshot must hold)."""

@@ -284,9 +284,7 @@ class CopierWriter:
         the copier reads that memory, so a tensor that moved must be shared again first."""
         return _signature(tensors) == self._shared
 
-    def start(self, step: int, meta: dict, digests: dict[str, torch.Tensor] | None = None) -> None:
-        """Hands step ``step`` over. ``digests``: device digests already made for some shard tensors (by the
-        update that wrote them, ``ShardState.digest_of``), on the current stream; the others are digested here."""
+    def start(self, step: int, meta: dict) -> None:
         self.link.poll()
         self._raise_if_failed()
         self.wait_before_mutation()  # two snapshots without an optimizer step in between
@@ -301,29 +299,15 @@ class CopierWriter:
             # programs; a snapshot every step 8.1% with 16 programs).
             self._ready.record(compute)
             if self._digests is not None and self._digest_stream is not None:
+                digest_cuda = gpu_digest_kernel()
                 self._digest_stream.wait_stream(compute)
                 with torch.cuda.stream(self._digest_stream):
-                    self._fill_digests(digests or {})
+                    self._digests.zero_()
+                    for row, tensor in enumerate(self._tensors.values()):
+                        digest_cuda(tensor, out=self._digests[row])
                 self._digested.record(self._digest_stream)
         self.link.send({"op": "snap", "step": step, "meta": meta})
         self._awaiting = step
-
-    def _fill_digests(self, known: dict[str, torch.Tensor]) -> None:
-        """Writes each shard tensor's digest into the buffer shared with the copier, on the current stream: a copy
-        of the 16 bytes where ``known`` has it (the update digested the tensor as it wrote it: measured, reading
-        the shard again costs a snapshot every step about 1.5% of a 350m step on an H100), else the digest
-        kernel, which reads the tensor."""
-        assert self._digests is not None
-        rows = {name: row for row, name in enumerate(self._tensors)}
-        ready = [(self._digests[rows[name]], value) for name, value in known.items() if name in rows]
-        if len(ready) < len(rows):
-            self._digests.zero_()  # the kernel adds into its row
-            digest_cuda = gpu_digest_kernel()
-            for name, tensor in self._tensors.items():
-                if name not in known:
-                    digest_cuda(tensor, out=self._digests[rows[name]])
-        if ready:
-            torch._foreach_copy_([target for target, _ in ready], [value for _, value in ready])
 
     def wait_before_mutation(self) -> None:
         if self._awaiting is None:

@@ -1,9 +1,8 @@
 """The rank side of in-memory snapshots: a ``StateSink`` that snapshots every step into the node's shared memory.
 
 Who copies (``SnapshotSinkConfig.copier``). On a GPU the rank's copier process does (``copier.py``; the rank's end
-is ``copier_link.CopierWriter``): after each optimizer step this sink records an IPC event, hands over the shard's
-digests (those the 8-bit update made as it wrote the tensors, ``ShardState.digest_of``; the others are digested
-on a side stream) and sends one message, and before the next optimizer step makes the compute stream wait for the
+is ``copier_link.CopierWriter``): after each optimizer step this sink digests the shard on a side stream, records
+an IPC event and sends one message, and before the next optimizer step makes the compute stream wait for the
 copier's event; the slot choice, the metadata, the copy, the seal and the COMMIT are the copier's (measured: the
 copy costs about 1% of a step from another process, 12-16% from this one). On CPU, or where the copier cannot
 take the shard, this sink copies itself, as follows.
@@ -292,8 +291,7 @@ class SnapshotSink:
         if self._writer is None:
             return False
         entries = [self._entries[name] for name in state.tensors]
-        known = {name: digest for name in state.tensors if (digest := state.digest_of(name)) is not None}
-        self._writer.start(state.step, state_meta(state, entries), digests=known)
+        self._writer.start(state.step, state_meta(state, entries))
         return True
 
     def _copy_here(self, state: ShardState, why: str) -> None:

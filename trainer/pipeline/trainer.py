@@ -243,7 +243,6 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
             tokens_seen=self.tokens_seen,
             extra={"pp_stage": self.stage, "pp_size": self.n_stages, "lr_scale": self.lr_scale,
                    "optimizer_steps": self.optimizer.step_count, "lineage": self.lineage},
-            digests=self.optimizer.shard_digests(),
         )
 
     def run_config(self) -> dict:

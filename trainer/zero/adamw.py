@@ -122,17 +122,6 @@ def _tensor_problems(param: Tensor, grad: Tensor, param_out: Tensor | None, chun
     return problems
 
 
-def _row_digest_problems(param: Tensor, row_digests: Tensor) -> list[str]:
-    expected = (param.numel() // BLOCK_SIZE, 6)
-    if param.device.type != "cuda":
-        return [f"row_digests: the fused digest is computed by the CUDA kernel only (param is on {param.device})"]
-    if (row_digests.dtype != torch.int64 or tuple(row_digests.shape) != expected
-            or row_digests.device != param.device or not row_digests.is_contiguous()):
-        return [f"row_digests: must be a contiguous int64 tensor of shape {expected} on {param.device} (got "
-                f"{row_digests.dtype}, shape {tuple(row_digests.shape)}, on {row_digests.device})"]
-    return []
-
-
 def _raise_if(problems: list[str], what: str) -> None:
     if problems:
         raise ValueError(f"{what}: invalid arguments:\n  " + "\n  ".join(problems))
@@ -180,7 +169,6 @@ def adamw8bit_step(
     grad_scale: float = 1.0,
     param_out: Tensor | None = None,
     chunk_size: int | None = None,
-    row_digests: Tensor | None = None,
 ) -> None:
     """One AdamW step with block-wise 8-bit state, in place on ``param`` and the four state tensors.
 
@@ -205,18 +193,11 @@ def adamw8bit_step(
 
     The result does not depend on ``chunk_size`` (CPU only: elements per chunk, a multiple of 256; default
     :data:`DEFAULT_CPU_CHUNK`), and the CUDA kernel computes the same values.
-
-    ``row_digests`` (CUDA only): a contiguous int64 tensor of ``[param.numel() // 256, 6]`` on the same device that
-    receives, per block, partial WordSum-128 sums of the new master and code bytes, which
-    ``adamw_triton.combine_row_digests`` turns into digests of the whole tensors (so that a snapshot need not read
-    the shard again to checksum it).
     """
     problems = _hyper_problems(lr, beta1, beta2, eps, weight_decay, step, grad_scale)
     problems += _tensor_problems(param, grad, param_out, chunk_size)
     if not problems:
         problems += _state_problems(param, m_codes, m_scales, v_codes, v_scales)
-    if not problems and row_digests is not None:
-        problems += _row_digest_problems(param, row_digests)
     _raise_if(problems, "adamw8bit_step")
     scalars = adam_scalars(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale
@@ -227,8 +208,7 @@ def adamw8bit_step(
         from regrow.trainer.zero import adamw_triton  # triton is only needed (and only installed) where CUDA is
 
         adamw_triton.adamw8bit_step_cuda(
-            param, grad, m_codes, m_scales, v_codes, v_scales, scalars, tables_m, tables_v, param_out,
-            row_digests=row_digests,
+            param, grad, m_codes, m_scales, v_codes, v_scales, scalars, tables_m, tables_v, param_out
         )
         return
     chunk = chunk_size or DEFAULT_CPU_CHUNK

@@ -10,14 +10,6 @@ Nearest code without a search: a 6400-entry uint8 table indexed by the sign, exp
 that index finishes the job (see ``codes._build_lut``, which proves per key that one comparison is enough). Per
 element and per moment that is three small gathers (code, table, threshold), all cached in L1.
 
-The snapshot digest on the way (``row_digests``): the update writes every byte of the master shard and of both code
-tensors, so it can digest them while they are in registers instead of a later kernel reading the shard again (which
-costs a snapshot every step about 1.5% of a 350m step on an H100, ``bench/RESULTS.md``). Per block it stores six
-uint64 partial sums of WordSum-128 (defined in ``checkpoint/snapshot/wordsum.py``; the trainer does not import the
-checkpoint tier, the tests check that the two agree): for the 256 master words and for the 64 words of each code
-tensor, ``A = sum(w_j)`` and ``B = sum((j + 1) * w_j)`` with j counted from the block's first word.
-:func:`combine_row_digests` turns them, and the block scales, into one digest per shard tensor.
-
 Bitwise agreement with the CPU path: every floating-point operation is an explicitly rounded PTX instruction
 (``mul.rn``, ``add.rn``, ``sub.rn``, ``div.rn``, ``sqrt.rn``) in the CPU path's order. Explicit rounding forbids
 contraction into FMA, and these instructions keep denormals, whereas Triton's libdevice division and square root
@@ -25,8 +17,6 @@ are linked flush-to-zero. The sign rule reads the sign bit, an integer test.
 """
 
 from __future__ import annotations
-
-import functools
 
 import triton
 import triton.language as tl
@@ -114,12 +104,11 @@ def _nearest_code(
 def _adamw8bit_kernel(
     p_ptr, g_ptr, mq_ptr, ms_ptr, vq_ptr, vs_ptr, out_ptr,
     code_m_ptr, code_v_ptr, lut_m_ptr, lut_v_ptr, thr_m_ptr, thr_v_ptr,
-    dg_ptr, n_blocks, beta1, omb1, beta2, omb2, eps, decay, step_size, inv_bias2_sqrt, grad_scale,
+    n_blocks, beta1, omb1, beta2, omb2, eps, decay, step_size, inv_bias2_sqrt, grad_scale,
     M_POS_START: tl.constexpr, M_NEG_END: tl.constexpr, V_POS_START: tl.constexpr,
     KEY_SHIFT: tl.constexpr, KEY_BASE: tl.constexpr, KEY_HALF: tl.constexpr,
     MAG_MIN: tl.constexpr, MAG_MAX: tl.constexpr,
     ROWS: tl.constexpr, QBLOCK: tl.constexpr, HAS_OUT: tl.constexpr, SCALE_GRAD: tl.constexpr, WIDE: tl.constexpr,
-    DIGEST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if WIDE:  # shards of 2**31 elements or more need 64-bit offsets
@@ -173,23 +162,6 @@ def _adamw8bit_kernel(
     )  # fmt: skip
     tl.store(mq_ptr + offs, mq, mask=mask)
     tl.store(vq_ptr + offs, vq, mask=mask)
-    if DIGEST:
-        # Word j of the block: master element j; for codes, bytes 4j..4j+3 little-endian, i.e. code e lands in
-        # word e // 4 shifted left by 8 * (e % 4). The fields of a word do not overlap, so summing the shifted codes
-        # sums the words. Bounds: A < 2^40, B < 2^48 per block (no wrap before the combination).
-        word_index = (cols + 1).to(tl.uint64)[None, :]
-        code_index = (cols // 4 + 1).to(tl.uint64)[None, :]
-        shift = ((cols % 4) * 8).to(tl.uint64)[None, :]
-        p_word = p_new.to(tl.uint32, bitcast=True).to(tl.uint64)
-        m_word = mq.to(tl.uint64) << shift
-        v_word = vq.to(tl.uint64) << shift
-        sums = dg_ptr + rows * 6
-        tl.store(sums, tl.sum(p_word, axis=1).to(tl.int64, bitcast=True), mask=row_ok)
-        tl.store(sums + 1, tl.sum(p_word * word_index, axis=1).to(tl.int64, bitcast=True), mask=row_ok)
-        tl.store(sums + 2, tl.sum(m_word, axis=1).to(tl.int64, bitcast=True), mask=row_ok)
-        tl.store(sums + 3, tl.sum(m_word * code_index, axis=1).to(tl.int64, bitcast=True), mask=row_ok)
-        tl.store(sums + 4, tl.sum(v_word, axis=1).to(tl.int64, bitcast=True), mask=row_ok)
-        tl.store(sums + 5, tl.sum(v_word * code_index, axis=1).to(tl.int64, bitcast=True), mask=row_ok)
 
 
 def adamw8bit_step_cuda(
@@ -204,14 +176,12 @@ def adamw8bit_step_cuda(
     tables_v: CodeTables,
     param_out: Tensor | None,
     *,
-    row_digests: Tensor | None = None,
     rows: int = DEFAULT_ROWS,
     num_warps: int = DEFAULT_WARPS,
 ) -> object:
     """Launches the kernel; arguments already validated by ``adamw.adamw8bit_step`` (same contract).
 
-    ``row_digests``: an int64 tensor of ``[blocks, 6]`` that receives each block's partial digests (module
-    docstring). ``rows`` (blocks per program, a power of two) and ``num_warps`` only change speed, never results. Returns
+    ``rows`` (blocks per program, a power of two) and ``num_warps`` only change speed, never results. Returns
     Triton's handle of the compiled kernel (its ``asm`` and register counts are what the benchmark inspects).
     """
     assert tables_m.lut_plain is not None and tables_v.lut_plain is not None, "standard map tables expected"
@@ -222,90 +192,12 @@ def adamw8bit_step_cuda(
     return _adamw8bit_kernel[grid](
         param, grad, m_codes, m_scales, v_codes, v_scales, param if param_out is None else param_out,
         tables_m.code, tables_v.code, tables_m.lut_plain, tables_v.lut_plain, tables_m.thresholds, tables_v.thresholds,
-        param if row_digests is None else row_digests, n_blocks, k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.eps, k.decay, k.step_size,
+        n_blocks, k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.eps, k.decay, k.step_size,
         k.inv_bias2_sqrt, k.grad_scale,
         M_POS_START=tables_m.pos_start, M_NEG_END=tables_m.neg_end, V_POS_START=tables_v.pos_start,
         KEY_SHIFT=23 - LUT_MANT_BITS, KEY_BASE=LUT_EXP_LO << LUT_MANT_BITS, KEY_HALF=LUT_HALF,
         MAG_MIN=LUT_MIN_MAGNITUDE, MAG_MAX=LUT_MAX_MAGNITUDE,
         ROWS=rows, QBLOCK=BLOCK_SIZE, HAS_OUT=param_out is not None, SCALE_GRAD=k.grad_scale != 1.0,
-        WIDE=param.numel() >= 2**31, DIGEST=row_digests is not None,
+        WIDE=param.numel() >= 2**31,
         num_warps=num_warps,
     )  # fmt: skip
-
-
-DIGEST_SUMS = 6
-"""uint64 partial sums per block in ``row_digests``: master A and B, first-moment codes A and B, second-moment codes
-A and B."""
-_COMBINE_BLOCK = 1024
-_COMBINE_WARPS = 4
-
-
-@triton.jit(do_not_specialize=["n_rows", "iterations"])
-def _combine_row_digests_kernel(sums_ptr, ms_ptr, vs_ptr, out_ptr, n_rows, iterations, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    lanes = tl.arange(0, BLOCK)
-    zero = tl.zeros([BLOCK], dtype=tl.uint64)
-    a_p, b_p, a_m, b_m, a_ms, b_ms, a_v, b_v, a_vs, b_vs = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-    ms_words = ms_ptr.to(tl.pointer_type(tl.int32))
-    vs_words = vs_ptr.to(tl.pointer_type(tl.int32))
-    for iteration in range(iterations):
-        row = (iteration * programs + pid).to(tl.int64) * BLOCK + lanes
-        ok = row < n_rows
-        before = row.to(tl.uint64)  # blocks before this one: its first word is word before * words-per-block
-        sums = sums_ptr + row * 6
-        part = tl.load(sums, mask=ok, other=0).to(tl.uint64, bitcast=True)
-        a_p += part
-        b_p += tl.load(sums + 1, mask=ok, other=0).to(tl.uint64, bitcast=True) + before * 256 * part
-        part = tl.load(sums + 2, mask=ok, other=0).to(tl.uint64, bitcast=True)
-        a_m += part
-        b_m += tl.load(sums + 3, mask=ok, other=0).to(tl.uint64, bitcast=True) + before * 64 * part
-        part = tl.load(sums + 4, mask=ok, other=0).to(tl.uint64, bitcast=True)
-        a_v += part
-        b_v += tl.load(sums + 5, mask=ok, other=0).to(tl.uint64, bitcast=True) + before * 64 * part
-        # A block scale is one word, word number ``row`` of its tensor.
-        scale = tl.load(ms_words + row, mask=ok, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        a_ms += scale
-        b_ms += (before + 1) * scale
-        scale = tl.load(vs_words + row, mask=ok, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        a_vs += scale
-        b_vs += (before + 1) * scale
-    # Integer sums mod 2^64 in any order: the result does not depend on the schedule. Output rows follow the
-    # shard's order: master, exp_avg_codes, exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales.
-    tl.atomic_add(out_ptr, tl.sum(a_p, axis=0).to(tl.int64, bitcast=True))
-    tl.atomic_add(out_ptr + 1, tl.sum(b_p, axis=0).to(tl.int64, bitcast=True))
-    tl.atomic_add(out_ptr + 2, tl.sum(a_m, axis=0).to(tl.int64, bitcast=True))
-    tl.atomic_add(out_ptr + 3, tl.sum(b_m, axis=0).to(tl.int64, bitcast=True))
-    tl.atomic_add(out_ptr + 4, tl.sum(a_ms, axis=0).to(tl.int64, bitcast=True))
-    tl.atomic_add(out_ptr + 5, tl.sum(b_ms, axis=0).to(tl.int64, bitcast=True))
-    tl.atomic_add(out_ptr + 6, tl.sum(a_v, axis=0).to(tl.int64, bitcast=True))
-    tl.atomic_add(out_ptr + 7, tl.sum(b_v, axis=0).to(tl.int64, bitcast=True))
-    tl.atomic_add(out_ptr + 8, tl.sum(a_vs, axis=0).to(tl.int64, bitcast=True))
-    tl.atomic_add(out_ptr + 9, tl.sum(b_vs, axis=0).to(tl.int64, bitcast=True))
-
-
-def combine_row_digests(row_digests: Tensor, m_scales: Tensor, v_scales: Tensor, out: Tensor) -> Tensor:
-    """Enqueues, on the current stream, the WordSum-128 of each of the five 8-bit shard tensors whose blocks
-    ``row_digests`` describes (filled by updates with ``row_digests``; the scales are read as they are) and returns
-    ``out``: an int64 ``[5, 2]`` tensor, zeroed here, rows in the shard's order (master, exp_avg_codes,
-    exp_avg_scales, exp_avg_sq_codes, exp_avg_sq_scales), each ``[A, B]`` as the bit patterns of the two uint64
-    words (``wordsum.Digest.from_int64``). Never synchronizes the CPU."""
-    n_rows = row_digests.shape[0]
-    out.zero_()
-    if n_rows == 0:
-        return out
-    blocks = triton.cdiv(n_rows, _COMBINE_BLOCK)
-    programs = min(blocks, 2 * _sm_count(row_digests.device.index))
-    iterations = triton.cdiv(blocks, programs)
-    _combine_row_digests_kernel[(programs,)](row_digests, m_scales, v_scales, out, n_rows, iterations,
-                                             BLOCK=_COMBINE_BLOCK, num_warps=_COMBINE_WARPS)
-    return out
-
-
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    import torch
-
-    if device_index is None or not torch.cuda.is_available():  # Triton's CPU interpreter
-        return 1
-    return torch.cuda.get_device_properties(device_index).multi_processor_count

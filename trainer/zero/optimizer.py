@@ -28,7 +28,6 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from regrow.comm import collectives
-from regrow.trainer.state import TensorDigest
 from regrow.trainer.zero.config import DTYPES, ZeroConfig, state_kind_rule
 from regrow.trainer.zero.layout import FlatLayout, build_layout
 from regrow.trainer.zero.reducer import BackwardReducer, GradientReducer, StepReducer, reduction_order
@@ -222,21 +221,6 @@ class ZeroOptimizer:
         for shard in self._shards:
             tensors.update(shard.tensors())
         return tensors
-
-    def shard_digests(self) -> dict[str, TensorDigest]:
-        """Device checksums (WordSum-128) of the :meth:`shard_tensors` whose bytes the last :meth:`step` wrote and
-        digested on the way, keyed like them; tensors changed since (a restore) have none.
-
-        The first call turns the digests on, for the updates that follow (it returns what the last step made, so
-        nothing then): the 8-bit update kernel on CUDA then also stores per-block sums (6 int64 per 256 elements)
-        and one small kernel combines them, far cheaper than reading the shard again to checksum it. fp32 state and
-        CPU shards are never digested here."""
-        digests: dict[str, TensorDigest] = {}
-        for shard in self._shards:
-            if shard.track_digests():
-                live = shard.tensors()
-                digests.update({key: TensorDigest(live[key], value) for key, value in shard.tensor_digests().items()})
-        return digests
 
     @torch.no_grad()
     def load_shard_tensors(self, tensors: dict[str, torch.Tensor], step_count: int) -> None:

@@ -115,11 +115,6 @@ class GroupShard:
             if what != MASTER
         }
         self._norm_ranges = _counted_ranges(layout, self.pieces, norm_skip)
-        # The digests of the tensors, made by the update (see track_digests): per-block sums, the combined
-        # digests, and the tensors' version counters when the update wrote them.
-        self._row_digests: torch.Tensor | None = None
-        self._digests: torch.Tensor | None = None
-        self._digested_versions: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -140,30 +135,6 @@ class GroupShard:
         """The master weights and optimizer state, keyed by :func:`shard_key` (the live buffers)."""
         named = {MASTER: self.master, **self.state}
         return {shard_key(self.name, what): tensor for what, tensor in named.items()}
-
-    def track_digests(self) -> bool:
-        """Makes every later update digest the shard tensors as it writes them (8-bit state on CUDA: the kernel
-        stores per-block sums, one small kernel combines them), so :meth:`tensor_digests` can serve them. Returns
-        False, changing nothing, where the update cannot (fp32 state, or a shard on the CPU)."""
-        if self.layout.kind.bits != 8 or self.master.device.type != "cuda":
-            return False
-        if self._row_digests is None:
-            blocks = self.layout.shard_numel // BLOCK_SIZE
-            self._row_digests = torch.zeros((blocks, 6), dtype=torch.int64, device=self.master.device)
-            self._digests = torch.zeros((len(self.state) + 1, 2), dtype=torch.int64, device=self.master.device)
-        return True
-
-    def tensor_digests(self) -> dict[str, torch.Tensor]:
-        """The WordSum-128 of each shard tensor (keys as :meth:`tensors`; int64 ``[A, B]`` on the device) computed
-        by the last update, if :meth:`track_digests` was on for it and no tensor changed since. Changes are seen
-        through torch's version counters, which every in-place torch operation bumps (a restore's ``copy_``, a
-        ``fill_``), while the update kernel, which the digests describe, does not. Empty otherwise."""
-        if self._digests is None or self._digested_versions != self._versions():
-            return {}
-        return dict(zip(self.tensors(), self._digests.unbind(0), strict=True))
-
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(tensor._version for tensor in self.tensors().values())
 
     def param_view(self, slot: ParamSlot) -> torch.Tensor:
         return self.flat_params[slot.offset : slot.offset + slot.numel].view(slot.shape)
@@ -206,12 +177,8 @@ class GroupShard:
         decayed parameters."""
         update = adamw8bit_step if self.layout.kind.bits == 8 else adamw32bit_step
         decay = weight_decay if self.layout.kind.decay else 0.0
-        sums = self._row_digests
         # One call per bucket piece, so the new working parameters land directly in the flat buffer.
         for flat_start, local_start, length in self.pieces:
-            digest = {}
-            if sums is not None:
-                digest["row_digests"] = sums[local_start // BLOCK_SIZE : (local_start + length) // BLOCK_SIZE]
             update(
                 self.master[local_start : local_start + length],
                 self.grad[local_start : local_start + length],
@@ -223,13 +190,7 @@ class GroupShard:
                 weight_decay=decay,
                 step=step,
                 param_out=self.owned_params(flat_start, length),
-                **digest,
             )
-        if sums is not None and self._digests is not None:
-            from regrow.trainer.zero.adamw_triton import combine_row_digests  # CUDA only (track_digests)
-
-            combine_row_digests(sums, self.state["exp_avg_scales"], self.state["exp_avg_sq_scales"], self._digests)
-            self._digested_versions = self._versions()
 
 
 def _counted_ranges(
