@@ -42,11 +42,43 @@ def train_zero(world: World | None, config: ZeroConfig, steps: int, global_batch
             loss.backward()
         opt.step()
         opt.zero_grad()
-    result = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with opt.gathered_parameters():  # stage 3: the parameters exist only while gathered
+        result = {name: p.detach().clone() for name, p in model.named_parameters()}
     for key in opt.shard_tensors():
         result[f"state:{key}"] = opt.gather_full(key)
     result["layout"] = opt.layout.to_dict()
     return result
+
+
+def stage3_memory(world: World | None, steps: int) -> dict:
+    """Trains the tiny GPT at stage 3 (8-bit state) and records which units' parameters are gathered: between
+    steps (nothing may be), inside every block's forward (the root and that block only), and the most at once."""
+    from regrow.trainer.zero.stage3 import find_units
+
+    rank, size = (world.rank, world.world_size) if world else (0, 1)
+    model = tiny_model()
+    opt = ZeroOptimizer(model, ZeroConfig(stage=3, state_bits=8, lr=1e-2, min_8bit_numel=1024))
+    shards = opt._shards  # noqa: SLF001 (the test looks at what is held, nothing else exposes it)
+    held = lambda: sum(shard.sharded.gathered_bytes() for shard in shards)  # noqa: E731
+    units = find_units(model, ())
+    in_block: list[int] = []
+    for name in units.names[1:]:
+        # Registered after the optimizer's own pre-hook, so it runs once the block is gathered.
+        model.get_submodule(name).register_forward_pre_hook(lambda module, args: in_block.append(held()))
+    between, peak = [], 0
+    local = 4 // size
+    for batch in fixed_batches(steps, 4):
+        between.append(held())
+        mine = batch[rank * local : (rank + 1) * local]
+        loss = model(mine[:, :-1], mine[:, 1:])
+        peak = max(peak, held())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    between.append(held())
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"between": between, "in_block": in_block, "peak_after_forward": peak, "full_bytes": full,
+            "units": list(units.names), "owned_bytes": sum(s.sharded.owned.numel() * 4 for s in shards)}
 
 
 def train_zero_configs(world: World | None, runs: list[dict]) -> list[dict]:

@@ -39,7 +39,7 @@ def test_fp32_state_matches_torch_adamw(world_size: int) -> None:
     """
     micro = 2
     runs = [dict(config=ZeroConfig(stage=s, **F32), steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=micro)
-            for s in (1, 2)]
+            for s in (1, 2, 3)]
     reference = w.reference_adamw(ZeroConfig(**F32), STEPS, GLOBAL_BATCH, micro)
     for result in run(world_size, runs):
         params = params_only(result)
@@ -56,6 +56,38 @@ def test_stage1_and_stage2_are_bit_identical_without_accumulation() -> None:
     stage1, stage2 = run(2, runs)
     for key in params_only(stage1):
         assert torch.equal(stage1[key], stage2[key]), key
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_stage3_is_bit_identical_to_stage2_with_8bit_state(world_size: int) -> None:
+    """Stage 3 reduces the same gradients as stage 2, micro-batch by micro-batch, in buckets cut at other places;
+    with one or two ranks every element's sum is the same, so parameters and 8-bit state must be bit-identical
+    (each parameter's blocks do not depend on the layout). Gradient accumulation and clipping are on."""
+    runs = [dict(config=ZeroConfig(stage=s, state_bits=8, lr=1e-2, min_8bit_numel=1024), steps=3,
+                 global_batch=8, micro_batch=2) for s in (2, 3)]
+    stage2, stage3 = run(world_size, runs)
+    for key in params_only(stage2):
+        assert torch.equal(stage2[key], stage3[key]), key
+    state2, state3 = _per_param_state(stage2), _per_param_state(stage3)
+    assert state2.keys() == state3.keys() and any(k.endswith("exp_avg_codes") for k in state2)
+    for key in state2:
+        assert torch.equal(state2[key], state3[key]), key
+
+
+@pytest.mark.timeout(300)
+def test_stage3_holds_only_its_shard_between_steps_and_one_block_at_a_time() -> None:
+    result = run_local(w.stage3_memory, 2, 3, backend="gloo", timeout_s=240, threads_per_rank=1)
+    for rank, held in enumerate(result):
+        assert held["units"][0] == "" and len(held["units"]) > 2, held["units"]
+        assert held["between"] == [0] * 4, f"rank {rank}: parameters gathered between steps: {held['between']}"
+        blocks = len(held["units"]) - 1
+        assert len(held["in_block"]) == 3 * blocks, "every block's forward ran once per step"
+        # Inside a block: the root (gathered for the whole forward) and that one block, the same for every block.
+        assert len(set(held["in_block"])) == 1, held["in_block"]
+        root = held["peak_after_forward"]
+        assert 0 < root < held["in_block"][0] < held["full_bytes"], (root, held["in_block"][0], held["full_bytes"])
+        assert held["owned_bytes"] < 0.6 * held["full_bytes"], "each of the two ranks keeps about half"
 
 
 def _per_param_state(result: dict) -> dict[str, torch.Tensor]:
@@ -109,8 +141,12 @@ def test_8bit_trajectories_agree_across_world_sizes() -> None:
 
 
 def test_config_errors_name_the_field() -> None:
-    with pytest.raises(ValueError, match=r"ZeroConfig.stage=3 .*1 and 2"):
-        ZeroConfig(stage=3)
+    with pytest.raises(ValueError, match=r"ZeroConfig.stage=4 .*1, 2 and 3"):
+        ZeroConfig(stage=4)
+    with pytest.raises(ValueError, match=r"ZeroConfig.shard_units=.*only stage 3"):
+        ZeroConfig(stage=2, shard_units=("blocks.0",))
+    with pytest.raises(ValueError, match=r"shard_units: \['blocks.9'\] are not modules of the model"):
+        ZeroOptimizer(w.tiny_model(), stage=3, shard_units=("blocks.9",))
     with pytest.raises(ValueError, match=r"ZeroConfig.state_bits=4 .*8 and 32"):
         ZeroConfig(state_bits=4)
     with pytest.raises(ValueError, match="ZeroConfig.param_dtype"):

@@ -27,7 +27,9 @@ class ZeroConfig:
     """Settings of :class:`ZeroOptimizer`. Every field is validated; errors name the field and the allowed values."""
 
     stage: int = 2
-    """1: gradients reduce-scattered at step(); 2: during backward, full gradients freed early."""
+    """1: gradients reduce-scattered at step(); 2: during backward, full gradients freed early; 3: the parameters
+    are sharded too: each unit (``shard_units``) all-gathers its parameters right before its forward and again
+    before its backward, and frees them after use (``stage3.py``)."""
     state_bits: int = 8
     """8: block-wise dynamic 8-bit Adam state for large matrices (others keep fp32 state); 32: fp32 state for all."""
     lr: float = 3e-4
@@ -53,13 +55,19 @@ class ZeroConfig:
     """Stage 2: reduce-scatters in flight during backward before the oldest is waited for (bounds memory)."""
     timeout_s: float = 300.0
     """Seconds a collective may take before it is reported as failed."""
+    shard_units: tuple[str, ...] = ()
+    """Stage 3: names of the modules (as ``model.named_modules()`` gives them) whose parameters are gathered and
+    freed together. Empty: every child of the model's largest ``nn.ModuleList`` (the transformer blocks of regrow's
+    GPT and of Hugging Face models). Parameters outside every unit (embeddings, final norm, a tied head), and any
+    parameter that modules of two units use, form the root unit: gathered when the model's forward starts, freed
+    once their gradients are reduced."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
             return ValueError(f"ZeroConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
 
-        if self.stage not in (1, 2):
-            raise bad("stage", "allowed values are 1 and 2 (stage 3 is not supported yet)")
+        if self.stage not in (1, 2, 3):
+            raise bad("stage", "allowed values are 1, 2 and 3")
         if self.state_bits not in (8, 32):
             raise bad("state_bits", "allowed values are 8 and 32")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
@@ -81,6 +89,11 @@ class ZeroConfig:
                 raise bad(name, "must be >= 1")
         if not self.timeout_s > 0:
             raise bad("timeout_s", "must be > 0")
+        self.shard_units = tuple(self.shard_units)
+        if not all(isinstance(name, str) and name for name in self.shard_units):
+            raise bad("shard_units", "must be module names (non-empty strings)")
+        if self.shard_units and self.stage != 3:
+            raise bad("shard_units", "only stage 3 gathers parameters by unit (set stage=3 or leave it empty)")
 
 
 def state_kind_rule(model: nn.Module, config: ZeroConfig) -> Callable[[str, torch.Tensor], StateKind]:

@@ -133,14 +133,20 @@ class FlatLayout:
 
 
 def build_group(
-    kind: StateKind, params: list[tuple[str, tuple[int, ...]]], world_size: int, bucket_numel: int
+    kind: StateKind, params: list[tuple[str, tuple[int, ...]]], world_size: int, bucket_numel: int,
+    units: list[int] | None = None,
 ) -> GroupLayout:
-    """Lays ``params`` (in the given order) into buckets of about ``bucket_numel`` elements."""
+    """Lays ``params`` (in the given order) into buckets of about ``bucket_numel`` elements. ``units`` (one per
+    parameter; ZeRO stage 3): a bucket also ends where the unit changes, so no bucket holds two units' parameters."""
     align = world_size * BLOCK_SIZE
     slots: list[ParamSlot] = []
     buckets: list[Bucket] = []
     bucket_start, cursor = 0, 0
-    for name, shape in params:
+    for index, (name, shape) in enumerate(params):
+        if units is not None and index and units[index] != units[index - 1] and cursor > bucket_start:
+            end = bucket_start + round_up(cursor - bucket_start, align)
+            buckets.append(Bucket(bucket_start, end - bucket_start))
+            bucket_start = cursor = end
         slot = ParamSlot(name, tuple(shape), cursor, len(buckets))
         slots.append(slot)
         cursor = round_up(cursor + slot.numel, BLOCK_SIZE)
@@ -160,11 +166,17 @@ def build_layout(
     world_size: int,
     bucket_numel: int,
     kind_of: Callable[[str, torch.Tensor], StateKind],
+    unit_of: Callable[[str], int] | None = None,
 ) -> FlatLayout:
-    """Builds the layout of ``named_params`` (registration order) for ``world_size`` ranks."""
+    """Builds the layout of ``named_params`` (registration order) for ``world_size`` ranks. ``unit_of`` (ZeRO stage
+    3) names each parameter's unit: buckets never mix units (``build_group``)."""
     by_kind: dict[StateKind, list[tuple[str, tuple[int, ...]]]] = {}
     for name, param in reversed(list(named_params)):
         by_kind.setdefault(kind_of(name, param), []).append((name, tuple(param.shape)))
     order = sorted(by_kind, key=lambda k: (k.bits, not k.decay))
-    groups = tuple(build_group(kind, by_kind[kind], world_size, bucket_numel) for kind in order)
+    groups = tuple(
+        build_group(kind, by_kind[kind], world_size, bucket_numel,
+                    None if unit_of is None else [unit_of(name) for name, _ in by_kind[kind]])
+        for kind in order
+    )
     return FlatLayout(world_size=world_size, groups=groups)

@@ -17,9 +17,10 @@ update (``adamw.py``), each rank's new parameters are all-gathered into every ra
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import fields
 
 import torch
@@ -33,10 +34,11 @@ from regrow.trainer.zero.layout import FlatLayout, build_layout
 from regrow.trainer.zero.reducer import BackwardReducer, GradientReducer, StepReducer, reduction_order
 from regrow.trainer.zero.shard import GroupShard, split_shard_key
 from regrow.trainer.zero.shard_comm import ShardComm
+from regrow.trainer.zero.stage3 import UnitGatherer, find_units
 
 
 class ZeroOptimizer:
-    """Sharded AdamW over the trainable parameters of ``model`` (ZeRO stage 1 or 2, 8-bit or 32-bit state).
+    """Sharded AdamW over the trainable parameters of ``model`` (ZeRO stage 1, 2 or 3, 8-bit or 32-bit state).
 
     Contract: construct after the model is on its device and the process group (if any) is up; every rank of the
     group constructs it with the same model. Call ``backward`` on the loss, then ``step()`` once per optimizer step,
@@ -75,24 +77,32 @@ class ZeroOptimizer:
         self.device = devices.pop()
         self.param_dtype = DTYPES[config.param_dtype] if config.param_dtype else named[0][1].dtype
         self.reduce_dtype = DTYPES[config.reduce_dtype] if config.reduce_dtype else self.param_dtype
+        units = find_units(model, config.shard_units) if config.stage == 3 else None
         self.layout: FlatLayout = build_layout(
-            named, world_size=self.world_size, bucket_numel=config.bucket_numel, kind_of=state_kind_rule(model, config)
+            named, world_size=self.world_size, bucket_numel=config.bucket_numel, kind_of=state_kind_rule(model, config),
+            unit_of=None if units is None else units.unit_of,
         )
         self._params = dict(named)
         unknown_skip = sorted(set(norm_skip) - set(self._params))
         if unknown_skip:
             raise ValueError(f"ZeroOptimizer: norm_skip names {unknown_skip}, which are not trainable parameters")
         self._shards = [
-            GroupShard(g, self.rank, self.device, self.param_dtype, frozenset(norm_skip)) for g in self.layout.groups
+            GroupShard(g, self.rank, self.device, self.param_dtype, frozenset(norm_skip), shard_params=units is not None)
+            for g in self.layout.groups
         ]
         for shard in self._shards:
             shard.adopt_parameters(self._params)
+        self._gatherer: UnitGatherer | None = None
+        if units is not None:
+            self._gatherer = UnitGatherer(model, units, self.layout, self._shards, self._comm)
         order = reduction_order(self.layout, [name for name, _ in named])
         self._reducer: GradientReducer = (
             BackwardReducer(
-                self._shards, self._params, order, self._comm, self.reduce_dtype, config.max_inflight_buckets
+                self._shards, self._params, order, self._comm, self.reduce_dtype, config.max_inflight_buckets,
+                on_launch=None if self._gatherer is None else self._gatherer.bucket_reduced,
+                on_end=None if self._gatherer is None else self._gatherer.free_all,
             )
-            if config.stage == 2
+            if config.stage >= 2
             else StepReducer(self._shards, self._params, order, self._comm, self.reduce_dtype)
         )
         self.step_count = 0
@@ -154,6 +164,8 @@ class ZeroOptimizer:
         for hook in list(self._step_pre_hooks.values()):
             hook()
         self._reducer.finish()
+        if self._gatherer is not None:
+            self._gatherer.free_all()  # e.g. a root gathered by an evaluation's forward: it would be stale
         coefficient = self._clip_coefficient()
         self.last_clip_coefficient = coefficient
         if coefficient != 1.0:
@@ -206,8 +218,26 @@ class ZeroOptimizer:
         return min(1.0, limit / (self.last_grad_norm + 1e-6))
 
     def _gather_parameters(self) -> None:
+        """Stages 1 and 2: every rank's new parameters into every rank's full buffers. Stage 3 gathers each unit
+        when it is used (``stage3.UnitGatherer``): nothing to do here."""
+        if self._gatherer is not None:
+            return
         for shard in self._shards:
             self._comm.all_gather_params(shard)
+
+    @contextlib.contextmanager
+    def gathered_parameters(self) -> Iterator[None]:
+        """Makes every parameter of the model hold its full value inside the block (reading a state dict, comparing
+        weights): at stage 3 every bucket is gathered (collective: every rank enters together) and freed on exit;
+        at stages 1 and 2 they always are, and this does nothing."""
+        if self._gatherer is None:
+            yield
+            return
+        self._gatherer.gather_all()
+        try:
+            yield
+        finally:
+            self._gatherer.free_all()
 
     # ---------------------------------------------------------------- state
     def shard_tensors(self) -> dict[str, torch.Tensor]:
@@ -232,6 +262,8 @@ class ZeroOptimizer:
         _check_same_shard(tensors, own)
         for key, target in own.items():
             target.copy_(tensors[key])
+        if self._gatherer is not None:
+            self._gatherer.free_all()  # anything gathered holds the old values
         for shard in self._shards:
             shard.write_owned_params()
         self.step_count = step_count

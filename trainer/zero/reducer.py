@@ -121,8 +121,13 @@ class BackwardReducer:
         comm: ShardComm,
         reduce_dtype: torch.dtype,
         max_inflight: int,
+        on_launch: Callable[[BucketId], None] | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
+        """``on_launch(bucket)`` is called as a bucket's reduce-scatter starts, ``on_end()`` when backward ends
+        (stage 3 frees gathered parameters there)."""
         self._shards, self._order, self._comm = shards, order, comm
+        self._on_launch, self._on_end = on_launch, on_end
         self._reduce_dtype, self._max_inflight = reduce_dtype, max_inflight
         self.inflight: list[Reduction] = []
         self.staging: dict[BucketId, torch.Tensor] = {}
@@ -177,6 +182,8 @@ class BackwardReducer:
             del self.staging[key]
             self.inflight.append(self._comm.reduce_scatter(self._shards[key[0]], key[1], staging))
             self.next_index += 1
+            if self._on_launch is not None:
+                self._on_launch(key)
             # Fold in finished reductions right away (frees their staging buffers), and never keep more than
             # max_inflight in flight.
             while self.inflight and (len(self.inflight) > self._max_inflight or self.inflight[0].done()):
@@ -186,6 +193,8 @@ class BackwardReducer:
         self._launch_ready(everything=True)
         self._reset_counts()
         self.callback_queued = False
+        if self._on_end is not None:
+            self._on_end()
 
     def discard(self) -> None:
         self.inflight.clear()

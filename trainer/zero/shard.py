@@ -19,6 +19,7 @@ import torch
 from regrow.trainer.zero.adamw import adamw8bit_step, adamw32bit_step
 from regrow.trainer.zero.codes import BLOCK_SIZE, zero_code
 from regrow.trainer.zero.layout import FlatLayout, GroupLayout, ParamSlot
+from regrow.trainer.zero.sharded_params import ShardedParams
 
 MASTER = "master"
 """The fp32 master weights of a group's shard."""
@@ -87,11 +88,13 @@ def empty_shard(layout: FlatLayout, device: torch.device | str = "cpu") -> dict[
 
 
 class GroupShard:
-    """This rank's buffers for one group: the full flat working parameters, and its shard of the fp32 master
-    weights, the fp32 gradient (reduced into by the optimizer's reducer) and the optimizer state.
+    """This rank's buffers for one group: the working parameters, and its shard of the fp32 master weights, the fp32
+    gradient (reduced into by the optimizer's reducer) and the optimizer state.
 
-    ``norm_skip`` names parameters whose gradients do not count towards the clipping norm (see
-    :meth:`add_grad_squares`).
+    The working parameters are the full flat buffer ``flat_params`` at stages 1 and 2; with ``shard_params``
+    (stage 3) they are ``sharded`` (``sharded_params.ShardedParams``: this rank's slices, and each bucket's full
+    parameters only while gathered) and ``flat_params`` is None. ``norm_skip`` names parameters whose gradients do
+    not count towards the clipping norm (see :meth:`add_grad_squares`).
     """
 
     def __init__(
@@ -101,10 +104,13 @@ class GroupShard:
         device: torch.device,
         param_dtype: torch.dtype,
         norm_skip: frozenset[str] = frozenset(),
+        shard_params: bool = False,
     ) -> None:
         self.layout = layout
         self.pieces = layout.shard_pieces(rank)
-        self.flat_params = torch.zeros(layout.numel, dtype=param_dtype, device=device)
+        self.device = device
+        self.sharded = ShardedParams(layout, self.pieces, param_dtype, device) if shard_params else None
+        self.flat_params = None if shard_params else torch.zeros(layout.numel, dtype=param_dtype, device=device)
         table = group_table(layout)
         self.master = torch.zeros(table[MASTER].shape, dtype=torch.float32, device=device)
         self.grad = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
@@ -122,14 +128,21 @@ class GroupShard:
 
     def adopt_parameters(self, params: dict[str, torch.nn.Parameter]) -> None:
         """Copies the group's parameters into the flat buffer, takes the fp32 master shard from them, and makes
-        each parameter a view of the buffer (so the all-gather after each step updates the model in place)."""
-        full32 = torch.zeros(self.layout.numel, dtype=torch.float32, device=self.flat_params.device)
+        each parameter a view of the buffer (so the all-gather after each step updates the model in place). At
+        stage 3 the buckets' full parameters are freed afterwards: they are gathered when used."""
+        full32 = torch.zeros(self.layout.numel, dtype=torch.float32, device=self.device)
         for slot in self.layout.params:
             full32[slot.offset : slot.offset + slot.numel] = params[slot.name].detach().reshape(-1)
         self.master.copy_(self.shard_of(full32))
-        self.flat_params.copy_(full32)
+        if self.sharded is None:
+            assert self.flat_params is not None
+            self.flat_params.copy_(full32)
+        else:
+            self.sharded.owned.copy_(self.master)
         for slot in self.layout.params:
             params[slot.name].data = self.param_view(slot)
+        if self.sharded is not None:
+            self.sharded.free_all()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The master weights and optimizer state, keyed by :func:`shard_key` (the live buffers)."""
@@ -137,11 +150,19 @@ class GroupShard:
         return {shard_key(self.name, what): tensor for what, tensor in named.items()}
 
     def param_view(self, slot: ParamSlot) -> torch.Tensor:
+        if self.sharded is not None:
+            return self.sharded.view(slot)
+        assert self.flat_params is not None
         return self.flat_params[slot.offset : slot.offset + slot.numel].view(slot.shape)
 
-    def owned_params(self, flat_start: int, length: int) -> torch.Tensor:
-        """This rank's slice of one bucket of the working parameters: the update writes it, the all-gather sends it
-        in place (no separate low-precision shard buffer: it would cost 2 bytes per parameter / world size)."""
+    def owned_params(self, flat_start: int, local_start: int, length: int) -> torch.Tensor:
+        """This rank's slice of one bucket of the working parameters (the piece ``(flat_start, local_start,
+        length)``): the update writes it, the all-gather sends it. Stages 1 and 2: a slice of ``flat_params``,
+        sent in place (a separate shard buffer would cost 2 bytes per parameter / world size); stage 3: of the
+        persistent ``sharded.owned``."""
+        if self.sharded is not None:
+            return self.sharded.owned[local_start : local_start + length]
+        assert self.flat_params is not None
         return self.flat_params[flat_start : flat_start + length]
 
     def state_slices(self, local_start: int, length: int) -> list[torch.Tensor]:
@@ -156,7 +177,7 @@ class GroupShard:
     def write_owned_params(self) -> None:
         """Casts the master shard into this rank's slices of the working parameters."""
         for flat_start, local_start, length in self.pieces:
-            self.owned_params(flat_start, length).copy_(self.master[local_start : local_start + length])
+            self.owned_params(flat_start, local_start, length).copy_(self.master[local_start : local_start + length])
 
     def shard_of(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a full flat tensor of the group, as a new contiguous tensor."""
@@ -189,7 +210,7 @@ class GroupShard:
                 eps=eps,
                 weight_decay=decay,
                 step=step,
-                param_out=self.owned_params(flat_start, length),
+                param_out=self.owned_params(flat_start, local_start, length),
             )
 
 

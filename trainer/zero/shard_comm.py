@@ -70,21 +70,34 @@ class ShardComm:
         return Reduction(pending, out, target, self.world_size)
 
     def all_gather_params(self, shard: GroupShard) -> None:
-        """Every rank's slices of the working parameters into every rank's ``shard.flat_params``, bucket by bucket."""
+        """Every rank's slices of the working parameters into every rank's ``shard.flat_params``, bucket by bucket
+        (stages 1 and 2)."""
         if self.world_size == 1:
             return
+        assert shard.flat_params is not None, "stage 3 gathers bucket by bucket (gather_bucket)"
         pendings = [
             collectives.all_gather(
                 shard.flat_params[bucket.start : bucket.start + bucket.size],
-                shard.owned_params(flat_start, length),
+                shard.owned_params(*piece),
                 group=self.group,
                 timeout_s=self.timeout_s,
                 async_op=True,
             )
-            for bucket, (flat_start, _, length) in zip(shard.layout.buckets, shard.pieces)
+            for bucket, piece in zip(shard.layout.buckets, shard.pieces)
         ]
         for pending in pendings:
             pending.wait()
+
+    def gather_bucket(self, shard: GroupShard, index: int) -> collectives.Pending | None:
+        """Stage 3: starts gathering bucket ``index`` of ``shard`` from every rank's slice into its full tensor
+        (allocated first if it was freed); returns the collective to wait for (None: done, one rank)."""
+        assert shard.sharded is not None, "stages 1 and 2 keep every bucket gathered (all_gather_params)"
+        target = shard.sharded.target(index)
+        mine = shard.sharded.owned_piece(index)
+        if self.world_size == 1:
+            target.copy_(mine)
+            return None
+        return collectives.all_gather(target, mine, group=self.group, timeout_s=self.timeout_s, async_op=True)
 
     def all_gather_full(self, layout: GroupLayout, local: torch.Tensor) -> torch.Tensor:
         """The full flat tensor of a group from every rank's shard ``local`` of it, in layout order (a tensor of

@@ -1,0 +1,73 @@
+"""ZeRO stage 3's working parameters of one group: this rank's slices, and each bucket's full parameters only while
+they are gathered.
+
+At stages 1 and 2 every rank keeps the whole flat buffer of working parameters (``GroupShard.flat_params``). At stage
+3 a rank keeps only its slices of every bucket (:attr:`ShardedParams.owned`, written by the update); a bucket's full
+parameters are all-gathered into :meth:`ShardedParams.target` right before they are used and freed afterwards.
+
+How the parameters survive being freed: each parameter is, once and for good, a view of its bucket's full tensor.
+Freeing resizes that tensor's storage to zero bytes (the views stay valid objects; reading one raises), and a
+gather resizes it back and writes into it. Tensors that autograd saved in the forward (a linear layer saves its
+weight) are such views, so after the gather before the backward they read the gathered values again. The gather
+writes through an alias of the storage that has a version counter of its own: writing through the parameters'
+base would bump their version counters, and autograd would then refuse the saved weights as "modified by an
+inplace operation".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from regrow.trainer.zero.layout import GroupLayout, ParamSlot
+
+
+class ShardedParams:
+    """Stage 3 storage of one group's working parameters (see the module docstring).
+
+    Contract: :meth:`view` gives each parameter's view once (at adoption); :meth:`target` is where a gather writes a
+    bucket (allocating it if freed); :meth:`free` releases a bucket's memory; :meth:`owned_piece` is this rank's
+    slice of a bucket (the update writes it, the gather sends it).
+    """
+
+    def __init__(self, layout: GroupLayout, pieces: list[tuple[int, int, int]], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.layout = layout
+        self.pieces = pieces
+        self.owned = torch.zeros(layout.shard_numel, dtype=dtype, device=device)
+        self.full = [torch.zeros(bucket.size, dtype=dtype, device=device) for bucket in layout.buckets]
+        self._nbytes = [bucket.size * self.owned.element_size() for bucket in layout.buckets]
+        self.gathered = [True] * len(layout.buckets)
+
+    def view(self, slot: ParamSlot) -> torch.Tensor:
+        """Parameter ``slot`` as a view of its bucket's full tensor."""
+        start = slot.offset - self.layout.buckets[slot.bucket].start
+        return self.full[slot.bucket][start : start + slot.numel].view(slot.shape)
+
+    def owned_piece(self, index: int) -> torch.Tensor:
+        """This rank's slice of bucket ``index``."""
+        _, local_start, length = self.pieces[index]
+        return self.owned[local_start : local_start + length]
+
+    def target(self, index: int) -> torch.Tensor:
+        """Bucket ``index``'s full tensor to gather into, allocated if it was freed: an alias of its storage with a
+        version counter of its own (module docstring)."""
+        storage = self.full[index].untyped_storage()
+        if not self.gathered[index]:
+            storage.resize_(self._nbytes[index])
+            self.gathered[index] = True
+        full = self.full[index]
+        return torch.empty(0, dtype=full.dtype, device=full.device).set_(storage, 0, full.shape)
+
+    def free(self, index: int) -> None:
+        """Releases bucket ``index``'s full parameters (its views then hold no memory until the next gather)."""
+        if self.gathered[index]:
+            self.full[index].untyped_storage().resize_(0)
+            self.gathered[index] = False
+
+    def free_all(self) -> None:
+        for index in range(len(self.full)):
+            self.free(index)
+
+    def gathered_bytes(self) -> int:
+        """Bytes of full parameters currently held (for tests and memory reports)."""
+        return sum(n for n, held in zip(self._nbytes, self.gathered, strict=True) if held)
