@@ -87,7 +87,8 @@ class ZeroOptimizer:
         if unknown_skip:
             raise ValueError(f"ZeroOptimizer: norm_skip names {unknown_skip}, which are not trainable parameters")
         self._shards = [
-            GroupShard(g, self.rank, self.device, self.param_dtype, frozenset(norm_skip), shard_params=units is not None)
+            GroupShard(g, self.rank, self.device, self.param_dtype, frozenset(norm_skip),
+                       shard_params=units is not None)
             for g in self.layout.groups
         ]
         for shard in self._shards:
