@@ -58,7 +58,7 @@ class TrainOptions:
     micro_batch: int = 8
     """Sequences per rank per forward/backward (``--micro-batch``)."""
     stage: int = 2
-    """ZeRO stage, 1 or 2 (``--stage``)."""
+    """ZeRO stage, 1, 2 or 3 (``--stage``; 3 shards the parameters too)."""
     state_bits: int = 8
     """Optimizer state bits, 8 or 32 (``--state-bits``)."""
     lr: float = 3e-3

@@ -64,7 +64,8 @@ def per_param_state(optimizer: ZeroOptimizer) -> dict[str, torch.Tensor]:
 
 
 def params_of(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    with trainer.optimizer.gathered_parameters():  # stage 3: the parameters exist only while gathered
+        return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
 
 
 def save_runs(world: World, runs: list[dict]) -> list[dict]:

@@ -1,5 +1,5 @@
-"""Universal checkpoints load at any layout: saved at world 2 / ZeRO-2 / 8-bit state, loaded at world 1, 2, 3, 4,
-stage 1 or 2, 8-bit or fp32 state, on real gloo processes.
+"""Universal checkpoints load at any layout: saved at world 2 / ZeRO-2 or 3 / 8-bit state, loaded at world 1, 2, 3,
+4, stage 1, 2 or 3, 8-bit or fp32 state, on real gloo processes.
 
 Every rank runs one thread (``threads_per_rank=1``): a different thread count changes the order of the sums inside a
 matmul, and with it the last bits of every gradient.
@@ -43,23 +43,27 @@ def spawn(fn, world_size: int, *args):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict:
-    """One world-2 spawn: an 8-bit and an fp32-state run of 6 steps, each saving at steps 3 and 6."""
-    roots = {bits: tmp_path_factory.mktemp(f"ckpt{bits}") for bits in (8, 32)}
-    runs = [dict(root=str(roots[bits]), state_bits=bits, stage=2, save_every=SAVE_AT) for bits in (8, 32)]
-    run8, run32 = spawn(cw.save_runs, 2, runs)
-    assert run8["results"] == run32["results"] == ["committed", "committed"]
-    return {"path8": str(roots[8] / "step_00000003"), "path32": str(roots[32] / "step_00000003"),
-            "run8": run8, "run32": run32}
+    """One world-2 spawn: an 8-bit and an fp32-state run of 6 steps at stage 2, and an 8-bit run at stage 3, each
+    saving at steps 3 and 6."""
+    roots = {name: tmp_path_factory.mktemp(f"ckpt{name}") for name in ("8", "32", "8s3")}
+    runs = [dict(root=str(roots[name]), state_bits=bits, stage=stage, save_every=SAVE_AT)
+            for name, bits, stage in (("8", 8, 2), ("32", 32, 2), ("8s3", 8, 3))]
+    run8, run32, run8s3 = spawn(cw.save_runs, 2, runs)
+    assert run8["results"] == run32["results"] == run8s3["results"] == ["committed", "committed"]
+    return {"path8": str(roots["8"] / "step_00000003"), "path32": str(roots["32"] / "step_00000003"),
+            "path8s3": str(roots["8s3"] / "step_00000003"), "run8": run8, "run32": run32, "run8s3": run8s3}
 
 
 @pytest.fixture(scope="module")
 def loaded(saved) -> dict[int, list[dict]]:
     """Loads of the world-2 checkpoints, one spawn per world size (stages alternate; world 1 also loads the 8-bit
-    checkpoint as fp32 state, world 3 the fp32 checkpoint as 8-bit state)."""
+    checkpoint as fp32 state, world 3 the fp32 checkpoint as 8-bit state; world 2 loads the stage-2 checkpoint at
+    stage 3 and the stage-3 one at stage 2)."""
     p8, p32 = saved["path8"], saved["path32"]
     plans = {
         1: [dict(path=p8, stage=2, state_bits=8), dict(path=p8, stage=2, state_bits=32)],
-        2: [dict(path=p8, stage=1, state_bits=8)],
+        2: [dict(path=p8, stage=1, state_bits=8), dict(path=p8, stage=3, state_bits=8),
+            dict(path=saved["path8s3"], stage=2, state_bits=8)],
         3: [dict(path=p8, stage=1, state_bits=8), dict(path=p32, stage=2, state_bits=8)],
         4: [dict(path=p8, stage=2, state_bits=8)],
     }
@@ -94,6 +98,23 @@ def test_same_reduction_continues_bit_identically(saved, loaded) -> None:
     assert resumed["losses"] == straight["losses"][SAVE_AT:]
     for name, value in straight["params"].items():
         assert torch.equal(resumed["params"][name], value), name
+
+
+@pytest.mark.timeout(400)
+def test_stage3_checkpoints_load_at_stage2_and_back_bit_identically(saved, loaded) -> None:
+    """ZeRO stage 3 reduces like stage 2 at world 2: its run, its saved state, a stage-2 checkpoint loaded at stage
+    3 and a stage-3 checkpoint loaded at stage 2 all continue bit-identically to the stage-2 run that never stopped.
+    """
+    straight = saved["run8"]
+    assert saved["run8s3"]["losses"] == straight["losses"]
+    for key, value in straight["saved_state"].items():
+        assert torch.equal(saved["run8s3"]["saved_state"][key], value), key
+    for resumed in (loaded[2][1], loaded[2][2]):
+        for key, value in straight["saved_state"].items():
+            assert torch.equal(resumed["loaded_state"][key], value), key
+        assert resumed["losses"] == straight["losses"][SAVE_AT:]
+        for name, value in straight["params"].items():
+            assert torch.equal(resumed["params"][name], value), name
 
 
 @pytest.mark.timeout(400)
