@@ -97,6 +97,21 @@ def test_each_node_lost_in_turn_and_a_rank_killed_continue_bit_identically(tmp, 
 
 
 @pytest.mark.timeout(420)
+def test_ranks_killed_inside_a_stage3_forward_and_backward_continue_bit_identically(tmp, capfd) -> None:
+    """ZeRO stage 3 gathers parameters inside the forward and the backward: a rank killed in the middle of either
+    (its peer then waits inside a gather) is restored from the snapshots, and the run ends bit-identical to an
+    uninterrupted stage-3 run."""
+    reference = train(tmp, "stage3-reference", 2, 8, "--stage", "3")
+    plan = ("kill-rank:1@3:forward", "kill-rank:0@6:backward")
+    history = train(tmp, "stage3-killed", 2, 8, "--stage", "3", "--snapshot-every", "1", fault=plan,
+                    restarts=len(plan))
+    out = capfd.readouterr().out
+    assert all(f"{item} fires" in out for item in plan), out[-3000:]
+    assert "restore: source checkpoint" not in out
+    assert_same_run(tmp, history, reference, "stage3-killed", "stage3-reference")
+
+
+@pytest.mark.timeout(420)
 def test_more_nodes_lost_than_parity_falls_back_to_the_disk_checkpoint(tmp, reference4, capfd) -> None:
     """Two nodes of a p=1 group lost at once: the rebuild says recovery needs the disk checkpoint, and every rank
     restores the latest checkpoint written before the kill and finishes bit-identically."""
