@@ -97,11 +97,12 @@ def full_state(engine: Any) -> dict[str, Any]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     zero = engine.optimizer
-    # DeepSpeed links each parameter to its slice of the optimizer state once, right after the first param group's
-    # first step, when the later groups have no state yet: their moments would read as "not found". Linking again,
-    # now that every group has stepped, makes the getters work for all parameters.
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # stages 1 and 2 (stage 3 has no such links)
+        # DeepSpeed links each parameter to its slice of the optimizer state once, right after the first param
+        # group's first step, when the later groups have no state yet: their moments would read as "not found".
+        # Linking again, now that every group has stepped, makes the getters work for all parameters.
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
     params = {}
     for name, param in engine.module.named_parameters():
         params[name] = {
@@ -118,7 +119,7 @@ def train_and_save(world: World, stage: int, steps: int, save_dir: str, bf16: bo
                    zero_extra: dict[str, Any] | None = None, model_overrides: dict[str, int] | None = None,
                    client_state: dict | None = None, gather: bool = True) -> dict[str, Any]:
     """Trains ``steps`` steps, saves a DeepSpeed checkpoint into ``save_dir``; returns the losses and, with
-    ``gather``, :func:`full_state` (stage 1 and 2 only)."""
+    ``gather``, :func:`full_state`."""
     engine = make_engine(world, stage, bf16=bf16, zero_extra=zero_extra, model_overrides=model_overrides)
     losses = train(engine, world, steps)
     engine.save_checkpoint(save_dir, client_state=client_state or {})

@@ -61,7 +61,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("train_and_save", dict(stage=2, steps=STEPS, save_dir=dirs["zero2"])),
         ("train_and_save", dict(stage=2, steps=STEPS, save_dir=dirs["bf16"], bf16=True)),
         ("train_and_save", dict(stage=2, steps=STEPS, save_dir=dirs["padded"], **padded)),
-        ("train_and_save", dict(stage=3, steps=STEPS, save_dir=dirs["zero3"], gather=False)),
+        ("train_and_save", dict(stage=3, steps=STEPS, save_dir=dirs["zero3"])),
     ]
     results = run_local(w.run_all, 2, runs, backend="gloo", timeout_s=240, env=w.DS_ENV)[0]
     return {"dirs": dirs, "memory": dict(zip(dirs, results)), "root": root}
@@ -82,13 +82,13 @@ def assert_states_equal(state: FullState, params: dict[str, dict[str, torch.Tens
                 name, kind)
 
 
-@pytest.mark.parametrize("run", ["zero1", "zero2", "bf16", "padded"])
+@pytest.mark.parametrize("run", ["zero1", "zero2", "bf16", "padded", "zero3"])
 def test_import_equals_what_deepspeed_holds_in_memory(saved: dict, run: str) -> None:
     """Masters and moments reassembled from the partitions equal DeepSpeed's own gathered view, bit for bit."""
     memory = saved["memory"][run]
     state = import_deepspeed(saved["dirs"][run])
     sources = {"zero1": "deepspeed-zero1", "zero2": "deepspeed-zero2", "bf16": "deepspeed-bf16-zero2",
-               "padded": "deepspeed-zero2"}
+               "padded": "deepspeed-zero2", "zero3": "deepspeed-zero3"}
     assert state.source == sources[run]
     assert state.step == STEPS and memory["steps"] == [STEPS]
     # The tied LM head is the embedding: one parameter, named once, as in model.named_parameters().
@@ -110,7 +110,7 @@ def test_import_equals_what_deepspeed_holds_in_memory(saved: dict, run: str) -> 
     assert sorted(n for g in groups for n in g["params"]) == sorted(state.params)
 
 
-@pytest.mark.parametrize("run", ["zero1", "zero2"])
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero3"])
 def test_import_masters_equal_deepspeeds_zero_to_fp32(saved: dict, run: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -216,16 +216,33 @@ def test_client_state_namespace_is_allowed(saved: dict) -> None:
     assert model_states["args"] == argparse.Namespace(seed=0, note="client state")
 
 
-def test_zero3_checkpoint_is_refused_naming_the_file(saved: dict, tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedCheckpointError,
-                       match=r"zero_pp_rank_0_mp_rank_00_model_states\.pt.*ZeRO-3 checkpoints are not supported yet"):
-        import_deepspeed(saved["dirs"]["zero3"])
+def test_zero3_checkpoint_converts_and_regrow_resumes_it_at_stage_3(saved: dict, tmp_path: Path) -> None:
+    """`regrow ckpt convert` of a DeepSpeed ZeRO-3 save, then a regrow Trainer at ZeRO stage 3 (2 ranks, fp32 state)
+    resumes from it with DeepSpeed's masters and moments, and trains on."""
+    from regrow.launch import cli
+    from regrow.tests import ckpt_workers
+
+    source = import_deepspeed(saved["dirs"]["zero3"])
+    regrow_root = tmp_path / "regrow"
+    args = ["ckpt", "convert", saved["dirs"]["zero3"], str(regrow_root), "--from", "deepspeed", "--to", "universal"]
+    assert cli.main(args) == 0
+    run = dict(path=str(regrow_root), stage=3, state_bits=32)
+    loaded = run_local(ckpt_workers.load_runs, 2, [run], backend="gloo", timeout_s=240)[0][0]
+    assert loaded["step"] == source.step == STEPS
+    for name, kinds in source.params.items():
+        for kind, key in (("master", "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+            assert torch.equal(loaded["loaded_state"][f"{name}:{key}"], kinds[kind].reshape(-1)), (name, kind)
+    assert loaded["losses"] and all(torch.isfinite(torch.tensor(loaded["losses"])))
+
+
+def test_zero3_files_missing_or_from_another_save_are_named(saved: dict, tmp_path: Path) -> None:
     folder = copy_tag(saved, "zero3", tmp_path)
-    for model_file in folder.glob("*_model_states.pt"):
-        model_file.unlink()
-    with pytest.raises(UnsupportedCheckpointError,
-                       match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt says zero_stage=3: ZeRO stage 3 checkpoints "
-                             r"are not supported yet"):
+    (folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(DeepSpeedCheckpointError, match=r"missing optimizer state file\(s\) .*zero_pp_rank_1_mp_rank_00"):
+        import_deepspeed(folder)
+    folder = copy_tag(saved, "zero3", tmp_path / "b")
+    (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(DeepSpeedCheckpointError, match=r"zero_pp_rank_0_mp_rank_00_model_states\.pt is missing"):
         import_deepspeed(folder)
 
 

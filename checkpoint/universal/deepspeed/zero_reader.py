@@ -1,6 +1,7 @@
 """Reading DeepSpeed ZeRO stage 1 or 2 checkpoints: every parameter reassembled from its fragments in the ranks'
 flat fp32 partitions (``[bf16_]zero_pp_rank_<dp>_mp_rank_00_optim_states.pt``, one per data-parallel rank), with
-the shapes and the data-parallel size from ``mp_rank_00_model_states.pt``."""
+the shapes and the data-parallel size from ``mp_rank_00_model_states.pt``. A ZeRO-3 save (per-rank model states)
+is handed to ``zero3_reader.py``."""
 
 from __future__ import annotations
 
@@ -22,20 +23,21 @@ from regrow.checkpoint.universal.deepspeed.layout import (
     model_layout,
 )
 from regrow.checkpoint.universal.deepspeed.unpickling import safe_load
+from regrow.checkpoint.universal.deepspeed.zero3_reader import read_zero3
 
 
 def read_zero(folder: Path) -> FullState:
-    """The :class:`FullState` of the ZeRO-1/2 tag folder ``folder``: every parameter reassembled from its fragments
-    in each rank's flat partition. Raises :class:`UnsupportedCheckpointError` for ZeRO-3, pipeline- or
-    model-parallel files, :class:`DeepSpeedCheckpointError` for missing, partial or inconsistent ones."""
+    """The :class:`FullState` of the ZeRO tag folder ``folder``: every parameter reassembled from its fragments in
+    each rank's flat partition (ZeRO-3: ``zero3_reader.read_zero3``). Raises :class:`UnsupportedCheckpointError`
+    for pipeline- or model-parallel files, :class:`DeepSpeedCheckpointError` for missing, partial or inconsistent
+    ones."""
     names = sorted(p.name for p in folder.iterdir())
     for name in names:
         if PIPELINE_LAYER.match(name):
             raise UnsupportedCheckpointError(f"{folder / name} is a pipeline-parallel layer file; pipeline-parallel "
                                              "DeepSpeed checkpoints are not supported yet")
-        if ZERO3_MODEL_STATES.match(name):
-            raise UnsupportedCheckpointError(f"{folder / name}: per-rank model states are written only by ZeRO "
-                                             "stage 3; ZeRO-3 checkpoints are not supported yet (stages 1 and 2 are)")
+    if any(ZERO3_MODEL_STATES.match(name) for name in names):  # per-rank model states: written only by ZeRO-3
+        return read_zero3(folder, _optim_paths)
     model_files = [n for n in names if n.startswith("mp_rank_") and n.endswith("_model_states.pt")]
     if model_files and model_files != [MODEL_STATES]:
         raise UnsupportedCheckpointError(f"{folder} holds {model_files}: model-parallel (tensor or pipeline) "
