@@ -238,7 +238,8 @@ def test_zero3_checkpoint_converts_and_regrow_resumes_it_at_stage_3(saved: dict,
 def test_zero3_files_missing_or_from_another_save_are_named(saved: dict, tmp_path: Path) -> None:
     folder = copy_tag(saved, "zero3", tmp_path)
     (folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    with pytest.raises(DeepSpeedCheckpointError, match=r"missing optimizer state file\(s\) .*zero_pp_rank_1_mp_rank_00"):
+    with pytest.raises(DeepSpeedCheckpointError,
+                       match=r"missing optimizer state file\(s\) .*zero_pp_rank_1_mp_rank_00"):
         import_deepspeed(folder)
     folder = copy_tag(saved, "zero3", tmp_path / "b")
     (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
