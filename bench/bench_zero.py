@@ -14,6 +14,8 @@ Implementations (``--impl``):
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every block and on the root, ``reshard_after_forward=False``
   (parameters stay gathered between forward and backward, which is ZeRO-2's memory profile), fp32 sharded
   parameters cast to bf16 for compute, fused ``torch.optim.AdamW`` on the DTensor shards.
+- ``regrow8-zero3`` / ``fsdp2-reshard``: the ZeRO-3 pair: regrow at stage 3 (8-bit state; each block gathered
+  before its forward and its backward, freed after) and FSDP2 with ``reshard_after_forward=True`` on the blocks.
 
 Every implementation trains the same :class:`regrow.trainer.models.GPT` (built from the same seed on the CPU, then
 moved), on the same random token batches (per rank, pre-generated so data generation is not timed), with the same
@@ -54,7 +56,7 @@ from torch import nn
 
 from regrow.trainer.models import GPT, GPTConfig
 
-IMPLS = ("regrow8", "regrow32", "deepspeed", "fsdp2")
+IMPLS = ("regrow8", "regrow32", "deepspeed", "fsdp2", "regrow8-zero3", "fsdp2-reshard")
 LR = 3e-4
 BETAS = (0.9, 0.95)
 EPS = 1e-8
@@ -136,12 +138,12 @@ def fused_adamw(model: nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(adamw_param_groups(model), lr=LR, betas=BETAS, eps=EPS, fused=True)
 
 
-def build_regrow(model: nn.Module, device: torch.device, state_bits: int) -> Runner:
+def build_regrow(model: nn.Module, device: torch.device, state_bits: int, stage: int = 2) -> Runner:
     from regrow.trainer.zero.config import ZeroConfig
     from regrow.trainer.zero.optimizer import ZeroOptimizer
 
     config = ZeroConfig(
-        stage=2,
+        stage=stage,
         state_bits=state_bits,
         param_dtype="bfloat16",
         lr=LR,
@@ -161,7 +163,7 @@ def build_regrow(model: nn.Module, device: torch.device, state_bits: int) -> Run
         return loss.detach()
 
     settings = {
-        "stage": 2,
+        "stage": stage,
         "state_bits": state_bits,
         "param_dtype": "bfloat16",
         "reduce_dtype": "bfloat16",
@@ -208,7 +210,7 @@ def build_deepspeed(model: nn.Module, device: torch.device, micro_batch: int) ->
     return Runner(step, settings)
 
 
-def build_fsdp2(model: nn.Module, device: torch.device, reduce_dtype: str) -> Runner:
+def build_fsdp2(model: nn.Module, device: torch.device, reduce_dtype: str, reshard: bool = False) -> Runner:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model.to(device)
@@ -216,7 +218,7 @@ def build_fsdp2(model: nn.Module, device: torch.device, reduce_dtype: str) -> Ru
     # One FSDP unit per block lets each block's reduce-scatter overlap the backward of the blocks before it; the root
     # unit takes the rest (embeddings with the tied LM head, final norm).
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mp_policy=policy, reshard_after_forward=False)
     optimizer = fused_adamw(model)
 
@@ -229,7 +231,7 @@ def build_fsdp2(model: nn.Module, device: torch.device, reduce_dtype: str) -> Ru
         return loss.detach()
 
     settings = {
-        "reshard_after_forward": False,
+        "reshard_after_forward": reshard,
         "param_dtype": "bfloat16",
         "reduce_dtype": reduce_dtype,
         "sharded_param_dtype": "float32",
@@ -278,12 +280,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(args.seed)
     model = GPT(config)
     n_params = model.num_parameters()
-    if args.impl in ("regrow8", "regrow32"):
-        runner = build_regrow(model, device, 8 if args.impl == "regrow8" else 32)
+    if args.impl in ("regrow8", "regrow32", "regrow8-zero3"):
+        runner = build_regrow(model, device, 32 if args.impl == "regrow32" else 8, 3 if "zero3" in args.impl else 2)
     elif args.impl == "deepspeed":
         runner = build_deepspeed(model, device, args.micro_batch)
     else:
-        runner = build_fsdp2(model, device, args.fsdp_reduce_dtype)
+        runner = build_fsdp2(model, device, args.fsdp_reduce_dtype, reshard=args.impl == "fsdp2-reshard")
     model.train()
     batches = make_batches(
         count=args.warmup + args.steps,
