@@ -59,6 +59,8 @@ class TrainOptions:
     """Sequences per rank per forward/backward (``--micro-batch``)."""
     stage: int = 2
     """ZeRO stage, 1, 2 or 3 (``--stage``; 3 shards the parameters too)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward (``--activation-checkpointing``)."""
     state_bits: int = 8
     """Optimizer state bits, 8 or 32 (``--state-bits``)."""
     lr: float = 3e-3
@@ -133,7 +135,8 @@ class TrainOptions:
     def trainer_config(self, model: GPTConfig | ModelFactory, data: DataConfig, optim: ZeroConfig) -> TrainerConfig:
         return TrainerConfig(model=model, loss=self.loss, data=data, optim=optim, steps=self.steps,
                              warmup_steps=self.warmup_steps, seed=self.seed, log_every=self.log_every,
-                             eval_every=self.eval_every, metrics_path=self.metrics)
+                             eval_every=self.eval_every, metrics_path=self.metrics,
+                             activation_checkpointing=self.activation_checkpointing)
 
 
 def flag_wording(message: str) -> str:

@@ -92,6 +92,9 @@ TRAINING = (
     _flag("--global-batch", TrainOptions, "global_batch", "sequences per step over all ranks", type=int),
     _flag("--micro-batch", TrainOptions, "micro_batch", "sequences per rank per forward/backward", type=int),
     _flag("--stage", TrainOptions, "stage", "ZeRO stage: 1, 2 or 3 (3 also shards the parameters)", type=int),
+    _flag("--activation-checkpointing", TrainOptions, "activation_checkpointing",
+          "recompute each block's activations in the backward instead of keeping them (less memory, about one "
+          "more forward per step; results unchanged)", action="store_true"),
     _flag("--state-bits", TrainOptions, "state_bits", "optimizer state bits: 8 or 32", type=int),
     _flag("--lr", TrainOptions, "lr", type=float),
     _flag("--max-grad-norm", TrainOptions, "max_grad_norm", "0 disables clipping", type=float),

@@ -90,6 +90,41 @@ def test_stage3_holds_only_its_shard_between_steps_and_one_block_at_a_time() -> 
         assert held["owned_bytes"] < 0.6 * held["full_bytes"], "each of the two ranks keeps about half"
 
 
+@pytest.mark.timeout(300)
+def test_stage3_and_activation_checkpointing_leave_the_run_bit_identical() -> None:
+    """The tiny GPT (dropout on) at world 2: stage 3 with and without activation checkpointing, and stage 2 with
+    it, give the losses of stage 2 without it, bit for bit: recomputing a block draws the same dropout masks, and a
+    block's forward that runs again inside the backward keeps its gathered parameters."""
+    import dataclasses
+
+    from regrow.tests.test_trainer import tiny_config
+
+    base = tiny_config(steps=3)
+    losses = {}
+    for stage, checkpointing in ((2, False), (2, True), (3, False), (3, True)):
+        config = dataclasses.replace(base, optim=dataclasses.replace(base.optim, stage=stage),
+                                     activation_checkpointing=checkpointing)
+        losses[stage, checkpointing] = run_local(w.trainer_losses, 2, config, backend="gloo", timeout_s=240)[0]
+    assert all(value == losses[2, False] for value in losses.values()), losses
+
+
+def test_activation_checkpointing_recomputes_every_block_in_the_backward() -> None:
+    import dataclasses
+
+    from regrow.tests.test_trainer import tiny_config
+    from regrow.trainer.loop import Trainer
+
+    config = tiny_config(steps=1)  # 4 micro-batches per step on one rank
+    for checkpointing, runs in ((False, 4), (True, 8)):
+        trainer = Trainer(dataclasses.replace(config, optim=dataclasses.replace(config.optim, stage=3),
+                                              activation_checkpointing=checkpointing))
+        calls: list[int] = []
+        for block in trainer.model.blocks:
+            block.register_forward_pre_hook(lambda module, args: calls.append(1))
+        trainer.train_step()
+        assert len(calls) == runs * len(trainer.model.blocks), (checkpointing, len(calls))
+
+
 def _per_param_state(result: dict) -> dict[str, torch.Tensor]:
     """Each parameter's own slice of every state tensor (codes per element, scales per 256-element block)."""
     layout = FlatLayout.from_dict(result["layout"])

@@ -23,6 +23,7 @@ import torch
 from regrow.comm import collectives
 from regrow.comm.world import World
 from regrow.trainer import sink_calls
+from regrow.trainer.activation_checkpointing import checkpoint_blocks
 from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.checks import require_ints
 from regrow.trainer.data import DataConfig, DataCursor, Sampler
@@ -62,6 +63,10 @@ class TrainerConfig:
     """Corpus split and batch sizes (``global_batch`` sequences per step over all ranks)."""
     optim: ZeroConfig = field(default_factory=ZeroConfig)
     """The sharded optimizer (stage, state bits, lr, betas, clipping, ...)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them (``activation_checkpointing.py``;
+    the blocks are ``optim.shard_units``, by default the children of the model's largest ``nn.ModuleList``): less
+    memory for about one more forward per step. Results are bit-identical either way."""
     steps: int = 200
     """Optimizer steps to run (the run stops after this step)."""
     warmup_steps: int = 20
@@ -168,7 +173,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         # The token ids are checked against the model's vocabulary once, here (a scan of the token files per start).
         self.sampler = Sampler(config.data, dp_rank=self.rank, dp_size=self.world_size,
                                vocab_size=input_vocab_size(self.model))
-        self.optimizer = ZeroOptimizer(self.model, config.optim)
+        self.optimizer = self._optimizer_for(self.model)
         # Built once: every step's ShardState shares it (a sink taking a snapshot every step would otherwise pay
         # about a millisecond of CPU per step for it, on the path that launches the next forward).
         self._layout = self.optimizer.layout.to_dict()
@@ -194,6 +199,12 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         np.random.seed(per_rank % 2**32)
         return model.to(self.device)
 
+    def _optimizer_for(self, model: torch.nn.Module) -> ZeroOptimizer:
+        """The optimizer of a freshly built ``model``, its blocks checkpointed first when the config says so."""
+        if self.config.activation_checkpointing:
+            checkpoint_blocks(model, self.config.optim.shard_units)
+        return ZeroOptimizer(model, self.config.optim)
+
     def run_config(self) -> dict:
         """``config.to_dict()``: what a checkpoint records as the run's settings (``state.Restorable``)."""
         return self.config.to_dict()
@@ -202,7 +213,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         """Builds the seeded initial model and a new optimizer (a replacement built ``for_restore`` that turns out
         to need step 0's state, which no snapshot holds). Not collective."""
         self.model = self.build_model()
-        self.optimizer = ZeroOptimizer(self.model, self.config.optim)
+        self.optimizer = self._optimizer_for(self.model)
         self._layout = self.optimizer.layout.to_dict()
         self.sampler.load_state(DataCursor(epoch=0, index=0))
         self.step, self.tokens_seen, self._boundary, self.initialized = 0, 0, None, True

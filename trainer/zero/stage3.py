@@ -12,7 +12,9 @@ When parameters exist (:class:`UnitGatherer`):
 - a unit's buckets are gathered right before its forward and freed right after it; when autograd reaches the
   unit's outputs in the backward, they are gathered again (a gradient hook on those outputs);
 - a bucket is freed as soon as its reduce-scatter starts (every gradient of its parameters exists, so autograd no
-  longer needs them), and whatever is still gathered when backward ends or the optimizer steps is freed then.
+  longer needs them), and whatever is still gathered when backward ends or the optimizer steps is freed then;
+- with activation checkpointing the unit's forward runs again inside the backward, after that second gather: a
+  unit whose backward has begun is not freed after such a forward (nor hooked again).
 
 Gathers are synchronous: the collective finishes before the module runs (prefetching the next unit's gather on a
 side stream is a GPU optimisation this module does not do yet). Every rank runs the same modules in the same
@@ -115,6 +117,7 @@ class UnitGatherer:
                     seen.add((unit, slot.bucket))
                     self._buckets[unit].append((group_index, slot.bucket))
         modules = dict(model.named_modules())
+        self._in_backward: set[int] = set()  # units gathered for their backward, not yet reduced
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(lambda module, args: self._gather(ROOT))
         ]
@@ -131,13 +134,20 @@ class UnitGatherer:
 
     def _after_forward(self, unit: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if unit in self._in_backward:  # recomputed inside the backward (activation checkpointing): keep it
+                return
             outputs = [t for t in _tensors(output) if t.requires_grad]
             if outputs and torch.is_grad_enabled():
                 # Before autograd runs this unit's backward, it computes the gradient of one of its outputs.
-                torch.autograd.graph.register_multi_grad_hook(outputs, lambda grads: self._gather(unit), mode="any")
+                torch.autograd.graph.register_multi_grad_hook(outputs, lambda grads: self._before_backward(unit),
+                                                              mode="any")
             self._free(unit)
 
         return hook
+
+    def _before_backward(self, unit: int) -> None:
+        self._in_backward.add(unit)
+        self._gather(unit)
 
     def _gather(self, unit: int) -> None:
         pendings = [self._comm.gather_bucket(self._shards[g], b) for g, b in self._buckets[unit]
@@ -158,8 +168,10 @@ class UnitGatherer:
     def bucket_reduced(self, key: BucketId) -> None:
         """Frees bucket ``key``: its reduce-scatter started, so every gradient of its parameters exists."""
         self._sharded(key[0]).free(key[1])
+        self._in_backward -= {unit for unit in self._in_backward if key in self._buckets[unit]}
 
     def free_all(self) -> None:
+        self._in_backward.clear()
         for group_index in range(len(self._shards)):
             self._sharded(group_index).free_all()
 
