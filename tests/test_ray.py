@@ -51,12 +51,14 @@ def cluster() -> Iterator[Cluster]:
 
 def coordinated(tmp: Path, name: str, *, env: dict[str, str] | None = None, ec: int = 0,
                 hang_timeout_s: float = 60.0, sinks=ray_workers.worker_sinks, standby: int = 0,
-                snapshot_every: int = 1) -> tuple[Coordinator, CoordinatorConfig]:
+                snapshot_every: int = 1, stage: int = 2) -> tuple[Coordinator, CoordinatorConfig]:
     config = CoordinatorConfig(workers=WORKERS, ranks_per_node=2 if ec else 0, ec_group_size=ec, ec_parity=1,
                                hang_timeout_s=hang_timeout_s, standby_per_node=standby,
                                events_path=str(tmp / f"{name}.jsonl"), resources_timeout_s=120)
-    spec = WorkerSpec(config=tiny_config(steps=STEPS), world_size=WORKERS, snapshot_every=snapshot_every,
-                      timeout_s=30, extra_sinks=sinks)
+    train = tiny_config(steps=STEPS)
+    train = dataclasses.replace(train, optim=dataclasses.replace(train.optim, stage=stage))
+    spec = WorkerSpec(config=train, world_size=WORKERS, snapshot_every=snapshot_every, timeout_s=30,
+                      extra_sinks=sinks)
     return Coordinator(config, spec, env=env), config
 
 
@@ -142,6 +144,17 @@ def test_killed_worker_actor_is_replaced_and_the_run_matches(cluster, reference,
     (restores,) = outcome.restores
     assert [r["source"] for r in restores] == ["kept in memory"] * 2 + ["snapshot"] + ["kept in memory"], restores
     assert {r["step"] for r in restores} == {4}, restores
+
+
+@pytest.mark.timeout(400)
+def test_at_zero_stage3_survivors_keep_their_state_and_the_run_matches(cluster, tmp_path) -> None:
+    """ZeRO stage 3 under the coordinator: the survivors of a killed rank keep their sharded state (a gather of
+    the interrupted step left behind is freed), the replacement restores its snapshot, and the run ends with the
+    parameters of a fault-free stage-3 run."""
+    reference = run(coordinated(tmp_path, "stage3-reference", stage=3)[0])
+    outcome = run_with_a_kill(tmp_path, "stage3-kill", reference, rank=2, step=5, stage=3)
+    (restores,) = outcome.restores
+    assert [r["source"] for r in restores] == ["kept in memory"] * 2 + ["snapshot"] + ["kept in memory"], restores
 
 
 @pytest.mark.timeout(300)

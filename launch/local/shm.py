@@ -6,8 +6,7 @@ from __future__ import annotations
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.model_factory import build_model
-from regrow.trainer.zero.config import state_kind_rule
-from regrow.trainer.zero.layout import build_layout
+from regrow.trainer.zero.optimizer import plan_layout
 from regrow.trainer.zero.shard import shard_table
 
 META_ESTIMATE = 1 << 20
@@ -20,8 +19,7 @@ def snapshot_bytes(config: TrainerConfig, world_size: int) -> int:
     block scales or fp32 moments) as the optimizer lays them out for ``world_size`` ranks, plus metadata room.
     Built from the model on the meta device (regrow's GPT or a factory's), so nothing is allocated."""
     model = build_model(config.model, seed=config.seed, device="meta")
-    layout = build_layout(model.named_parameters(), world_size=world_size, bucket_numel=config.optim.bucket_numel,
-                          kind_of=state_kind_rule(model, config.optim))
+    layout = plan_layout(model, config.optim, world_size)
     table = [{"name": key, "dtype": str(spec.dtype).removeprefix("torch."), "shape": list(spec.shape)}
              for key, spec in shard_table(layout).items()]
     _, payload = seg.plan_tensors(table)

@@ -169,8 +169,10 @@ class Coordinator:
         self._stop.request(reason)
 
     def _collect_parameters(self, outcome: Outcome) -> None:
-        outcome.parameters = self._ray.get(
-            self._job.ranks[0].handle.parameters.options(concurrency_group=TRAIN).remote())
+        # Every rank is asked at once: at ZeRO stage 3 reading the parameters gathers them, a collective.
+        every = self._ray.get([rank.handle.parameters.options(concurrency_group=TRAIN).remote()
+                               for rank in self._job.ranks])
+        outcome.parameters = every[0]
 
     def _collect_returns(self, outcome: Outcome) -> None:
         results = self._ray.get([rank.handle.results.options(concurrency_group=TRAIN).remote()

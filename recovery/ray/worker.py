@@ -229,10 +229,12 @@ class Worker(GroupMember):
         return {"done": done, "error": why, "unwind": self._leave_after_failure(failed_at)}
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        """The model's parameters, on the CPU (what tests compare across runs)."""
+        """The model's parameters, on the CPU (what tests compare across runs). Collective at ZeRO stage 3 (they
+        are gathered to be read): every rank is asked at once."""
         trainer = self._trainer()
         module = trainer.module if isinstance(trainer, PipelineTrainer) else trainer.model
-        return {name: p.detach().cpu().clone() for name, p in module.named_parameters()}
+        with trainer.optimizer.gathered_parameters():
+            return {name: p.detach().cpu().clone() for name, p in module.named_parameters()}
 
     def step(self) -> int:
         return self._trainer().step

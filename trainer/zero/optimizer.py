@@ -34,7 +34,7 @@ from regrow.trainer.zero.layout import FlatLayout, build_layout
 from regrow.trainer.zero.reducer import BackwardReducer, GradientReducer, StepReducer, reduction_order
 from regrow.trainer.zero.shard import GroupShard, split_shard_key
 from regrow.trainer.zero.shard_comm import ShardComm
-from regrow.trainer.zero.stage3 import UnitGatherer, find_units
+from regrow.trainer.zero.stage3 import UnitGatherer, Units, find_units
 
 
 class ZeroOptimizer:
@@ -78,10 +78,7 @@ class ZeroOptimizer:
         self.param_dtype = DTYPES[config.param_dtype] if config.param_dtype else named[0][1].dtype
         self.reduce_dtype = DTYPES[config.reduce_dtype] if config.reduce_dtype else self.param_dtype
         units = find_units(model, config.shard_units) if config.stage == 3 else None
-        self.layout: FlatLayout = build_layout(
-            named, world_size=self.world_size, bucket_numel=config.bucket_numel, kind_of=state_kind_rule(model, config),
-            unit_of=None if units is None else units.unit_of,
-        )
+        self.layout: FlatLayout = plan_layout(model, config, self.world_size, units)
         self._params = dict(named)
         unknown_skip = sorted(set(norm_skip) - set(self._params))
         if unknown_skip:
@@ -188,6 +185,8 @@ class ZeroOptimizer:
         """Forgets a step interrupted by a failure: partial gradients, reductions in flight (stage 2) and their
         staging buffers. Call before restoring a shard; the next backward then starts from zero."""
         self._reducer.discard()
+        if self._gatherer is not None:
+            self._gatherer.free_all()  # the interrupted forward or backward left units gathered
         for param in self._params.values():
             param.grad = None
         self.zero_grad()
@@ -286,6 +285,17 @@ class ZeroOptimizer:
         group_name = split_shard_key(key)[0]
         index = [s.name for s in self._shards].index(group_name)
         return self._comm.all_gather_full(self._shards[index].layout, self.shard_tensors()[key])
+
+
+def plan_layout(model: nn.Module, config: ZeroConfig, world_size: int, units: Units | None = None) -> FlatLayout:
+    """The layout a :class:`ZeroOptimizer` of ``model`` under ``config`` gives its shards at ``world_size`` ranks
+    (``units``: stage 3's, found from the model when not given). Needs no parameter data: the launcher sizes the
+    snapshot segments with it from a model on the meta device."""
+    if units is None and config.stage == 3:
+        units = find_units(model, config.shard_units)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return build_layout(named, world_size=world_size, bucket_numel=config.bucket_numel,
+                        kind_of=state_kind_rule(model, config), unit_of=None if units is None else units.unit_of)
 
 
 def _register(hooks: OrderedDict[int, Callable[[], None]], hook: Callable[[], None]) -> RemovableHandle:
