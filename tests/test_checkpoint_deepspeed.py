@@ -1,4 +1,4 @@
-"""DeepSpeed interop against real DeepSpeed (CPU accelerator, gloo, 2 spawned ranks): import of ZeRO-1/2 and
+"""DeepSpeed interop against real DeepSpeed (CPU accelerator, gloo, 2 spawned ranks): import of ZeRO-1/2/3 and
 universal checkpoints, export to the universal layout that DeepSpeed resumes from, and refusal of bad input.
 
 The first DeepSpeed spawn on a fresh machine JIT-compiles DeepSpeed's CPU shared-memory op (cached afterwards in
@@ -244,6 +244,9 @@ def test_zero3_files_missing_or_from_another_save_are_named(saved: dict, tmp_pat
     folder = copy_tag(saved, "zero3", tmp_path / "b")
     (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
     with pytest.raises(DeepSpeedCheckpointError, match=r"zero_pp_rank_0_mp_rank_00_model_states\.pt is missing"):
+        import_deepspeed(folder)
+    (folder / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(DeepSpeedCheckpointError, match=r"says zero_stage=3, but the per-rank model states"):
         import_deepspeed(folder)
 
 

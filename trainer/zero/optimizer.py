@@ -186,7 +186,7 @@ class ZeroOptimizer:
         staging buffers. Call before restoring a shard; the next backward then starts from zero."""
         self._reducer.discard()
         if self._gatherer is not None:
-            self._gatherer.free_all()  # the interrupted forward or backward left units gathered
+            self._gatherer.discard()  # the interrupted forward or backward left units gathered, or gathering
         for param in self._params.values():
             param.grad = None
         self.zero_grad()

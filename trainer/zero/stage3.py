@@ -16,9 +16,12 @@ When parameters exist (:class:`UnitGatherer`):
 - with activation checkpointing the unit's forward runs again inside the backward, after that second gather: a
   unit whose backward has begun is not freed after such a forward (nor hooked again).
 
-Gathers are synchronous: the collective finishes before the module runs (prefetching the next unit's gather on a
-side stream is a GPU optimisation this module does not do yet). Every rank runs the same modules in the same
-order, so the gathers, like every collective, match across ranks.
+Prefetch: the first step records the order in which the forward runs the units; from its first backward on, a
+unit's forward pre-hook also starts the gather of the unit after it, and its pre-backward hook the gather of the
+unit before it, so that each gather (an asynchronous collective; on a GPU NCCL's own stream, which the compute
+stream waits for only when the unit starts) overlaps the current unit's compute. At most two units and the root
+are gathered at once. Every rank runs the same modules in the same order, so the gathers, like every collective,
+match across ranks.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from regrow.comm.collectives import Pending
 from regrow.trainer.zero.layout import FlatLayout
 from regrow.trainer.zero.shard import GroupShard
 from regrow.trainer.zero.shard_comm import ShardComm
@@ -118,17 +122,29 @@ class UnitGatherer:
                     self._buckets[unit].append((group_index, slot.bucket))
         modules = dict(model.named_modules())
         self._in_backward: set[int] = set()  # units gathered for their backward, not yet reduced
+        self._pending: dict[BucketId, Pending] = {}  # gathers started and not waited for
+        self._order: list[int] = []  # the units in the order the first forward ran them
+        self._order_known = False  # set at the first backward: every unit of a forward has run by then
         self._handles: list[RemovableHandle] = [
-            model.register_forward_pre_hook(lambda module, args: self._gather(ROOT))
+            model.register_forward_pre_hook(lambda module, args: self._before_root_forward())
         ]
         for unit, name in enumerate(units.names[1:], start=1):
             module = modules[name]
             self._handles.append(module.register_forward_pre_hook(self._before_forward(unit)))
             self._handles.append(module.register_forward_hook(self._after_forward(unit)))
 
+    def _before_root_forward(self) -> None:
+        self._gather(ROOT)
+        if self._order_known and self._order:
+            self._start(self._order[0])
+
     def _before_forward(self, unit: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
+            if not self._order_known and unit not in self._order:
+                self._order.append(unit)
             self._gather(unit)
+            if unit not in self._in_backward:  # not a recomputation inside the backward
+                self._prefetch(unit, 1)
 
         return hook
 
@@ -146,19 +162,42 @@ class UnitGatherer:
         return hook
 
     def _before_backward(self, unit: int) -> None:
+        self._order_known = True
         self._in_backward.add(unit)
         self._gather(unit)
+        self._prefetch(unit, -1)
+
+    def _prefetch(self, unit: int, direction: int) -> None:
+        """Starts gathering the unit after ``unit`` in forward order (``direction`` 1) or before it (-1)."""
+        if self._order_known and unit in self._order:
+            index = self._order.index(unit) + direction
+            if 0 <= index < len(self._order):
+                self._start(self._order[index])
+
+    def _start(self, unit: int) -> None:
+        for key in self._buckets[unit]:
+            if key not in self._pending and not self._sharded(key[0]).gathered[key[1]]:
+                pending = self._comm.gather_bucket(self._shards[key[0]], key[1])
+                if pending is not None:
+                    self._pending[key] = pending
 
     def _gather(self, unit: int) -> None:
-        pendings = [self._comm.gather_bucket(self._shards[g], b) for g, b in self._buckets[unit]
-                    if not self._sharded(g).gathered[b]]
-        for pending in pendings:
-            if pending is not None:
-                pending.wait()
+        self._start(unit)
+        for key in self._buckets[unit]:
+            self._wait(key)
+
+    def _wait(self, key: BucketId) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.wait()
+
+    def _release(self, key: BucketId) -> None:
+        self._wait(key)  # never free memory a gather in flight writes into
+        self._sharded(key[0]).free(key[1])
 
     def _free(self, unit: int) -> None:
-        for group_index, bucket_index in self._buckets[unit]:
-            self._sharded(group_index).free(bucket_index)
+        for key in self._buckets[unit]:
+            self._release(key)
 
     def _sharded(self, group_index: int):
         sharded = self._shards[group_index].sharded
@@ -167,13 +206,26 @@ class UnitGatherer:
 
     def bucket_reduced(self, key: BucketId) -> None:
         """Frees bucket ``key``: its reduce-scatter started, so every gradient of its parameters exists."""
-        self._sharded(key[0]).free(key[1])
+        self._release(key)
         self._in_backward -= {unit for unit in self._in_backward if key in self._buckets[unit]}
 
     def free_all(self) -> None:
         self._in_backward.clear()
+        for key in list(self._pending):
+            self._wait(key)
         for group_index in range(len(self._shards)):
             self._sharded(group_index).free_all()
+
+    def discard(self) -> None:
+        """Forgets gathers in flight of a step interrupted by a failure (their process group failed: never waited
+        for) and frees every other bucket. A bucket whose gather was in flight keeps its memory, which the failed
+        collective may still touch; its next gather writes into it again."""
+        stuck, self._pending = set(self._pending), {}
+        self._in_backward.clear()
+        for group_index, shard in enumerate(self._shards):
+            for bucket_index in range(len(shard.layout.buckets)):
+                if (group_index, bucket_index) not in stuck:
+                    self._sharded(group_index).free(bucket_index)
 
     def gather_all(self) -> None:
         for unit in range(len(self._buckets)):
