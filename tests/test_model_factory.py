@@ -195,12 +195,14 @@ def test_state_policy_finds_a_llamas_norms_and_embedding_by_module_and_counts_th
     assert sum(b == 8 for b in bits.values()) == 2 * 7 + 1, "every projection of both layers, and the matrix"
 
 
-def test_zero_trains_a_tied_llama_like_torch_adamw() -> None:
-    """The tied embedding/head gets one slot in the layout and the sum of both uses' gradients: three ZeRO-2 steps
-    (fp32 state, no decay or clipping) match ``torch.optim.AdamW`` on a copy, and the head stays the embedding."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_trains_a_tied_llama_like_torch_adamw(stage: int) -> None:
+    """The tied embedding/head gets one slot in the layout and the sum of both uses' gradients: three ZeRO steps
+    (fp32 state, no decay or clipping) match ``torch.optim.AdamW`` on a copy, and the head stays the embedding. At
+    stage 3 the tied weight is in the root unit, gathered from the embedding's use to the head's."""
     model = llama()
     reference = copy.deepcopy(model)
-    optimizer = ZeroOptimizer(model, stage=2, state_bits=32, lr=1e-2, weight_decay=0.0, max_grad_norm=0.0)
+    optimizer = ZeroOptimizer(model, stage=stage, state_bits=32, lr=1e-2, weight_decay=0.0, max_grad_norm=0.0)
     torch_adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     slots = [slot.name for group in optimizer.layout.groups for slot in group.params]
     assert sorted(slots) == sorted(name for name, _ in model.named_parameters()) and "lm_head.weight" not in slots
@@ -212,9 +214,28 @@ def test_zero_trains_a_tied_llama_like_torch_adamw() -> None:
             opt.step()
             opt.zero_grad()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
-    assert not torch.equal(model.model.embed_tokens.weight, llama().model.embed_tokens.weight)
+    with optimizer.gathered_parameters():
+        for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(model.model.embed_tokens.weight, llama().model.embed_tokens.weight)
+
+
+def test_a_tied_llama_at_stage3_with_activation_checkpointing_is_bit_identical_to_stage2() -> None:
+    """A Hugging Face model's decoder layers are the units (``model.layers``) and its tied embedding/head the root;
+    with its layers checkpointed too, the losses and weights equal stage 2's bit for bit."""
+    results = []
+    for stage, checkpointing in ((2, False), (3, True)):
+        config = trainer_config(ModelFactory(target=LLAMA, kwargs={"layers": 3}), loss="hf", steps=3,
+                                optim=ZeroConfig(stage=stage, state_bits=8, lr=3e-3, min_8bit_numel=1),
+                                activation_checkpointing=checkpointing)
+        trainer = Trainer(config)
+        losses = [trainer.train_step().loss for _ in range(3)]
+        with trainer.optimizer.gathered_parameters():
+            results.append((losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}))
+    (losses2, params2), (losses3, params3) = results
+    assert losses2 == losses3
+    for name, value in params2.items():
+        assert torch.equal(params3[name], value), name
 
 
 def test_a_factorys_model_resumes_bit_identically_in_a_fresh_trainer() -> None:

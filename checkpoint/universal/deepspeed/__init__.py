@@ -2,7 +2,8 @@
 
 - :func:`import_deepspeed` (``reader.py``) reads what DeepSpeed's ``engine.save_checkpoint()`` writes for ZeRO stage
   1 or 2 (``zero_reader.py``: the per-rank ``*zero_pp_rank_<dp>_mp_rank_00_optim_states.pt`` partitions plus
-  ``mp_rank_00_model_states.pt``), or a DeepSpeed *universal* checkpoint (``universal_reader.py``:
+  ``mp_rank_00_model_states.pt``) or 3 (``zero3_reader.py``: per-parameter partitions, per-rank model states), or a
+  DeepSpeed *universal* checkpoint (``universal_reader.py``:
   ``zero/<param>/fp32.pt`` ...), and reassembles whole parameters.
 - :func:`export_deepspeed_universal` (``universal_writer.py``) writes the universal layout, which a DeepSpeed engine
   of any data-parallel size and ZeRO stage 1 or 2 loads with ``"checkpoint": {"load_universal": true}``.

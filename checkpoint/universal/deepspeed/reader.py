@@ -1,5 +1,5 @@
 """Reading a DeepSpeed checkpoint: :func:`import_deepspeed` finds the tag folder and hands it to the reader of its
-kind (ZeRO stage 1 or 2 partitions, or DeepSpeed's universal layout)."""
+kind (ZeRO stage 1, 2 or 3 partitions, or DeepSpeed's universal layout)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ def import_deepspeed(path: str | Path, tag: str | None = None) -> FullState:
 
     ``path`` is the directory given to ``engine.save_checkpoint()`` (the tag is read from its ``latest`` file, or
     from ``latest_universal`` when there is no ``latest``, as DeepSpeed's loader does), or one tag folder inside it.
-    ``tag`` names the folder explicitly. Two kinds are read:
+    ``tag`` names the folder explicitly. Three kinds are read:
 
     - ZeRO stage 1 or 2 (fp32, or bf16/fp16 mixed precision: the fp32 masters are read), with any data-parallel
       size: ``mp_rank_00_model_states.pt`` plus one ``[bf16_]zero_pp_rank_<dp>_mp_rank_00_optim_states.pt`` per rank.
+    - ZeRO stage 3: one ``zero_pp_rank_<dp>_mp_rank_00_model_states.pt`` and one optimizer file per rank, each
+      parameter partitioned on its own (``zero3_reader.py``).
     - DeepSpeed universal (``ds_to_universal`` output or :func:`export_deepspeed_universal`): ``zero/<name>/...``.
 
-    Raises :class:`UnsupportedCheckpointError` for ZeRO-3, pipeline- or tensor-parallel checkpoints, checkpoints
+    Raises :class:`UnsupportedCheckpointError` for pipeline- or tensor-parallel checkpoints, checkpoints
     without ZeRO and non-Adam optimizers; :class:`DeepSpeedCheckpointError` for missing or inconsistent files;
     :class:`UnsafeCheckpointError` for a file with a global outside ``unpickling.ALLOWED_GLOBALS``.
     """

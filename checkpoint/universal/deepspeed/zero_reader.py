@@ -151,14 +151,18 @@ def _optim_paths(folder: Path, dp_size: int, model_path: Path) -> list[Path]:
 
 def _optimizer_dict(data: Any, path: Path) -> dict:
     """The ``optimizer_state_dict`` of one rank's optimizer file, checked to be ZeRO stage 1 or 2 with the keys the
-    reassembly reads."""
+    reassembly reads (a ZeRO-3 file here means its model-states files are missing)."""
     osd = data.get("optimizer_state_dict") if isinstance(data, dict) else None
     if not isinstance(osd, dict):
         raise DeepSpeedCheckpointError(f"{path} has no optimizer_state_dict; not a DeepSpeed optimizer file")
     stage = osd.get("zero_stage")
+    if stage is not None and int(stage) == 3:
+        raise DeepSpeedCheckpointError(f"{path} says zero_stage=3, but the per-rank model states of a ZeRO-3 save "
+                                       f"(zero_pp_rank_<r>_mp_rank_00_model_states.pt) are missing from "
+                                       f"{path.parent}; copy every rank's files of the save")
     if stage is not None and int(stage) not in (1, 2):
         raise UnsupportedCheckpointError(f"{path} says zero_stage={int(stage)}: ZeRO stage {int(stage)} checkpoints "
-                                         "are not supported yet (stages 1 and 2 are)")
+                                         "are not supported (stages 1, 2 and 3 are)")
     for key in ("single_partition_of_fp32_groups", "base_optimizer_state", "param_slice_mappings"):
         if key not in osd:
             raise DeepSpeedCheckpointError(f"{path}: optimizer_state_dict lacks {key!r} (keys: {sorted(osd)}); "
