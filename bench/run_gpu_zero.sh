@@ -7,6 +7,7 @@
 # Usage (from anywhere; it works in the repository root):
 #   bench/run_gpu_zero.sh                 # GPU host, NGPU GPUs (default 4), 350m preset
 #   bench/run_gpu_zero.sh --device cpu    # smoke test without a GPU: tiny preset, 2 processes over gloo
+#   IMPLS="fsdp2-reshard regrow8-zero3 fsdp2-reshard" SKIP_OPTIMIZER=1 bench/run_gpu_zero.sh   # the ZeRO-3 pair
 # Environment: OUT (results folder, default ./bench-out), NGPU, PYTHON (default python3), IMPL_TIMEOUT (seconds per
 # implementation, default 150), OPT_TIMEOUT (optimizer benchmark, default 150), PRESET, MICRO_BATCH, WARMUP, STEPS,
 # IMPLS (the runs, in order), SKIP_OPTIMIZER=1, FSDP_REDUCE_DTYPE (bfloat16, the default, like DeepSpeed's and regrow's gradient reduction; or float32).

@@ -250,7 +250,7 @@ def test_snapshot_ec_runner_restores_a_lost_node_from_the_code(tmp_path: Path) -
 
 @pytest.mark.timeout(RUNNER_LIMIT_S + 60)
 def test_zero_runner_trains_every_implementation_and_the_optimizer_bench(tmp_path: Path) -> None:
-    impls = ["deepspeed", "fsdp2", "regrow32", "regrow8"]
+    impls = ["deepspeed", "fsdp2", "regrow32", "regrow8", "regrow8-zero3", "fsdp2-reshard"]
     outcome = run_runner("run_gpu_zero.sh", tmp_path, IMPLS=" ".join(impls), WARMUP="1", STEPS="2",
                          MICRO_BATCH="2", IMPL_TIMEOUT="120", OPT_TIMEOUT="120")
     assert_ran(outcome, "| run | impl | status | ms/step | tokens/s |", "| optimizer | ms/step |")

@@ -8,10 +8,9 @@ parameters are all-gathered into :meth:`ShardedParams.target` right before they 
 How the parameters survive being freed: each parameter is, once and for good, a view of its bucket's full tensor.
 Freeing resizes that tensor's storage to zero bytes (the views stay valid objects; reading one raises), and a
 gather resizes it back and writes into it. Tensors that autograd saved in the forward (a linear layer saves its
-weight) are such views, so after the gather before the backward they read the gathered values again. The gather
-writes through an alias of the storage that has a version counter of its own: writing through the parameters'
-base would bump their version counters, and autograd would then refuse the saved weights as "modified by an
-inplace operation".
+weight) are such views, so after the gather before the backward they read the gathered values again. Autograd does
+not see the gather as an in-place change of a saved weight: a parameter is made a view with ``param.data = view``,
+which keeps the parameter's own version counter, so writes into the bucket's tensor do not bump it.
 """
 
 from __future__ import annotations
@@ -49,14 +48,11 @@ class ShardedParams:
         return self.owned[local_start : local_start + length]
 
     def target(self, index: int) -> torch.Tensor:
-        """Bucket ``index``'s full tensor to gather into, allocated if it was freed: an alias of its storage with a
-        version counter of its own (module docstring)."""
-        storage = self.full[index].untyped_storage()
+        """Bucket ``index``'s full tensor to gather into, allocated if it was freed."""
         if not self.gathered[index]:
-            storage.resize_(self._nbytes[index])
+            self.full[index].untyped_storage().resize_(self._nbytes[index])
             self.gathered[index] = True
-        full = self.full[index]
-        return torch.empty(0, dtype=full.dtype, device=full.device).set_(storage, 0, full.shape)
+        return self.full[index]
 
     def free(self, index: int) -> None:
         """Releases bucket ``index``'s full parameters (its views then hold no memory until the next gather)."""
