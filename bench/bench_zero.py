@@ -14,8 +14,14 @@ Implementations (``--impl``):
 - ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every block and on the root, ``reshard_after_forward=False``
   (parameters stay gathered between forward and backward, which is ZeRO-2's memory profile), fp32 sharded
   parameters cast to bf16 for compute, fused ``torch.optim.AdamW`` on the DTensor shards.
-- ``regrow8-zero3`` / ``fsdp2-reshard``: the ZeRO-3 pair: regrow at stage 3 (8-bit state; each block gathered
-  before its forward and its backward, freed after) and FSDP2 with ``reshard_after_forward=True`` on the blocks.
+- ``regrow8-zero3`` / ``fsdp2-reshard`` / ``deepspeed-zero3``: ZeRO-3: regrow at stage 3 (8-bit state; each block
+  gathered before its forward and its backward, freed after), FSDP2 with ``reshard_after_forward=True`` on the
+  blocks, DeepSpeed ZeRO stage 3 (fused torch AdamW passed in).
+
+``--shape L,D,H`` overrides the preset's layers, width and heads and ``--seq-len`` its sequence length, and
+``--activation-checkpointing`` recomputes every block in the backward (torch's composable ``checkpoint``, for every
+implementation): ``run_gpu_capacity.sh`` climbs a ladder of shapes with them to find the largest model each
+implementation trains. A run that runs out of GPU memory reports ``"status": "oom"`` with the parameter count.
 
 Every implementation trains the same :class:`regrow.trainer.models.GPT` (built from the same seed on the CPU, then
 moved), on the same random token batches (per rank, pre-generated so data generation is not timed), with the same
@@ -56,7 +62,7 @@ from torch import nn
 
 from regrow.trainer.models import GPT, GPTConfig
 
-IMPLS = ("regrow8", "regrow32", "deepspeed", "fsdp2", "regrow8-zero3", "fsdp2-reshard")
+IMPLS = ("regrow8", "regrow32", "deepspeed", "fsdp2", "regrow8-zero3", "fsdp2-reshard", "deepspeed-zero3")
 LR = 3e-4
 BETAS = (0.9, 0.95)
 EPS = 1e-8
@@ -89,8 +95,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(DTYPES),
         help="fsdp2 gradient reduce-scatter dtype; bfloat16 (default) moves as many bytes as DeepSpeed and regrow",
     )
+    parser.add_argument("--shape", default=None, metavar="L,D,H",
+                        help="layers, model width and heads instead of the preset's (the capacity ladder)")
+    parser.add_argument("--seq-len", type=int, default=None, help="sequence length instead of the preset's")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute every block in the backward (every implementation)")
     parser.add_argument("--json", default=None, help="file to append the result line to (rank 0)")
     args = parser.parse_args(argv)
+    if args.shape is not None:
+        try:
+            layers, width, heads = (int(x) for x in args.shape.split(","))
+        except ValueError:
+            parser.error(f"--shape {args.shape!r}: give three whole numbers L,D,H, e.g. 32,2560,20")
+        args.shape = (layers, width, heads)
     for name in ("micro_batch", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -172,7 +189,7 @@ def build_regrow(model: nn.Module, device: torch.device, state_bits: int, stage:
     return Runner(step, settings)
 
 
-def build_deepspeed(model: nn.Module, device: torch.device, micro_batch: int) -> Runner:
+def build_deepspeed(model: nn.Module, device: torch.device, micro_batch: int, stage: int = 2) -> Runner:
     import deepspeed
 
     if device.type == "cpu":
@@ -188,7 +205,7 @@ def build_deepspeed(model: nn.Module, device: torch.device, micro_batch: int) ->
         "gradient_accumulation_steps": 1,
         "gradient_clipping": MAX_GRAD_NORM,
         "bf16": {"enabled": True},
-        "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -273,17 +290,46 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
+def model_config(args: argparse.Namespace) -> GPTConfig:
+    """The preset, with ``--shape`` and ``--seq-len`` applied."""
+    overrides: dict[str, int] = {}
+    if args.shape is not None:
+        overrides.update(n_layer=args.shape[0], d_model=args.shape[1], n_head=args.shape[2])
+    if args.seq_len is not None:
+        overrides["seq_len"] = args.seq_len
+    return GPTConfig.preset(args.preset, **overrides)
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
+    """One measured run; a run that exhausts the GPU's memory returns ``"status": "oom"`` instead."""
     rank, world_size, device = init_distributed(args.device)
-    config = GPTConfig.preset(args.preset)
+    config = model_config(args)
+    with torch.device("meta"):
+        n_params = GPT(config).num_parameters()
+    try:
+        return _measure(args, rank, world_size, device, config, n_params)
+    except torch.cuda.OutOfMemoryError as error:
+        peak = peak_memory_gb(device)
+        return {"impl": args.impl, "status": "oom", "world_size": world_size, "params": n_params,
+                "shape": [config.n_layer, config.d_model, config.n_head], "seq_len": config.seq_len,
+                "micro_batch": args.micro_batch, "activation_checkpointing": args.activation_checkpointing,
+                "peak_mem_gb": None if peak is None else round(peak, 3), "error": str(error).splitlines()[0][:300]}
+
+
+def _measure(args: argparse.Namespace, rank: int, world_size: int, device: torch.device, config: GPTConfig,
+             n_params: int) -> dict[str, object]:
     # Built on the CPU from the CPU generator, so every rank and every implementation starts from identical weights.
     torch.manual_seed(args.seed)
     model = GPT(config)
-    n_params = model.num_parameters()
+    if args.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for block in model.blocks:
+            checkpoint(block)
     if args.impl in ("regrow8", "regrow32", "regrow8-zero3"):
         runner = build_regrow(model, device, 32 if args.impl == "regrow32" else 8, 3 if "zero3" in args.impl else 2)
-    elif args.impl == "deepspeed":
-        runner = build_deepspeed(model, device, args.micro_batch)
+    elif args.impl in ("deepspeed", "deepspeed-zero3"):
+        runner = build_deepspeed(model, device, args.micro_batch, stage=3 if "zero3" in args.impl else 2)
     else:
         runner = build_fsdp2(model, device, args.fsdp_reduce_dtype, reshard=args.impl == "fsdp2-reshard")
     model.train()
@@ -331,6 +377,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "host": socket.gethostname(),
         "torch": torch.__version__,
         "preset": args.preset,
+        "shape": [config.n_layer, config.d_model, config.n_head],
+        "activation_checkpointing": args.activation_checkpointing,
         "params": n_params,
         "micro_batch": args.micro_batch,
         "seq_len": config.seq_len,

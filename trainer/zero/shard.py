@@ -127,22 +127,36 @@ class GroupShard:
         return self.layout.kind.name
 
     def adopt_parameters(self, params: dict[str, torch.nn.Parameter]) -> None:
-        """Copies the group's parameters into the flat buffer, takes the fp32 master shard from them, and makes
-        each parameter a view of the buffer (so the all-gather after each step updates the model in place). At
-        stage 3 the buckets' full parameters are freed afterwards: they are gathered when used."""
-        full32 = torch.zeros(self.layout.numel, dtype=torch.float32, device=self.device)
+        """Takes the fp32 master shard from the group's parameters, copies them into the working buffers and makes
+        each parameter a view of them (so the all-gather after each step updates the model in place). At stage 3
+        this goes bucket by bucket, each freed once its parameters are views of it (they are gathered when used),
+        so that adopting a model never holds more than one bucket of full parameters beside the model itself."""
         for slot in self.layout.params:
-            full32[slot.offset : slot.offset + slot.numel] = params[slot.name].detach().reshape(-1)
-        self.master.copy_(self.shard_of(full32))
+            self._copy_into_master(slot, params[slot.name].detach().reshape(-1))
         if self.sharded is None:
             assert self.flat_params is not None
-            self.flat_params.copy_(full32)
-        else:
-            self.sharded.owned.copy_(self.master)
-        for slot in self.layout.params:
-            params[slot.name].data = self.param_view(slot)
-        if self.sharded is not None:
-            self.sharded.free_all()
+            for slot in self.layout.params:
+                self.flat_params[slot.offset : slot.offset + slot.numel].copy_(params[slot.name].detach().reshape(-1))
+                params[slot.name].data = self.param_view(slot)
+            return
+        self.sharded.owned.copy_(self.master)
+        for index in range(len(self.layout.buckets)):
+            self.sharded.target(index)  # allocated
+            for slot in self.layout.params:
+                if slot.bucket == index:
+                    view = self.param_view(slot)
+                    view.copy_(params[slot.name].detach())
+                    params[slot.name].data = view
+            self.sharded.free(index)
+
+    def _copy_into_master(self, slot: ParamSlot, flat: torch.Tensor) -> None:
+        """Copies the elements of parameter ``slot`` (``flat``, its values in order) that lie in this rank's pieces
+        into the master shard (the rest of the shard is padding and stays zero)."""
+        for flat_start, local_start, length in self.pieces:
+            lo, hi = max(slot.offset, flat_start), min(slot.offset + slot.numel, flat_start + length)
+            if lo < hi:
+                self.master[local_start + lo - flat_start : local_start + hi - flat_start].copy_(
+                    flat[lo - slot.offset : hi - slot.offset])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The master weights and optimizer state, keyed by :func:`shard_key` (the live buffers)."""
@@ -178,10 +192,6 @@ class GroupShard:
         """Casts the master shard into this rank's slices of the working parameters."""
         for flat_start, local_start, length in self.pieces:
             self.owned_params(flat_start, local_start, length).copy_(self.master[local_start : local_start + length])
-
-    def shard_of(self, flat: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of a full flat tensor of the group, as a new contiguous tensor."""
-        return torch.cat([flat[start : start + length] for start, _, length in self.pieces])
 
     def add_grad_squares(self, squares: torch.Tensor) -> None:
         """Adds the squared L2 norm of the gradient shard, in fp64, into ``squares`` (one fp64 element), leaving out

@@ -33,9 +33,13 @@ class ShardedParams:
         self.layout = layout
         self.pieces = pieces
         self.owned = torch.zeros(layout.shard_numel, dtype=dtype, device=device)
-        self.full = [torch.zeros(bucket.size, dtype=dtype, device=device) for bucket in layout.buckets]
         self._nbytes = [bucket.size * self.owned.element_size() for bucket in layout.buckets]
-        self.gathered = [True] * len(layout.buckets)
+        # Each bucket's tensor is made and freed at once: a model is adopted one bucket at a time.
+        self.full: list[torch.Tensor] = []
+        for bucket in layout.buckets:
+            self.full.append(torch.empty(bucket.size, dtype=dtype, device=device))
+            self.full[-1].untyped_storage().resize_(0)
+        self.gathered = [False] * len(layout.buckets)
 
     def view(self, slot: ParamSlot) -> torch.Tensor:
         """Parameter ``slot`` as a view of its bucket's full tensor."""
