@@ -296,6 +296,18 @@ def test_scale_runner_chains_the_zero_runner_at_a_process_count(tmp_path: Path) 
 
 
 @pytest.mark.timeout(RUNNER_LIMIT_S + 60)
+def test_capacity_runner_climbs_the_ladder_for_every_zero3_implementation(tmp_path: Path) -> None:
+    outcome = run_runner("run_gpu_capacity.sh", tmp_path, LADDER="2,64,2 3,64,2", STEPS="1", RUN_TIMEOUT="120")
+    assert_ran(outcome, "| impl | largest shape trained | parameters |")
+    records = outcome.records("capacity.jsonl")
+    assert_all_ok(records, 6)
+    assert [(r["impl"], r["shape"]) for r in records] == [
+        (impl, shape) for impl in ("regrow8-zero3", "fsdp2-reshard", "deepspeed-zero3") for shape in ([2, 64, 2],
+                                                                                                     [3, 64, 2])]
+    assert all(r["activation_checkpointing"] and r["micro_batch"] == 1 for r in records)
+
+
+@pytest.mark.timeout(RUNNER_LIMIT_S + 60)
 def test_llama_runner_trains_the_llama_every_way(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     outcome = run_runner("run_gpu_llama.sh", tmp_path, ROUNDS="1", RUN_TIMEOUT="200")
