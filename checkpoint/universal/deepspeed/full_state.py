@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from regrow.checkpoint.universal.deepspeed.errors import DeepSpeedCheckpointError
+from regrow.checkpoint.universal.deepspeed.errors import DeepSpeedCheckpointError, UnsupportedCheckpointError
 
 KINDS: tuple[str, ...] = ("master", "exp_avg", "exp_avg_sq")
 """The state kinds a :class:`FullState` holds per parameter, in this order."""
@@ -93,6 +93,27 @@ def adam_step(value: Any, where: str) -> int:
     if not number.is_integer() or number < 0:
         raise DeepSpeedCheckpointError(f"{where}: Adam step {number} is not a whole number >= 0")
     return int(number)
+
+
+def adam_partition(where: str, index: int, state: Any, flat: torch.Tensor, step: Any = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """One param group of one rank's ZeRO file, checked: its fp32 partition ``flat``, its Adam moments from the
+    torch optimizer ``state`` (at least as long as the partition) and its step (``state["step"]``, else ``step``).
+    Raises :class:`UnsupportedCheckpointError` for a state that is not Adam's, :class:`DeepSpeedCheckpointError`
+    naming ``where`` for short moments or no step."""
+    if not isinstance(state, dict) or not {"exp_avg", "exp_avg_sq"} <= set(state):
+        keys = sorted(state) if isinstance(state, dict) else state
+        raise UnsupportedCheckpointError(f"{where}: optimizer state of group {index} has keys {keys}; only "
+                                         "Adam/AdamW state (exp_avg, exp_avg_sq) is supported")
+    fp32 = flat.detach().reshape(-1).float()
+    moments = {kind: state[kind].detach().reshape(-1).float() for kind in ("exp_avg", "exp_avg_sq")}
+    if any(m.numel() < fp32.numel() for m in moments.values()):
+        raise DeepSpeedCheckpointError(f"{where}: the moments of group {index} are shorter than its fp32 "
+                                       f"partition ({fp32.numel()} elements)")
+    step = state.get("step", step)
+    if step is None:
+        raise DeepSpeedCheckpointError(f"{where}: no Adam step in the optimizer state of group {index}")
+    return fp32, moments, adam_step(step, where)
 
 
 def hyper_of(groups: list[dict] | None, names: list[list[str]]) -> dict:

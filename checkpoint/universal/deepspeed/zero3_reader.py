@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from regrow.checkpoint.universal.deepspeed.errors import DeepSpeedCheckpointError, UnsupportedCheckpointError
-from regrow.checkpoint.universal.deepspeed.full_state import KINDS, FullState, adam_step, hyper_of
+from regrow.checkpoint.universal.deepspeed.full_state import KINDS, FullState, adam_partition, hyper_of
 from regrow.checkpoint.universal.deepspeed.layout import model_layout
 from regrow.checkpoint.universal.deepspeed.unpickling import safe_load
 
@@ -101,21 +101,7 @@ def _groups(osd: dict, path: Path, n_groups: int) -> list[tuple[torch.Tensor, di
     if not isinstance(flat, list) or not isinstance(states, dict) or len(flat) != n_groups:
         raise DeepSpeedCheckpointError(f"{path}: expected {n_groups} fp32 flat groups and a torch optimizer state, "
                                        f"one per param group of the model states")
-    groups = []
-    for index in range(n_groups):
-        state = states.get(index)
-        if not isinstance(state, dict) or not {"exp_avg", "exp_avg_sq"} <= set(state):
-            keys = sorted(state) if isinstance(state, dict) else state
-            raise UnsupportedCheckpointError(f"{path}: optimizer state of group {index} has keys {keys}; only "
-                                             "Adam/AdamW state (exp_avg, exp_avg_sq) is supported")
-        if not isinstance(flat[index], torch.Tensor):
-            raise DeepSpeedCheckpointError(f"{path}: fp32_flat_groups[{index}] is not a tensor")
-        fp32 = flat[index].detach().reshape(-1).float()
-        moments = {kind: state[kind].detach().reshape(-1).float() for kind in ("exp_avg", "exp_avg_sq")}
-        if any(m.numel() < fp32.numel() for m in moments.values()):
-            raise DeepSpeedCheckpointError(f"{path}: the moments of group {index} are shorter than its fp32 "
-                                           f"partition ({fp32.numel()} elements)")
-        if "step" not in state:
-            raise DeepSpeedCheckpointError(f"{path}: no Adam step in the optimizer state of group {index}")
-        groups.append((fp32, moments, adam_step(state["step"], str(path))))
-    return groups
+    bad = [index for index in range(n_groups) if not isinstance(flat[index], torch.Tensor)]
+    if bad:
+        raise DeepSpeedCheckpointError(f"{path}: fp32_flat_groups[{bad[0]}] is not a tensor")
+    return [adam_partition(str(path), index, states.get(index), flat[index]) for index in range(n_groups)]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from regrow.checkpoint.universal.deepspeed.errors import DeepSpeedCheckpointError, UnsupportedCheckpointError
-from regrow.checkpoint.universal.deepspeed.full_state import KINDS, FullState, adam_step, hyper_of
+from regrow.checkpoint.universal.deepspeed.full_state import KINDS, FullState, adam_partition, hyper_of
 from regrow.checkpoint.universal.deepspeed.layout import (
     MODEL_STATES,
     OPTIM_STATES,
@@ -186,23 +186,9 @@ def _partition_groups(osd: dict, where: str, n_groups: int, dp_size: int
     if not (len(fp32_groups) == len(mappings) == n_groups):
         raise DeepSpeedCheckpointError(f"{where}: {len(fp32_groups)} fp32 partitions and {len(mappings)} slice "
                                        f"mappings, but the model states list {n_groups} param groups")
-    groups = []
-    for index in range(n_groups):
-        state = states.get(index)
-        if not isinstance(state, dict) or not {"exp_avg", "exp_avg_sq"} <= set(state):
-            keys = sorted(state) if isinstance(state, dict) else state
-            raise UnsupportedCheckpointError(f"{where}: optimizer state of group {index} has keys {keys}; only "
-                                             "Adam/AdamW state (exp_avg, exp_avg_sq) is supported")
-        fp32 = fp32_groups[index].detach().reshape(-1).float()
-        moments = {kind: state[kind].detach().reshape(-1).float() for kind in ("exp_avg", "exp_avg_sq")}
-        if any(m.numel() < fp32.numel() for m in moments.values()):
-            raise DeepSpeedCheckpointError(f"{where}: the moments of group {index} are shorter than its fp32 "
-                                           f"partition ({fp32.numel()} elements)")
-        step = state.get("step", osd.get("base_optimizer_state_step"))
-        if step is None:
-            raise DeepSpeedCheckpointError(f"{where}: no Adam step in the optimizer state of group {index}")
-        groups.append((fp32, moments, adam_step(step, where), mappings[index]))
-    return groups
+    fallback_step = osd.get("base_optimizer_state_step")
+    return [(*adam_partition(where, index, states.get(index), fp32_groups[index], fallback_step), mappings[index])
+            for index in range(n_groups)]
 
 
 def _torch_param_groups(osd: dict) -> list[dict] | None:
