@@ -263,8 +263,7 @@ def _registered_shm(tensors: dict, turn: int) -> dict:
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
         views[name] = whole[offsets[name] : offsets[name] + nbytes].view(tensor.dtype).view(tensor.shape)
-    views["__mapping__"] = mapping  # kept alive with the views
-    return views
+    return views  # torch.frombuffer holds a reference to the mapping: the views keep it alive
 
 
 class ThreadCopy:

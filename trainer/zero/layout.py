@@ -143,14 +143,11 @@ def build_group(
     buckets: list[Bucket] = []
     bucket_start, cursor = 0, 0
     for index, (name, shape) in enumerate(params):
-        if units is not None and index and units[index] != units[index - 1] and cursor > bucket_start:
-            end = bucket_start + round_up(cursor - bucket_start, align)
-            buckets.append(Bucket(bucket_start, end - bucket_start))
-            bucket_start = cursor = end
         slot = ParamSlot(name, tuple(shape), cursor, len(buckets))
         slots.append(slot)
         cursor = round_up(cursor + slot.numel, BLOCK_SIZE)
-        if cursor - bucket_start >= bucket_numel:
+        unit_ends = units is not None and index + 1 < len(params) and units[index + 1] != units[index]
+        if cursor - bucket_start >= bucket_numel or (unit_ends and cursor > bucket_start):
             end = bucket_start + round_up(cursor - bucket_start, align)
             buckets.append(Bucket(bucket_start, end - bucket_start))
             bucket_start = cursor = end

@@ -109,7 +109,7 @@ class GroupShard:
         self.layout = layout
         self.pieces = layout.shard_pieces(rank)
         self.device = device
-        self.sharded = ShardedParams(layout, self.pieces, param_dtype, device) if shard_params else None
+        self.sharded = ShardedParams(layout, param_dtype, device) if shard_params else None
         self.flat_params = None if shard_params else torch.zeros(layout.numel, dtype=param_dtype, device=device)
         table = group_table(layout)
         self.master = torch.zeros(table[MASTER].shape, dtype=torch.float32, device=device)
@@ -140,13 +140,15 @@ class GroupShard:
                 params[slot.name].data = self.param_view(slot)
             return
         self.sharded.owned.copy_(self.master)
-        for index in range(len(self.layout.buckets)):
+        by_bucket: dict[int, list[ParamSlot]] = {}
+        for slot in self.layout.params:
+            by_bucket.setdefault(slot.bucket, []).append(slot)
+        for index, slots in by_bucket.items():
             self.sharded.target(index)  # allocated
-            for slot in self.layout.params:
-                if slot.bucket == index:
-                    view = self.param_view(slot)
-                    view.copy_(params[slot.name].detach())
-                    params[slot.name].data = view
+            for slot in slots:
+                view = self.param_view(slot)
+                view.copy_(params[slot.name].detach())
+                params[slot.name].data = view
             self.sharded.free(index)
 
     def _copy_into_master(self, slot: ParamSlot, flat: torch.Tensor) -> None:

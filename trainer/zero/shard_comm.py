@@ -93,7 +93,7 @@ class ShardComm:
         (allocated first if it was freed); returns the collective to wait for (None: done, one rank)."""
         assert shard.sharded is not None, "stages 1 and 2 keep every bucket gathered (all_gather_params)"
         target = shard.sharded.target(index)
-        mine = shard.sharded.owned_piece(index)
+        mine = shard.owned_params(*shard.pieces[index])
         if self.world_size == 1:
             target.copy_(mine)
             return None

@@ -24,14 +24,12 @@ class ShardedParams:
     """Stage 3 storage of one group's working parameters (see the module docstring).
 
     Contract: :meth:`view` gives each parameter's view once (at adoption); :meth:`target` is where a gather writes a
-    bucket (allocating it if freed); :meth:`free` releases a bucket's memory; :meth:`owned_piece` is this rank's
-    slice of a bucket (the update writes it, the gather sends it).
+    bucket (allocating it if freed); :meth:`free` releases a bucket's memory; ``owned`` holds this rank's slices of
+    every bucket (``GroupShard.owned_params`` cuts one out: the update writes it, the gather sends it).
     """
 
-    def __init__(self, layout: GroupLayout, pieces: list[tuple[int, int, int]], dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, layout: GroupLayout, dtype: torch.dtype, device: torch.device) -> None:
         self.layout = layout
-        self.pieces = pieces
         self.owned = torch.zeros(layout.shard_numel, dtype=dtype, device=device)
         self._nbytes = [bucket.size * self.owned.element_size() for bucket in layout.buckets]
         # Each bucket's tensor is made and freed at once: a model is adopted one bucket at a time.
@@ -45,11 +43,6 @@ class ShardedParams:
         """Parameter ``slot`` as a view of its bucket's full tensor."""
         start = slot.offset - self.layout.buckets[slot.bucket].start
         return self.full[slot.bucket][start : start + slot.numel].view(slot.shape)
-
-    def owned_piece(self, index: int) -> torch.Tensor:
-        """This rank's slice of bucket ``index``."""
-        _, local_start, length = self.pieces[index]
-        return self.owned[local_start : local_start + length]
 
     def target(self, index: int) -> torch.Tensor:
         """Bucket ``index``'s full tensor to gather into, allocated if it was freed."""

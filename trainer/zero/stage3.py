@@ -83,7 +83,7 @@ def find_units(model: nn.Module, names: Sequence[str]) -> Units:
     if nested:
         raise ValueError(f"ZeroConfig.shard_units: units must not contain one another, but {nested[0][1]!r} is "
                          f"inside {nested[0][0]!r}")
-    # Every module that uses each parameter, shared ones included (remove_duplicate=False lists each use).
+    # The units whose modules use each parameter (a shared one is listed under each unit that uses it).
     users: dict[int, set[int]] = {}
     for unit, name in enumerate(names, start=1):
         for param in modules[name].parameters():
@@ -112,14 +112,14 @@ class UnitGatherer:
     def __init__(self, model: nn.Module, units: Units, layout: FlatLayout, shards: Sequence[GroupShard],
                  comm: ShardComm) -> None:
         self._shards, self._comm = shards, comm
+        # The layout never puts two units' parameters in one bucket, so each bucket has one unit.
+        self._unit_of: dict[BucketId, int] = {
+            (group_index, slot.bucket): units.unit_of(slot.name)
+            for group_index, group in enumerate(layout.groups) for slot in group.params
+        }
         self._buckets: list[list[BucketId]] = [[] for _ in units.names]
-        for group_index, group in enumerate(layout.groups):
-            seen: set[tuple[int, int]] = set()
-            for slot in group.params:
-                unit = units.unit_of(slot.name)
-                if (unit, slot.bucket) not in seen:
-                    seen.add((unit, slot.bucket))
-                    self._buckets[unit].append((group_index, slot.bucket))
+        for key, unit in self._unit_of.items():
+            self._buckets[unit].append(key)
         modules = dict(model.named_modules())
         self._in_backward: set[int] = set()  # units gathered for their backward, not yet reduced
         self._pending: dict[BucketId, Pending] = {}  # gathers started and not waited for
@@ -207,7 +207,7 @@ class UnitGatherer:
     def bucket_reduced(self, key: BucketId) -> None:
         """Frees bucket ``key``: its reduce-scatter started, so every gradient of its parameters exists."""
         self._release(key)
-        self._in_backward -= {unit for unit in self._in_backward if key in self._buckets[unit]}
+        self._in_backward.discard(self._unit_of[key])
 
     def free_all(self) -> None:
         self._in_backward.clear()

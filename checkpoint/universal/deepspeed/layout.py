@@ -67,3 +67,31 @@ def _shape(name: Any, dims: Any, path: Path) -> tuple[int, ...]:
         raise DeepSpeedCheckpointError(f"{path}: param_shapes gives {reprlib.repr(name)} the shape "
                                        f"{reprlib.repr(dims)}, not a list of whole numbers >= 0")
     return shape
+
+
+def optim_files(folder: Path, dp_size: int, model_path: Path) -> list[Path]:
+    """Every data-parallel rank's optimizer file in ``folder``, in rank order; exactly ``dp_size`` of one kind
+    (plain or ``bf16_``), as ``model_path`` records."""
+    found: dict[tuple[str, int], Path] = {}
+    for p in folder.iterdir():
+        match = OPTIM_STATES.match(p.name)
+        if match:
+            if match.group(3) != "00":
+                raise UnsupportedCheckpointError(f"{p}: model-parallel rank {match.group(3)}; model-parallel "
+                                                 "DeepSpeed checkpoints are not supported yet")
+            found[(match.group(1) or "", int(match.group(2)))] = p
+    prefixes = sorted({prefix for prefix, _ in found})
+    if len(prefixes) > 1:
+        raise DeepSpeedCheckpointError(f"{folder} mixes bf16_ and plain ZeRO optimizer files; keep one save's files")
+    prefix = prefixes[0] if prefixes else ""
+    missing = [folder / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(dp_size)
+               if (prefix, r) not in found]
+    if missing:
+        raise DeepSpeedCheckpointError(
+            f"missing optimizer state file(s) {', '.join(map(str, missing))}: {model_path} says the checkpoint "
+            f"has dp_world_size={dp_size}, one optimizer file per data-parallel rank; copy every rank's file")
+    extra = sorted(r for _, r in found if r >= dp_size)
+    if extra:
+        raise DeepSpeedCheckpointError(f"{folder} has optimizer files for ranks {extra}, but {model_path} says "
+                                       f"dp_world_size={dp_size}; the files come from different saves")
+    return [found[(prefix, r)] for r in range(dp_size)]

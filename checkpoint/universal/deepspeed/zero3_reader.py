@@ -19,23 +19,22 @@ import torch
 
 from regrow.checkpoint.universal.deepspeed.errors import DeepSpeedCheckpointError, UnsupportedCheckpointError
 from regrow.checkpoint.universal.deepspeed.full_state import KINDS, FullState, adam_partition, hyper_of
-from regrow.checkpoint.universal.deepspeed.layout import model_layout
+from regrow.checkpoint.universal.deepspeed.layout import model_layout, optim_files
 from regrow.checkpoint.universal.deepspeed.unpickling import safe_load
 
 ZERO3_RANK0_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 """Rank 0's model-states file of a ZeRO-3 save (every rank writes one; they record the same layout)."""
 
 
-def read_zero3(folder: Path, optim_paths: Any) -> FullState:
-    """The :class:`FullState` of the ZeRO-3 tag folder ``folder``. ``optim_paths(folder, dp_size, model_path)``
-    lists every rank's optimizer file in rank order (``zero_reader``'s, shared with stages 1 and 2). Raises
-    :class:`DeepSpeedCheckpointError` for missing, partial or inconsistent files."""
+def read_zero3(folder: Path) -> FullState:
+    """The :class:`FullState` of the ZeRO-3 tag folder ``folder``. Raises :class:`DeepSpeedCheckpointError` for
+    missing, partial or inconsistent files."""
     model_path = folder / ZERO3_RANK0_MODEL_STATES
     if not model_path.is_file():
         raise DeepSpeedCheckpointError(f"{model_path} is missing; it names the parameters, their shapes and the "
                                        "data-parallel size (copy every rank's files of the save)")
     shapes, dp_size = model_layout(safe_load(model_path), model_path)
-    paths = optim_paths(folder, dp_size, model_path)
+    paths = optim_files(folder, dp_size, model_path)
     seen: set[str] = set()
     for group in shapes:
         twice = seen.intersection(group)
@@ -67,8 +66,10 @@ def read_zero3(folder: Path, optim_paths: Any) -> FullState:
     if len(steps) != 1:
         detail = ", ".join(f"{s} in {sorted(files)}" for s, files in sorted(steps.items()))
         raise DeepSpeedCheckpointError(f"the optimizer files of {folder} disagree on the Adam step: {detail}")
-    params = {name: {kind: torch.cat(parts[kind])[: math.prod(shape)].view(shape) for kind in KINDS}
-              for group in shapes for name, shape in group.items() for parts in (pieces[name],)}
+    params = {}
+    for group in shapes:
+        for name, shape in group.items():
+            params[name] = {kind: torch.cat(pieces[name][kind])[: math.prod(shape)].view(shape) for kind in KINDS}
     precision = "bf16-" if paths[0].name.startswith("bf16_") else ""
     hyper = hyper_of(optims[0]["optimizer_state_dict"].get("param_groups"), [list(s) for s in shapes])
     return FullState(step=next(iter(steps)), params=params, hyper=hyper, source=f"deepspeed-{precision}zero3")

@@ -21,6 +21,7 @@ from regrow.checkpoint.universal.deepspeed.layout import (
     PIPELINE_LAYER,
     ZERO3_MODEL_STATES,
     model_layout,
+    optim_files,
 )
 from regrow.checkpoint.universal.deepspeed.unpickling import safe_load
 from regrow.checkpoint.universal.deepspeed.zero3_reader import read_zero3
@@ -37,21 +38,21 @@ def read_zero(folder: Path) -> FullState:
             raise UnsupportedCheckpointError(f"{folder / name} is a pipeline-parallel layer file; pipeline-parallel "
                                              "DeepSpeed checkpoints are not supported yet")
     if any(ZERO3_MODEL_STATES.match(name) for name in names):  # per-rank model states: written only by ZeRO-3
-        return read_zero3(folder, _optim_paths)
+        return read_zero3(folder)
     model_files = [n for n in names if n.startswith("mp_rank_") and n.endswith("_model_states.pt")]
     if model_files and model_files != [MODEL_STATES]:
         raise UnsupportedCheckpointError(f"{folder} holds {model_files}: model-parallel (tensor or pipeline) "
                                          "DeepSpeed checkpoints are not supported yet; only mp_rank_00 is read")
     if not model_files:
-        optim_files = [folder / n for n in names if OPTIM_STATES.match(n)]
-        if optim_files:  # the optimizer file may tell why (e.g. ZeRO-3 writes no mp_rank_00 file)
-            _optimizer_dict(safe_load(optim_files[0]), optim_files[0])
+        found = [folder / n for n in names if OPTIM_STATES.match(n)]
+        if found:  # the optimizer file may tell why (e.g. ZeRO-3 writes no mp_rank_00 file)
+            _optimizer_dict(safe_load(found[0]), found[0])
         raise DeepSpeedCheckpointError(f"{folder / MODEL_STATES} is missing; it names the parameters, their shapes "
                                        "and the data-parallel size (copy it from the saving run)")
     model_path = folder / MODEL_STATES
     model = safe_load(model_path)
     shapes, dp_size = model_layout(model, model_path)
-    optim_paths = _optim_paths(folder, dp_size, model_path)
+    optim_paths = optim_files(folder, dp_size, model_path)
     optims = [_optimizer_dict(safe_load(p), p) for p in optim_paths]
 
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
@@ -119,34 +120,6 @@ def _fragments(mapping: Any, where: str, index: int, partition: int) -> dict[str
                 f"{next_name!r} [{next_start}, {next_start + next_numel}) overlap; DeepSpeed's partitions hold each "
                 "parameter once (the file is crafted or damaged)")
     return fragments
-
-
-def _optim_paths(folder: Path, dp_size: int, model_path: Path) -> list[Path]:
-    """Every data-parallel rank's optimizer file in ``folder``, in rank order; exactly ``dp_size`` of one kind
-    (plain or ``bf16_``), as ``model_path`` records."""
-    found: dict[tuple[str, int], Path] = {}
-    for p in folder.iterdir():
-        match = OPTIM_STATES.match(p.name)
-        if match:
-            if match.group(3) != "00":
-                raise UnsupportedCheckpointError(f"{p}: model-parallel rank {match.group(3)}; model-parallel "
-                                                 "DeepSpeed checkpoints are not supported yet")
-            found[(match.group(1) or "", int(match.group(2)))] = p
-    prefixes = sorted({prefix for prefix, _ in found})
-    if len(prefixes) > 1:
-        raise DeepSpeedCheckpointError(f"{folder} mixes bf16_ and plain ZeRO optimizer files; keep one save's files")
-    prefix = prefixes[0] if prefixes else ""
-    missing = [folder / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(dp_size)
-               if (prefix, r) not in found]
-    if missing:
-        raise DeepSpeedCheckpointError(
-            f"missing optimizer state file(s) {', '.join(map(str, missing))}: {model_path} says the checkpoint "
-            f"has dp_world_size={dp_size}, one optimizer file per data-parallel rank; copy every rank's file")
-    extra = sorted(r for _, r in found if r >= dp_size)
-    if extra:
-        raise DeepSpeedCheckpointError(f"{folder} has optimizer files for ranks {extra}, but {model_path} says "
-                                       f"dp_world_size={dp_size}; the files come from different saves")
-    return [found[(prefix, r)] for r in range(dp_size)]
 
 
 def _optimizer_dict(data: Any, path: Path) -> dict:
