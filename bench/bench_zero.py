@@ -95,11 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(DTYPES),
         help="fsdp2 gradient reduce-scatter dtype; bfloat16 (default) moves as many bytes as DeepSpeed and regrow",
     )
+    parser.add_argument("--grad-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="regrow's gradient shard dtype (ZeroConfig.grad_dtype); the other implementations keep "
+                        "theirs")
     parser.add_argument("--shape", default=None, metavar="L,D,H",
                         help="layers, model width and heads instead of the preset's (the capacity ladder)")
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length instead of the preset's")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute every block in the backward (every implementation)")
+    parser.add_argument("--init-on-device", action="store_true",
+                        help="build the model on the device (fast for the largest models; the weights then come from "
+                        "the device's generator, so they differ from a CPU build's)")
     parser.add_argument("--json", default=None, help="file to append the result line to (rank 0)")
     args = parser.parse_args(argv)
     if args.shape is not None:
@@ -113,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.grad_dtype != "float32" and not args.impl.startswith("regrow"):
+        parser.error(f"--grad-dtype {args.grad_dtype} sets regrow's gradient shard; {args.impl} keeps its own")
     return args
 
 
@@ -155,7 +163,8 @@ def fused_adamw(model: nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(adamw_param_groups(model), lr=LR, betas=BETAS, eps=EPS, fused=True)
 
 
-def build_regrow(model: nn.Module, device: torch.device, state_bits: int, stage: int = 2) -> Runner:
+def build_regrow(model: nn.Module, device: torch.device, state_bits: int, stage: int = 2,
+                 grad_dtype: str = "float32") -> Runner:
     from regrow.trainer.zero.config import ZeroConfig
     from regrow.trainer.zero.optimizer import ZeroOptimizer
 
@@ -163,6 +172,7 @@ def build_regrow(model: nn.Module, device: torch.device, state_bits: int, stage:
         stage=stage,
         state_bits=state_bits,
         param_dtype="bfloat16",
+        grad_dtype=grad_dtype,
         lr=LR,
         betas=BETAS,
         eps=EPS,
@@ -184,6 +194,7 @@ def build_regrow(model: nn.Module, device: torch.device, state_bits: int, stage:
         "state_bits": state_bits,
         "param_dtype": "bfloat16",
         "reduce_dtype": "bfloat16",
+        "grad_dtype": grad_dtype,
         "bucket_numel": config.bucket_numel,
     }
     return Runner(step, settings)
@@ -290,6 +301,12 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
+def variant(args: argparse.Namespace) -> str:
+    """The implementation with the settings that change its memory: ``regrow8-zero3+bf16grad`` (the name the
+    capacity runner takes too)."""
+    return args.impl + ("+bf16grad" if args.grad_dtype == "bfloat16" else "")
+
+
 def model_config(args: argparse.Namespace) -> GPTConfig:
     """The preset, with ``--shape`` and ``--seq-len`` applied."""
     overrides: dict[str, int] = {}
@@ -310,24 +327,27 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         return _measure(args, rank, world_size, device, config, n_params)
     except torch.cuda.OutOfMemoryError as error:
         peak = peak_memory_gb(device)
-        return {"impl": args.impl, "status": "oom", "world_size": world_size, "params": n_params,
-                "shape": [config.n_layer, config.d_model, config.n_head], "seq_len": config.seq_len,
+        return {"impl": args.impl, "variant": variant(args), "status": "oom", "world_size": world_size,
+                "params": n_params, "shape": [config.n_layer, config.d_model, config.n_head], "seq_len": config.seq_len,
                 "micro_batch": args.micro_batch, "activation_checkpointing": args.activation_checkpointing,
                 "peak_mem_gb": None if peak is None else round(peak, 3), "error": str(error).splitlines()[0][:300]}
 
 
 def _measure(args: argparse.Namespace, rank: int, world_size: int, device: torch.device, config: GPTConfig,
              n_params: int) -> dict[str, object]:
-    # Built on the CPU from the CPU generator, so every rank and every implementation starts from identical weights.
+    # Built on the CPU from the CPU generator by default, so every rank and every implementation starts from identical
+    # weights.
     torch.manual_seed(args.seed)
-    model = GPT(config)
+    with torch.device(device if args.init_on_device else "cpu"):
+        model = GPT(config)
     if args.activation_checkpointing:
         from torch.distributed._composable import checkpoint
 
         for block in model.blocks:
             checkpoint(block)
     if args.impl in ("regrow8", "regrow32", "regrow8-zero3"):
-        runner = build_regrow(model, device, 32 if args.impl == "regrow32" else 8, 3 if "zero3" in args.impl else 2)
+        runner = build_regrow(model, device, 32 if args.impl == "regrow32" else 8, 3 if "zero3" in args.impl else 2,
+                              args.grad_dtype)
     elif args.impl in ("deepspeed", "deepspeed-zero3"):
         runner = build_deepspeed(model, device, args.micro_batch, stage=3 if "zero3" in args.impl else 2)
     else:
@@ -371,6 +391,7 @@ def _measure(args: argparse.Namespace, rank: int, world_size: int, device: torch
         device_name = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
     result: dict[str, object] = {
         "impl": args.impl,
+        "variant": variant(args),
         "status": "ok",
         "world_size": world_size,
         "device": device_name,

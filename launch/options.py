@@ -69,6 +69,8 @@ class TrainOptions:
     """Gradient clipping norm (``--max-grad-norm``; 0 disables clipping)."""
     param_dtype: str | None = None
     """Working parameter dtype, bfloat16, float16 or float32 (``--param-dtype``; None: the model's)."""
+    grad_dtype: str = "float32"
+    """dtype of each rank's gradient shard, float32 or bfloat16 (``--grad-dtype``)."""
     seed: int = 0
     """Model initialisation seed (``--seed``)."""
     data_seed: int = 0
@@ -130,7 +132,7 @@ class TrainOptions:
 
     def optim_config(self) -> ZeroConfig:
         return ZeroConfig(stage=self.stage, state_bits=self.state_bits, lr=self.lr,
-                          max_grad_norm=self.max_grad_norm, param_dtype=self.param_dtype)
+                          max_grad_norm=self.max_grad_norm, param_dtype=self.param_dtype, grad_dtype=self.grad_dtype)
 
     def trainer_config(self, model: GPTConfig | ModelFactory, data: DataConfig, optim: ZeroConfig) -> TrainerConfig:
         return TrainerConfig(model=model, loss=self.loss, data=data, optim=optim, steps=self.steps,
@@ -143,7 +145,9 @@ def flag_wording(message: str) -> str:
     """A config error's message with the config fields that the command line sets named by their flags."""
     for field_name, flag in (("ModelFactory.target", "--model"), ("ModelFactory.kwargs", "--model-kwargs"),
                              ("TrainerConfig.loss", "--loss"), ("GPTConfig.dropout", "--dropout"),
-                             ("GPTConfig.seq_len", "--seq-len")):
+                             ("GPTConfig.seq_len", "--seq-len"), ("ZeroConfig.stage", "--stage"),
+                             ("ZeroConfig.state_bits", "--state-bits"), ("ZeroConfig.param_dtype", "--param-dtype"),
+                             ("ZeroConfig.grad_dtype", "--grad-dtype"), ("ZeroConfig.max_grad_norm", "--max-grad-norm")):
         message = message.replace(field_name, flag)
     return message
 

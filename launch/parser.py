@@ -99,6 +99,9 @@ TRAINING = (
     _flag("--lr", TrainOptions, "lr", type=float),
     _flag("--max-grad-norm", TrainOptions, "max_grad_norm", "0 disables clipping", type=float),
     _flag("--param-dtype", TrainOptions, "param_dtype", "bfloat16, float16 or float32 (default: model's)"),
+    _flag("--grad-dtype", TrainOptions, "grad_dtype",
+          "float32 (the default) or bfloat16: the dtype of each rank's gradient shard; bfloat16 saves 2 bytes per "
+          "parameter (divided by the ranks) and rounds accumulated gradients to bfloat16"),
     _flag("--seed", TrainOptions, "seed", "model initialisation seed", type=int),
     _flag("--data-seed", TrainOptions, "data_seed", "data order seed", type=int),
     _flag("--data", TrainOptions, "data",

@@ -301,10 +301,12 @@ def test_capacity_runner_climbs_the_ladder_for_every_zero3_implementation(tmp_pa
     assert_ran(outcome, "| impl | largest shape trained | parameters |")
     records = outcome.records("capacity.jsonl")
     assert_all_ok(records, 6)
-    assert [(r["impl"], r["shape"]) for r in records] == [
-        (impl, shape) for impl in ("regrow8-zero3", "fsdp2-reshard", "deepspeed-zero3") for shape in ([2, 64, 2],
-                                                                                                     [3, 64, 2])]
+    variants = ("regrow8-zero3+bf16grad", "fsdp2-reshard", "deepspeed-zero3")
+    assert [(r["variant"], r["shape"]) for r in records] == [
+        (variant, shape) for variant in variants for shape in ([2, 64, 2], [3, 64, 2])]
     assert all(r["activation_checkpointing"] and r["micro_batch"] == 1 for r in records)
+    assert {r["settings"].get("grad_dtype") for r in records if r["impl"] == "regrow8-zero3"} == {"bfloat16"}
+    assert "regrow8-zero3+bf16grad / fsdp2-reshard: 1.00x the parameters" in outcome.stdout
 
 
 @pytest.mark.timeout(RUNNER_LIMIT_S + 60)

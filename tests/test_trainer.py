@@ -210,6 +210,8 @@ def test_regrow_train_nproc_0_is_refused_before_anything_divides_by_it() -> None
     (["--fault-mtbf", "1", "--fault-step-seconds", "1e-320", "--max-restarts", "-1"], "--max-restarts=-1 must be"),
     (["--seed", str(2**64)], f"TrainerConfig.seed={2**64} must be < 2**64"),
     (["--data-seed", str(2**64)], f"DataConfig.seed={2**64} must be <"),
+    (["--grad-dtype", "float16"], "--grad-dtype='float16' is invalid: allowed values are ['float32', 'bfloat16']"),
+    (["--stage", "4"], "--stage=4 is invalid: allowed values are 1, 2 and 3"),
 ])
 def test_cli_refuses_values_that_would_crash_or_stall_a_run_before_it_starts(capsys, flags, problem) -> None:
     """Each of these used to start the run or crash the command: a traceback (an infinite --fault-mtbf divided by

@@ -77,6 +77,7 @@ class ZeroOptimizer:
         self.device = devices.pop()
         self.param_dtype = DTYPES[config.param_dtype] if config.param_dtype else named[0][1].dtype
         self.reduce_dtype = DTYPES[config.reduce_dtype] if config.reduce_dtype else self.param_dtype
+        self.grad_dtype = DTYPES[config.grad_dtype]
         units = find_units(model, config.shard_units) if config.stage == 3 else None
         self.layout: FlatLayout = plan_layout(model, config, self.world_size, units)
         self._params = dict(named)
@@ -85,7 +86,7 @@ class ZeroOptimizer:
             raise ValueError(f"ZeroOptimizer: norm_skip names {unknown_skip}, which are not trainable parameters")
         self._shards = [
             GroupShard(g, self.rank, self.device, self.param_dtype, frozenset(norm_skip),
-                       shard_params=units is not None)
+                       shard_params=units is not None, grad_dtype=self.grad_dtype)
             for g in self.layout.groups
         ]
         for shard in self._shards:
@@ -166,9 +167,11 @@ class ZeroOptimizer:
             self._gatherer.free_all()  # e.g. a root gathered by an evaluation's forward: it would be stale
         coefficient = self._clip_coefficient()
         self.last_clip_coefficient = coefficient
-        if coefficient != 1.0:
-            # The gradient shard is this optimizer's scratch space: scaling it in place lets both update kernels
-            # read it as is (no converted copy, one pass).
+        # An fp32 gradient shard is this optimizer's scratch space: scaling it in place lets both update kernels read
+        # it as is (no converted copy, one pass). A bf16 shard would round the scaled values a second time, so the
+        # kernels scale it as they read it.
+        scale_in_kernel = self.grad_dtype != torch.float32
+        if coefficient != 1.0 and not scale_in_kernel:
             for shard in self._shards:
                 shard.grad.mul_(coefficient)
         self.step_count += 1
@@ -176,7 +179,8 @@ class ZeroOptimizer:
             hook()
         for shard in self._shards:
             shard.adamw_step(lr=self.lr, betas=self.config.betas, eps=self.config.eps,
-                             weight_decay=self.config.weight_decay, step=self.step_count)
+                             weight_decay=self.config.weight_decay, step=self.step_count,
+                             grad_scale=coefficient if scale_in_kernel else 1.0)
         for hook in list(self._gather_pre_hooks.values()):
             hook()
         self._gather_parameters()

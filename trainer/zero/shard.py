@@ -105,6 +105,7 @@ class GroupShard:
         param_dtype: torch.dtype,
         norm_skip: frozenset[str] = frozenset(),
         shard_params: bool = False,
+        grad_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.layout = layout
         self.pieces = layout.shard_pieces(rank)
@@ -113,7 +114,7 @@ class GroupShard:
         self.flat_params = None if shard_params else torch.zeros(layout.numel, dtype=param_dtype, device=device)
         table = group_table(layout)
         self.master = torch.zeros(table[MASTER].shape, dtype=torch.float32, device=device)
-        self.grad = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
+        self.grad = torch.zeros(layout.shard_numel, dtype=grad_dtype, device=device)
         # Codes start as byte 0 rather than the zero code: with a scale of 0 every code reads back as zero.
         self.state: dict[str, torch.Tensor] = {
             what: torch.zeros(spec.shape, dtype=spec.dtype, device=device)
@@ -204,10 +205,11 @@ class GroupShard:
         for start, length in self._norm_ranges:
             squares += torch.linalg.vector_norm(self.grad[start : start + length], dtype=torch.float64).square()
 
-    def adamw_step(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int) -> None:
-        """One AdamW update of the master shard from the gradient shard (already reduced and clipped), writing the
-        new working parameters into this rank's slices of ``flat_params``. Weight decay applies only to a group of
-        decayed parameters."""
+    def adamw_step(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int,
+                   grad_scale: float = 1.0) -> None:
+        """One AdamW update of the master shard from the gradient shard (already reduced) times ``grad_scale`` (the
+        clipping coefficient, 1 when the shard is already clipped), writing the new working parameters into this
+        rank's slices of ``flat_params``. Weight decay applies only to a group of decayed parameters."""
         update = adamw8bit_step if self.layout.kind.bits == 8 else adamw32bit_step
         decay = weight_decay if self.layout.kind.decay else 0.0
         # One call per bucket piece, so the new working parameters land directly in the flat buffer.
@@ -222,6 +224,7 @@ class GroupShard:
                 eps=eps,
                 weight_decay=decay,
                 step=step,
+                grad_scale=grad_scale,
                 param_out=self.owned_params(flat_start, local_start, length),
             )
 

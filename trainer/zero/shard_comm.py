@@ -28,6 +28,9 @@ class Reduction:
     def accumulate(self) -> None:
         if self.pending is not None:
             self.pending.wait()
+        if self.world_size == 1 and self.out.dtype == self.target.dtype:
+            self.target.add_(self.out)  # nothing to convert or divide: no temporary
+            return
         reduced = self.out.float()
         if self.world_size > 1:
             reduced.div_(self.world_size)
