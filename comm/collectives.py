@@ -10,6 +10,9 @@ communication with compute), and the process group's own timeout and watchdog bo
 from __future__ import annotations
 
 import datetime
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +30,28 @@ _PEER_LOST_MARKERS = (
     "socket closed",
     "ncclremoteerror",
 )
+
+
+_blocked_s = 0.0
+
+
+def blocked_seconds() -> float:
+    """Seconds this process has spent blocked waiting for collectives (and in :func:`waiting` blocks) since it
+    started. A rank that waits less than its peers is the one they wait for: the straggler detector
+    (``recovery/stragglers.py``) compares the time outside these waits."""
+    return _blocked_s
+
+
+@contextmanager
+def waiting() -> Iterator[None]:
+    """Counts the time inside the block as waiting for peers (:func:`blocked_seconds`): for a host wait that is not
+    a collective's ``wait``, such as reading a reduced loss back from the GPU."""
+    global _blocked_s
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _blocked_s += time.perf_counter() - started
 
 
 class CollectiveError(RuntimeError):
@@ -71,10 +96,11 @@ class Pending:
 
     def wait(self) -> None:
         try:
-            if self.on_cpu:
-                self.work.wait(datetime.timedelta(seconds=self.timeout_s))
-            else:
-                self.work.wait()
+            with waiting():
+                if self.on_cpu:
+                    self.work.wait(datetime.timedelta(seconds=self.timeout_s))
+                else:
+                    self.work.wait()
         except Exception as error:  # the backends raise plain RuntimeError/DistBackendError
             raise classify(self.op, error) from error
 

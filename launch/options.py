@@ -19,6 +19,7 @@ from regrow.checkpoint.snapshot.protocol import parse_address
 from regrow.checkpoint.universal import KEEP_LAST
 from regrow.checkpoint.universal.writer import ON_ERROR
 from regrow.recovery.order import Source
+from regrow.recovery.stragglers import StragglerConfig
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.model_factory import ModelFactory
@@ -147,7 +148,9 @@ def flag_wording(message: str) -> str:
                              ("TrainerConfig.loss", "--loss"), ("GPTConfig.dropout", "--dropout"),
                              ("GPTConfig.seq_len", "--seq-len"), ("ZeroConfig.stage", "--stage"),
                              ("ZeroConfig.state_bits", "--state-bits"), ("ZeroConfig.param_dtype", "--param-dtype"),
-                             ("ZeroConfig.grad_dtype", "--grad-dtype"), ("ZeroConfig.max_grad_norm", "--max-grad-norm")):
+                             ("ZeroConfig.grad_dtype", "--grad-dtype"), ("ZeroConfig.max_grad_norm", "--max-grad-norm"),
+                             ("StragglerConfig.window", "--straggler-window"),
+                             ("StragglerConfig.margin", "--straggler-margin")):
         message = message.replace(field_name, flag)
     return message
 
@@ -203,6 +206,10 @@ class FaultOptions:
     """Seconds a step takes, to place the random faults at steps (``--fault-step-seconds``)."""
     hang_timeout_s: float = 0.0
     """Kill and restart the job when a rank makes no progress for this long (``--hang-timeout``; 0: off)."""
+    straggler_window: int = StragglerConfig.window
+    """Steps per straggler comparison (``--straggler-window``; 0: no straggler detection)."""
+    straggler_margin: float = StragglerConfig.margin
+    """How much busier than the others' median a straggler is (``--straggler-margin``; 0.5: half again)."""
     report: str | None = None
     """Where the fault report is written as JSON (``--report``; None: next to ``--metrics``, if given)."""
     reference: bool = False
@@ -213,11 +220,25 @@ class FaultOptions:
         """Whether any fault flag was given (a plan may still turn out empty, e.g. a random draw of none)."""
         return bool(self.faults or self.plan_file or self.mtbf_s)
 
+    def stragglers(self) -> StragglerConfig | None:
+        """The straggler monitor's settings (None: detection off); ValueError naming the flag."""
+        if self.straggler_window == 0:
+            return None
+        try:
+            return StragglerConfig(window=self.straggler_window, margin=self.straggler_margin)
+        except ValueError as error:
+            raise ValueError(flag_wording(str(error))) from None
+
     def problems(self) -> list[str]:
+        problems = []
         if not 0 <= self.hang_timeout_s < math.inf:  # NaN would silently never fire
-            return [f"--hang-timeout={self.hang_timeout_s} must be a finite number of seconds >= 0 (0: no progress "
-                    "watchdog)"]
-        return []
+            problems.append(f"--hang-timeout={self.hang_timeout_s} must be a finite number of seconds >= 0 (0: no "
+                            "progress watchdog)")
+        try:
+            self.stragglers()
+        except ValueError as error:
+            problems.append(f"{error} (--straggler-window 0 turns detection off)")
+        return problems
 
 
 @dataclass(kw_only=True)

@@ -133,6 +133,11 @@ TRAINING = (
     _flag("--hang-timeout", FaultOptions, "hang_timeout_s",
           "kill and restart the job when a rank makes no progress for this long (0: off)", type=float,
           metavar="SECONDS"),
+    _flag("--straggler-window", FaultOptions, "straggler_window",
+          "compare the ranks' busy time (step time minus waiting for peers) every this many steps and name a rank "
+          "slower than the others' median by --straggler-margin (default 10; 0: off)", type=int, metavar="STEPS"),
+    _flag("--straggler-margin", FaultOptions, "straggler_margin",
+          "how much busier than the others' median a straggler is (default 0.5: half again)", type=float),
     _flag("--report", FaultOptions, "report",
           "write the fault report as JSON here (default: next to --metrics, if given)", metavar="FILE"),
 )

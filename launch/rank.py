@@ -3,8 +3,8 @@
 injector, the checkpoint writer and the heartbeat, then trains.
 
 The sinks run in this order after each step: the snapshot sink first, then the checkpoint writer, then the fault
-injector (so that a fault fires while the snapshot of the previous step is still in flight), and the heartbeat
-last (its beat before the optimizer step means every other sink let the step through).
+injector (so that a fault fires while the snapshot of the previous step is still in flight), the straggler monitor,
+and the heartbeat last (its beat before the optimizer step means every other sink let the step through).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from regrow.checkpoint.universal import verify
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.comm.world import World
 from regrow.launch.chaos.injector import FaultInjector
-from regrow.launch.chaos.records import RestoreLog
+from regrow.launch.chaos.records import RestoreLog, write_straggler
 from regrow.launch.local.attempts import ATTEMPT_ENV, RUN_DIR_ENV
 from regrow.launch.local.nodes import ADDRESS_ENV
 from regrow.launch.local.watchdog import Heartbeat
@@ -35,6 +35,7 @@ from regrow.recovery import gpu_warm_up
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.recovery.order import JobRestore, Source
 from regrow.recovery.restore import restore_job
+from regrow.recovery.stragglers import StragglerConfig, StragglerMonitor
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import StepResult, Trainer, TrainerConfig
 from regrow.trainer.state import Restorable, ShardState, StateSink
@@ -50,12 +51,15 @@ class RankWork:
     """The checkpoint side (None: the ranks neither save nor restore a checkpoint)."""
     snapshot: SnapshotOptions | None = None
     """The snapshot side (None: the ranks neither snapshot nor restore a snapshot)."""
+    stragglers: StragglerConfig | None = None
+    """The straggler monitor's settings (None: no straggler detection)."""
 
     @classmethod
-    def of(cls, config: TrainerConfig, checkpoint: CheckpointOptions, snapshot: SnapshotOptions) -> RankWork:
+    def of(cls, config: TrainerConfig, checkpoint: CheckpointOptions, snapshot: SnapshotOptions,
+           stragglers: StragglerConfig | None = None) -> RankWork:
         """The work of a run's first attempt: each side that is active."""
         return cls(config=config, checkpoint=checkpoint if checkpoint.active else None,
-                   snapshot=snapshot if snapshot.active else None)
+                   snapshot=snapshot if snapshot.active else None, stragglers=stragglers)
 
     def warm_up(self, local_rank: int) -> None:
         """A standby rank's preparation (``--warm-restarts``): the trainer's imports, the CUDA context of the device
@@ -118,7 +122,8 @@ def train_rank(world: World, work: RankWork) -> list[StepResult]:
     # initialization (on the CPU, then moved) was most of a restart's time after the restore itself.
     trainer = Trainer(work.config, world, for_restore=work.restores)
     built = time.perf_counter()
-    attach_rank(trainer, checkpoint=work.checkpoint, snapshot=work.snapshot, final_step=work.config.steps)
+    attach_rank(trainer, checkpoint=work.checkpoint, snapshot=work.snapshot, final_step=work.config.steps,
+                stragglers=work.stragglers)
     if work.restores:
         log_line(trainer.rank, trainer.step, f"ready to train in {time.perf_counter() - started:.2f} s (trainer "
                                              f"built in {built - started:.2f} s, then restored and attached)")
@@ -126,10 +131,11 @@ def train_rank(world: World, work: RankWork) -> list[StepResult]:
 
 
 def attach_rank(target: GuardedRun, *, checkpoint: CheckpointOptions | None, snapshot: SnapshotOptions | None,
-                final_step: int) -> None:
+                final_step: int, stragglers: StragglerConfig | None = None) -> None:
     """Restores ``target`` as ``snapshot`` and ``checkpoint`` say (``resume``), then attaches the rank's sinks in
     the module docstring's order: the snapshot sink, the checkpoint writer (its final save at ``final_step``), the
-    fault injector of ``REGROW_FAULTS``, the heartbeat. Collective."""
+    fault injector of ``REGROW_FAULTS``, the straggler monitor (``stragglers``; it records what it finds in the
+    launcher's run directory), the heartbeat. Collective."""
     run_dir = os.environ.get(RUN_DIR_ENV)
     attempt = int(os.environ.get(ATTEMPT_ENV, "0"))
     restores = RestoreLog(run_dir, attempt=attempt, rank=target.rank) if run_dir else None
@@ -152,6 +158,12 @@ def attach_rank(target: GuardedRun, *, checkpoint: CheckpointOptions | None, sna
         if writer is not None:
             injector.watch_saves(writer)
         target.sinks.append(injector)
+    if stragglers is not None and target.world_size > 1:
+        record = ((lambda found: write_straggler(run_dir, attempt, found.to_dict()))
+                  if run_dir and target.rank == 0 else None)
+        target.sinks.append(StragglerMonitor(stragglers, rank=target.rank, world_size=target.world_size,
+                                             device=target.device, timeout_s=target.timeout_s,
+                                             start_step=target.step, on_straggler=record))
     if run_dir:
         target.sinks.append(Heartbeat(run_dir, rank=target.rank, attempt=attempt, step=target.step))
 

@@ -133,6 +133,26 @@ def test_a_failed_checkpoint_write_keeps_latest_and_training_goes_on(tmp, refere
     assert_same_run(tmp, history, reference, "fail-ckpt")
 
 
+@pytest.mark.timeout(300)
+def test_a_straggler_is_named_within_its_window_and_changes_nothing(tmp, reference, capfd) -> None:
+    """``slow-rank:1@4-9x3`` with a window of 3 steps: rank 1 is named at the end of steps 4-6, the first window it
+    is slow in throughout, and the report says so; it is never named before it slows, nor rank 0 while rank 1
+    sleeps. A straggler only costs time: the run ends bit-identical to the fault-free one."""
+    history, report = chaos_run(tmp, "straggler", "--straggler-window", "3", fault=("slow-rank:1@4-9x3",))
+    out = capfd.readouterr().out
+    (item,) = report["faults"]
+    assert item["fired"] and item["detected_at_step"] == 6 and item["detect_steps"] == 3, item
+    assert "straggler monitor: busy" in item["detected_by"]
+    named = report["stragglers"]
+    assert [(r["rank"], r["first_step"], r["step"]) for r in named if r["rank"] == 1][:2] == [(1, 4, 6), (1, 7, 9)]
+    assert all(r["rank"] == 1 for r in named if r["first_step"] >= 4 and r["step"] <= 9), named
+    assert all(r["attempt"] == 0 for r in named)
+    assert "[rank 0, step 6] straggler: rank 1 was busy" in out
+    assert "detected by: straggler monitor" in chaos.format_report(report)
+    assert [r.loss for r in history] == [r.loss for r in reference]
+    assert_same_checkpoint(tmp / "straggler", tmp / "reference")
+
+
 @pytest.mark.timeout(240)
 def test_a_seeded_random_soak_loses_nothing(tmp, reference) -> None:
     """--fault-mtbf 4 --fault-seed 4 draws 4 kills of ranks and nodes; the run survives every one of them, within

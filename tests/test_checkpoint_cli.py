@@ -64,7 +64,7 @@ def test_checkpoint_flag_problems_are_reported_with_the_others(capsys, tmp_path)
     code = cli.main(["train", "--stage", "5", "--save-every", "5", "--keep-last", "1", "--resume", "latest"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "ZeroConfig.stage=5" in err
+    assert "--stage=5 is invalid" in err
     assert "--save-every=5 needs --ckpt-dir DIR" in err
     assert "--keep-last=1 must be >= 2" in err
     assert "--resume=latest: resume from 'latest' needs the checkpoint root" in err

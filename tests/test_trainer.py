@@ -154,7 +154,7 @@ def test_cli_reports_every_argument_problem_at_once(capsys) -> None:
     code = cli.main(["train", "--stage", "5", "--state-bits", "4", "--global-batch", "30", "--nproc", "4"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "ZeroConfig.stage=5" in err
+    assert "--stage=5 is invalid: allowed values are 1, 2 and 3" in err  # the flag, not the config field
     assert "--global-batch=30 is not divisible by --micro-batch x --nproc = 8 x 4" in err
     assert "invalid arguments" in err
 

@@ -252,6 +252,9 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         if self.world_size > 1:
             collectives.all_reduce(value, group=None, timeout_s=self.timeout_s)
             value = value / self.world_size
+            # On a GPU the all-reduce returns at once and this read is where the host waits for its peers.
+            with collectives.waiting():
+                return value.item()
         return value.item()
 
     @torch.no_grad()

@@ -121,6 +121,7 @@ class FaultInjector:
         self._step_started = time.perf_counter()
         self._step_seconds = 0.0
         self._slept: dict[int, float] = {}
+        self._unslowed_s: dict[int, float] = {}
         self._armed = {i: f for i, f in self.faults.items() if self._hits(f) and (
             f.kind == "fail-ckpt" or f.moment == "persist")}
         self._failed_at: dict[int, int] = {}
@@ -245,13 +246,17 @@ class FaultInjector:
         kill_pid(os.getpid())
 
     def _slow(self, index: int, fault: Fault, step: int) -> None:
-        """Sleeps ``factor`` times the last step's time; the first slowed step records the fault as fired (it is
-        not repeated after a restart: the straggler is the plan's, not the replay's)."""
+        """Sleeps ``factor`` times the step time before the slowdown began (the last step's time, taken at the
+        first slowed step: a slowed step's own time would compound, x3 becoming x4, x16, ...); the first slowed step
+        records the fault as fired (it is not repeated after a restart: the straggler is the plan's, not the
+        replay's)."""
+        if index not in self._unslowed_s:
+            self._unslowed_s[index] = self._step_seconds
         if step == fault.step:
             self._record(index, fault, step)
             print(f"[rank {self.rank}, step {step}] fault: {fault} fires (straggler until step {fault.last_step})",
                   flush=True)
-        seconds = fault.slow_factor * self._step_seconds
+        seconds = fault.slow_factor * self._unslowed_s[index]
         time.sleep(seconds)
         self._slept[index] = self._slept.get(index, 0.0) + seconds
         records.write_detail(self.fired_dir, index, {"slept_s": self._slept[index], "steps": step - fault.step + 1})

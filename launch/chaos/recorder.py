@@ -44,6 +44,7 @@ class Recorder:
         self.details: dict[int, dict] = {}
         self.beats: dict[int, dict[int, dict]] = {}
         self.restores: dict[int, dict[int, dict]] = {}
+        self.stragglers: list[dict] = []
         self.started = time.time()
         self.ended = 0.0
 
@@ -74,6 +75,7 @@ class Recorder:
         self.details = records.details(run_dir)
         self.beats = read_beats(run_dir)
         self.restores = records.restores(run_dir)
+        self.stragglers = records.stragglers(run_dir)
         for record in self.fired.values():
             if "attempt" not in record and "time" in record:  # a snapshot process's: it outlives the attempts
                 record["attempt"] = self.attempt_at(record["time"])

@@ -7,7 +7,9 @@ Nothing of the report is parsed from the ranks' output; the ranks write, in dire
   attempt drop the faults already fired; and ``fault-<i>.detail``, what the fault did (time slept, the corrupted
   segment, the failed save);
 - in the launcher's run directory (``REGROW_RUN_DIR``): ``restore-a<attempt>-r<rank>.json``, each rank's restore
-  result (source, step, seconds, what was passed over and why). The heartbeats are ``launch/local/watchdog.py``'s.
+  result (source, step, seconds, what was passed over and why), and ``straggler-a<attempt>-s<step>-r<rank>.json``,
+  a straggler rank 0's monitor named (``recovery/stragglers.py``). The heartbeats are
+  ``launch/local/watchdog.py``'s.
 """
 
 from __future__ import annotations
@@ -106,3 +108,21 @@ def restores(run_dir: str) -> dict[int, dict[int, dict]]:
         attempt, rank = attempt_rank(path.stem)
         found.setdefault(attempt, {})[rank] = json.loads(path.read_text())
     return found
+
+
+def write_straggler(run_dir: str, attempt: int, straggler: dict[str, Any]) -> None:
+    """Records a straggler the monitor named (``Straggler.to_dict()``), with the attempt and the wall time."""
+    record = {**straggler, "attempt": attempt, "time": time.time()}
+    name = f"straggler-a{attempt}-s{straggler['step']}-r{straggler['rank']}.json"
+    write_json(Path(run_dir) / name, record, exclusive=False)
+
+
+def stragglers(run_dir: str) -> list[dict]:
+    """Every straggler the ranks recorded, by attempt and step; a record caught half written is left out."""
+    found = []
+    for path in Path(run_dir).glob("straggler-a*-s*-r*.json"):
+        try:
+            found.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            continue
+    return sorted(found, key=lambda r: (r["attempt"], r["step"], r["rank"]))

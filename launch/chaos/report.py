@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from regrow.checkpoint.universal import storage
-from regrow.launch.chaos.plan import CRASH_KINDS
+from regrow.launch.chaos.plan import CRASH_KINDS, Fault
 from regrow.launch.chaos.recorder import Attempt, Recorder
 from regrow.recovery.order import Source
 from regrow.trainer.loop import StepResult
@@ -56,6 +56,19 @@ def _recovery(recorder: Recorder, attempt: Attempt) -> dict[str, Any]:
     return out
 
 
+def _straggler_detection(recorder: Recorder, fault: Fault) -> dict[str, Any]:
+    """How the straggler monitor saw a ``slow-rank`` fault: the first window that named its rank, at or after the
+    fault's first slowed step (``detected_by``, ``detected_at_step``, ``detect_steps``: steps from the first slowed
+    step to the end of that window), or that none did."""
+    named = [r for r in recorder.stragglers if r["rank"] == fault.target and r["step"] >= fault.step]
+    if not named:
+        return {"detected_by": "not named by the straggler monitor (off, or the slowdown stayed within the margin)"}
+    first = named[0]
+    return {"detected_by": f"straggler monitor: busy {first['ratio']:.2f}x the others' median in steps "
+                           f"{first['first_step']}-{first['step']}",
+            "detected_at_step": first["step"], "detect_steps": first["step"] - fault.step + 1}
+
+
 def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool = True,
                  reference: Sequence[StepResult] | None = None, checkpoints: tuple[str, str] | None = None
                  ) -> dict[str, Any]:
@@ -92,6 +105,7 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
         if fault.kind == "slow-rank" and detail:
             item["outcome"] = (f"straggler: slept {detail['slept_s']:.2f} s over {detail['steps']} steps "
                                f"(x{fault.slow_factor:g} its step time); no restart needed")
+            item.update(_straggler_detection(recorder, fault))
         elif fault.kind == "fail-ckpt" and detail:
             item["outcome"] = (f"checkpoint of step {detail['step']} {detail['status']}: {detail['error']}; "
                                f"latest then: {detail['latest']}")
@@ -105,7 +119,7 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
     report: dict[str, Any] = {
         "ok": ok, "plan": [str(f) for f in recorder.plan], "attempts": len(recorder.attempts),
         "restarts": max(0, len(recorder.attempts) - 1), "wall_s": round(recorder.ended - recorder.started, 2),
-        "faults": fault_entries, "failures": failures,
+        "faults": fault_entries, "failures": failures, "stragglers": recorder.stragglers,
     }
     if history:
         report["final"] = {"step": history[-1].step, "loss": history[-1].loss}
@@ -174,6 +188,10 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"- {item['fault']}: did not fire")
         elif "outcome" in item:
             lines.append(f"- {item['fault']}: {item['outcome']}")
+            if "detected_at_step" in item:
+                lines.append(f"  detected by: {item['detected_by']}, {item['detect_steps']} step(s) after it began")
+            elif item["fault"].startswith("slow-rank"):
+                lines.append(f"  detected by: {item['detected_by']}")
     if "final" in report:
         final = report["final"]
         text = f"final: step {final['step']}, loss {final['loss']:.6f}"
