@@ -103,7 +103,8 @@ MUTATIONS = (
              "        self._in_backward.add(unit)\n",
              ("tests/test_zero.py::test_stage3_is_bit_identical_to_stage2_with_8bit_state",)),
     Mutation("straggler-busy-time-counts-the-waits", "recovery/stragglers.py",
-             "        self._busy += (time.perf_counter() - self._wall) - (collectives.blocked_seconds() - self._blocked)\n",
+             "        self._busy += (time.perf_counter() - self._wall) - "
+             "(collectives.blocked_seconds() - self._blocked)\n",
              "        self._busy += time.perf_counter() - self._wall\n",
              ("tests/test_chaos.py::test_a_straggler_is_named_within_its_window_and_changes_nothing",)),
     Mutation("bf16-gradient-shard-rounds-the-clipped-gradient", "trainer/zero/optimizer.py",
