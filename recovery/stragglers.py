@@ -93,7 +93,6 @@ class StragglerMonitor:
         self.config = config
         self.rank, self.world_size, self.device, self.timeout_s = rank, world_size, device, timeout_s
         self.on_straggler = on_straggler
-        self.found: list[Straggler] = []
         self._busy = 0.0
         self._window_start = start_step + 1
         self._mark()
@@ -122,7 +121,6 @@ class StragglerMonitor:
         for rank, others in find_stragglers(busy, self.config.margin):
             straggler = Straggler(rank=rank, first_step=self._window_start, step=step, busy_s=busy[rank],
                                   others_s=others)
-            self.found.append(straggler)
             if self.rank == 0:
                 log_line(self.rank, step, f"straggler: rank {rank} was busy {straggler.busy_s:.3f} s per step in "
                                           f"steps {straggler.first_step}-{step}, {straggler.ratio:.2f}x the "
