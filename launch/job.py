@@ -72,7 +72,8 @@ def build_job(options: RunOptions) -> Job:
     problems += plan_problems(plan, ranks=launch.nproc, nodes=options.snapshot.nodes, steps=options.train.steps,
                               snapshot_every=options.snapshot_every, save_every=options.checkpoint.save_every,
                               hang_timeout_s=faults.hang_timeout_s,
-                              erasure_coding=bool(options.snapshot_every) and options.snapshot.ec_group_size > 1)
+                              erasure_coding=bool(options.snapshot_every) and options.snapshot.ec_group_size > 1,
+                              parity_every=faults.parity_every, zero_stage=options.train.stage)
     problems += faults.problems()
     if options.command == "ray":
         problems += options.ray.problems() + (_entry_problems(options) if entry else [])

@@ -19,6 +19,7 @@ from regrow.checkpoint.snapshot.protocol import parse_address
 from regrow.checkpoint.universal import KEEP_LAST
 from regrow.checkpoint.universal.writer import ON_ERROR
 from regrow.recovery.order import Source
+from regrow.recovery.parity import ParityConfig
 from regrow.recovery.stragglers import StragglerConfig
 from regrow.trainer.data import DataConfig
 from regrow.trainer.loop import TrainerConfig
@@ -150,7 +151,8 @@ def flag_wording(message: str) -> str:
                              ("ZeroConfig.state_bits", "--state-bits"), ("ZeroConfig.param_dtype", "--param-dtype"),
                              ("ZeroConfig.grad_dtype", "--grad-dtype"), ("ZeroConfig.max_grad_norm", "--max-grad-norm"),
                              ("StragglerConfig.window", "--straggler-window"),
-                             ("StragglerConfig.margin", "--straggler-margin")):
+                             ("StragglerConfig.margin", "--straggler-margin"),
+                             ("ParityConfig.every", "--parity-every")):
         message = message.replace(field_name, flag)
     return message
 
@@ -210,6 +212,9 @@ class FaultOptions:
     """Steps per straggler comparison (``--straggler-window``; 0: no straggler detection)."""
     straggler_margin: float = StragglerConfig.margin
     """How much busier than the others' median a straggler is (``--straggler-margin``; 0.5: half again)."""
+    parity_every: int = ParityConfig.every
+    """Check every this many steps that the ranks' parameters, step, data cursor and lineage agree and that no
+    optimizer shard changed between steps (``--parity-every``; 0: no checks)."""
     report: str | None = None
     """Where the fault report is written as JSON (``--report``; None: next to ``--metrics``, if given)."""
     reference: bool = False
@@ -229,6 +234,15 @@ class FaultOptions:
         except ValueError as error:
             raise ValueError(flag_wording(str(error))) from None
 
+    def parity(self) -> ParityConfig | None:
+        """The state parity checks' settings (None: off); ValueError naming the flag."""
+        if self.parity_every == 0:
+            return None
+        try:
+            return ParityConfig(every=self.parity_every)
+        except ValueError as error:
+            raise ValueError(flag_wording(str(error))) from None
+
     def problems(self) -> list[str]:
         problems = []
         if not 0 <= self.hang_timeout_s < math.inf:  # NaN would silently never fire
@@ -238,6 +252,10 @@ class FaultOptions:
             self.stragglers()
         except ValueError as error:
             problems.append(f"{error} (--straggler-window 0 turns detection off)")
+        try:
+            self.parity()
+        except ValueError as error:
+            problems.append(f"{error} (--parity-every 0 turns the checks off)")
         return problems
 
 

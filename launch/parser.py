@@ -138,6 +138,10 @@ TRAINING = (
           "slower than the others' median by --straggler-margin (default 10; 0: off)", type=int, metavar="STEPS"),
     _flag("--straggler-margin", FaultOptions, "straggler_margin",
           "how much busier than the others' median a straggler is (default 0.5: half again)", type=float),
+    _flag("--parity-every", FaultOptions, "parity_every",
+          "every this many steps, check that the ranks agree on the parameters, step, data cursor and lineage and "
+          "that no optimizer shard changed between steps; a mismatch restarts from the last good snapshot "
+          "(default 100; 0: off)", type=int, metavar="STEPS"),
     _flag("--report", FaultOptions, "report",
           "write the fault report as JSON here (default: next to --metrics, if given)", metavar="FILE"),
 )

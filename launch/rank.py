@@ -2,9 +2,10 @@
 :func:`train_rank` restores (from the node's snapshots, else a checkpoint), attaches the snapshot sink, the fault
 injector, the checkpoint writer and the heartbeat, then trains.
 
-The sinks run in this order after each step: the snapshot sink first, then the checkpoint writer, then the fault
-injector (so that a fault fires while the snapshot of the previous step is still in flight), the straggler monitor,
-and the heartbeat last (its beat before the optimizer step means every other sink let the step through).
+The sinks run in this order after each step: the snapshot sink first, then the checkpoint writer, the state parity
+monitor (its seal of a step's shard comes after every reader of that state and before any injected corruption), then
+the fault injector (so that a fault fires while the snapshot of the previous step is still in flight), the straggler
+monitor, and the heartbeat last (its beat before the optimizer step means every other sink let the step through).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from regrow.checkpoint.universal import verify
 from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.comm.world import World
 from regrow.launch.chaos.injector import FaultInjector
-from regrow.launch.chaos.records import RestoreLog, write_straggler
+from regrow.launch.chaos.records import RestoreLog, write_parity, write_straggler
 from regrow.launch.local.attempts import ATTEMPT_ENV, RUN_DIR_ENV
 from regrow.launch.local.nodes import ADDRESS_ENV
 from regrow.launch.local.watchdog import Heartbeat
@@ -34,6 +35,7 @@ from regrow.launch.options import CheckpointOptions, SnapshotOptions
 from regrow.recovery import gpu_warm_up
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.recovery.order import JobRestore, Source
+from regrow.recovery.parity import ParityConfig, ParityMonitor
 from regrow.recovery.restore import restore_job
 from regrow.recovery.stragglers import StragglerConfig, StragglerMonitor
 from regrow.trainer.log import log_line
@@ -53,13 +55,15 @@ class RankWork:
     """The snapshot side (None: the ranks neither snapshot nor restore a snapshot)."""
     stragglers: StragglerConfig | None = None
     """The straggler monitor's settings (None: no straggler detection)."""
+    parity: ParityConfig | None = None
+    """The state parity checks' settings (None: no checks)."""
 
     @classmethod
     def of(cls, config: TrainerConfig, checkpoint: CheckpointOptions, snapshot: SnapshotOptions,
-           stragglers: StragglerConfig | None = None) -> RankWork:
+           stragglers: StragglerConfig | None = None, parity: ParityConfig | None = None) -> RankWork:
         """The work of a run's first attempt: each side that is active."""
         return cls(config=config, checkpoint=checkpoint if checkpoint.active else None,
-                   snapshot=snapshot if snapshot.active else None, stragglers=stragglers)
+                   snapshot=snapshot if snapshot.active else None, stragglers=stragglers, parity=parity)
 
     def warm_up(self, local_rank: int) -> None:
         """A standby rank's preparation (``--warm-restarts``): the trainer's imports, the CUDA context of the device
@@ -123,7 +127,7 @@ def train_rank(world: World, work: RankWork) -> list[StepResult]:
     trainer = Trainer(work.config, world, for_restore=work.restores)
     built = time.perf_counter()
     attach_rank(trainer, checkpoint=work.checkpoint, snapshot=work.snapshot, final_step=work.config.steps,
-                stragglers=work.stragglers)
+                stragglers=work.stragglers, parity=work.parity)
     if work.restores:
         log_line(trainer.rank, trainer.step, f"ready to train in {time.perf_counter() - started:.2f} s (trainer "
                                              f"built in {built - started:.2f} s, then restored and attached)")
@@ -131,11 +135,13 @@ def train_rank(world: World, work: RankWork) -> list[StepResult]:
 
 
 def attach_rank(target: GuardedRun, *, checkpoint: CheckpointOptions | None, snapshot: SnapshotOptions | None,
-                final_step: int, stragglers: StragglerConfig | None = None) -> None:
+                final_step: int, stragglers: StragglerConfig | None = None,
+                parity: ParityConfig | None = None) -> None:
     """Restores ``target`` as ``snapshot`` and ``checkpoint`` say (``resume``), then attaches the rank's sinks in
     the module docstring's order: the snapshot sink, the checkpoint writer (its final save at ``final_step``), the
-    fault injector of ``REGROW_FAULTS``, the straggler monitor (``stragglers``; it records what it finds in the
-    launcher's run directory), the heartbeat. Collective."""
+    state parity monitor (``parity``; after a restore it compares the ranks at once), the fault injector of
+    ``REGROW_FAULTS``, the straggler monitor (``stragglers``; both monitors record what they find in the launcher's
+    run directory), the heartbeat. Collective."""
     run_dir = os.environ.get(RUN_DIR_ENV)
     attempt = int(os.environ.get(ATTEMPT_ENV, "0"))
     restores = RestoreLog(run_dir, attempt=attempt, rank=target.rank) if run_dir else None
@@ -147,6 +153,15 @@ def attach_rank(target: GuardedRun, *, checkpoint: CheckpointOptions | None, sna
         restore_trainer(target, checkpoint.resume, root=checkpoint.ckpt_dir)
         if restores is not None:
             restores.restored_checkpoint(target.step, checkpoint.resume)
+    # Built before the injector is armed: its first seal must hold the state as restored, before any planned
+    # corruption of the first step strikes.
+    monitor = None
+    if parity is not None:
+        record_parity = ((lambda error: write_parity(run_dir, attempt, error.to_dict()))
+                         if run_dir and target.rank == 0 else None)
+        monitor = ParityMonitor(parity, optimizer=target.optimizer, state=target.shard_state(),
+                                world_size=target.world_size, device=target.device, timeout_s=target.timeout_s,
+                                after_restore=target.step > 0, on_mismatch=record_parity)
     injector = FaultInjector.from_env(target.rank, snapshot_sink=snapshot_sink, step=target.step)
     if injector is not None and injector.needs_training_hooks:
         injector.arm(target.model, target.optimizer)
@@ -154,6 +169,8 @@ def attach_rank(target: GuardedRun, *, checkpoint: CheckpointOptions | None, sna
     if checkpoint is not None:
         io_fault = injector.checkpoint_fault if injector is not None and injector.fails_checkpoints else None
         writer = attach_writer(target, checkpoint, final_step=final_step, io_fault=io_fault)
+    if monitor is not None:
+        target.sinks.append(monitor)
     if injector is not None:
         if writer is not None:
             injector.watch_saves(writer)

@@ -56,7 +56,8 @@ def run_training(job: Job, *, recorder: Recorder | None = None) -> list[StepResu
     (fired faults, heartbeats, restores) before the run directory goes; the ranks write heartbeats when it is given
     or ``--hang-timeout`` is set (the watchdog reads them)."""
     options = job.options
-    work = RankWork.of(job.config, options.checkpoint, options.snapshot, options.faults.stragglers())
+    work = RankWork.of(job.config, options.checkpoint, options.snapshot, options.faults.stragglers(),
+                       options.faults.parity())
     if options.launch.torchrun:
         world = init_world(config=WorldConfig(backend=options.launch.backend, timeout_s=job.config.optim.timeout_s))
         try:

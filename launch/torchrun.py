@@ -118,7 +118,8 @@ def worker_problems(options: RunOptions) -> list[str]:
 def run_worker(job: Job) -> list[StepResult]:
     """One rank's run under torchrun: join the job, decide with the other ranks whether to restore, train."""
     options, config = job.options, job.config
-    work = RankWork.of(config, options.checkpoint, options.snapshot, options.faults.stragglers())
+    work = RankWork.of(config, options.checkpoint, options.snapshot, options.faults.stragglers(),
+                       options.faults.parity())
     address, ckpt_dir = options.snapshot.address, options.checkpoint.ckpt_dir
     # With an address but no snapshots, the worker still restores from what the snapshot process holds.
     snapshotting = work.snapshot or (options.snapshot if address is not None else None)
@@ -136,7 +137,7 @@ def run_worker(job: Job) -> list[StepResult]:
         checkpointing, snapshotting = resumed_plans(holds, checkpointing=work.checkpoint, snapshotting=snapshotting,
                                                     start_from=options.checkpoint.resume, ckpt_dir=ckpt_dir)
         return train_rank(world, RankWork(config=config, checkpoint=checkpointing, snapshot=snapshotting,
-                                          stragglers=work.stragglers))
+                                          stragglers=work.stragglers, parity=work.parity))
     finally:
         destroy_world()
 

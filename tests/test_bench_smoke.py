@@ -338,6 +338,19 @@ def test_digest_bench_measures_the_host_digest(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_parity_bench_times_the_checks_beside_training(tmp_path: Path) -> None:
+    """``bench/bench_parity.py`` has no runner: its CPU mode (the tiny GPT) is run directly, at two intervals."""
+    out = tmp_path / "parity.jsonl"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_parity.py"), "--device", "cpu", "--every",
+                           "2,1", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    [result] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["device"] == "cpu" and result["shard_gb"] > 0
+    assert [(r["every"], r["checks"]) for r in result["intervals"]] == [(2, 2), (1, 4)]
+    assert all(r["check_ms"] > 0 and r["step_ms_off"] > 0 for r in result["intervals"])
+
+
+@pytest.mark.timeout(120)
 def test_rank_start_bench_times_spawned_and_forked_ranks(tmp_path: Path) -> None:
     """``bench/bench_rank_start.py`` has no runner either: it runs as is, on the CPU."""
     out = tmp_path / "start.jsonl"

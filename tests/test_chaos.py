@@ -153,6 +153,27 @@ def test_a_straggler_is_named_within_its_window_and_changes_nothing(tmp, referen
     assert_same_checkpoint(tmp / "straggler", tmp / "reference")
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fault, what", [("corrupt-param:1@8", "parameters"), ("corrupt-shard:0@8", "shard")])
+def test_silent_corruption_is_caught_by_parity_and_rolled_back(tmp, reference, fault, what) -> None:
+    """A bit flipped at the start of step 8 in rank 1's working parameters, or in rank 0's Adam second moment
+    (invisible in the parameters: its update would spread it to every rank alike), is named by the parity check of
+    step 8 before that step's update; the job restarts from the snapshot of step 7 and ends bit-identical to the
+    fault-free run."""
+    name = f"corrupt-{what}"
+    history, report = chaos_run(tmp, name, *SNAPSHOTS, "--parity-every", "4", fault=(fault,), restarts=1)
+    (item,) = report["faults"]
+    target = faults.Fault.parse(fault).target
+    assert item["fired"] and item["detected_at_step"] == 8, item
+    assert item["detected_by"].startswith(f"state parity check at step 8: rank(s) [{target}] ({what})"), item
+    (failure,) = report["failures"]
+    assert failure["detected_by"][0].startswith("state parity check at step 8 failed")
+    assert failure["recovered"] and failure["restored_step"] == 7 and failure["source"].startswith("snapshot")
+    (check,) = report["parity_failures"]
+    assert check["found"] == [{"what": what, "ranks": [target]}] and check["attempt"] == 0
+    assert_same_run(tmp, history, reference, name)
+
+
 @pytest.mark.timeout(240)
 def test_a_seeded_random_soak_loses_nothing(tmp, reference) -> None:
     """--fault-mtbf 4 --fault-seed 4 draws 4 kills of ranks and nodes; the run survives every one of them, within

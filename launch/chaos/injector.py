@@ -7,7 +7,10 @@ moment for the snapshots (the older buffer must be complete). A kill at another 
 fires from a hook: the snapshot sink's copy hook (``snapshot-copy``), a forward hook on the model's middle leaf
 module (``forward``), a gradient hook on its middle parameter (``backward``), the optimizer's update and gather
 pre-hooks (``update``, ``all-gather``, installed by :meth:`FaultInjector.arm`) and the checkpoint writer's
-``io_fault`` hook (``persist``); ``ec`` is the snapshot process's own (``node_faults.py``). It gets what it acts
+``io_fault`` hook (``persist``); ``ec`` is the snapshot process's own (``node_faults.py``). A corruption
+(``corrupt-param``, ``corrupt-shard``) strikes at the start of its step, in :meth:`FaultInjector.after_step` of the
+step before (or when armed, for a rank that trains from that step), once the snapshot and the checkpoint copy of
+that state are read: it hits the live state only, as a flip in device memory between two steps does. It gets what it acts
 through by its constructor (the snapshot sink, whose in-flight snapshot ``corrupt-snapshot`` waits for), by
 :meth:`FaultInjector.arm` (the model and optimizer) and by :meth:`FaultInjector.watch_saves` (the checkpoint writer,
 whose outcome ``fail-ckpt`` records); the writer in turn is built with :meth:`FaultInjector.checkpoint_fault` as its
@@ -32,7 +35,7 @@ from regrow.checkpoint.snapshot.sink import SnapshotSink
 from regrow.checkpoint.universal import storage
 from regrow.checkpoint.universal.writer import CheckpointWriter
 from regrow.launch.chaos import records
-from regrow.launch.chaos.plan import Fault, plan_from_env
+from regrow.launch.chaos.plan import CORRUPT_KINDS, Fault, plan_from_env
 from regrow.launch.local.attempts import ATTEMPT_ENV
 from regrow.launch.local.nodes import ADDRESS_ENV, NODE_ENV, PID_ENV
 from regrow.trainer.state import ShardState
@@ -87,6 +90,28 @@ def corrupt_segment(path: str) -> None:
         buffer.close()
 
 
+def flip_bit(tensor: torch.Tensor, element: int) -> None:
+    """Flips one bit of ``tensor``'s element ``element`` in place: in a float, the second-lowest exponent bit (the
+    value is scaled by 4 or 1/4: wrong, finite, silent); in a byte, bit 4."""
+    raw = tensor.detach().reshape(-1).view(torch.uint8)
+    size = tensor.element_size()
+    byte = element * size + size - 1  # little-endian: the sign and the exponent's high bits
+    raw[byte] ^= 0x01 if size > 1 else 0x10
+
+
+def corruption_target(kind: str, optimizer: ZeroOptimizer) -> tuple[str, torch.Tensor]:
+    """What a corruption of ``kind`` flips a bit of, and its name: the first working-parameter buffer
+    (``corrupt-param``) or the Adam second moment of the first group's shard (``corrupt-shard``)."""
+    if kind == "corrupt-param":
+        buffers = optimizer.working_parameters()
+        if not buffers:
+            raise ValueError("corrupt-param: this optimizer keeps no full working parameters (ZeRO stage 3); use "
+                             "corrupt-shard")
+        return "working parameters", buffers[0]
+    key = next(k for k in optimizer.shard_tensors() if k.endswith(("/exp_avg_sq", "/exp_avg_sq_codes")))
+    return key, optimizer.shard_tensors()[key]
+
+
 def corrupt_newest_snapshot(client: SnapshotClient, rank: int) -> dict | None:
     """Flips one payload byte of ``rank``'s newest sealed snapshot held by the snapshot process behind ``client``;
     returns that slot as the ``latest`` op lists it (``path``, ``step``, ...), or None when it holds none."""
@@ -118,6 +143,7 @@ class FaultInjector:
         self.last_step = step
         self._snapshot_sink = snapshot_sink
         self._hooks: list[Any] = []  # handles of the hooks arm() installed
+        self._optimizer: ZeroOptimizer | None = None  # what a corruption flips (arm())
         self._step_started = time.perf_counter()
         self._step_seconds = 0.0
         self._slept: dict[int, float] = {}
@@ -152,15 +178,18 @@ class FaultInjector:
 
     @property
     def needs_training_hooks(self) -> bool:
-        """Whether a kill of this rank strikes inside the forward, the backward or the optimizer step: call
-        :meth:`arm` with the model and the optimizer."""
-        return any(self._moment_faults(moment) for moment in TRAINING_MOMENTS)
+        """Whether a kill of this rank strikes inside the forward, the backward or the optimizer step, or a
+        corruption hits its state: call :meth:`arm` with the model and the optimizer."""
+        return any(self._moment_faults(moment) for moment in TRAINING_MOMENTS) or bool(self._corruptions())
 
     def arm(self, model: torch.nn.Module, optimizer: ZeroOptimizer) -> None:
         """Installs the hooks of the kills that strike inside the step (:data:`TRAINING_MOMENTS`): in the middle of
         the forward (after the middle leaf module, in the order ``modules()`` lists them), of the backward (when
         the middle trainable parameter's gradient is computed), between the reduction and the update, and
-        between the update and the parameter all-gather. :meth:`close` removes them."""
+        between the update and the parameter all-gather. :meth:`close` removes them. A corruption planned for the
+        step this rank trains from strikes now."""
+        self._optimizer = optimizer
+        self._corrupt(self.last_step + 1)
         if self._moment_faults("forward"):
             leaves = [module for module in model.modules() if next(module.children(), None) is None]
             self._hooks.append(leaves[len(leaves) // 2].register_forward_hook(
@@ -185,6 +214,7 @@ class FaultInjector:
         self._step_started = now
         self.last_step = state.step
         self._note_failed_saves()
+        self._corrupt(state.step + 1)
 
     def before_optimizer_step(self) -> None:
         step = self.last_step + 1
@@ -192,7 +222,8 @@ class FaultInjector:
             if fault.kind == "slow-rank":
                 if fault.step <= step <= fault.last_step and self._hits(fault):
                     self._slow(index, fault, step)
-            elif fault.kind != "fail-ckpt" and fault.moment is None and fault.step == step and self._hits(fault):
+            elif (fault.kind not in ("fail-ckpt", *CORRUPT_KINDS) and fault.moment is None and fault.step == step
+                  and self._hits(fault)):
                 self._fire(index, fault, step)
 
     def close(self) -> None:
@@ -204,6 +235,31 @@ class FaultInjector:
     # ------------------------------------------------------------------
     def _hits(self, fault: Fault) -> bool:
         return fault.target == (self.node if fault.target_kind == "node" else self.rank)
+
+    def _corruptions(self) -> dict[int, Fault]:
+        """The corruptions not yet over that hit this rank."""
+        return {i: f for i, f in self.faults.items() if f.kind in CORRUPT_KINDS and self._hits(f)}
+
+    def _corrupt(self, step: int) -> None:
+        """Flips the bit of every corruption planned for ``step`` (at its start), once the snapshot and the
+        checkpoint copy of the state before it are read (they keep the good value, as they would had the bit flipped
+        in device memory during the step), and records it as fired."""
+        due = {i: f for i, f in self._corruptions().items() if f.step == step}
+        if not due or self._optimizer is None:
+            return
+        if self._snapshot_sink is not None:
+            self._snapshot_sink.flush()
+        if self._writer is not None:
+            self._writer.before_optimizer_step()  # waits for the host copies of a save of that state
+        for index, fault in due.items():
+            name, tensor = corruption_target(fault.kind, self._optimizer)
+            element = tensor.numel() // 3
+            self._record(index, fault, step)
+            print(f"[rank {self.rank}, step {step}] fault: {fault} flips a bit of element {element} of its {name}",
+                  flush=True)
+            flip_bit(tensor, element)
+            records.write_detail(self.fired_dir, index, {"tensor": name, "element": element})
+            del self.faults[index]
 
     def _moment_faults(self, moment: str) -> dict[int, Fault]:
         """The faults not yet fired that kill this rank at ``moment``."""
@@ -232,7 +288,7 @@ class FaultInjector:
         """Acts on a crash fault (from the training thread, or from the thread of a hook: a kill ends the whole
         process). Each kind is named: a kind without an action here is an error, never a kill (``Fault`` refuses
         unknown kinds, so that error means a kind was added to ``plan.KINDS`` alone)."""
-        if fault.kind not in ("hang-rank", "corrupt-snapshot", "kill-node", "kill-rank"):
+        if fault.kind not in ("hang-rank", "corrupt-snapshot", "kill-node", "kill-rank"):  # corruptions: _corrupt
             raise ValueError(f"fault {fault}: the injector has no action for kind {fault.kind!r}")
         self._record(index, fault, step)
         print(f"[rank {self.rank}, step {step}] fault: {fault} fires", flush=True)

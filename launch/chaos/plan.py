@@ -23,6 +23,11 @@ The kinds (``docs/chaos.md`` has the table of how each is detected and recovered
   restore must find the checksum mismatch and fall back.
 - ``fail-ckpt:R@S``: rank R's checkpoint writer fails writing the save of step S with an injected I/O error; the
   save is given up and training goes on.
+- ``corrupt-param:R@S``: silent data corruption of rank R's working parameters: at the start of step S one bit of
+  rank R's copy flips; nothing else notices. The state parity check (``recovery/parity.py``, ``--parity-every``)
+  must run at step S to see it.
+- ``corrupt-shard:R@S``: the same in rank R's optimizer shard (a bit of Adam's second moment): no peer holds a copy,
+  and the parameters show nothing until the update has spread it to every rank alike.
 
 A kill (``kill-rank`` or ``kill-node``) strikes right before step S's optimizer step unless it names a moment,
 ``kill-rank:R@S:MOMENT`` (:data:`MOMENTS`, in the order a step meets them): ``snapshot-copy`` while the snapshot of
@@ -54,10 +59,15 @@ NODE_FAULTS_MODULE = "regrow.launch.chaos.node_faults"
 """The snapshot process's entry under a plan that kills inside it (``node_faults.py``)."""
 FAULTS_DIR_ENV = "REGROW_FAULTS_DIR"
 """The directory where the ranks record each fault as fired; it must outlive the ranks (``records.py``)."""
-KINDS = ("kill-rank", "kill-node", "hang-rank", "slow-rank", "corrupt-snapshot", "fail-ckpt")
+KINDS = ("kill-rank", "kill-node", "hang-rank", "slow-rank", "corrupt-snapshot", "fail-ckpt", "corrupt-param",
+         "corrupt-shard")
 NODE_KINDS = ("kill-node",)
 """Kinds whose target is a node; every other kind targets a rank."""
-CRASH_KINDS = ("kill-rank", "kill-node", "hang-rank", "corrupt-snapshot")
+CORRUPT_KINDS = ("corrupt-param", "corrupt-shard")
+"""Silent corruption: the attempt ends when the state parity check sees it."""
+RANGE_KINDS = ("slow-rank",)
+"""Kinds that take a step range ``S-E``."""
+CRASH_KINDS = ("kill-rank", "kill-node", "hang-rank", "corrupt-snapshot", *CORRUPT_KINDS)
 """Kinds that end the attempt (the launcher must restart the job to recover)."""
 SLOW_STEPS = 5
 """Steps a ``slow-rank`` fault lasts when the plan gives no end step."""
@@ -75,7 +85,7 @@ MOMENTS = ("snapshot-copy", "forward", "backward", "update", "all-gather", "pers
 MOMENT_KINDS = ("kill-rank", "kill-node")
 """Kinds that take a moment; ``ec`` is ``kill-node``'s only (the snapshot process runs the round)."""
 EXAMPLES = ("kill-rank:1@5, kill-node:0@9, kill-rank:1@5:backward, hang-rank:1@4, slow-rank:0@3-7x2.5, "
-            "corrupt-snapshot:1@6, fail-ckpt:0@10")
+            "corrupt-snapshot:1@6, fail-ckpt:0@10, corrupt-param:1@100, corrupt-shard:0@200")
 
 
 def _is_int(value: Any) -> bool:
@@ -106,7 +116,7 @@ class Fault:
             raise ValueError(f"target must be an integer >= 0 (a rank or node), not {reprlib.repr(self.target)}")
         if not _is_int(self.step):
             raise ValueError(f"step must be an integer (a step of the run), not {reprlib.repr(self.step)}")
-        if self.kind != "slow-rank" and (self.until is not None or self.factor is not None):
+        if self.kind not in RANGE_KINDS and (self.until is not None or self.factor is not None):
             raise ValueError("a step range -E and a factor xF belong to slow-rank only")
         if self.until is not None and not _is_int(self.until):
             raise ValueError(f"until must be an integer (the last slowed step), not {reprlib.repr(self.until)}")
@@ -201,12 +211,15 @@ class Fault:
 
 def plan_problems(faults: list[Fault], *, ranks: int, nodes: int, steps: int, snapshot_every: int | None = None,
                   save_every: int | None = None, hang_timeout_s: float | None = None,
-                  erasure_coding: bool | None = None) -> list[str]:
+                  erasure_coding: bool | None = None, parity_every: int | None = None,
+                  zero_stage: int | None = None) -> list[str]:
     """Every reason the plan cannot run against a job of ``ranks`` ranks on ``nodes`` nodes training ``steps``
     steps (empty: it can). Given the run's ``snapshot_every``, ``save_every``, ``hang_timeout_s`` and whether its
     nodes are in ``erasure_coding`` groups, also checks that each fault can show: a corrupt snapshot needs
     snapshots, a failed checkpoint write a save at that step, a hang the progress watchdog, a kill at a moment
-    the thing it interrupts (a snapshot copy, a save, an erasure-coding round)."""
+    the thing it interrupts (a snapshot copy, a save, an erasure-coding round), a corruption a parity check in its
+    steps (``parity_every``: 0 when checks are off) and, for ``corrupt-param``, full working parameters (ZeRO
+    ``zero_stage`` 1 or 2)."""
     problems = []
     for fault in faults:
         what = fault.target_kind
@@ -232,7 +245,26 @@ def plan_problems(faults: list[Fault], *, ranks: int, nodes: int, steps: int, sn
             problems.append(f"--fault {fault}: nothing would notice the hang; add --hang-timeout SECONDS (the "
                             f"launcher's progress watchdog) and --max-restarts")
         problems += _moment_problems(fault, snapshot_every, save_every, erasure_coding)
+        problems += _corruption_problems(fault, parity_every, zero_stage)
     return problems
+
+
+def _corruption_problems(fault: Fault, parity_every: int | None, zero_stage: int | None) -> list[str]:
+    """Why a corruption would go unseen in a run with these settings (None: not known, not checked)."""
+    if fault.kind not in CORRUPT_KINDS:
+        return []
+    if fault.kind == "corrupt-param" and zero_stage == 3:
+        return [f"--fault {fault}: at ZeRO stage 3 no rank keeps the full parameters between steps; use "
+                f"corrupt-shard, or --stage 2"]
+    if parity_every is None:
+        return []
+    if not parity_every:
+        return [f"--fault {fault}: nothing would see the corruption; set --parity-every (state parity checks)"]
+    if fault.step % parity_every:
+        return [f"--fault {fault}: a parity check sees corruption of the step it runs at (steps that are multiples "
+                f"of --parity-every={parity_every}), and step {fault.step} is not one; pick such a step, or a "
+                f"smaller --parity-every"]
+    return []
 
 
 def _moment_problems(fault: Fault, snapshot_every: int | None, save_every: int | None,

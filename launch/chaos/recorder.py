@@ -45,6 +45,7 @@ class Recorder:
         self.beats: dict[int, dict[int, dict]] = {}
         self.restores: dict[int, dict[int, dict]] = {}
         self.stragglers: list[dict] = []
+        self.parity_failures: list[dict] = []
         self.started = time.time()
         self.ended = 0.0
 
@@ -76,6 +77,7 @@ class Recorder:
         self.beats = read_beats(run_dir)
         self.restores = records.restores(run_dir)
         self.stragglers = records.stragglers(run_dir)
+        self.parity_failures = records.parity_failures(run_dir)
         for record in self.fired.values():
             if "attempt" not in record and "time" in record:  # a snapshot process's: it outlives the attempts
                 record["attempt"] = self.attempt_at(record["time"])

@@ -8,7 +8,8 @@ Nothing of the report is parsed from the ranks' output; the ranks write, in dire
   segment, the failed save);
 - in the launcher's run directory (``REGROW_RUN_DIR``): ``restore-a<attempt>-r<rank>.json``, each rank's restore
   result (source, step, seconds, what was passed over and why), and ``straggler-a<attempt>-s<step>-r<rank>.json``,
-  a straggler rank 0's monitor named (``recovery/stragglers.py``). The heartbeats are
+  a straggler rank 0's monitor named (``recovery/stragglers.py``), and ``parity-a<attempt>-s<step>.json``, a state
+  parity check that failed (``recovery/parity.py``: what disagreed, on which ranks). The heartbeats are
   ``launch/local/watchdog.py``'s.
 """
 
@@ -115,6 +116,24 @@ def write_straggler(run_dir: str, attempt: int, straggler: dict[str, Any]) -> No
     record = {**straggler, "attempt": attempt, "time": time.time()}
     name = f"straggler-a{attempt}-s{straggler['step']}-r{straggler['rank']}.json"
     write_json(Path(run_dir) / name, record, exclusive=False)
+
+
+def write_parity(run_dir: str, attempt: int, failure: dict[str, Any]) -> None:
+    """Records a failed state parity check (``StateParityError.to_dict()``), with the attempt and the wall time."""
+    record = {**failure, "attempt": attempt, "time": time.time()}
+    write_json(Path(run_dir) / f"parity-a{attempt}-s{failure['step']}.json", record, exclusive=False)
+
+
+def parity_failures(run_dir: str) -> list[dict]:
+    """Every failed parity check the ranks recorded, by attempt and step; a record caught half written is left
+    out."""
+    found = []
+    for path in Path(run_dir).glob("parity-a*-s*.json"):
+        try:
+            found.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            continue
+    return sorted(found, key=lambda r: (r["attempt"], r["step"]))
 
 
 def stragglers(run_dir: str) -> list[dict]:

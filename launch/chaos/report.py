@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from regrow.checkpoint.universal import storage
-from regrow.launch.chaos.plan import CRASH_KINDS, Fault
+from regrow.launch.chaos.plan import CORRUPT_KINDS, CRASH_KINDS, Fault
 from regrow.launch.chaos.recorder import Attempt, Recorder
 from regrow.recovery.order import Source
 from regrow.trainer.loop import StepResult
@@ -69,6 +69,21 @@ def _straggler_detection(recorder: Recorder, fault: Fault) -> dict[str, Any]:
             "detected_at_step": first["step"], "detect_steps": first["step"] - fault.step + 1}
 
 
+def _parity_detection(recorder: Recorder, fault: Fault) -> dict[str, Any]:
+    """How the state parity check saw a corruption: the first failed check at or after the fault's step that names
+    its rank (``detected_by``, ``detected_at_step``, ``detect_steps``: steps from the corrupted step to that check),
+    or that none did."""
+    what = "shard" if fault.kind == "corrupt-shard" else "parameters"
+    seen = [r for r in recorder.parity_failures if r["step"] >= fault.step
+            and any(d["what"] == what and fault.target in d["ranks"] for d in r["found"])]
+    if not seen:
+        return {"detected_by": "not seen by a state parity check (off, or no check in its steps)"}
+    first = seen[0]
+    return {"detected_by": f"state parity check at step {first['step']}: rank(s) {first['ranks']} "
+                           f"({', '.join(d['what'] for d in first['found'])})",
+            "detected_at_step": first["step"], "detect_steps": first["step"] - fault.step + 1}
+
+
 def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool = True,
                  reference: Sequence[StepResult] | None = None, checkpoints: tuple[str, str] | None = None
                  ) -> dict[str, Any]:
@@ -94,6 +109,10 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
         mismatches = [reason for reason in entry.get("passed_over", []) if "checksum" in reason]
         if mismatches:
             entry["detected_by"].append(f"checksum mismatch at restore: {mismatches[0]}")
+        parity = [r for r in recorder.parity_failures if r["attempt"] == attempt.index]
+        if parity:
+            entry["detected_by"].insert(0, f"state parity check at step {parity[0]['step']} failed: rank(s) "
+                                           f"{parity[0]['ranks']} ({', '.join(d['what'] for d in parity[0]['found'])})")
         failures.append(entry)
     fault_entries = []
     for index, fault in enumerate(recorder.plan):
@@ -112,6 +131,9 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
             item["detected_by"] = "checkpoint writer error (the save is given up, latest kept)"
         elif fault.kind == "corrupt-snapshot" and detail:
             item["corrupted"] = detail
+        elif fault.kind in CORRUPT_KINDS and record:
+            item["corrupted"] = detail
+            item.update(_parity_detection(recorder, fault))
         failure = next((f for f in failures if str(fault) in f["faults"]), None)
         if failure is not None:
             item["failure_attempt"] = failure["attempt"]
@@ -120,6 +142,7 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
         "ok": ok, "plan": [str(f) for f in recorder.plan], "attempts": len(recorder.attempts),
         "restarts": max(0, len(recorder.attempts) - 1), "wall_s": round(recorder.ended - recorder.started, 2),
         "faults": fault_entries, "failures": failures, "stragglers": recorder.stragglers,
+        "parity_failures": recorder.parity_failures,
     }
     if history:
         report["final"] = {"step": history[-1].step, "loss": history[-1].loss}

@@ -281,6 +281,28 @@ class ZeroOptimizer:
         (its own parameters come back unchanged; the peers get theirs)."""
         self._gather_parameters()
 
+    def working_parameters(self) -> list[torch.Tensor]:
+        """The full flat working-parameter buffers (one per group) that the model's parameters are views of, at
+        stages 1 and 2: the same on every rank of the group after each all-gather. Empty at stage 3 (each rank
+        keeps only its slices)."""
+        return [shard.flat_params for shard in self._shards if shard.flat_params is not None]
+
+    def working_parameters_of(self, rank: int) -> list[torch.Tensor]:
+        """The slices of :meth:`working_parameters` that rank ``rank`` of the group owns (its update writes them and
+        its all-gather sends them), one per bucket, in layout order. Empty at stage 3."""
+        return [shard.flat_params[start : start + length] for shard in self._shards if shard.flat_params is not None
+                for start, _, length in shard.layout.shard_pieces(rank)]
+
+    @torch.no_grad()
+    def owned_parameters_match_master(self) -> bool:
+        """Whether this rank's own slices of the working parameters still hold its master shard cast to their dtype,
+        as the update and the all-gather left them (True at stage 3, which keeps no full buffers). Allocates one
+        cast piece at a time."""
+        return all(torch.equal(shard.owned_params(start, local, length), shard.master[local : local + length]
+                               .to(shard.flat_params.dtype))
+                   for shard in self._shards if shard.flat_params is not None
+                   for start, local, length in shard.pieces)
+
     def gather_full(self, key: str) -> torch.Tensor:
         """The full flat tensor of the group named by ``key`` (``"<group>/<what>"``), in layout order.
 
