@@ -206,7 +206,8 @@ RAY = (
           "from the last checkpoint of --ckpt-dir (0: off)", type=float),
     _flag("--standby", RayOptions, "standby",
           "standby workers per node, started ahead of need: a lost rank is taken over by its node's standby (1.7 s "
-          "to resume on 4 GPUs, against 5.5-7.3 s with a new actor; 0: off)", type=int),
+          "to resume on 4 GPUs, against 5.5-7.3 s with a new actor; 0: off); with a standby, a straggler the "
+          "monitor names is replaced the same way", type=int),
     _flag("--resources-timeout", RayOptions, "resources_timeout_s",
           "seconds to wait for a worker's resources before giving up", type=float),
     _flag("--events", RayOptions, "events", "JSONL file of every event (failures, restores, ...)"),

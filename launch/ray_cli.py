@@ -82,7 +82,8 @@ def run(job: Job) -> int:
     import ray
 
     options, config = job.options, job.config
-    unsupported = sorted({fault.kind for fault in job.plan} - {"kill-rank", "hang-rank", "slow-rank"})
+    unsupported = sorted({fault.kind for fault in job.plan} - {"kill-rank", "hang-rank", "slow-rank", "corrupt-param",
+                                                                  "corrupt-shard"})
     if unsupported:
         print(f"regrow ray: fault kinds {unsupported} run under the local launcher only; on Ray, lose a node by "
               f"stopping it (`ray stop` on that machine)", file=sys.stderr)
@@ -106,9 +107,13 @@ def run(job: Job) -> int:
                 return ray_entry.run_command(job, coordinator_config, plan_env(job.plan, fired))
             sinks = functools.partial(job_sinks, ckpt_dir=checkpoint.ckpt_dir, save_every=checkpoint.save_every,
                                       final_step=config.steps, on_error=checkpoint.on_error)
+            # A straggler is replaced when a standby can take over at once; without one it is only named.
+            stragglers = options.faults.stragglers()
             spec = WorkerSpec(config=config, world_size=cluster.workers,
                               device="cuda" if cluster.gpus_per_worker else "cpu",
-                              snapshot_every=cluster.snapshot_every, ckpt_dir=checkpoint.ckpt_dir, extra_sinks=sinks)
+                              snapshot_every=cluster.snapshot_every, ckpt_dir=checkpoint.ckpt_dir, extra_sinks=sinks,
+                              parity=options.faults.parity(), stragglers=stragglers,
+                              replace_stragglers=stragglers is not None and cluster.standby > 0)
             outcome = Coordinator(coordinator_config, spec, env=plan_env(job.plan, fired)).run(config.steps)
     except (CoordinatorError, ProtocolError, ValueError) as error:
         print(f"regrow ray: {error}", file=sys.stderr)

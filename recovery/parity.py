@@ -39,6 +39,7 @@ import torch
 
 from regrow.checkpoint.snapshot import wordsum
 from regrow.comm import collectives
+from regrow.recovery.eviction import RankEviction
 from regrow.trainer.log import log_line
 from regrow.trainer.state import ShardState, optimizer_tensors
 from regrow.trainer.zero.optimizer import ZeroOptimizer
@@ -78,19 +79,17 @@ class Disagreement:
         return {"what": self.what, "ranks": list(self.ranks)}
 
 
-class StateParityError(RuntimeError):
-    """A parity check found ranks that disagree (raised on every rank, before the step's update)."""
+class StateParityError(RankEviction):
+    """A parity check found ranks that disagree (raised on every rank, before the step's update); ``ranks`` are the
+    ranks named."""
 
     def __init__(self, step: int, found: Sequence[Disagreement]) -> None:
         self.step = step
         self.found = tuple(found)
         super().__init__(f"state parity check at step {step} failed: {'; '.join(d.describe() for d in found)}. The "
                          f"state after step {step - 1} is the last good one: restart from its snapshot (the local "
-                         f"launcher and Ray do so when --max-restarts allows) on fresh processes")
-
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        return tuple(sorted({rank for d in self.found for rank in d.ranks}))
+                         f"launcher and Ray do so when --max-restarts allows) on fresh processes",
+                         tuple({rank for d in self.found for rank in d.ranks}))
 
     def to_dict(self) -> dict:
         return {"step": self.step, "ranks": list(self.ranks), "found": [d.to_dict() for d in self.found]}

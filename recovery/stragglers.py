@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from regrow.comm import collectives
+from regrow.recovery.eviction import RankEviction
 from regrow.trainer.log import log_line
 from regrow.trainer.state import ShardState
 
@@ -80,6 +81,21 @@ def find_stragglers(busy: list[float], margin: float) -> list[tuple[int, float]]
         if others is not None and mine > (1 + margin) * others:
             found.append((rank, others))
     return found
+
+
+class StragglerEvicted(RankEviction):
+    """Raised on every rank by :func:`evict` when a straggler is to be replaced (under the Ray coordinator with a
+    standby): the job heals as after the rank's death."""
+
+    def __init__(self, straggler: Straggler) -> None:
+        super().__init__(f"straggler: rank {straggler.rank} was busy {straggler.ratio:.2f}x the others' median in "
+                         f"steps {straggler.first_step}-{straggler.step}; replacing it", (straggler.rank,))
+        self.straggler = straggler
+
+
+def evict(straggler: Straggler) -> None:
+    """An ``on_straggler`` callback that has the straggler replaced (raises :class:`StragglerEvicted`)."""
+    raise StragglerEvicted(straggler)
 
 
 class StragglerMonitor:

@@ -21,9 +21,11 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from regrow.launch.chaos import plan as faults  # noqa: E402
 from regrow.launch.chaos import records  # noqa: E402
+from regrow.recovery.parity import ParityConfig  # noqa: E402
 from regrow.recovery.ray.coordinator import Coordinator, CoordinatorConfig, CoordinatorError  # noqa: E402
 from regrow.recovery.ray.job import Outcome  # noqa: E402
 from regrow.recovery.ray.worker import WorkerSpec  # noqa: E402
+from regrow.recovery.stragglers import StragglerConfig  # noqa: E402
 from regrow.tests import ray_workers  # noqa: E402
 from regrow.tests.test_trainer import tiny_config  # noqa: E402
 from regrow.trainer.data import DataConfig  # noqa: E402
@@ -51,14 +53,16 @@ def cluster() -> Iterator[Cluster]:
 
 def coordinated(tmp: Path, name: str, *, env: dict[str, str] | None = None, ec: int = 0,
                 hang_timeout_s: float = 60.0, sinks=ray_workers.worker_sinks, standby: int = 0,
-                snapshot_every: int = 1, stage: int = 2) -> tuple[Coordinator, CoordinatorConfig]:
+                snapshot_every: int = 1, stage: int = 2, **monitors) -> tuple[Coordinator, CoordinatorConfig]:
+    """A coordinator of the tiny run on :data:`WORKERS` workers; ``monitors``: WorkerSpec's ``parity``,
+    ``stragglers`` and ``replace_stragglers``."""
     config = CoordinatorConfig(workers=WORKERS, ranks_per_node=2 if ec else 0, ec_group_size=ec, ec_parity=1,
                                hang_timeout_s=hang_timeout_s, standby_per_node=standby,
                                events_path=str(tmp / f"{name}.jsonl"), resources_timeout_s=120)
     train = tiny_config(steps=STEPS)
     train = dataclasses.replace(train, optim=dataclasses.replace(train.optim, stage=stage))
     spec = WorkerSpec(config=train, world_size=WORKERS, snapshot_every=snapshot_every, timeout_s=30,
-                      extra_sinks=sinks)
+                      extra_sinks=sinks, **monitors)
     return Coordinator(config, spec, env=env), config
 
 
@@ -180,6 +184,56 @@ def test_a_standby_takes_over_a_killed_rank_and_the_run_matches(cluster, referen
     assert adopted["rank"] == replaced["rank"] == 1 and adopted["node"] == replaced["node"], found
     (restores,) = outcome.restores
     assert [r["source"] for r in restores] == ["kept in memory", "snapshot", "kept in memory", "kept in memory"]
+
+
+def run_with_faults(tmp: Path, name: str, plan: list[str], **options) -> Outcome:
+    """A coordinated job (``coordinated`` options) under ``plan``; returns its outcome with the parameters."""
+    fired = tmp / "fired"
+    fired.mkdir()
+    env = faults.plan_env([faults.Fault.parse(text) for text in plan], str(fired))
+    coordinator, _ = coordinated(tmp, name, env=env, **options)
+    return coordinator.run(STEPS, collect_parameters=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fault, what", [("corrupt-param:1@6", "parameters"), ("corrupt-shard:2@6", "shard")])
+def test_a_rank_the_parity_check_names_is_replaced_and_the_run_matches(cluster, reference, tmp_path, fault,
+                                                                        what) -> None:
+    """A bit flipped at the start of step 6 in one rank's parameters or optimizer shard is named by the parity
+    check of step 6 (every 3 steps), before its update; the coordinator kills that rank's worker, a standby takes
+    over and restores its snapshot of step 5, the survivors keep their state at step 5, and the run ends with the
+    reference's parameters, bit for bit."""
+    rank = faults.Fault.parse(fault).target
+    outcome = run_with_faults(tmp_path, "parity", [fault], standby=1, parity=ParityConfig(every=3))
+    assert_same(outcome, reference)
+    found = events(tmp_path, "parity")
+    detected = [e for e in found if e["event"] == "failure_detected"]
+    assert detected and detected[0]["how"] == f"ranks [{rank}] named for replacement", detected
+    assert "state parity check at step 6 failed" in detected[0]["detail"] and what in detected[0]["detail"]
+    assert [e["rank"] for e in found if e["event"] == "evicted"] == [rank]
+    assert [e["rank"] for e in found if e["event"] == "standby_adopted"] == [rank]
+    (restores,) = outcome.restores
+    assert [r["source"] for r in restores] == ["snapshot" if r == rank else "kept in memory" for r in range(WORKERS)]
+    assert {r["step"] for r in restores} == {5}, restores
+
+
+@pytest.mark.timeout(300)
+def test_a_straggler_is_replaced_by_a_standby_and_the_run_matches(cluster, reference, tmp_path) -> None:
+    """``slow-rank:1@4-9x4`` with a straggler window of 3 steps: rank 1 is named at the end of steps 4-6 and, with
+    ``replace_stragglers``, its worker is killed and the standby of its node takes over from its snapshot of step
+    6 (the survivors keep theirs); the new rank 1 is not slow, and the run ends bit-identical to the reference."""
+    outcome = run_with_faults(tmp_path, "straggler", ["slow-rank:1@4-9x4"], standby=1,
+                              stragglers=StragglerConfig(window=3, margin=1.5), replace_stragglers=True)
+    assert_same(outcome, reference)
+    found = events(tmp_path, "straggler")
+    detected = [e for e in found if e["event"] == "failure_detected"]
+    assert detected[0]["how"] == "ranks [1] named for replacement" and "steps 4-6" in detected[0]["detail"], detected
+    assert [e["rank"] for e in found if e["event"] == "evicted"] == [1]
+    (restores,) = outcome.restores
+    assert [r["source"] for r in restores] == ["kept in memory", "snapshot", "kept in memory", "kept in memory"]
+    assert {r["step"] for r in restores} == {6}, restores
+    slept = json.loads((tmp_path / "fired" / "fault-0.detail").read_text())
+    assert slept["steps"] == 3, slept  # slowed in steps 4-6 only: its replacement does not sleep
 
 
 def alive_standby_on(node: str, job: str, most: int = 16):

@@ -1,8 +1,10 @@
 """Watching a generation train until a failure. A failure is a worker's training call failing with an actor death
 (Ray reports it at once: the process died, or its node was removed), a training call that reports a failed step (a
 survivor that saw a peer's failure in a collective), or a heartbeat (``Worker.heartbeat``, on the control thread)
-older than ``hang_timeout_s`` (a hung rank: it is killed and treated as dead). After the first failure the
-survivors' communicators are aborted out of band and their training calls awaited; the watch returns the dead ranks."""
+older than ``hang_timeout_s`` (a hung rank: it is killed and treated as dead), or a training call that names ranks
+to replace (``recovery.eviction.RankEviction``: a failed state parity check, a straggler; they are killed once
+every call is back). After the first failure the survivors' communicators are aborted out of band and their
+training calls awaited; the watch returns the dead ranks."""
 
 from __future__ import annotations
 
@@ -51,11 +53,12 @@ class Watch:
                 if index == 0:
                     outcome.history += [tuple(item) for item in result["done"]]
                 if result["error"] is not None:
-                    self._events.event("failure_detected", rank=index, how="its training step failed",
-                                       detail=result["error"])
+                    evicted = result.get("evict") or []
+                    how = f"ranks {evicted} named for replacement" if evicted else "its training step failed"
+                    self._events.event("failure_detected", rank=index, how=how, detail=result["error"])
                     if result.get("fatal"):  # e.g. an entry point that does not import there: no rerun can help
                         raise CoordinatorError(f"rank {index}: {result['error']}")
-                    return self._collect_failed(pending, set(), outcome)
+                    return self._collect_failed(pending, set(), outcome, evict=set(evicted))
             hung = self._hung(pending)
             if hung:
                 for index in hung:
@@ -80,9 +83,12 @@ class Watch:
                 hung.append(index)
         return hung
 
-    def _collect_failed(self, pending: dict, dead: set[int], outcome: Outcome) -> list[int]:
+    def _collect_failed(self, pending: dict, dead: set[int], outcome: Outcome, evict: set[int] = frozenset()
+                        ) -> list[int]:
         """After a first failure: aborts the survivors, waits for their training calls (keeping rank 0's finished
-        steps in the history), and returns every rank whose actor is dead."""
+        steps in the history), kills the ranks named for replacement (``evict``, and any a training call names:
+        they flushed their snapshot before returning) and returns every rank whose actor is dead."""
+        evict = set(evict)
         started = time.monotonic()
         if not self._config.elastic_wait_s:  # elastic mode may go on without them: the healing decides
             self._workers.launch_early(dead)
@@ -103,10 +109,15 @@ class Watch:
                     unwind[str(index)] = result["unwind"]
                 if result["error"] is not None:
                     errors[str(index)] = result["error"]
+                evict.update(result.get("evict") or [])
             except self._ray.exceptions.RayActorError:
                 dead.add(index)
             except self._ray.exceptions.GetTimeoutError:
                 pass  # still unwinding: its liveness is checked below
+        for index in sorted(evict - dead):
+            self._events.event("evicted", rank=index, node=ranks[index].node)
+            self._ray.kill(ranks[index].handle)
+            dead.add(index)
         for index in range(len(ranks)):
             if index not in dead and not ranks[index].alive():
                 dead.add(index)

@@ -8,7 +8,9 @@ training call returns with an error, and the worker keeps its process, its CUDA 
 coordinator has formed the next generation, the survivors keep their state (a survivor goes back to the boundary
 of the step the failure interrupted: ``trainer.boundary``), only the replacements restore that step from their
 node's snapshot process (``recovery.restore.restore_job``, which falls back to every rank restoring
-the newest common step when that is impossible), and training goes on.
+the newest common step when that is impossible), and training goes on. A rank that the state parity checks or the
+straggler monitor name (``eviction.RankEviction``, raised on every rank) is killed by the coordinator and healed the
+same way.
 
 Contract: ``join`` before anything else and after every failure (it forms generation ``g`` of the process group
 from the coordinator's store, under the prefix ``generation-g``); ``prepare`` once per generation (restore, sinks);
@@ -30,11 +32,14 @@ from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
 from regrow.checkpoint.universal.format import CheckpointError
 from regrow.comm.world import destroy_world
 from regrow.recovery import gpu_warm_up
+from regrow.recovery.eviction import RankEviction
 from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.recovery.order import JobRestore, RecoveryImpossible, SnapshotRestoreError, Source
+from regrow.recovery.parity import ParityConfig, ParityMonitor
 from regrow.recovery.ray.entry import EntryPoint
 from regrow.recovery.ray.member import CONCURRENCY_GROUPS, CONTROL, TRAIN, GroupMember, describe_failure
 from regrow.recovery.restore import restore_job
+from regrow.recovery.stragglers import StragglerConfig, StragglerMonitor, evict
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.pipeline.config import PipelineTrainerConfig
@@ -67,13 +72,24 @@ class WorkerSpec:
     """After a failure, ranks that survived with intact state keep it and only replacements restore (False: every
     rank restores, e.g. to measure what keeping saves)."""
     extra_sinks: Callable[[int], list[StateSink]] | None = None
-    """Builds more sinks for a rank (listed after the snapshot sink), e.g. the launcher's fault injector; a
-    module-level function, so that Ray sends it by reference (recovery never imports launch)."""
+    """Builds more sinks for a rank (listed after the snapshot sink and the parity monitor), e.g. the launcher's
+    fault injector; a module-level function, so that Ray sends it by reference (recovery never imports launch). A
+    sink whose ``needs_training_hooks`` is true is given the model and the optimizer (``arm(model, optimizer)``)."""
+    parity: ParityConfig | None = None
+    """The state parity checks (None: off; ``recovery/parity.py``). A rank they name is replaced: its worker is
+    killed and the job heals as after its death, from the step before the failed check."""
+    stragglers: StragglerConfig | None = None
+    """The straggler monitor (None: off; ``recovery/stragglers.py``)."""
+    replace_stragglers: bool = False
+    """Replace a straggler the monitor names as a dead rank is replaced (a standby takes over, see
+    ``CoordinatorConfig.standby_per_node``; the survivors keep their state); False: it is only logged."""
 
     def __post_init__(self) -> None:
         if (self.config is None) == (self.entry is None):
             raise ValueError("WorkerSpec needs exactly one of config (regrow's trainer) and entry (the user's "
                              "function)")
+        if self.replace_stragglers and self.stragglers is None:
+            raise ValueError("WorkerSpec.replace_stragglers needs WorkerSpec.stragglers (the monitor that names them)")
 
 
 class Worker(GroupMember):
@@ -144,8 +160,7 @@ class Worker(GroupMember):
             trainer.sinks.append(self.sink)  # flushed by _kept_step: it goes on from the kept step
         else:
             self._attach_new_sink(trainer, restored)
-        if self.spec.extra_sinks is not None:
-            trainer.sinks.extend(self.spec.extra_sinks(self.rank))
+        self._attach_monitors(trainer, restored=restored is not None)
         self._progress = (trainer.step, time.monotonic())
         attach_s = time.monotonic() - attaching
         if restored is None:
@@ -167,6 +182,26 @@ class Worker(GroupMember):
                                lost_ranks=lost_ranks)
         return restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s,
                            kept_step=kept_step)
+
+    def _attach_monitors(self, trainer: Trainer | PipelineTrainer, *, restored: bool) -> None:
+        """After the snapshot sink: the parity monitor (after a restore it compares the ranks at once, collective),
+        the extra sinks (armed when they need the model), then the straggler monitor. A pipeline's stages hold
+        different parameters: no parity there."""
+        is_pipeline = isinstance(trainer, PipelineTrainer)
+        if self.spec.parity is not None and not is_pipeline:
+            trainer.sinks.append(ParityMonitor(self.spec.parity, optimizer=trainer.optimizer,
+                                               state=trainer.shard_state(), world_size=trainer.world_size,
+                                               device=trainer.device, timeout_s=self.spec.timeout_s,
+                                               after_restore=restored))
+        for sink in self.spec.extra_sinks(self.rank) if self.spec.extra_sinks is not None else []:
+            if getattr(sink, "needs_training_hooks", False):
+                sink.arm(trainer.model if not is_pipeline else trainer.module, trainer.optimizer)
+            trainer.sinks.append(sink)
+        if self.spec.stragglers is not None and trainer.world_size > 1 and not is_pipeline:
+            trainer.sinks.append(StragglerMonitor(self.spec.stragglers, rank=self.rank,
+                                                  world_size=trainer.world_size, device=trainer.device,
+                                                  timeout_s=self.spec.timeout_s, start_step=trainer.step,
+                                                  on_straggler=evict if self.spec.replace_stragglers else None))
 
     def _kept_step(self) -> int | None:
         """The step this survivor keeps its state at (None: it must restore). Rewinds the step the failure
@@ -213,6 +248,7 @@ class Worker(GroupMember):
         trainer = self._trainer()
         done: list[tuple[int, float]] = []
         why = None
+        evict: list[int] = []
         try:
             while trainer.step < until:
                 result = trainer.train_step()
@@ -220,13 +256,18 @@ class Worker(GroupMember):
                 self._progress = (result.step, time.monotonic())
             if self.sink is not None:
                 self.sink.flush()
+        except RankEviction as error:  # every rank raised it: the named ranks are to be replaced
+            failed_at = time.monotonic()
+            why, evict = describe_failure(error), list(error.ranks)
+            if self.rank in error.ranks and self.sink is not None:
+                self.sink.flush()  # its replacement restores this rank's last snapshot: sealed before it goes
         except Exception as error:  # noqa: BLE001 (any failure of the step is the coordinator's to handle)
             failed_at = time.monotonic()
             why = describe_failure(error)
         if why is None:
             return {"done": done, "error": None}
         # Out of the except block: the traceback's frames no longer hold the groups.
-        return {"done": done, "error": why, "unwind": self._leave_after_failure(failed_at)}
+        return {"done": done, "error": why, "evict": evict, "unwind": self._leave_after_failure(failed_at)}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The model's parameters, on the CPU (what tests compare across runs). Collective at ZeRO stage 3 (they
