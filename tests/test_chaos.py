@@ -149,6 +149,11 @@ def test_a_straggler_is_named_within_its_window_and_changes_nothing(tmp, referen
     assert all(r["attempt"] == 0 for r in named)
     assert "[rank 0, step 6] straggler: rank 1 was busy" in out
     assert "detected by: straggler monitor" in chaos.format_report(report)
+    # Slowed in steps 4-9 and named after step 6: half of the time it cost came after it was named.
+    lost = report["time_lost"]
+    assert lost["stragglers_s"] == item["lost_s"] > 0 and lost["failures_s"] == 0 == lost["steps_rolled_back"]
+    assert lost["stragglers_after_detection_s"] == pytest.approx(item["lost_s"] / 2, abs=1e-3)
+    assert "to stragglers" in chaos.format_report(report)
     assert [r.loss for r in history] == [r.loss for r in reference]
     assert_same_checkpoint(tmp / "straggler", tmp / "reference")
 
@@ -171,6 +176,10 @@ def test_silent_corruption_is_caught_by_parity_and_rolled_back(tmp, reference, f
     assert failure["recovered"] and failure["restored_step"] == 7 and failure["source"].startswith("snapshot")
     (check,) = report["parity_failures"]
     assert check["found"] == [{"what": what, "ranks": [target]}] and check["attempt"] == 0
+    # Caught before step 8's update: nothing trained is thrown away, only the time to restart.
+    assert report["time_lost"]["steps_rolled_back"] == 0 and report["time_lost"]["failures_s"] > 0
+    text = chaos.format_report(report)
+    assert f"{fault}: silent corruption: a bit of element" in text and "detected by: state parity check" in text
     assert_same_run(tmp, history, reference, name)
 
 

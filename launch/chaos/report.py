@@ -84,6 +84,18 @@ def _parity_detection(recorder: Recorder, fault: Fault) -> dict[str, Any]:
             "detected_at_step": first["step"], "detect_steps": first["step"] - fault.step + 1}
 
 
+def _time_lost(failures: list[dict[str, Any]], faults: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the run's time went to faults: detection and recovery of each failure (from the fault firing to every
+    rank training again), the steps trained again after the restores, and the stragglers' slowdown (with the part
+    after the monitor named them)."""
+    recovered = [f for f in failures if f.get("recovered")]
+    return {"failures_s": round(sum((f["detect_s"] or 0.0) + f["recover_s"] for f in recovered), 3),
+            "steps_rolled_back": sum(f["steps_lost"] or 0 for f in recovered),
+            "stragglers_s": round(sum(item.get("lost_s", 0.0) for item in faults), 3),
+            "stragglers_after_detection_s": round(sum(item.get("lost_after_detection_s", 0.0) for item in faults),
+                                                  3)}
+
+
 def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool = True,
                  reference: Sequence[StepResult] | None = None, checkpoints: tuple[str, str] | None = None
                  ) -> dict[str, Any]:
@@ -125,6 +137,11 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
             item["outcome"] = (f"straggler: slept {detail['slept_s']:.2f} s over {detail['steps']} steps "
                                f"(x{fault.slow_factor:g} its step time); no restart needed")
             item.update(_straggler_detection(recorder, fault))
+            # Its steps cost the whole job that much; those after it was named are what replacing it would save.
+            named_after = item.get("detect_steps", detail["steps"])
+            item["lost_s"] = round(detail["slept_s"], 3)
+            item["lost_after_detection_s"] = round(detail["slept_s"] * max(0, detail["steps"] - named_after)
+                                                   / detail["steps"], 3)
         elif fault.kind == "fail-ckpt" and detail:
             item["outcome"] = (f"checkpoint of step {detail['step']} {detail['status']}: {detail['error']}; "
                                f"latest then: {detail['latest']}")
@@ -133,6 +150,9 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
             item["corrupted"] = detail
         elif fault.kind in CORRUPT_KINDS and record:
             item["corrupted"] = detail
+            if detail:
+                item["outcome"] = (f"silent corruption: a bit of element {detail['element']} of rank "
+                                   f"{fault.target}'s {detail['tensor']} flipped at the start of step {fault.step}")
             item.update(_parity_detection(recorder, fault))
         failure = next((f for f in failures if str(fault) in f["faults"]), None)
         if failure is not None:
@@ -143,6 +163,7 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
         "restarts": max(0, len(recorder.attempts) - 1), "wall_s": round(recorder.ended - recorder.started, 2),
         "faults": fault_entries, "failures": failures, "stragglers": recorder.stragglers,
         "parity_failures": recorder.parity_failures,
+        "time_lost": _time_lost(failures, fault_entries),
     }
     if history:
         report["final"] = {"step": history[-1].step, "loss": history[-1].loss}
@@ -215,6 +236,11 @@ def format_report(report: dict[str, Any]) -> str:
                 lines.append(f"  detected by: {item['detected_by']}, {item['detect_steps']} step(s) after it began")
             elif item["fault"].startswith("slow-rank"):
                 lines.append(f"  detected by: {item['detected_by']}")
+    lost = report.get("time_lost")
+    if lost and (report["failures"] or lost["stragglers_s"]):
+        lines.append(f"time lost: {lost['failures_s']:.2f} s to {len(report['failures'])} failure(s) (detection and "
+                     f"recovery), {lost['steps_rolled_back']} step(s) trained again, {lost['stragglers_s']:.2f} s to "
+                     f"stragglers ({lost['stragglers_after_detection_s']:.2f} s of it after they were named)")
     if "final" in report:
         final = report["final"]
         text = f"final: step {final['step']}, loss {final['loss']:.6f}"
