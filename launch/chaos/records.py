@@ -127,21 +127,20 @@ def write_parity(run_dir: str, attempt: int, failure: dict[str, Any]) -> None:
 def parity_failures(run_dir: str) -> list[dict]:
     """Every failed parity check the ranks recorded, by attempt and step; a record caught half written is left
     out."""
-    found = []
-    for path in Path(run_dir).glob("parity-a*-s*.json"):
-        try:
-            found.append(json.loads(path.read_text()))
-        except json.JSONDecodeError:
-            continue
-    return sorted(found, key=lambda r: (r["attempt"], r["step"]))
+    return sorted(_read_all(run_dir, "parity-a*-s*.json"), key=lambda r: (r["attempt"], r["step"]))
 
 
 def stragglers(run_dir: str) -> list[dict]:
     """Every straggler the ranks recorded, by attempt and step; a record caught half written is left out."""
+    return sorted(_read_all(run_dir, "straggler-a*-s*-r*.json"), key=lambda r: (r["attempt"], r["step"], r["rank"]))
+
+
+def _read_all(run_dir: str, pattern: str) -> list[dict]:
+    """The records of the files matching ``pattern`` in ``run_dir``, leaving out any caught half written."""
     found = []
-    for path in Path(run_dir).glob("straggler-a*-s*-r*.json"):
+    for path in Path(run_dir).glob(pattern):
         try:
             found.append(json.loads(path.read_text()))
         except json.JSONDecodeError:
             continue
-    return sorted(found, key=lambda r: (r["attempt"], r["step"], r["rank"]))
+    return found
