@@ -159,6 +159,8 @@ class ParityMonitor:
         self._seal: wordsum.Digest | None = None
         if after_restore:
             self._check(state.step, shard_ok=True)
+            if self.rank == 0:
+                log_line(self.rank, state.step, f"parity: the restored state agrees on all {world_size} rank(s)")
         self._seal_if_due(state)
 
     # ------------------------------------------------------------------ the StateSink protocol

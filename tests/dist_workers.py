@@ -178,3 +178,45 @@ def launcher_view(world: World, key: str) -> tuple[str | None, str, bool]:
     print(f"rank {world.rank} writes to the launcher's stdout", flush=True)
     print(f"rank {world.rank} writes to the launcher's stderr", file=sys.stderr, flush=True)
     return os.environ.get(key), os.getcwd(), "launcher-only-path" in sys.path
+
+
+def parity_after_restore(world: World) -> list[tuple[str, list[int]] | None]:
+    """What the parity check after a restore names on three ranks: nothing for a clean state; rank 2 for a wrong
+    copy of rank 0's slice of the parameters; rank 0 for its own slice no longer its master's cast; rank 1 for a
+    different step. Each case is undone before the next."""
+    import dataclasses
+
+    from regrow.launch.chaos.injector import flip_bit
+    from regrow.recovery.parity import ParityConfig, ParityMonitor, StateParityError
+    from regrow.trainer.data import DataConfig
+
+    config = TrainerConfig(model=GPTConfig.preset("tiny"), data=DataConfig(seq_len=32, micro_batch=2, global_batch=6),
+                           optim=ZeroConfig(stage=2, state_bits=8, min_8bit_numel=1024), steps=4, log_every=0,
+                           progress=False)
+    trainer = Trainer(config, world)
+    trainer.train_step()
+    optimizer = trainer.optimizer
+
+    def check(state) -> tuple[str, list[int]] | None:
+        try:
+            ParityMonitor(ParityConfig(every=100), optimizer=optimizer, state=state, world_size=world.world_size,
+                          device=world.device, timeout_s=60, after_restore=True)
+        except StateParityError as error:
+            return "; ".join(d.what for d in error.found), list(error.ranks)
+        finally:
+            optimizer.gather_parameters()  # every rank's copy from the owners again
+        return None
+
+    found = [check(trainer.shard_state())]
+    if world.rank == 2:
+        flip_bit(optimizer.working_parameters_of(0)[0], 5)
+    found.append(check(trainer.shard_state()))
+    if world.rank == 0:
+        flip_bit(optimizer.working_parameters_of(0)[0], 5)
+    found.append(check(trainer.shard_state()))
+    if world.rank == 0:  # an owner's own slice is what the all-gather sends (the others now hold it too)
+        flip_bit(optimizer.working_parameters_of(0)[0], 5)
+    optimizer.gather_parameters()
+    state = trainer.shard_state()
+    found.append(check(dataclasses.replace(state, step=state.step + 1) if world.rank == 1 else state))
+    return found

@@ -160,7 +160,7 @@ def test_a_straggler_is_named_within_its_window_and_changes_nothing(tmp, referen
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fault, what", [("corrupt-param:1@8", "parameters"), ("corrupt-shard:0@8", "shard")])
-def test_silent_corruption_is_caught_by_parity_and_rolled_back(tmp, reference, fault, what) -> None:
+def test_silent_corruption_is_caught_by_parity_and_rolled_back(tmp, reference, fault, what, capfd) -> None:
     """A bit flipped at the start of step 8 in rank 1's working parameters, or in rank 0's Adam second moment
     (invisible in the parameters: its update would spread it to every rank alike), is named by the parity check of
     step 8 before that step's update; the job restarts from the snapshot of step 7 and ends bit-identical to the
@@ -180,6 +180,7 @@ def test_silent_corruption_is_caught_by_parity_and_rolled_back(tmp, reference, f
     assert report["time_lost"]["steps_rolled_back"] == 0 and report["time_lost"]["failures_s"] > 0
     text = chaos.format_report(report)
     assert f"{fault}: silent corruption: a bit of element" in text and "detected by: state parity check" in text
+    assert "[rank 0, step 7] parity: the restored state agrees on all 2 rank(s)" in capfd.readouterr().out
     assert_same_run(tmp, history, reference, name)
 
 

@@ -112,3 +112,16 @@ def test_the_command_line_names_the_flag(capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
     assert "--parity-every=-3 must be a whole number of steps >= 1 (--parity-every 0 turns the checks off)" in err
+
+
+@pytest.mark.timeout(180)
+def test_after_a_restore_the_ranks_are_compared_and_the_odd_one_named() -> None:
+    """On three real ranks (gloo): a clean state passes; a wrong copy of another rank's slice of the parameters is
+    blamed on its holder, a wrong own slice on its owner (checked against its master shard), a different step on
+    the rank that holds it. Every rank reaches the same verdict."""
+    from regrow.launch.local.spawn import run_local
+    from regrow.tests import dist_workers
+
+    every = run_local(dist_workers.parity_after_restore, 3, backend="gloo", timeout_s=150, threads_per_rank=1)
+    assert every[0] == every[1] == every[2]
+    assert every[0] == [None, ("parameters", [2]), ("parameters", [0]), ("step", [1])]
