@@ -42,6 +42,7 @@ from regrow.launch.holdings import job_holds_state, local_holdings, resumed_plan
 from regrow.launch.local.nodes import ADDRESS_ENV
 from regrow.launch.options import CheckpointOptions, SnapshotOptions
 from regrow.launch.rank import attach_rank
+from regrow.recovery.parity import ParityConfig
 from regrow.trainer import sink_calls
 from regrow.trainer.checks import require_ints
 from regrow.trainer.data import DataCursor, Sampler
@@ -75,9 +76,13 @@ class GuardConfig:
     """After a failed checkpoint save: "continue" training or "stop" with the error."""
     timeout_s: float = 60.0
     """Seconds a request to the snapshot process may take."""
+    parity_every: int = 0
+    """Check every this many steps that the ranks' parameters, step, data cursor and lineage agree and that no
+    optimizer shard changed between steps (``recovery/parity.py``; 0: never; ``regrow run`` passes its
+    ``--parity-every``, 100 by default). A failed check raises on every rank before the step's update."""
 
     def __post_init__(self) -> None:
-        require_ints(self, {"snapshot_every": 0, "save_every": 0, "keep_last": KEEP_LAST})
+        require_ints(self, {"snapshot_every": 0, "save_every": 0, "keep_last": KEEP_LAST, "parity_every": 0})
         if self.save_every and not self.ckpt_dir:
             raise ValueError(f"GuardConfig.save_every={self.save_every} needs GuardConfig.ckpt_dir (where to write)")
         if self.on_error not in ON_ERROR:
@@ -203,7 +208,8 @@ class Guard:
             log_line(0, 0, f"guard: the job holds a state ({found or 'on other ranks'}); every rank restores"
                      if holds else "guard: nothing to restore; starting from step 0")
         attach_rank(self, checkpoint=checkpointing if checkpointing and checkpointing.active else None,
-                    snapshot=snapshotting, final_step=total_steps)
+                    snapshot=snapshotting, final_step=total_steps,
+                    parity=ParityConfig(every=config.parity_every) if config.parity_every else None)
         self._resumed = True
         self._steps_at_boundary = self.optimizer.step_count
         return self.step

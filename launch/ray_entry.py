@@ -141,7 +141,8 @@ def guard_config(job: Job) -> GuardConfig:
     """The Guard's settings of a ``regrow ray --entry`` command line."""
     checkpoint = job.options.checkpoint
     return GuardConfig(snapshot_every=job.options.ray.snapshot_every, save_every=checkpoint.save_every,
-                       ckpt_dir=checkpoint.ckpt_dir, keep_last=checkpoint.keep_last, on_error=checkpoint.on_error)
+                       ckpt_dir=checkpoint.ckpt_dir, keep_last=checkpoint.keep_last, on_error=checkpoint.on_error,
+                       parity_every=job.options.faults.parity_every)
 
 
 def run_command(job: Job, config: CoordinatorConfig, env: dict[str, str]) -> int:

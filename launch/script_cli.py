@@ -118,7 +118,8 @@ def main(args: argparse.Namespace, options: RunOptions) -> int:
     problems += plan_errors + plan_problems(plan, ranks=launch.nproc, nodes=snapshot.nodes, steps=NO_STEP_LIMIT,
                                             snapshot_every=snapshot.every, save_every=checkpoint.save_every,
                                             hang_timeout_s=faults.hang_timeout_s,
-                                            erasure_coding=bool(snapshot.every) and snapshot.ec_group_size > 1)
+                                            erasure_coding=bool(snapshot.every) and snapshot.ec_group_size > 1,
+                                            parity_every=faults.parity_every)
     if faults.mtbf_s:
         problems.append("--fault-mtbf needs the run's length in steps, which regrow run does not know; list the "
                         "faults with --fault or --fault-plan")
@@ -126,7 +127,7 @@ def main(args: argparse.Namespace, options: RunOptions) -> int:
     try:
         guard = GuardConfig(snapshot_every=snapshot.every, save_every=checkpoint.save_every,
                             ckpt_dir=checkpoint.ckpt_dir, keep_last=checkpoint.keep_last, on_error=checkpoint.on_error,
-                            timeout_s=snapshot.timeout_s)
+                            timeout_s=snapshot.timeout_s, parity_every=faults.parity_every)
     except ValueError as error:
         problems.append(str(error))
     if problems:
