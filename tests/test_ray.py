@@ -200,18 +200,18 @@ def run_with_faults(tmp: Path, name: str, plan: list[str], **options) -> Outcome
 def test_a_rank_the_parity_check_names_is_replaced_and_the_run_matches(cluster, reference, tmp_path, fault,
                                                                         what) -> None:
     """A bit flipped at the start of step 6 in one rank's parameters or optimizer shard is named by the parity
-    check of step 6 (every 3 steps), before its update; the coordinator kills that rank's worker, a standby takes
-    over and restores its snapshot of step 5, the survivors keep their state at step 5, and the run ends with the
-    reference's parameters, bit for bit."""
+    check of step 6 (every 3 steps), before its update; the coordinator kills that rank's worker, a new worker
+    restores its snapshot of step 5, the survivors keep their state at step 5, and the run ends with the reference's
+    parameters, bit for bit."""
     rank = faults.Fault.parse(fault).target
-    outcome = run_with_faults(tmp_path, "parity", [fault], standby=1, parity=ParityConfig(every=3))
+    outcome = run_with_faults(tmp_path, "parity", [fault], parity=ParityConfig(every=3))
     assert_same(outcome, reference)
     found = events(tmp_path, "parity")
     detected = [e for e in found if e["event"] == "failure_detected"]
     assert detected and detected[0]["how"] == f"ranks [{rank}] named for replacement", detected
     assert "state parity check at step 6 failed" in detected[0]["detail"] and what in detected[0]["detail"]
     assert [e["rank"] for e in found if e["event"] == "evicted"] == [rank]
-    assert [e["rank"] for e in found if e["event"] == "standby_adopted"] == [rank]
+    assert [e["rank"] for e in found if e["event"] == "replaced"] == [rank]
     (restores,) = outcome.restores
     assert [r["source"] for r in restores] == ["snapshot" if r == rank else "kept in memory" for r in range(WORKERS)]
     assert {r["step"] for r in restores} == {5}, restores
