@@ -219,10 +219,10 @@ def test_a_rank_the_parity_check_names_is_replaced_and_the_run_matches(cluster, 
 
 @pytest.mark.timeout(300)
 def test_a_straggler_is_replaced_by_a_standby_and_the_run_matches(cluster, reference, tmp_path) -> None:
-    """``slow-rank:1@4-9x4`` with a straggler window of 3 steps: rank 1 is named at the end of steps 4-6 and, with
+    """``slow-rank:1@4-9x3`` with a straggler window of 3 steps: rank 1 is named at the end of steps 4-6 and, with
     ``replace_stragglers``, its worker is killed and the standby of its node takes over from its snapshot of step
     6 (the survivors keep theirs); the new rank 1 is not slow, and the run ends bit-identical to the reference."""
-    outcome = run_with_faults(tmp_path, "straggler", ["slow-rank:1@4-9x4"], standby=1,
+    outcome = run_with_faults(tmp_path, "straggler", ["slow-rank:1@4-9x3"], standby=1,
                               stragglers=StragglerConfig(window=3, margin=1.5), replace_stragglers=True)
     assert_same(outcome, reference)
     found = events(tmp_path, "straggler")
