@@ -23,9 +23,17 @@ def pipeline_equivalence(world: World, config: PipelineTrainerConfig) -> dict:
     (after the tied copies are summed, before clipping) and the final parameters, by full-model name."""
     trainer = PipelineTrainer(config, world)
     losses, grads = [], {}
+    names = [local for local, _ in trainer.module.named_parameters()]
+
+    def reduced() -> None:  # ZeRO-2: no full gradient is kept; read the first step's from the reduced shards
+        if not grads:
+            grads.update({_global(trainer, local): trainer.optimizer.reduced_gradient(local) for local in names})
+
+    if config.train.optim.stage == 2:
+        trainer.optimizer.register_reduced_hook(reduced)  # after the tied copies' sum, registered first
     for step in range(config.train.steps):
         loss_sum = trainer.forward_backward()
-        if step == 0:
+        if step == 0 and config.train.optim.stage == 1:
             for local, param in trainer.module.named_parameters():
                 mean = param.grad.detach().clone()
                 collectives.all_reduce(mean, group=trainer.groups.dp, timeout_s=60)

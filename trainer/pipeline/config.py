@@ -60,11 +60,11 @@ class PipelineTrainerConfig:
                 f"PipelineTrainerConfig.pipeline.stages={stages} does not divide train.model.n_layer={n_layer}: "
                 f"every stage must hold the same number of blocks; choose stages in {divisors}"
             )
-        if stages > 1 and self.train.optim.stage != 1:
+        if stages > 1 and self.train.optim.stage == 3:
             raise ValueError(
-                f"PipelineTrainerConfig.train.optim.stage={self.train.optim.stage} is not supported with "
-                "pipeline.stages > 1: the tied embedding/head gradients are summed across stages after the last "
-                "micro-batch, and ZeRO stage 2 has reduce-scattered them by then; use train.optim.stage=1"
+                "PipelineTrainerConfig.train.optim.stage=3 is not supported with pipeline.stages > 1 (a stage's "
+                "parameters are gathered per use at ZeRO-3, and its recovery reads whole stage weights); use "
+                "train.optim.stage=1 or 2"
             )
 
     def micro_batches(self, world_size: int) -> int:

@@ -7,6 +7,11 @@ Both copies then take the same optimizer update and stay equal. CheckFree+ adds 
 embedding (``wte``, ``wpe``) on stage 1 and the final norm and head (``ln_f``, ``lm_head``) on stage S-2, which
 run them on the micro-batches where the swapped order puts those stages first or last.
 
+At ZeRO stage 2 a stage's gradients are reduce-scattered during the backward, so no full gradient of a copy is left
+to sum; the sum is taken after the reduction instead (:func:`sum_shared_reduced_grads`, the optimizer's reduced
+hook): each copy's reduced gradient is assembled from the data-parallel shards, summed over the copies, and written
+back into each holder's shard. Reduction is linear, so both orders give the same gradient.
+
 A shared parameter's first holder is its *owner*: only the owner's copy counts towards the gradient-clipping norm
 (the other copies are left out with ``ZeroOptimizer(norm_skip=...)``), so the norm is the single model's.
 """
@@ -20,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from regrow.comm import collectives
+from regrow.trainer.zero.optimizer import ZeroOptimizer
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,28 @@ def shared_params(n_stages: int, checkfree_plus: bool) -> list[SharedParam]:
 def norm_skip(shared: list[SharedParam], stage: int) -> list[str]:
     """The local names of ``stage``'s copies that are not their parameter's owner (left out of the norm)."""
     return [name for f in shared for s, name in f.holders[1:] if s == stage]
+
+
+@torch.no_grad()
+def sum_shared_reduced_grads(
+    optimizer: ZeroOptimizer,
+    stage: int,
+    shared: list[SharedParam],
+    groups: dict[str, dist.ProcessGroup],
+    timeout_s: float,
+) -> None:
+    """:func:`sum_shared_grads` after the data-parallel reduction (ZeRO stage 2): replaces the reduced gradient of
+    every shared copy on ``stage`` with the sum over all copies of its replica. Call from ``optimizer``'s reduced
+    hook, on every rank (collective over the stage's data-parallel group, then ``groups[name]``)."""
+    for family in shared:
+        names = family.local_names(stage)
+        if not names:
+            continue
+        total = sum(optimizer.reduced_gradient(name) for name in names)
+        if len(family.stages) > 1:
+            collectives.all_reduce(total, group=groups[family.name], timeout_s=timeout_s)
+        for name in names:
+            optimizer.set_reduced_gradient(name, total)
 
 
 @torch.no_grad()

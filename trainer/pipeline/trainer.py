@@ -6,7 +6,7 @@ stage, the final norm and LM head on the last) with its own :class:`ZeroOptimize
 data-parallel group. Activations and their gradients travel point-to-point between neighbouring stages of a replica
 (``p2p.py``) in the order ``schedule.py`` computes. Gradient clipping uses the global norm (each
 stage's squared norm summed over the pipeline); the tied embedding/head copies are summed as in
-``shared.py``. See docs/pipeline.md.
+``shared.py`` (at ZeRO stage 2, after the reduction). See docs/pipeline.md.
 
 One step, top to bottom (:meth:`PipelineTrainer.train_step`): every rank draws its replica's micro-batches, runs its
 schedule (forward: receive or embed, blocks, send or loss; backward: receive or loss, backward, send), waits for
@@ -37,7 +37,13 @@ from regrow.trainer.pipeline.config import PipelineConfig, PipelineTrainerConfig
 from regrow.trainer.pipeline.groups import PipelineGroups, create_groups
 from regrow.trainer.pipeline.p2p import Transfers, activation_tag, gradient_tag
 from regrow.trainer.pipeline.schedule import FORWARD, build_schedule, routes
-from regrow.trainer.pipeline.shared import norm_skip, shared_params, stage_roles, sum_shared_grads
+from regrow.trainer.pipeline.shared import (
+    norm_skip,
+    shared_params,
+    stage_roles,
+    sum_shared_grads,
+    sum_shared_reduced_grads,
+)
 from regrow.trainer.restorable import OptimizerBackedRestore
 from regrow.trainer.state import RngState, ShardState, StateSink, optimizer_tensors
 from regrow.trainer.zero.optimizer import ZeroOptimizer
@@ -121,13 +127,22 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
         self.optimizer.release_groups()
 
     def _new_optimizer(self) -> ZeroOptimizer:
-        return ZeroOptimizer(
+        optimizer = ZeroOptimizer(
             self.module,
             self.config.train.optim,
             group=self.groups.dp,
             norm_group=self.groups.pp if self.n_stages > 1 else None,
             norm_skip=norm_skip(self.shared, self.stage),
         )
+        if self._sums_after_reduction:
+            optimizer.register_reduced_hook(lambda: sum_shared_reduced_grads(
+                optimizer, self.stage, self.shared, self.groups.shared, self.timeout_s))
+        return optimizer
+
+    @property
+    def _sums_after_reduction(self) -> bool:
+        """ZeRO stage 2 reduces gradients during the backward: the tied copies are summed after the reduction."""
+        return self.config.train.optim.stage >= 2
 
     def _rank_of(self, stage: int) -> int:
         return self.topology.rank_of(dp=self.dp, pp=stage)
@@ -158,7 +173,8 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
             else:
                 self._backward(action.micro, *live.pop(action.micro), transfers)
         transfers.wait_sends()
-        sum_shared_grads(self.module, self.stage, self.shared, self.groups.shared, self.timeout_s)
+        if not self._sums_after_reduction:
+            sum_shared_grads(self.module, self.stage, self.shared, self.groups.shared, self.timeout_s)
         return loss_sum
 
     def _position(self, micro: int) -> int:

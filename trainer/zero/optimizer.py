@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from regrow.comm import collectives
 from regrow.trainer.zero.config import DTYPES, ZeroConfig, state_kind_rule
-from regrow.trainer.zero.layout import FlatLayout, build_layout
+from regrow.trainer.zero.layout import FlatLayout, ParamSlot, build_layout
 from regrow.trainer.zero.reducer import BackwardReducer, GradientReducer, StepReducer, reduction_order
 from regrow.trainer.zero.shard import GroupShard, split_shard_key
 from regrow.trainer.zero.shard_comm import ShardComm
@@ -110,6 +110,7 @@ class ZeroOptimizer:
         self.last_clip_coefficient = 1.0
         # OrderedDicts, not dicts: torch's RemovableHandle keeps a weak reference to them.
         self._step_pre_hooks: OrderedDict[int, Callable[[], None]] = OrderedDict()
+        self._reduced_hooks: OrderedDict[int, Callable[[], None]] = OrderedDict()
         self._update_pre_hooks: OrderedDict[int, Callable[[], None]] = OrderedDict()
         self._gather_pre_hooks: OrderedDict[int, Callable[[], None]] = OrderedDict()
 
@@ -138,6 +139,12 @@ class ZeroOptimizer:
         it, as torch's optimizer hooks do."""
         return _register(self._step_pre_hooks, hook)
 
+    def register_reduced_hook(self, hook: Callable[[], None]) -> RemovableHandle:
+        """Calls ``hook()`` in every :meth:`step` right after the gradient shards hold the reduced gradients and
+        before the clipping norm is taken (a pipeline sums the reduced gradients of a tied parameter's copies there,
+        :meth:`reduced_gradient`). Returns a removable handle."""
+        return _register(self._reduced_hooks, hook)
+
     def register_update_pre_hook(self, hook: Callable[[], None]) -> RemovableHandle:
         """Calls ``hook()`` in every :meth:`step` once the gradients are reduced and the clipping norm agreed, right
         before this rank updates its shard (fault injection kills a rank there). Returns a removable handle."""
@@ -163,6 +170,8 @@ class ZeroOptimizer:
         for hook in list(self._step_pre_hooks.values()):
             hook()
         self._reducer.finish()
+        for hook in list(self._reduced_hooks.values()):
+            hook()
         if self._gatherer is not None:
             self._gatherer.free_all()  # e.g. a root gathered by an evaluation's forward: it would be stale
         coefficient = self._clip_coefficient()
@@ -280,6 +289,34 @@ class ZeroOptimizer:
         Collective: a rank that keeps its state calls it while its restoring peers call :meth:`load_shard_tensors`
         (its own parameters come back unchanged; the peers get theirs)."""
         self._gather_parameters()
+
+    @torch.no_grad()
+    def reduced_gradient(self, name: str) -> torch.Tensor:
+        """The whole reduced (data-parallel mean) gradient of parameter ``name``, in fp32, from every rank's shard.
+        Valid inside a :meth:`register_reduced_hook` hook. Collective over the group (an all-reduce of the
+        parameter's size: each rank contributes the elements its shard holds)."""
+        shard, slot = self._slot(name)
+        full = torch.zeros(slot.numel, dtype=torch.float32, device=self.device)
+        for shard_range, full_range in shard.owned_ranges(slot):
+            full[full_range].copy_(shard.grad[shard_range])
+        self._comm.all_reduce(full)
+        return full.view(slot.shape)
+
+    @torch.no_grad()
+    def set_reduced_gradient(self, name: str, value: torch.Tensor) -> None:
+        """Writes this rank's elements of ``value`` (parameter ``name``'s whole gradient) into its gradient shard, in
+        the shard's dtype. Inside a :meth:`register_reduced_hook` hook; not collective."""
+        shard, slot = self._slot(name)
+        flat = value.reshape(-1)
+        for shard_range, full_range in shard.owned_ranges(slot):
+            shard.grad[shard_range].copy_(flat[full_range])
+
+    def _slot(self, name: str) -> tuple[GroupShard, ParamSlot]:
+        for shard in self._shards:
+            for slot in shard.layout.params:
+                if slot.name == name:
+                    return shard, slot
+        raise KeyError(f"ZeroOptimizer: {name!r} is not a trainable parameter of this optimizer")
 
     def working_parameters(self) -> list[torch.Tensor]:
         """The full flat working-parameter buffers (one per group) that the model's parameters are views of, at

@@ -12,6 +12,7 @@ them as zeros.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -155,11 +156,17 @@ class GroupShard:
     def _copy_into_master(self, slot: ParamSlot, flat: torch.Tensor) -> None:
         """Copies the elements of parameter ``slot`` (``flat``, its values in order) that lie in this rank's pieces
         into the master shard (the rest of the shard is padding and stays zero)."""
+        for in_shard, in_param in self.owned_ranges(slot):
+            self.master[in_shard].copy_(flat[in_param])
+
+    def owned_ranges(self, slot: ParamSlot) -> Iterator[tuple[slice, slice]]:
+        """For each of this rank's pieces that holds elements of parameter ``slot``: where they are in the shard,
+        and which elements of the flattened parameter they are."""
         for flat_start, local_start, length in self.pieces:
             lo, hi = max(slot.offset, flat_start), min(slot.offset + slot.numel, flat_start + length)
             if lo < hi:
-                self.master[local_start + lo - flat_start : local_start + hi - flat_start].copy_(
-                    flat[lo - slot.offset : hi - slot.offset])
+                yield (slice(local_start + lo - flat_start, local_start + hi - flat_start),
+                       slice(lo - slot.offset, hi - slot.offset))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The master weights and optimizer state, keyed by :func:`shard_key` (the live buffers)."""
