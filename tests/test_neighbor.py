@@ -90,10 +90,10 @@ def test_policy_follows_design_order(capsys) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- real runs
-def _config(stages: int, dp: int, checkfree_plus: bool, steps: int) -> PipelineTrainerConfig:
+def _config(stages: int, dp: int, checkfree_plus: bool, steps: int, zero: int = 1) -> PipelineTrainerConfig:
     train = TrainerConfig(model=GPTConfig.preset("tiny", n_layer=4),
                           data=DataConfig(seq_len=32, micro_batch=2, global_batch=8 * dp),
-                          optim=ZeroConfig(stage=1, state_bits=8, lr=3e-3, min_8bit_numel=1024),
+                          optim=ZeroConfig(stage=zero, state_bits=8, lr=3e-3, min_8bit_numel=1024),
                           steps=steps, warmup_steps=2, log_every=0, progress=False)
     return PipelineTrainerConfig(train=train, pipeline=PipelineConfig(stages=stages, checkfree_plus=checkfree_plus))
 
@@ -129,12 +129,14 @@ def test_checkfree_rebuilds_an_intermediate_stage() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_checkfree_plus_copies_lost_edge_stages() -> None:
+@pytest.mark.parametrize("zero", [1, 2])
+def test_checkfree_plus_copies_lost_edge_stages(zero: int) -> None:
     """CheckFree+ on 2 stages x DP 2 (both replicas lose the stage): stage 0 lost after step 4 is copied from
     stage 1, stage 1 lost after step 8 from stage 0, each including the replicated embedding and head; training
-    continues to within LOSS_MARGIN of the run without failures."""
+    continues to within LOSS_MARGIN of the run without failures. At ZeRO stage 2 too, where every stage holds
+    two copies of the tied embedding (its own and the replica) summed after the reduction."""
     steps = 12
-    results = run_local(w.neighbor_recovery_run, 4, _config(2, 2, True, steps), {4: 0, 8: 1}, True,
+    results = run_local(w.neighbor_recovery_run, 4, _config(2, 2, True, steps, zero), {4: 0, 8: 1}, True,
                         backend="gloo", timeout_s=240, threads_per_rank=1)
     for result in results:
         other = next(r for r in results if r["dp"] == result["dp"] and r["stage"] != result["stage"])

@@ -340,6 +340,7 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
             param.grad = None
             # An fp32 copy: the new optimizer takes its master weights from the parameters as given.
             param.data = weights[name].to(device=self.device, dtype=torch.float32).reshape(param.shape).clone()
+        self.optimizer.detach()  # its gradient hooks (ZeRO-2) would take the new optimizer's gradients
         self.optimizer = self._new_optimizer()
         self._boundary = None
         self.lr_scale = lr_scale

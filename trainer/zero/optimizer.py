@@ -194,6 +194,14 @@ class ZeroOptimizer:
             hook()
         self._gather_parameters()
 
+    def detach(self) -> None:
+        """Removes the hooks this optimizer put on the model (stage 2's gradient hooks, stage 3's module hooks). Call
+        before another optimizer takes the same model over: the old hooks would otherwise go on consuming its
+        gradients. The optimizer is unusable afterwards."""
+        self._reducer.remove()
+        if self._gatherer is not None:
+            self._gatherer.remove()
+
     def discard_step(self) -> None:
         """Forgets a step interrupted by a failure: partial gradients, reductions in flight (stage 2) and their
         staging buffers. Call before restoring a shard; the next backward then starts from zero."""

@@ -34,6 +34,9 @@ class GradientReducer(Protocol):
     def zero_grad(self) -> None:
         """Clears the gradients this reducer accumulates into, for the next step."""
 
+    def remove(self) -> None:
+        """Removes the hooks this reducer put on the parameters (another optimizer takes the model over)."""
+
 
 def reduction_order(layout: FlatLayout, registration: list[str]) -> list[BucketId]:
     """All (group, bucket) pairs in the order backward is expected to complete them: a bucket is complete when its
@@ -99,6 +102,9 @@ class StepReducer:
     def discard(self) -> None:
         """Nothing is in flight outside :meth:`finish`; the flat buffers are cleared by :meth:`zero_grad`."""
 
+    def remove(self) -> None:
+        """No hooks: the gradients are views of the flat buffers, which the next optimizer's reducer rebinds."""
+
     def zero_grad(self) -> None:
         for flat in self._flat_grads:
             flat.zero_()
@@ -136,9 +142,8 @@ class BackwardReducer:
         self.next_index = 0
         self.callback_queued = False
         self._reset_counts()
-        for group_index, shard in enumerate(shards):
-            for slot in shard.layout.params:
-                params[slot.name].register_post_accumulate_grad_hook(self._hook(group_index, slot))
+        self._handles = [params[slot.name].register_post_accumulate_grad_hook(self._hook(group_index, slot))
+                         for group_index, shard in enumerate(shards) for slot in shard.layout.params]
 
     def _reset_counts(self) -> None:
         self.remaining = {}
@@ -205,6 +210,13 @@ class BackwardReducer:
     def finish(self) -> None:
         while self.inflight:
             self.inflight.pop(0).accumulate()
+
+    def remove(self) -> None:
+        """Removes the gradient hooks: left in place, they would take each gradient (and set it to None) before the
+        next optimizer's hooks see it."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def zero_grad(self) -> None:
         """Nothing to clear: full gradients are freed as they are staged, and the shards are cleared by the
