@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from regrow.comm import collectives
 from regrow.trainer.zero.config import DTYPES, ZeroConfig, state_kind_rule
-from regrow.trainer.zero.layout import FlatLayout, ParamSlot, build_layout
+from regrow.trainer.zero.layout import FlatLayout, build_layout
 from regrow.trainer.zero.reducer import BackwardReducer, GradientReducer, StepReducer, reduction_order
 from regrow.trainer.zero.shard import GroupShard, split_shard_key
 from regrow.trainer.zero.shard_comm import ShardComm
@@ -91,6 +91,7 @@ class ZeroOptimizer:
         ]
         for shard in self._shards:
             shard.adopt_parameters(self._params)
+        self._slots = {slot.name: (shard, slot) for shard in self._shards for slot in shard.layout.params}
         self._gatherer: UnitGatherer | None = None
         if units is not None:
             self._gatherer = UnitGatherer(model, units, self.layout, self._shards, self._comm)
@@ -298,55 +299,32 @@ class ZeroOptimizer:
         (its own parameters come back unchanged; the peers get theirs)."""
         self._gather_parameters()
 
-    @torch.no_grad()
     def reduced_gradient(self, name: str) -> torch.Tensor:
-        """The whole reduced (data-parallel mean) gradient of parameter ``name``, in fp32, from every rank's shard.
-        Valid inside a :meth:`register_reduced_hook` hook. Collective over the group (an all-reduce of the
-        parameter's size: each rank contributes the elements its shard holds)."""
-        shard, slot = self._slot(name)
-        full = torch.zeros(slot.numel, dtype=torch.float32, device=self.device)
-        for shard_range, full_range in shard.owned_ranges(slot):
-            full[full_range].copy_(shard.grad[shard_range])
+        """The whole reduced (data-parallel mean) gradient of parameter ``name``, in fp32, inside a
+        :meth:`register_reduced_hook` hook. Collective over the group (an all-reduce of the parameter's size)."""
+        shard, slot = self._slots[name]
+        full = shard.grad_elements(slot)
         self._comm.all_reduce(full)
         return full.view(slot.shape)
 
-    @torch.no_grad()
     def set_reduced_gradient(self, name: str, value: torch.Tensor) -> None:
-        """Writes this rank's elements of ``value`` (parameter ``name``'s whole gradient) into its gradient shard, in
-        the shard's dtype. Inside a :meth:`register_reduced_hook` hook; not collective."""
-        shard, slot = self._slot(name)
-        flat = value.reshape(-1)
-        for shard_range, full_range in shard.owned_ranges(slot):
-            shard.grad[shard_range].copy_(flat[full_range])
-
-    def _slot(self, name: str) -> tuple[GroupShard, ParamSlot]:
-        for shard in self._shards:
-            for slot in shard.layout.params:
-                if slot.name == name:
-                    return shard, slot
-        raise KeyError(f"ZeroOptimizer: {name!r} is not a trainable parameter of this optimizer")
+        """Writes this rank's elements of ``value`` (parameter ``name``'s whole gradient) into its gradient shard,
+        inside a :meth:`register_reduced_hook` hook; not collective."""
+        shard, slot = self._slots[name]
+        shard.set_grad_elements(slot, value)
 
     def working_parameters(self) -> list[torch.Tensor]:
         """The full flat working-parameter buffers (one per group) that the model's parameters are views of, at
-        stages 1 and 2: the same on every rank of the group after each all-gather. Empty at stage 3 (each rank
-        keeps only its slices)."""
+        stages 1 and 2: the same on every rank after each all-gather. Empty at stage 3."""
         return [shard.flat_params for shard in self._shards if shard.flat_params is not None]
 
     def working_parameters_of(self, rank: int) -> list[torch.Tensor]:
-        """The slices of :meth:`working_parameters` that rank ``rank`` of the group owns (its update writes them and
-        its all-gather sends them), one per bucket, in layout order. Empty at stage 3."""
-        return [shard.flat_params[start : start + length] for shard in self._shards if shard.flat_params is not None
-                for start, _, length in shard.layout.shard_pieces(rank)]
+        """The slices of :meth:`working_parameters` that rank ``rank`` owns, one per bucket. Empty at stage 3."""
+        return [piece for shard in self._shards for piece in shard.flat_params_of(rank)]
 
-    @torch.no_grad()
     def owned_parameters_match_master(self) -> bool:
-        """Whether this rank's own slices of the working parameters still hold its master shard cast to their dtype,
-        as the update and the all-gather left them (True at stage 3, which keeps no full buffers). Allocates one
-        cast piece at a time."""
-        return all(torch.equal(shard.owned_params(start, local, length), shard.master[local : local + length]
-                               .to(shard.flat_params.dtype))
-                   for shard in self._shards if shard.flat_params is not None
-                   for start, local, length in shard.pieces)
+        """Whether this rank's own slices of the working parameters still hold its master shard's cast."""
+        return all(shard.owned_params_match_master() for shard in self._shards)
 
     def gather_full(self, key: str) -> torch.Tensor:
         """The full flat tensor of the group named by ``key`` (``"<group>/<what>"``), in layout order.

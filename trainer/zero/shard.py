@@ -159,6 +159,38 @@ class GroupShard:
         for in_shard, in_param in self.owned_ranges(slot):
             self.master[in_shard].copy_(flat[in_param])
 
+    @torch.no_grad()
+    def grad_elements(self, slot: ParamSlot) -> torch.Tensor:
+        """Parameter ``slot``'s whole flattened gradient in fp32, zero except for the elements this shard holds."""
+        full = torch.zeros(slot.numel, dtype=torch.float32, device=self.device)
+        for in_shard, in_param in self.owned_ranges(slot):
+            full[in_param].copy_(self.grad[in_shard])
+        return full
+
+    @torch.no_grad()
+    def set_grad_elements(self, slot: ParamSlot, value: torch.Tensor) -> None:
+        """Writes the elements of ``value`` (parameter ``slot``'s whole gradient) this shard holds into it."""
+        flat = value.reshape(-1)
+        for in_shard, in_param in self.owned_ranges(slot):
+            self.grad[in_shard].copy_(flat[in_param])
+
+    def flat_params_of(self, rank: int) -> list[torch.Tensor]:
+        """The slices of ``flat_params`` that rank ``rank`` owns (its update writes them, its all-gather sends them),
+        one per bucket; empty at stage 3."""
+        if self.flat_params is None:
+            return []
+        return [self.flat_params[start : start + length] for start, _, length in self.layout.shard_pieces(rank)]
+
+    @torch.no_grad()
+    def owned_params_match_master(self) -> bool:
+        """Whether this rank's slices of ``flat_params`` still hold its master shard cast to their dtype, as the
+        update and the all-gather left them (True at stage 3). Casts one piece at a time."""
+        if self.flat_params is None:
+            return True
+        return all(torch.equal(self.owned_params(start, local, length),
+                               self.master[local : local + length].to(self.flat_params.dtype))
+                   for start, local, length in self.pieces)
+
     def owned_ranges(self, slot: ParamSlot) -> Iterator[tuple[slice, slice]]:
         """For each of this rank's pieces that holds elements of parameter ``slot``: where they are in the shard,
         and which elements of the flattened parameter they are."""
