@@ -236,6 +236,20 @@ def test_a_straggler_is_replaced_by_a_standby_and_the_run_matches(cluster, refer
     assert slept["steps"] == 3, slept  # slowed in steps 4-6 only: its replacement does not sleep
 
 
+@pytest.mark.timeout(300)
+def test_a_straggler_not_replaced_is_in_the_event_log(cluster, reference, tmp_path) -> None:
+    """Without ``replace_stragglers`` the same straggler is only named: the coordinator's event log gets a
+    ``straggler`` event for rank 1 (window 4-6), nothing fails, and the run ends bit-identical to the reference."""
+    outcome = run_with_faults(tmp_path, "named", ["slow-rank:1@4-9x3"],
+                              stragglers=StragglerConfig(window=3, margin=1.5))
+    assert_same(outcome, reference)
+    found = events(tmp_path, "named")
+    named = [e for e in found if e["event"] == "straggler"]
+    assert named and (named[0]["rank"], named[0]["first_step"], named[0]["step"]) == (1, 4, 6), named
+    assert all(e["rank"] == 1 for e in named) and outcome.failures == 0
+    assert not [e for e in found if e["event"] in ("evicted", "failure_detected")]
+
+
 def alive_standby_on(node: str, job: str, most: int = 16):
     """The handle of a placed standby of ``job`` on ``node`` (by its Ray name, regrow-standby-<job>-<n>), or None."""
     import ray

@@ -50,6 +50,7 @@ class Watch:
                     self._events.event("failure_detected", rank=index, how="actor died",
                                        detail=str(error).splitlines()[0])
                     return self._collect_failed(pending, {index}, outcome)
+                self._log_stragglers(result)
                 if index == 0:
                     outcome.history += [tuple(item) for item in result["done"]]
                 if result["error"] is not None:
@@ -79,9 +80,15 @@ class Watch:
                 beat = self._ray.get(ref, timeout=5.0)
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError):
                 continue  # a dead actor shows in its training call; a busy control thread is not a hang
+            self._log_stragglers(beat)
             if beat["seconds_since"] > self._config.hang_timeout_s:
                 hung.append(index)
         return hung
+
+    def _log_stragglers(self, report: dict) -> None:
+        """An event for every straggler a worker's monitor named (``report``: its heartbeat or training result)."""
+        for straggler in report.get("stragglers") or []:
+            self._events.event("straggler", **straggler)
 
     def _collect_failed(self, pending: dict, dead: set[int], outcome: Outcome, evict: set[int] = frozenset()
                         ) -> list[int]:

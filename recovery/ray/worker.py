@@ -39,7 +39,7 @@ from regrow.recovery.parity import ParityConfig, ParityMonitor
 from regrow.recovery.ray.entry import EntryPoint
 from regrow.recovery.ray.member import CONCURRENCY_GROUPS, CONTROL, TRAIN, GroupMember, describe_failure
 from regrow.recovery.restore import restore_job
-from regrow.recovery.stragglers import StragglerConfig, StragglerMonitor, evict
+from regrow.recovery.stragglers import Straggler, StragglerConfig, StragglerMonitor, evict
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.pipeline.config import PipelineTrainerConfig
@@ -104,6 +104,7 @@ class Worker(GroupMember):
         self.trainer: Trainer | PipelineTrainer | None = None
         self.sink: SnapshotSink | None = None
         self._fresh = True  # the trainer has not trained nor restored yet (a replacement, or the first generation)
+        self._named: list[dict] = []  # stragglers rank 0's monitor named, not yet handed to the coordinator
         if spec.device == "cuda" and not standby:
             gpu_warm_up.start(spec.config)
 
@@ -201,7 +202,23 @@ class Worker(GroupMember):
             trainer.sinks.append(StragglerMonitor(self.spec.stragglers, rank=self.rank,
                                                   world_size=trainer.world_size, device=trainer.device,
                                                   timeout_s=self.spec.timeout_s, start_step=trainer.step,
-                                                  on_straggler=evict if self.spec.replace_stragglers else None))
+                                                  on_straggler=evict if self.spec.replace_stragglers
+                                                  else self._note_straggler))
+
+    def _note_straggler(self, straggler: Straggler) -> None:
+        """Keeps a straggler named (not replaced) for the coordinator's event log; rank 0's only (every rank names
+        the same)."""
+        if self.rank == 0:
+            self._named.append(straggler.to_dict())
+
+    def named_stragglers(self) -> list[dict]:
+        """The stragglers named since the last call (the heartbeat and each training call's result carry them)."""
+        named, self._named = self._named, []
+        return named
+
+    def heartbeat(self) -> dict:
+        """:meth:`GroupMember.heartbeat`, with the stragglers named since the last beat (``stragglers``)."""
+        return {**super().heartbeat(), "stragglers": self.named_stragglers()}
 
     def _kept_step(self) -> int | None:
         """The step this survivor keeps its state at (None: it must restore). Rewinds the step the failure
@@ -265,9 +282,10 @@ class Worker(GroupMember):
             failed_at = time.monotonic()
             why = describe_failure(error)
         if why is None:
-            return {"done": done, "error": None}
+            return {"done": done, "error": None, "stragglers": self.named_stragglers()}
         # Out of the except block: the traceback's frames no longer hold the groups.
-        return {"done": done, "error": why, "evict": evict, "unwind": self._leave_after_failure(failed_at)}
+        return {"done": done, "error": why, "evict": evict, "unwind": self._leave_after_failure(failed_at),
+                "stragglers": self.named_stragglers()}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The model's parameters, on the CPU (what tests compare across runs). Collective at ZeRO stage 3 (they
