@@ -87,7 +87,7 @@ def timed_block(trainer: Trainer, steps: int) -> float:
 
 def measure(trainer: Trainer, every: int, args: argparse.Namespace) -> dict:
     monitor = ParityMonitor(ParityConfig(every=every), optimizer=trainer.optimizer, state=trainer.shard_state(),
-                            world_size=1, device=trainer.device, timeout_s=60)
+                            timeout_s=60)
     off, on, check_s, checks = [], [], 0.0, 0
     for _ in range(args.blocks):
         off.append(timed_block(trainer, args.block))

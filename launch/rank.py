@@ -160,8 +160,7 @@ def attach_rank(target: GuardedRun, *, checkpoint: CheckpointOptions | None, sna
         record_parity = ((lambda error: write_parity(run_dir, attempt, error.to_dict()))
                          if run_dir and target.rank == 0 else None)
         monitor = ParityMonitor(parity, optimizer=target.optimizer, state=target.shard_state(),
-                                world_size=target.world_size, device=target.device, timeout_s=target.timeout_s,
-                                after_restore=target.step > 0, on_mismatch=record_parity)
+                                timeout_s=target.timeout_s, after_restore=target.step > 0, on_mismatch=record_parity)
     injector = FaultInjector.from_env(target.rank, snapshot_sink=snapshot_sink, step=target.step)
     if injector is not None and injector.needs_training_hooks:
         injector.arm(target.model, target.optimizer)

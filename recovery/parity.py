@@ -103,9 +103,8 @@ def tensors_digest(tensors: Sequence[torch.Tensor]) -> wordsum.Digest:
         offsets.append(offset)
         offset += (tensor.numel() * tensor.element_size() + 3) // 4 * 4
     kernels = wordsum.gpu_kernels()
-    on_gpu = [t.is_cuda for t in tensors]
     parts: list[wordsum.Digest] = []
-    if kernels is not None and tensors and all(on_gpu):
+    if kernels is not None and tensors and all(t.is_cuda for t in tensors):
         results = torch.zeros(len(tensors), 2, dtype=torch.int64, device=tensors[0].device)
         for index, tensor in enumerate(tensors):
             kernels.digest_cuda(tensor.detach(), results[index])
@@ -139,18 +138,20 @@ def _hash64(value: object) -> int:
 
 
 class ParityMonitor:
-    """A ``StateSink`` that runs the parity checks (module docstring). Collective at every check: list it on every
-    rank, after the sinks that read each step's state (the snapshot sink, the checkpoint writer) and before the fault
-    injector. ``on_mismatch`` is called on every rank with the error before it is raised (the launcher's record)."""
+    """A ``StateSink`` that runs the parity checks (module docstring). Collective at every check over ``optimizer``'s
+    group (the ranks whose parameters are the same by construction; ranks are named by their place in it): list it
+    on every rank, after the sinks that read each step's state (the snapshot sink, the checkpoint writer) and before
+    the fault injector. ``on_mismatch`` is called on every rank with the error before it is raised (the launcher's
+    record)."""
 
-    def __init__(self, config: ParityConfig, *, optimizer: ZeroOptimizer, state: ShardState, world_size: int,
-                 device: torch.device, timeout_s: float, after_restore: bool = False,
-                 on_mismatch: Callable[[StateParityError], None] | None = None) -> None:
+    def __init__(self, config: ParityConfig, *, optimizer: ZeroOptimizer, state: ShardState, timeout_s: float,
+                 after_restore: bool = False, on_mismatch: Callable[[StateParityError], None] | None = None) -> None:
         """``state``: the rank's state at the step it trains from; ``after_restore``: that state was just restored,
         so the ranks compare it now (collective)."""
         self.config = config
         self.optimizer = optimizer
-        self.rank, self.world_size, self.device, self.timeout_s = state.rank, world_size, device, timeout_s
+        self.rank, self.world_size, self.device = optimizer.rank, optimizer.world_size, optimizer.device
+        self.timeout_s = timeout_s
         self.on_mismatch = on_mismatch
         self.checks = 0
         self.check_seconds = 0.0
@@ -160,7 +161,7 @@ class ParityMonitor:
         if after_restore:
             self._check(state.step, shard_ok=True)
             if self.rank == 0:
-                log_line(self.rank, state.step, f"parity: the restored state agrees on all {world_size} rank(s)")
+                log_line(self.rank, state.step, f"parity: the restored state agrees on all {self.world_size} rank(s)")
         self._seal_if_due(state)
 
     # ------------------------------------------------------------------ the StateSink protocol
@@ -196,8 +197,8 @@ class ParityMonitor:
             return [mine]
         width = len(mine)
         every = torch.zeros(width * self.world_size, dtype=torch.int64, device=self.device)
-        collectives.all_gather(every, torch.tensor(mine, dtype=torch.int64, device=self.device), group=None,
-                               timeout_s=self.timeout_s)
+        collectives.all_gather(every, torch.tensor(mine, dtype=torch.int64, device=self.device),
+                               group=self.optimizer.group, timeout_s=self.timeout_s)
         flat = every.tolist()
         return [flat[r * width : (r + 1) * width] for r in range(self.world_size)]
 

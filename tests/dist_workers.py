@@ -199,8 +199,7 @@ def parity_after_restore(world: World) -> list[tuple[str, list[int]] | None]:
 
     def check(state) -> tuple[str, list[int]] | None:
         try:
-            ParityMonitor(ParityConfig(every=100), optimizer=optimizer, state=state, world_size=world.world_size,
-                          device=world.device, timeout_s=60, after_restore=True)
+            ParityMonitor(ParityConfig(every=100), optimizer=optimizer, state=state, timeout_s=60, after_restore=True)
         except StateParityError as error:
             return "; ".join(d.what for d in error.found), list(error.ranks)
         finally:

@@ -71,7 +71,7 @@ def test_the_shard_is_verified_at_rest_between_two_steps_on_one_rank() -> None:
     an odd step is named at the next step, before its update. A clean run passes every check."""
     trainer = Trainer(tiny_config(steps=8))
     monitor = ParityMonitor(ParityConfig(every=2), optimizer=trainer.optimizer, state=trainer.shard_state(),
-                            world_size=1, device=trainer.device, timeout_s=30)
+                            timeout_s=30)
     trainer.sinks.append(monitor)
     for _ in range(4):
         trainer.train_step()

@@ -10,8 +10,8 @@ pre-hooks (``update``, ``all-gather``, installed by :meth:`FaultInjector.arm`) a
 ``io_fault`` hook (``persist``); ``ec`` is the snapshot process's own (``node_faults.py``). A corruption
 (``corrupt-param``, ``corrupt-shard``) strikes at the start of its step, in :meth:`FaultInjector.after_step` of the
 step before (or when armed, for a rank that trains from that step), once the snapshot and the checkpoint copy of
-that state are read: it hits the live state only, as a flip in device memory between two steps does. It gets what it acts
-through by its constructor (the snapshot sink, whose in-flight snapshot ``corrupt-snapshot`` waits for), by
+that state are read: it hits the live state only, as a flip in device memory between two steps does. It gets what
+it acts through by its constructor (the snapshot sink, whose in-flight snapshot ``corrupt-snapshot`` waits for), by
 :meth:`FaultInjector.arm` (the model and optimizer) and by :meth:`FaultInjector.watch_saves` (the checkpoint writer,
 whose outcome ``fail-ckpt`` records); the writer in turn is built with :meth:`FaultInjector.checkpoint_fault` as its
 ``io_fault`` hook. Each fault is recorded as fired before it acts
@@ -108,8 +108,9 @@ def corruption_target(kind: str, optimizer: ZeroOptimizer) -> tuple[str, torch.T
             raise ValueError("corrupt-param: this optimizer keeps no full working parameters (ZeRO stage 3); use "
                              "corrupt-shard")
         return "working parameters", buffers[0]
-    key = next(k for k in optimizer.shard_tensors() if k.endswith(("/exp_avg_sq", "/exp_avg_sq_codes")))
-    return key, optimizer.shard_tensors()[key]
+    key, tensor = next((k, t) for k, t in optimizer.shard_tensors().items()
+                       if k.endswith(("/exp_avg_sq", "/exp_avg_sq_codes")))
+    return key, tensor
 
 
 def corrupt_newest_snapshot(client: SnapshotClient, rank: int) -> dict | None:

@@ -12,7 +12,7 @@ results name it); and the final loss against a fault-free reference run with the
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,32 +56,37 @@ def _recovery(recorder: Recorder, attempt: Attempt) -> dict[str, Any]:
     return out
 
 
+def _detection(fault: Fault, seen: list[dict], describe: Callable[[dict], str], missed: str) -> dict[str, Any]:
+    """How a monitor saw ``fault``: the first of its records ``seen`` (those naming the fault's rank at or after its
+    step, in step order) as ``detected_by`` (``describe(record)``), ``detected_at_step`` and ``detect_steps`` (steps
+    from the fault's first step to that record's); ``missed`` when none did."""
+    if not seen:
+        return {"detected_by": missed}
+    first = seen[0]
+    return {"detected_by": describe(first), "detected_at_step": first["step"],
+            "detect_steps": first["step"] - fault.step + 1}
+
+
 def _straggler_detection(recorder: Recorder, fault: Fault) -> dict[str, Any]:
-    """How the straggler monitor saw a ``slow-rank`` fault: the first window that named its rank, at or after the
-    fault's first slowed step (``detected_by``, ``detected_at_step``, ``detect_steps``: steps from the first slowed
-    step to the end of that window), or that none did."""
-    named = [r for r in recorder.stragglers if r["rank"] == fault.target and r["step"] >= fault.step]
-    if not named:
-        return {"detected_by": "not named by the straggler monitor (off, or the slowdown stayed within the margin)"}
-    first = named[0]
-    return {"detected_by": f"straggler monitor: busy {first['ratio']:.2f}x the others' median in steps "
-                           f"{first['first_step']}-{first['step']}",
-            "detected_at_step": first["step"], "detect_steps": first["step"] - fault.step + 1}
+    """The first window of the straggler monitor that named a ``slow-rank`` fault's rank (:func:`_detection`)."""
+    return _detection(fault, [r for r in recorder.stragglers if r["rank"] == fault.target and r["step"] >= fault.step],
+                      lambda r: f"straggler monitor: busy {r['ratio']:.2f}x the others' median in steps "
+                                f"{r['first_step']}-{r['step']}",
+                      "not named by the straggler monitor (off, or the slowdown stayed within the margin)")
 
 
 def _parity_detection(recorder: Recorder, fault: Fault) -> dict[str, Any]:
-    """How the state parity check saw a corruption: the first failed check at or after the fault's step that names
-    its rank (``detected_by``, ``detected_at_step``, ``detect_steps``: steps from the corrupted step to that check),
-    or that none did."""
+    """The first failed state parity check that named a corruption's rank for what it corrupted (:func:`_detection`)."""
     what = "shard" if fault.kind == "corrupt-shard" else "parameters"
     seen = [r for r in recorder.parity_failures if r["step"] >= fault.step
             and any(d["what"] == what and fault.target in d["ranks"] for d in r["found"])]
-    if not seen:
-        return {"detected_by": "not seen by a state parity check (off, or no check in its steps)"}
-    first = seen[0]
-    return {"detected_by": f"state parity check at step {first['step']}: rank(s) {first['ranks']} "
-                           f"({', '.join(d['what'] for d in first['found'])})",
-            "detected_at_step": first["step"], "detect_steps": first["step"] - fault.step + 1}
+    return _detection(fault, seen, lambda r: f"state parity check at step {r['step']}: {_parity_names(r)}",
+                      "not seen by a state parity check (off, or no check in its steps)")
+
+
+def _parity_names(record: dict) -> str:
+    """The ranks a failed parity check named and what disagreed, as in ``rank(s) [1] (parameters)``."""
+    return f"rank(s) {record['ranks']} ({', '.join(d['what'] for d in record['found'])})"
 
 
 def _time_lost(failures: list[dict[str, Any]], faults: list[dict[str, Any]]) -> dict[str, Any]:
@@ -123,8 +128,8 @@ def build_report(recorder: Recorder, history: Sequence[StepResult], *, ok: bool 
             entry["detected_by"].append(f"checksum mismatch at restore: {mismatches[0]}")
         parity = [r for r in recorder.parity_failures if r["attempt"] == attempt.index]
         if parity:
-            entry["detected_by"].insert(0, f"state parity check at step {parity[0]['step']} failed: rank(s) "
-                                           f"{parity[0]['ranks']} ({', '.join(d['what'] for d in parity[0]['found'])})")
+            entry["detected_by"].insert(0, f"state parity check at step {parity[0]['step']} failed: "
+                                           f"{_parity_names(parity[0])}")
         failures.append(entry)
     fault_entries = []
     for index, fault in enumerate(recorder.plan):

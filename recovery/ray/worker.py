@@ -191,8 +191,7 @@ class Worker(GroupMember):
         is_pipeline = isinstance(trainer, PipelineTrainer)
         if self.spec.parity is not None and not is_pipeline:
             trainer.sinks.append(ParityMonitor(self.spec.parity, optimizer=trainer.optimizer,
-                                               state=trainer.shard_state(), world_size=trainer.world_size,
-                                               device=trainer.device, timeout_s=self.spec.timeout_s,
+                                               state=trainer.shard_state(), timeout_s=self.spec.timeout_s,
                                                after_restore=restored))
         for sink in self.spec.extra_sinks(self.rank) if self.spec.extra_sinks is not None else []:
             if getattr(sink, "needs_training_hooks", False):
@@ -265,7 +264,7 @@ class Worker(GroupMember):
         trainer = self._trainer()
         done: list[tuple[int, float]] = []
         why = None
-        evict: list[int] = []
+        evicted: list[int] = []
         try:
             while trainer.step < until:
                 result = trainer.train_step()
@@ -275,7 +274,7 @@ class Worker(GroupMember):
                 self.sink.flush()
         except RankEviction as error:  # every rank raised it: the named ranks are to be replaced
             failed_at = time.monotonic()
-            why, evict = describe_failure(error), list(error.ranks)
+            why, evicted = describe_failure(error), list(error.ranks)
             if self.rank in error.ranks and self.sink is not None:
                 self.sink.flush()  # its replacement restores this rank's last snapshot: sealed before it goes
         except Exception as error:  # noqa: BLE001 (any failure of the step is the coordinator's to handle)
@@ -284,7 +283,7 @@ class Worker(GroupMember):
         if why is None:
             return {"done": done, "error": None, "stragglers": self.named_stragglers()}
         # Out of the except block: the traceback's frames no longer hold the groups.
-        return {"done": done, "error": why, "evict": evict, "unwind": self._leave_after_failure(failed_at),
+        return {"done": done, "error": why, "evict": evicted, "unwind": self._leave_after_failure(failed_at),
                 "stragglers": self.named_stragglers()}
 
     def parameters(self) -> dict[str, torch.Tensor]:
