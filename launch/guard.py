@@ -44,6 +44,7 @@ from regrow.launch.options import CheckpointOptions, SnapshotOptions
 from regrow.launch.rank import attach_rank
 from regrow.recovery.parity import ParityConfig
 from regrow.trainer import sink_calls
+from regrow.trainer.checkpoint_view import CheckpointView
 from regrow.trainer.checks import require_ints
 from regrow.trainer.data import DataCursor, Sampler
 from regrow.trainer.log import log_line
@@ -262,6 +263,9 @@ class Guard:
     @property
     def layout(self) -> FlatLayout:
         return self.optimizer.layout
+
+    def checkpoint_view(self) -> CheckpointView:
+        return CheckpointView.identity(self.optimizer.rank)
 
     def restore(self, state: ShardState) -> None:
         """Resumes from ``state`` (this rank's shard at :attr:`layout`): the optimizer shard and step, the random

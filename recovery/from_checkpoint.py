@@ -34,7 +34,7 @@ def restore_trainer(target: Restorable, source: str | Path, *, root: str | Path 
     verify, the newest one that does is loaded instead, and a log line says so.
     """
     loaded = load_agreed(source, root=root, layout=target.layout, rank=target.rank,
-                         world_size=target.world_size, timeout_s=target.timeout_s)
+                         world_size=target.world_size, timeout_s=target.timeout_s, view=target.checkpoint_view())
     target.restore(loaded.state)
     _log_restore(target, loaded.path, loaded.manifest, loaded.skipped)
     return RestoreReport(path=loaded.path, step=loaded.manifest.step, saved_world_size=loaded.manifest.world_size,

@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import torch
 
+from regrow.checkpoint.universal.writer import CheckpointWriter, WriterConfig
 from regrow.comm import collectives
 from regrow.comm.world import World
+from regrow.recovery.from_checkpoint import restore_trainer
 from regrow.trainer.data import DataConfig, Sampler
-from regrow.trainer.loop import learning_rate
+from regrow.trainer.loop import Trainer, learning_rate
 from regrow.trainer.models import GPT
 from regrow.trainer.pipeline.trainer import PipelineTrainer, PipelineTrainerConfig
+from regrow.trainer.zero.shard import MASTER, shard_key
 
 
 def _global(trainer: PipelineTrainer, local: str) -> str:
@@ -107,3 +113,59 @@ def neighbor_recovery_run(world: World, config: PipelineTrainerConfig, failures:
     params = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
     return {"stage": trainer.stage, "dp": trainer.dp, "losses": losses, "baseline": baseline_losses,
             "events": events, "optimizer_steps": trainer.optimizer.step_count, "params": params}
+
+
+def _at_layout(world: World, config: PipelineTrainerConfig, stages: int, zero: int) -> PipelineTrainer | Trainer:
+    """A trainer of ``config``'s run at ``stages`` pipeline stages (1: the data-parallel ``Trainer``, no pipeline)
+    and ZeRO stage ``zero``."""
+    train = dataclasses.replace(config.train, optim=dataclasses.replace(config.train.optim, stage=zero))
+    if stages == 1:
+        return Trainer(train, world)
+    return PipelineTrainer(dataclasses.replace(config, train=train,
+                                               pipeline=dataclasses.replace(config.pipeline, stages=stages)), world)
+
+
+def _masters_of(trainer: PipelineTrainer | Trainer) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of this rank's model or stage, by full-model name (the head's copy of the tie told
+    apart); at ZeRO-3 too, where no rank holds whole working parameters. Collective over the optimizer's group."""
+    optimizer = trainer.optimizer
+    name = (lambda local: local) if isinstance(trainer, Trainer) else (lambda local: _global(trainer, local))
+    masters = {}
+    for group in optimizer.layout.groups:
+        full = optimizer.gather_full(shard_key(group.kind.name, MASTER))
+        for slot in group.params:
+            masters[name(slot.name)] = full[slot.offset : slot.offset + slot.numel].view(slot.shape).clone()
+    return masters
+
+
+def _save_now(trainer: PipelineTrainer | Trainer, world: World, root: Path) -> None:
+    """Saves a universal checkpoint of ``trainer``'s current state under ``root`` and waits until it is committed
+    (a barrier after the writer's close: rank 0 commits after the other ranks' parts are written)."""
+    writer = CheckpointWriter(WriterConfig(root=str(root), save_every=0, fsync=False, log=False), rank=world.rank,
+                              world_size=world.world_size, run_config=trainer.run_config(), timeout_s=60)
+    writer.save(trainer.shard_state())
+    writer.close()
+    torch.distributed.barrier()
+
+
+def universal_moves(world: World, config: PipelineTrainerConfig, root: str, layouts: list[tuple[int, int]],
+                    steps_after: int) -> dict:
+    """Trains ``config.train.steps`` steps at ``layouts[0]`` (pipeline stages, ZeRO stage), saves a universal
+    checkpoint under ``root/0`` and trains ``steps_after`` more (the uninterrupted run). Then for each next layout:
+    a new trainer restores the previous layout's checkpoint, saves it again at once under ``root/<i>`` (so the
+    next layout loads what this one wrote) and trains ``steps_after`` steps. Returns the losses and this rank's
+    final master weights of the uninterrupted run and of every move."""
+    first = _at_layout(world, config, *layouts[0])
+    for _ in range(config.train.steps):
+        first.train_step()
+    _save_now(first, world, Path(root) / "0")
+    runs = [{"layout": layouts[0], "losses": [first.train_step().loss for _ in range(steps_after)],
+             "masters": _masters_of(first)}]
+    for index, layout in enumerate(layouts[1:], 1):
+        trainer = _at_layout(world, config, *layout)
+        report = restore_trainer(trainer, "latest", root=Path(root) / str(index - 1))
+        _save_now(trainer, world, Path(root) / str(index))
+        runs.append({"layout": layout, "step": report.step, "losses": [trainer.train_step().loss
+                                                                        for _ in range(steps_after)],
+                     "masters": _masters_of(trainer)})
+    return {"rank": world.rank, "runs": runs}

@@ -329,7 +329,9 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
             raise ValueError("Trainer.restore: the state was saved at another layout; reshard it first")
         self.optimizer.discard_step()  # a step a failure interrupted may have left partial gradients
         self._boundary = None
-        self.optimizer.load_shard_tensors(optimizer_tensors(state.tensors), state.step)
+        # A pipeline's checkpoint records Adam's step count (a stage rebuilt from its neighbours restarts it).
+        self.optimizer.load_shard_tensors(optimizer_tensors(state.tensors),
+                                          int(state.extra.get("optimizer_steps", state.step)))
         self.sampler.load_state(DataCursor.from_dict(state.data_cursor))
         state.rng.restore()
         self.step = state.step

@@ -4,6 +4,7 @@ config, the lineage)."""
 
 from __future__ import annotations
 
+from regrow.trainer.checkpoint_view import CheckpointView
 from regrow.trainer.zero.layout import FlatLayout
 from regrow.trainer.zero.optimizer import ZeroOptimizer
 
@@ -18,6 +19,10 @@ class OptimizerBackedRestore:
     def layout(self) -> FlatLayout:
         """The flat layout of this rank's optimizer shard: a restored state must be of this layout."""
         return self.optimizer.layout
+
+    def checkpoint_view(self) -> CheckpointView:
+        """The identity: the shard names the model's parameters and is sharded over the optimizer's group."""
+        return CheckpointView.identity(self.optimizer.rank)
 
     def at_initial_state(self) -> bool:
         """No optimizer update has begun since the trainer was built or reset at step 0."""

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from regrow.trainer.checkpoint_view import CheckpointView
     from regrow.trainer.zero.layout import FlatLayout
 
 USER_PREFIX = "user/"
@@ -140,6 +141,11 @@ class Restorable(Protocol):
     def layout(self) -> FlatLayout:
         """The flat layout of this rank's optimizer shard: :meth:`restore` takes states of this layout only (a
         universal checkpoint is resharded to it while it is read)."""
+        ...
+
+    def checkpoint_view(self) -> CheckpointView:
+        """How this rank's shard maps onto a universal checkpoint's per-parameter files (the identity for a
+        data-parallel rank; a pipeline stage's names and copies)."""
         ...
 
     def restore(self, state: ShardState) -> None:

@@ -30,7 +30,9 @@ from regrow.checkpoint.universal.format import (
     FileEntry,
     Manifest,
     ParamEntry,
+    PipelineEntry,
     RngEntry,
+    StageEntry,
     TensorEntry,
     parse_step_dir_name,
     rank_file,
@@ -40,7 +42,6 @@ from regrow.checkpoint.universal.format import (
 )
 from regrow.checkpoint.universal.user_part import entry_from_marker
 from regrow.trainer.zero.codes import CODE_MAP_VERSION
-from regrow.trainer.zero.layout import FlatLayout
 
 
 @dataclass
@@ -98,31 +99,30 @@ def wait_for_markers(target: SaveTarget, timeout_s: float, *, accept: Callable[[
 
 def build_manifest(target: SaveTarget, markers: dict[int, dict], *, layout: dict, data_cursor: dict[str, int],
                    tokens_seen: int, run_config: dict) -> Manifest:
-    """The manifest of the save from the layout and every rank's chunks; raises if any byte of any file was
-    written by no rank (or twice)."""
-    flat = FlatLayout.from_dict(layout)
+    """The manifest of the save from every rank's marker: the parameters the ranks wrote (a pipeline's stages each
+    list theirs; together, the whole model), their chunks and RNG files, and a pipeline's stage records. ``layout``
+    (rank 0's) is recorded as is. Raises if any byte of any file was written by no rank (or twice), or the ranks
+    disagree about a parameter or the pipeline."""
     chunks: dict[str, list[Chunk]] = {}
     for marker in markers.values():
         for name, entries in marker["chunks"].items():
             chunks.setdefault(name, []).extend(Chunk(*entry) for entry in entries)
-    params, tensors, gaps = [], [], []
-    for group in flat.groups:
-        for slot in group.params:
-            params.append(ParamEntry(name=slot.name, shape=list(slot.shape), state_bits=group.kind.bits,
-                                     weight_decay=group.kind.decay))
-            for kind in KINDS_BY_BITS[group.kind.bits]:
-                name = tensor_file(slot.name, kind)
-                nbytes = kind.count(slot.numel) * kind.itemsize
-                found = sorted(chunks.get(name, []), key=lambda c: c.offset)
-                position = 0
-                for chunk in found:
-                    if chunk.offset != position:
-                        gaps.append(f"{name}: bytes {position}-{chunk.offset} written by no rank or twice")
-                    position = max(position, chunk.end)
-                if position != nbytes:
-                    gaps.append(f"{name}: bytes {position}-{nbytes} written by no rank")
-                tensors.append(TensorEntry(param=slot.name, kind=kind.name, file=name, dtype=kind.dtype,
-                                           shape=kind.shape(slot.shape), nbytes=nbytes, chunks=found))
+    params = _params_of(markers)
+    tensors, gaps = [], []
+    for param in params:
+        for kind in KINDS_BY_BITS[param.state_bits]:
+            name = tensor_file(param.name, kind)
+            nbytes = kind.count(param.numel) * kind.itemsize
+            found = sorted(chunks.get(name, []), key=lambda c: c.offset)
+            position = 0
+            for chunk in found:
+                if chunk.offset != position:
+                    gaps.append(f"{name}: bytes {position}-{chunk.offset} written by no rank or twice")
+                position = max(position, chunk.end)
+            if position != nbytes:
+                gaps.append(f"{name}: bytes {position}-{nbytes} written by no rank")
+            tensors.append(TensorEntry(param=param.name, kind=kind.name, file=name, dtype=kind.dtype,
+                                       shape=kind.shape(tuple(param.shape)), nbytes=nbytes, chunks=found))
     if gaps:
         raise RuntimeError("the ranks' parts do not cover every file: " + "; ".join(gaps[:10]))
     rng = []
@@ -134,8 +134,52 @@ def build_manifest(target: SaveTarget, markers: dict[int, dict], *, layout: dict
         layout=layout, config=run_config, params=params, tensors=tensors, rng=rng,
         code_map_version=CODE_MAP_VERSION, created=datetime.now(UTC).isoformat(timespec="seconds"),
         writer={"session": target.session, "torch": torch.__version__},
-        user=entry_from_marker(markers.get(0, {}).get("user")),
+        user=entry_from_marker(markers.get(0, {}).get("user")), pipeline=_pipeline_of(markers, target.world_size),
     )
+
+
+def _params_of(markers: dict[int, dict]) -> list[ParamEntry]:
+    """Every parameter some rank wrote, in rank order (a data-parallel run's: rank 0's layout order; a pipeline's:
+    stage by stage); raises when two ranks describe one parameter differently."""
+    params: dict[str, ParamEntry] = {}
+    for rank in sorted(markers):
+        for entry in markers[rank]["params"]:
+            param = ParamEntry(name=entry["name"], shape=list(entry["shape"]), state_bits=entry["state_bits"],
+                               weight_decay=entry["weight_decay"])
+            if params.setdefault(param.name, param) != param:
+                raise RuntimeError(f"the ranks' parts disagree about parameter {param.name}: {params[param.name]} "
+                                   f"and rank {rank}'s {param}")
+    return list(params.values())
+
+
+def _pipeline_of(markers: dict[int, dict], world_size: int) -> PipelineEntry | None:
+    """The ``pipeline`` section from the stage records of the markers (None when no rank is a pipeline stage)."""
+    records = {rank: marker.get("stage") for rank, marker in markers.items()}
+    if not any(records.values()):
+        return None
+    if not all(records.values()):
+        raise RuntimeError("some ranks' parts are a pipeline's stages and some are not: "
+                           f"ranks {sorted(r for r, s in records.items() if not s)} have no stage record")
+    shapes = {(record["stages"], record["dp_size"]) for record in records.values()}
+    stages, dp_size = next(iter(shapes))
+    if len(shapes) != 1 or stages * dp_size != world_size:
+        raise RuntimeError(f"the ranks' stage records name pipeline shapes {sorted(shapes)} (stages x replicas), "
+                           f"not one of {world_size} ranks")
+    entries: list[StageEntry | None] = [None] * stages
+    for rank in sorted(markers):
+        record = records[rank]
+        entry = StageEntry(stage=record["stage"], optimizer_steps=record["optimizer_steps"],
+                           lr_scale=record["lr_scale"], params=[p["name"] for p in markers[rank]["params"]])
+        known = entries[entry.stage]
+        if known is None:
+            entries[entry.stage] = entry
+        elif known != entry:
+            raise RuntimeError(f"the replicas of pipeline stage {entry.stage} disagree: {known} and rank {rank}'s "
+                               f"{entry}")
+    missing = [stage for stage, entry in enumerate(entries) if entry is None]
+    if missing:
+        raise RuntimeError(f"no rank wrote pipeline stages {missing}")
+    return PipelineEntry(stages=stages, dp_size=dp_size, stage_state=[e for e in entries if e is not None])
 
 
 @dataclass

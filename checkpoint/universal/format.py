@@ -12,6 +12,10 @@ A checkpoint is a directory ``CKPT_ROOT/step_00000123/`` holding
 - optionally ``user/state.json`` and ``user/tensor_00000.bin``, ...: a user loop's own state (``launch/guard.py``),
   the same on every rank and written once, by rank 0 (``user_part.py``).
 
+Files are named by the whole model's parameter names whatever layout wrote them: a pipeline stage writes under the
+names its parameters have in the whole model (``trainer/checkpoint_view.py``), and a parameter several stages hold
+a copy of (the tied embedding/head) is stored once.
+
 Nothing is pickled: loading reads JSON and raw bytes only. ``docs/checkpoint-format.md`` is the prose version of
 this module; keep the two in step (and bump :data:`FORMAT_VERSION` on any incompatible change).
 """
@@ -32,9 +36,12 @@ import torch
 from regrow.trainer.zero import shard as zero_shard
 from regrow.trainer.zero.layout import BLOCK_SIZE, round_up
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The newest manifest version this code writes and reads. Older versions stay readable; newer ones are refused.
-2: the manifest records its own checksum (1 had none)."""
+2: the manifest records its own checksum (1 had none). 3: it may record the pipeline layout that wrote it
+(``pipeline``: every stage's parameters, Adam step count and learning-rate scale)."""
+PIPELINE_SINCE = 3
+"""The first format version whose manifests may carry ``pipeline``."""
 CHECKSUMMED_SINCE = 2
 """The first format version whose manifests carry ``checksum``; from it on, a manifest without one is corrupt."""
 CHECKSUM_FIELD = "checksum"
@@ -272,6 +279,32 @@ class UserEntry:
 
 
 @dataclass
+class StageEntry:
+    """One stage of the pipeline that wrote the checkpoint: the parameters it wrote and its optimizer values."""
+
+    stage: int
+    optimizer_steps: int
+    """Adam's step count of the stage (the checkpoint's step unless a neighbour rebuild restarted the stage)."""
+    lr_scale: float
+    """The stage's learning-rate factor (1.0 unless a neighbour rebuild set another)."""
+    params: list[str]
+    """The parameters whose files the stage wrote (a copy held by several stages is written by its owner)."""
+
+
+@dataclass
+class PipelineEntry:
+    """The pipeline layout that wrote the checkpoint (``stages`` x ``dp_size`` ranks); any layout can load it."""
+
+    stages: int
+    dp_size: int
+    stage_state: list[StageEntry]
+
+    def stage_of(self) -> dict[str, StageEntry]:
+        """Parameter name -> the stage that wrote it."""
+        return {name: entry for entry in self.stage_state for name in entry.params}
+
+
+@dataclass
 class Manifest:
     """Everything about a checkpoint except the tensor bytes. See ``docs/checkpoint-format.md``; a manifest read
     from disk comes from ``manifest_parse.parse_manifest``, which checks every field and that the entries agree."""
@@ -293,12 +326,15 @@ class Manifest:
     writer: dict[str, Any] = field(default_factory=dict)
     user: UserEntry | None = None
     """The user loop's state (None: the run had none; every ``Trainer`` run)."""
+    pipeline: PipelineEntry | None = None
+    """The pipeline layout that wrote it (None: a data-parallel run)."""
 
     def to_json(self) -> str:
         """The manifest as written: its fields and, from :data:`CHECKSUMMED_SINCE` on, their checksum."""
         data = asdict(self)
-        if data["user"] is None:  # a run without user state writes no user field, as earlier versions did
-            del data["user"]
+        for optional in ("user", "pipeline"):  # absent rather than null, as in the versions before them
+            if data[optional] is None:
+                del data[optional]
         return sealed_manifest_json(data) if self.format_version >= CHECKSUMMED_SINCE else json.dumps(data, indent=1)
 
     def param(self, name: str) -> ParamEntry:

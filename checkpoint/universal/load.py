@@ -25,6 +25,7 @@ from regrow.checkpoint.universal.format import (
 )
 from regrow.checkpoint.universal.reshard import load_state
 from regrow.comm import collectives
+from regrow.trainer.checkpoint_view import CheckpointView
 from regrow.trainer.log import log_line
 from regrow.trainer.state import ShardState
 from regrow.trainer.zero.layout import FlatLayout
@@ -69,10 +70,10 @@ def sources(source: str | Path, root: str | Path | None) -> tuple[list[Path], bo
 
 
 def load_agreed(source: str | Path, *, root: str | Path | None, layout: FlatLayout, rank: int, world_size: int,
-                timeout_s: float) -> LoadedCheckpoint:
+                timeout_s: float, view: CheckpointView | None = None) -> LoadedCheckpoint:
     """This rank's shard of the checkpoint every rank can load (see the module docstring). Collective: every rank
-    of the default process group calls it with the same ``source`` and ``root`` and its own ``layout`` and
-    ``rank``. Raises :class:`CheckpointError` (or a subclass) when no candidate loads on every rank, on every rank.
+    of the default process group calls it with the same ``source`` and ``root`` and its own ``layout``, ``rank``
+    and ``view`` (a pipeline stage's map onto the whole model's files; default: the identity view of ``rank``). Raises :class:`CheckpointError` (or a subclass) when no candidate loads on every rank, on every rank.
 
     Any problem with a candidate reached by falling back (``latest`` itself included) is logged with its reason and
     the next one is tried; a checkpoint named explicitly is refused with the reason instead."""
@@ -82,7 +83,7 @@ def load_agreed(source: str | Path, *, root: str | Path | None, layout: FlatLayo
         log_line(rank, 0, f"checkpoint {path.name} does not verify: {reason}; falling back to the newest "
                           "checkpoint that verifies")
     for path in found.paths:
-        status, state, manifest, error = _try_load(path, layout, rank)
+        status, state, manifest, error = _try_load(path, layout, rank, view)
         worst = _worst_status(status, world_size, timeout_s)
         if worst == _OK:
             assert state is not None and manifest is not None
@@ -108,10 +109,10 @@ def _worst_status(status: int, world_size: int, timeout_s: float) -> int:
     return int(flag.item())
 
 
-def _try_load(path: Path, layout: FlatLayout, rank: int
+def _try_load(path: Path, layout: FlatLayout, rank: int, view: CheckpointView | None
               ) -> tuple[int, ShardState | None, Manifest | None, BaseException | None]:
     try:
-        state, manifest = load_state(path, layout, rank)
+        state, manifest = load_state(path, layout, rank, view)
         return _OK, state, manifest, None
     except CorruptCheckpoint as error:
         return _CORRUPT, None, None, error

@@ -12,7 +12,9 @@ This is the one place a manifest's fields are checked, and every reader relies o
 - the entries agree with each other (:func:`consistency_problems`): one entry per parameter; exactly one tensor
   entry per parameter and state kind of its state bits; each entry's dtype, shape and byte size are what the
   parameter's shape needs (8-bit codes fill whole 256-element blocks, one scale per block); chunks sorted,
-  non-empty and tiling ``[0, nbytes)``; no file named twice; RNG entries for ranks 0, 1, ... in order.
+  non-empty and tiling ``[0, nbytes)``; no file named twice; RNG entries for ranks 0, 1, ... in order; a
+  ``pipeline`` section (format 3 on) of ``stages`` x ``dp_size`` = ``world_size`` ranks, its stages 0, 1, ... in
+  order, naming every parameter exactly once.
 
 A field of the wrong type or range raises :class:`CorruptCheckpoint` with one problem that names the field
 (``manifest.json: tensors[3].chunks[0].offset=-1 must be an integer >= 0``); disagreeing entries raise it with
@@ -33,6 +35,7 @@ from regrow.checkpoint.universal.format import (
     KINDS_BY_BITS,
     MANIFEST_NAME,
     MAX_USER_JSON_BYTES,
+    PIPELINE_SINCE,
     USER_DIR,
     USER_DTYPES,
     Chunk,
@@ -40,7 +43,9 @@ from regrow.checkpoint.universal.format import (
     FileEntry,
     Manifest,
     ParamEntry,
+    PipelineEntry,
     RngEntry,
+    StageEntry,
     TensorEntry,
     UnsupportedFormatVersion,
     UserEntry,
@@ -84,6 +89,12 @@ def _integer(value: object, name: str, minimum: int, maximum: int) -> int:
     return value
 
 
+def _text(value: object, name: str) -> str:
+    if not isinstance(value, str) or len(value) > MAX_NAME_BYTES or not value.isprintable():
+        raise _FieldError(f"{name}={_show(value)} must be a string of at most {MAX_NAME_BYTES} printable characters")
+    return value
+
+
 class _Object:
     """Typed access to one JSON object of the manifest; every error names the field's path."""
 
@@ -115,11 +126,7 @@ class _Object:
 
     def text(self, key: str, *, default: Any = _REQUIRED) -> str:
         """A string of printable characters (names are printed in reports and by ``regrow ckpt inspect``)."""
-        value = self.get(key, default)
-        if not isinstance(value, str) or len(value) > MAX_NAME_BYTES or not value.isprintable():
-            raise _FieldError(f"{self.name(key)}={_show(value)} must be a string of at most {MAX_NAME_BYTES} "
-                              "printable characters")
-        return value
+        return _text(self.get(key, default), self.name(key))
 
     def flag(self, key: str) -> bool:
         value = self.get(key)
@@ -256,7 +263,31 @@ def _counters(value: dict, name: str) -> dict[str, int]:
 
 
 _TOP = ("format_version", "step", "tokens_seen", "data_cursor", "world_size", "layout", "config", "params", "tensors",
-        "rng", "code_map_version", "block_size", "byte_order", "created", "writer", "user")
+        "rng", "code_map_version", "block_size", "byte_order", "created", "writer", "user", "pipeline")
+
+
+def _stage(data: object, path: str) -> StageEntry:
+    entry = _Object(data, path, ("stage", "optimizer_steps", "lr_scale", "params"))
+    scale = entry.get("lr_scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise _FieldError(f"{entry.name('lr_scale')}={_show(scale)} must be a finite number > 0")
+    names = entry.items("params")
+    return StageEntry(stage=entry.integer("stage", maximum=MAX_COUNT),
+                      optimizer_steps=entry.integer("optimizer_steps", maximum=MAX_COUNT), lr_scale=float(scale),
+                      params=[_text(n, f"{entry.name('params')}[{i}]") for i, n in enumerate(names)])
+
+
+def _pipeline(data: object, version: int) -> PipelineEntry | None:
+    if data is None:
+        return None
+    if version < PIPELINE_SINCE:
+        raise _FieldError(f"pipeline is recorded, but format version {version} has no such field (it came with "
+                          f"version {PIPELINE_SINCE})")
+    entry = _Object(data, "pipeline", ("stages", "dp_size", "stage_state"))
+    return PipelineEntry(stages=entry.integer("stages", minimum=1, maximum=MAX_COUNT),
+                         dp_size=entry.integer("dp_size", minimum=1, maximum=MAX_COUNT),
+                         stage_state=[_stage(s, f"pipeline.stage_state[{i}]")
+                                      for i, s in enumerate(entry.items("stage_state"))])
 
 
 def _manifest(data: object) -> Manifest:
@@ -274,6 +305,7 @@ def _manifest(data: object) -> Manifest:
         block_size=top.choice("block_size", (BLOCK_SIZE,), default=BLOCK_SIZE),
         byte_order=top.choice("byte_order", ("little",), default="little"), created=top.text("created", default=""),
         writer=top.mapping("writer", default={}), user=_user(top.get("user", None)),
+        pipeline=_pipeline(top.get("pipeline", None), top.integer("format_version", minimum=1)),
     )
 
 
@@ -336,6 +368,29 @@ def consistency_problems(manifest: Manifest) -> list[str]:
     for param in params.values():
         problems += [f"{MANIFEST_NAME}: {param.name} ({param.state_bits}-bit state) has no {kind.name} entry"
                      for kind in KINDS_BY_BITS[param.state_bits] if kind.name not in kinds.get(param.name, ())]
+    if manifest.pipeline is not None:
+        problems += _pipeline_problems(manifest.pipeline, manifest.world_size, set(params))
+    return problems
+
+
+def _pipeline_problems(pipeline: PipelineEntry, world_size: int, params: set[str]) -> list[str]:
+    """How the ``pipeline`` section disagrees with the rest: its shape, its stage order, the parameters it names."""
+    problems = []
+    if pipeline.stages * pipeline.dp_size != world_size:
+        problems.append(f"{MANIFEST_NAME}: pipeline.stages={pipeline.stages} x pipeline.dp_size={pipeline.dp_size} "
+                        f"is not world_size={world_size}")
+    order = [entry.stage for entry in pipeline.stage_state]
+    if order != list(range(pipeline.stages)):
+        problems.append(f"{MANIFEST_NAME}: pipeline.stage_state lists stages {_show(order)}, not 0 to "
+                        f"{pipeline.stages - 1} in order")
+    seen: set[str] = set()
+    for entry in pipeline.stage_state:
+        for name in entry.params:
+            if name in seen or name not in params:
+                problems.append(f"{MANIFEST_NAME}: pipeline stage {entry.stage} names {name!r}, "
+                                + ("which another stage names too" if name in seen else "which is no parameter"))
+            seen.add(name)
+    problems += [f"{MANIFEST_NAME}: parameter {name} belongs to no pipeline stage" for name in sorted(params - seen)]
     return problems
 
 

@@ -33,8 +33,9 @@ from regrow.checkpoint.universal.format import (
     shard_key,
     tensor_file,
 )
-from regrow.checkpoint.universal.pieces import rank_pieces
+from regrow.checkpoint.universal.pieces import view_pieces
 from regrow.checkpoint.universal.user_part import marker_form, write_user_part
+from regrow.trainer.checkpoint_view import CheckpointView
 from regrow.trainer.state import RngState, ShardState, user_tensors
 from regrow.trainer.zero.layout import FlatLayout
 
@@ -47,6 +48,11 @@ class Part:
     rng: RngEntry | None = None
     user: UserEntry | None = None
     """Rank 0's only: the user loop's state (``user_part.py``), when the run has one."""
+    params: list[dict] = field(default_factory=list)
+    """The parameters whose files this rank writes its pieces of (``written_params``): the committer lists every
+    rank's in the manifest, so that a pipeline's stages, each holding part of the model, list the whole model."""
+    stage: dict | None = None
+    """A pipeline stage's record (``CheckpointView.stage``), for the manifest's ``pipeline`` section."""
 
 
 RangeWriter = Callable[[Path, torch.Tensor, int], list[Chunk]]
@@ -68,15 +74,17 @@ class PartWriter:
     """The positional write used for every file (``os.pwrite``; tests pass one that fails)."""
 
     def write_shard(self, temp: Path, layout: dict, rank: int, tensors: Mapping[str, torch.Tensor],
-                    write_range: RangeWriter | None = None) -> dict[str, list[Chunk]]:
+                    write_range: RangeWriter | None = None, view: CheckpointView | None = None
+                    ) -> dict[str, list[Chunk]]:
         """Writes ``rank``'s byte ranges of every parameter file its shard covers under ``temp``; returns their
         checksums. ``tensors`` are the rank's shard tensors keyed ``"<group>/<what>"`` (``ShardState.tensors``)
-        at ``layout`` (``FlatLayout.to_dict()``); ``write_range`` defaults to :meth:`write_range`."""
+        at ``layout`` (``FlatLayout.to_dict()``); ``write_range`` defaults to :meth:`write_range`. ``view`` maps a
+        pipeline stage's shard onto the whole model's files (default: the identity view of ``rank``)."""
         write_range = write_range or self.write_range
         flat = FlatLayout.from_dict(layout)
         bits = {group.kind.name: group.kind.bits for group in flat.groups}
         written: dict[str, list[Chunk]] = {}
-        for piece in rank_pieces(flat, rank):
+        for piece in view_pieces(flat, view or CheckpointView.identity(rank), writing=True):
             for kind in KINDS_BY_BITS[bits[piece.group]]:
                 name = tensor_file(piece.param, kind)
                 start, stop = piece.shard_span(kind)
@@ -139,6 +147,8 @@ class PartWriter:
             "chunks": {name: [[c.offset, c.length, c.crc32] for c in chunks] for name, chunks in part.chunks.items()},
             "rng": asdict(part.rng) if part.rng else None,
             "user": marker_form(part.user) if part.user else None,
+            "params": part.params,
+            "stage": part.stage,
             **(extra or {}),
         }
         folder = temp / PARTS_DIR
@@ -168,14 +178,31 @@ def write_user_of(parts: PartWriter, temp: Path, rank: int, tree: dict | None,
     return parts.write_user(temp, tree or {}, own)
 
 
+def written_params(layout: dict, view: CheckpointView) -> list[dict]:
+    """The manifest entries (name, shape, state bits, weight decay) of the parameters whose files the rank of
+    ``view`` writes its pieces of, at ``layout`` (``FlatLayout.to_dict()``), in layout order."""
+    flat = FlatLayout.from_dict(layout)
+    return [{"name": view.name(slot.name), "shape": list(slot.shape), "state_bits": group.kind.bits,
+             "weight_decay": group.kind.decay}
+            for group in flat.groups for slot in group.params if view.writes(slot.name)]
+
+
+def describe_part(part: Part, layout: dict, view: CheckpointView) -> None:
+    """Fills in what the marker says about the rank's part besides its chunks: its parameters and stage record."""
+    part.params = written_params(layout, view)
+    part.stage = view.to_dict()["stage"] if view.stage is not None else None
+
+
 def write_part(parts: PartWriter, temp: Path, state: ShardState, *, session: str,
                write_range: RangeWriter | None = None, marker_extra: dict | None = None) -> tuple[Part, str | None]:
     """Writes ``state.rank``'s whole part of the save of ``state.step`` under ``temp`` and its marker (also when
     writing failed: the marker then carries the error, so the committer stops waiting). Returns the part and the
     error (None on success); never raises for a write failure."""
     part, error = Part(), None
+    view = CheckpointView.of_state(state.extra, state.rank)
     try:
-        part.chunks = parts.write_shard(temp, state.layout, state.rank, state.tensors, write_range)
+        describe_part(part, state.layout, view)
+        part.chunks = parts.write_shard(temp, state.layout, state.rank, state.tensors, write_range, view)
         part.rng = parts.write_rng(temp, state.rank, state.rng)
         part.user = write_user_of(parts, temp, state.rank, state.extra.get("user"), state.tensors)
     except BaseException as caught:  # noqa: BLE001 (any failure is this save's failure, never the caller's)

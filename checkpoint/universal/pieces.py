@@ -4,14 +4,16 @@ A rank's shard of a group is its slice of every bucket (``GroupLayout.shard_piec
 parameters; where it meets parameter ``p`` it holds a block-aligned range of ``p``'s *padded* elements (``p`` rounded
 up to whole 256-element blocks). Both the writer (which bytes of ``params/p/<kind>.bin`` this rank writes) and the
 loader (which bytes it reads, at another layout) work from these pieces, so resharding is only a matter of computing
-the pieces of the new layout.
+the pieces of the new layout. A pipeline stage's pieces go through its :class:`CheckpointView` (:func:`view_pieces`):
+its local names become the whole model's and a copy that another stage owns is read but not written.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from regrow.checkpoint.universal.format import KindSpec
+from regrow.trainer.checkpoint_view import CheckpointView
 from regrow.trainer.zero.layout import BLOCK_SIZE, FlatLayout, GroupLayout, round_up
 
 
@@ -63,3 +65,10 @@ def rank_pieces(layout: FlatLayout, rank: int) -> list[ParamPiece]:
     if not 0 <= rank < layout.world_size:
         raise ValueError(f"rank={rank} is outside the layout's world of {layout.world_size} ranks")
     return [piece for group in layout.groups for piece in group_pieces(group, rank)]
+
+
+def view_pieces(layout: FlatLayout, view: CheckpointView, *, writing: bool) -> list[ParamPiece]:
+    """The pieces of the rank that ``view`` describes, named as in the checkpoint: every piece when reading, only
+    those of parameters it writes (not copies another holder writes) when ``writing``."""
+    return [replace(piece, param=view.name(piece.param)) for piece in rank_pieces(layout, view.shard_rank)
+            if not writing or view.writes(piece.param)]

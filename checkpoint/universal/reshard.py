@@ -10,6 +10,11 @@ new shard (``pieces.rank_pieces`` of the new layout) and reads exactly those byt
 - fp32 -> 8-bit: quantized per parameter block (``codes.quantize_blockwise``): blocks start at the parameter's start
   at every layout, so a rank quantizing its range produces exactly the blocks a whole-parameter quantization would.
 
+A pipeline stage reads through its ``CheckpointView`` (``trainer/checkpoint_view.py``): its pieces are named as in
+the whole model, copies of a shared parameter included, so a checkpoint of any pipeline layout (or none) loads at any
+other. The Adam step count and learning-rate scale come from the manifest's ``pipeline`` section when it has one:
+every parameter a rank reads must have been saved by stages that agree on them.
+
 The stage does not appear in the shard at all (stages 1 and 2 keep the same shard), so it is free to change. Elements
 that belong to no parameter (padding) are zero, and 8-bit padding holds the zero code of its map, as after any step.
 
@@ -45,9 +50,10 @@ from regrow.checkpoint.universal.format import (
     Manifest,
     shard_key,
 )
-from regrow.checkpoint.universal.pieces import ParamPiece, rank_pieces
+from regrow.checkpoint.universal.pieces import ParamPiece, view_pieces
 from regrow.checkpoint.universal.user_part import load_user
 from regrow.checkpoint.universal.verified_read import VerifiedFile
+from regrow.trainer.checkpoint_view import CheckpointView
 from regrow.trainer.data import DataCursor
 from regrow.trainer.state import RngState, ShardState
 from regrow.trainer.zero.codes import CODE_MAP_VERSION, dequantize_blockwise, dynamic_code_map, quantize_blockwise
@@ -58,10 +64,17 @@ from regrow.trainer.zero.shard import empty_shard
 MOMENTS = ((EXP_AVG, EXP_AVG_CODES, EXP_AVG_SCALES, True), (EXP_AVG_SQ, EXP_AVG_SQ_CODES, EXP_AVG_SQ_SCALES, False))
 
 
-def check_model(manifest: Manifest, layout: FlatLayout, where: str) -> None:
-    """Raises :class:`CheckpointMismatch` listing every parameter missing, unexpected or of another shape."""
+def check_model(manifest: Manifest, layout: FlatLayout, where: str, view: CheckpointView | None = None) -> None:
+    """Raises :class:`CheckpointMismatch` listing every parameter missing, unexpected or of another shape: the
+    checkpoint's against the whole model's (``view.model``, or the layout's slots by their checkpoint names)."""
     saved = {p.name: tuple(p.shape) for p in manifest.params}
-    model = {slot.name: tuple(slot.shape) for group in layout.groups for slot in group.params}
+    view = view or CheckpointView.identity(0)
+    model = {view.name(slot.name): tuple(slot.shape) for group in layout.groups for slot in group.params}
+    if view.model is not None:
+        outside = sorted(name for name in model if name not in view.model)
+        if outside:
+            raise ValueError(f"check_model: the view's model lacks this shard's parameters {outside}")
+        model = dict(view.model)
     problems = [f"{name}: in the model {list(shape)}, not in the checkpoint"
                 for name, shape in model.items() if name not in saved]
     problems += [f"{name}: in the checkpoint {list(shape)}, not in the model"
@@ -130,14 +143,17 @@ class ParamReader:
                     shard(kind)[start:stop] = data
 
 
-def load_shard(ckpt: Path, manifest: Manifest, layout: FlatLayout, rank: int) -> tuple[dict[str, torch.Tensor], int]:
+def load_shard(ckpt: Path, manifest: Manifest, layout: FlatLayout, rank: int, view: CheckpointView | None = None
+               ) -> tuple[dict[str, torch.Tensor], int]:
     """Rank ``rank``'s shard tensors of ``layout`` (on the CPU) from checkpoint ``ckpt``, reading only its ranges;
-    returns them and the number of bytes read.
+    returns them and the number of bytes read. ``view`` maps a pipeline stage's shard onto the files (default: the
+    identity view of ``rank``).
 
     Raises :class:`CheckpointMismatch` for another model, :class:`CorruptCheckpoint` for a chunk that fails its
     checksum, :class:`CheckpointError` for 8-bit codes of an unknown code map.
     """
-    check_model(manifest, layout, str(ckpt))
+    view = view or CheckpointView.identity(rank)
+    check_model(manifest, layout, str(ckpt), view)
     if any(p.state_bits == 8 for p in manifest.params) and manifest.code_map_version != CODE_MAP_VERSION:
         raise CheckpointError(
             f"checkpoint {ckpt} stores 8-bit state of code map {manifest.code_map_version!r}, but this regrow uses "
@@ -146,9 +162,40 @@ def load_shard(ckpt: Path, manifest: Manifest, layout: FlatLayout, rank: int) ->
     loader = ParamReader(ckpt, manifest)
     tensors = empty_shard(layout)
     bits = {group.kind.name: group.kind.bits for group in layout.groups}
-    for piece in rank_pieces(layout, rank):
+    for piece in view_pieces(layout, view, writing=False):
         loader.fill(piece, bits[piece.group], tensors)
     return tensors, loader.bytes_read
+
+
+def stage_values(ckpt: Path, manifest: Manifest, layout: FlatLayout, view: CheckpointView, step: int
+                 ) -> tuple[int, float]:
+    """``(Adam step count, learning-rate scale)`` for the rank of ``view``: from the pipeline stages that saved its
+    parameters (they must agree), or ``(step, 1.0)`` for a checkpoint without a ``pipeline`` section. Raises
+    :class:`CheckpointError` when they disagree, or when a rank that keeps no learning-rate scale (not a pipeline
+    stage) would need one."""
+    if manifest.pipeline is None:
+        return step, 1.0
+    stage_of = manifest.pipeline.stage_of()
+    sources: dict[tuple[int, float], list[int]] = {}
+    for group in layout.groups:
+        for slot in group.params:
+            entry = stage_of[view.name(slot.name)]
+            stages = sources.setdefault((entry.optimizer_steps, entry.lr_scale), [])
+            if entry.stage not in stages:
+                stages.append(entry.stage)
+    if len(sources) > 1:
+        saved = "; ".join(f"stages {stages}: Adam step {steps}, lr_scale {scale}" for (steps, scale), stages
+                          in sorted(sources.items(), key=lambda item: item[1]))
+        raise CheckpointError(
+            f"checkpoint {ckpt} was saved by pipeline stages whose optimizer values differ ({saved}; a stage rebuilt "
+            f"from its neighbours restarts them), and this rank would hold parameters of several of them: load it at "
+            f"its own pipeline layout ({manifest.pipeline.stages} stages), where each stage keeps its own values")
+    values = next(iter(sources), (step, 1.0))
+    if view.stage is None and values[1] != 1.0:
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds pipeline stages trained at a learning-rate scale of {values[1]} (set by a "
+            f"neighbour rebuild), which a data-parallel trainer does not keep: load it into a pipeline")
+    return values
 
 
 def load_rng(ckpt: Path, manifest: Manifest, rank: int) -> RngState:
@@ -173,16 +220,21 @@ def load_rng(ckpt: Path, manifest: Manifest, rank: int) -> RngState:
     return rng
 
 
-def load_state(ckpt: Path, layout: FlatLayout, rank: int) -> tuple[ShardState, Manifest]:
-    """A :class:`ShardState` of ``layout`` for ``rank`` from checkpoint ``ckpt``, verified as it is read
-    (``extra["bytes_read"]``: bytes this rank read from tensor files)."""
+def load_state(ckpt: Path, layout: FlatLayout, rank: int, view: CheckpointView | None = None
+               ) -> tuple[ShardState, Manifest]:
+    """A :class:`ShardState` of ``layout`` for ``rank`` (in the job: its RNG state is this rank's) from checkpoint
+    ``ckpt``, verified as it is read; ``view`` maps a pipeline stage's shard onto the files. ``extra`` holds
+    ``bytes_read`` (bytes this rank read from tensor files), ``optimizer_steps`` and ``lr_scale``
+    (:func:`stage_values`)."""
     manifest = verify.require_structure(ckpt)
     try:  # checked here, before the ranks agree on this checkpoint: a bad cursor is damage, so they fall back
         DataCursor.from_dict(manifest.data_cursor)
     except ValueError as error:
         raise CorruptCheckpoint(str(ckpt), [f"{MANIFEST_NAME}: data_cursor: {error}"]) from error
-    tensors, bytes_read = load_shard(ckpt, manifest, layout, rank)
-    extra: dict = {}
+    view = view or CheckpointView.identity(rank)
+    tensors, bytes_read = load_shard(ckpt, manifest, layout, rank, view)
+    steps, lr_scale = stage_values(ckpt, manifest, layout, view, manifest.step)
+    extra: dict = {"optimizer_steps": steps, "lr_scale": lr_scale}
     if manifest.user is not None:  # a user loop's own state, the same for every rank (``user_part.py``)
         extra["user"], user = load_user(ckpt, manifest)
         tensors.update(user)

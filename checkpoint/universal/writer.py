@@ -52,8 +52,9 @@ from regrow.checkpoint.universal.commit import (
     remove_older_temporaries,
 )
 from regrow.checkpoint.universal.format import Chunk, Manifest, RngEntry, step_dir_name, temp_dir_name
-from regrow.checkpoint.universal.part_writer import Part, PartWriter, write_user_of
+from regrow.checkpoint.universal.part_writer import Part, PartWriter, describe_part, write_user_of
 from regrow.comm import collectives
+from regrow.trainer.checkpoint_view import CheckpointView
 from regrow.trainer.checks import require_ints
 from regrow.trainer.log import log_line
 from regrow.trainer.state import RngState, ShardState
@@ -131,6 +132,8 @@ class PendingSave:
     temp: Path
     user: dict | None = None
     """The user loop's JSON state (``ShardState.extra["user"]``); its tensors are in ``copy`` under ``user/``."""
+    view: CheckpointView | None = None
+    """How the shard maps onto the checkpoint's files (a pipeline stage's; None: the identity view)."""
     thread: threading.Thread | None = None
     mutation_pending: bool = True
 
@@ -247,7 +250,8 @@ class CheckpointWriter:
             return False
         save = PendingSave(step=state.step, layout=state.layout, rng=state.rng, data_cursor=dict(state.data_cursor),
                      tokens_seen=state.tokens_seen, copy=copy, started=time.perf_counter(),
-                     temp=self.root / temp_dir_name(state.step, self.session), user=state.extra.get("user"))
+                     temp=self.root / temp_dir_name(state.step, self.session), user=state.extra.get("user"),
+                     view=CheckpointView.of_state(state.extra, self.rank))
         save.thread = threading.Thread(target=self._persist, args=(save,), daemon=True,
                                        name=f"regrow-ckpt-persist-step{state.step}")
         self._inflight = save
@@ -275,6 +279,7 @@ class CheckpointWriter:
             save.copy.wait_host(self.timeout_s)
             if self._io_fault is not None:
                 self._io_fault(save.step)
+            describe_part(part, save.layout, self._view(save))
             part.chunks = self.write_shard(save)
             part.rng = self.write_rng(save)
             part.user = write_user_of(self._parts(), save.temp, self.rank, save.user, save.copy.buffers)
@@ -308,7 +313,11 @@ class CheckpointWriter:
 
     def write_shard(self, save: PendingSave) -> dict[str, list[Chunk]]:
         """Writes this rank's byte ranges of every parameter file its shard covers; returns their checksums."""
-        return self._parts().write_shard(save.temp, save.layout, self.rank, save.copy.buffers, self.write_range)
+        return self._parts().write_shard(save.temp, save.layout, self.rank, save.copy.buffers, self.write_range,
+                                         self._view(save))
+
+    def _view(self, save: PendingSave) -> CheckpointView:
+        return save.view or CheckpointView.identity(self.rank)
 
     def write_range(self, path: Path, source: torch.Tensor, offset: int) -> list[Chunk]:
         """Writes ``source``'s bytes at byte ``offset`` of ``path`` (created if needed, never truncated: other

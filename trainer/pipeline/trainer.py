@@ -29,6 +29,7 @@ from regrow.comm.topology import Topology
 from regrow.comm.world import World
 from regrow.trainer import sink_calls
 from regrow.trainer.boundary import RewindableStep
+from regrow.trainer.checkpoint_view import VIEW_KEY, CheckpointView, StageRecord
 from regrow.trainer.data import DataCursor, Sampler
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import NonFiniteLossError, StepResult, agree_lineage, learning_rate
@@ -44,6 +45,7 @@ from regrow.trainer.pipeline.shared import (
     sum_shared_grads,
     sum_shared_reduced_grads,
 )
+from regrow.trainer.pipeline.view import stage_view, whole_model_shapes
 from regrow.trainer.restorable import OptimizerBackedRestore
 from regrow.trainer.state import RngState, ShardState, StateSink, optimizer_tensors
 from regrow.trainer.zero.optimizer import ZeroOptimizer
@@ -246,19 +248,23 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
         return self.history
 
     # ---------------------------------------------------------------- state and recovery
+    def checkpoint_view(self) -> CheckpointView:
+        """This stage's map onto a universal checkpoint (``pipeline/view.py``), the whole GPT's shapes included."""
+        record = StageRecord(stage=self.stage, stages=self.n_stages, dp_size=self.dp_size,
+                             optimizer_steps=self.optimizer.step_count, lr_scale=self.lr_scale)
+        return stage_view(self.module, self.shared, record, shard_rank=self.optimizer.rank,
+                          model=whole_model_shapes(self.config.train.model))
+
     def shard_state(self) -> ShardState:
-        """This rank's shard at the current step boundary; ``extra`` records the stage, its learning-rate scale and the
-        optimizer's step count (which a neighbour rebuild resets)."""
+        """This rank's shard at the current step boundary; ``extra`` records the stage, its learning-rate scale, the
+        optimizer's step count (which a neighbour rebuild resets) and the stage's :meth:`checkpoint_view`."""
         return ShardState(
-            step=self.step,
-            tensors=self.optimizer.shard_tensors(),
-            layout=self.optimizer.layout.to_dict(),
-            rank=self.rank,
-            rng=RngState.capture(),
-            data_cursor=self.sampler.state().to_dict(),
+            step=self.step, tensors=self.optimizer.shard_tensors(), layout=self.optimizer.layout.to_dict(),
+            rank=self.rank, rng=RngState.capture(), data_cursor=self.sampler.state().to_dict(),
             tokens_seen=self.tokens_seen,
             extra={"pp_stage": self.stage, "pp_size": self.n_stages, "lr_scale": self.lr_scale,
-                   "optimizer_steps": self.optimizer.step_count, "lineage": self.lineage},
+                   "optimizer_steps": self.optimizer.step_count, "lineage": self.lineage,
+                   VIEW_KEY: self.checkpoint_view().to_dict()},
         )
 
     def run_config(self) -> dict:
@@ -281,7 +287,8 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
 
     def restore(self, state: ShardState) -> None:
         """Resumes this stage from ``state`` (a :meth:`shard_state` of this rank's stage at the same layout, e.g. a
-        snapshot or a saved file): masters and optimizer state, step, data cursor, RNG, learning-rate scale.
+        snapshot, or this stage's part of a universal checkpoint of any layout, read through
+        :meth:`checkpoint_view`): masters and optimizer state, step, data cursor, RNG, learning-rate scale.
 
         Collective over the stage's data-parallel group (every rank of it restores its own shard together); the
         other stages are not involved. ``extra["optimizer_steps"]`` (Adam's step, which a neighbour rebuild resets)
