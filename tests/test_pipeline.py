@@ -172,4 +172,3 @@ def test_pipeline_matches_single_process_model(stages: int, dp: int, zero: int) 
                 torch.testing.assert_close(value, reference[kind][base], rtol=1e-5, atol=atol, msg=f"{kind} {name}")
                 covered.add(base)
     assert covered == set(reference["params"]), "every parameter of the model lives on some stage"
-
