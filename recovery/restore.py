@@ -13,7 +13,8 @@ them; each source is one collective attempt that every rank passes or fails toge
   ``restore_from_coded``): the newest step every rank holds in a verified slot, else in a slot or its node's coded
   buffers (the path after a node loss);
 - the neighbour rebuild of a pipeline's lost stage (``stage_heal.heal_lost_stage``);
-- the universal checkpoint (``from_checkpoint.restore_latest``): ``latest`` under the checkpoint root.
+- the universal checkpoint (``from_checkpoint.restore_latest``): ``latest`` under the checkpoint root; a
+  pipeline's stages each read their own stage's shard, whatever layout saved it.
 
 Each rank logs which source it used and why the better ones were passed over; the result says the same. Once
 restored, the ranks start a new lineage together (``Restorable.start_lineage``): the steps the job trains from here
@@ -70,7 +71,8 @@ def restore_job(target: Restorable, address: str | None, *, ckpt_root: str | Non
         Source.KEPT: lambda: keep_survivors(search, kept_step),
         Source.SNAPSHOT: lambda: restore_from_slots(search),
         Source.ERASURE: lambda: restore_from_coded(search),
-        Source.NEIGHBORS: lambda: _rebuild_stage(target, search, kept_step, lost_ranks),
+        Source.NEIGHBORS: lambda: _rebuild_stage(target, search, kept_step, lost_ranks,
+                                                 fallback=Source.CHECKPOINT in planned),
         Source.CHECKPOINT: lambda: restore_latest(target, ckpt_root, search.passed_over),
     }
     try:
@@ -103,13 +105,22 @@ def _first_that_serves(planned: list[Source], attempts: dict[Source, Attempt]) -
 
 
 def _rebuild_stage(target: Restorable, search: SnapshotSearch, kept_step: int | None,
-                   lost_ranks: Collection[int]) -> JobRestore:
-    """The neighbour rebuild of a pipeline's lost stage (raises :class:`RecoveryImpossible` when impossible)."""
+                   lost_ranks: Collection[int], *, fallback: bool) -> JobRestore | None:
+    """The neighbour rebuild of a pipeline's lost stage. When it turns out impossible (the survivors at different
+    steps, say: every rank finds so together) it returns None with the reason in ``search.passed_over`` if the
+    checkpoint comes next (``fallback``), else raises :class:`RecoveryImpossible`."""
     assert isinstance(target, PipelineTrainer)  # planned for pipelines only (job_availability)
     if search.passed_over or search.slots or search.coded:
         log_line(target.rank, target.step, f"recovery: no snapshot serves every rank ({'; '.join(search.passed_over)})"
                                            f"; rebuilding the lost stage from its neighbours")
-    result = heal_lost_stage(target, kept_step=kept_step, lost_ranks=lost_ranks)
+    try:
+        result = heal_lost_stage(target, kept_step=kept_step, lost_ranks=lost_ranks)
+    except RecoveryImpossible as error:
+        if not fallback:
+            raise
+        search.passed_over.append(str(error))
+        log_line(target.rank, target.step, f"recovery: {error}; restoring every stage from the checkpoint")
+        return None
     result.passed_over = search.passed_over
     return result
 
@@ -120,7 +131,7 @@ def _nothing_served(target: Restorable, search: SnapshotSearch) -> JobRestore:
     if isinstance(target, PipelineTrainer):
         reasons = "; ".join(search.passed_over) or "no snapshot"
         raise RecoveryImpossible(f"pipeline stage rebuild impossible: {reasons}; no neighbour rebuild serves either "
-                                 f"(enable snapshots, or restart from a checkpoint)")
+                                 f"(enable snapshots, or save universal checkpoints to fall back to)")
     return restore_latest(target, None, search.passed_over)  # raises: no checkpoint root to fall back to
 
 

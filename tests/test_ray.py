@@ -430,6 +430,29 @@ def test_pipeline_stage_lost_with_snapshots_is_restored_from_its_snapshot(cluste
 
 
 @pytest.mark.timeout(400)
+def test_pipeline_stage_and_both_neighbours_lost_restore_every_stage_from_the_checkpoint(cluster, tmp_path) -> None:
+    """Snapshots off, a universal checkpoint every 2 steps: the workers of stages 1, 2 and 3 (of 4) die in step 7, so
+    stage 2 has no live neighbour to be rebuilt from. Every stage, the surviving stage 0 too, restores step 6 from
+    the checkpoint (each reading its own stage's shard) and the run ends bit-identical to a fault-free one."""
+    steps, ckpt = 10, tmp_path / "ckpt"
+    config = CoordinatorConfig(workers=WORKERS, events_path=str(tmp_path / "pipe-ckpt.jsonl"), resources_timeout_s=120)
+    spec = dataclasses.replace(pipeline_spec(steps), ckpt_dir=str(ckpt), extra_sinks=ray_workers.checkpoint_sinks)
+    train = dataclasses.replace(spec.config.train, model=dataclasses.replace(spec.config.train.model, dropout=0.1))
+    spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, train=train))
+    reference = Coordinator(config, spec, env={ray_workers.CKPT_ENV: str(tmp_path / "ref-ckpt")}).run(
+        steps, collect_parameters=True)
+    fired = tmp_path / "fired"
+    fired.mkdir()
+    env = {**faults.plan_env([faults.Fault("kill-rank", rank, 7) for rank in (1, 2, 3)], str(fired)),
+           ray_workers.CKPT_ENV: str(ckpt)}
+    outcome = Coordinator(config, spec, env=env).run(steps, collect_parameters=True)
+    (restores,) = outcome.restores
+    assert [r["source"] for r in restores] == ["checkpoint"] * WORKERS, restores
+    assert {r["step"] for r in restores} == {6}, restores
+    assert_same(outcome, reference)
+
+
+@pytest.mark.timeout(400)
 def test_elastic_mode_goes_on_with_fewer_ranks_resharded_from_the_checkpoint(cluster, tmp_path) -> None:
     """Three ranks of two CPUs fill the three nodes; the node of rank 2 is removed, so no replacement can be
     placed: after ``elastic_wait_s`` the job goes on with two ranks, every rank restoring the last universal

@@ -176,11 +176,11 @@ class Worker(GroupMember):
                               lineage=trainer.start_lineage())
         kept_step = self._kept_step()
         if isinstance(trainer, PipelineTrainer):
-            # A pipeline's stages are not restored from a universal checkpoint here: its snapshots (when on), else
-            # its lost stage rebuilt from the neighbours.
+            # A pipeline: its snapshots (when on), else its lost stage rebuilt from the neighbours, else every stage
+            # from the universal checkpoint (each reading its own stage's shard).
             address = self.address if self.spec.snapshot_every else None
-            return restore_job(trainer, address, timeout_s=self.spec.timeout_s, kept_step=kept_step,
-                               lost_ranks=lost_ranks)
+            return restore_job(trainer, address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s,
+                               kept_step=kept_step, lost_ranks=lost_ranks)
         return restore_job(trainer, self.address, ckpt_root=self.spec.ckpt_dir, timeout_s=self.spec.timeout_s,
                            kept_step=kept_step)
 
