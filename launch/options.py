@@ -363,7 +363,7 @@ class RayOptions:
     """Nodes of a group that may be lost at once (``--ec-parity``)."""
     elastic_wait_s: float = 0.0
     """Seconds to wait for a lost rank's replacement before going on with fewer ranks (``--elastic-wait``; 0:
-    off)."""
+    off); the job grows back to ``--workers`` at a checkpoint step once resources return."""
     standby: int = 0
     """Standby workers per node, started ahead of need (``--standby``)."""
     resources_timeout_s: float = 300.0

@@ -203,7 +203,8 @@ RAY = (
           type=int),
     _flag("--elastic-wait", RayOptions, "elastic_wait_s",
           "elastic mode: seconds to wait for a lost rank's replacement before going on with fewer ranks, resharded "
-          "from the last checkpoint of --ckpt-dir (0: off)", type=float),
+          "from the last checkpoint of --ckpt-dir; the job grows back at a --save-every step once resources "
+          "return (0: off)", type=float),
     _flag("--standby", RayOptions, "standby",
           "standby workers per node, started ahead of need: a lost rank is taken over by its node's standby (1.7 s "
           "to resume on 4 GPUs, against 5.5-7.3 s with a new actor; 0: off); with a standby, a straggler the "

@@ -112,6 +112,7 @@ def run(job: Job) -> int:
             spec = WorkerSpec(config=config, world_size=cluster.workers,
                               device="cuda" if cluster.gpus_per_worker else "cpu",
                               snapshot_every=cluster.snapshot_every, ckpt_dir=checkpoint.ckpt_dir, extra_sinks=sinks,
+                              ckpt_every=checkpoint.save_every if checkpoint.ckpt_dir else 0,
                               parity=options.faults.parity(), stragglers=stragglers,
                               replace_stragglers=stragglers is not None and cluster.standby > 0)
             outcome = Coordinator(coordinator_config, spec, env=plan_env(job.plan, fired)).run(config.steps)
@@ -123,5 +124,13 @@ def run(job: Job) -> int:
             ray.shutdown()
     last = outcome.history[-1] if outcome.history else None
     print(f"regrow ray: trained to step {outcome.steps} with {outcome.failures} failure(s) healed"
-          + (f"; last loss {last[1]:.4f}" if last else ""))
+          + (f"; last loss {last[1]:.4f}" if last else "") + resizes_text(outcome.resizes))
     return 0
+
+
+def resizes_text(resizes: list[dict]) -> str:
+    """``"; world size 3 -> 2 (from step 4) -> 3 (from step 6)"``: an elastic job's shrinks and growths, or ""."""
+    if not resizes:
+        return ""
+    sizes = " -> ".join(f"{r['world_size']} (from step {r['step']})" for r in resizes)
+    return f"; world size {resizes[0]['was']} -> {sizes}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from regrow.launch.chaos import plan as faults  # noqa: E402
 from regrow.launch.chaos import records  # noqa: E402
+from regrow.launch.ray_cli import resizes_text  # noqa: E402
 from regrow.recovery.parity import ParityConfig  # noqa: E402
 from regrow.recovery.ray.coordinator import Coordinator, CoordinatorConfig, CoordinatorError  # noqa: E402
 from regrow.recovery.ray.job import Outcome  # noqa: E402
@@ -94,10 +96,11 @@ def assert_same(outcome: Outcome, reference: Outcome) -> None:
 
 
 def remove_node_while_held(cluster: Cluster, coordinator: Coordinator, hold: Path, *, holders: int, rank: int,
-                           run_job, ready=lambda: True) -> dict:
+                           run_job, ready=lambda: True, then=lambda: None, spare=lambda: True) -> dict:
     """Runs ``run_job()`` on a thread; once ``holders`` ranks hold (:data:`ray_workers.HOLD_ENV`) and ``ready()``,
-    removes the node of ``rank`` and releases them. Returns ``{"value": ...}`` or ``{"error": ...}``; the cluster
-    gets a fresh spare node back however it ends."""
+    removes the node of ``rank``, releases them and calls ``then()`` (on this thread: Ray's cluster utilities need
+    the main thread). Returns ``{"value": ...}`` or ``{"error": ...}``; the cluster gets a fresh spare node back
+    however it ends (unless ``spare()`` says ``then`` added one itself)."""
     result: dict = {}
 
     def drive() -> None:
@@ -116,10 +119,12 @@ def remove_node_while_held(cluster: Cluster, coordinator: Coordinator, hold: Pat
         victim = coordinator.ranks_node(rank)
         cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == victim))
         (hold / "release").write_text("go\n")
+        then()
         thread.join(300)
     finally:
-        cluster.add_node(num_cpus=2)  # the spare for a later test: the cluster is as the fixture made it
-        cluster.wait_for_nodes()
+        if spare():
+            cluster.add_node(num_cpus=2)  # the spare for a later test: the cluster is as the fixture made it
+            cluster.wait_for_nodes()
     return result
 
 
@@ -549,3 +554,70 @@ def test_stop_ends_the_run_early_and_events_reach_the_callback(cluster, tmp_path
     assert outcome.stopped == "enough" and outcome.stopped_at is not None and 0 < outcome.stopped_at < 100_000
     assert [e["event"] for e in seen] == [e["event"] for e in events(tmp_path, "stop")]
     assert seen[-1]["event"] == "stopped" and seen[-1]["step"] == outcome.stopped_at
+
+
+@pytest.mark.timeout(500)
+def test_an_elastic_job_grows_back_when_a_node_rejoins(cluster, tmp_path) -> None:
+    """Three ranks of two CPUs fill the three nodes; the node of rank 2 is removed in step 6, so the job goes on
+    with two ranks from step 4's checkpoint; a node joins the cluster meanwhile, and at the next checkpoint step
+    the job grows back to three ranks without a restart, every rank restoring that step's checkpoint resharded from
+    2 ranks to 3. From there its losses and final parameters equal, bit for bit, a fault-free 3-rank run resumed
+    from the same checkpoint; the event log shows the shrink and the growth."""
+    steps, hold = 12, tmp_path / "hold"
+    hold.mkdir()
+    config = tiny_config(steps=steps, data=DataConfig(seq_len=64, micro_batch=2, global_batch=12),
+                         model=GPTConfig.preset("tiny"))
+    ckpt, grown_from = tmp_path / "ckpt", tmp_path / "grown-from"
+    spec = WorkerSpec(config=config, world_size=3, snapshot_every=1, timeout_s=30, ckpt_dir=str(ckpt), ckpt_every=2,
+                      extra_sinks=ray_workers.checkpoint_sinks)
+    coordinator_config = CoordinatorConfig(workers=3, cpus_per_worker=2, elastic_wait_s=3, resources_timeout_s=60,
+                                           events_path=str(tmp_path / "grow.jsonl"))
+    rejoined: list[bool] = []
+    shrunk, node_added = threading.Event(), threading.Event()
+
+    def on_event(record: dict) -> None:  # on the coordinator's thread
+        if record["event"] == "shrunk":  # the job waits here until the node is back: it then runs short from step 4
+            shrunk.set()
+            node_added.wait(120)
+        elif record["event"] == "grown":  # kept for the reference before later saves purge it
+            name = f"step_{record['step']:08d}"
+            shutil.copytree(ckpt / name, grown_from / name)
+            (grown_from / "latest").write_text(name + "\n")
+
+    coordinator = Coordinator(coordinator_config, spec, env={ray_workers.HOLD_ENV: f"6:{hold}",
+                                                             ray_workers.CKPT_ENV: str(ckpt)}, on_event=on_event)
+    def rejoin() -> None:
+        try:
+            if shrunk.wait(120):
+                cluster.add_node(num_cpus=2)
+                cluster.wait_for_nodes()
+                rejoined.append(True)
+        finally:
+            node_added.set()
+
+    try:
+        result = remove_node_while_held(cluster, coordinator, hold, holders=3, rank=2,
+                                        run_job=lambda: coordinator.run(steps, collect_parameters=True),
+                                        ready=(ckpt / "step_00000004").exists, then=rejoin, spare=lambda: not rejoined)
+    finally:
+        for leftover in Path("/dev/shm").glob(f"regrow-snap-{coordinator.job.split('-')[0]}-*"):
+            leftover.unlink()
+    assert "error" not in result, result.get("error")
+    outcome = result["value"]
+    changes = [(e["event"], e["was"], e["world_size"]) for e in events(tmp_path, "grow")
+               if e["event"] in ("shrunk", "grown")]
+    assert changes == [("shrunk", 3, 2), ("grown", 2, 3)], changes
+    (grown,) = [e for e in events(tmp_path, "grow") if e["event"] == "grown"]
+    shrink_restores, grow_restores = outcome.restores
+    assert [(r["source"], r["step"]) for r in shrink_restores] == [("checkpoint", 4)] * 2, shrink_restores
+    assert [(r["source"], r["step"]) for r in grow_restores] == [("checkpoint", grown["step"])] * 3, grow_restores
+    assert resizes_text(outcome.resizes) == f"; world size 3 -> 2 (from step 4) -> 3 (from step {grown['step']})"
+
+    reference = Coordinator(
+        CoordinatorConfig(workers=3, cpus_per_worker=2, resources_timeout_s=60),
+        dataclasses.replace(spec, ckpt_dir=str(grown_from), ckpt_every=0, extra_sinks=ray_workers.worker_sinks),
+    ).run(steps, resume=True, collect_parameters=True)
+    after = [(step, loss) for step, loss in outcome.history if step > grown["step"]]
+    assert after == reference.history and after[-1][0] == steps, (after, reference.history)
+    for name, value in outcome.parameters.items():
+        assert torch.equal(value, reference.parameters[name]), name

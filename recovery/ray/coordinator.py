@@ -27,7 +27,10 @@ Healing, in order:
    (``recovery.stage_heal``). Training resumes.
 
 Elastic mode (``elastic_wait_s``): a replacement that finds no resources in time is not waited for; the job goes
-on with fewer ranks, resharded from the latest universal checkpoint.
+on with fewer ranks, resharded from the latest universal checkpoint. While it runs short, it trains to each
+checkpoint step (``WorkerSpec.ckpt_every``) and there looks for room for the missing ranks: once resources return
+(a node rejoins the cluster) it grows back to ``workers`` ranks, every rank restoring that step's checkpoint
+resharded, without a whole-job restart.
 
 Entry-point mode (``WorkerSpec.entry``, :meth:`Coordinator.run_entry`): the workers run the user's function
 (``entry_worker.py``) instead of regrow's trainer. Healing is the same up to step 4; then every rank, survivors
@@ -139,11 +142,15 @@ class Coordinator:
             self._hosts.place(self._job.nodes())
             self._generations.form(resume=resume, outcome=outcome)
             while True:
-                failed = self._watch.train_until(steps or 0, outcome)
-                if failed is None:
+                until = self._next_stop(steps or 0)
+                failed = self._watch.train_until(until, outcome)
+                if failed is not None:
+                    self._job.count_failure(self.config.max_restarts)
+                    self._healer.heal(failed, outcome)
+                elif until >= (steps or 0):
                     break
-                self._job.count_failure(self.config.max_restarts)
-                self._healer.heal(failed, outcome)
+                else:
+                    self._healer.grow(outcome)
             reached = {"step": steps} if steps is not None else {}
             self.event("finished", **reached, failures=self.failures, seconds=round(self.elapsed(), 3))
             outcome.failures = self.failures
@@ -161,6 +168,15 @@ class Coordinator:
             self._hosts.stop()
             self._placement.release()
             self._generations.close()
+
+    def _next_stop(self, steps: int) -> int:
+        """Where the next training calls end: ``steps``, or while an elastic job runs short of ranks (and its
+        checkpoint cadence is known) the next checkpoint step, where it may grow back."""
+        every = self.spec.ckpt_every
+        if not (self.config.elastic_wait_s and every and self._job.world_size < self.config.workers):
+            return steps
+        step = self._last_step() or 0
+        return min(steps, (step // every + 1) * every)
 
     def stop(self, reason: str = "stopped") -> None:
         """Ends :meth:`run` early: at its next poll of the training calls (or before the next generation forms
@@ -206,7 +222,7 @@ class Coordinator:
 
     @property
     def world_size(self) -> int:
-        """Ranks of the current generation: ``config.workers`` until an elastic shrink."""
+        """Ranks of the current generation: ``config.workers``, fewer after an elastic shrink until it grows back."""
         return self._job.world_size
 
     def ranks_node(self, rank: int) -> str:

@@ -2,7 +2,8 @@
 node lives, else anywhere), the snapshot process of every lost node moved and rebuilt, the next process-group
 generation formed among survivors and replacements, and the job restored (the survivors keep their state, only the
 replacements restore, unless the job must go back further). In elastic mode a replacement that finds no resources
-in time is not waited for: the job shrinks instead (:meth:`Healer._shrink`)."""
+in time is not waited for: the job shrinks instead (:meth:`Healer._shrink`), and grows back to its size at a
+checkpoint boundary once resources return (:meth:`Healer.grow`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from regrow.recovery.ray.job import JobState, Outcome
 from regrow.recovery.ray.placement import alive_nodes
 from regrow.recovery.ray.snapshot_hosts import SnapshotHosts
 from regrow.recovery.ray.stop import StopRequest
-from regrow.recovery.ray.worker import WorkerSpec
+from regrow.recovery.ray.worker import TRAIN, WorkerSpec
 from regrow.recovery.ray.workers import Workers
 
 
@@ -43,7 +44,7 @@ class Healer:
         cannot go on."""
         started = time.monotonic()
         lost = set(dead)
-        reshard = False
+        reshard, was = False, self._job.world_size
         while True:
             self._stop.check()
             alive = alive_nodes()
@@ -66,6 +67,9 @@ class Healer:
             generation = self._job.next_generation()
             try:
                 self._generations.form(resume=True, outcome=outcome, lost=tuple(sorted(lost)), reshard=reshard)
+                if reshard:
+                    outcome.resizes.append({"change": "shrunk", "was": was, "world_size": self._job.world_size,
+                                            "step": outcome.restores[-1][0]["step"]})
                 break
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError,
                     self._ray.exceptions.RayTaskError) as error:
@@ -78,6 +82,40 @@ class Healer:
                     for rank in self._job.ranks:
                         rank.abort("recovery failed")
         self._events.event("resumed", generation=self._job.generation, seconds=round(time.monotonic() - started, 3))
+
+    def grow(self, outcome: Outcome) -> bool:
+        """Elastic mode, at a checkpoint boundary of a job that shrank: when the cluster has room for the missing
+        ranks again, starts their workers, settles every rank (its checkpoint of this step committed), and forms a
+        generation at the configured size in which every rank restores that checkpoint resharded. Returns whether
+        the job grew (False: no room yet, nothing changed). Raises like :meth:`heal` when the new generation
+        cannot form."""
+        missing = self._config.workers - self._job.world_size
+        if missing <= 0 or not self._room_for(missing):
+            return False
+        was = self._job.world_size
+        try:
+            started = self._workers.start({index: None for index in range(was, self._config.workers)},
+                                          timeout_s=self._config.elastic_wait_s)
+        except CoordinatorError:
+            return False  # the room went to something else meanwhile: the next boundary tries again
+        settled = self._ray.get([rank.handle.settle.options(concurrency_group=TRAIN).remote()
+                                 for rank in self._job.ranks], timeout=self._spec.timeout_s * 4)
+        self._job.grow(started)
+        self._hosts.restart(self._job.world_size, self._job.nodes())
+        generation = self._job.next_generation()
+        self._generations.form(resume=True, outcome=outcome, reshard=True)
+        self._events.event("grown", world_size=self._job.world_size, was=was, step=settled[0]["step"],
+                           generation=generation, nodes=[rank.node for rank in started])
+        outcome.resizes.append({"change": "grown", "was": was, "world_size": self._job.world_size,
+                                "step": outcome.restores[-1][0]["step"]})
+        return True
+
+    def _room_for(self, missing: int) -> bool:
+        """Whether the cluster's free resources could hold ``missing`` more workers (a cheap look before any actor
+        is started: a worker that cannot be placed is a pending actor until the timeout)."""
+        free = self._ray.available_resources()
+        need = {"CPU": self._config.cpus_per_worker * missing, "GPU": self._config.gpus_per_worker * missing}
+        return all(free.get(key, 0.0) >= value for key, value in need.items() if value)
 
     def _shrink(self, dead: list[int], reason: str) -> None:
         """Elastic mode: goes on without ``dead``, on the largest number of survivors that divides the global

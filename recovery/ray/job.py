@@ -52,7 +52,8 @@ class JobState:
     changes it; they change it through its methods."""
 
     world_size: int
-    """Ranks of the current generation: ``CoordinatorConfig.workers`` until an elastic shrink."""
+    """Ranks of the current generation: ``CoordinatorConfig.workers``, fewer after an elastic shrink until the job
+    grows back."""
     ranks: list[Rank] = field(default_factory=list)
     """Rank -> its current worker (empty until the run has started them)."""
     generation: int = 0
@@ -75,6 +76,11 @@ class JobState:
     def shrink(self, ranks: list[Rank]) -> None:
         """The job goes on with ``ranks`` only, renumbered in their order."""
         self.ranks, self.world_size = ranks, len(ranks)
+
+    def grow(self, ranks: list[Rank]) -> None:
+        """The job goes on with ``ranks`` added after its current ones."""
+        self.ranks = self.ranks + ranks
+        self.world_size = len(self.ranks)
 
     def next_generation(self) -> int:
         self.generation += 1
@@ -100,6 +106,9 @@ class Outcome:
     """(step, loss) of rank 0, the steps of the last attempt at each step."""
     restores: list[list[dict]] = field(default_factory=list)
     """Every rank's restore result, per healing."""
+    resizes: list[dict] = field(default_factory=list)
+    """Elastic mode: every change of the world size, in order: ``change`` ("shrunk" or "grown"), ``was``,
+    ``world_size`` and ``step``, the checkpoint step the resized job restored."""
     parameters: dict | None = None
     """Rank 0's final model parameters (when :meth:`Coordinator.run` was asked for them)."""
     stopped: str | None = None

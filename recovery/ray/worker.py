@@ -40,6 +40,7 @@ from regrow.recovery.ray.entry import EntryPoint
 from regrow.recovery.ray.member import CONCURRENCY_GROUPS, CONTROL, TRAIN, GroupMember, describe_failure
 from regrow.recovery.restore import restore_job
 from regrow.recovery.stragglers import Straggler, StragglerConfig, StragglerMonitor, evict
+from regrow.trainer import sink_calls
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import Trainer, TrainerConfig
 from regrow.trainer.pipeline.config import PipelineTrainerConfig
@@ -66,6 +67,9 @@ class WorkerSpec:
     """Snapshot into the node's snapshot process every this many steps (0: off)."""
     ckpt_dir: str | None = None
     """The universal-checkpoint root: the last restore source."""
+    ckpt_every: int = 0
+    """The steps between the universal checkpoints the sinks save under :attr:`ckpt_dir` (0: not known). An elastic
+    job that shrank grows back to its size at one of these steps (``CoordinatorConfig.elastic_wait_s``)."""
     timeout_s: float = 60.0
     """Limit of process-group formation and snapshot-process requests."""
     survivors_keep_state: bool = True
@@ -88,6 +92,10 @@ class WorkerSpec:
         if (self.config is None) == (self.entry is None):
             raise ValueError("WorkerSpec needs exactly one of config (regrow's trainer) and entry (the user's "
                              "function)")
+        if isinstance(self.ckpt_every, bool) or not isinstance(self.ckpt_every, int) or self.ckpt_every < 0:
+            raise ValueError(f"WorkerSpec.ckpt_every={self.ckpt_every!r} must be an integer >= 0")
+        if self.ckpt_every and not self.ckpt_dir:
+            raise ValueError("WorkerSpec.ckpt_every needs WorkerSpec.ckpt_dir (the root the checkpoints go to)")
         if self.replace_stragglers and self.stragglers is None:
             raise ValueError("WorkerSpec.replace_stragglers needs WorkerSpec.stragglers (the monitor that names them)")
 
@@ -168,6 +176,16 @@ class Worker(GroupMember):
             return {"rank": self.rank, "step": trainer.step, "source": None, "attach_s": attach_s}
         return {"rank": self.rank, "step": restored.step, "source": restored.source.value,
                 "seconds": restored.seconds, "detail": restored.detail, "attach_s": attach_s}
+
+    def settle(self) -> dict:
+        """Closes this generation's sinks at the step boundary where the job changes size (an elastic job growing
+        back), except the snapshot sink: a checkpoint writer waits for its save in flight, rank 0's until the save
+        is committed, so the next generation finds it. Call on every rank at once (rank 0's commit waits for the
+        other ranks' parts). Returns the rank and the step it stopped at."""
+        trainer = self._trainer()
+        sink_calls.close([sink for sink in trainer.sinks if sink is not self.sink])
+        trainer.sinks.clear()
+        return {"rank": self.rank, "step": trainer.step}
 
     def _restore(self, trainer: Trainer | PipelineTrainer, lost_ranks: tuple[int, ...], reshard: bool) -> JobRestore:
         if reshard:
