@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,10 +24,11 @@ import pytest
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
 from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import MANIFEST_NAME
-from regrow.launch import holdings, torchrun
+from regrow.launch import holdings, node_helper, torchrun
 from regrow.launch.chaos import plan as faults
 from regrow.launch.chaos.report import MANIFEST_VOLATILE
 from regrow.launch.local.nodes import ADDRESS_ENV
+from regrow.launch.node_group import GroupDirectory, Member
 from regrow.launch.options import CheckpointOptions, SnapshotOptions
 from regrow.tests.fingerprint import assert_same_checkpoint
 
@@ -152,6 +154,106 @@ def test_node_helper_persists_the_checkpoints_the_ranks_writer_would(started, jo
     assert not list(Path("/dev/shm").glob(f"regrow-snap-{job}-*"))
 
 
+EC_NODES = 3
+
+
+def ec_node(node: int, job: str, ec_dir: Path, port: int, worker: list[str]) -> list[str]:
+    """Node ``node`` of :data:`EC_NODES` simulated nodes: its helper (erasure coding, p = 1) running its torchrun
+    agent, one rank per node, the agents meeting in a c10d rendezvous on this machine."""
+    return [sys.executable, "-m", "regrow.launch.torchrun", "node", "--job", f"{job}-n{node}", "--node-rank", str(node),
+            "--nnodes", str(EC_NODES), "--ec-group-size", str(EC_NODES), "--ec-parity", "1", "--ec-dir", str(ec_dir),
+            "--", sys.executable, "-m", "torch.distributed.run", "--nnodes", str(EC_NODES), "--nproc-per-node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job, "--max-restarts", "2",
+            "--monitor-interval", "0.5", *worker]
+
+
+@pytest.mark.timeout(300)
+def test_a_node_lost_under_torchrun_is_rebuilt_from_its_erasure_coding_group(started, job, tmp_path) -> None:
+    """Three simulated nodes, each a node helper with its own torchrun agent and one rank, their snapshot
+    processes erasure-coding each other (p = 1) after meeting in ``--ec-dir``. ``kill-node:2@5`` kills node 2's rank
+    and its snapshot process together; the helper starts a replacement on the same address and the group rebuilds
+    it, torchrun restarts every rank, and they restore the rebuilt step: the final checkpoint is byte-identical to a
+    fault-free run's."""
+    worker = [arg if arg != "4" or prev != "--global-batch" else "6" for prev, arg in zip(["", *WORKER], WORKER)]
+    # One thread per rank in both runs: torchrun sets it itself only for several ranks per node, and the thread
+    # count changes the order of the sums inside a matmul.
+    env = {**{k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, ADDRESS_ENV, faults.FAULTS_ENV)},
+           "OMP_NUM_THREADS": "1"}
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(EC_NODES), *worker,
+         "--ckpt-dir", str(tmp_path / "reference")], started, env)
+
+    fired = tmp_path / "fired"
+    fired.mkdir()
+    env = {**env, TOKEN_ENV: secrets.token_hex(32),
+           **faults.plan_env([faults.Fault("kill-node", 2, KILL_STEP)], str(fired))}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    logs = [tmp_path / f"node{node}.log" for node in range(EC_NODES)]
+    nodes = []
+    for node, log in enumerate(logs):
+        with log.open("w") as out:
+            nodes.append(subprocess.Popen(ec_node(node, job, tmp_path / "ec", port,
+                                                  [*worker, "--snapshot-every", "1", "--ckpt-dir",
+                                                   str(tmp_path / "faulted")]),
+                                          env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+    started.extend(nodes)
+    for process in nodes:
+        try:
+            process.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a node did not finish in 240 s:\n" + "\n".join(log.read_text()[-3000:] for log in logs))
+    outs = [log.read_text() for log in logs]
+    assert [process.returncode for process in nodes] == [0] * EC_NODES, "\n".join(o[-3000:] for o in outs)
+    assert all(f"erasure-coding group [0, 1, 2] (parity 1) meeting in {tmp_path / 'ec'}" in out for out in outs)
+    assert f"fault: kill-node:2@{KILL_STEP} fires" in outs[2], outs[2]
+    # c10d orders the agents its own way: node 2's rank need not be rank 2 (it stays the same across restarts).
+    assert "snapshot process gone" in outs[2] and re.search(r"ranks \[\d\] rebuilt at step \d+ from group", outs[2]), \
+        outs[2]
+    restored = re.findall(r"restore: source (snapshot|erasure-coded buffer) .*?step (\d+)", "".join(outs))
+    assert len({step for _, step in restored}) == 1 and "restore: source checkpoint" not in "".join(outs), restored
+    assert not list(Path("/dev/shm").glob(f"regrow-snap-{job}-*"))
+    assert_same_checkpoint(tmp_path / "faulted", tmp_path / "reference")
+
+
+@pytest.mark.parametrize("flags, token, message", [
+    (["--ec-group-size", "3"], True, "--ec-group-size 3 needs --node-rank, --nnodes, --ec-dir"),
+    (["--ec-group-size", "3", "--node-rank", "0", "--nnodes", "3", "--ec-dir", "d"], False,
+     f"--ec-group-size needs {TOKEN_ENV} exported, the same on every node"),
+    (["--ec-group-size", "3", "--node-rank", "3", "--nnodes", "3", "--ec-dir", "d"], True,
+     "--node-rank=3 must be below --nnodes=3"),
+    (["--ec-group-size", "2", "--node-rank", "0", "--nnodes", "3", "--ec-dir", "d"], True,
+     "--ec-group-size=2 must divide --nnodes=3"),
+])
+def test_node_helper_erasure_coding_flags_name_the_fix(job, monkeypatch, capfd, flags, token, message) -> None:
+    if token:
+        monkeypatch.setenv(TOKEN_ENV, secrets.token_hex(32))
+    else:
+        monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(SystemExit):
+        torchrun.main(["node", "--job", job, *flags, "--", "true"])
+    assert message in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "not a JSON member entry"),
+    (b'{"node": 1, "address": "127.0.0.1:5", "incarnation": 0}', "node must be 0"),
+    (b'{"node": 0, "address": "127.0.0.1:5", "incarnation": -1}', "incarnation an integer >= 0"),
+    (b'{"node": 0, "address": "127.0.0.1:5", "incarnation": 0, "x": 1}', "must hold exactly node, address"),
+    (b'{"node": 0, "address": "no port", "incarnation": 0}', "host:port"),
+    (b" " * 5000, "larger than 4096 bytes"),
+])
+def test_a_bad_group_entry_is_refused_naming_the_file(tmp_path, content, message) -> None:
+    directory = GroupDirectory(tmp_path)
+    assert directory.read(0) is None
+    directory.path(0).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as caught:
+        directory.read(0)
+    assert str(directory.path(0)) in str(caught.value) or "host:port" in message
+    directory.publish(Member(node=0, address="127.0.0.1:5", incarnation=2))
+    assert directory.read(0) == Member(node=0, address="127.0.0.1:5", incarnation=2)
+
+
 def test_node_helper_refuses_persisting_without_a_directory(job, capfd) -> None:
     with pytest.raises(SystemExit):
         torchrun.main(["node", "--job", job, "--persist-every", "4", "--", "true"])
@@ -162,7 +264,7 @@ def test_node_helper_hands_token_and_address_to_the_command_and_cleans_up(job, m
     token = secrets.token_hex(32)
     monkeypatch.setenv(TOKEN_ENV, token)
     check = (f"import os, sys; from regrow.checkpoint.snapshot.protocol import SnapshotClient\n"
-             f"assert os.environ['{TOKEN_ENV}'] == {token!r} and os.environ['{torchrun.UNSHARED_STORE_ENV}'] == '1'\n"
+             f"assert os.environ['{TOKEN_ENV}'] == {token!r} and os.environ['{node_helper.UNSHARED_STORE_ENV}'] == '1'\n"
              f"client = SnapshotClient(os.environ['{ADDRESS_ENV}'])\n"
              "client.request({'op': 'attach', 'rank': 0, 'tensors': [{'name': 'w', 'dtype': 'float32', "
              "'shape': [4]}], 'meta_capacity': 4096})\n"

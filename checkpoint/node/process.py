@@ -68,9 +68,16 @@ class SnapshotProcessConfig:
     """Erasure coding with the peer snapshot processes of this node's group (off by default)."""
     persist: PersistConfig = field(default_factory=PersistConfig)
     """Persisting the ranks' snapshots as universal checkpoints every ``persist_every`` steps (off by default)."""
+    await_rebuild: bool = False
+    """A replacement that will be rebuilt from its group (``ec_rebuild``): the ranks' requests wait until the
+    rebuild has ended (or up to ``REBUILD_WAIT_S``), so that a rank restarted meanwhile finds its snapshots rather
+    than none. Needs erasure coding."""
 
     def __post_init__(self) -> None:
         parse_address(self.address)
+        if self.await_rebuild and not self.erasure.enabled:
+            raise ValueError("SnapshotProcessConfig.await_rebuild needs erasure coding (erasure.ec_group_size > 0): "
+                             "only a group can rebuild a process")
         if not isinstance(self.expected_bytes, int) or self.expected_bytes < 0:
             raise ValueError(f"SnapshotProcessConfig.expected_bytes={self.expected_bytes!r} must be an int >= 0")
         if not Path(self.shm_dir).is_dir():
@@ -97,7 +104,8 @@ def command_line(config: SnapshotProcessConfig, job: str) -> list[str]:
             "--handshake-timeout-s", str(config.limits.handshake_timeout_s),
             "--message-timeout-s", str(config.limits.message_timeout_s),
             "--max-connections", str(config.limits.max_connections),
-            "--max-unauthenticated", str(config.limits.max_unauthenticated)]
+            "--max-unauthenticated", str(config.limits.max_unauthenticated),
+            *(["--await-rebuild"] if config.await_rebuild else [])]
 
 
 def config_from_command_line(argv: list[str] | None = None) -> SnapshotProcessConfig:
@@ -128,6 +136,8 @@ def config_from_command_line(argv: list[str] | None = None) -> SnapshotProcessCo
                         help="connections served at once")
     parser.add_argument("--max-unauthenticated", type=int, default=limits.max_unauthenticated,
                         help="connections at once that have not presented the token yet")
+    parser.add_argument("--await-rebuild", action="store_true",
+                        help="a replacement: the ranks' requests wait until ec_rebuild has ended")
     args = parser.parse_args(argv)
     erasure = ErasureCodingConfig(ec_group_size=args.ec_group_size, ec_parity=args.ec_parity,
                                   peer_timeout_s=args.ec_timeout_s)
@@ -137,7 +147,8 @@ def config_from_command_line(argv: list[str] | None = None) -> SnapshotProcessCo
     limits = ConnectionLimits(handshake_timeout_s=args.handshake_timeout_s, message_timeout_s=args.message_timeout_s,
                               max_connections=args.max_connections, max_unauthenticated=args.max_unauthenticated)
     return SnapshotProcessConfig(address=args.address, job=args.job, shm_dir=args.shm_dir,
-                                 expected_bytes=args.expected_bytes, limits=limits, erasure=erasure, persist=persist)
+                                 expected_bytes=args.expected_bytes, limits=limits, erasure=erasure, persist=persist,
+                                 await_rebuild=args.await_rebuild)
 
 
 @dataclass

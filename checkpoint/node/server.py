@@ -30,6 +30,11 @@ from regrow.checkpoint.node.shm import ShmSpaceError, check_space, remove_segmen
 from regrow.checkpoint.node.slots import SlotTable
 from regrow.checkpoint.snapshot.protocol import FrameRefused, ProtocolError, check_token, parse_address
 
+REBUILD_WAIT_S = 300.0
+"""How long a rank's request waits for the rebuild of a replacement started with ``await_rebuild``."""
+RANK_OPS = ("attach", "latest", "commit", "persisted", "run_config")
+"""The ranks' requests (the others are the group's and the launcher's): those a pending rebuild holds back."""
+
 EXPECTED_ERRORS = (RequestError, KeyError, TypeError, ValueError, OSError, ShmSpaceError, ErasureError,
                    ProtocolError, TimeoutError)
 """What a request may fail with in the normal course (a bad value, a refused step, a full /dev/shm, a peer that
@@ -78,6 +83,9 @@ class SnapshotServer:
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self.peers = (PeerCoding(config.erasure, token, self.slots, round_hook=round_hook)
                       if config.erasure.enabled else None)
+        self._rebuilt = threading.Event()
+        if not config.await_rebuild:
+            self._rebuilt.set()
         self._connections = Connections(self._listener, limits=config.limits, token=token, handler=self,
                                         stop=self._stop)
 
@@ -133,6 +141,10 @@ class SnapshotServer:
 
     def _dispatch(self, request: dict, payload: bytearray | None) -> tuple[dict, bytes | bytearray | None]:
         op = request["op"]
+        if op in RANK_OPS and not self._rebuilt.wait(REBUILD_WAIT_S):
+            raise RequestError(f"{op}: this replacement snapshot process is still waiting for its rebuild from its "
+                               f"group after {REBUILD_WAIT_S} s (the launcher sends ec_rebuild once the group is "
+                               f"announced)")
         if op == "attach":
             return self._attach(request["rank"], request["tensors"], request["meta_capacity"],
                                 at_step=request.get("step"), restored_from=request.get("restored_from")), None
@@ -159,6 +171,11 @@ class SnapshotServer:
         if op == "ec_size" and request["size"] > (limit := peer_buffer_limit(self.slots.node_bytes())):
             raise RequestError(f"ec_size: a node buffer of {request['size']} bytes exceeds the {limit} bytes "
                                f"accepted here: {_buffer_rule(self.slots.node_bytes())}")
+        if op == "ec_rebuild":
+            try:
+                return self.peers.handle(op, request, payload)
+            finally:
+                self._rebuilt.set()  # rebuilt or not (then the ranks fall back further): they wait no longer
         return self.peers.handle(op, request, payload)
 
     # ---------------------------------------------------------------- what ATTACH and COMMIT mean for each part
