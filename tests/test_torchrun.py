@@ -16,12 +16,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from regrow.checkpoint.snapshot.protocol import TOKEN_ENV
+from regrow.checkpoint.node.erasure import ErasureCodingConfig
+from regrow.checkpoint.node.process import SnapshotProcessConfig, start_snapshot_process
+from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, ProtocolError, request_once
 from regrow.checkpoint.universal import storage, verify
 from regrow.checkpoint.universal.format import MANIFEST_NAME
 from regrow.launch import holdings, node_helper, torchrun
@@ -233,6 +236,28 @@ def test_node_helper_erasure_coding_flags_name_the_fix(job, monkeypatch, capfd, 
     with pytest.raises(SystemExit):
         torchrun.main(["node", "--job", job, *flags, "--", "true"])
     assert message in capfd.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_replacement_holds_the_ranks_requests_until_its_rebuild_ends(job) -> None:
+    """A snapshot process started with ``await_rebuild`` (the helper's replacement) answers a rank's request only
+    once ``ec_rebuild`` has ended, failed included (then the rank falls back further instead of waiting)."""
+    token = secrets.token_hex(32)
+    process = start_snapshot_process(SnapshotProcessConfig(job=job, await_rebuild=True, erasure=ErasureCodingConfig(
+        ec_group_size=2, ec_parity=1)), token=token)
+    try:
+        answered: list[dict] = []
+        rank = threading.Thread(target=lambda: answered.append(
+            request_once(process.address, {"op": "latest", "rank": 0}, token=token, timeout_s=30)))
+        rank.start()
+        rank.join(1.5)
+        assert not answered, "a rank's request was answered before the rebuild"
+        with pytest.raises(ProtocolError, match="ec_rebuild before ec_group"):  # no group announced: it fails
+            request_once(process.address, {"op": "ec_rebuild"}, token=token, timeout_s=30)
+        rank.join(10)
+        assert answered and answered[0]["ok"], answered
+    finally:
+        process.stop()
 
 
 @pytest.mark.parametrize("content, message", [
