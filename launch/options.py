@@ -63,6 +63,8 @@ class TrainOptions:
     """ZeRO stage, 1, 2 or 3 (``--stage``; 3 shards the parameters too)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (``--activation-checkpointing``)."""
+    compile: str = "off"
+    """``torch.compile`` the model's forward: off, auto or a backend name (``--compile``)."""
     state_bits: int = 8
     """Optimizer state bits, 8 or 32 (``--state-bits``)."""
     lr: float = 3e-3
@@ -140,13 +142,13 @@ class TrainOptions:
         return TrainerConfig(model=model, loss=self.loss, data=data, optim=optim, steps=self.steps,
                              warmup_steps=self.warmup_steps, seed=self.seed, log_every=self.log_every,
                              eval_every=self.eval_every, metrics_path=self.metrics,
-                             activation_checkpointing=self.activation_checkpointing)
+                             activation_checkpointing=self.activation_checkpointing, compile=self.compile)
 
 
 def flag_wording(message: str) -> str:
     """A config error's message with the config fields that the command line sets named by their flags."""
     for field_name, flag in (("ModelFactory.target", "--model"), ("ModelFactory.kwargs", "--model-kwargs"),
-                             ("TrainerConfig.loss", "--loss"), ("GPTConfig.dropout", "--dropout"),
+                             ("TrainerConfig.loss", "--loss"), ("TrainerConfig.compile", "--compile"), ("GPTConfig.dropout", "--dropout"),
                              ("GPTConfig.seq_len", "--seq-len"), ("ZeroConfig.stage", "--stage"),
                              ("ZeroConfig.state_bits", "--state-bits"), ("ZeroConfig.param_dtype", "--param-dtype"),
                              ("ZeroConfig.grad_dtype", "--grad-dtype"), ("ZeroConfig.max_grad_norm", "--max-grad-norm"),

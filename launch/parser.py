@@ -95,6 +95,9 @@ TRAINING = (
     _flag("--activation-checkpointing", TrainOptions, "activation_checkpointing",
           "recompute each block's activations in the backward instead of keeping them (less memory, about one "
           "more forward per step; results unchanged)", action="store_true"),
+    _flag("--compile", TrainOptions, "compile",
+          "torch.compile the model's forward: off, auto (inductor on CUDA, off on the CPU) or a backend name "
+          "(inductor, aot_eager, ...); not with --stage 3"),
     _flag("--state-bits", TrainOptions, "state_bits", "optimizer state bits: 8 or 32", type=int),
     _flag("--lr", TrainOptions, "lr", type=float),
     _flag("--max-grad-norm", TrainOptions, "max_grad_norm", "0 disables clipping", type=float),

@@ -26,6 +26,7 @@ from regrow.trainer import sink_calls
 from regrow.trainer.activation_checkpointing import checkpoint_blocks
 from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.checks import require_ints
+from regrow.trainer.compile import backend_for, check_compile, compiled_forward
 from regrow.trainer.data import DataConfig, DataCursor, Sampler
 from regrow.trainer.log import log_line
 from regrow.trainer.losses import Loss, check_loss_name
@@ -67,6 +68,10 @@ class TrainerConfig:
     """Recompute each block's activations in the backward instead of keeping them (``activation_checkpointing.py``;
     the blocks are ``optim.shard_units``, by default the children of the model's largest ``nn.ModuleList``): less
     memory for about one more forward per step. Results are bit-identical either way."""
+    compile: str = "off"
+    """``torch.compile`` the model's forward (``trainer/compile.py``): "off", "auto" (inductor on CUDA, off on the
+    CPU) or a backend name ("inductor", "aot_eager", ...). Off by default until its gain is measured on the GPU
+    machine (issue 24). Not with ZeRO stage 3, whose gathers run in module hooks ("auto" is then off)."""
     steps: int = 200
     """Optimizer steps to run (the run stops after this step)."""
     warmup_steps: int = 20
@@ -98,6 +103,11 @@ class TrainerConfig:
             raise TypeError(f"TrainerConfig.model is a {type(self.model).__name__}: give a GPTConfig (regrow's GPT) "
                             "or a ModelFactory (your own model)")
         check_loss_name(self.loss)
+        check_compile(self.compile)
+        if self.optim.stage == 3 and self.compile not in ("off", "auto"):
+            raise ValueError(f"TrainerConfig.compile={self.compile!r} is not supported at optim.stage=3 (its "
+                             "parameters are gathered in module hooks around each block); use compile='off' or "
+                             "ZeRO stage 1 or 2")
         if self.loss == "hf" and isinstance(self.model, GPTConfig):
             raise ValueError("TrainerConfig.loss='hf' needs a Hugging Face model (a ModelFactory's); regrow's GPT "
                              "takes loss 'model' or 'logits'")
@@ -169,6 +179,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         ``for_restore`` build and its restore)."""
         self.model = (self.build_model() if self.initialized
                       else model_for_restore(config.model, seed=config.seed, device=self.device))
+        self._forward = self._compiled(self.model)
         self.loss = Loss(config.loss, is_gpt=isinstance(config.model, GPTConfig))
         # The token ids are checked against the model's vocabulary once, here (a scan of the token files per start).
         self.sampler = Sampler(config.data, dp_rank=self.rank, dp_size=self.world_size,
@@ -199,6 +210,15 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         np.random.seed(per_rank % 2**32)
         return model.to(self.device)
 
+    def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the forward calls: ``model`` compiled per ``config.compile`` (sharing its parameters), or itself."""
+        mode = "off" if self.config.optim.stage == 3 else self.config.compile
+        forward = compiled_forward(model, mode, self.device)
+        if forward is not model and self.rank == 0:
+            log_line(0, 0, f"model compiled with torch.compile (backend {backend_for(mode, self.device)}; the first "
+                           f"steps include the compile)")
+        return forward
+
     def _optimizer_for(self, model: torch.nn.Module) -> ZeroOptimizer:
         """The optimizer of a freshly built ``model``, its blocks checkpointed first when the config says so."""
         if self.config.activation_checkpointing:
@@ -213,6 +233,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         """Builds the seeded initial model and a new optimizer (a replacement built ``for_restore`` that turns out
         to need step 0's state, which no snapshot holds). Not collective."""
         self.model = self.build_model()
+        self._forward = self._compiled(self.model)
         self.optimizer = self._optimizer_for(self.model)
         self._layout = self.optimizer.layout.to_dict()
         self.sampler.load_state(DataCursor(epoch=0, index=0))
@@ -228,7 +249,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for micro in range(accum):
             x, y = self.sampler.next_micro_batch()
-            loss = self.loss(self.model, x.to(self.device), y.to(self.device)) / accum
+            loss = self.loss(self._forward, x.to(self.device), y.to(self.device)) / accum
             if micro == 0:
                 sink_calls.after_forward(self.sinks)
             loss.backward()
@@ -262,7 +283,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         """Mean validation loss over ``eval_batches`` fixed batches (the same on every rank; no communication)."""
         self.model.eval()
         batches = self.sampler.validation_batches(self.config.eval_batches, self.config.data.micro_batch)
-        losses = [self.loss(self.model, x.to(self.device), y.to(self.device)).float().item() for x, y in batches]
+        losses = [self.loss(self._forward, x.to(self.device), y.to(self.device)).float().item() for x, y in batches]
         self.model.train()
         return sum(losses) / len(losses)
 
