@@ -25,6 +25,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 CUDA, 1 CPU)")
     parser.add_argument("--rounds", type=int, default=1, help="times each recipe runs, alternating")
     parser.add_argument("--json", default=None, help="file to append the result lines to")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after the timed steps, profile 3 more with torch.profiler and write each recipe's "
+                             "busiest operations to DIR/profile-<preset>-<recipe>.txt")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.preset = args.preset or ("350m" if cuda else "tiny")
@@ -115,6 +119,23 @@ def regrow_steps(args: argparse.Namespace, device: torch.device, compiled: bool)
     return step, sum(p.numel() for p in trainer.model.parameters())
 
 
+def write_profile(args: argparse.Namespace, recipe: str, step, device: torch.device) -> None:
+    """Profiles 3 steps of ``step`` and writes the operations by their own device time (CPU time on the CPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for index in range(3):
+            step(index)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    out = Path(args.profile) / f"profile-{args.preset}-{recipe}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{recipe}, preset {args.preset}, 3 steps, micro-batch {args.micro_batch} x {args.seq_len}\n{table}")
+
+
 def peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -138,6 +159,8 @@ def run(args: argparse.Namespace, recipe: str, round_index: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+    if args.profile:
+        write_profile(args, recipe, step, device)
     config = model_config(args)
     tokens_per_s = args.micro_batch * args.seq_len / statistics.median(times[args.warmup:])
     flops_per_token = 6 * parameters + 12 * config.n_layer * config.d_model * args.seq_len
