@@ -169,3 +169,13 @@ def universal_moves(world: World, config: PipelineTrainerConfig, root: str, layo
                                                                         for _ in range(steps_after)],
                      "masters": _masters_of(trainer)})
     return {"rank": world.rank, "runs": runs}
+
+
+def save_pipeline_checkpoint(world: World, config: PipelineTrainerConfig, root: str) -> int:
+    """Trains ``config.train.steps`` steps of the pipeline and saves a universal checkpoint under ``root``; returns
+    the step saved."""
+    trainer = PipelineTrainer(config, world)
+    for _ in range(config.train.steps):
+        trainer.train_step()
+    _save_now(trainer, world, Path(root))
+    return trainer.step

@@ -23,11 +23,12 @@ from regrow.checkpoint.universal.format import (
     tensor_file,
 )
 from regrow.checkpoint.universal.manifest_parse import parse_manifest
-from regrow.checkpoint.universal.reshard import stage_values
+from regrow.checkpoint.universal.reshard import load_state, stage_values
 from regrow.launch.local.spawn import run_local
 from regrow.tests import pipeline_workers as w
 from regrow.tests.test_pipeline import F32, config
 from regrow.trainer.checkpoint_view import CheckpointView, StageRecord
+from regrow.trainer.loop import Trainer
 from regrow.trainer.models import GPT
 from regrow.trainer.zero.config import ZeroConfig
 from regrow.trainer.zero.optimizer import plan_layout
@@ -206,3 +207,33 @@ def test_stage_values_come_from_the_stages_that_saved_the_parameters() -> None:
     assert stage_values(Path("ckpt"), manifest, layout, only_rebuilt, 3) == (1, 0.5)
     with pytest.raises(CheckpointError, match=r"a data-parallel trainer does not keep: load it into a pipeline"):
         stage_values(Path("ckpt"), manifest, layout, dataclasses.replace(only_rebuilt, stage=None), 3)
+
+
+@pytest.mark.timeout(120)
+def test_a_load_takes_the_stages_adam_steps_and_refuses_a_scale_it_cannot_keep(tmp_path: Path) -> None:
+    """A real 2-stage checkpoint whose manifest records, as after a neighbour rebuild, Adam step 2 for every stage at
+    step 3: the data-parallel Trainer loading it takes Adam's step 2 (its bias correction), not the step; with one
+    stage at another learning-rate scale it refuses the checkpoint (the two stages' values differ on its one rank), and
+    with both at that scale too (it keeps none), naming the values."""
+    cfg = dataclasses.replace(config(2, 1), train=dataclasses.replace(config(2, 1).train, steps=3))
+    assert run_local(w.save_pipeline_checkpoint, 2, cfg, str(tmp_path), backend="gloo", timeout_s=100,
+                     threads_per_rank=1) == [3, 3]
+    ckpt = tmp_path / "step_00000003"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for stage in manifest["pipeline"]["stage_state"]:
+        stage["optimizer_steps"] = 2
+    (ckpt / "manifest.json").write_text(sealed_manifest_json(manifest))
+    trainer = Trainer(dataclasses.replace(cfg.train, data=dataclasses.replace(cfg.train.data, global_batch=8)))
+    state, _ = load_state(ckpt, trainer.layout, 0)
+    assert (state.step, state.extra["optimizer_steps"], state.extra["lr_scale"]) == (3, 2, 1.0)
+    trainer.restore(state)
+    assert trainer.optimizer.step_count == 2
+    manifest["pipeline"]["stage_state"][1]["lr_scale"] = 0.5
+    (ckpt / "manifest.json").write_text(sealed_manifest_json(manifest))
+    with pytest.raises(CheckpointError, match=r"stages \[0\]: Adam step 2, lr_scale 1.0; stages \[1\]: Adam step 2, "
+                                              r"lr_scale 0.5"):
+        load_state(ckpt, trainer.layout, 0)  # this one rank would hold both stages
+    manifest["pipeline"]["stage_state"][0]["lr_scale"] = 0.5
+    (ckpt / "manifest.json").write_text(sealed_manifest_json(manifest))
+    with pytest.raises(CheckpointError, match="trained at a learning-rate scale of 0.5"):
+        load_state(ckpt, trainer.layout, 0)
