@@ -58,6 +58,11 @@ def inspect_checkpoint(args: argparse.Namespace) -> int:
     print(f"step {manifest.step}, tokens seen {manifest.tokens_seen:,}, data cursor {manifest.data_cursor}")
     print(f"saved by {manifest.world_size} ranks, ZeRO stage {stage}, state bits "
           f"{'/'.join(map(str, sorted(bits)))} per parameter, code map {manifest.code_map_version}")
+    if manifest.pipeline is not None:
+        pipeline = manifest.pipeline
+        print(f"saved by a pipeline of {pipeline.stages} stages x {pipeline.dp_size} replicas (it loads at any "
+              f"layout): " + "; ".join(f"stage {s.stage}: {len(s.params)} parameters, Adam step {s.optimizer_steps}"
+                                       f", lr scale {s.lr_scale:g}" for s in pipeline.stage_state))
     print(f"{len(manifest.params)} parameters, {len(manifest.tensors)} tensor files, {manifest.nbytes():,} bytes")
     print("| parameter | shape | state bits | bytes |")
     print("|---|---|---:|---:|")

@@ -24,6 +24,7 @@ from regrow.checkpoint.universal.format import (
 )
 from regrow.checkpoint.universal.manifest_parse import parse_manifest
 from regrow.checkpoint.universal.reshard import load_state, stage_values
+from regrow.launch import cli
 from regrow.launch.local.spawn import run_local
 from regrow.tests import pipeline_workers as w
 from regrow.tests.test_pipeline import F32, config
@@ -210,7 +211,7 @@ def test_stage_values_come_from_the_stages_that_saved_the_parameters() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_load_takes_the_stages_adam_steps_and_refuses_a_scale_it_cannot_keep(tmp_path: Path) -> None:
+def test_a_load_takes_the_stages_adam_steps_and_refuses_a_scale_it_cannot_keep(tmp_path: Path, capsys) -> None:
     """A real 2-stage checkpoint whose manifest records, as after a neighbour rebuild, Adam step 2 for every stage at
     step 3: the data-parallel Trainer loading it takes Adam's step 2 (its bias correction), not the step; with one
     stage at another learning-rate scale it refuses the checkpoint (the two stages' values differ on its one rank), and
@@ -223,6 +224,8 @@ def test_a_load_takes_the_stages_adam_steps_and_refuses_a_scale_it_cannot_keep(t
     for stage in manifest["pipeline"]["stage_state"]:
         stage["optimizer_steps"] = 2
     (ckpt / "manifest.json").write_text(sealed_manifest_json(manifest))
+    assert cli.main(["ckpt", "inspect", str(tmp_path)]) == 0
+    assert "saved by a pipeline of 2 stages x 1 replicas (it loads at any layout): stage 0: " in capsys.readouterr().out
     trainer = Trainer(dataclasses.replace(cfg.train, data=dataclasses.replace(cfg.train.data, global_batch=8)))
     state, _ = load_state(ckpt, trainer.layout, 0)
     assert (state.step, state.extra["optimizer_steps"], state.extra["lr_scale"]) == (3, 2, 1.0)
