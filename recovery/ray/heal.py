@@ -104,10 +104,11 @@ class Healer:
         self._hosts.restart(self._job.world_size, self._job.nodes())
         generation = self._job.next_generation()
         self._generations.form(resume=True, outcome=outcome, reshard=True)
-        self._events.event("grown", world_size=self._job.world_size, was=was, step=settled[0]["step"],
-                           generation=generation, nodes=[rank.node for rank in started])
-        outcome.resizes.append({"change": "grown", "was": was, "world_size": self._job.world_size,
-                                "step": outcome.restores[-1][0]["step"]})
+        step = outcome.restores[-1][0]["step"]  # the settled step's checkpoint, unless its save failed
+        self._events.event("grown", world_size=self._job.world_size, was=was, step=step,
+                           stopped_at=settled[0]["step"], generation=generation,
+                           nodes=[rank.node for rank in started])
+        outcome.resizes.append({"change": "grown", "was": was, "world_size": self._job.world_size, "step": step})
         return True
 
     def _room_for(self, missing: int) -> bool:
