@@ -199,13 +199,16 @@ class NodeSupervisor:
 
     # ------------------------------------------------------------------ the watch thread
     def _watch(self) -> None:
-        started, waiting_said = time.monotonic(), False
-        while not self._stopping.wait(self.group.poll_s):
+        started, waiting_said, failed_starts = time.monotonic(), False, 0
+        while not self._stopping.wait(self.group.poll_s * (1 + min(failed_starts, 25))):  # slower after failures
             if self.process is not None and self.process.process.poll() is not None:
                 try:
                     self._replace()
+                    failed_starts = 0
                 except (RuntimeError, ValueError, OSError) as error:  # tried again at the next poll
-                    log(f"node {self.group.node}: the replacement did not start: {error}")
+                    failed_starts += 1
+                    if failed_starts in (1, 10) or failed_starts % 100 == 0:
+                        log(f"node {self.group.node}: the replacement did not start (try {failed_starts}): {error}")
                     continue
             members = self._members()
             if members is None:
