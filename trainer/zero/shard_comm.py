@@ -28,8 +28,10 @@ class Reduction:
     def accumulate(self) -> None:
         if self.pending is not None:
             self.pending.wait()
-        if self.world_size == 1 and self.out.dtype == self.target.dtype:
-            self.target.add_(self.out)  # nothing to convert or divide: no temporary
+        if self.world_size == 1:
+            # Nothing to divide. A bf16 gradient is upcast by add_ itself as it adds (exactly as adding its
+            # .float()): no fp32 temporary, one pass over the bucket instead of two (a single replica's step).
+            self.target.add_(self.out)
             return
         reduced = self.out.float()
         if self.world_size > 1:
