@@ -23,7 +23,7 @@ from ``Restorable.checkpoint_view()``. The checkpoint tier reads views, only tra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 VIEW_KEY = "checkpoint_view"
 """The key of ``ShardState.extra`` holding :meth:`CheckpointView.to_dict` (absent: the identity view)."""
@@ -50,10 +50,6 @@ class StageRecord:
                              f"optimizer_steps {self.optimizer_steps} is not a valid stage")
         if not (math.isfinite(self.lr_scale) and self.lr_scale > 0):
             raise ValueError(f"StageRecord.lr_scale={self.lr_scale!r} must be a finite number > 0")
-
-    def values(self) -> tuple[int, float]:
-        """``(optimizer_steps, lr_scale)``: what the ranks that read this stage's parameters must take over."""
-        return self.optimizer_steps, self.lr_scale
 
 
 @dataclass(frozen=True)
@@ -90,8 +86,7 @@ class CheckpointView:
         """JSON-able form for ``ShardState.extra`` (without :attr:`model`)."""
         data: dict = {"shard_rank": self.shard_rank, "names": dict(self.names), "copies": sorted(self.copies)}
         if self.stage is not None:
-            data["stage"] = {"stage": self.stage.stage, "stages": self.stage.stages, "dp_size": self.stage.dp_size,
-                             "optimizer_steps": self.stage.optimizer_steps, "lr_scale": self.stage.lr_scale}
+            data["stage"] = asdict(self.stage)
         return data
 
     @classmethod

@@ -26,6 +26,8 @@ from regrow.trainer import sink_calls
 from regrow.trainer.activation_checkpointing import checkpoint_blocks
 from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.checks import require_ints
+from regrow.trainer.compile import AUTO as COMPILE_AUTO
+from regrow.trainer.compile import OFF as COMPILE_OFF
 from regrow.trainer.compile import backend_for, check_compile, compiled_forward
 from regrow.trainer.data import DataConfig, DataCursor, Sampler
 from regrow.trainer.log import log_line
@@ -104,7 +106,7 @@ class TrainerConfig:
                             "or a ModelFactory (your own model)")
         check_loss_name(self.loss)
         check_compile(self.compile)
-        if self.optim.stage == 3 and self.compile not in ("off", "auto"):
+        if self.optim.stage == 3 and self.compile not in (COMPILE_OFF, COMPILE_AUTO):
             raise ValueError(f"TrainerConfig.compile={self.compile!r} is not supported at optim.stage=3 (its "
                              "parameters are gathered in module hooks around each block); use compile='off' or "
                              "ZeRO stage 1 or 2")
@@ -212,7 +214,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
 
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
         """What the forward calls: ``model`` compiled per ``config.compile`` (sharing its parameters), or itself."""
-        mode = "off" if self.config.optim.stage == 3 else self.config.compile
+        mode = COMPILE_OFF if self.config.optim.stage == 3 else self.config.compile
         forward = compiled_forward(model, mode, self.device)
         if forward is not model and self.rank == 0:
             log_line(0, 0, f"model compiled with torch.compile (backend {backend_for(mode, self.device)}; the first "

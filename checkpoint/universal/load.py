@@ -73,7 +73,8 @@ def load_agreed(source: str | Path, *, root: str | Path | None, layout: FlatLayo
                 timeout_s: float, view: CheckpointView | None = None) -> LoadedCheckpoint:
     """This rank's shard of the checkpoint every rank can load (see the module docstring). Collective: every rank
     of the default process group calls it with the same ``source`` and ``root`` and its own ``layout``, ``rank``
-    and ``view`` (a pipeline stage's map onto the whole model's files; default: the identity view of ``rank``). Raises :class:`CheckpointError` (or a subclass) when no candidate loads on every rank, on every rank.
+    and ``view`` (a pipeline stage's map onto the whole model's files; default: the identity view of ``rank``).
+    Raises :class:`CheckpointError` (or a subclass) when no candidate loads on every rank, on every rank.
 
     Any problem with a candidate reached by falling back (``latest`` itself included) is logged with its reason and
     the next one is tried; a checkpoint named explicitly is refused with the reason instead."""

@@ -190,7 +190,7 @@ def written_params(layout: dict, view: CheckpointView) -> list[dict]:
 def describe_part(part: Part, layout: dict, view: CheckpointView) -> None:
     """Fills in what the marker says about the rank's part besides its chunks: its parameters and stage record."""
     part.params = written_params(layout, view)
-    part.stage = view.to_dict()["stage"] if view.stage is not None else None
+    part.stage = asdict(view.stage) if view.stage is not None else None
 
 
 def write_part(parts: PartWriter, temp: Path, state: ShardState, *, session: str,

@@ -130,10 +130,10 @@ class PendingSave:
     copy: HostCopy
     started: float
     temp: Path
+    view: CheckpointView
+    """How the shard maps onto the checkpoint's files (the identity, or a pipeline stage's)."""
     user: dict | None = None
     """The user loop's JSON state (``ShardState.extra["user"]``); its tensors are in ``copy`` under ``user/``."""
-    view: CheckpointView | None = None
-    """How the shard maps onto the checkpoint's files (a pipeline stage's; None: the identity view)."""
     thread: threading.Thread | None = None
     mutation_pending: bool = True
 
@@ -279,7 +279,7 @@ class CheckpointWriter:
             save.copy.wait_host(self.timeout_s)
             if self._io_fault is not None:
                 self._io_fault(save.step)
-            describe_part(part, save.layout, self._view(save))
+            describe_part(part, save.layout, save.view)
             part.chunks = self.write_shard(save)
             part.rng = self.write_rng(save)
             part.user = write_user_of(self._parts(), save.temp, self.rank, save.user, save.copy.buffers)
@@ -314,10 +314,7 @@ class CheckpointWriter:
     def write_shard(self, save: PendingSave) -> dict[str, list[Chunk]]:
         """Writes this rank's byte ranges of every parameter file its shard covers; returns their checksums."""
         return self._parts().write_shard(save.temp, save.layout, self.rank, save.copy.buffers, self.write_range,
-                                         self._view(save))
-
-    def _view(self, save: PendingSave) -> CheckpointView:
-        return save.view or CheckpointView.identity(self.rank)
+                                         save.view)
 
     def write_range(self, path: Path, source: torch.Tensor, offset: int) -> list[Chunk]:
         """Writes ``source``'s bytes at byte ``offset`` of ``path`` (created if needed, never truncated: other

@@ -68,8 +68,7 @@ class Healer:
             try:
                 self._generations.form(resume=True, outcome=outcome, lost=tuple(sorted(lost)), reshard=reshard)
                 if reshard:
-                    outcome.resizes.append({"change": "shrunk", "was": was, "world_size": self._job.world_size,
-                                            "step": outcome.restores[-1][0]["step"]})
+                    _record_resize(outcome, "shrunk", was, self._job.world_size)
                 break
             except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError,
                     self._ray.exceptions.RayTaskError) as error:
@@ -104,11 +103,10 @@ class Healer:
         self._hosts.restart(self._job.world_size, self._job.nodes())
         generation = self._job.next_generation()
         self._generations.form(resume=True, outcome=outcome, reshard=True)
-        step = outcome.restores[-1][0]["step"]  # the settled step's checkpoint, unless its save failed
+        step = _record_resize(outcome, "grown", was, self._job.world_size)  # the settled step, unless its save failed
         self._events.event("grown", world_size=self._job.world_size, was=was, step=step,
                            stopped_at=settled[0]["step"], generation=generation,
                            nodes=[rank.node for rank in started])
-        outcome.resizes.append({"change": "grown", "was": was, "world_size": self._job.world_size, "step": step})
         return True
 
     def _room_for(self, missing: int) -> bool:
@@ -134,3 +132,11 @@ class Healer:
         self._events.event("shrunk", world_size=size, was=self._job.world_size, dead=dead, reason=reason)
         self._job.shrink(survivors[:size])
         self._hosts.restart(size, self._job.nodes())
+
+
+def _record_resize(outcome: Outcome, change: str, was: int, world_size: int) -> int:
+    """Appends an elastic resize to ``outcome.resizes`` with the step the resized generation just restored (the last
+    restore's); returns that step."""
+    step = outcome.restores[-1][0]["step"]
+    outcome.resizes.append({"change": change, "was": was, "world_size": world_size, "step": step})
+    return step

@@ -248,12 +248,12 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
         return self.history
 
     # ---------------------------------------------------------------- state and recovery
-    def checkpoint_view(self) -> CheckpointView:
-        """This stage's map onto a universal checkpoint (``pipeline/view.py``), the whole GPT's shapes included."""
+    def checkpoint_view(self, *, whole_model: bool = True) -> CheckpointView:
+        """This stage's map onto a universal checkpoint (``pipeline/view.py``); ``whole_model``: the GPT's shapes too."""
         record = StageRecord(stage=self.stage, stages=self.n_stages, dp_size=self.dp_size,
                              optimizer_steps=self.optimizer.step_count, lr_scale=self.lr_scale)
         return stage_view(self.module, self.shared, record, shard_rank=self.optimizer.rank,
-                          model=whole_model_shapes(self.config.train.model))
+                          model=whole_model_shapes(self.config.train.model) if whole_model else None)
 
     def shard_state(self) -> ShardState:
         """This rank's shard at the current step boundary; ``extra`` records the stage, its learning-rate scale, the
@@ -264,7 +264,7 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
             tokens_seen=self.tokens_seen,
             extra={"pp_stage": self.stage, "pp_size": self.n_stages, "lr_scale": self.lr_scale,
                    "optimizer_steps": self.optimizer.step_count, "lineage": self.lineage,
-                   VIEW_KEY: self.checkpoint_view().to_dict()},
+                   VIEW_KEY: self.checkpoint_view(whole_model=False).to_dict()},
         )
 
     def run_config(self) -> dict:
