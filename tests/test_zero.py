@@ -254,3 +254,52 @@ def test_bf16_parameters_keep_fp32_master() -> None:
     model(batch[:, :-1], batch[:, 1:]).backward()
     opt.step()
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+
+
+class _Branchy(torch.nn.Module):
+    """Two blocks and a side branch that a micro-batch may skip (its parameters then get no gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(2)])
+        self.side = torch.nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor, use_side: bool) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        if use_side:
+            x = x + self.side(x)
+        return x.square().mean()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (the Triton update)"))])
+def test_one_rank_writes_gradients_in_place_exactly_as_accumulating_them(device: str) -> None:
+    """With one rank, stages 2 and 3 put each gradient straight into the gradient shard (copied the first time in a
+    step, added after). Against stage 1, which lets autograd accumulate into a zeroed buffer, every parameter and
+    state element must be bit-identical: with gradient accumulation, a branch that a micro-batch skips (used only in
+    the second one, or never in a step), and a step taken with no backward at all since ``zero_grad``."""
+    plan = [[False, True], [False, False], [True, True], [], [True, False]]  # per step: use_side per micro-batch
+    torch.manual_seed(0)
+    template = _Branchy()
+    batches = torch.randn(len(plan), 2, 8, 64, device=device)
+    results = []
+    for stage in (1, 2, 3):
+        model = _Branchy().to(device)
+        model.load_state_dict(template.state_dict())
+        opt = ZeroOptimizer(model, ZeroConfig(stage=stage, state_bits=8, lr=1e-2, min_8bit_numel=1024,
+                                              max_grad_norm=0.05))
+        for step, uses in enumerate(plan):
+            for micro, use_side in enumerate(uses):
+                model(batches[step, micro], use_side).backward()
+            opt.step()
+            opt.zero_grad()
+        with opt.gathered_parameters():
+            results.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.shard_tensors()))
+    (params1, shard1), *others = results
+    for stage, (params, shard) in zip((2, 3), others):
+        for key, value in params1.items():
+            assert torch.equal(value, params[key]), (stage, key)
+    # Stage 3 lays the shard out by unit; stage 2 has stage 1's layout, so its shard compares element for element.
+    for key, value in shard1.items():
+        assert torch.equal(value, others[0][1][key]), key

@@ -177,20 +177,22 @@ class ZeroOptimizer:
             self._gatherer.free_all()  # e.g. a root gathered by an evaluation's forward: it would be stale
         coefficient = self._clip_coefficient()
         self.last_clip_coefficient = coefficient
-        # An fp32 gradient shard is this optimizer's scratch space: scaling it in place lets both update kernels read
-        # it as is (no converted copy, one pass). A bf16 shard would round the scaled values a second time, so the
-        # kernels scale it as they read it.
-        scale_in_kernel = self.grad_dtype != torch.float32
-        if coefficient != 1.0 and not scale_in_kernel:
-            for shard in self._shards:
-                shard.grad.mul_(coefficient)
+        # The 8-bit update multiplies each gradient element by the coefficient as it reads it: the same fp32 product
+        # as scaling the shard first, without a pass over it. The fp32 update (torch's) would scale a converted
+        # copy, so an fp32 shard of a 32-bit group, this optimizer's scratch space, is scaled in place instead; a
+        # bf16 shard would round the scaled values a second time, so its update always scales as it reads.
+        in_kernel = [self.grad_dtype != torch.float32 or shard.layout.kind.bits == 8 for shard in self._shards]
+        if coefficient != 1.0:
+            for shard, scaled_in_kernel in zip(self._shards, in_kernel):
+                if not scaled_in_kernel:
+                    shard.grad.mul_(coefficient)
         self.step_count += 1
         for hook in list(self._update_pre_hooks.values()):
             hook()
-        for shard in self._shards:
+        for shard, scaled_in_kernel in zip(self._shards, in_kernel):
             shard.adamw_step(lr=self.lr, betas=self.config.betas, eps=self.config.eps,
                              weight_decay=self.config.weight_decay, step=self.step_count,
-                             grad_scale=coefficient if scale_in_kernel else 1.0)
+                             grad_scale=coefficient if scaled_in_kernel else 1.0)
         for hook in list(self._gather_pre_hooks.values()):
             hook()
         self._gather_parameters()
@@ -215,8 +217,6 @@ class ZeroOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears the gradients of the next step (``set_to_none`` is accepted for torch.optim compatibility)."""
-        for shard in self._shards:
-            shard.grad.zero_()
         self._reducer.zero_grad()
 
     def _clip_coefficient(self) -> float:
@@ -224,7 +224,8 @@ class ZeroOptimizer:
 
         A non-finite norm is recorded but not used for scaling: the update then handles NaN/Inf elements itself.
         """
-        # Summed in fp64 so that the norm (and the clipping factor) barely depends on how the gradient is sharded.
+        # Summed in fp64 over blocks (GroupShard.add_grad_squares) so that the norm, and the clipping factor, barely
+        # depend on how the gradient is sharded.
         squares = torch.zeros(1, dtype=torch.float64, device=self.device)
         for shard in self._shards:
             shard.add_grad_squares(squares)

@@ -32,7 +32,7 @@ class GradientReducer(Protocol):
         """Forgets reductions of an interrupted backward (their process group failed: never waited for)."""
 
     def zero_grad(self) -> None:
-        """Clears the gradients this reducer accumulates into, for the next step."""
+        """Clears the gradients this reducer accumulates into (the gradient shards included), for the next step."""
 
     def remove(self) -> None:
         """Removes the hooks this reducer put on the parameters (another optimizer takes the model over)."""
@@ -108,6 +108,8 @@ class StepReducer:
     def zero_grad(self) -> None:
         for flat in self._flat_grads:
             flat.zero_()
+        for shard in self._shards:
+            shard.grad.zero_()
 
 
 class BackwardReducer:
@@ -141,6 +143,7 @@ class BackwardReducer:
         self.remaining: dict[BucketId, int] = {}
         self.next_index = 0
         self.callback_queued = False
+        self._local = LocalGradients(shards, reduce_dtype) if comm.world_size == 1 else None
         self._reset_counts()
         self._handles = [params[slot.name].register_post_accumulate_grad_hook(self._hook(group_index, slot))
                          for group_index, shard in enumerate(shards) for slot in shard.layout.params]
@@ -160,10 +163,13 @@ class BackwardReducer:
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
                 self.callback_queued = True
             key = (group_index, slot.bucket)
-            bucket = self._shards[group_index].layout.buckets[slot.bucket]
-            staging = self._staging(key, bucket.size)
-            start = slot.offset - bucket.start
-            staging[start : start + slot.numel].copy_(param.grad.reshape(-1))
+            if self._local is not None:
+                self._local.take(slot.name, param.grad)
+            else:
+                bucket = self._shards[group_index].layout.buckets[slot.bucket]
+                staging = self._staging(key, bucket.size)
+                start = slot.offset - bucket.start
+                staging[start : start + slot.numel].copy_(param.grad.reshape(-1))
             param.grad = None  # the full gradient is no longer needed: this is what saves stage 2's memory
             self.remaining[key] -= 1
             if self.remaining[key] == 0:
@@ -182,10 +188,11 @@ class BackwardReducer:
         order = self._order
         while self.next_index < len(order) and (everything or order[self.next_index] in self.ready):
             key = order[self.next_index]
-            bucket = self._shards[key[0]].layout.buckets[key[1]]
-            staging = self._staging(key, bucket.size)
-            del self.staging[key]
-            self.inflight.append(self._comm.reduce_scatter(self._shards[key[0]], key[1], staging))
+            if self._local is None:
+                bucket = self._shards[key[0]].layout.buckets[key[1]]
+                staging = self._staging(key, bucket.size)
+                del self.staging[key]
+                self.inflight.append(self._comm.reduce_scatter(self._shards[key[0]], key[1], staging))
             self.next_index += 1
             if self._on_launch is not None:
                 self._on_launch(key)
@@ -196,6 +203,8 @@ class BackwardReducer:
 
     def _end_of_backward(self) -> None:
         self._launch_ready(everything=True)
+        if self._local is not None:
+            self._local.settle()
         self._reset_counts()
         self.callback_queued = False
         if self._on_end is not None:
@@ -210,6 +219,8 @@ class BackwardReducer:
     def finish(self) -> None:
         while self.inflight:
             self.inflight.pop(0).accumulate()
+        if self._local is not None:
+            self._local.settle()  # a step without any backward since zero_grad: the shards must read zero
 
     def remove(self) -> None:
         """Removes the gradient hooks: left in place, they would take each gradient (and set it to None) before the
@@ -219,5 +230,58 @@ class BackwardReducer:
         self._handles = []
 
     def zero_grad(self) -> None:
-        """Nothing to clear: full gradients are freed as they are staged, and the shards are cleared by the
-        optimizer."""
+        """Clears the gradient shards (full gradients are freed as they are staged). With one rank nothing is
+        written: the next gradient of each parameter overwrites its place instead of being added to it."""
+        if self._local is not None:
+            self._local.reset()
+            return
+        for shard in self._shards:
+            shard.grad.zero_()
+
+
+class LocalGradients:
+    """Stage 2 and 3 with one rank: nothing to reduce, so each parameter's gradient goes straight from autograd
+    into its place in the gradient shard, with no staging bucket, no zeroing pass and no second pass to add the
+    bucket in (the single-replica path).
+
+    The first gradient of a parameter after :meth:`reset` is copied (cast to the reduction dtype first, as the
+    staged path rounds it), later ones (gradient accumulation) are added, as the staged path adds each bucket into
+    a zeroed shard; :meth:`settle` zeroes the places of parameters that got no gradient. The shard's padding is
+    never written and stays zero.
+    """
+
+    def __init__(self, shards: Sequence[GroupShard], reduce_dtype: torch.dtype) -> None:
+        self._reduce_dtype = reduce_dtype
+        self._places: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            for slot in shard.layout.params:
+                ranges = list(shard.owned_ranges(slot))
+                assert len(ranges) <= 1, "one rank holds every parameter whole"
+                for in_shard, _ in ranges:
+                    self._places[slot.name] = shard.grad[in_shard]
+        self._unwritten = set(self._places)
+
+    def take(self, name: str, grad: torch.Tensor) -> None:
+        """Puts parameter ``name``'s gradient ``grad`` (its full tensor) into the gradient shard."""
+        place = self._places.get(name)
+        if place is None:  # a parameter without elements
+            return
+        flat = grad.reshape(-1)
+        if flat.dtype != self._reduce_dtype:
+            flat = flat.to(self._reduce_dtype)
+        if name in self._unwritten:
+            place.copy_(flat)
+            self._unwritten.discard(name)
+        else:
+            place.add_(flat)
+
+    def settle(self) -> None:
+        """Zeroes the places of the parameters that got no gradient since :meth:`reset` (unused in this
+        backward); they count as written from then on."""
+        for name in self._unwritten:
+            self._places[name].zero_()
+        self._unwritten.clear()
+
+    def reset(self) -> None:
+        """Starts a step: every place is overwritten by its parameter's next gradient."""
+        self._unwritten = set(self._places)
