@@ -5,15 +5,19 @@
 - ``regrow``: regrow's ``Trainer`` (ZeRO-2, 8-bit state, bf16 working parameters on CUDA), world 1;
 - ``regrow-compiled``: the same with ``TrainerConfig.compile`` (inductor on CUDA).
 
-Every recipe trains regrow's GPT (``--preset``) from the same seed on the same batches (regrow's sampler over the
-embedded corpus, micro-batch ``--micro-batch`` x ``--seq-len``, no accumulation) and reports the median tokens/s of the steps after ``--warmup``
-(the compile happens there), ``torch.cuda.max_memory_allocated`` and MFU: tokens/s x FLOPs per token over the
-device's dense bf16 peak, FLOPs per token = 6 x parameters + 12 x layers x d_model x seq_len (the attention's
-matmuls, forward and backward; PaLM's appendix B). Rounds alternate the recipes (``--rounds``).
+Every recipe trains the same model from the same seed on the same batches (regrow's sampler over the embedded
+corpus, micro-batch ``--micro-batch`` x ``--seq-len``, no accumulation): regrow's GPT (``--preset``), or with
+``--model llama`` a Hugging Face ``LlamaForCausalLM`` of TinyLlama's shape (1.10B parameters, sdpa attention;
+``bench/llama_model.py``; tiny on the CPU) whose loss is the fp32 cross entropy of its logits. It reports the median
+tokens/s of the steps after ``--warmup`` (the compile happens there), ``torch.cuda.max_memory_allocated`` and MFU:
+tokens/s x FLOPs per token over the device's dense bf16 peak, FLOPs per token = 6 x parameters + 12 x layers x
+width x seq_len (the attention's matmuls, forward and backward; PaLM's appendix B). Rounds alternate the recipes
+(``--rounds``).
 
 Usage::
 
     python3 bench/bench_plain.py --preset 1.3b --json out.jsonl        # GPU host
+    python3 bench/bench_plain.py --model llama --micro-batch 4 --seq-len 2048
     python3 bench/bench_plain.py --device cpu                           # smoke test: tiny preset, eager only
 
 Prints ``RESULT {json}`` per run and appends it to ``--json``.
@@ -24,16 +28,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from regrow.comm.world import World
 from regrow.trainer.data import DataConfig, Sampler
 from regrow.trainer.loop import Trainer, TrainerConfig
-from regrow.trainer.models import GPT, GPTConfig
+from regrow.trainer.model_factory import ModelFactory, build_model
+from regrow.trainer.models import GPTConfig
 from regrow.trainer.zero.config import ZeroConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.llama_model`, from anywhere
 
 RECIPES = ("plain", "plain-compiled", "regrow", "regrow-compiled")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -44,6 +55,8 @@ LR = 3e-4
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--model", default="gpt", choices=("gpt", "llama"),
+                        help="regrow's GPT (--preset) or a Hugging Face Llama of TinyLlama's shape")
     parser.add_argument("--preset", default=None, help="GPT preset (default 350m on CUDA, tiny on CPU)")
     parser.add_argument("--recipes", default=None, help="comma-separated, of " + ", ".join(RECIPES)
                         + " (default all on CUDA; the eager two on CPU)")
@@ -72,8 +85,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_config(args: argparse.Namespace) -> GPTConfig:
-    return GPTConfig.preset(args.preset, seq_len=args.seq_len, dropout=0.0)
+@dataclass(frozen=True)
+class Workload:
+    """The model every recipe trains: its name in the results, how the trainer builds it, and its depth and width
+    (for the attention's FLOPs)."""
+
+    name: str
+    model: GPTConfig | ModelFactory
+    layers: int
+    width: int
+
+    @property
+    def is_gpt(self) -> bool:
+        return isinstance(self.model, GPTConfig)
+
+    def loss(self, forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The plain recipes' loss: the GPT's own, the Llama's fp32 cross entropy of its logits (as regrow's
+        ``"logits"`` loss computes it)."""
+        if self.is_gpt:
+            return forward(x, y)
+        logits = forward(input_ids=x).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def workload(args: argparse.Namespace) -> Workload:
+    if args.model == "gpt":
+        config = GPTConfig.preset(args.preset, seq_len=args.seq_len, dropout=0.0)
+        return Workload(args.preset, config, config.n_layer, config.d_model)
+    from bench.llama_model import TINY, TINYLLAMA
+
+    size = "1.1b" if args.device == "cuda" else "tiny"
+    shape = TINYLLAMA if size == "1.1b" else TINY
+    factory = ModelFactory(target="bench.llama_model:tinyllama", kwargs={"size": size, "seq_len": args.seq_len})
+    return Workload(f"llama-{size}", factory, shape["num_hidden_layers"], shape["hidden_size"])
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
@@ -82,8 +126,8 @@ def data_config(args: argparse.Namespace) -> DataConfig:
 
 def plain_steps(args: argparse.Namespace, device: torch.device, compiled: bool):
     """A step function of the plain recipe (and its parameter count)."""
-    torch.manual_seed(0)
-    model = GPT(model_config(args)).to(device)
+    work = workload(args)
+    model = build_model(work.model, seed=0).to(device)
     forward = torch.compile(model) if compiled else model
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
@@ -92,7 +136,7 @@ def plain_steps(args: argparse.Namespace, device: torch.device, compiled: bool):
     def step(index: int) -> float:
         x, y = (t.to(device) for t in sampler.next_micro_batch())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = forward(x, y)
+            loss = work.loss(forward, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -106,7 +150,7 @@ def regrow_steps(args: argparse.Namespace, device: torch.device, compiled: bool)
     """A step function of regrow's Trainer at world 1 (and its parameter count)."""
     cuda = device.type == "cuda"
     config = TrainerConfig(
-        model=model_config(args), seed=0, steps=10**6, warmup_steps=0, log_every=0, progress=False,
+        model=workload(args).model, seed=0, steps=10**6, warmup_steps=0, log_every=0, progress=False,
         data=data_config(args),
         optim=ZeroConfig(stage=2, state_bits=8, lr=LR, param_dtype="bfloat16" if cuda else "float32"),
         compile=("inductor" if cuda else "aot_eager") if compiled else "off")
@@ -124,16 +168,20 @@ def write_profile(args: argparse.Namespace, recipe: str, step, device: torch.dev
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
         for index in range(3):
             step(index)
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
-    out = Path(args.profile) / f"profile-{args.preset}-{recipe}.txt"
+    # The same operations split by their inputs' shapes: which tensors the copies and additions move.
+    shapes = profiler.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=30,
+                                                                    max_name_column_width=40, max_shapes_column_width=80)
+    out = Path(args.profile) / f"profile-{workload(args).name}-{recipe}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"{recipe}, preset {args.preset}, 3 steps, micro-batch {args.micro_batch} x {args.seq_len}\n{table}")
+    title = f"{recipe}, {workload(args).name}, 3 steps, micro-batch {args.micro_batch} x {args.seq_len}"
+    out.write_text(f"{title}\n{table}\nby input shapes:\n{shapes}")
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -161,11 +209,11 @@ def run(args: argparse.Namespace, recipe: str, round_index: int) -> dict:
         times.append(time.perf_counter() - started)
     if args.profile:
         write_profile(args, recipe, step, device)
-    config = model_config(args)
+    work = workload(args)
     tokens_per_s = args.micro_batch * args.seq_len / statistics.median(times[args.warmup:])
-    flops_per_token = 6 * parameters + 12 * config.n_layer * config.d_model * args.seq_len
+    flops_per_token = 6 * parameters + 12 * work.layers * work.width * args.seq_len
     peak = peak_tflops(device)
-    return {"recipe": recipe, "round": round_index, "preset": args.preset, "device": args.device,
+    return {"recipe": recipe, "round": round_index, "preset": work.name, "device": args.device,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "parameters": parameters, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
             "tokens_per_s": round(tokens_per_s, 1),

@@ -10,7 +10,7 @@
 #   IMPLS="fsdp2-reshard regrow8-zero3 fsdp2-reshard" SKIP_OPTIMIZER=1 bench/run_gpu_zero.sh   # the ZeRO-3 pair
 # Environment: OUT (results folder, default ./bench-out), NGPU, PYTHON (default python3), IMPL_TIMEOUT (seconds per
 # implementation, default 150), OPT_TIMEOUT (optimizer benchmark, default 150), PRESET, MICRO_BATCH, WARMUP, STEPS,
-# IMPLS (the runs, in order), SKIP_OPTIMIZER=1, FSDP_REDUCE_DTYPE (bfloat16, the default, like DeepSpeed's and regrow's gradient reduction; or float32).
+# IMPLS (the runs, in order; a regrow name ending "+bf16grad" keeps its gradient shard in bf16), SKIP_OPTIMIZER=1, FSDP_REDUCE_DTYPE (bfloat16, the default, like DeepSpeed's and regrow's gradient reduction; or float32).
 # Writes $OUT/zero.jsonl (one JSON line per run, failures included), $OUT/zero.md (the table, also printed),
 # $OUT/logs/*.log (each run's full output) and $OUT/optimizer.txt.
 set -uo pipefail
@@ -43,8 +43,10 @@ for impl in ${IMPLS:-deepspeed fsdp2 regrow32 regrow8 deepspeed}; do
   log=$OUT/logs/$run-$impl.log
   echo "== run $run: $impl on $nproc process(es)"
   start=$(date +%s)
+  flags=()
+  [[ $impl == *+bf16grad ]] && flags=(--grad-dtype bfloat16)
   timeout -k 15 "${IMPL_TIMEOUT:-150}" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
-    bench/bench_zero.py --impl "$impl" --device "$device" --preset "$preset" \
+    bench/bench_zero.py --impl "${impl%+bf16grad}" "${flags[@]}" --device "$device" --preset "$preset" \
     --micro-batch "${MICRO_BATCH:-8}" --warmup "${WARMUP:-3}" --steps "${STEPS:-10}" --json "$jsonl" \
     --fsdp-reduce-dtype "${FSDP_REDUCE_DTYPE:-bfloat16}" \
     > "$log" 2>&1
@@ -104,8 +106,9 @@ print("| run | impl | status | ms/step | tokens/s | tokens/s vs DS | peak GB/GPU
       "| peak GB (timed steps) | final loss |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for index, r in enumerate(rows, 1):
-    seen[r["impl"]] = seen.get(r["impl"], 0) + 1
-    name = r["impl"] + (" (again)" if seen[r["impl"]] > 1 else "")
+    impl = r.get("variant", r["impl"])
+    seen[impl] = seen.get(impl, 0) + 1
+    name = impl + (" (again)" if seen[impl] > 1 else "")
     if r.get("status") != "ok":
         error = str(r.get("error", "")).replace("|", "/")[:200]
         print(f"| {index} | {name} | {r.get('status')} (rc {r.get('rc', '-')}): {error} | | | | | | | |")

@@ -351,16 +351,18 @@ def test_parity_bench_times_the_checks_beside_training(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_plain_bench_trains_plain_pytorch_and_regrow_on_the_same_batches(tmp_path: Path) -> None:
-    """``bench/bench_plain.py`` has no runner: its CPU mode (the tiny GPT, the two eager recipes) is run directly.
-    Both recipes start from the same seed and read the same batches: their losses agree closely after 4 steps
-    (fp32 AdamW against regrow's 8-bit state)."""
+@pytest.mark.parametrize("model", ["gpt", "llama"])
+def test_plain_bench_trains_plain_pytorch_and_regrow_on_the_same_batches(tmp_path: Path, model: str) -> None:
+    """``bench/bench_plain.py`` has no runner: its CPU mode (the tiny GPT or Llama, the two eager recipes) is run
+    directly. Both recipes start from the same seed and read the same batches: their losses agree closely after 4
+    steps (fp32 AdamW against regrow's 8-bit state)."""
     out = tmp_path / "plain.jsonl"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_plain.py"), "--device", "cpu", "--json",
-                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=100)
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_plain.py"), "--device", "cpu", "--model", model,
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=100)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     plain, regrow = [json.loads(line) for line in out.read_text().splitlines()]
     assert (plain["recipe"], regrow["recipe"]) == ("plain", "regrow")
+    assert plain["preset"] == regrow["preset"] == ("tiny" if model == "gpt" else "llama-tiny")
     assert plain["parameters"] == regrow["parameters"] > 0 and plain["tokens_per_s"] > 0 < regrow["tokens_per_s"]
     assert abs(plain["final_loss"] - regrow["final_loss"]) < 0.05, (plain, regrow)
 
