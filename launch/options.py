@@ -63,8 +63,9 @@ class TrainOptions:
     """ZeRO stage, 1, 2 or 3 (``--stage``; 3 shards the parameters too)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (``--activation-checkpointing``)."""
-    compile: str = "off"
-    """``torch.compile`` the model's forward: off, auto or a backend name (``--compile``)."""
+    compile: str = "auto"
+    """``torch.compile`` the model's forward: auto (inductor on CUDA, off on the CPU), off or a backend name
+    (``--compile``)."""
     state_bits: int = 8
     """Optimizer state bits, 8 or 32 (``--state-bits``)."""
     lr: float = 3e-3

@@ -96,8 +96,8 @@ TRAINING = (
           "recompute each block's activations in the backward instead of keeping them (less memory, about one "
           "more forward per step; results unchanged)", action="store_true"),
     _flag("--compile", TrainOptions, "compile",
-          "torch.compile the model's forward: off, auto (inductor on CUDA, off on the CPU) or a backend name "
-          "(inductor, aot_eager, ...); not with --stage 3"),
+          "torch.compile the model's forward: auto (the default: inductor on CUDA, off on the CPU), off or a "
+          "backend name (inductor, aot_eager, ...); not with --stage 3"),
     _flag("--state-bits", TrainOptions, "state_bits", "optimizer state bits: 8 or 32", type=int),
     _flag("--lr", TrainOptions, "lr", type=float),
     _flag("--max-grad-norm", TrainOptions, "max_grad_norm", "0 disables clipping", type=float),

@@ -70,10 +70,12 @@ class TrainerConfig:
     """Recompute each block's activations in the backward instead of keeping them (``activation_checkpointing.py``;
     the blocks are ``optim.shard_units``, by default the children of the model's largest ``nn.ModuleList``): less
     memory for about one more forward per step. Results are bit-identical either way."""
-    compile: str = "off"
-    """``torch.compile`` the model's forward (``trainer/compile.py``): "off", "auto" (inductor on CUDA, off on the
-    CPU) or a backend name ("inductor", "aot_eager", ...). Off by default until its gain is measured on the GPU
-    machine (issue 24). Not with ZeRO stage 3, whose gathers run in module hooks ("auto" is then off)."""
+    compile: str = "auto"
+    """``torch.compile`` the model's forward (``trainer/compile.py``): "auto" (inductor on CUDA, off on the CPU),
+    "off" or a backend name ("inductor", "aot_eager", ...). On one H100 inductor made regrow's step 1.19-1.27x
+    faster with less memory (``bench/RESULTS.md``); its first steps include the compile (25-60 s, less with
+    inductor's cache warm), and so does the first step of a replacement rank. Not with ZeRO stage 3, whose gathers
+    run in module hooks ("auto" is then off)."""
     steps: int = 200
     """Optimizer steps to run (the run stops after this step)."""
     warmup_steps: int = 20
