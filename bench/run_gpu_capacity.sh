@@ -38,8 +38,8 @@ jsonl=$OUT/capacity.jsonl
 # Expected bytes per parameter at one GPU: only where each search starts, not what it finds.
 bytes_per_param() {
   case $1 in
-    regrow8-zero3+bf16grad) echo 10.5 ;;
-    regrow8-zero3) echo 12.5 ;;
+    regrow8-zero3+bf16grad) echo 8.5 ;;
+    regrow8-zero3) echo 10.5 ;;
     *) echo 16.5 ;;
   esac
 }

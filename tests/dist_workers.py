@@ -79,7 +79,7 @@ def stage3_memory(world: World | None, steps: int) -> dict:
     between.append(held())
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"between": between, "in_block": in_block, "peak_after_forward": peak, "full_bytes": full,
-            "units": list(units.names), "owned_bytes": sum(s.sharded.owned.numel() * 4 for s in shards)}
+            "units": list(units.names), "master_bytes": sum(s.master.numel() * 4 for s in shards)}
 
 
 def train_zero_configs(world: World | None, runs: list[dict]) -> list[dict]:

@@ -128,7 +128,7 @@ def test_stage3_holds_only_its_shard_between_steps_and_two_blocks_at_a_time() ->
         for step in later:
             assert step == [root + 2 * one_block] * 3 + [root + one_block], (root, one_block, step)
         assert root + 2 * one_block < held["full_bytes"]
-        assert held["owned_bytes"] < 0.6 * held["full_bytes"], "each of the two ranks keeps about half"
+        assert held["master_bytes"] < 0.6 * held["full_bytes"], "each of the two ranks keeps about half"
 
 
 @pytest.mark.timeout(300)

@@ -85,12 +85,10 @@ class ZeroOptimizer:
         if unknown_skip:
             raise ValueError(f"ZeroOptimizer: norm_skip names {unknown_skip}, which are not trainable parameters")
         self._shards = [
-            GroupShard(g, self.rank, self.device, self.param_dtype, frozenset(norm_skip),
+            GroupShard(g, self.rank, self.device, self.param_dtype, self._params, frozenset(norm_skip),
                        shard_params=units is not None, grad_dtype=self.grad_dtype)
             for g in self.layout.groups
         ]
-        for shard in self._shards:
-            shard.adopt_parameters(self._params)
         self._slots = {slot.name: (shard, slot) for shard in self._shards for slot in shard.layout.params}
         self._gatherer: UnitGatherer | None = None
         if units is not None:

@@ -93,9 +93,15 @@ class GroupShard:
     gradient (reduced into by the optimizer's reducer) and the optimizer state.
 
     The working parameters are the full flat buffer ``flat_params`` at stages 1 and 2; with ``shard_params``
-    (stage 3) they are ``sharded`` (``sharded_params.ShardedParams``: this rank's slices, and each bucket's full
-    parameters only while gathered) and ``flat_params`` is None. ``norm_skip`` names parameters whose gradients do
-    not count towards the clipping norm (see :meth:`add_grad_squares`).
+    (stage 3) they are ``sharded`` (``sharded_params.ShardedParams``: each bucket's full parameters only while
+    gathered, cast from the master shard as they are gathered) and ``flat_params`` is None. ``norm_skip`` names
+    parameters whose gradients do not count towards the clipping norm (see :meth:`add_grad_squares`).
+
+    Construction takes the group's parameters over (``params``, by name): their values become the master shard
+    and each parameter a view of the working buffers. The master shard is made first, the parameters adopted, and
+    only then the gradient shard and the state: the model's own (fp32) parameters are released as they are
+    adopted, so that a model built on the GPU never coexists with the whole shard (the peak of adopting the largest
+    models at stage 3 is the model plus its master shard).
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class GroupShard:
         rank: int,
         device: torch.device,
         param_dtype: torch.dtype,
+        params: dict[str, torch.nn.Parameter],
         norm_skip: frozenset[str] = frozenset(),
         shard_params: bool = False,
         grad_dtype: torch.dtype = torch.float32,
@@ -115,6 +122,7 @@ class GroupShard:
         self.flat_params = None if shard_params else torch.zeros(layout.numel, dtype=param_dtype, device=device)
         table = group_table(layout)
         self.master = torch.zeros(table[MASTER].shape, dtype=torch.float32, device=device)
+        self._adopt_parameters(params)
         self.grad = torch.zeros(layout.shard_numel, dtype=grad_dtype, device=device)
         # Codes start as byte 0 rather than the zero code: with a scale of 0 every code reads back as zero.
         self.state: dict[str, torch.Tensor] = {
@@ -128,7 +136,7 @@ class GroupShard:
     def name(self) -> str:
         return self.layout.kind.name
 
-    def adopt_parameters(self, params: dict[str, torch.nn.Parameter]) -> None:
+    def _adopt_parameters(self, params: dict[str, torch.nn.Parameter]) -> None:
         """Takes the fp32 master shard from the group's parameters, copies them into the working buffers and makes
         each parameter a view of them (so the all-gather after each step updates the model in place). At stage 3
         this goes bucket by bucket, each freed once its parameters are views of it (they are gathered when used),
@@ -141,7 +149,6 @@ class GroupShard:
                 self.flat_params[slot.offset : slot.offset + slot.numel].copy_(params[slot.name].detach().reshape(-1))
                 params[slot.name].data = self.param_view(slot)
             return
-        self.sharded.owned.copy_(self.master)
         by_bucket: dict[int, list[ParamSlot]] = {}
         for slot in self.layout.params:
             by_bucket.setdefault(slot.bucket, []).append(slot)
@@ -184,7 +191,8 @@ class GroupShard:
     @torch.no_grad()
     def owned_params_match_master(self) -> bool:
         """Whether this rank's slices of ``flat_params`` still hold its master shard cast to their dtype, as the
-        update and the all-gather left them (True at stage 3). Casts one piece at a time."""
+        update and the all-gather left them (True at stage 3, where the gathers cast the master shard itself). Casts
+        one piece at a time."""
         if self.flat_params is None:
             return True
         return all(torch.equal(self.owned_params(start, local, length),
@@ -213,13 +221,23 @@ class GroupShard:
 
     def owned_params(self, flat_start: int, local_start: int, length: int) -> torch.Tensor:
         """This rank's slice of one bucket of the working parameters (the piece ``(flat_start, local_start,
-        length)``): the update writes it, the all-gather sends it. Stages 1 and 2: a slice of ``flat_params``,
-        sent in place (a separate shard buffer would cost 2 bytes per parameter / world size); stage 3: of the
-        persistent ``sharded.owned``."""
-        if self.sharded is not None:
-            return self.sharded.owned[local_start : local_start + length]
-        assert self.flat_params is not None
+        length)``) at stages 1 and 2: a slice of ``flat_params``, which the update writes and the all-gather sends
+        in place (a separate shard buffer would cost 2 bytes per parameter / world size)."""
+        assert self.flat_params is not None, "stage 3 gathers from the master shard (params_to_gather)"
         return self.flat_params[flat_start : flat_start + length]
+
+    def params_to_gather(self, index: int) -> torch.Tensor:
+        """Stage 3: this rank's slice of bucket ``index``'s working parameters, cast from the master shard (what
+        the update of stages 1 and 2 writes into ``flat_params``: the same values). A temporary of the slice's size,
+        so that no second copy of the parameters is kept between steps."""
+        assert self.sharded is not None
+        _, local_start, length = self.pieces[index]
+        return self.master[local_start : local_start + length].to(self.sharded.dtype)
+
+    def master_piece(self, index: int) -> torch.Tensor:
+        """This rank's slice of bucket ``index`` of the fp32 master shard."""
+        _, local_start, length = self.pieces[index]
+        return self.master[local_start : local_start + length]
 
     def state_slices(self, local_start: int, length: int) -> list[torch.Tensor]:
         """The optimizer state of shard elements ``[local_start, local_start + length)``; block scales are sliced
@@ -231,7 +249,10 @@ class GroupShard:
         return out
 
     def write_owned_params(self) -> None:
-        """Casts the master shard into this rank's slices of the working parameters."""
+        """Casts the master shard into this rank's slices of the working parameters (stages 1 and 2; at stage 3 the
+        gathers cast it)."""
+        if self.flat_params is None:
+            return
         for flat_start, local_start, length in self.pieces:
             self.owned_params(flat_start, local_start, length).copy_(self.master[local_start : local_start + length])
 
@@ -251,7 +272,7 @@ class GroupShard:
                    grad_scale: float = 1.0) -> None:
         """One AdamW update of the master shard from the gradient shard (already reduced) times ``grad_scale`` (the
         clipping coefficient, 1 when the shard is already clipped), writing the new working parameters into this
-        rank's slices of ``flat_params``. Weight decay applies only to a group of decayed parameters."""
+        rank's slices of ``flat_params`` (stages 1 and 2). Weight decay applies only to a group of decayed parameters."""
         update = adamw8bit_step if self.layout.kind.bits == 8 else adamw32bit_step
         decay = weight_decay if self.layout.kind.decay else 0.0
         # One call per bucket piece, so the new working parameters land directly in the flat buffer.
@@ -267,7 +288,7 @@ class GroupShard:
                 weight_decay=decay,
                 step=step,
                 grad_scale=grad_scale,
-                param_out=self.owned_params(flat_start, local_start, length),
+                param_out=None if self.flat_params is None else self.owned_params(flat_start, local_start, length),
             )
 
 

@@ -98,11 +98,11 @@ class ShardComm:
         (allocated first if it was freed); returns the collective to wait for (None: done, one rank)."""
         assert shard.sharded is not None, "stages 1 and 2 keep every bucket gathered (all_gather_params)"
         target = shard.sharded.target(index)
-        mine = shard.owned_params(*shard.pieces[index])
         if self.world_size == 1:
-            target.copy_(mine)
+            target.copy_(shard.master_piece(index))  # cast as copied: the same values as the slice a rank sends
             return None
-        return collectives.all_gather(target, mine, group=self.group, timeout_s=self.timeout_s, async_op=True)
+        return collectives.all_gather(target, shard.params_to_gather(index), group=self.group,
+                                      timeout_s=self.timeout_s, async_op=True)
 
     def all_gather_full(self, layout: GroupLayout, local: torch.Tensor) -> torch.Tensor:
         """The full flat tensor of a group from every rank's shard ``local`` of it, in layout order (a tensor of

@@ -2,8 +2,9 @@
 they are gathered.
 
 At stages 1 and 2 every rank keeps the whole flat buffer of working parameters (``GroupShard.flat_params``). At stage
-3 a rank keeps only its slices of every bucket (:attr:`ShardedParams.owned`, written by the update); a bucket's full
-parameters are all-gathered into :meth:`ShardedParams.target` right before they are used and freed afterwards.
+3 a rank keeps none between steps: a bucket's full parameters are all-gathered into :meth:`ShardedParams.target`
+from every rank's slice of its master shard, cast as it is sent (``GroupShard.params_to_gather``), right before they
+are used, and freed afterwards. (FSDP2 casts its sharded fp32 parameters for each all-gather the same way.)
 
 How the parameters survive being freed: each parameter is, once and for good, a view of its bucket's full tensor.
 Freeing resizes that tensor's storage to zero bytes (the views stay valid objects; reading one raises), and a
@@ -24,14 +25,13 @@ class ShardedParams:
     """Stage 3 storage of one group's working parameters (see the module docstring).
 
     Contract: :meth:`view` gives each parameter's view once (at adoption); :meth:`target` is where a gather writes a
-    bucket (allocating it if freed); :meth:`free` releases a bucket's memory; ``owned`` holds this rank's slices of
-    every bucket (``GroupShard.owned_params`` cuts one out: the update writes it, the gather sends it).
+    bucket (allocating it if freed); :meth:`free` releases a bucket's memory.
     """
 
     def __init__(self, layout: GroupLayout, dtype: torch.dtype, device: torch.device) -> None:
         self.layout = layout
-        self.owned = torch.zeros(layout.shard_numel, dtype=dtype, device=device)
-        self._nbytes = [bucket.size * self.owned.element_size() for bucket in layout.buckets]
+        self.dtype = dtype
+        self._nbytes = [bucket.size * dtype.itemsize for bucket in layout.buckets]
         # Each bucket's tensor is made and freed at once: a model is adopted one bucket at a time.
         self.full: list[torch.Tensor] = []
         for bucket in layout.buckets:
