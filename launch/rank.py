@@ -79,8 +79,9 @@ class RankWork:
             torch.zeros(1, device=device)  # the context, made now
             if self.snapshot is not None and self.snapshot.every:
                 prestart_copier(device)
-            try:  # the checksum kernel the restore runs and the first step's kernels (0.5 s of that step, cold)
-                gpu_warm_up.warm_up_device(self.config, device)
+            try:  # the checksum kernel the restore runs and the first step's kernels (0.5 s of that step, cold),
+                # compiled as the trainer compiles them (this thread is the standby's only one)
+                gpu_warm_up.warm_up_device(self.config, device, compiled=True)
             except Exception as error:  # noqa: BLE001 (best effort: the first step pays as before)
                 print(f"[launcher] standby for rank {local_rank}: GPU kernel warm-up failed ({error})", flush=True)
 

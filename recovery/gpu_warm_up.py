@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 
 from regrow.checkpoint.snapshot import wordsum
+from regrow.trainer.compile import compiled_forward
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.models import GPT, GPTConfig
 from regrow.trainer.pipeline.config import PipelineTrainerConfig
@@ -46,14 +47,16 @@ def _warm_up(config: TrainerConfig | PipelineTrainerConfig) -> None:
         pass
 
 
-def warm_up_device(config: TrainerConfig | PipelineTrainerConfig, device: torch.device) -> None:
-    """The whole warm-up, on the calling thread: the checksum kernel, then (regrow's GPT only) one step's kernels.
-    Raises what fails (the callers treat it as best effort)."""
+def warm_up_device(config: TrainerConfig | PipelineTrainerConfig, device: torch.device, *,
+                   compiled: bool = False) -> None:
+    """The whole warm-up, on the calling thread: the checksum kernel, then (regrow's GPT only) one step's kernels,
+    through ``torch.compile`` as the trainer will run them when ``compiled`` (see :func:`warm_up_step`). Raises
+    what fails (the callers treat it as best effort)."""
     warm_up_checksum(device)
     # A pipeline stage's shapes are its own, and a factory's model is the user's (built seeded, it would draw):
     # neither is warmed.
     if isinstance(config, TrainerConfig) and isinstance(config.model, GPTConfig):
-        warm_up_step(config, device)
+        warm_up_step(config, device, compiled=compiled)
 
 
 def warm_up_checksum(device: torch.device) -> None:
@@ -64,9 +67,15 @@ def warm_up_checksum(device: torch.device) -> None:
         kernels.to_digest(kernels.digest_cuda(torch.zeros(4096, dtype=torch.uint8, device=device)))
 
 
-def warm_up_step(config: TrainerConfig, device: torch.device) -> None:
+def warm_up_step(config: TrainerConfig, device: torch.device, *, compiled: bool = False) -> None:
     """One forward and backward of ``config.model`` cut to one block, on ``device``, at the training's micro-batch,
-    sequence length and working dtype (``config.optim.param_dtype``). Draws no random number."""
+    sequence length and working dtype (``config.optim.param_dtype``). Draws no random number.
+
+    ``compiled``: through ``torch.compile`` per ``config.compile`` (nothing more where that compiles nothing on
+    ``device``): the compiler stack is imported and the block's generated kernels land in inductor's caches, so
+    that the trainer's own compile of the whole model reuses them. Only on a thread that nothing else compiles on
+    at the same time (``torch.compile`` is not thread-safe): the local launcher's standby, not the background
+    warm-up of :func:`start`."""
     model_config = replace(config.model, n_layer=1, dropout=0.0)
     dtype = DTYPES[config.optim.param_dtype] if config.optim.param_dtype else torch.float32
     model = GPT.uninitialized(model_config, device).to(dtype)
@@ -75,7 +84,8 @@ def warm_up_step(config: TrainerConfig, device: torch.device) -> None:
             param.zero_()  # uninitialized memory may hold NaNs; zeros keep every kernel on its usual path
     micro, seq = config.data.micro_batch, config.data.seq_len
     tokens = (torch.arange(micro * seq, device=device) % model_config.vocab_size).view(micro, seq)
-    model(tokens, tokens).backward()
+    forward = compiled_forward(model, config.compile, device) if compiled else model
+    forward(tokens, tokens).backward()
 
 
 __all__ = ["start", "warm_up_checksum", "warm_up_device", "warm_up_step"]

@@ -159,6 +159,22 @@ MUTATIONS = (
              "        elif not self._writer.shares(state.tensors):",
              "        elif False:",
              ("tests/test_snapshot_copier.py::test_tensors_that_move_are_shared_again_then_copied_here",)),
+    Mutation("one-rank-gradient-always-added", "trainer/zero/reducer.py",
+             "        if name in self._unwritten:\n            place.copy_(flat)",
+             "        if False:\n            place.copy_(flat)",
+             ("tests/test_zero.py::test_one_rank_writes_gradients_in_place_exactly_as_accumulating_them",)),
+    Mutation("one-rank-unused-gradient-not-zeroed", "trainer/zero/reducer.py",
+             "        for name in self._unwritten:\n            self._places[name].zero_()",
+             "        for name in self._unwritten:\n            pass",
+             ("tests/test_zero.py::test_one_rank_writes_gradients_in_place_exactly_as_accumulating_them",)),
+    Mutation("8bit-update-skips-clipping", "trainer/zero/optimizer.py",
+             "grad_scale=coefficient if scaled_in_kernel else 1.0)",
+             "grad_scale=1.0)",
+             ("tests/test_zero.py::test_clipping_scales_the_8bit_state_by_the_clipping_factor",)),
+    Mutation("stage3-gathers-stale-parameters", "trainer/zero/shard.py",
+             "        return self.master[local_start : local_start + length].to(self.sharded.dtype)",
+             "        return torch.zeros(length, dtype=self.sharded.dtype, device=self.device)",
+             ("tests/test_zero.py::test_stage3_is_bit_identical_to_stage2_with_8bit_state",)),
 )
 
 

@@ -226,13 +226,13 @@ def test_train_snapshot_runner_times_regrow_train_with_and_without_snapshots(tmp
 @pytest.mark.timeout(RUNNER_LIMIT_S + 60)
 def test_restart_runner_times_a_killed_rank_back_cold_and_warm(tmp_path: Path) -> None:
     outcome = run_runner("run_gpu_restart.sh", tmp_path, PAIRS="1", RUN_TIMEOUT="200")
-    assert_ran(outcome, "| run | kill -> first step s | detect s | recover s | restore s | steps lost |")
+    assert_ran(outcome, "| run | kill -> first step s | that step s | detect s | recover s | restore s | steps lost |")
     records = outcome.records("restart.jsonl")
     assert_all_ok(records, 2)
     assert [r["mode"] for r in records] == ["cold", "warm"]
     for record in records:  # every step is snapshotted: the killed rank's step is restored, nothing lost
         assert record["steps_lost"] == 0 and record["source"].startswith("snapshot")
-        assert record["kill_to_first_step_s"] > 0
+        assert record["kill_to_first_step_s"] > 0 and record["first_step_after_restore_s"] > 0
 
 
 @pytest.mark.timeout(RUNNER_LIMIT_S + 60)

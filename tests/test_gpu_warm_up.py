@@ -44,6 +44,17 @@ def test_the_warm_up_step_draws_from_no_generator(param_dtype: str | None) -> No
     assert_same(before, generator_states(device))
 
 
+@pytest.mark.timeout(120)
+def test_the_compiled_warm_up_step_draws_from_no_generator() -> None:
+    """The standby's warm-up compiles the block as the trainer would (aot_eager here: CPU compilation is slow)."""
+    import dataclasses
+
+    device = torch.device("cpu")
+    before = generator_states(device)
+    gpu_warm_up.warm_up_step(dataclasses.replace(config(None), compile="aot_eager"), device, compiled=True)
+    assert_same(before, generator_states(device))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.timeout(120)
 def test_the_background_warm_up_on_cuda_draws_from_no_generator() -> None:
@@ -51,6 +62,16 @@ def test_the_background_warm_up_on_cuda_draws_from_no_generator() -> None:
     torch.cuda.init()
     before = generator_states(device)
     gpu_warm_up.start(config("bfloat16")).join(60)
+    torch.cuda.synchronize()
+    assert_same(before, generator_states(device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.timeout(300)
+def test_the_standby_warm_up_compiles_with_inductor_and_draws_from_no_generator() -> None:
+    device = torch.device("cuda", 0)
+    before = generator_states(device)
+    gpu_warm_up.warm_up_device(config("bfloat16"), device, compiled=True)  # compile "auto": inductor on CUDA
     torch.cuda.synchronize()
     assert_same(before, generator_states(device))
 

@@ -303,3 +303,27 @@ def test_one_rank_writes_gradients_in_place_exactly_as_accumulating_them(device:
     # Stage 3 lays the shard out by unit; stage 2 has stage 1's layout, so its shard compares element for element.
     for key, value in shard1.items():
         assert torch.equal(value, others[0][1][key]), key
+
+
+def test_clipping_scales_the_8bit_state_by_the_clipping_factor() -> None:
+    """The 8-bit update applies the clipping factor as it reads the gradient. After one step Adam's first moment is
+    (1 - beta1) x the clipped gradient: block-wise absmax quantization makes its codes those of the unclipped run
+    and its block scales the unclipped ones times the factor (fp32 rounding apart)."""
+    torch.manual_seed(0)
+    template = _Branchy()
+    batch = torch.randn(8, 64)
+    runs = {}
+    for limit in (0.0, 1e-3):
+        model = _Branchy()
+        model.load_state_dict(template.state_dict())
+        opt = ZeroOptimizer(model, ZeroConfig(stage=2, state_bits=8, lr=1e-2, min_8bit_numel=1024,
+                                              max_grad_norm=limit))
+        model(batch, True).backward()
+        opt.step()
+        runs[limit] = (opt.last_clip_coefficient, opt.shard_tensors())
+    factor, clipped = runs[1e-3]
+    _, free = runs[0.0]
+    assert 0 < factor < 0.5
+    assert torch.equal(clipped["q8_decay/exp_avg_codes"], free["q8_decay/exp_avg_codes"])
+    torch.testing.assert_close(clipped["q8_decay/exp_avg_scales"], free["q8_decay/exp_avg_scales"] * factor,
+                               rtol=1e-6, atol=0)
