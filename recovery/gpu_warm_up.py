@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 
 from regrow.checkpoint.snapshot import wordsum
-from regrow.trainer.compile import compiled_forward
+from regrow.trainer.compile import backend_for, compiled_forward
 from regrow.trainer.loop import TrainerConfig
 from regrow.trainer.models import GPT, GPTConfig
 from regrow.trainer.pipeline.config import PipelineTrainerConfig
@@ -84,7 +84,8 @@ def warm_up_step(config: TrainerConfig, device: torch.device, *, compiled: bool 
             param.zero_()  # uninitialized memory may hold NaNs; zeros keep every kernel on its usual path
     micro, seq = config.data.micro_batch, config.data.seq_len
     tokens = (torch.arange(micro * seq, device=device) % model_config.vocab_size).view(micro, seq)
-    forward = compiled_forward(model, config.compile, device) if compiled else model
+    backend = backend_for(config.compile, device, zero_stage=config.optim.stage) if compiled else None
+    forward = compiled_forward(model, backend)
     forward(tokens, tokens).backward()
 
 

@@ -46,7 +46,8 @@ def pipeline_equivalence(world: World, config: PipelineTrainerConfig) -> dict:
                 grads[_global(trainer, local)] = mean / trainer.dp_size
         losses.append(trainer.apply_step(loss_sum).loss)
     params = {_global(trainer, n): p.detach().clone() for n, p in trainer.module.named_parameters()}
-    return {"stage": trainer.stage, "dp": trainer.dp, "losses": losses, "grads": grads, "params": params}
+    return {"stage": trainer.stage, "dp": trainer.dp, "losses": losses, "grads": grads, "params": params,
+            "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
 
 
 def reference_run(config: PipelineTrainerConfig) -> dict:

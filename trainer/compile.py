@@ -29,19 +29,20 @@ def check_compile(value: object, field: str = "TrainerConfig.compile") -> None:
                          f"torch.compile backend: {', '.join(backends)}")
 
 
-def backend_for(value: str, device: torch.device) -> str | None:
-    """The backend ``value`` compiles with on ``device``; None: the model runs eagerly."""
-    if value == OFF:
+def backend_for(value: str, device: torch.device, *, zero_stage: int = 1) -> str | None:
+    """The backend ``value`` compiles with on ``device``; None: the model runs eagerly. Nothing compiles at ZeRO
+    stage 3 (``zero_stage``), whose gathers run in module hooks: "auto" is off there, and ``TrainerConfig`` refuses
+    a backend named with it."""
+    if value == OFF or zero_stage == 3:
         return None
     if value == AUTO:
         return "inductor" if device.type == "cuda" else None
     return value
 
 
-def compiled_forward(model: nn.Module, value: str, device: torch.device) -> nn.Module:
+def compiled_forward(model: nn.Module, backend: str | None) -> nn.Module:
     """What the trainer calls for the forward of ``model``: a compiled wrapper sharing its parameters, or the model
-    itself when ``value`` compiles nothing on ``device``."""
-    backend = backend_for(value, device)
+    itself when ``backend`` is None."""
     return model if backend is None else torch.compile(model, backend=backend)
 
 

@@ -216,12 +216,11 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
 
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
         """What the forward calls: ``model`` compiled per ``config.compile`` (sharing its parameters), or itself."""
-        mode = COMPILE_OFF if self.config.optim.stage == 3 else self.config.compile
-        forward = compiled_forward(model, mode, self.device)
-        if forward is not model and self.rank == 0:
-            log_line(0, 0, f"model compiled with torch.compile (backend {backend_for(mode, self.device)}; the first "
-                           f"steps include the compile)")
-        return forward
+        backend = backend_for(self.config.compile, self.device, zero_stage=self.config.optim.stage)
+        if backend is not None and self.rank == 0:
+            log_line(0, 0, f"model compiled with torch.compile (backend {backend}; the first steps include the "
+                           f"compile)")
+        return compiled_forward(model, backend)
 
     def _optimizer_for(self, model: torch.nn.Module) -> ZeroOptimizer:
         """The optimizer of a freshly built ``model``, its blocks checkpointed first when the config says so."""

@@ -9,6 +9,7 @@ decision simple). ``blocks`` is a plain ``nn.ModuleList`` so pipeline parallelis
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -248,6 +249,7 @@ class GPTStage(nn.Module):
         if head:
             self.ln_f = nn.LayerNorm(config.d_model, bias=False)
             self.lm_head = TiedHead(config.vocab_size, config.d_model)
+        self._blocks_forward: Callable[[torch.Tensor], torch.Tensor] = self._run_blocks
 
     @classmethod
     def from_gpt(cls, gpt: GPT, blocks: range, *, embed: bool, head: bool) -> GPTStage:
@@ -278,8 +280,19 @@ class GPTStage(nn.Module):
         pos = torch.arange(idx.shape[1], device=idx.device)
         return self.drop(self.wte(idx) + self.wpe(pos))
 
+    def compiled(self, backend: str | None) -> GPTStage:
+        """Runs :meth:`run_blocks` (the stage's compute) through ``torch.compile`` with ``backend`` from now on
+        (None: eagerly); returns this stage. The compiled graphs read the stage's own parameters, so a restore or a
+        neighbour rebuild that copies into them needs no recompile."""
+        self._blocks_forward = self._run_blocks if backend is None else torch.compile(self._run_blocks,
+                                                                                      backend=backend)
+        return self
+
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """This stage's blocks applied in order to the residual stream ``x`` ``[B, T, d_model]``."""
+        return self._blocks_forward(x)
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
         return x

@@ -30,6 +30,7 @@ from regrow.comm.world import World
 from regrow.trainer import sink_calls
 from regrow.trainer.boundary import RewindableStep
 from regrow.trainer.checkpoint_view import VIEW_KEY, CheckpointView, StageRecord
+from regrow.trainer.compile import backend_for
 from regrow.trainer.data import DataCursor, Sampler
 from regrow.trainer.log import log_line
 from regrow.trainer.loop import NonFiniteLossError, StepResult, agree_lineage, learning_rate
@@ -105,7 +106,8 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
         gpt = GPT(train.model)
         embed, head = stage_roles(self.n_stages, self.stage, self.config.pipeline.checkfree_plus)
         blocks = stage_blocks(train.model.n_layer, self.n_stages, self.stage)
-        return GPTStage.from_gpt(gpt, blocks, embed=embed, head=head).to(self.device)
+        stage = GPTStage.from_gpt(gpt, blocks, embed=embed, head=head).to(self.device)
+        return stage.compiled(backend_for(train.compile, self.device, zero_stage=train.optim.stage))
 
     def _create_groups(self) -> PipelineGroups:
         group_timeout = max(self.timeout_s, self.config.train.optim.timeout_s)
