@@ -96,17 +96,16 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
 
     # ---------------------------------------------------------------- set-up
     def build_stage(self) -> GPTStage:
-        """This rank's stage, cut from the full GPT built from ``train.seed`` (so every stage starts exactly where the
-        single-process model does), and per-rank seeds for Python and NumPy as in ``Trainer.build_model``."""
+        """This rank's stage cut from the GPT built from ``train.seed`` (every stage starts where the whole model
+        does), blocks compiled per ``train.compile``; per-rank Python and NumPy seeds as ``Trainer.build_model``."""
         train = self.config.train
         torch.manual_seed(train.seed)
         per_rank = train.seed * 1_000_003 + self.rank
         random.seed(per_rank)
         np.random.seed(per_rank % 2**32)
-        gpt = GPT(train.model)
         embed, head = stage_roles(self.n_stages, self.stage, self.config.pipeline.checkfree_plus)
         blocks = stage_blocks(train.model.n_layer, self.n_stages, self.stage)
-        stage = GPTStage.from_gpt(gpt, blocks, embed=embed, head=head).to(self.device)
+        stage = GPTStage.from_gpt(GPT(train.model), blocks, embed=embed, head=head).to(self.device)
         return stage.compiled(backend_for(train.compile, self.device, zero_stage=train.optim.stage))
 
     def _create_groups(self) -> PipelineGroups:
