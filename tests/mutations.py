@@ -172,8 +172,8 @@ MUTATIONS = (
              "grad_scale=1.0)",
              ("tests/test_zero.py::test_clipping_scales_the_8bit_state_by_the_clipping_factor",)),
     Mutation("stage3-gathers-stale-parameters", "trainer/zero/shard.py",
-             "        return self.master[local_start : local_start + length].to(self.sharded.dtype)",
-             "        return torch.zeros(length, dtype=self.sharded.dtype, device=self.device)",
+             "        return self.master_piece(index).to(self.sharded.dtype)",
+             "        return torch.zeros_like(self.master_piece(index), dtype=self.sharded.dtype)",
              ("tests/test_zero.py::test_stage3_is_bit_identical_to_stage2_with_8bit_state",)),
 )
 

@@ -231,8 +231,7 @@ class GroupShard:
         the update of stages 1 and 2 writes into ``flat_params``: the same values). A temporary of the slice's size,
         so that no second copy of the parameters is kept between steps."""
         assert self.sharded is not None
-        _, local_start, length = self.pieces[index]
-        return self.master[local_start : local_start + length].to(self.sharded.dtype)
+        return self.master_piece(index).to(self.sharded.dtype)
 
     def master_piece(self, index: int) -> torch.Tensor:
         """This rank's slice of bucket ``index`` of the fp32 master shard."""
