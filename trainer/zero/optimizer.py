@@ -175,22 +175,12 @@ class ZeroOptimizer:
             self._gatherer.free_all()  # e.g. a root gathered by an evaluation's forward: it would be stale
         coefficient = self._clip_coefficient()
         self.last_clip_coefficient = coefficient
-        # The 8-bit update multiplies each gradient element by the coefficient as it reads it: the same fp32 product
-        # as scaling the shard first, without a pass over it. The fp32 update (torch's) would scale a converted
-        # copy, so an fp32 shard of a 32-bit group, this optimizer's scratch space, is scaled in place instead; a
-        # bf16 shard would round the scaled values a second time, so its update always scales as it reads.
-        in_kernel = [self.grad_dtype != torch.float32 or shard.layout.kind.bits == 8 for shard in self._shards]
-        if coefficient != 1.0:
-            for shard, scaled_in_kernel in zip(self._shards, in_kernel):
-                if not scaled_in_kernel:
-                    shard.grad.mul_(coefficient)
         self.step_count += 1
         for hook in list(self._update_pre_hooks.values()):
             hook()
-        for shard, scaled_in_kernel in zip(self._shards, in_kernel):
+        for shard in self._shards:
             shard.adamw_step(lr=self.lr, betas=self.config.betas, eps=self.config.eps,
-                             weight_decay=self.config.weight_decay, step=self.step_count,
-                             grad_scale=coefficient if scaled_in_kernel else 1.0)
+                             weight_decay=self.config.weight_decay, step=self.step_count, grad_scale=coefficient)
         for hook in list(self._gather_pre_hooks.values()):
             hook()
         self._gather_parameters()

@@ -270,9 +270,17 @@ class GroupShard:
     def adamw_step(self, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int,
                    grad_scale: float = 1.0) -> None:
         """One AdamW update of the master shard from the gradient shard (already reduced) times ``grad_scale`` (the
-        clipping coefficient, 1 when the shard is already clipped), writing the new working parameters into this
-        rank's slices of ``flat_params`` (stages 1 and 2). Weight decay applies only to a group of decayed parameters."""
-        update = adamw8bit_step if self.layout.kind.bits == 8 else adamw32bit_step
+        clipping coefficient), writing the new working parameters into this rank's slices of ``flat_params`` (stages
+        1 and 2). Weight decay applies only to a group of decayed parameters.
+
+        The 8-bit update, and any update of a bf16 gradient shard (which would round scaled values a second time),
+        multiplies each element by ``grad_scale`` as it reads it. The fp32 update (torch's) would scale a converted
+        copy, so an fp32 shard of a 32-bit group, scratch space, is scaled in place first: the same fp32 product."""
+        eight_bit = self.layout.kind.bits == 8
+        if not eight_bit and self.grad.dtype == torch.float32 and grad_scale != 1.0:
+            self.grad.mul_(grad_scale)
+            grad_scale = 1.0
+        update = adamw8bit_step if eight_bit else adamw32bit_step
         decay = weight_decay if self.layout.kind.decay else 0.0
         # One call per bucket piece, so the new working parameters land directly in the flat buffer.
         for flat_start, local_start, length in self.pieces:

@@ -34,8 +34,7 @@ class Reduction:
             self.target.add_(self.out)
             return
         reduced = self.out.float()
-        if self.world_size > 1:
-            reduced.div_(self.world_size)
+        reduced.div_(self.world_size)
         self.target.add_(reduced)
 
 
