@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "diagnostic of the worst placement), or leave them to the scheduler (off)")
     parser.add_argument("--parts", default="state,copy,copy_bwd,copy_bwd_digest,snapshot",
                         help="bench_snapshot_parts.py: the phases to run, comma-separated")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="bench_snapshot_parts.py: profile this many more steps of each phase without and with "
+                             "its sink (0: none)")
     parser.add_argument("--poll-hz", type=float, default=0.0,
                         help="bench_snapshot_parts.py: a thread in every rank that takes the GIL this often for "
                              "--poll-work-us of Python, as a Ray actor's control calls do (0: none)")
@@ -95,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     problems = [f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1"
                 for name in ("micro_batch", "warmup", "window", "windows") if getattr(args, name) < 1]
     problems += [f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0"
-                 for name in ("poll_hz", "poll_work_us", "switch_interval_ms") if getattr(args, name) < 0]
+                 for name in ("poll_hz", "poll_work_us", "switch_interval_ms", "profile_steps")
+                 if getattr(args, name) < 0]
     if not os.environ.get(TOKEN_ENV):
         problems.append(f"{TOKEN_ENV} is not set: export a token (python3 -c 'import secrets; "
                         "print(secrets.token_hex(32))') before torchrun")

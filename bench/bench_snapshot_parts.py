@@ -32,6 +32,8 @@ the phase's sink, alternating (so that the machine's drift falls on both), after
 - ``copy_thread``: the copy of ``copy`` issued by another thread of this process, on its own stream, at
   ``after_step`` (is it the issuing thread or the issuing process that slows the forward?).
 
+``--profile-steps N`` then profiles N more steps of each phase without and with its sink (``step_profile.py``):
+per step, the GPU's busy and idle time and the kernels that grew, to tell slower kernels from idle time.
 ``--parts`` picks the phases (default all, in this order); ``--numa-bind local|remote`` binds each rank's CPUs to
 its GPU's NUMA node or to another one first (``numa_placement.py``; a no-op on a host of one node).
 ``--poll-hz N --poll-work-us W`` adds a thread to every rank that takes the GIL N times a second for W us of
@@ -58,6 +60,7 @@ import torch.distributed as dist
 from bench_checkpoint import regrow_trainer
 from bench_snapshot import numa_bind, paired_windows, parse_args, start_node_process
 from bench_zero import emit_result, init_distributed, result_header
+from step_profile import compare, profile_steps
 
 from regrow.checkpoint.hostcopy import HostCopier, HostCopierConfig, HostCopy
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
@@ -353,11 +356,22 @@ def run() -> dict:
     phases: dict[str, tuple[list[float], list[float]]] = {}
     copy_ms: dict[str, float] = {}
 
+    profiles: dict[str, dict] = {}
+
     def phase(name: str, sink) -> None:
         trainer.sinks.append(sink)
         for _ in range(args.warmup):
             trainer.train_step()
         off, on = paired_windows(args, trainer, sink)
+        if args.profile_steps:
+            sink.flush()
+            trainer.sinks.remove(sink)
+            trainer.train_step()
+            without = profile_steps(trainer.train_step, args.profile_steps, device)
+            trainer.sinks.append(sink)
+            trainer.train_step()
+            profiles[f"profile_{name}"] = compare(without, profile_steps(trainer.train_step, args.profile_steps,
+                                                                         device))
         sink.close()
         trainer.sinks.remove(sink)
         phases[name] = (off, on)
@@ -398,7 +412,7 @@ def run() -> dict:
             figures[f"copy_ms_{name}"] = round(copy_ms[name], 2)
     return {"bench": "snapshot_parts", **result_header(args, world_size, device), "window": args.window,
             "numa_bind": args.numa_bind, "placements": placements, "poll_hz": args.poll_hz,
-            "poll_work_us": args.poll_work_us, "switch_interval_ms": args.switch_interval_ms, **figures,
+            "poll_work_us": args.poll_work_us, "switch_interval_ms": args.switch_interval_ms, **figures, **profiles,
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 

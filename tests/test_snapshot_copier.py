@@ -22,6 +22,7 @@ from regrow.checkpoint.snapshot.copier_link import CopierLink
 from regrow.checkpoint.snapshot.protocol import SnapshotClient
 from regrow.checkpoint.snapshot.read import read_slot
 from regrow.checkpoint.snapshot.sink import SnapshotSink, SnapshotSinkConfig
+from regrow.checkpoint.snapshot.stats import RECENT, SnapshotStats
 from regrow.recovery.from_snapshots import restore_from_node
 from regrow.tests import snapshot_workers as w
 from regrow.tests.fingerprint import assert_same_state, frozen
@@ -68,6 +69,9 @@ def test_copier_process_snapshots_equal_the_training_state_and_restore_bit_ident
     sink.flush()
     assert sink.sealed_steps == [1, 2, 3, 4] and sink.skipped_steps == []
     assert sink.segments == []  # the copier maps the segments, not the training process
+    # On CPU the copier copies before it answers: nothing is timed on a GPU.
+    assert sink.stats.to_dict() == {"sealed": 4, "skipped": 0, "copy_ms_median": None, "wait_ms_median": None,
+                                    "timed": 0}
     reference = reference_states(config, 6)
     held = slot_states(node, token)
     assert sorted(held) == [3, 4]
@@ -219,3 +223,17 @@ def test_tensors_that_move_are_shared_again_then_copied_here(node, token, capsys
         for name, tensor in state.tensors.items():
             assert torch.equal(tensor, states[step].tensors[name]), (step, name)
     assert "copying from the training process instead" in capsys.readouterr().out
+
+
+def test_snapshot_stats_stay_bounded_and_summarize_their_medians() -> None:
+    stats = SnapshotStats()
+    for step in range(1, RECENT + 11):
+        stats.on_sealed(step, copy_ms=float(step % 3))
+        stats.on_waited(0.0 if step % 2 else 2.0)
+    stats.on_skipped(RECENT + 11)
+    assert stats.sealed == RECENT + 10 and len(stats.sealed_steps) == RECENT == len(stats.copy_ms)
+    assert stats.sealed_steps[0] == 11 and stats.sealed_steps[-1] == RECENT + 10
+    assert stats.to_dict() == {"sealed": RECENT + 10, "skipped": 1, "copy_ms_median": 1.0, "wait_ms_median": 1.0,
+                               "timed": RECENT}
+    assert stats.summary() == (f"{RECENT + 10} sealed, 1 skipped (both slots held), copy 1.00 ms median on the GPU, "
+                               f"optimizer steps waited 1.00 ms median for it")

@@ -54,6 +54,11 @@ def test_copier_on_cuda_never_lets_the_next_update_overwrite_a_copy_in_flight(no
             tensor.fill_(100 + step)
     sink.flush()
     assert sink.sealed_steps == [1, 2, 3, 4] and sink.segments == []
+    torch.cuda.synchronize()
+    sink.flush()  # reads the timing events of the last waits, now complete
+    # Each fill waited for a copy of 512 MiB queued just before it: the stats see that wait, and the copies' time.
+    assert len(sink.stats.copy_ms) == 4 and min(sink.stats.copy_ms) > 0.5
+    assert len(sink.stats.wait_ms) == 4 and max(sink.stats.wait_ms) > 0.5
     held = slot_states(node, token)
     assert sorted(held) == [3, 4]
     for step, state in held.items():

@@ -66,6 +66,8 @@ class _InFlight:
     """CUDA: a blocking event recorded after the copy (the seal thread sleeps on it); None on CPU (copied)."""
     digests: dict[str, torch.Tensor] = field(default_factory=dict)
     """CUDA: each tensor's WordSum-128, landing in pinned memory with the copy."""
+    timed: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+    """CUDA: timing events around the copy on the copy stream (its GPU time goes to the rank with ``sealed``)."""
     thread: threading.Thread | None = None
 
 
@@ -248,8 +250,10 @@ class Copier:
         if sources.cuda:
             # The rank digests (its "digests" rows); only where it cannot does this process, at a price.
             digest_cuda = gpu_digest_kernel() if sources.digests is None else None
-            in_flight = _InFlight(segment=segment, step=step, host_done=torch.cuda.Event(blocking=True))
+            in_flight = _InFlight(segment=segment, step=step, host_done=torch.cuda.Event(blocking=True),
+                                  timed=(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             sources.stream.wait_event(sources.ready)
+            in_flight.timed[0].record(sources.stream)
             with torch.cuda.stream(sources.stream):
                 for name, source in sources.tensors.items():
                     if digest_cuda is not None:
@@ -258,6 +262,7 @@ class Copier:
                         host.copy_(result, non_blocking=True)
                         in_flight.digests[name] = host
                     targets[name].copy_(source, non_blocking=True)
+                in_flight.timed[1].record(sources.stream)
                 if sources.digests is not None:
                     # The rank digests the same state beside this copy; its rows are read once it is done, and
                     # "done" (recorded after) keeps the rank from starting the next digest before that.
@@ -302,7 +307,10 @@ class Copier:
                                          "step": in_flight.step})
             self.held = frozenset(reply.get("held", ()))
             self.newest = segment.slot
-            self._send({"event": "sealed", "step": in_flight.step, "slot": segment.slot, "held": sorted(self.held)})
+            sealed = {"event": "sealed", "step": in_flight.step, "slot": segment.slot, "held": sorted(self.held)}
+            if in_flight.timed is not None:
+                sealed["copy_ms"] = round(in_flight.timed[0].elapsed_time(in_flight.timed[1]), 3)
+            self._send(sealed)
         except BaseException as error:  # noqa: BLE001 (told to the rank, which raises it)
             try:
                 self._send({"event": "error", "step": in_flight.step, "kind": type(error).__name__,

@@ -201,18 +201,24 @@ class CopierWriter:
     step (records "ready" on the current stream on CUDA and sends ``snap``); :meth:`wait_before_mutation` before the
     next optimizer step (reads the answer; on CUDA the current stream waits for "done", on CPU the answer means the
     copy is done); :meth:`flush` returns once the last snapshot is sealed. Sealed steps, skipped steps, the newest
-    slot and the held slots are reported through ``on_sealed(step, slot, held)`` and ``on_skipped(step)``; a
-    sealing error is raised by the next call.
+    slot and the held slots are reported through ``on_sealed(step, slot, held, copy_ms)`` (``copy_ms``: the copy's
+    GPU time, None on CPU) and ``on_skipped(step)``; on CUDA, how long each wait for "done" held the stream through
+    ``on_waited(ms)``, a step or two later (timing events are read once complete, never waited for). A sealing error
+    is raised by the next call.
     """
 
     def __init__(self, *, rank: int, address: str, token: str | None, timeout_s: float,
-                 on_sealed: Callable[[int, int, frozenset[int]], None], on_skipped: Callable[[int], None]) -> None:
+                 on_sealed: Callable[[int, int, frozenset[int], float | None], None],
+                 on_skipped: Callable[[int], None], on_waited: Callable[[float], None] = lambda ms: None) -> None:
         self.rank = rank
         self.address = address
         self.token = token
         self.timeout_s = timeout_s
         self.on_sealed = on_sealed
         self.on_skipped = on_skipped
+        self.on_waited = on_waited
+        # CUDA: (before, after) timing events around each wait for "done", oldest first, not read yet.
+        self._waits: collections.deque[tuple[torch.cuda.Event, torch.cuda.Event]] = collections.deque()
         self.link = _adopt(self._on_event, timeout_s)
         self._error: tuple[str, str] | None = None  # (kind, message) of a failed seal
         self._awaiting: int | None = None  # the step whose "snap" answer is not read yet
@@ -228,7 +234,9 @@ class CopierWriter:
 
     def _on_event(self, event: dict) -> None:
         if event.get("event") == "sealed":
-            self.on_sealed(int(event["step"]), int(event["slot"]), frozenset(event.get("held", ())))
+            copy_ms = event.get("copy_ms")
+            self.on_sealed(int(event["step"]), int(event["slot"]), frozenset(event.get("held", ())),
+                           float(copy_ms) if isinstance(copy_ms, int | float) else None)
         elif event.get("event") == "error":
             self._error = (str(event.get("kind")), str(event.get("error")))
 
@@ -310,6 +318,7 @@ class CopierWriter:
         self._awaiting = step
 
     def wait_before_mutation(self) -> None:
+        self._report_waits()
         if self._awaiting is None:
             return
         step, self._awaiting = self._awaiting, None
@@ -318,7 +327,18 @@ class CopierWriter:
             self.on_skipped(step)
         elif self._cuda:
             assert self._done is not None
-            torch.cuda.current_stream().wait_event(self._done)
+            stream = torch.cuda.current_stream()
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record(stream)
+            stream.wait_event(self._done)
+            after.record(stream)
+            self._waits.append((before, after))
+
+    def _report_waits(self) -> None:
+        """Hands ``on_waited`` every timed wait the GPU has passed (without waiting for the others)."""
+        while self._waits and self._waits[0][1].query():
+            before, after = self._waits.popleft()
+            self.on_waited(before.elapsed_time(after))
 
     def flush(self) -> None:
         self.wait_before_mutation()

@@ -45,6 +45,7 @@ from regrow.checkpoint.snapshot import wordsum
 from regrow.checkpoint.snapshot.copier_link import CopierWriter
 from regrow.checkpoint.snapshot.mapped import MappedSegment
 from regrow.checkpoint.snapshot.protocol import SnapshotClient, SnapshotProcessLost
+from regrow.checkpoint.snapshot.stats import SnapshotStats
 from regrow.trainer.checks import require_ints
 from regrow.trainer.log import log_line
 from regrow.trainer.state import ShardState
@@ -195,11 +196,10 @@ class SnapshotSink:
         # Slots the snapshot process holds (an encode or persist reads them): never written until released. Set
         # from ATTACH and every COMMIT reply (the finisher thread), read by the training thread.
         self._held: frozenset[int] = frozenset()
-        self.skipped_steps: list[int] = []
-        """Steps not snapshotted because both slots were held."""
+        self.stats = SnapshotStats()
+        """Steps sealed and skipped (both slots held), and with the copier process the copy's GPU time and how
+        long each optimizer step waited for it; the newest are kept (``stats.RECENT``)."""
         self._summarize: Summarize | None = None  # the GPU digest, when the shard is on CUDA and triton imports
-        self.sealed_steps: list[int] = []
-        """Steps whose snapshot this sink sealed and committed, in order."""
         self._entries: dict[str, seg.TensorEntry] = {}
         self._paths: list[str] = []
         self._reshared = 0  # times the shard's tensors moved and were shared with the copier again
@@ -210,7 +210,7 @@ class SnapshotSink:
         if uses_copier(config, on_cuda=torch.cuda.is_available()):
             self._writer = CopierWriter(rank=rank, address=config.address, token=config.token,
                                         timeout_s=config.timeout_s, on_sealed=self._on_sealed,
-                                        on_skipped=self.skipped_steps.append)
+                                        on_skipped=self.stats.on_skipped, on_waited=self.stats.on_waited)
 
     def register_copy_hook(self, hook: Callable[[int], None]) -> RemovableHandle:
         """Calls ``hook(step)`` while the snapshot of ``step`` is being copied: copying here, from the finisher
@@ -225,9 +225,19 @@ class SnapshotSink:
         for hook in list(self._copy_hooks.values()):
             hook(step)
 
-    def _on_sealed(self, step: int, slot: int, held: frozenset[int]) -> None:
+    @property
+    def sealed_steps(self) -> list[int]:
+        """The newest steps whose snapshot this sink sealed and committed, in order."""
+        return list(self.stats.sealed_steps)
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """The newest steps not snapshotted because both slots were held."""
+        return list(self.stats.skipped_steps)
+
+    def _on_sealed(self, step: int, slot: int, held: frozenset[int], copy_ms: float | None = None) -> None:
         self._newest, self._held = slot, held
-        self.sealed_steps.append(step)
+        self.stats.on_sealed(step, copy_ms)
 
     def attach(self, state: ShardState, *, restored_from: str | None = None) -> None:
         """ATTACHes with ``state``'s tensor table (segments are created, or found again after a restart) and maps
@@ -374,7 +384,7 @@ class SnapshotSink:
         thread seals it."""
         target = self._target()
         if target is None:
-            self.skipped_steps.append(state.step)
+            self.stats.on_skipped(state.step)
             return
         segment = self.segments[target]
         entries = [segment.entries[name] for name in state.tensors]
@@ -400,9 +410,12 @@ class SnapshotSink:
     def close(self) -> None:
         """Seals the snapshot in flight, unmaps the segments (unregistering them from CUDA: a later mapping at the
         same address, by another sink of this process, would otherwise fail to register) and disconnects. The
-        segments stay with the snapshot process."""
+        segments stay with the snapshot process. Logs :attr:`stats` (``snapshot: ... sealed ...``)."""
         try:
             self.flush()
+            if self.config.log and (self.stats.sealed or self.stats.skipped):
+                last = self.stats.sealed_steps[-1] if self.stats.sealed_steps else self.stats.skipped_steps[-1]
+                log_line(self.rank, last, f"snapshot: {self.stats.summary()}")
         finally:
             try:
                 self.detach()
@@ -470,7 +483,7 @@ class SnapshotSink:
         if pending.error is not None:
             raise pending.error
         self._newest = pending.segment.slot
-        self.sealed_steps.append(pending.step)
+        self.stats.on_sealed(pending.step)
 
 
 __all__ = [
