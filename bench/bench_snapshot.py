@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
             "digest_gpu_ms": None if gpu_s is None else round(max_over_ranks(gpu_s) * 1e3, 3),
             "digest_gpu_gbps_min": None if gpu_s is None else round(-max_over_ranks(-payload / gpu_s / 1e9), 1),
             "restore_s": round(restore_s, 3), "restored_step": restored["r"].step, "trained_step": steps_before,
-            "rebuild_s": round(rebuild_s, 3), "sealed_snapshots": len(sink.sealed_steps),
+            "rebuild_s": round(rebuild_s, 3), "sealed_snapshots": sink.stats.sealed,
         }
     finally:
         dist.barrier()

@@ -243,7 +243,7 @@ def _registered_shm(tensors: dict, turn: int) -> dict:
 
     import torch
 
-    from regrow.checkpoint.snapshot import host_register
+    from regrow.checkpoint import host_register
 
     offsets, total = {}, 0
     for name, tensor in tensors.items():

@@ -232,7 +232,7 @@ def test_sink_alternates_and_corrupt_newest_falls_back(node, token, capsys) -> N
     for _ in range(6):
         trainer.train_step()
     sink.close()
-    assert sink.sealed_steps == [2, 4, 6]
+    assert list(sink.stats.sealed_steps) == [2, 4, 6]
     client = SnapshotClient(node.address, token=token)
     slots = {s["step"]: s for s in client.request({"op": "latest", "rank": 0})["slots"]}
     assert sorted(slots) == [4, 6]
@@ -280,7 +280,7 @@ def test_sink_reattach_after_a_restore_keeps_its_mappings(node, token) -> None:
     for _ in range(3):
         trainer.train_step()
     sink.close()
-    assert sink.sealed_steps == [1, 2, 3, 4, 5, 6]
+    assert list(sink.stats.sealed_steps) == [1, 2, 3, 4, 5, 6]
     sink.detach()
     assert sink.segments == []
 

@@ -67,7 +67,7 @@ def test_copier_process_snapshots_equal_the_training_state_and_restore_bit_ident
     for _ in range(4):
         trainer.train_step()
     sink.flush()
-    assert sink.sealed_steps == [1, 2, 3, 4] and sink.skipped_steps == []
+    assert list(sink.stats.sealed_steps) == [1, 2, 3, 4] and list(sink.stats.skipped_steps) == []
     assert sink.segments == []  # the copier maps the segments, not the training process
     # On CPU the copier copies before it answers: nothing is timed on a GPU.
     assert sink.stats.to_dict() == {"sealed": 4, "skipped": 0, "copy_ms_median": None, "wait_ms_median": None,
@@ -99,7 +99,7 @@ def test_the_next_update_waits_for_the_copy_and_no_snapshot_mixes_two_steps(node
     for _ in range(5):
         trainer.train_step()
     sink.close()
-    assert sink.sealed_steps == [1, 2, 3, 4, 5]
+    assert list(sink.stats.sealed_steps) == [1, 2, 3, 4, 5]
     reference = reference_states(config, 5)
     held = slot_states(node, token)
     assert sorted(held) == [4, 5]
@@ -176,7 +176,7 @@ def test_auto_falls_back_to_copying_in_the_training_process_when_the_copier_cann
         trainer.train_step()
     sink.close()
     assert "the copier process cannot take the shard" in capsys.readouterr().out
-    assert sink.sealed_steps == [1, 2, 3]
+    assert list(sink.stats.sealed_steps) == [1, 2, 3]
     reference = reference_states(config, 3)
     assert_same_state(slot_states(node, token)[3], reference[3])
 
@@ -216,7 +216,7 @@ def test_tensors_that_move_are_shared_again_then_copied_here(node, token, capsys
         sink.after_step(states[step])
         sink.before_optimizer_step()
     sink.close()
-    assert sink.sealed_steps == list(range(1, steps + 1))
+    assert list(sink.stats.sealed_steps) == list(range(1, steps + 1))
     held = slot_states(node, token)
     assert sorted(held) == [steps - 1, steps]
     for step, state in held.items():

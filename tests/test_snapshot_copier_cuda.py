@@ -53,7 +53,7 @@ def test_copier_on_cuda_never_lets_the_next_update_overwrite_a_copy_in_flight(no
         for tensor in tensors.values():  # the "optimizer step": must run after the copy of step's state
             tensor.fill_(100 + step)
     sink.flush()
-    assert sink.sealed_steps == [1, 2, 3, 4] and sink.segments == []
+    assert list(sink.stats.sealed_steps) == [1, 2, 3, 4] and sink.segments == []
     torch.cuda.synchronize()
     sink.flush()  # reads the timing events of the last waits, now complete
     # Each fill waited for a copy of 512 MiB queued just before it: the stats see that wait, and the copies' time.
@@ -92,7 +92,7 @@ def test_a_read_only_slot_mapping_registers_for_the_restore_copy(tmp_path) -> No
     restore's 2.4 GB pageable copy took 1.2 s on an H100 host."""
     import mmap
 
-    from regrow.checkpoint.snapshot.host_register import registered
+    from regrow.checkpoint.host_register import registered
 
     path = tmp_path / "slot"
     data = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8)

@@ -190,7 +190,7 @@ def test_slot_held_during_the_copy_is_not_reused(tmp_path, token, capsys) -> Non
         assert node.wait_for(2)["status"] == "committed"
         trainer.train_step()
         sink.close()
-        assert sink.skipped_steps == []
+        assert list(sink.stats.skipped_steps) == []
         assert node.wait_for(6)["status"] == "committed"
         statuses = [(r["step"], r["status"]) for r in node.client.request({"op": "persisted"})["results"]]
         assert statuses == [(4, "skipped"), (2, "committed"), (6, "committed")]

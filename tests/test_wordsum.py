@@ -252,7 +252,7 @@ def test_sink_seals_from_per_tensor_digests_and_restores(node, token, monkeypatc
     for _ in range(3):
         trainer.train_step()
     sink.close()
-    assert sink.sealed_steps == [1, 2, 3]
+    assert list(sink.stats.sealed_steps) == [1, 2, 3]
     fresh = Trainer(config)
     assert restore_from_node(fresh, node.address, token=token, log=False).step == 3
     for a, b in zip(trainer.model.parameters(), fresh.model.parameters(), strict=True):
@@ -280,7 +280,7 @@ def test_sink_clears_dirty_gaps_between_odd_sized_tensors(node, token, monkeypat
         idle.buffer[begin:end] = b"\xab" * (end - begin)
     sink.after_step(state(2))  # into the dirty segment
     sink.close()
-    assert sink.sealed_steps == [1, 2]
+    assert list(sink.stats.sealed_steps) == [1, 2]
     for segment, step in ((in_flight, 1), (idle, 2)):
         snapshot = seg.verify(segment.buffer, rank=0)
         restored = state_from_snapshot(snapshot)

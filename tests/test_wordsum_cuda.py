@@ -149,7 +149,7 @@ def test_sink_seals_with_gpu_digests(node, token) -> None:  # noqa: F811
         assert sink._pending.gpu_digests
         sink.before_optimizer_step()
     sink.flush()
-    assert sink.sealed_steps == [1, 2, 3]
+    assert list(sink.stats.sealed_steps) == [1, 2, 3]
     for segment in sink.segments:
         snapshot = seg.verify(segment.buffer, rank=0)
         restored = state_from_snapshot(snapshot)

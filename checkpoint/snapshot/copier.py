@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from regrow.checkpoint.shared_tensors import MappedTensors
 from regrow.checkpoint.snapshot import segment as seg
 from regrow.checkpoint.snapshot import wordsum
 from regrow.checkpoint.snapshot.copier_link import DIGESTS, gpu_digest_kernel
@@ -77,7 +78,7 @@ class _Sources:
     def __init__(self, message: dict, fds: list[int]) -> None:
         self.cuda = message["device"] == "cuda"
         self._imported = None
-        self._maps: list = []
+        self._mapped: MappedTensors | None = None
         self.digests: torch.Tensor | None = None
         """CUDA: the rank's per-tensor WordSum-128s of the state "ready" marks (rows in tensor order)."""
         self.digested = None
@@ -100,43 +101,15 @@ class _Sources:
             self.done = cuda_ipc.import_event(events["done"], device)
             self.stream = torch.cuda.Stream(device)
         else:
-            import mmap
-
-            try:
-                self._maps = [mmap.mmap(fd, 0, prot=mmap.PROT_READ) for fd in fds]
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            self.tensors = {name: self._host_tensor(name, item) for name, item in message["tensors"].items()}
-
-    def _host_tensor(self, name: str, item: dict) -> torch.Tensor:
-        dtype = getattr(torch, item["dtype"])
-        shape = [int(d) for d in item["shape"]]
-        numel = 1
-        for d in shape:
-            numel *= d
-        if not numel:
-            return torch.empty(shape, dtype=dtype)
-        mapping = self._maps[int(item["fd"])]
-        begin = int(item["offset"])
-        end = begin + numel * dtype.itemsize
-        if begin < 0 or end > len(mapping):
-            raise ValueError(f"tensor {name!r}: bytes [{begin}, {end}) lie outside its shared memory of "
-                             f"{len(mapping)} bytes")
-        return _readonly_view(memoryview(mapping)[begin:end], dtype, shape)
+            self._mapped = MappedTensors(message["tensors"], fds)
+            self.tensors = dict(self._mapped.tensors)
 
     def close(self) -> None:
         if self._imported is not None:
             self._imported.close()
+        if self._mapped is not None:
+            self._mapped.close()
         self.tensors = {}
-
-
-def _readonly_view(view: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "The given buffer is not writable": it is only read
-        return torch.frombuffer(view, dtype=dtype).view(shape)
 
 
 class Copier:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from regrow.checkpoint.shared_tensors import describe_shared
 from regrow.checkpoint.snapshot.protocol import TOKEN_ENV, SnapshotProcessLost, recv_message, send_message
 
 EventHandler = Callable[[dict], None]
@@ -32,13 +33,11 @@ class CopierLost(RuntimeError):
 
 def describe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict], list[int]]:
     """Where each shard tensor lives, for the copier, and the file descriptors to pass with the description.
-    CUDA tensors: ``cuda_ipc.export_tensor`` (no descriptors). CPU tensors: their storage moves into shared
-    memory in place (``_share_fd_cpu_``; the rank's tensors keep working), and each is described by the index of
-    its storage's descriptor in the list and its byte offset in it. Raises ``cuda_ipc.IpcUnavailable`` when CUDA
-    memory cannot be exported."""
+    CUDA tensors: ``cuda_ipc.export_tensor`` (no descriptors). CPU tensors: ``shared_tensors.describe_shared``
+    (their storage moves into shared memory in place; the rank's tensors keep working). Raises
+    ``cuda_ipc.IpcUnavailable`` when CUDA memory cannot be exported."""
     described: dict[str, dict] = {}
-    fds: list[int] = []
-    index_of: dict[int, int] = {}
+    on_cpu: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if not tensor.is_contiguous():
             raise ValueError(f"shard tensor {name!r} is not contiguous")
@@ -46,16 +45,10 @@ def describe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict],
             from regrow.checkpoint.snapshot.cuda_ipc import export_tensor
 
             described[name] = export_tensor(tensor)
-            continue
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in index_of:
-            fd, _ = storage._share_fd_cpu_()
-            index_of[storage.data_ptr()] = len(fds)
-            fds.append(fd)
-        described[name] = {"fd": index_of[storage.data_ptr()],
-                           "offset": tensor.storage_offset() * tensor.element_size(),
-                           "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
-    return described, fds
+        else:
+            on_cpu[name] = tensor
+    shared, fds = describe_shared(on_cpu)
+    return {**described, **shared}, fds
 
 
 def _signature(tensors: dict[str, torch.Tensor]) -> list[tuple]:

@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from regrow.checkpoint.snapshot import host_register
+from regrow.checkpoint import host_register
 from regrow.checkpoint.snapshot import segment as seg
 
 

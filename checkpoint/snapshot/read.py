@@ -8,8 +8,9 @@ import warnings
 
 import torch
 
-from regrow.checkpoint.snapshot import host_register, wordsum
+from regrow.checkpoint import host_register
 from regrow.checkpoint.snapshot import segment as seg
+from regrow.checkpoint.snapshot import wordsum
 from regrow.checkpoint.snapshot.sink import state_from_snapshot
 from regrow.trainer.state import ShardState
 

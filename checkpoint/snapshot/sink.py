@@ -225,16 +225,6 @@ class SnapshotSink:
         for hook in list(self._copy_hooks.values()):
             hook(step)
 
-    @property
-    def sealed_steps(self) -> list[int]:
-        """The newest steps whose snapshot this sink sealed and committed, in order."""
-        return list(self.stats.sealed_steps)
-
-    @property
-    def skipped_steps(self) -> list[int]:
-        """The newest steps not snapshotted because both slots were held."""
-        return list(self.stats.skipped_steps)
-
     def _on_sealed(self, step: int, slot: int, held: frozenset[int], copy_ms: float | None = None) -> None:
         self._newest, self._held = slot, held
         self.stats.on_sealed(step, copy_ms)
