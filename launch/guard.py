@@ -161,7 +161,7 @@ class Guard:
         self._closed = False
         self._forward_seen = False
         self._steps_at_boundary = optimizer.step_count
-        self._hooks = [optimizer.register_step_pre_hook(self._before_optimizer_step),
+        self._hooks = [sink_calls.wait_before_updates(optimizer, lambda: self.sinks),
                        model.register_forward_hook(self._after_forward)]
 
     # ---------------------------------------------------------------- the loop
@@ -241,9 +241,6 @@ class Guard:
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
-
-    def _before_optimizer_step(self) -> None:
-        sink_calls.before_optimizer_step(self.sinks)
 
     def _after_forward(self, module: nn.Module, inputs: object, output: object) -> None:
         if not self._forward_seen and torch.is_grad_enabled():

@@ -226,7 +226,9 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         """The optimizer of a freshly built ``model``, its blocks checkpointed first when the config says so."""
         if self.config.activation_checkpointing:
             checkpoint_blocks(model, self.config.optim.shard_units)
-        return ZeroOptimizer(model, self.config.optim)
+        optimizer = ZeroOptimizer(model, self.config.optim)
+        sink_calls.wait_before_updates(optimizer, lambda: self.sinks)
+        return optimizer
 
     def run_config(self) -> dict:
         """``config.to_dict()``: what a checkpoint records as the run's settings (``state.Restorable``)."""
@@ -262,8 +264,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
             raise NonFiniteLossError(step, loss_value)
         lr = learning_rate(self.config, step)
         self.optimizer.set_lr(lr)
-        sink_calls.before_optimizer_step(self.sinks)
-        self.optimizer.step()
+        self.optimizer.step()  # the sinks wait before its update (sink_calls.wait_before_updates)
         self.optimizer.zero_grad()
         self.step = step
         tokens = self.config.data.global_batch * self.config.data.seq_len

@@ -98,8 +98,9 @@ class ShardState:
 class StateSink(Protocol):
     """Something that keeps shard states: the in-memory snapshot manager, the checkpoint writer, ...
 
-    The trainer calls ``before_optimizer_step()`` right before every optimizer step (the only thing that mutates
-    the shard: a sink copying the previous state must finish reading it now) and ``after_step(state)`` right after
+    The trainer calls ``before_optimizer_step()`` in every optimizer step right before its update, the only thing
+    that mutates the shard (after the gradient norm: ``sink_calls.wait_before_updates``): a sink copying the
+    previous state must finish reading it now, or make the device wait for that. Then ``after_step(state)`` right after
     every step with the new state, whose tensors are live buffers: copy what must outlive the next step.
     ``close()`` is called once when training ends.
 

@@ -140,6 +140,7 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
         if self._sums_after_reduction:
             optimizer.register_reduced_hook(lambda: sum_shared_reduced_grads(
                 optimizer, self.stage, self.shared, self.groups.shared, self.timeout_s))
+        sink_calls.wait_before_updates(optimizer, lambda: self.sinks)
         return optimizer
 
     @property
@@ -224,8 +225,7 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
             raise NonFiniteLossError(step, loss)
         lr = learning_rate(self.config.train, step) * self.lr_scale
         self.optimizer.set_lr(lr)
-        sink_calls.before_optimizer_step(self.sinks)
-        self.optimizer.step()
+        self.optimizer.step()  # the sinks wait before its update (sink_calls.wait_before_updates)
         self.optimizer.zero_grad()
         self.stage_grad_norm = self.optimizer.last_group_grad_norm * self.optimizer.last_clip_coefficient
         self.step = step

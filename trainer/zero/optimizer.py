@@ -175,9 +175,10 @@ class ZeroOptimizer:
             self._gatherer.free_all()  # e.g. a root gathered by an evaluation's forward: it would be stale
         coefficient = self._clip_coefficient()
         self.last_clip_coefficient = coefficient
-        self.step_count += 1
+        # Before the count moves: a hook that raises (a sink whose copy failed) leaves a step that can be rewound.
         for hook in list(self._update_pre_hooks.values()):
             hook()
+        self.step_count += 1
         for shard in self._shards:
             shard.adamw_step(lr=self.lr, betas=self.config.betas, eps=self.config.eps,
                              weight_decay=self.config.weight_decay, step=self.step_count, grad_scale=coefficient)
