@@ -107,9 +107,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cold-first-save", action="store_true",
                         help="regrow: no start-up allocation of the host buffers (the first save allocates them on "
                              "the training thread, as before CheckpointWriter.prepare): the anchor of the first save")
-    parser.add_argument("--persist-in", default="auto", choices=("auto", "process", "thread"),
-                        help="regrow: WriterConfig.persist_in (who writes the rank's part: its part process or its "
-                             "persist thread; auto: the process on a GPU)")
     parser.add_argument("--json", default=None, help="file to append the result line to (rank 0)")
     args = parser.parse_args(argv)
     for name in ("micro_batch", "baseline_steps", "saves", "max_steps_during", "window"):
@@ -199,7 +196,7 @@ def build_regrow(args: argparse.Namespace, rank: int, world_size: int, device: t
     dist.barrier()
     chunk = {"chunk_bytes": args.chunk_mib << 20} if args.chunk_mib else {}
     writer = CheckpointWriter(WriterConfig(root=str(root), save_every=0, keep_last=2, fsync=not args.no_fsync,
-                                           persist_in=args.persist_in, **chunk),
+                                           **chunk),
                               rank=rank, world_size=world_size, run_config=trainer.config.to_dict())
     if not args.cold_first_save:
         writer.prepare(trainer.shard_state())  # as launch/rank.attach_writer does: the first save's buffers, now
@@ -222,7 +219,7 @@ def build_regrow(args: argparse.Namespace, rank: int, world_size: int, device: t
         restore_trainer(trainer, "latest", root=root)
 
     settings = {"stage": 2, "state_bits": 8, "param_dtype": "bfloat16", "fsync": not args.no_fsync,
-                "buffers_at_start_up": not args.cold_first_save, "persist_in": args.persist_in,
+                "buffers_at_start_up": not args.cold_first_save,
                 "when_busy": writer.config.when_busy}
     return Job(step=trainer.train_step, start_save=start_save, finish_save=finish_save, load=load, settings=settings)
 

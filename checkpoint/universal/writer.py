@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from regrow.checkpoint.hostcopy import HostCopier, HostCopy, default_allocate
+from regrow.checkpoint.hostcopy import HostCopier, HostCopy
 from regrow.checkpoint.universal import KEEP_LAST, storage
 from regrow.checkpoint.universal.commit import (
     SaveResult,
@@ -52,7 +52,6 @@ from regrow.checkpoint.universal.commit import (
     remove_older_temporaries,
 )
 from regrow.checkpoint.universal.format import Chunk, Manifest, RngEntry, step_dir_name, temp_dir_name
-from regrow.checkpoint.universal.part_process import PartProcess, SharedHostBuffers
 from regrow.checkpoint.universal.part_writer import Part, PartWriter, describe_part, write_user_of
 from regrow.comm import collectives
 from regrow.trainer.checkpoint_view import CheckpointView
@@ -62,7 +61,6 @@ from regrow.trainer.state import RngState, ShardState
 
 WHEN_BUSY = ("skip", "wait")
 ON_ERROR = ("continue", "stop")
-PERSIST_IN = ("auto", "process", "thread")
 """What training does after a save failed (``WriterConfig.on_error``, ``--ckpt-on-error``); the first is the
 default."""
 
@@ -103,11 +101,6 @@ class WriterConfig:
     """fsync files and directories before committing (off only for throwaway runs on slow disks)."""
     log: bool = True
     """Print ``[rank r, step s] checkpoint ...`` lines (commits and skips on rank 0, failures on any rank)."""
-    persist_in: str = "auto"
-    """Who writes this rank's part of a save: "process", the writer's part process (``part_process.py``: the
-    training process does none of the file work); "thread", the rank's persist thread; "auto": the process when
-    the shard is on a GPU, the thread on the CPU (and wherever the process cannot be used: a copier or ``pwrite``
-    passed in, ``write_shard``/``write_range`` overridden, page-locking refused)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -122,8 +115,6 @@ class WriterConfig:
             raise bad("on_error", f"allowed values are {ON_ERROR}")
         if not self.commit_timeout_s > 0:
             raise bad("commit_timeout_s", "must be > 0")
-        if self.persist_in not in PERSIST_IN:
-            raise bad("persist_in", f"allowed values are {PERSIST_IN}")
 
 
 @dataclass
@@ -183,10 +174,8 @@ class CheckpointWriter:
         self.world_size = world_size if world_size is not None else (dist.get_world_size(group) if distributed else 1)
         self.group = group
         self.run_config = run_config or {}
+        self.copier = copier or HostCopier()
         self.pwrite = pwrite
-        self._part_process: PartProcess | None = None
-        self._shared = self._shared_buffers(copier)
-        self.copier = copier or HostCopier(allocate=self._allocate)
         self.timeout_s = timeout_s
         self.root = Path(config.root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -203,34 +192,6 @@ class CheckpointWriter:
             if removed and config.log:
                 log_line(0, 0, f"checkpoint: removed {len(removed)} leftover temporaries under {self.root} "
                                f"(saves interrupted by a crash)")
-
-    def _shared_buffers(self, copier: HostCopier | None) -> SharedHostBuffers | None:
-        """The allocator of buffers shared with the part process, or None where this rank's thread writes (see
-        ``WriterConfig.persist_in``)."""
-        own = [name for name in ("write_shard", "write_range")
-               if getattr(type(self), name) is not getattr(CheckpointWriter, name)]
-        why = ("a host copier was passed in" if copier is not None else "a pwrite was passed in"
-               if self.pwrite is not os.pwrite else f"{' and '.join(own)} overridden" if own else None)
-        if why and self.config.persist_in == "process":
-            raise ValueError(f"WriterConfig.persist_in='process' is impossible here ({why}): the part process "
-                             f"writes with its own buffers and files; use 'auto' or 'thread'")
-        return None if why or self.config.persist_in == "thread" else SharedHostBuffers()
-
-    def _allocate(self, name: str, shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-        """The host copier's allocator: shared buffers for the part process (a shard on a GPU, or "process"),
-        else the copier's own."""
-        shared = self._shared
-        if shared is not None and not shared.refused and (pin or self.config.persist_in == "process"):
-            try:
-                tensor = shared.allocate(name, shape, dtype, pin)
-            except RuntimeError as error:  # the save's buffers are then not all shared: the thread writes
-                self._log(self._last_step, f"checkpoint: {error}; this rank's thread writes its part instead",
-                          everyone=True)
-            else:
-                if self._part_process is None:  # started now, so that its start-up overlaps training
-                    self._part_process = PartProcess(timeout_s=max(self.timeout_s, self.config.commit_timeout_s))
-                return tensor
-        return default_allocate(name, shape, dtype, pin)
 
     def prepare(self, state: ShardState) -> None:
         """Allocates the host buffers (pinned on a GPU) for states like ``state`` now, off the training thread, so
@@ -262,14 +223,7 @@ class CheckpointWriter:
         """Waits (up to ``commit_timeout_s``) for the save in flight; call once when training ends. With
         ``on_error="stop"`` it then raises :class:`CheckpointWriteError` if a save failed (the final one, say)."""
         self.before_optimizer_step()
-        try:
-            self.wait(self.config.commit_timeout_s + 60)
-        finally:
-            if self._part_process is not None:
-                self._part_process.close()
-                self._part_process = None
-            if self._shared is not None:
-                self._shared.close()
+        self.wait(self.config.commit_timeout_s + 60)
         self._stop_if_failed()
 
     # ---------------------------------------------------------------- saving
@@ -358,18 +312,7 @@ class CheckpointWriter:
         return SaveTarget(root=self.root, step=save.step, session=self.session, world_size=self.world_size)
 
     def write_shard(self, save: PendingSave) -> dict[str, list[Chunk]]:
-        """Writes this rank's byte ranges of every parameter file its shard covers; returns their checksums. The
-        part process does, when it shares the save's buffers (a process that died is started again)."""
-        shared = self._shared
-        if shared is not None and shared.holds(save.copy.buffers):
-            process = self._part_process
-            if process is None or not process.alive():
-                if process is not None:
-                    process.close()
-                process = self._part_process = PartProcess(timeout_s=max(self.timeout_s,
-                                                                          self.config.commit_timeout_s))
-            return process.write_shard(save.temp, save.layout, self.rank, save.copy.buffers, save.view,
-                                       chunk_bytes=self.config.chunk_bytes, fsync=self.config.fsync)
+        """Writes this rank's byte ranges of every parameter file its shard covers; returns their checksums."""
         return self._parts().write_shard(save.temp, save.layout, self.rank, save.copy.buffers, self.write_range,
                                          save.view)
 
