@@ -140,11 +140,14 @@ def test_copier_exits_when_its_rank_goes_away() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_copier_refuses_a_snap_before_attach_and_an_unknown_op() -> None:
+def test_copier_refuses_a_snap_before_attach_a_meta_without_snap_and_an_unknown_op() -> None:
     link = CopierLink(on_event=lambda event: None, timeout_s=30)
     try:
+        link.send({"op": "snap", "step": 1})  # not answered: the answer to its "meta" carries its error
         with pytest.raises(RuntimeError, match="snap before attach"):
-            link.request({"op": "snap", "step": 1, "meta": {}})
+            link.request({"op": "meta", "step": 1, "meta": {}})
+        with pytest.raises(RuntimeError, match="meta of step 2 without its snap"):
+            link.request({"op": "meta", "step": 2, "meta": {}})
         with pytest.raises(RuntimeError, match="unknown op 'format-disk'"):
             link.request({"op": "format-disk"})
         assert link.process.poll() is None  # it answered and serves on

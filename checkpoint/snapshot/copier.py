@@ -13,14 +13,18 @@ The rank starts it (``copier_link.CopierLink``) with one end of a socket pair, a
   their IPC handles (``cuda_ipc.export_tensor``) and interprocess events, "ready", "digested" and "done"; on CPU the
   shared-memory file descriptors of their storages (passed over the socket pair) and each tensor's offset (the CPU mode exists so that the protocol is tested with real
   processes without a GPU; CPU training copies from the training process).
-- ``snap`` (step, metadata): seal the previous snapshot first (its copy has finished on the device by now, or
-  will shortly); pick the slot (never the one holding the newest sealed snapshot, nor one the snapshot process
-  holds; none left: answer ``skipped``); write the metadata (``segment.begin``); on CUDA make the copy stream
-  wait for "ready" (recorded by the rank right after its optimizer step) and copy every tensor; then wait for
-  "digested" (recorded by the rank's side stream once it has computed each tensor's WordSum-128 into a small
-  shared tensor, beside the copy), copy those digests, record "done" and answer. The rank's compute stream waits
-  for "done" before its next optimizer step (a GPU-side wait). On CPU the copy runs before the answer, so the
-  answer itself means "done".
+- ``snap`` (step), sent right after the rank's optimizer step, not answered: seal the previous snapshot first
+  (its copy has finished on the device by now, or will shortly); pick the slot (never the one holding the newest
+  sealed snapshot, nor one the snapshot process holds; none left: the step is skipped); void it
+  (``segment.invalidate``); on CUDA make the copy stream wait for "ready" (recorded by the rank right after its
+  optimizer step) and copy every tensor; on CPU copy them now.
+- ``meta`` (step, metadata), sent once the rank's next forward is queued (where its host has time: the JSON of a
+  step's metadata and the digest launches cost the host about a millisecond, which right after the optimizer step
+  left the GPU idle): write the metadata (``segment.write_meta``); on CUDA wait for "digested" (recorded by the
+  rank's side stream once it has computed each tensor's WordSum-128 of the state "ready" marks into a small shared
+  tensor), copy those digests, record "done"; answer (``skipped`` when the step was). The rank's compute stream
+  waits for "done" before its next update (a GPU-side wait). On CPU the copy ran before the answer, so the answer
+  itself means "done".
 - a seal thread waits for the copy on the host, writes the digest and the ``complete`` flag (``segment.seal``),
   sends COMMIT to the snapshot process, and tells the rank ``sealed`` with the slots now held.
 - ``flush``: answers once the last snapshot is sealed. ``detach``: also unmaps the segments and closes the
@@ -128,6 +132,8 @@ class Copier:
         self.held: frozenset[int] = frozenset()
         self.in_flight: _InFlight | None = None
         self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
+        self.skipped: int | None = None  # a step whose "snap" found no slot (its "meta" answers "skipped")
+        self.snap_error: dict | None = None  # the failure of the last "snap", answered to its "meta"
         self.timeout_s = 60.0
 
     # ---------------------------------------------------------------- the loop
@@ -146,19 +152,25 @@ class Copier:
             except Exception as error:  # noqa: BLE001 (answered to the rank, which raises it)
                 reply = {"ok": False, "re": op, "error": f"snapshot copier: {type(error).__name__}: {error}",
                          "trace": traceback.format_exc(limit=5)}
-            self._send(reply)
+                if op == "snap":  # not answered: the answer to its "meta" carries the error
+                    self.snap_error, reply = reply, None
+            if reply is not None:
+                self._send(reply)
 
     def _send(self, message: dict) -> None:
         with self._send_lock:
             send_message(self.sock, message)
 
-    def _dispatch(self, op: str | None, message: dict, fds: list[int]) -> dict:
+    def _dispatch(self, op: str | None, message: dict, fds: list[int]) -> dict | None:
         if op == "attach":
             return self._attach(message, fds)
         for fd in fds:  # passed with another op: not used
             os.close(fd)
         if op == "snap":
-            return self._snap(int(message["step"]), message["meta"])
+            self._snap(int(message["step"]))
+            return None
+        if op == "meta":
+            return self._meta(int(message["step"]), message["meta"])
         if op == "flush":
             self._finish()
             return {"ok": True, "re": op, "newest": self.newest, "held": sorted(self.held)}
@@ -208,55 +220,75 @@ class Copier:
                 return slot
         return None
 
-    def _snap(self, step: int, meta: dict) -> dict:
+    def _snap(self, step: int) -> None:
         if self.sources is None:
             raise RuntimeError("snap before attach")
         self._finish()
+        self.skipped = self.snap_error = None
         slot = self._target()
         if slot is None:
-            return {"ok": True, "re": "snap", "step": step, "skipped": True}
+            self.skipped = step
+            return
         segment = next(s for s in self.segments if s.slot == slot)
-        seg.begin(segment.buffer, meta)
+        seg.invalidate(segment.buffer)
         segment.clear_gaps()
         targets = self.targets[slot]
         sources = self.sources
-        if sources.cuda:
-            # The rank digests (its "digests" rows); only where it cannot does this process, at a price.
-            digest_cuda = gpu_digest_kernel() if sources.digests is None else None
-            in_flight = _InFlight(segment=segment, step=step, host_done=torch.cuda.Event(blocking=True),
-                                  timed=(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-            sources.stream.wait_event(sources.ready)
-            in_flight.timed[0].record(sources.stream)
-            with torch.cuda.stream(sources.stream):
-                for name, source in sources.tensors.items():
-                    if digest_cuda is not None:
-                        result = digest_cuda(source)
-                        host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
-                        host.copy_(result, non_blocking=True)
-                        in_flight.digests[name] = host
-                    targets[name].copy_(source, non_blocking=True)
-                in_flight.timed[1].record(sources.stream)
-                if sources.digests is not None:
-                    # The rank digests the same state beside this copy; its rows are read once it is done, and
-                    # "done" (recorded after) keeps the rank from starting the next digest before that.
-                    assert sources.digested is not None
-                    sources.stream.wait_event(sources.digested)
-                    rows = torch.empty(sources.digests.shape, dtype=torch.int64, pin_memory=True)
-                    rows.copy_(sources.digests, non_blocking=True)
-                    in_flight.digests = dict(zip(sources.tensors, rows.unbind(0), strict=True))
-            sources.done.record(sources.stream)
-            in_flight.host_done.record(sources.stream)
-        else:
+        in_flight = self.in_flight = _InFlight(segment=segment, step=step, host_done=None)
+        if not sources.cuda:
             for name, source in sources.tensors.items():
                 if self.delay_s:
                     time.sleep(self.delay_s)
                 targets[name].copy_(source)
-            in_flight = _InFlight(segment=segment, step=step, host_done=None)
-        self.in_flight = in_flight
+            return
+        # The rank digests (its "digests" rows, handed over with "meta"); only where it cannot does this process,
+        # at a price.
+        digest_cuda = gpu_digest_kernel() if sources.digests is None else None
+        in_flight.timed = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        sources.stream.wait_event(sources.ready)
+        in_flight.timed[0].record(sources.stream)
+        with torch.cuda.stream(sources.stream):
+            for name, source in sources.tensors.items():
+                if digest_cuda is not None:
+                    result = digest_cuda(source)
+                    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                    host.copy_(result, non_blocking=True)
+                    in_flight.digests[name] = host
+                targets[name].copy_(source, non_blocking=True)
+        in_flight.timed[1].record(sources.stream)
+
+    def _meta(self, step: int, meta: dict) -> dict:
+        if self.snap_error is not None:
+            failed, self.snap_error = self.snap_error, None
+            return dict(failed, re="meta")
+        if self.skipped == step:
+            self.skipped = None
+            return {"ok": True, "re": "meta", "step": step, "skipped": True}
+        in_flight = self.in_flight
+        if in_flight is None or in_flight.step != step or in_flight.thread is not None:
+            raise RuntimeError(f"meta of step {step} without its snap (in flight: "
+                               f"{in_flight.step if in_flight else None})")
+        seg.write_meta(in_flight.segment.buffer, meta)
+        sources = self.sources
+        assert sources is not None
+        if sources.cuda:
+            if sources.digests is not None:
+                # The rank digested the state "ready" marks (its side stream recorded "digested" before sending
+                # "meta"); its rows are read once that is done, and "done" (recorded after) keeps the rank from
+                # starting the next digest before.
+                assert sources.digested is not None
+                sources.stream.wait_event(sources.digested)
+                rows = torch.empty(sources.digests.shape, dtype=torch.int64, pin_memory=True)
+                with torch.cuda.stream(sources.stream):
+                    rows.copy_(sources.digests, non_blocking=True)
+                in_flight.digests = dict(zip(sources.tensors, rows.unbind(0), strict=True))
+            sources.done.record(sources.stream)
+            in_flight.host_done = torch.cuda.Event(blocking=True)
+            in_flight.host_done.record(sources.stream)
         in_flight.thread = threading.Thread(target=self._seal, args=(in_flight,), daemon=True,
                                             name=f"regrow-copier-seal-step{step}")
         in_flight.thread.start()
-        return {"ok": True, "re": "snap", "step": step, "slot": slot}
+        return {"ok": True, "re": "meta", "step": step, "slot": in_flight.segment.slot}
 
     def _seal(self, in_flight: _InFlight) -> None:
         segment = in_flight.segment
@@ -294,6 +326,8 @@ class Copier:
 
     def _finish(self, *, raise_error: bool = True) -> None:
         in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None and in_flight.thread is None and raise_error:
+            raise RuntimeError(f"the snapshot of step {in_flight.step} never got its meta")
         if in_flight is not None and in_flight.thread is not None:
             in_flight.thread.join(self.timeout_s)
             if in_flight.thread.is_alive() and raise_error:

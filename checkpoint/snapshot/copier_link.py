@@ -191,9 +191,10 @@ class CopierWriter:
     does not copy itself.
 
     Contract (training thread only): :meth:`attach` after the sink's ATTACH; :meth:`start` right after an optimizer
-    step (records "ready" on the current stream on CUDA and sends ``snap``); :meth:`wait_before_mutation` before the
-    next optimizer step (reads the answer; on CUDA the current stream waits for "done", on CPU the answer means the
-    copy is done); :meth:`flush` returns once the last snapshot is sealed. Sealed steps, skipped steps, the newest
+    step (records "ready" on the current stream on CUDA and sends ``snap``); :meth:`hand_over` once the next
+    forward is queued (the digest, and ``meta``); :meth:`wait_before_mutation` before the next update (reads the
+    answer to ``meta``; on CUDA the current stream waits for "done", on CPU the answer means the copy is done);
+    :meth:`flush` returns once the last snapshot is sealed. Sealed steps, skipped steps, the newest
     slot and the held slots are reported through ``on_sealed(step, slot, held, copy_ms)`` (``copy_ms``: the copy's
     GPU time, None on CPU) and ``on_skipped(step)``; on CUDA, how long each wait for "done" held the stream through
     ``on_waited(ms)``, a step or two later (timing events are read once complete, never waited for). A sealing error
@@ -214,7 +215,8 @@ class CopierWriter:
         self._waits: collections.deque[tuple[torch.cuda.Event, torch.cuda.Event]] = collections.deque()
         self.link = _adopt(self._on_event, timeout_s)
         self._error: tuple[str, str] | None = None  # (kind, message) of a failed seal
-        self._awaiting: int | None = None  # the step whose "snap" answer is not read yet
+        self._awaiting: int | None = None  # the step whose "meta" answer is not read yet
+        self._handover: tuple[int, Callable[[], dict]] | None = None  # a step sent "snap", not yet "meta"
         self._cuda = False
         self._ready: torch.cuda.Event | None = None
         self._digested: torch.cuda.Event | None = None
@@ -285,37 +287,50 @@ class CopierWriter:
         the copier reads that memory, so a tensor that moved must be shared again first."""
         return _signature(tensors) == self._shared
 
-    def start(self, step: int, meta: dict) -> None:
+    def start(self, step: int, meta_of: Callable[[], dict]) -> None:
+        """Right after the optimizer step of ``step``: on CUDA records "ready" on the current stream; sends ``snap``
+        (the copier starts copying at once). The rest, the digest and ``meta_of()``'s metadata, follows at
+        :meth:`hand_over`, where the host has time."""
         self.link.poll()
         self._raise_if_failed()
         self.wait_before_mutation()  # two snapshots without an optimizer step in between
         if self._cuda:
+            assert self._ready is not None
+            self._ready.record(torch.cuda.current_stream())
+        self.link.send({"op": "snap", "step": step})
+        self._handover = (step, meta_of)
+
+    def hand_over(self) -> None:
+        """Completes the hand-over that :meth:`start` began (call once the next forward is queued; the next
+        :meth:`wait_before_mutation` does it otherwise): on CUDA digests the state "ready" marks on a side stream,
+        then sends ``meta``, whose answer :meth:`wait_before_mutation` reads."""
+        if self._handover is None:
+            return
+        (step, meta_of), self._handover = self._handover, None
+        if self._digests is not None and self._digest_stream is not None:
             assert self._ready is not None and self._digested is not None
-            compute = torch.cuda.current_stream()
-            # The copy starts at once and the digest runs beside it. Both read the state after the optimizer step,
-            # which nothing changes before the next one, and that waits for "done": the copier records it after
-            # its copy and after "digested" (it reads the digests then). The digest fills the GPU: it ends in about
-            # a millisecond (2.4 GB on an H100). Capped to a few SMs it ran longer beside the training kernels and
-            # cost them more (bench_digest.py: matmuls 0.4% slower beside the full grid, 8-10% beside 8 or 16
+            # The state "ready" marks stays until the next update, which waits for "done": the copier records it
+            # after its copy and after "digested" (it reads the digests then). The digest fills the GPU: it ends in
+            # about a millisecond (2.4 GB on an H100). Capped to a few SMs it ran longer beside the training kernels
+            # and cost them more (bench_digest.py: matmuls 0.4% slower beside the full grid, 8-10% beside 8 or 16
             # programs; a snapshot every step 8.1% with 16 programs).
-            self._ready.record(compute)
-            if self._digests is not None and self._digest_stream is not None:
-                digest_cuda = gpu_digest_kernel()
-                self._digest_stream.wait_stream(compute)
-                with torch.cuda.stream(self._digest_stream):
-                    self._digests.zero_()
-                    for row, tensor in enumerate(self._tensors.values()):
-                        digest_cuda(tensor, out=self._digests[row])
-                self._digested.record(self._digest_stream)
-        self.link.send({"op": "snap", "step": step, "meta": meta})
+            digest_cuda = gpu_digest_kernel()
+            self._digest_stream.wait_event(self._ready)
+            with torch.cuda.stream(self._digest_stream):
+                self._digests.zero_()
+                for row, tensor in enumerate(self._tensors.values()):
+                    digest_cuda(tensor, out=self._digests[row])
+            self._digested.record(self._digest_stream)
+        self.link.send({"op": "meta", "step": step, "meta": meta_of()})
         self._awaiting = step
 
     def wait_before_mutation(self) -> None:
         self._report_waits()
+        self.hand_over()
         if self._awaiting is None:
             return
         step, self._awaiting = self._awaiting, None
-        reply = self.link.reply("snap")
+        reply = self.link.reply("meta")
         if reply.get("skipped"):
             self.on_skipped(step)
         elif self._cuda:

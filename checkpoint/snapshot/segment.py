@@ -174,7 +174,18 @@ def read_header(buffer: mmap.mmap | bytes | memoryview) -> Header:
 def begin(buffer: mmap.mmap, meta: dict) -> None:
     """Starts a snapshot in this segment: clears ``complete`` FIRST (the old snapshot here is void from now on),
     then writes ``meta`` (JSON). The caller then fills the payload and calls :func:`seal`."""
+    invalidate(buffer)
+    write_meta(buffer, meta)
+
+
+def invalidate(buffer: mmap.mmap) -> None:
+    """Clears ``complete``: the snapshot here is void from now on (before anything of a new one is written)."""
     struct.pack_into("<I", buffer, _COMPLETE_AT, 0)
+
+
+def write_meta(buffer: mmap.mmap, meta: dict) -> None:
+    """Writes a new snapshot's ``meta`` (JSON) into a segment :func:`invalidate` voided; the payload may be being
+    written meanwhile (it lies past the metadata's room)."""
     header = read_header(buffer)
     data = json.dumps(meta, separators=(",", ":")).encode()
     if len(data) > header.meta_capacity:

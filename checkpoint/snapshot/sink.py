@@ -1,10 +1,11 @@
 """The rank side of in-memory snapshots: a ``StateSink`` that snapshots every step into the node's shared memory.
 
 Who copies (``SnapshotSinkConfig.copier``). On a GPU the rank's copier process does (``copier.py``; the rank's end
-is ``copier_link.CopierWriter``): after each optimizer step this sink digests the shard on a side stream, records
-an IPC event and sends one message, and before the next optimizer step makes the compute stream wait for the
-copier's event; the slot choice, the metadata, the copy, the seal and the COMMIT are the copier's (measured: the
-copy costs about 1% of a step from another process, 12-16% from this one). On CPU, or where the copier cannot
+is ``copier_link.CopierWriter``): after each optimizer step this sink records an IPC event and sends one small
+message (the copy starts); once the next forward is queued it digests the shard on a side stream and sends the
+step's metadata; before the next update it makes the compute stream wait for the copier's event. The slot choice,
+the copy, the seal and the COMMIT are the copier's (measured: the copy costs about 1% of a step from another
+process, 12-16% from this one). On CPU, or where the copier cannot
 take the shard, this sink copies itself, as follows.
 
 :class:`SnapshotSink` attaches to the node's snapshot process (``checkpoint/node/``), maps its rank's two segments and
@@ -197,8 +198,7 @@ class SnapshotSink:
         # from ATTACH and every COMMIT reply (the finisher thread), read by the training thread.
         self._held: frozenset[int] = frozenset()
         self.stats = SnapshotStats()
-        """Steps sealed and skipped (both slots held), and with the copier process the copy's GPU time and how
-        long each optimizer step waited for it; the newest are kept (``stats.RECENT``)."""
+        """Steps sealed and skipped; with the copier, the copy's GPU time and the updates' wait for it."""
         self._summarize: Summarize | None = None  # the GPU digest, when the shard is on CUDA and triton imports
         self._entries: dict[str, seg.TensorEntry] = {}
         self._paths: list[str] = []
@@ -291,7 +291,7 @@ class SnapshotSink:
         if self._writer is None:
             return False
         entries = [self._entries[name] for name in state.tensors]
-        self._writer.start(state.step, state_meta(state, entries))
+        self._writer.start(state.step, lambda: state_meta(state, entries))
         return True
 
     def _copy_here(self, state: ShardState, why: str) -> None:
@@ -340,8 +340,10 @@ class SnapshotSink:
             self._start(state)
 
     def after_forward(self) -> None:
-        """Starts the device-to-host copy deferred by :meth:`after_step` (the trainer calls this once per step,
-        after the first micro-batch's forward and before its backward)."""
+        """Called once per step after the first micro-batch's forward: hands the copier the last snapshot's digest
+        and metadata (``CopierWriter.hand_over``), or starts the copy :meth:`after_step` deferred."""
+        if self._writer is not None:
+            self._writer.hand_over()
         if self._deferred is not None:
             state, self._deferred = self._deferred, None
             self._start(state)
@@ -403,9 +405,8 @@ class SnapshotSink:
         segments stay with the snapshot process. Logs :attr:`stats` (``snapshot: ... sealed ...``)."""
         try:
             self.flush()
-            if self.config.log and (self.stats.sealed or self.stats.skipped):
-                last = self.stats.sealed_steps[-1] if self.stats.sealed_steps else self.stats.skipped_steps[-1]
-                log_line(self.rank, last, f"snapshot: {self.stats.summary()}")
+            if self.config.log and (steps := [*self.stats.sealed_steps, *self.stats.skipped_steps]):
+                log_line(self.rank, max(steps), f"snapshot: {self.stats.summary()}")
         finally:
             try:
                 self.detach()
