@@ -264,7 +264,8 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
             raise NonFiniteLossError(step, loss_value)
         lr = learning_rate(self.config, step)
         self.optimizer.set_lr(lr)
-        self.optimizer.step()  # the sinks wait before its update (sink_calls.wait_before_updates)
+        sink_calls.before_optimizer_step(self.sinks)
+        self.optimizer.step()
         self.optimizer.zero_grad()
         self.step = step
         tokens = self.config.data.global_batch * self.config.data.seq_len

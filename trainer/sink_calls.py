@@ -20,18 +20,29 @@ def after_forward(sinks: Sequence[StateSink]) -> None:
 
 
 def before_optimizer_step(sinks: Sequence[StateSink]) -> None:
-    """Every sink's ``before_optimizer_step()``: the update that follows is the only thing that mutates the shard."""
+    """Every sink's ``before_optimizer_step()``, except a sink that defines ``before_update()``: the trainers call
+    that one right before the update instead (:func:`wait_before_updates`)."""
     for sink in sinks:
-        sink.before_optimizer_step()
+        if getattr(sink, "before_update", None) is None:
+            sink.before_optimizer_step()
+
+
+def before_update(sinks: Sequence[StateSink]) -> None:
+    """The optional ``before_update()`` of every sink that has one."""
+    for sink in sinks:
+        hook = getattr(sink, "before_update", None)
+        if hook is not None:
+            hook()
 
 
 def wait_before_updates(optimizer: ZeroOptimizer, sinks: Callable[[], Sequence[StateSink]]) -> RemovableHandle:
-    """Calls every sink's ``before_optimizer_step()`` from ``optimizer``'s update pre-hook: after its gradient norm,
-    right before the first write to the shard. Earlier, the norm's host read would wait for the sinks' copies of the
-    last state (on a GPU their waits hold the compute stream), and every later host step with it: measured with a
-    snapshot every step on one H100, the next snapshot was then handed over late and its copy, which barely fits
-    between two updates, started late. ``sinks()`` gives the current list (sinks may be added later)."""
-    return optimizer.register_update_pre_hook(lambda: before_optimizer_step(sinks()))
+    """Calls :func:`before_update` from ``optimizer``'s update pre-hook: after its gradient norm, right before the
+    first write to the shard. A snapshot sink waits there for its copy of the last state rather than before the
+    optimizer step: there the norm's host read waited for the copy (the compute stream waited on it first), and
+    every later host step with it: measured with a snapshot every step on one H100, the next snapshot was handed
+    over late and its copy, which barely fits between two updates, started late. ``sinks()`` gives the current
+    list (sinks may be added later)."""
+    return optimizer.register_update_pre_hook(lambda: before_update(sinks()))
 
 
 def after_step(sinks: Sequence[StateSink], shard_state: Callable[[], ShardState]) -> None:

@@ -98,15 +98,17 @@ class ShardState:
 class StateSink(Protocol):
     """Something that keeps shard states: the in-memory snapshot manager, the checkpoint writer, ...
 
-    The trainer calls ``before_optimizer_step()`` in every optimizer step right before its update, the only thing
-    that mutates the shard (after the gradient norm: ``sink_calls.wait_before_updates``): a sink copying the
-    previous state must finish reading it now, or make the device wait for that. Then ``after_step(state)`` right after
-    every step with the new state, whose tensors are live buffers: copy what must outlive the next step.
+    The trainer calls ``before_optimizer_step()`` right before every optimizer step (whose update is the only thing
+    that mutates the shard: a sink copying the previous state must finish reading it now, or make the device wait
+    for that) and ``after_step(state)`` right after every step with the new state, whose tensors are live buffers:
+    copy what must outlive the next step.
     ``close()`` is called once when training ends.
 
     Optional: a sink that defines ``after_forward()`` has it called once per step, after the forward of the step's
     first micro-batch and before its backward (the snapshot sink starts its device-to-host copy there: a copy that
-    overlaps the forward slows the forward's kernel launches).
+    overlaps the forward slows the forward's kernel launches). A sink that defines ``before_update()`` has it called
+    inside the optimizer step, after the gradient norm and right before the update, *instead of*
+    ``before_optimizer_step()`` (``sink_calls.wait_before_updates``): for waits that only protect the shard.
     """
 
     def before_optimizer_step(self) -> None: ...

@@ -194,9 +194,7 @@ class SnapshotSink:
         self._newest: int | None = None  # slot of the newest sealed snapshot
         self._pending: _Pending | None = None
         self._deferred: ShardState | None = None  # CUDA: a snapshot whose copy starts at after_forward
-        # Slots the snapshot process holds (an encode or persist reads them): never written until released. Set
-        # from ATTACH and every COMMIT reply (the finisher thread), read by the training thread.
-        self._held: frozenset[int] = frozenset()
+        self._held: frozenset[int] = frozenset()  # slots the snapshot process holds (ATTACH and COMMIT replies)
         self.stats = SnapshotStats()
         """Steps sealed and skipped; with the copier, the copy's GPU time and the updates' wait for it."""
         self._summarize: Summarize | None = None  # the GPU digest, when the shard is on CUDA and triton imports
@@ -360,6 +358,8 @@ class SnapshotSink:
             return
         pending.copy.wait_before_mutation()
         pending.mutation_waited = True
+
+    before_update = before_optimizer_step  # which the trainers call here, after the gradient norm, instead
 
     def _target(self) -> int | None:
         """The slot to write: the older one, unless the snapshot process holds it (then the newest is rewritten,

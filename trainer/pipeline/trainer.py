@@ -130,13 +130,9 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
         self.optimizer.release_groups()
 
     def _new_optimizer(self) -> ZeroOptimizer:
-        optimizer = ZeroOptimizer(
-            self.module,
-            self.config.train.optim,
-            group=self.groups.dp,
-            norm_group=self.groups.pp if self.n_stages > 1 else None,
-            norm_skip=norm_skip(self.shared, self.stage),
-        )
+        optimizer = ZeroOptimizer(self.module, self.config.train.optim, group=self.groups.dp,
+                                  norm_group=self.groups.pp if self.n_stages > 1 else None,
+                                  norm_skip=norm_skip(self.shared, self.stage))
         if self._sums_after_reduction:
             optimizer.register_reduced_hook(lambda: sum_shared_reduced_grads(
                 optimizer, self.stage, self.shared, self.groups.shared, self.timeout_s))
@@ -225,7 +221,8 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
             raise NonFiniteLossError(step, loss)
         lr = learning_rate(self.config.train, step) * self.lr_scale
         self.optimizer.set_lr(lr)
-        self.optimizer.step()  # the sinks wait before its update (sink_calls.wait_before_updates)
+        sink_calls.before_optimizer_step(self.sinks)
+        self.optimizer.step()
         self.optimizer.zero_grad()
         self.stage_grad_norm = self.optimizer.last_group_grad_norm * self.optimizer.last_clip_coefficient
         self.step = step
