@@ -1,5 +1,5 @@
 """Length-prefixed JSON frames over a socket: the wire format of the snapshot protocol (``snapshot/protocol.py``)
-and of the rank's helper processes (the snapshot copier, the checkpoint writer's part process).
+and of the rank's snapshot copier (``snapshot/copier.py``). Torch-free, below both checkpoint kinds.
 
 Every frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON. No pickle: a frame can only
 ever decode to plain data. A frame whose JSON holds ``"raw": n`` is followed by exactly n raw bytes, whose zlib

@@ -3,7 +3,7 @@
 :func:`describe_shared` moves each tensor's storage into shared memory in place (the rank's tensors keep working and
 keep their values) and describes it: the index of its storage's descriptor in the list it returns, its byte offset
 there, dtype and shape. The helper maps each descriptor read-only (:class:`MappedTensors`) and sees the rank's
-writes as they land. The snapshot copier's CPU mode and the checkpoint writer's part process use it.
+writes as they land. The snapshot copier's CPU mode uses it (the protocol tested with real processes, no GPU).
 """
 
 from __future__ import annotations
