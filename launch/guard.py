@@ -161,8 +161,7 @@ class Guard:
         self._closed = False
         self._forward_seen = False
         self._steps_at_boundary = optimizer.step_count
-        self._hooks = [optimizer.register_step_pre_hook(lambda: sink_calls.before_optimizer_step(self.sinks)),
-                       sink_calls.wait_before_updates(optimizer, lambda: self.sinks),
+        self._hooks = [*sink_calls.hook_sinks(optimizer, lambda: self.sinks),
                        model.register_forward_hook(self._after_forward)]
 
     # ---------------------------------------------------------------- the loop

@@ -156,8 +156,8 @@ MUTATIONS = (
              "            if False:",
              ("tests/test_torchrun.py::test_a_node_lost_under_torchrun_is_rebuilt_from_its_erasure_coding_group",)),
     Mutation("sinks-wait-after-the-update", "trainer/sink_calls.py",
-             "    return optimizer.register_update_pre_hook(lambda: before_optimizer_step(sinks()))",
-             "    return optimizer.register_gather_pre_hook(lambda: before_optimizer_step(sinks()))",
+             "            optimizer.register_update_pre_hook(lambda: before_update(sinks()))]",
+             "            optimizer.register_gather_pre_hook(lambda: before_update(sinks()))]",
              ("tests/test_snapshot_copier.py::test_the_next_update_waits_for_the_copy_and_no_snapshot_mixes_two_"
               "steps",)),
     Mutation("copier-ignores-moved-tensors", "checkpoint/snapshot/sink.py",

@@ -227,7 +227,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
         if self.config.activation_checkpointing:
             checkpoint_blocks(model, self.config.optim.shard_units)
         optimizer = ZeroOptimizer(model, self.config.optim)
-        sink_calls.wait_before_updates(optimizer, lambda: self.sinks)
+        sink_calls.hook_sinks(optimizer, lambda: self.sinks)
         return optimizer
 
     def run_config(self) -> dict:
@@ -264,8 +264,7 @@ class Trainer(RewindableStep, OptimizerBackedRestore):
             raise NonFiniteLossError(step, loss_value)
         lr = learning_rate(self.config, step)
         self.optimizer.set_lr(lr)
-        sink_calls.before_optimizer_step(self.sinks)
-        self.optimizer.step()
+        self.optimizer.step()  # the sinks are called from its hooks (sink_calls.hook_sinks)
         self.optimizer.zero_grad()
         self.step = step
         tokens = self.config.data.global_batch * self.config.data.seq_len

@@ -20,8 +20,8 @@ def after_forward(sinks: Sequence[StateSink]) -> None:
 
 
 def before_optimizer_step(sinks: Sequence[StateSink]) -> None:
-    """Every sink's ``before_optimizer_step()``, except a sink that defines ``before_update()``: the trainers call
-    that one right before the update instead (:func:`wait_before_updates`)."""
+    """Every sink's ``before_optimizer_step()``, except a sink that defines ``before_update()``: that one is called
+    right before the update instead."""
     for sink in sinks:
         if getattr(sink, "before_update", None) is None:
             sink.before_optimizer_step()
@@ -35,14 +35,16 @@ def before_update(sinks: Sequence[StateSink]) -> None:
             hook()
 
 
-def wait_before_updates(optimizer: ZeroOptimizer, sinks: Callable[[], Sequence[StateSink]]) -> RemovableHandle:
-    """Calls :func:`before_update` from ``optimizer``'s update pre-hook: after its gradient norm, right before the
-    first write to the shard. A snapshot sink waits there for its copy of the last state rather than before the
-    optimizer step: there the norm's host read waited for the copy (the compute stream waited on it first), and
-    every later host step with it: measured with a snapshot every step on one H100, the next snapshot was handed
-    over late and its copy, which barely fits between two updates, started late. ``sinks()`` gives the current
-    list (sinks may be added later)."""
-    return optimizer.register_update_pre_hook(lambda: before_update(sinks()))
+def hook_sinks(optimizer: ZeroOptimizer, sinks: Callable[[], Sequence[StateSink]]) -> list[RemovableHandle]:
+    """Calls :func:`before_optimizer_step` from ``optimizer``'s step pre-hook and :func:`before_update` from its
+    update pre-hook (after its gradient norm, right before the first write to the shard); both trainers and the
+    Guard hook their sinks so. A snapshot sink waits for its copy of the last state in the second: in the first,
+    the norm's host read waited for the copy (the compute stream waited on it first), and every later host step
+    with it: measured with a snapshot every step on one H100, the next snapshot was handed over late and its copy,
+    which barely fits between two updates, started late. ``sinks()`` gives the current list (sinks may be added
+    later). Returns the handles (``remove()`` unhooks)."""
+    return [optimizer.register_step_pre_hook(lambda: before_optimizer_step(sinks())),
+            optimizer.register_update_pre_hook(lambda: before_update(sinks()))]
 
 
 def after_step(sinks: Sequence[StateSink], shard_state: Callable[[], ShardState]) -> None:

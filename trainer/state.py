@@ -108,7 +108,7 @@ class StateSink(Protocol):
     first micro-batch and before its backward (the snapshot sink starts its device-to-host copy there: a copy that
     overlaps the forward slows the forward's kernel launches). A sink that defines ``before_update()`` has it called
     inside the optimizer step, after the gradient norm and right before the update, *instead of*
-    ``before_optimizer_step()`` (``sink_calls.wait_before_updates``): for waits that only protect the shard.
+    ``before_optimizer_step()`` (``sink_calls.hook_sinks``): for waits that only protect the shard.
     """
 
     def before_optimizer_step(self) -> None: ...

@@ -405,8 +405,8 @@ class SnapshotSink:
         segments stay with the snapshot process. Logs :attr:`stats` (``snapshot: ... sealed ...``)."""
         try:
             self.flush()
-            if self.config.log and (steps := [*self.stats.sealed_steps, *self.stats.skipped_steps]):
-                log_line(self.rank, max(steps), f"snapshot: {self.stats.summary()}")
+            if self.config.log and self.stats.last_step is not None:
+                log_line(self.rank, self.stats.last_step, f"snapshot: {self.stats.summary()}")
         finally:
             try:
                 self.detach()

@@ -45,6 +45,11 @@ class SnapshotStats:
     def on_waited(self, wait_ms: float) -> None:
         self.wait_ms.append(wait_ms)
 
+    @property
+    def last_step(self) -> int | None:
+        """The newest step sealed or skipped (None before any)."""
+        return max((d[-1] for d in (self.sealed_steps, self.skipped_steps) if d), default=None)
+
     def summary(self) -> str:
         """One line: counts, and the medians of the times where there are any (``copy 44.8 ms median``)."""
         parts = [f"{self.sealed} sealed", f"{self.skipped} skipped (both slots held)"]

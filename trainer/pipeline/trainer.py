@@ -136,7 +136,7 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
         if self._sums_after_reduction:
             optimizer.register_reduced_hook(lambda: sum_shared_reduced_grads(
                 optimizer, self.stage, self.shared, self.groups.shared, self.timeout_s))
-        sink_calls.wait_before_updates(optimizer, lambda: self.sinks)
+        sink_calls.hook_sinks(optimizer, lambda: self.sinks)
         return optimizer
 
     @property
@@ -221,8 +221,7 @@ class PipelineTrainer(RewindableStep, OptimizerBackedRestore):
             raise NonFiniteLossError(step, loss)
         lr = learning_rate(self.config.train, step) * self.lr_scale
         self.optimizer.set_lr(lr)
-        sink_calls.before_optimizer_step(self.sinks)
-        self.optimizer.step()
+        self.optimizer.step()  # the sinks are called from its hooks (sink_calls.hook_sinks)
         self.optimizer.zero_grad()
         self.stage_grad_norm = self.optimizer.last_group_grad_norm * self.optimizer.last_clip_coefficient
         self.step = step
