@@ -88,10 +88,11 @@ def test_copier_process_snapshots_equal_the_training_state_and_restore_bit_ident
 
 @pytest.mark.timeout(180)
 def test_the_next_update_waits_for_the_copy_and_no_snapshot_mixes_two_steps(node, token, monkeypatch) -> None:
-    """The copier sleeps before each tensor's copy, so a whole copy takes far longer than a step of the tiny
+    """The copier sleeps 0.1 s before each tensor's copy, so a whole copy takes far longer than a step of the tiny
     model: an optimizer step that did not wait for it would change tensors not yet copied, and the snapshot
-    would hold some tensors of step N and some of step N+1."""
-    monkeypatch.setenv(DELAY_ENV, "0.05")
+    would hold some tensors of step N and some of step N+1. (At 0.05 s a tensor a wait after the update escaped
+    once, with the whole suite running beside it on two cores; at 0.1 s it was caught beside two busy loops.)"""
+    monkeypatch.setenv(DELAY_ENV, "0.1")
     config = tiny_config(steps=5)
     sink = SnapshotSink(SnapshotSinkConfig(address=node.address, token=token, copier="process", log=False), rank=0)
     trainer = Trainer(config, sinks=[sink])
