@@ -150,14 +150,7 @@ class StreamCopy:
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
             for name, source in state.tensors.items():
-                target = self.buffers[self.turn][name]
-                if self.chunk_bytes:
-                    step = max(1, self.chunk_bytes // source.element_size())
-                    flat, into = source.view(-1), target.view(-1)
-                    for begin in range(0, flat.numel(), step):
-                        into[begin : begin + step].copy_(flat[begin : begin + step], non_blocking=True)
-                else:
-                    target.copy_(source, non_blocking=True)
+                _copy(self.buffers[self.turn][name], source, self.chunk_bytes)
         self.done = torch.cuda.Event()
         self.done.record(self.side)
         self.turn = 1 - self.turn
@@ -173,6 +166,18 @@ class StreamCopy:
         self.side.synchronize()
 
     flush = close
+
+
+def _copy(target, source, chunk_bytes: int) -> None:
+    """Queues ``target.copy_(source)`` (non-blocking) on the current stream, in pieces of at most ``chunk_bytes``
+    (0: one copy)."""
+    if not chunk_bytes:
+        target.copy_(source, non_blocking=True)
+        return
+    step = max(1, chunk_bytes // source.element_size())
+    flat, into = source.view(-1), target.view(-1)
+    for begin in range(0, flat.numel(), step):
+        into[begin : begin + step].copy_(flat[begin : begin + step], non_blocking=True)
 
 
 def _gpu_digest(name: str, source):
@@ -274,13 +279,8 @@ def _ipc_copier(conn, tensors: dict, ready, done, digest: bool, copy: bool, shm:
                     result = _gpu_digest(name, source)
                     host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
                     host.copy_(result, non_blocking=True)
-                if copy and chunk_bytes:
-                    step = max(1, chunk_bytes // source.element_size())
-                    flat, target = source.view(-1), buffers[turn][name].view(-1)
-                    for begin in range(0, flat.numel(), step):
-                        target[begin : begin + step].copy_(flat[begin : begin + step], non_blocking=True)
-                elif copy:
-                    buffers[turn][name].copy_(source, non_blocking=True)
+                if copy:
+                    _copy(buffers[turn][name], source, chunk_bytes)
         ended.record(stream)
         done.record(stream)
         conn.send("recorded")
